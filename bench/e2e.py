@@ -1,0 +1,148 @@
+"""End-to-end generation: a Llama-3.2-1B-shaped model (random weights, MLP blocks zeroed)
+under torch.compile, dense (default Inductor) vs backend="blast".
+
+Decode: HF ``generate`` with a static KV cache, the forward compiled through
+``CompileConfig`` (CUDA graphs via mode="reduce-overhead"), batch 1 and 8.
+Prefill: one forward over 2048 tokens. Writes JSON to --out.
+
+    python bench/e2e.py --out bench/results            # on the GPU machine
+    python bench/e2e.py --layers 2 --small --out /tmp  # quick CPU smoke
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build(args, device, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from blast_compile.testing import sparsify_mlps_
+
+    if args.small:
+        cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=args.layers,
+                          num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096)
+    else:  # Llama-3.2-1B shapes
+        cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
+                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                          max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=500000.0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype).eval()
+    n = sparsify_mlps_(model, args.sparsity, block=args.block)
+    return model, cfg, n
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def gen_tps(model, ids, new, compile_cfg, device, reps):
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
+                          pad_token_id=0, compile_config=compile_cfg, disable_compile=compile_cfg is None)
+    with torch.no_grad():
+        for _ in range(2):  # compile + CUDA graph capture
+            model.generate(ids, generation_config=gc)
+        sync(device)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            out = model.generate(ids, generation_config=gc)
+            sync(device)
+            ts.append(time.perf_counter() - t)
+    ts.sort()
+    t = ts[len(ts) // 2]
+    return ids.shape[0] * new / t, out
+
+
+def prefill_ms(fn, ids, device, reps):
+    with torch.no_grad():
+        for _ in range(2):
+            fn(ids)
+        sync(device)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn(ids)
+            sync(device)
+            ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2] * 1e3
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--layers", type=int, default=16)
+    p.add_argument("--sparsity", type=float, default=0.9)
+    p.add_argument("--block", type=int, default=64)
+    p.add_argument("--new", type=int, default=64)
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--prefill", type=int, default=2048)
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--mode", default="reduce-overhead")
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--out", default="bench/results")
+    args = p.parse_args()
+    from transformers import CompileConfig
+
+    import blast_compile  # noqa: F401  (not needed for backend="blast"; for the report)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model, cfg, n = build(args, device, dtype)
+    res = dict(
+        bench="e2e", date=datetime.datetime.now().isoformat(timespec="seconds"),
+        device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        torch=torch.__version__, triton=__import__("triton").__version__ if device == "cuda" else None,
+        model="Llama-3.2-1B shape" if not args.small else "small", layers=args.layers, sparsity=args.sparsity,
+        block=args.block, mlp_weights_sparsified=n, mode=args.mode, decode={}, prefill={},
+    )
+    variants = {
+        "eager": None,
+        "inductor": CompileConfig(backend="inductor", mode=args.mode),
+        "blast": CompileConfig(backend="blast", mode=args.mode),
+    }
+    for b in [int(v) for v in args.batches.split(",")]:
+        ids = torch.randint(0, cfg.vocab_size, (b, args.prompt), device=device)
+        outs = {}
+        for name, cc in variants.items():
+            torch._dynamo.reset()
+            try:
+                tps, outs[name] = gen_tps(model, ids, args.new, cc, device, args.reps)
+                res["decode"].setdefault(f"batch{b}", {})[name] = tps
+            except Exception as e:  # report, don't hide
+                res["decode"].setdefault(f"batch{b}", {})[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            print(f"decode batch {b} {name}: {res['decode'][f'batch{b}'][name]}", flush=True)
+        if "blast" in outs and "inductor" in outs:
+            # greedy tokens agree for most positions (bf16 ties can flip late tokens)
+            same = (outs["blast"] == outs["inductor"]).float().mean().item()
+            res["decode"][f"batch{b}"]["token_agreement_blast_vs_inductor"] = same
+    ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), device=device)
+    for name in ("eager", "inductor", "blast"):
+        torch._dynamo.reset()
+        fn = model if name == "eager" else torch.compile(model, backend=name)
+        try:
+            res["prefill"][name] = prefill_ms(lambda i: fn(i, use_cache=False).logits, ids, device, args.reps)
+        except Exception as e:
+            res["prefill"][name] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        print(f"prefill {args.prefill} {name}: {res['prefill'][name]} ms", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"e2e_{res['date'].replace(':', '')}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

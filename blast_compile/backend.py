@@ -1,0 +1,188 @@
+"""The ``blast`` torch.compile backend.
+
+``torch.compile(model, backend="blast")`` lands here (entry point group
+``torch_dynamo_backends``) with the Dynamo FX graph and its example inputs.
+That is the one place where the weights' *values* are visible (the example
+inputs of parameter placeholders are the real Parameters), so detection runs
+here, on a copy of the graph:
+
+    detect (passes.match / passes.decide) -> rewrite (passes.rewrite)
+      -> codegen (Triton source per pattern, on CUDA) -> Inductor (compile_fx)
+
+The rewritten graph holds one ``blast::sparse_mlp`` node per fused MLP; the
+rest goes to Inductor untouched. Any internal error falls back to plain
+Inductor on the original graph with a warning, unless ``strict=True``.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import List, Optional
+
+import torch
+from torch._dynamo.utils import counters
+
+from .config import BlastOptions, Candidate
+
+log = logging.getLogger("blast_compile.backend")
+
+# Every compiled graph's report, newest last (explain() reads the ones it produced).
+REPORTS: List["GraphReport"] = []
+_MAX_REPORTS = 256
+
+
+class GraphReport:
+    """What the backend did to one Dynamo graph."""
+
+    def __init__(self, candidates: List[Candidate], code: str, error: Optional[str] = None):
+        self.candidates = candidates
+        self.code = code
+        self.error = error
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copied graph (node.meta shallow-copied), sharing attributes."""
+    graph = torch.fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    new = torch.fx.GraphModule(gm, graph)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def _inductor_patches(mode: Optional[str], extra: dict) -> dict:
+    patches = {}
+    if mode and mode != "default":
+        patches.update(torch._inductor.list_mode_options(mode))
+    patches.update(extra)
+    return patches
+
+
+def _split_options(options: Optional[dict]):
+    """Blast options vs Inductor config patches (any other key must be an Inductor option)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(BlastOptions)}
+    options = dict(options or {})
+    ours = {k: v for k, v in options.items() if k in names}
+    rest = {k: v for k, v in options.items() if k not in names}
+    from torch._inductor import config as inductor_config
+
+    bad = [k for k in rest if not hasattr(inductor_config, k.split(".")[0])]
+    if bad:
+        raise ValueError(
+            f"unknown option(s) {bad}: blast options are {sorted(names)}, anything else must be an Inductor config key"
+        )
+    return BlastOptions.from_options(ours), rest
+
+
+def _fused_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.blast.sparse_mlp.default]
+
+
+def _fill_kernel_info(cands: List[Candidate], gm, example_inputs, opts: BlastOptions):
+    """Say which implementation runs each fused MLP (and where the generated source is)."""
+    from .formats import pattern_from_weights
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    value = dict(zip(placeholders, example_inputs))
+    by_key = {n.args[10]: n for n in _fused_nodes(gm)}
+    for c in cands:
+        if c.decision != "fused":
+            continue
+        if not c.device.startswith("cuda"):
+            c.kernel = "gather (torch): packed live blocks + batched matmul"
+            continue
+        try:
+            from . import codegen
+
+            node = by_key[c.pattern_key]
+            x, w1, b1, w3, b3, w2, b2, act, bh, bd = node.args[:10]
+
+            def val(a):
+                if a is None:
+                    return None
+                if a.op == "placeholder":
+                    return value[a]
+                if a.op == "call_function" and a.target in (torch.t, torch.ops.aten.t.default) and a.args[0] in value:
+                    return value[a.args[0]].t()
+                raise KeyError(a)
+
+            pat = pattern_from_weights(val(w1), val(w3), val(w2), bh, bd, activation=act,
+                                       has_b1=b1 is not None, has_b3=b3 is not None)
+            name, path = codegen.kernel_info(
+                pat, act, w3 is not None, b1 is not None, b3 is not None, b2 is not None,
+                val(w1).dtype, val(w1).device,
+            )
+            c.kernel, c.kernel_source = name, str(path)
+        except Exception as e:  # explain must not break compile
+            log.debug("blast: no kernel info: %r", e)
+            c.kernel = c.kernel or "triton (generated at first call)"
+
+
+def _trace_artifact(gm: torch.fx.GraphModule, cands: List[Candidate]):
+    try:
+        from torch._logging import trace_structured
+
+        trace_structured(
+            "artifact",
+            metadata_fn=lambda: {"name": "blast_rewritten_graph", "encoding": "string"},
+            payload_fn=lambda: gm.print_readable(print_output=False)
+            + "\n# blast decisions\n"
+            + "\n".join(f"# {c.module}: {c.decision} ({c.reason})" for c in cands),
+        )
+    except Exception as e:  # tracing is best effort
+        log.debug("blast: trace artifact failed: %r", e)
+
+
+def _record(report: GraphReport):
+    REPORTS.append(report)
+    del REPORTS[:-_MAX_REPORTS]
+
+
+def rewrite(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions):
+    """Run the passes on a copy of ``gm``; returns (new_gm, candidates)."""
+    from .passes import run_passes
+    from . import codegen
+
+    if hasattr(codegen, "set_kernel_dir") and opts.kernel_dir:
+        codegen.set_kernel_dir(opts.kernel_dir)
+    new = _copy_graph_module(gm)
+    cands = run_passes(new, example_inputs, opts)
+    _fill_kernel_info(cands, new, example_inputs, opts)
+    return new, cands
+
+
+def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None, options: Optional[dict] = None):
+    """torch.compile backend: fuse block-sparse MLPs, then compile with Inductor."""
+    opts, inductor_opts = _split_options(options)
+    counters["blast"]["graphs"] += 1
+    try:
+        new_gm, cands = rewrite(gm, example_inputs, opts)
+        code = new_gm.code
+        _trace_artifact(new_gm, cands)
+        _record(GraphReport(cands, code))
+        n = sum(c.decision == "fused" for c in cands)
+        log.info("blast: %d of %d MLP candidates fused in graph %d", n, len(cands), counters["blast"]["graphs"])
+        log.debug("blast: rewritten graph\n%s", code)
+    except Exception as e:
+        if opts.strict:
+            raise
+        counters["blast"]["fallback"] += 1
+        msg = f"blast: internal error while rewriting ({type(e).__name__}: {e}); compiling this graph with plain Inductor"
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg, exc_info=True)
+        _record(GraphReport([], gm.code, error=repr(e)))
+        new_gm = gm
+    if not opts.inductor:
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.aot_autograd import make_boxed_func
+
+        return aot_autograd(fw_compiler=make_boxed_func, bw_compiler=make_boxed_func)(new_gm, example_inputs)
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = _inductor_patches(mode, inductor_opts)
+    return compile_fx(new_gm, example_inputs, config_patches=patches or None)
+
+
+__all__ = ["blast", "rewrite", "REPORTS", "GraphReport"]

@@ -1,0 +1,53 @@
+"""The activations the backend fuses, with their derivatives (backward recomputes them)."""
+import math
+
+import torch
+import torch.nn.functional as F
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def relu2(a):
+    return torch.square(F.relu(a))
+
+
+def gelu_tanh(a):
+    return F.gelu(a, approximate="tanh")
+
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "relu2": relu2,
+    "gelu": F.gelu,
+    "gelu_tanh": gelu_tanh,
+    "silu": F.silu,
+}
+
+
+def act_grad(name: str, a: torch.Tensor) -> torch.Tensor:
+    """d act(a) / da, in a's dtype (computed in fp32 for half inputs)."""
+    af = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
+    if name == "relu":
+        g = (af > 0).float()
+    elif name == "relu2":
+        g = 2 * F.relu(af)
+    elif name == "silu":
+        s = torch.sigmoid(af)
+        g = s * (1 + af * (1 - s))
+    elif name == "gelu":
+        g = 0.5 * (1 + torch.erf(af / math.sqrt(2))) + af * torch.exp(-0.5 * af * af) / math.sqrt(2 * math.pi)
+    elif name == "gelu_tanh":
+        inner = _SQRT_2_OVER_PI * (af + 0.044715 * af ** 3)
+        t = torch.tanh(inner)
+        g = 0.5 * (1 + t) + 0.5 * af * (1 - t * t) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * af * af)
+    else:
+        raise ValueError(f"unknown activation {name!r}")
+    return g.to(a.dtype)
+
+
+def dense_mlp(x, w1, b1, w3, b3, w2, b2, activation: str):
+    """Eager meaning of the fused node: ``down(act(gate(x)) [* up(x)])``."""
+    h = ACTIVATIONS[activation](F.linear(x, w1, b1))
+    if w3 is not None:
+        h = h * F.linear(x, w3, b3)
+    return F.linear(h, w2, b2)

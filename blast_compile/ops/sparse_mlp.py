@@ -1,0 +1,280 @@
+"""``blast::sparse_mlp``: the one node a block-sparse MLP becomes.
+
+Meaning: ``down(act(gate(x)) [* up(x)])`` with the dense weights as given, i.e.
+exactly what eager computes. The op receives the *dense* weight tensors and
+reads only their live blocks, so a weight updated in place is read fresh. What
+can go stale is the pattern (which blocks are live); it is re-derived whenever a
+weight's ``_version`` counter moves (an O(1) check per call), so the op is
+never wrong:
+
+* the compile-time pattern is identified by ``pattern_key`` (a hash of block
+  shape and masks). It is an op argument, so Inductor/AOTAutograd caches can
+  never reuse a graph for a different pattern, and a fresh process rebuilds the
+  same kernels from the weights + key;
+* a weight change that keeps the pattern reuses everything; one that changes it
+  re-indexes (and re-specializes kernels); one that makes the MLP too dense
+  runs the dense computation.
+
+Inputs with NaN/Inf: eager's dense product spreads them across the whole row
+(``0 * inf = nan``); on CPU such rows are recomputed densely, on CUDA rows with
+a non-finite input are poisoned with NaN (what eager gives for those rows).
+
+Autograd: ``blast::sparse_mlp_backward`` recomputes the activations (nothing
+but ``x`` is saved), computes dX through the transposed live blocks, and dW
+either dense (the weight holds zeros but means a dense matrix) or on live
+blocks only, when the sparsifier declared a mask (see :mod:`..masks`).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+from torch._dynamo.utils import counters
+
+from .. import masks as _masks
+from ..formats import block_mask, build_pattern, expand_mask, _mlp_masks
+from . import gather
+from .activations import dense_mlp
+
+log = logging.getLogger("blast_compile.ops")
+
+_LOCK = threading.Lock()
+_STATE: "OrderedDict" = OrderedDict()  # (pattern key, weight identities) -> _Plan, LRU
+_MAX_PLANS = 4096
+_WARNED: set = set()
+
+
+class _Plan:
+    __slots__ = ("versions", "pattern", "packed", "dense", "dev_pattern", "dw_masks", "cache", "raw_masks")
+
+    def __init__(self):
+        self.cache = {}
+
+
+def _ident(t: Optional[Tensor]):
+    if t is None:
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.device))
+
+
+def _versions(*ts):
+    return tuple(None if t is None else t._version for t in ts) + tuple(_masks.mask_version(t) for t in ts)
+
+
+def _declared_block_mask(w, bo, bi):
+    """A declared mask re-expressed at the MLP's block shape (bool [O/bo, I/bi]), or None."""
+    d = _masks.declared_mask(w)
+    if d is None:
+        return None
+    m, (mo, mi) = d
+    if (mo, mi) == (bo, bi):
+        return m.to(w.device, torch.bool)
+    return block_mask(expand_mask(m.to(w.device, torch.bool), mo, mi, w.shape), bo, bi)
+
+
+def _warn_once(what: str, msg: str):
+    if what not in _WARNED:
+        _WARNED.add(what)
+        log.warning(msg)
+
+
+def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density) -> _Plan:
+    """The live-block plan for these weights, re-derived only when a version counter moved."""
+    sk = (pattern_key, _ident(w1), _ident(w3), _ident(w2), b1 is not None, b3 is not None)
+    vers = _versions(w1, w3, w2)
+    with _LOCK:
+        plan = _STATE.get(sk)
+        if plan is not None:
+            _STATE.move_to_end(sk)
+            if plan.versions == vers:
+                return plan
+    m_in, m_dn = _mlp_masks(w1, w3, w2, block_h, block_d)
+    decl = [_declared_block_mask(w1, block_h, block_d), _declared_block_mask(w3, block_h, block_d) if w3 is not None else None,
+            _declared_block_mask(w2, block_d, block_h)]
+    # forward pattern = every block that holds a non-zero, plus every declared-live block
+    for i, dm in enumerate(decl):
+        if dm is not None:
+            if i < 2:
+                m_in = m_in | dm
+            else:
+                m_dn = m_dn | dm
+    if plan is not None and _same_masks(plan, m_in, m_dn, decl):
+        # values moved (an optimizer step, a copy_) but no block changed liveness:
+        # keep the indices, refresh the packed (CPU) copy of the blocks.
+        plan.versions = vers
+        plan.packed = None
+        counters["blast"]["pattern_revalidated"] += 1
+        return plan
+    prev_masks = (m_in, m_dn)
+    plan = _Plan()
+    plan.versions = vers
+    plan.raw_masks = prev_masks
+    pat = build_pattern(m_in, m_dn, block_h, block_d, activation=activation, gated=w3 is not None,
+                        has_b1=b1 is not None, has_b3=b3 is not None)
+    plan.pattern = pat
+    plan.dw_masks = decl
+    plan.dense = pat.density > max_density
+    plan.packed = None
+    plan.dev_pattern = pat.to(w1.device) if w1.device.type != "cpu" else pat
+    if pat.key != pattern_key:
+        counters["blast"]["pattern_changed"] += 1
+        log.info("blast: pattern %s changed to %s (%s)%s", pattern_key, pat.key, pat.summary(),
+                 "; running dense" if plan.dense else "; re-indexed")
+    if plan.dense:
+        _warn_once(("dense", pattern_key), f"blast: weights of MLP {pattern_key} are now {pat.density:.0%} dense; computing it densely")
+    with _LOCK:
+        _STATE[sk] = plan
+        while len(_STATE) > _MAX_PLANS:
+            _STATE.popitem(last=False)
+    return plan
+
+
+def _same_masks(plan, m_in, m_dn, decl) -> bool:
+    """True when the live blocks (and declared masks) are what the plan was built from."""
+    old_in, old_dn = plan.raw_masks
+    if not (torch.equal(old_in, m_in) and torch.equal(old_dn, m_dn)):
+        return False
+    for a, b in zip(plan.dw_masks, decl):
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+            return False
+    return True
+
+
+def _packed(plan, w1, w3, w2):
+    if plan.packed is None:
+        plan.packed = gather.PackedMLP(plan.dev_pattern, w1, w3, w2)
+    return plan.packed
+
+
+def _nonfinite_rows(x2d):
+    return ~torch.isfinite(x2d).all(dim=1)
+
+
+def _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation):
+    from . import triton_mlp
+
+    return triton_mlp.forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)
+
+
+@torch.library.custom_op("blast::sparse_mlp", mutates_args=())
+def sparse_mlp(
+    x: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w3: Optional[Tensor],
+    b3: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    activation: str,
+    block_h: int,
+    block_d: int,
+    pattern_key: str,
+    max_density: float,
+) -> Tensor:
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    d_out = w2.shape[0]
+    plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
+    if plan.dense or x2d.shape[0] == 0:
+        return dense_mlp(x, w1, b1, w3, b3, w2, b2, activation)
+    if x.device.type == "cuda":
+        y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)
+        bad = _nonfinite_rows(x2d)
+        y = y + torch.where(bad, float("nan"), 0.0).to(y.dtype)[:, None]
+    else:
+        y = gather.forward(x2d, plan.dev_pattern, _packed(plan, w1, w3, w2), b1, b3, b2, activation, d_out)
+        bad = _nonfinite_rows(x2d)
+        if bool(bad.any()):
+            y[bad] = dense_mlp(x2d[bad], w1, b1, w3, b3, w2, b2, activation)
+    return y.reshape(*lead, d_out)
+
+
+@sparse_mlp.register_fake
+def _(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density):
+    return x.new_empty((*x.shape[:-1], w2.shape[0]))
+
+
+@torch.library.custom_op("blast::sparse_mlp_backward", mutates_args=())
+def sparse_mlp_backward(
+    dy: Tensor,
+    x: Tensor,
+    w1: Tensor,
+    b1: Optional[Tensor],
+    w3: Optional[Tensor],
+    b3: Optional[Tensor],
+    w2: Tensor,
+    b2: Optional[Tensor],
+    activation: str,
+    block_h: int,
+    block_d: int,
+    pattern_key: str,
+    max_density: float,
+    needs: List[bool],
+) -> List[Tensor]:
+    """Gradients ``[dx, dw1, db1, dw3, db3, dw2, db2]``; an unneeded one is an empty tensor."""
+    x2d = x.reshape(-1, x.shape[-1])
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
+    if plan.dense or x2d.shape[0] == 0 or not bool(torch.isfinite(x2d).all()):
+        grads = _dense_backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, activation, needs, plan.dw_masks, block_h, block_d)
+    else:
+        if x.device.type == "cuda":
+            from . import triton_mlp
+
+            g = triton_mlp.backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs)
+        else:
+            g = gather.backward(dy2d, x2d, plan.dev_pattern, _packed(plan, w1, w3, w2), w1, b1, w3, b3, w2, b2,
+                                activation, needs, plan.dw_masks)
+        grads = [g.get(k) for k in ("x", "w1", "b1", "w3", "b3", "w2", "b2")]
+    out = []
+    for i, g in enumerate(grads):
+        if g is None:
+            out.append(x.new_empty(0))
+        elif i == 0:
+            out.append(g.reshape(x.shape))
+        else:
+            out.append(g)
+    return out
+
+
+def _dense_backward(dy, x2d, w1, b1, w3, b3, w2, b2, activation, needs, dw_masks, bh, bd):
+    with torch.enable_grad():
+        ins = [t.detach().requires_grad_(True) if t is not None else None for t in (x2d, w1, b1, w3, b3, w2, b2)]
+        y = dense_mlp(*ins, activation)
+        req = [t for t in ins if t is not None]
+        gs = torch.autograd.grad(y, req, dy, allow_unused=True)
+    it = iter(gs)
+    grads = [next(it) if t is not None else None for t in ins]
+    for i, (wi, mi) in enumerate(((1, 0), (3, 1), (5, 2))):
+        if grads[wi] is not None and dw_masks[mi] is not None:
+            w = (w1, w3, w2)[mi]
+            bo, bi = (bd, bh) if mi == 2 else (bh, bd)
+            grads[wi] = grads[wi] * expand_mask(dw_masks[mi], bo, bi, w.shape).to(grads[wi].dtype)
+    return [g if needs[i] else None for i, g in enumerate(grads)]
+
+
+@sparse_mlp_backward.register_fake
+def _(dy, x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, needs):
+    shapes = [x, w1, b1, w3, b3, w2, b2]
+    return [t.new_empty(t.shape) if (t is not None and needs[i]) else x.new_empty(0) for i, t in enumerate(shapes)]
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density = inputs
+    ctx.save_for_backward(x, w1, b1, w3, b3, w2, b2)
+    ctx.args = (activation, block_h, block_d, pattern_key, max_density)
+
+
+def _backward(ctx, dy):
+    x, w1, b1, w3, b3, w2, b2 = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:7]]
+    grads = torch.ops.blast.sparse_mlp_backward(dy, x, w1, b1, w3, b3, w2, b2, *ctx.args, needs)
+    res = [g if (needs[i] and (i == 0 or (x, w1, b1, w3, b3, w2, b2)[i] is not None)) else None for i, g in enumerate(grads)]
+    return (*res, None, None, None, None, None)
+
+
+sparse_mlp.register_autograd(_backward, setup_context=_setup_context)

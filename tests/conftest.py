@@ -1,0 +1,40 @@
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+settings.register_profile(
+    "thorough", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_counters():
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    yield
+
+
+def tol(dtype):
+    """assert_close tolerances for a dtype (outputs of a few chained matmuls)."""
+    return {
+        torch.float64: dict(rtol=1e-7, atol=1e-7),
+        torch.float32: dict(rtol=1e-4, atol=1e-4),
+        torch.float16: dict(rtol=1e-2, atol=1e-2),
+        torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
+    }[dtype]
