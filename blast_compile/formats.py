@@ -95,9 +95,9 @@ class _MaskPyramid:
         """Elements of the real (unpadded) weight that lie in dead blocks."""
         m = self.mask(bo, bi)
         o, i = self.shape
-        rs = torch.full((m.shape[0],), bo, dtype=torch.float64)
+        rs = torch.full((m.shape[0],), bo, dtype=torch.float64, device=m.device)
         rs[-1] = o - bo * (m.shape[0] - 1)
-        cs = torch.full((m.shape[1],), bi, dtype=torch.float64)
+        cs = torch.full((m.shape[1],), bi, dtype=torch.float64, device=m.device)
         cs[-1] = i - bi * (m.shape[1] - 1)
         return int(rs @ (~m).double() @ cs)
 

@@ -1,0 +1,198 @@
+"""How much memory a block-sparse model needs, and on how many GPUs it fits.
+
+Only the MLP weights shrink. Each MLP matrix keeps ``round((1 - s) * n_blocks)``
+live ``block x block`` blocks (what :func:`testing.random_block_mask` makes and
+:func:`compress.compress_` stores) plus its index: one int32 column per live
+block and an int32 ``row_ptr`` of ``n_block_rows + 1``. Everything else
+(embeddings, attention, norms, lm_head) stays dense. Optional extras: the KV
+cache for ``kv_tokens`` tokens (``batch * context``) and a fixed activation
+overhead.
+
+    blast memory-plan --model llama-3.1-405b --sparsity 0.9 [--gpu-gb 80]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Dict, Optional, Sequence, Union
+
+from .formats import cdiv
+
+# Public architecture hyper-parameters (Meta's config.json files).
+CONFIGS: Dict[str, dict] = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, head_dim=64),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, head_dim=128),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, head_dim=128),
+    "llama-3.1-405b": dict(hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,
+                           num_attention_heads=128, num_key_value_heads=8, vocab_size=128256,
+                           tie_word_embeddings=False, head_dim=128),
+}
+
+GiB = 2**30
+
+
+@dataclasses.dataclass
+class Plan:
+    model: str
+    sparsity: float
+    block: int
+    dtype_bytes: int
+    params: int  # dense parameter count (tied embeddings once)
+    mlp_params: int
+    dense_bytes: int  # all weights, dense
+    mlp_dense_bytes: int
+    mlp_sparse_bytes: int  # live blocks + index
+    index_bytes: int  # part of mlp_sparse_bytes
+    sparse_bytes: int  # all weights with the MLPs compressed
+    kv_bytes: int
+    overhead_bytes: int
+    gpu_gb: float
+    usable: float
+    gpus_dense: int
+    gpus_sparse: int
+
+    @property
+    def saved_bytes(self) -> int:
+        return self.dense_bytes - self.sparse_bytes
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of the weight bytes saved."""
+        return self.saved_bytes / self.dense_bytes
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(saved_bytes=self.saved_bytes, reduction=self.reduction)
+        return d
+
+
+def _get(cfg, key, default=None):
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def mlp_matrix_sparse_bytes(rows: int, cols: int, sparsity: float, block: int, dtype_bytes: int):
+    """(bytes of live blocks, bytes of index) of one ``[rows, cols]`` matrix."""
+    nr, nc = cdiv(rows, block), cdiv(cols, block)
+    live = nr * nc - int(round(sparsity * nr * nc))
+    return live * block * block * dtype_bytes, 4 * live + 4 * (nr + 1)
+
+
+def _gpus(total: int, gpu_gb: float, usable: float) -> int:
+    return max(1, math.ceil(total / (gpu_gb * GiB * usable)))
+
+
+def plan(config: Union[str, dict, object], sparsity: float, block: int = 64, dtype_bytes: int = 2,
+         gpu_gb: float = 80, *, usable: float = 1.0, kv_tokens: int = 0, kv_dtype_bytes: Optional[int] = None,
+         overhead_gb: float = 0.0, gated: Optional[bool] = None) -> Plan:
+    """Weight memory of a Llama-style decoder, dense vs MLP block-sparse.
+
+    ``config``: a name from :data:`CONFIGS`, a dict or an HF config. ``gpu_gb`` is in GiB
+    (an "80 GB" H100 has 80 GiB); ``usable`` the fraction of it weights + KV + overhead may
+    take. ``gated`` (SwiGLU, 3 MLP matrices) defaults to True unless ``hidden_act`` says
+    GELU/ReLU without a gate is meant (pass it explicitly for non-Llama models).
+    """
+    name = config if isinstance(config, str) else (_get(config, "name_or_path") or _get(config, "model_type") or "custom")
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"unknown model {config!r}; known: {sorted(CONFIGS)}")
+        config = CONFIGS[config]
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError("sparsity must be in [0, 1]")
+    d = _get(config, "hidden_size")
+    h = _get(config, "intermediate_size")
+    n_layers = _get(config, "num_hidden_layers")
+    n_heads = _get(config, "num_attention_heads")
+    n_kv = _get(config, "num_key_value_heads") or n_heads
+    vocab = _get(config, "vocab_size")
+    head_dim = _get(config, "head_dim") or d // n_heads
+    tied = bool(_get(config, "tie_word_embeddings", False))
+    gated = True if gated is None else gated
+    attn_bias = bool(_get(config, "attention_bias", False))
+    mlp_bias = bool(_get(config, "mlp_bias", False))
+
+    attn = d * n_heads * head_dim * 2 + d * n_kv * head_dim * 2
+    if attn_bias:
+        attn += n_heads * head_dim * 2 + n_kv * head_dim * 2 + d
+    n_mlp = 3 if gated else 2
+    mlp_w = n_mlp * d * h
+    mlp_b = (h * (n_mlp - 1) + d) if mlp_bias else 0
+    norms = 2 * d
+    embed = vocab * d * (1 if tied else 2)
+    params = n_layers * (attn + mlp_w + mlp_b + norms) + d + embed
+
+    blk, idx = 0, 0
+    for rows, cols in [(h, d)] * (n_mlp - 1) + [(d, h)]:
+        b, i = mlp_matrix_sparse_bytes(rows, cols, sparsity, block, dtype_bytes)
+        blk, idx = blk + b, idx + i
+    mlp_dense = n_layers * mlp_w * dtype_bytes
+    mlp_sparse = n_layers * (blk + idx)
+    dense_bytes = params * dtype_bytes
+    sparse_bytes = dense_bytes - mlp_dense + mlp_sparse
+    kvb = kv_dtype_bytes or dtype_bytes
+    kv = 2 * n_layers * n_kv * head_dim * kv_tokens * kvb
+    over = int(overhead_gb * GiB)
+    return Plan(
+        model=str(name), sparsity=sparsity, block=block, dtype_bytes=dtype_bytes, params=params,
+        mlp_params=n_layers * mlp_w, dense_bytes=dense_bytes, mlp_dense_bytes=mlp_dense,
+        mlp_sparse_bytes=mlp_sparse, index_bytes=n_layers * idx, sparse_bytes=sparse_bytes, kv_bytes=kv,
+        overhead_bytes=over, gpu_gb=gpu_gb, usable=usable,
+        gpus_dense=_gpus(dense_bytes + kv + over, gpu_gb, usable),
+        gpus_sparse=_gpus(sparse_bytes + kv + over, gpu_gb, usable),
+    )
+
+
+def _gib(b: int) -> str:
+    return f"{b / GiB:,.1f} GiB"
+
+
+def table(plans: Sequence[Plan]):
+    from rich.table import Table
+
+    p0 = plans[0]
+    t = Table(title=f"weight memory, {p0.dtype_bytes}-byte weights, {p0.block}x{p0.block} blocks, "
+                    f"{p0.gpu_gb:g} GiB GPUs (usable {p0.usable:.0%})")
+    t.add_column("model", no_wrap=True)
+    for c in ("sparsity", "params", "MLP share", "dense", "block-sparse", "index", "saved",
+              "KV + overhead", "GPUs dense", "GPUs sparse"):
+        t.add_column(c, justify="right")
+    for p in plans:
+        t.add_row(p.model, f"{p.sparsity:.0%}", f"{p.params / 1e9:.2f} B", f"{p.mlp_params / p.params:.0%}",
+                  _gib(p.dense_bytes), _gib(p.sparse_bytes), f"{p.index_bytes / 2**20:,.1f} MiB", f"{p.reduction:.1%}",
+                  _gib(p.kv_bytes + p.overhead_bytes), str(p.gpus_dense), str(p.gpus_sparse))
+    return t
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="blast memory-plan", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", action="append", choices=sorted(CONFIGS),
+                    help="built-in config (repeatable; default: all)")
+    ap.add_argument("--sparsity", type=float, action="append", help="MLP block sparsity, e.g. 0.9 (repeatable)")
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--dtype-bytes", type=int, default=2)
+    ap.add_argument("--gpu-gb", type=float, default=80, help="GiB per GPU")
+    ap.add_argument("--usable", type=float, default=1.0, help="fraction of GPU memory for weights + KV")
+    ap.add_argument("--kv-tokens", type=int, default=0, help="KV cache tokens (batch x context)")
+    ap.add_argument("--overhead-gb", type=float, default=0.0, help="activation/workspace overhead, GiB")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    a = ap.parse_args(argv)
+    plans = [plan(m, s, a.block, a.dtype_bytes, a.gpu_gb, usable=a.usable, kv_tokens=a.kv_tokens,
+                  overhead_gb=a.overhead_gb)
+             for m in (a.model or list(CONFIGS)) for s in (a.sparsity or [0.5, 0.9, 0.95])]
+    if a.json:
+        import json
+
+        print(json.dumps([p.as_dict() for p in plans], indent=1))
+    else:
+        from rich.console import Console
+
+        Console().print(table(plans))
+    return 0
+
+
+__all__ = ["CONFIGS", "Plan", "plan", "main", "table", "mlp_matrix_sparse_bytes"]
