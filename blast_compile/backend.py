@@ -102,10 +102,12 @@ def _fill_kernel_info(cands: List[Candidate], gm, example_inputs, opts: BlastOpt
             def val(a):
                 if a is None:
                     return None
+                from .passes.decide import local
+
                 if a.op == "placeholder":
-                    return value[a]
+                    return local(value[a])
                 if a.op == "call_function" and a.target in (torch.t, torch.ops.aten.t.default) and a.args[0] in value:
-                    return value[a.args[0]].t()
+                    return local(value[a.args[0]]).t()
                 raise KeyError(a)
 
             pat = pattern_from_weights(val(w1), val(w3), val(w2), bh, bd, activation=act,
@@ -147,6 +149,8 @@ def rewrite(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions):
 
     if hasattr(codegen, "set_kernel_dir") and opts.kernel_dir:
         codegen.set_kernel_dir(opts.kernel_dir)
+    if any(hasattr(t, "placements") and hasattr(t, "to_local") for t in example_inputs):
+        from . import distributed  # noqa: F401  registers the DTensor sharding rule of the fused op
     new = _copy_graph_module(gm)
     cands = run_passes(new, example_inputs, opts)
     _fill_kernel_info(cands, new, example_inputs, opts)
@@ -175,10 +179,9 @@ def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = Non
         _record(GraphReport([], gm.code, error=repr(e)))
         new_gm = gm
     if not opts.inductor:
-        from torch._dynamo.backends.common import aot_autograd
-        from torch._functorch.aot_autograd import make_boxed_func
+        from torch._dynamo.backends.registry import lookup_backend
 
-        return aot_autograd(fw_compiler=make_boxed_func, bw_compiler=make_boxed_func)(new_gm, example_inputs)
+        return lookup_backend("aot_eager")(new_gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
     patches = _inductor_patches(mode, inductor_opts)

@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     else:
         from rich.console import Console
 
-        Console().print(table(plans))
+        Console(width=max(140, Console().width)).print(table(plans))
     return 0
 
 

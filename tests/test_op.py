@@ -140,6 +140,18 @@ def test_too_dense_after_change_runs_dense_and_is_correct():
     assert counters["blast"]["pattern_changed"] == 1
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_dense_fallback_plan_has_eager_gradients(gated):
+    p = make_mlp(24, 40, gated=gated, bias=True, dtype=torch.float64, sparsity=0.1, requires_grad=True)
+    x = torch.randn(5, 24, dtype=torch.float64, requires_grad=True)
+    y, r = call(x, p, "gelu_tanh", max_density=0.2), ref(x, p, "gelu_tanh")  # 90% dense > 0.2: runs dense
+    torch.testing.assert_close(y, r)
+    ins = [x] + [t for t in p.values() if t is not None]
+    gy = torch.randn_like(r)
+    for a, b in zip(torch.autograd.grad(y, ins, gy), torch.autograd.grad(r, ins, gy)):
+        torch.testing.assert_close(a, b)
+
+
 def test_opcheck():
     p = make_mlp(32, 48, gated=True, bias=True, dtype=torch.float32, sparsity=0.5, requires_grad=True)
     x = torch.randn(4, 32, requires_grad=True)

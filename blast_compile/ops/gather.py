@@ -35,7 +35,7 @@ def pack_blocks(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, bo: int
 
 def rows_of(ptr: torch.Tensor) -> torch.Tensor:
     counts = (ptr[1:] - ptr[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel()), counts)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts)
 
 
 def bsmm(x: torch.Tensor, packed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_out_blocks: int) -> torch.Tensor:
@@ -146,14 +146,7 @@ def backward(dy, x2d, pattern, packed: PackedMLP, w1, b1, w3, b3, w2, b2, activa
         # A weight without a declared mask has a dense gradient, also on its zero blocks,
         # and that needs every hidden unit (the pattern skips units whose output is
         # unused or provably zero). It is a dense product anyway: compute it densely.
-        a_f = F.linear(x2d, w1, b1)
-        g_f = ACTIVATIONS[activation](a_f)
-        dh_f = dy @ w2
-        if w3 is not None:
-            u_f = F.linear(x2d, w3, b3)
-            h_f, du_f, da_f = g_f * u_f, dh_f * g_f, dh_f * u_f * act_grad(activation, a_f)
-        else:
-            h_f, du_f, da_f = g_f, None, dh_f * act_grad(activation, a_f)
+        h_f, da_f, du_f = dense_hidden_grads(dy, x2d, w1, b1, w3, b3, w2, activation)
     pick = lambda k, sparse, full: full if (dense_dw and dw_masks[k] is None) else sparse  # noqa: E731
     if needs[5]:
         grads["w2"] = _dw(dy, pick(2, h, h_f if dense_dw else None), dw_masks[2], p.bd, p.bh)
@@ -166,6 +159,38 @@ def backward(dy, x2d, pattern, packed: PackedMLP, w1, b1, w3, b3, w2, b2, activa
             grads["w3"] = _dw(pick(1, du, du_f if dense_dw else None), x2d, dw_masks[1], p.bh, p.bd)
         grads["b3"] = du.sum(0).to(dy.dtype) if (needs[4] and b3 is not None) else None
     return grads
+
+
+def dense_hidden_grads(dy, x2d, w1, b1, w3, b3, w2, activation):
+    """Dense ``(h, dL/da, dL/du)`` of the MLP, recomputing the forward (du None if not gated)."""
+    a = F.linear(x2d, w1, b1)
+    g = ACTIVATIONS[activation](a)
+    dh = dy @ w2
+    if w3 is None:
+        return g, dh * act_grad(activation, a), None
+    u = F.linear(x2d, w3, b3)
+    return g * u, dh * u * act_grad(activation, a), dh * g
+
+
+def dense_backward(dy, x2d, w1, b1, w3, b3, w2, b2, activation, needs, dw_masks, bh, bd):
+    """Every gradient of the MLP with dense products (the fallback for non-sparse plans)."""
+    h, da, du = dense_hidden_grads(dy, x2d, w1, b1, w3, b3, w2, activation)
+    g = {"x": None, "w1": None, "b1": None, "w3": None, "b3": None, "w2": None, "b2": None}
+    if needs[0]:
+        g["x"] = da @ w1 + (du @ w3 if du is not None else 0)
+    if needs[1]:
+        g["w1"] = _dw(da, x2d, dw_masks[0], bh, bd)
+    if needs[2] and b1 is not None:
+        g["b1"] = da.sum(0)
+    if du is not None and needs[3]:
+        g["w3"] = _dw(du, x2d, dw_masks[1], bh, bd)
+    if du is not None and needs[4] and b3 is not None:
+        g["b3"] = du.sum(0)
+    if needs[5]:
+        g["w2"] = _dw(dy, h, dw_masks[2], bd, bh)
+    if needs[6] and b2 is not None:
+        g["b2"] = dy.sum(0)
+    return g
 
 
 def _dw(dout, inp, mask, bo, bi):

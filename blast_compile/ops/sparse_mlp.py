@@ -182,9 +182,12 @@ def sparse_mlp(
     if plan.dense or x2d.shape[0] == 0:
         return dense_mlp(x, w1, b1, w3, b3, w2, b2, activation)
     if x.device.type == "cuda":
+        from . import triton_mlp
+
         y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)
-        bad = _nonfinite_rows(x2d)
-        y = y + torch.where(bad, float("nan"), 0.0).to(y.dtype)[:, None]
+        if not getattr(triton_mlp, "HANDLES_NONFINITE", False):
+            bad = _nonfinite_rows(x2d)
+            y = y + torch.where(bad, float("nan"), 0.0).to(y.dtype)[:, None]
     else:
         y = gather.forward(x2d, plan.dev_pattern, _packed(plan, w1, w3, w2), b1, b3, b2, activation, d_out)
         bad = _nonfinite_rows(x2d)
@@ -219,8 +222,9 @@ def sparse_mlp_backward(
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
     plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
-    if plan.dense or x2d.shape[0] == 0 or not bool(torch.isfinite(x2d).all()):
-        grads = _dense_backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, activation, needs, plan.dw_masks, block_h, block_d)
+    # (the non-finite check syncs, so only on CPU: CUDA backward must stay graph-capturable)
+    if plan.dense or x2d.shape[0] == 0 or (x.device.type == "cpu" and not bool(torch.isfinite(x2d).all())):
+        g = gather.dense_backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, activation, needs, plan.dw_masks, block_h, block_d)
     else:
         if x.device.type == "cuda":
             from . import triton_mlp
@@ -229,7 +233,7 @@ def sparse_mlp_backward(
         else:
             g = gather.backward(dy2d, x2d, plan.dev_pattern, _packed(plan, w1, w3, w2), w1, b1, w3, b3, w2, b2,
                                 activation, needs, plan.dw_masks)
-        grads = [g.get(k) for k in ("x", "w1", "b1", "w3", "b3", "w2", "b2")]
+    grads = [g.get(k) for k in ("x", "w1", "b1", "w3", "b3", "w2", "b2")]
     out = []
     for i, g in enumerate(grads):
         if g is None:
@@ -239,22 +243,6 @@ def sparse_mlp_backward(
         else:
             out.append(g)
     return out
-
-
-def _dense_backward(dy, x2d, w1, b1, w3, b3, w2, b2, activation, needs, dw_masks, bh, bd):
-    with torch.enable_grad():
-        ins = [t.detach().requires_grad_(True) if t is not None else None for t in (x2d, w1, b1, w3, b3, w2, b2)]
-        y = dense_mlp(*ins, activation)
-        req = [t for t in ins if t is not None]
-        gs = torch.autograd.grad(y, req, dy, allow_unused=True)
-    it = iter(gs)
-    grads = [next(it) if t is not None else None for t in ins]
-    for i, (wi, mi) in enumerate(((1, 0), (3, 1), (5, 2))):
-        if grads[wi] is not None and dw_masks[mi] is not None:
-            w = (w1, w3, w2)[mi]
-            bo, bi = (bd, bh) if mi == 2 else (bh, bd)
-            grads[wi] = grads[wi] * expand_mask(dw_masks[mi], bo, bi, w.shape).to(grads[wi].dtype)
-    return [g if needs[i] else None for i, g in enumerate(grads)]
 
 
 @sparse_mlp_backward.register_fake

@@ -1,0 +1,434 @@
+"""CUDA implementation of ``blast::sparse_mlp``: launchers for the generated Triton kernels.
+
+Two forward paths (same meaning, eager rounding, fp32 accumulation):
+
+* decode (M <= ``codegen.DECODE_MAX_M``, bytes-bound): three launches, each spread
+  over many small independent work items so that enough weight bytes are in flight:
+  ``mlp_decode_in`` (split-K: one program per chunk of <= CH live in-blocks of a
+  hidden block-row, fp32 atomics into a G/U scratch), ``mlp_decode_dn`` (one program
+  per chunk of live down blocks of a hidden column: h_j from G_j/U_j in registers,
+  atomics into an fp32 output scratch) and ``mlp_decode_out`` (cast + b2, and it
+  re-zeroes both scratch buffers for the next call: no memset launch). The scratch
+  lives in ``plan.cache``, so two streams must not run the same plan's decode at
+  once;
+* prefill: ``mlp_hidden`` (gate and up in one program, act and product in the
+  epilogue) writes H, then ``bsmm`` computes ``Y = H W2^T`` CSR by output
+  block-row; both grids visit long rows first.
+
+Per plan (``plan.cache``) we keep the device index tables: the CSR/CSC lists,
+long-rows-first orders, and per-weight block offset tables (element offset of
+each live block; in-block strides are passed per call). Dense weights (any
+strides) and packed ``[nnz, bo, bi]`` weights differ only in these offsets. All
+tables are built on the first call; later calls do no host syncs, so CUDA graphs
+can capture them.
+
+Rows of x with a NaN/Inf come out all-NaN (what eager's dense product gives): the
+kernel that reads x flags them (``HANDLES_NONFINITE``), the output epilogue writes NaN.
+
+Backward recomputes the pre-activations (``mlp_hidden`` with STORE_PRE), gets
+dH through W2's transposed live blocks and dX through W1/W3's (``bsmm`` with
+swapped strides), and dW densely (torch matmul) or, for declared masks, on the
+live blocks only (``sddmm``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from .. import codegen
+from ..formats import cdiv
+from .activations import ACTIVATIONS, act_grad
+
+log = logging.getLogger("blast_compile.ops")
+
+# forward() itself turns rows of x holding NaN/Inf into NaN rows (sparse_mlp skips its own fix-up)
+HANDLES_NONFINITE = True
+
+# small tuning spaces; the first entry is the untuned default
+# decode: (in-blocks per program, down blocks per program, num_warps)
+DECODE_CONFIGS = [(4, 4, 4), (2, 2, 4), (8, 4, 8), (4, 8, 8), (2, 4, 4)]
+# prefill: (BM, num_warps, num_stages)
+PREFILL_CONFIGS = [(64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3)]
+# decode with M <= this uses a multiply-reduce GEMV instead of tensor-core dots (0: never; on H200 the
+# GEMV was slower at M=1 than a 16-row dot with masked rows: 59 vs 24 µs, 8B 90 %)
+GEMV_MAX_M = 0
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --- per-plan tables ----------------------------------------------------------------------------
+
+def _index_tables(plan, device):
+    """Index lists and long-rows-first orders (independent of the weights' strides)."""
+    t = plan.cache.get("index")
+    if t is not None:
+        return t
+    p = plan.pattern  # CPU copy: no device syncs while building
+    i32 = dict(dtype=torch.int32)
+    in_cnt = (p.in_rowptr[1:] - p.in_rowptr[:-1]).long()
+    in_rows = torch.repeat_interleave(torch.arange(p.n_h), in_cnt)
+    live = p.hidden_live.long()
+    order_h = live[torch.argsort(in_cnt[live], descending=True, stable=True)]
+    dn_cnt = (p.dn_rowptr[1:] - p.dn_rowptr[:-1]).long()
+    order_o = torch.argsort(dn_cnt, descending=True, stable=True)
+    dn_rows_r = torch.repeat_interleave(torch.arange(p.n_out), dn_cnt)  # output row of each CSR down block
+    # CSR position of every block (to address packed weights from CSC order)
+    pos_dn = torch.full((p.n_out, p.n_h), -1, dtype=torch.long)
+    pos_dn[dn_rows_r, p.dn_cols.long()] = torch.arange(p.nnz_dn)
+    csc_dn_cols = torch.repeat_interleave(torch.arange(p.n_h), (p.dn_colptr[1:] - p.dn_colptr[:-1]).long())
+    csc_dn_pos = pos_dn[p.dn_rows.long(), csc_dn_cols]
+    # CSC of the in-projection (for dX)
+    pos_in = torch.full((p.n_h, p.n_in), -1, dtype=torch.long)
+    pos_in[in_rows, p.in_cols.long()] = torch.arange(p.nnz_in)
+    mt = p.mask_in.t()
+    in_colptr = torch.zeros(p.n_in + 1, dtype=torch.long)
+    in_colptr[1:] = torch.cumsum(mt.sum(1), 0)
+    nz = mt.nonzero()
+    in_csc_rows, in_csc_cols = nz[:, 1], nz[:, 0]
+    in_csc_pos = pos_in[in_csc_rows, in_csc_cols]
+    host = dict(
+        in_rowptr=p.in_rowptr, in_cols=p.in_cols, in_rows=in_rows, live=p.hidden_live, order_h=order_h,
+        all_h=torch.arange(p.n_h), dn_colptr=p.dn_colptr, dn_rows=p.dn_rows, csc_dn_cols=csc_dn_cols,
+        csc_dn_pos=csc_dn_pos, dn_rowptr=p.dn_rowptr, dn_cols=p.dn_cols, dn_rows_r=dn_rows_r, order_o=order_o,
+        in_colptr=in_colptr, in_csc_rows=in_csc_rows, in_csc_cols=in_csc_cols, in_csc_pos=in_csc_pos,
+        all_in=torch.arange(p.n_in),
+    )
+    keep64 = {"in_rows", "dn_rows_r", "csc_dn_cols", "csc_dn_pos", "in_csc_cols", "in_csc_pos"}
+    t = {k: v.to(device, torch.int64 if k in keep64 else torch.int32) for k, v in host.items()}
+    plan.cache["index"] = t
+    return t
+
+
+def _offsets(idx, rows, cols, bo, bi, stride, packed_pos=None):
+    """Element offset of block (rows[z], cols[z]) of a dense weight, or of packed block packed_pos[z]."""
+    if packed_pos is not None:
+        return (packed_pos * (bo * bi)).contiguous()
+    return (rows * (bo * stride[0]) + cols * (bi * stride[1])).contiguous()
+
+
+def _weight_tables(plan, w1, w3, w2, packed):
+    """Block offset tables for these weights (keyed by strides; packed weights by layout)."""
+    key = ("offsets", packed, tuple(w1.stride()), None if w3 is None else tuple(w3.stride()), tuple(w2.stride()))
+    t = plan.cache.get(key)
+    if t is not None:
+        return t
+    p = plan.pattern
+    ix = _index_tables(plan, w1.device)
+    bh, bd = p.bh, p.bd
+    ar_in = torch.arange(p.nnz_in, device=w1.device)
+    ar_dn = torch.arange(p.nnz_dn, device=w1.device)
+    t = {}
+    for name, w in (("1", w1), ("3", w3)):
+        if w is None:
+            continue
+        pk = ar_in if packed else None
+        t["in" + name] = _offsets(ix, ix["in_rows"], ix["in_cols"].long(), bh, bd, w.stride(), pk)
+        t["in_csc" + name] = _offsets(ix, ix["in_csc_rows"], ix["in_csc_cols"], bh, bd, w.stride(),
+                                      ix["in_csc_pos"] if packed else None)
+    t["dn_csc"] = _offsets(ix, ix["dn_rows"].long(), ix["csc_dn_cols"], bd, bh, w2.stride(),
+                           ix["csc_dn_pos"] if packed else None)
+    t["dn_csr"] = _offsets(ix, ix["dn_rows_r"], ix["dn_cols"].long(), bd, bh, w2.stride(), ar_dn if packed else None)
+    plan.cache[key] = t
+    return t
+
+
+def _split(ptr, items, ch):
+    """Work chunks of <= ch consecutive CSR entries for each of ``items`` (rows): (item, start, n)."""
+    cnt = (ptr[1:] - ptr[:-1]).long()[items]
+    nch = (cnt + ch - 1) // ch
+    item = torch.repeat_interleave(items, nch)
+    first = torch.repeat_interleave(torch.cumsum(nch, 0) - nch, nch)
+    start = ptr.long()[item] + (torch.arange(int(nch.sum())) - first) * ch
+    n = torch.minimum(torch.full_like(start, ch), ptr.long()[item + 1] - start)
+    return item, start, n
+
+
+def _chunks(plan, ch_in, ch_dn, device):
+    """Decode work lists (built on the host from the CPU pattern, once per chunk size)."""
+    key = ("chunks", ch_in, ch_dn)
+    t = plan.cache.get(key)
+    if t is None:
+        p = plan.pattern
+        t = {}
+        for name, ptr, items, ch in (("in", p.in_rowptr, p.hidden_live.long(), ch_in),
+                                     ("dn", p.dn_colptr, torch.arange(p.n_h), ch_dn)):
+            item, start, n = _split(ptr, items, ch)
+            t[name] = (item.to(device, torch.int32), start.to(device, torch.int32), n.to(device, torch.int32))
+            t["n_" + name] = int(item.numel())
+        plan.cache[key] = t
+    return t
+
+
+def _decode_scratch(plan, device, gated, d_hidden, d_out):
+    """Persistent fp32 scratch (G|U, Y), kept all-zero between calls."""
+    key = ("dec_scratch", str(device), gated, d_hidden, d_out)
+    t = plan.cache.get(key)
+    if t is None:
+        mm = codegen.DECODE_MAX_M
+        t = (torch.zeros(mm, (2 if gated else 1) * d_hidden, device=device, dtype=torch.float32),
+             torch.zeros(mm, d_out, device=device, dtype=torch.float32))
+        plan.cache[key] = t
+    return t
+
+
+def _strides(w, packed):
+    """In-block (out, in) strides of a weight: a packed [nnz, bo, bi] tensor's last two."""
+    return (w.stride(1), w.stride(2)) if packed else (w.stride(0), w.stride(1))
+
+
+# --- tuning ---------------------------------------------------------------------------------------
+
+def _choose(kind, sig, m, configs, run):
+    """Launch config for (kernel, signature, M bucket): persisted table, else tune now (CUDA only)."""
+    key = f"{kind}|{sig.digest()}|m{codegen.m_bucket(m)}|{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
+    cfg = codegen.lookup_config(key)
+    if cfg is not None:
+        return tuple(cfg)
+    if (_interpret() or len(configs) == 1 or os.environ.get("BLAST_TUNE", "1") == "0"
+            or torch.cuda.is_current_stream_capturing()):
+        return configs[0]
+    from triton.testing import do_bench
+
+    times = []
+    for c in configs:
+        try:
+            times.append((do_bench(lambda: run(c), warmup=5, rep=20, return_mode="median"), c))
+        except Exception as e:  # a config that does not compile (e.g. too much shared memory)
+            log.debug("blast: config %s failed: %r", c, e)
+    best = min(times)[1] if times else configs[0]
+    codegen.store_config(key, list(best))
+    log.info("blast: tuned %s -> %s", key, best)
+    return best
+
+
+# --- forward ---------------------------------------------------------------------------------------
+
+def _module(plan, activation, gated, has_b1, has_b3, dtype):
+    key = ("sig", activation, gated, has_b1, has_b3, dtype)
+    sig = plan.cache.get(key)
+    if sig is None:
+        sig = codegen.signature(plan.pattern, activation, gated, has_b1, has_b3, dtype)
+        plan.cache[key] = sig
+    return sig, codegen.load(sig)
+
+
+def _tl_dtype(mod, dtype):
+    import triton.language as tl
+
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden):
+    x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    p = plan.pattern
+    m, d_in = x2d.shape
+    gated = w3 is not None
+    sig, mod = _module(plan, activation, gated, b1 is not None, b3 is not None, x2d.dtype)
+    ix = _index_tables(plan, x2d.device)
+    off = _weight_tables(plan, w1, w3, w2, packed)
+    s1, s2 = _strides(w1, packed), _strides(w2, packed)
+    s3 = _strides(w3, packed) if gated else (0, 0)
+    w3_, off3, b1_, b3_ = (w3 if gated else w1), off["in3"] if gated else off["in1"], b1 if b1 is not None else x2d, b3 if b3 is not None else x2d
+    DT = _tl_dtype(mod, x2d.dtype)
+    common = dict(DTYPE=DT, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned, GATED=gated,
+                  HAS_B1=b1 is not None, HAS_B3=b3 is not None)
+    n_live = ix["live"].numel()
+    if m <= codegen.DECODE_MAX_M:
+        gu, y32 = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
+        y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+        dot = m > GEMV_MAX_M
+        bm = max(16, triton.next_power_of_2(m)) if dot else max(2, triton.next_power_of_2(m))
+        dec = dict(BM=bm, BH=p.bh, BD=p.bd, ALIGNED=sig.aligned, GATED=gated, DOT=dot)
+
+        def run(cfg):
+            ci, cd, nw = cfg
+            ch = _chunks(plan, ci, cd, x2d.device)
+            try:
+                if ch["n_in"]:
+                    mod.mlp_decode_in[(ch["n_in"],)](
+                        x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
+                        w1, off["in1"], s1[0], s1[1], w3_, off3, s3[0], s3[1],
+                        ix["in_cols"], *ch["in"], CH=ci, num_warps=nw, **dec)
+                if ch["n_dn"]:
+                    mod.mlp_decode_dn[(ch["n_dn"],)](
+                        gu, gu.stride(0), y32, y32.stride(0), m, d_hidden, d_out, b1_, b3_,
+                        w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], *ch["dn"],
+                        DTYPE=DT, CH=cd, HAS_B1=b1 is not None, HAS_B3=b3 is not None, num_warps=nw, **dec)
+                bn = 256
+                mod.mlp_decode_out[(cdiv(d_out, bn), m)](
+                    y32, y32.stride(0), y, y.stride(0), b2 if b2 is not None else y32, x2d, x2d.stride(0), d_in,
+                    gu, m * gu.stride(0), m, d_out, DTYPE=DT, HAS_B=b2 is not None, BN=bn, ZB=1024,
+                    BX=min(4096, triton.next_power_of_2(d_in)), num_warps=4)
+            except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
+                gu.zero_()
+                y32.zero_()
+                raise
+
+        run(_choose("decode2", sig, m, DECODE_CONFIGS, run))
+        return y
+
+    flag = torch.zeros(m, device=x2d.device, dtype=torch.int32)  # NaN/Inf rows of x (set by mlp_hidden)
+    if not n_live:  # no hidden kernel to flag them
+        flag.copy_(~torch.isfinite(x2d).all(1))
+    h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
+    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+
+    def run_h(cfg):
+        bm, nw, ns = cfg
+        if n_live:
+            mod.mlp_hidden[(cdiv(m, bm), n_live)](
+                x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
+                w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
+                ix["in_rowptr"], ix["in_cols"], ix["order_h"],
+                BM=bm, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=True, **common)
+
+    run_h(_choose("hidden", sig, m, PREFILL_CONFIGS, run_h))
+
+    def run_y(cfg):
+        bm, nw, ns = cfg
+        mod.bsmm[(cdiv(m, bm), p.n_out)](
+            h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, m, d_hidden, d_out,
+            w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
+            ix["dn_rowptr"], ix["dn_cols"], ix["order_o"],
+            DTYPE=DT, BO=p.bd, BI=p.bh, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False, NANROW=True,
+            BM=bm, num_warps=nw, num_stages=ns)
+
+    run_y(_choose("down", sig, m, PREFILL_CONFIGS, run_y))
+    return y
+
+
+def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation):
+    """``[M, d_out]`` in x2d.dtype; weights are the dense ``[out, in]`` tensors (any strides)."""
+    return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0])
+
+
+def forward_packed(x2d, p1, b1, p3, b3, p2, b2, plan, activation, d_out=None):
+    """Same, with weights given as packed live blocks.
+
+    ``p1``/``p3``: ``[nnz_in, bh, bd]`` in ``pattern.in_cols`` order; ``p2``:
+    ``[nnz_dn, bd, bh]`` in ``pattern.dn_cols`` order. ``d_out`` defaults to
+    ``len(b2)``, else ``plan.cache["d_out"]``, else whole output blocks.
+    """
+    p = plan.pattern
+    if d_out is None:
+        d_out = b2.shape[0] if b2 is not None else plan.cache.get("d_out", p.n_out * p.bd)
+    d_hidden = b1.shape[0] if b1 is not None else plan.cache.get("d_hidden", p.n_h * p.bh)
+    return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, d_out, d_hidden)
+
+
+# --- backward ---------------------------------------------------------------------------------------
+
+def _bsmm(mod, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_blocks, bo, bi, n_in, n_out, out_dtype, bias=None):
+    m = x.shape[0]
+    out = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
+    bm = 64
+    mod.bsmm[(cdiv(m, bm), n_out_blocks)](
+        x, x.stride(0), x2 if x2 is not None else x, out, out.stride(0), bias if bias is not None else x, x, m, n_in, n_out,
+        w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order,
+        DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, ALIGNED=True, HAS_B=bias is not None, DUAL=x2 is not None, NANROW=False,
+        BM=bm, num_warps=4, num_stages=3)
+    return out
+
+
+def _sddmm(mod, dout, inp, mask_rc, bo, bi, shape, dtype):
+    rows, cols = mask_rc
+    out = torch.zeros(shape, device=dout.device, dtype=dtype)
+    if rows.numel():
+        dout, inp = dout.contiguous(), inp.contiguous()
+        mod.sddmm[(rows.numel(),)](dout, dout.stride(0), inp, inp.stride(0), out, out.stride(0), dout.shape[0],
+                                   shape[0], shape[1], rows, cols, DTYPE=_tl_dtype(mod, dtype), BM=32, BO=bo, BI=bi,
+                                   num_warps=4, num_stages=2)
+    return out
+
+
+def _mask_rc(plan, k, mask):
+    key = ("dw_rc", k, id(mask), mask._version)
+    rc = plan.cache.get(key)
+    if rc is None:
+        nz = mask.nonzero()
+        rc = (nz[:, 0].to(torch.int32).contiguous(), nz[:, 1].to(torch.int32).contiguous())
+        plan.cache[key] = rc
+    return rc
+
+
+def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
+    """Gradients like ``gather.backward``: dict with keys x, w1, b1, w3, b3, w2, b2 (None if not needed)."""
+    p = plan.pattern
+    x2d = x2d.contiguous()
+    dy2d = dy2d.contiguous()
+    m, d_in = x2d.shape
+    H, d_out = w1.shape[0], w2.shape[0]
+    gated = w3 is not None
+    sig, mod = _module(plan, activation, gated, b1 is not None, b3 is not None, x2d.dtype)
+    ix = _index_tables(plan, x2d.device)
+    off = _weight_tables(plan, w1, w3, w2, False)
+    s1, s2 = w1.stride(), w2.stride()
+    s3 = w3.stride() if gated else (0, 0)
+    DT = _tl_dtype(mod, x2d.dtype)
+    # recompute pre-activations of the live hidden blocks (zeros elsewhere: dh is zero there)
+    a = torch.zeros(m, H, device=x2d.device, dtype=x2d.dtype)
+    u = torch.zeros_like(a) if gated else a
+    n_live = ix["live"].numel()
+    if n_live:
+        bm = 64
+        mod.mlp_hidden[(cdiv(m, bm), n_live)](
+            x2d, x2d.stride(0), a, a.stride(0), u, x2d, m, d_in, H,
+            w1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, w3 if gated else w1,
+            off["in3"] if gated else off["in1"], s3[0], s3[1], b3 if b3 is not None else x2d,
+            ix["in_rowptr"], ix["in_cols"], ix["order_h"],
+            DTYPE=DT, BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned, GATED=gated,
+            HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_PRE=True, SCAN=False, num_warps=4, num_stages=3)
+    act = ACTIVATIONS[activation]
+    g = act(a)
+    h = g * u if gated else g
+    # dh = dy @ W2 through W2's live blocks, transposed: CSC by hidden block, swapped strides
+    dh = _bsmm(mod, dy2d, None, w2, off["dn_csc"], (s2[1], s2[0]), w2, off["dn_csc"], (s2[1], s2[0]),
+               ix["dn_colptr"], ix["dn_rows"], ix["all_h"], p.n_h, p.bh, p.bd, d_out, H, dy2d.dtype)
+    if gated:
+        du = dh * g
+        da = dh * u * act_grad(activation, a)
+    else:
+        du = None
+        da = dh * act_grad(activation, a)
+    grads = {}
+    if needs[0]:
+        grads["x"] = _bsmm(mod, da, du, w1, off["in_csc1"], (s1[1], s1[0]),
+                           w3 if gated else w1, off["in_csc3"] if gated else off["in_csc1"], (s3[1], s3[0]) if gated else (s1[1], s1[0]),
+                           ix["in_colptr"], ix["in_csc_rows"], ix["all_in"], p.n_in, p.bd, p.bh, H, d_in, x2d.dtype)
+    dw_masks = plan.dw_masks
+    dense_dw = any(needs[i] and dw_masks[k] is None for i, k in ((1, 0), (3, 1), (5, 2)) if (i != 3 or gated))
+    if dense_dw:
+        # a weight without a declared mask has a dense gradient (also on its zero blocks),
+        # which needs every hidden unit: a dense product anyway, so compute it densely
+        a_f = F.linear(x2d, w1, b1)
+        g_f = act(a_f)
+        dh_f = dy2d @ w2
+        if gated:
+            u_f = F.linear(x2d, w3, b3)
+            h_f, du_f, da_f = g_f * u_f, dh_f * g_f, dh_f * u_f * act_grad(activation, a_f)
+        else:
+            h_f, du_f, da_f = g_f, None, dh_f * act_grad(activation, a_f)
+
+    def dw(k, dout_sparse, dout_full, inp, bo, bi, shape):
+        if dw_masks[k] is None:
+            return (dout_full.t() @ inp.to(dout_full.dtype)).to(inp.dtype)
+        return _sddmm(mod, dout_sparse, inp, _mask_rc(plan, k, dw_masks[k]), bo, bi, shape, dout_sparse.dtype)
+
+    if needs[5]:
+        grads["w2"] = (dw(2, dy2d, dy2d, h_f, p.bd, p.bh, w2.shape) if (dw_masks[2] is None)
+                       else dw(2, dy2d, None, h, p.bd, p.bh, w2.shape))
+    grads["b2"] = dy2d.sum(0) if (needs[6] and b2 is not None) else None
+    if needs[1]:
+        grads["w1"] = dw(0, da, da_f if dense_dw else None, x2d, p.bh, p.bd, w1.shape)
+    grads["b1"] = da.sum(0).to(dy2d.dtype) if (needs[2] and b1 is not None) else None
+    if gated:
+        if needs[3]:
+            grads["w3"] = dw(1, du, du_f if dense_dw else None, x2d, p.bh, p.bd, w3.shape)
+        grads["b3"] = du.sum(0).to(dy2d.dtype) if (needs[4] and b3 is not None) else None
+    return grads

@@ -1,0 +1,64 @@
+"""FX passes on the Dynamo graph: find MLPs, detect block sparsity, fuse.
+
+Read in pipeline order:
+
+1. :mod:`.normalize` - which nodes are a linear, a row view, an activation
+   (tables of spellings; activations identified by value);
+2. :mod:`.match` - ``linear -> act -> linear`` and ``down(act(gate(x)) * up(x))``
+   anchored at every linear, then :data:`.match.CHECKS` (reasons to stay dense);
+3. :mod:`.decide` - the real weights -> block shape, sparsity, fused or dense;
+4. :mod:`.rewrite` - one ``blast::sparse_mlp`` node per fused MLP.
+
+``run_passes`` returns one :class:`~blast_compile.config.Candidate` per MLP it
+looked at and counts in ``torch._dynamo.utils.counters["blast"]``:
+``mlp_candidates``, ``mlp_fused``, ``mlp_dense`` and ``dense_<tag>`` per
+refusal (tags: autocast, activation, shared_intermediate, weight_not_param, input, shape,
+dtype, device, no_values, no_zeros, low_sparsity). A graph without a fused MLP
+is left exactly as it was.
+"""
+from __future__ import annotations
+
+import logging
+from typing import List
+
+import torch
+from torch._dynamo.utils import counters
+
+from ..config import BlastOptions, Candidate
+from .decide import decide, describe
+from .match import Context, find_mlps, refusal
+from .rewrite import rewrite
+
+log = logging.getLogger("blast_compile.passes")
+
+
+def run_passes(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions) -> List[Candidate]:
+    """Fuse the block-sparse MLPs of ``gm`` in place; one Candidate per MLP found."""
+    ctx = Context(gm, example_inputs)
+    candidates, fused, replaced = [], 0, {}
+    for m in find_mlps(gm):
+        c = describe(m, ctx)
+        counters["blast"]["mlp_candidates"] += 1
+        refused = refusal(m, ctx)
+        if refused is not None:
+            tag, c.reason = refused
+            pattern = None
+        else:
+            tag, pattern = decide(m, ctx, opts, c)
+        if pattern is not None:
+            rewrite(gm, m, pattern, opts, replaced)
+            fused += 1
+            counters["blast"]["mlp_fused"] += 1
+            log.info("blast: fused %s MLP %s (%s): %s", c.kind, c.module, c.activation, c.reason)
+        else:
+            counters["blast"]["mlp_dense"] += 1
+            counters["blast"][f"dense_{tag}"] += 1
+            log.info("blast: kept %s MLP %s dense: %s", c.kind, c.module, c.reason)
+        candidates.append(c)
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+    return candidates
+
+
+__all__ = ["run_passes"]

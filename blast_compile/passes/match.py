@@ -1,0 +1,258 @@
+"""Find MLPs in a Dynamo graph, and the reasons to leave one dense.
+
+Two patterns, anchored at the down projection (the last linear):
+
+* plain: ``down(act(fc(x)))``
+* gated: ``down(act(gate(x)) * up(x))``, the product in either operand order
+
+"linear" and "act" are whatever :mod:`.normalize` recognizes; row-preserving
+views may sit anywhere between the nodes (GPT-2's ``Conv1D`` flattens to 2-D
+and back). A match is only *structure*. Whether replacing it by one fused node
+keeps eager's meaning is decided by :data:`CHECKS`, functions that each return
+``None`` or ``(tag, reason)``; the tag names the counter
+``counters["blast"]["dense_<tag>"]``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import List, Optional
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..ops.activations import ACTIVATIONS
+from .normalize import Activation, Linear, as_linear, classify_activation, example_value, is_mul, same, same_shape, strip_views
+
+
+@dataclasses.dataclass
+class MLPMatch:
+    kind: str  # "plain" | "gated"
+    act: Activation
+    gate: Linear  # W1 (the only in-projection of a plain MLP)
+    up: Optional[Linear]  # W3
+    down: Linear  # W2; its output node is what the fused node replaces
+    x: Optional[Node]  # what the fused node reads: a view of the input whose rows match the output's
+    interior: List[Node]  # nodes that die with the rewrite (besides down.node)
+    mul: Optional[Node] = None  # the gated product
+
+    @property
+    def nodes(self) -> List[Node]:
+        return self.interior + [self.down.node]
+
+    @property
+    def linears(self) -> List[Linear]:
+        return [lin for lin in (self.gate, self.up, self.down) if lin is not None]
+
+
+def _pick_x(gate: Linear, out: Node) -> Optional[Node]:
+    """The view of the MLP input (along its view chain) whose leading dims are the output's."""
+    root, chain = strip_views(gate.x)
+    want = example_value(out)
+    for c in [gate.x, root] + chain:
+        v = example_value(c)
+        if isinstance(v, torch.Tensor) and isinstance(want, torch.Tensor) and same_shape(v.shape[:-1], want.shape[:-1]):
+            return c
+    return None
+
+
+def _gated(down: Linear, order):
+    prod, views = strip_views(down.x)
+    if not is_mul(prod):
+        return
+    for g_side, u_side in (prod.args, prod.args[::-1]):
+        u_root, u_views = strip_views(u_side)
+        up = as_linear(u_root)
+        act = classify_activation(g_side, order) if up is not None else None
+        gate = as_linear(act.pre) if act is not None else None
+        if gate is None or gate.node is up.node or strip_views(gate.x)[0] is not strip_views(up.x)[0]:
+            continue
+        interior = sorted([gate.node, *act.nodes, up.node, *u_views, prod, *views], key=order.get)
+        yield MLPMatch("gated", act, gate, up, down, _pick_x(gate, down.node), interior, prod)
+
+
+def _plain(down: Linear, order):
+    act = classify_activation(down.x, order)
+    gate = as_linear(act.pre) if act is not None else None
+    if gate is not None:
+        yield MLPMatch("plain", act, gate, None, down, _pick_x(gate, down.node), [gate.node, *act.nodes])
+
+
+def _match_at(down: Linear, order) -> Optional[MLPMatch]:
+    """The MLP ending in ``down``: one with a fusable activation if any reading has one."""
+    found = [*_plain(down, order), *_gated(down, order)]
+    return next((m for m in found if m.act.name), found[0] if found else None)
+
+
+def find_mlps(gm: GraphModule) -> List[MLPMatch]:
+    """Every MLP in graph order; a node belongs to at most one match."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    found, claimed = [], set()
+    for node in gm.graph.nodes:
+        down = as_linear(node)
+        m = _match_at(down, order) if down is not None else None
+        if m is None or claimed.intersection(m.nodes):
+            continue
+        claimed.update(m.nodes)
+        found.append(m)
+    return found
+
+
+# --- provenance ------------------------------------------------------------------------
+
+def _clean_path(path: str) -> str:
+    """``L['self']._modules['layers']._modules['0'].mlp`` -> ``layers.0.mlp``."""
+    path = re.sub(r"getattr\(([^,]*), '([^']*)'\)", r"\1.\2", path)
+    path = re.sub(r"\._modules\['([^']*)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
+    path = re.sub(r"^L\['[^']*'\]", "", path)  # the compiled module itself
+    path = re.sub(r"^G\['([^']*)'\]", r"\1", path)  # a global module keeps its name
+    return path.strip(".")
+
+
+def module_path(m: MLPMatch) -> str:
+    """The innermost module that holds all the MLP's linears ("<root>" for the compiled module)."""
+    stacks = []
+    for lin in m.linears:
+        st = lin.node.meta.get("nn_module_stack") or {}
+        stacks.append([v[0] if isinstance(v, tuple) else str(v) for v in st.values()])
+    common = []
+    for entries in zip(*stacks):
+        if any(e != entries[0] for e in entries):
+            break
+        common.append(entries[0])
+    return _clean_path(common[-1]) or "<root>" if common else "<root>"
+
+
+# --- checks ----------------------------------------------------------------------------
+
+#: Graph calls that make an op's dtype depend on run-time state (dtype per op chosen by autocast).
+def _touches_autocast(node: Node) -> bool:
+    t = node.target
+    name = getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
+    return node.op in ("call_function", "call_method") and "autocast" in str(name).lower()
+
+
+class Context:
+    """What the checks and detection read: example values and sources of graph inputs."""
+
+    def __init__(self, gm: GraphModule, example_inputs):
+        self.gm = gm
+        self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.inputs = dict(zip(self.placeholders, example_inputs))
+        self.autocast = any(_touches_autocast(n) for n in gm.graph.nodes)
+
+    def value(self, node: Optional[Node]):
+        """The real tensor behind a graph input (placeholder or get_attr), else None."""
+        if node is None:
+            return None
+        if node.op == "placeholder":
+            return self.inputs.get(node)
+        if node.op == "get_attr":
+            obj = self.gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part, None)
+            return obj
+        return None
+
+    def is_param(self, node: Node) -> bool:
+        """A module parameter/buffer (not a user input, not computed in the graph)."""
+        if node.op == "get_attr":
+            return isinstance(self.value(node), torch.Tensor)
+        if node.op != "placeholder" or not isinstance(self.value(node), torch.Tensor):
+            return False
+        arg = node.meta.get("grapharg")
+        source = getattr(arg, "source", None) or getattr(node, "_dynamo_source", None)
+        if source is None:  # no provenance left: trust only real Parameters
+            return isinstance(self.value(node), torch.nn.Parameter)
+        name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", source))
+        return "_parameters[" in name or "_buffers[" in name
+
+
+def _weights(m: MLPMatch):
+    """(role, node) for every weight and bias the fused node reads."""
+    out = []
+    for role, lin in (("w1", m.gate), ("w3", m.up), ("w2", m.down)):
+        if lin is not None:
+            out.append((role, lin.weight))
+            if lin.bias is not None:
+                out.append(("b" + role[1], lin.bias))
+    return out
+
+
+def check_autocast(m, ctx):
+    if ctx.autocast:
+        return "autocast", "graph uses autocast (op dtypes are chosen at run time)"
+
+
+def check_activation(m, ctx):
+    if m.act.name is None:
+        return "activation", f"activation ({m.act.ops}) is not one of {', '.join(ACTIVATIONS)}"
+
+
+def check_private(m, ctx):
+    inside = set(m.nodes)
+    for n in m.interior:
+        for u in n.users:
+            if u not in inside:
+                return "shared_intermediate", f"intermediate {n.name} is also used by {u.name}"
+
+
+def check_params(m, ctx):
+    for role, w in _weights(m):
+        if not ctx.is_param(w):
+            return "weight_not_param", f"{role} ({w.name}) is not a module parameter or buffer"
+
+
+def check_input(m, ctx):
+    if not isinstance(example_value(m.gate.x), torch.Tensor):
+        return "input", "input is not a tensor"
+
+
+def check_shapes(m, ctx):
+    w = {role: ctx.value(n) for role, n in _weights(m)}
+    for lin, role in ((m.gate, "w1"), (m.up, "w3"), (m.down, "w2")):
+        if lin is not None and lin.transposed and w[role].dim() == 2:
+            w[role] = w[role].t()
+    if any(w[r].dim() != 2 for r in ("w1", "w3", "w2") if r in w) or any(w[r].dim() != 1 for r in ("b1", "b3", "b2") if r in w):
+        return "shape", "weights must be 2-D and biases 1-D"
+    h, d = w["w1"].shape
+    ok = w["w2"].shape[1] == h and ("w3" not in w or w["w3"].shape == w["w1"].shape)
+    ok &= all(w[r].shape[0] == n for r, n in (("b1", h), ("b3", h), ("b2", w["w2"].shape[0])) if r in w)
+    xv = example_value(m.gate.x)
+    ok &= xv.dim() >= 1 and same(xv.shape[-1], d)
+    if m.mul is not None:  # act(gate) and up must not broadcast against each other
+        a, b = (example_value(n) for n in m.mul.args)
+        ok &= same_shape(a.shape, b.shape)
+    if not ok:
+        return "shape", "weight shapes do not chain"
+    if m.x is None:
+        return "shape", "the MLP reshapes rows between input and output"
+
+
+def check_dtype_device(m, ctx):
+    ts = [example_value(m.gate.x)] + [ctx.value(n) for _, n in _weights(m)]
+    if len({t.dtype for t in ts}) > 1:
+        return "dtype", "mixed dtypes " + "/".join(sorted({str(t.dtype).replace("torch.", "") for t in ts}))
+    if not ts[0].is_floating_point():
+        return "dtype", f"{ts[0].dtype} is not a floating dtype"
+    if len({t.device for t in ts}) > 1:
+        return "device", "tensors on several devices"
+
+
+def check_real_values(m, ctx):
+    for role, n in _weights(m):
+        t = ctx.value(n)
+        if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+            return "no_values", f"{role} has no values (fake or meta tensor)"
+
+
+CHECKS = [check_autocast, check_activation, check_private, check_params, check_input, check_shapes, check_dtype_device, check_real_values]
+
+
+def refusal(m: MLPMatch, ctx: Context):
+    """The first ``(tag, reason)`` that keeps ``m`` dense, or None."""
+    for check in CHECKS:
+        r = check(m, ctx)
+        if r is not None:
+            return r
+    return None

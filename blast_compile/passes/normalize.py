@@ -1,0 +1,289 @@
+"""Read the many spellings a Dynamo graph uses for "linear" and "activation".
+
+Dynamo graphs are not normalized: a linear is ``torch._C._nn.linear`` (or
+``F.linear``, or GPT-2's ``Conv1D`` as ``torch.addmm(bias, x, W[in, out])``),
+and an activation can be one call (``torch.relu``, ``F.gelu(approximate=...)``,
+``x.relu()``) or arithmetic that HF modules inline (``NewGELUActivation`` is
+``0.5*x*(1+tanh(c*(x+0.044715*x**3)))``, ``relu(x)**2``, ``x*sigmoid(x)``).
+
+Nothing here rewrites the graph: these are classification functions the
+matcher calls. Activations are identified by *value*, not by spelling: the
+pointwise region between the pre-activation ``a`` and its output is evaluated
+in float64 on sample points and compared with each canonical activation. That
+accepts every spelling (and every constant written to any precision) at once,
+and it is safe because the region may only use the analytic ops of
+:data:`POINTWISE` with Python-number constants, plus ``relu`` applied to ``a``
+itself: such a function is analytic on each side of 0, so agreeing on many
+points on both sides pins it down.
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+from ..ops.activations import ACTIVATIONS
+
+# --- linear ------------------------------------------------------------------
+
+#: ``linear(x, weight, bias=None)`` with weight ``[out, in]``.
+LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear, torch.ops.aten.linear.default}
+#: ``addmm(bias, x, weight)`` with weight ``[in, out]`` (GPT-2 ``Conv1D``).
+ADDMM_FUNCTIONS = {torch.addmm, torch.ops.aten.addmm.default}
+
+
+@dataclasses.dataclass
+class Linear:
+    node: Node  # the output
+    x: Node
+    weight: Node
+    bias: Optional[Node]
+    transposed: bool  # weight is stored [in, out]: the op gets torch.t(weight)
+
+
+def _arg(node: Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def as_linear(node) -> Optional[Linear]:
+    """The linear ``node`` computes, or None."""
+    if not isinstance(node, Node) or node.op != "call_function":
+        return None
+    if node.target in LINEAR_FUNCTIONS:
+        x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
+        transposed = False
+    elif node.target in ADDMM_FUNCTIONS:
+        if any(_arg(node, i, k, 1) != 1 for i, k in ((3, "beta"), (4, "alpha"))) or "out" in node.kwargs:
+            return None
+        b, x, w = _arg(node, 0, "input"), _arg(node, 1, "mat1"), _arg(node, 2, "mat2")
+        transposed = True
+    else:
+        return None
+    if not isinstance(x, Node) or not isinstance(w, Node) or not (b is None or isinstance(b, Node)):
+        return None
+    return Linear(node, x, w, b, transposed)
+
+
+# --- views -------------------------------------------------------------------
+
+#: Reshapes that keep memory order. When they keep the last dimension they keep
+#: every row intact, so a linear/activation commutes with them.
+VIEW_METHODS = {"view", "reshape", "contiguous", "unsqueeze", "squeeze", "flatten", "unflatten", "view_as", "reshape_as"}
+VIEW_FUNCTIONS = {torch.reshape, torch.flatten, torch.unflatten, torch.unsqueeze, torch.squeeze}
+
+
+def example_value(node):
+    v = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, Node) else None
+    return v
+
+
+def same(a, b) -> bool:
+    """Statically equal sizes (ints or SymInts), without adding guards."""
+    try:
+        return bool(statically_known_true(a == b))
+    except Exception:
+        return False
+
+
+def same_shape(s, t) -> bool:
+    return len(s) == len(t) and all(same(a, b) for a, b in zip(s, t))
+
+
+def is_row_view(node) -> bool:
+    """A view/reshape of its first argument that keeps the last dimension (so rows stay rows)."""
+    if not isinstance(node, Node) or not node.args or not isinstance(node.args[0], Node):
+        return False
+    if not ((node.op == "call_method" and node.target in VIEW_METHODS)
+            or (node.op == "call_function" and node.target in VIEW_FUNCTIONS)):
+        return False
+    a, b = example_value(node.args[0]), example_value(node)
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() == 0 or b.dim() == 0:
+        return False
+    return same(a.shape[-1], b.shape[-1]) and same(a.numel(), b.numel())
+
+
+def strip_views(node):
+    """Walk back through row views; returns (root, [views from root to node])."""
+    chain = []
+    while is_row_view(node):
+        chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]
+
+
+# --- activations ---------------------------------------------------------------
+
+#: Analytic elementwise ops an activation may be built from (Python-number constants only).
+POINTWISE_FUNCTIONS = {
+    operator.mul, operator.add, operator.sub, operator.truediv, operator.neg, operator.pow, operator.pos,
+    torch.mul, torch.add, torch.sub, torch.div, torch.neg, torch.pow, torch.square,
+    torch.tanh, torch.sigmoid, torch.exp, torch.erf, torch.special.erf, torch.rsqrt, torch.sqrt,
+    torch._C._nn.gelu, F.gelu, F.silu, F.tanh, F.sigmoid,
+}
+POINTWISE_METHODS = {
+    "mul", "add", "sub", "div", "neg", "pow", "square", "tanh", "sigmoid", "exp", "erf",
+    "__mul__", "__rmul__", "__add__", "__radd__", "__sub__", "__rsub__", "__truediv__", "__pow__",
+}
+#: Piecewise ops: allowed only on the pre-activation itself (kink at 0, analytic either side).
+RELU_FUNCTIONS = {torch.relu, F.relu, torch.nn.functional.relu}
+RELU_METHODS = {"relu"}
+#: Keyword arguments that keep the op analytic.
+_KWARG_OK = {
+    "alpha": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "approximate": lambda v: v in ("none", "tanh"),
+    "inplace": lambda v: isinstance(v, bool),
+}
+
+
+def _global_scalar(node: Node):
+    """The value of a scalar computed from module-level constants only, else None.
+
+    With ``dynamic=True`` Dynamo lifts floats such as ``math.pi`` (in GPT-2's
+    ``sqrt(2 / pi)``) to graph inputs; they are globals, not user inputs, so their
+    current value is the constant.
+    """
+    v = example_value(node)
+    if isinstance(v, (torch.SymFloat, torch.SymInt)):
+        v = v.node.hint
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            source = getattr(n.meta.get("grapharg"), "source", None)
+            if source is None or not source.name.startswith("G["):
+                return None
+        todo.extend(n.all_input_nodes)
+    return v
+
+
+def _is_relu(node: Node) -> bool:
+    return (node.op == "call_function" and node.target in RELU_FUNCTIONS) or (
+        node.op == "call_method" and node.target in RELU_METHODS)
+
+
+def _is_pointwise(node: Node) -> bool:
+    if node.op == "call_function":
+        ok = node.target in POINTWISE_FUNCTIONS or node.target in RELU_FUNCTIONS
+    elif node.op == "call_method":
+        ok = node.target in POINTWISE_METHODS or node.target in RELU_METHODS
+    else:
+        return False
+    if not ok:
+        return False
+    for a in node.args:  # tensors of the region, or plain numbers
+        if isinstance(a, Node):
+            if not isinstance(example_value(a), torch.Tensor) and _global_scalar(a) is None:
+                return False
+        elif isinstance(a, bool) or not isinstance(a, (int, float)):
+            return False
+    for k, v in node.kwargs.items():
+        if not _KWARG_OK.get(k, lambda v: False)(v):
+            return False
+    return any(isinstance(a, Node) and isinstance(example_value(a), torch.Tensor) for a in node.args)
+
+
+@dataclasses.dataclass
+class Activation:
+    name: Optional[str]  # canonical (a key of ops.activations.ACTIVATIONS); None: not fusable
+    pre: Node  # the pre-activation (a linear's output)
+    nodes: list  # the region's nodes, graph order, including views; nodes[-1] is the output
+    ops: str = ""  # the region's ops, for messages
+
+
+def pointwise_region(out: Node, order: dict):
+    """(leaf, nodes): the elementwise/row-view nodes that compute ``out`` from a single leaf node."""
+    nodes, leaves, todo = set(), set(), [out]
+    while todo:
+        n = todo.pop()
+        if n in nodes or n in leaves:
+            continue
+        if is_row_view(n):
+            nodes.add(n)
+            todo.append(n.args[0])  # shape arguments are not part of the function
+        elif isinstance(n, Node) and _is_pointwise(n):
+            nodes.add(n)
+            todo.extend(a for a in n.args if isinstance(a, Node) and isinstance(example_value(a), torch.Tensor))
+        else:
+            leaves.add(n)
+    if len(leaves) != 1:
+        return None, []
+    return leaves.pop(), sorted(nodes, key=order.__getitem__)
+
+
+def _samples():
+    g = torch.Generator().manual_seed(0)
+    pts = [torch.linspace(-8, 8, 161, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64) * 3,
+           torch.tensor([0.0, 1e-4, -1e-4, 20.0, -20.0, 60.0, -60.0], dtype=torch.float64)]
+    return torch.cat(pts)
+
+
+_SAMPLES = _samples()
+
+
+def _evaluate(pre: Node, nodes, x: torch.Tensor):
+    env = {pre: x.clone()}
+    for n in nodes:
+        if is_row_view(n):
+            env[n] = env[n.args[0]]
+            continue
+        args = [(env[a] if a in env else _global_scalar(a)) if isinstance(a, Node) else a for a in n.args]
+        kwargs = {k: (env[v] if isinstance(v, Node) else v) for k, v in n.kwargs.items()}
+        env[n] = getattr(args[0], n.target)(*args[1:], **kwargs) if n.op == "call_method" else n.target(*args, **kwargs)
+    return env[nodes[-1]]
+
+
+def identify(values: torch.Tensor, x: torch.Tensor = _SAMPLES) -> Optional[str]:
+    """Name of the canonical activation whose values on ``x`` are ``values`` (float64), or None."""
+    if not isinstance(values, torch.Tensor) or values.dtype != torch.float64 or values.shape != x.shape:
+        return None
+    for name, fn in ACTIVATIONS.items():
+        if torch.allclose(values, fn(x), rtol=1e-7, atol=1e-10, equal_nan=True):
+            return name
+    return None
+
+
+def _op_name(n: Node) -> str:
+    return n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+
+
+def classify_activation(out: Node, order: dict) -> Optional[Activation]:
+    """The activation ``out`` applies to a single pre-activation node, or None if it is not
+    an elementwise function of one node. ``name`` is None for a function we cannot fuse."""
+    pre, nodes = pointwise_region(out, order)
+    if pre is None or all(is_row_view(n) for n in nodes):
+        return None
+    act = Activation(None, pre, nodes, ", ".join(_op_name(n) for n in nodes if not is_row_view(n)))
+    for n in nodes:  # relu only on the pre-activation itself (see module docstring)
+        if _is_relu(n) and strip_views(n.args[0])[0] is not pre:
+            return act
+    try:
+        act.name = identify(_evaluate(pre, nodes, _SAMPLES))
+    except Exception:
+        pass
+    return act
+
+
+def is_mul(node) -> bool:
+    """A product of two tensors (``operator.mul``, ``torch.mul``, ``Tensor.mul``)."""
+    if not isinstance(node, Node) or node.kwargs or len(node.args) != 2:
+        return False
+    if not ((node.op == "call_function" and node.target in (operator.mul, torch.mul))
+            or (node.op == "call_method" and node.target in ("mul", "__mul__"))):
+        return False
+    return all(isinstance(a, Node) and isinstance(example_value(a), torch.Tensor) for a in node.args)
+
+
+__all__ = ["Linear", "as_linear", "is_row_view", "strip_views", "Activation", "classify_activation",
+           "identify", "is_mul", "example_value", "same", "same_shape"]

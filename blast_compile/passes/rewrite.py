@@ -1,0 +1,69 @@
+"""Replace a matched MLP by one ``blast::sparse_mlp`` node.
+
+The new node takes the place of the down projection's output, so everything
+after the MLP (residual adds, GPT-2's final ``.view``) is untouched. It reads
+the dense weights themselves (GPT-2 ``Conv1D`` weights through ``torch.t``, a
+view), never copies: the op re-derives its pattern if the weights change.
+Its ``meta`` is the down projection's (stack trace, ``nn_module_stack``,
+``example_value``: same shape by construction, see ``match._pick_x``), so
+provenance survives into AOTAutograd/Inductor logs.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import GraphModule, Node
+
+from ..config import BlastOptions
+from ..formats import MLPPattern
+from ..ops import sparse_mlp as _op  # noqa: F401  registers torch.ops.blast.sparse_mlp
+from .match import MLPMatch
+from .normalize import example_value
+
+
+def _as_out_in(graph, lin) -> Node:
+    if not lin.transposed:
+        return lin.weight
+    t = graph.call_function(torch.t, (lin.weight,))
+    t.meta = {k: v for k, v in lin.weight.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    v = example_value(lin.weight)
+    if isinstance(v, torch.Tensor):
+        t.meta["example_value"] = v.t()
+    return t
+
+
+def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOptions, replaced: dict) -> Node:
+    """Swap ``m`` for the fused node; returns it. The caller lints and recompiles.
+
+    ``replaced`` maps earlier MLPs' outputs to their fused nodes: an MLP's input may
+    be the previous MLP's output.
+    """
+    graph = gm.graph
+    out = m.down.node
+    x = replaced.get(m.x, m.x)
+    with graph.inserting_before(out):
+        w1 = _as_out_in(graph, m.gate)
+        w3 = _as_out_in(graph, m.up) if m.up is not None else None
+        w2 = _as_out_in(graph, m.down)
+        b3 = m.up.bias if m.up is not None else None
+        fused = graph.call_function(
+            torch.ops.blast.sparse_mlp.default,
+            (x, w1, m.gate.bias, w3, b3, w2, m.down.bias, m.act.name, pattern.bh, pattern.bd, pattern.key,
+             float(opts.max_runtime_density)),
+        )
+    fused.meta = dict(out.meta)
+    out.replace_all_uses_with(fused)
+    replaced[out] = fused
+    _erase_dead(graph, reversed(m.nodes))  # interior nodes are private (check_private): all dead now
+    return fused
+
+
+def _erase_dead(graph, nodes):
+    """Erase ``nodes`` and then whatever only they used (x's views, shape and scalar arithmetic)."""
+    todo, erased = list(nodes), set()
+    while todo:
+        n = todo.pop(0)
+        if n not in erased and not n.users and n.op in ("call_function", "call_method") and not n.is_impure():
+            inputs = n.all_input_nodes
+            graph.erase_node(n)
+            erased.add(n)
+            todo.extend(inputs)

@@ -1,0 +1,495 @@
+"""BLaST-style block sparsifier for training (fine-tuning and from-scratch pretraining).
+
+    sp = BlastSparsifier(model, target_sparsity=0.9, block_size=64, end_step=steps, optimizer=opt)
+    for batch in data:
+        loss(model, batch).backward(); opt.step(); opt.zero_grad()
+        sp.step()                      # after optimizer.step(): masks on schedule, re-applied
+    sp.finalize()                      # squash: plain weights holding zero blocks
+
+The recipe (what is known to work; BLaST's own text was not available):
+
+* **cubic ramp** (Zhu & Gupta): ``s_t = s_f + (s_i - s_f)(1 - progress)^3``, the
+  ramp spanning the first ``1 - freeze_last`` of ``[start_step, end_step]``;
+  masks are recomputed every ``update_every`` steps on the ramp and frozen after.
+* **block score**: the block's L2 norm (``magnitude``) or ``|W * grad|``
+  accumulated since the last update (``movement``). Each layer keeps the same
+  fraction of blocks; ``balanced=True`` keeps the same count in every block-row,
+  which lets the fused kernels use constexpr trip counts.
+* **prune-and-grow** (RigL): with ``regrow=f``, an update drops ``f`` of the kept
+  blocks more and re-activates as many dead blocks with the largest accumulated
+  gradient norm. Grown blocks start at zero. Regrowth needs *dense* gradients:
+  a fused ``blast::sparse_mlp`` computes dW only on live blocks, so run the
+  regrowth phase eagerly or with Inductor (the examples switch to
+  ``backend="blast"`` once masks are frozen).
+* **pruned stays pruned**: a gradient hook zeroes dead-block gradients, the
+  optimizer state of newly pruned blocks is zeroed (Adam moments, momentum
+  buffers: momentum would otherwise revive a block), and ``step()`` re-applies
+  the masks.
+
+Every mask change is declared with :func:`blast_compile.masks.declare_mask`, so
+a compiled model's fused op re-derives its pattern (the mask tensor is new) and
+computes dW only on live blocks.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections import defaultdict
+from typing import Callable, Dict, Iterable, List, Optional, Union
+
+import torch
+from torch import nn
+
+from . import masks as _masks
+from .formats import cdiv, expand_mask
+
+log = logging.getLogger("blast_compile.sparsifier")
+
+# Module names of MLP projections in common architectures (Llama, GPT-2, OPT/BERT, Mixtral experts).
+_MLP_LEAF = re.compile(r"(^|\.)(gate_proj|up_proj|down_proj|fc1|fc2|c_fc|w1|w2|w3|dense_h_to_4h|dense_4h_to_h|fc_in|fc_out)$")
+_MLP_PARENT = re.compile(r"(^|\.)(mlp|feed_forward|ffn|intermediate)(\.|$)")
+
+
+def _is_2d_weight_module(m: nn.Module) -> bool:
+    # nn.Linear and HF's Conv1D (GPT-2: weight [in, out]); square blocks make the orientation moot.
+    w = getattr(m, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 2 and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
+
+
+def default_layer_filter(name: str, module: nn.Module) -> bool:
+    """MLP weights, by module name: ``*.gate_proj``/``fc1``/``c_fc``/``w1``... or anything under ``mlp.``."""
+    return _is_2d_weight_module(module) and bool(_MLP_LEAF.search(name) or _MLP_PARENT.search(name))
+
+
+def cubic_sparsity(step: int, s_i: float, s_f: float, start: int, ramp_end: int) -> float:
+    if step <= start:
+        return s_i
+    if step >= ramp_end:
+        return s_f
+    p = (step - start) / max(ramp_end - start, 1)
+    return s_f + (s_i - s_f) * (1.0 - p) ** 3
+
+
+def _block_sum(t: torch.Tensor, b: int) -> torch.Tensor:
+    """Per-block sum of ``t`` (2-D), zero-padding ragged edges: ``[ceil(O/b), ceil(I/b)]``."""
+    o, i = t.shape
+    ro, ri = cdiv(o, b), cdiv(i, b)
+    if ro * b != o or ri * b != i:
+        t = nn.functional.pad(t, (0, ri * b - i, 0, ro * b - o))
+    return t.reshape(ro, b, ri, b).sum(dim=(1, 3))
+
+
+def _topk_mask(score: torch.Tensor, k: int, balanced: bool, allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bool mask with the ``k`` best-scoring blocks (``k`` per row when balanced) among ``allowed``."""
+    score = score.float().clone()
+    if allowed is not None:
+        score[~allowed] = -math.inf
+    out = torch.zeros_like(score, dtype=torch.bool)
+    if k <= 0:
+        return out
+    if balanced:
+        idx = torch.topk(score, min(k, score.shape[1]), dim=1).indices
+        out.scatter_(1, idx, True)
+    else:
+        idx = torch.topk(score.flatten(), min(k, score.numel())).indices
+        out.view(-1)[idx] = True
+    if allowed is not None:
+        out &= allowed  # k may exceed the allowed count: never pick a forbidden block
+    return out
+
+
+class _Layer:
+    __slots__ = ("name", "module", "param", "mask", "emask", "score_acc", "grad_acc", "hook", "shape")
+
+    def __init__(self, name, module, b):
+        self.name, self.module, self.param = name, module, module.weight
+        self.shape = tuple(self.param.shape)
+        self.mask = torch.ones(cdiv(self.shape[0], b), cdiv(self.shape[1], b), dtype=torch.bool, device=self.param.device)
+        self.emask = None  # element mask in the weight's dtype (cached: used every step)
+        self.score_acc = None  # movement score accumulator
+        self.grad_acc = None  # regrowth: accumulated squared block gradient norms
+        self.hook = None
+
+
+class BlastSparsifier:
+    """Block-sparsify the MLP weights of ``model`` on a cubic schedule (see module docstring).
+
+    ``end_step`` is the step at which training ends (required unless the schedule is
+    trivially constant); ``freeze_last`` the fraction of ``[start_step, end_step]``
+    during which masks no longer change; ``update_every`` defaults to ~1% of the ramp.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_sparsity: float = 0.9,
+        block_size: int = 64,
+        schedule: str = "cubic",
+        start_step: int = 0,
+        end_step: Optional[int] = None,
+        update_every: Optional[int] = None,
+        freeze_last: float = 0.25,
+        score: str = "magnitude",
+        regrow: Union[bool, float] = False,
+        balanced: bool = False,
+        layers: Optional[Union[Iterable, Callable[[str, nn.Module], bool]]] = None,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        initial_sparsity: float = 0.0,
+        declare: bool = True,
+        tie_gate_up: bool = True,
+    ):
+        if not 0.0 <= target_sparsity < 1.0:
+            raise ValueError("target_sparsity must be in [0, 1)")
+        if schedule not in ("cubic", "linear", "constant"):
+            raise ValueError(f"schedule must be cubic, linear or constant, not {schedule!r}")
+        if score not in ("magnitude", "movement"):
+            raise ValueError(f"score must be 'magnitude' or 'movement', not {score!r}")
+        if end_step is None:
+            if schedule != "constant":
+                raise ValueError("end_step (the last training step) is required for a ramp")
+            end_step = start_step
+        if not 0.0 <= freeze_last < 1.0:
+            raise ValueError("freeze_last is a fraction in [0, 1)")
+        self.model = model
+        self.target_sparsity = float(target_sparsity)
+        self.initial_sparsity = float(initial_sparsity)
+        self.block_size = int(block_size)
+        self.schedule = schedule
+        self.start_step = int(start_step)
+        self.end_step = int(end_step)
+        self.freeze_last = float(freeze_last)
+        self.ramp_end = self.start_step + int(round((1.0 - freeze_last) * (self.end_step - self.start_step)))
+        self.update_every = int(update_every or max(1, (self.ramp_end - self.start_step) // 100))
+        self.score = score
+        self.regrow = float(regrow) if regrow else 0.0
+        self.balanced = bool(balanced)
+        self.optimizer = optimizer
+        self.declare = declare
+        self.step_count = 0
+        self.finalized = False
+        self.timings: Dict[str, List[float]] = defaultdict(list)  # seconds of step(): "update" / "plain"
+        self.history: List[tuple] = []  # (step, sparsity target) of every mask update
+        self.last_grown: Dict[str, torch.Tensor] = {}  # regrowth: blocks grown at the last update
+        self.layers: Dict[str, _Layer] = {}
+        for name, mod in self._select(layers):
+            self.layers[name] = _Layer(name, mod, self.block_size)
+        if not self.layers:
+            raise ValueError("no layers to sparsify (pass layers=[...] or a filter)")
+        self.groups = self._groups(tie_gate_up)
+        for L in self.layers.values():
+            self._set_mask(L, L.mask, grown=None)
+            L.hook = L.param.register_hook(self._make_hook(L))
+        if self.initial_sparsity > 0 or self.start_step == 0:
+            self._update_masks(self.sparsity_at(0))
+        log.info("BlastSparsifier: %d layers, block %d, target %.0f%%, ramp %d..%d every %d steps",
+                 len(self.layers), self.block_size, 100 * self.target_sparsity, self.start_step, self.ramp_end,
+                 self.update_every)
+
+    # ---------------------------------------------------------------- selection
+    def _select(self, layers):
+        named = list(self.model.named_modules())
+        if layers is None:
+            return [(n, m) for n, m in named if default_layer_filter(n, m)]
+        if callable(layers):
+            return [(n, m) for n, m in named if _is_2d_weight_module(m) and layers(n, m)]
+        want = list(layers)
+        by_name = dict(named)
+        out = []
+        for item in want:
+            if isinstance(item, str):
+                if item not in by_name:
+                    raise KeyError(f"no module named {item!r}")
+                out.append((item, by_name[item]))
+            else:
+                n = next((n for n, m in named if m is item), None)
+                if n is None:
+                    raise KeyError("module is not part of the model")
+                out.append((n, item))
+        return out
+
+    def _groups(self, tie: bool) -> List[List[str]]:
+        """Layers that share one mask: a gated MLP's gate and up projections (the fused op
+        reads the union of their masks, so independent masks would cost live blocks)."""
+        groups, seen = [], set()
+        pairs = (("gate_proj", "up_proj"), ("w1", "w3"))
+        for n, L in self.layers.items():
+            if n in seen:
+                continue
+            g = [n]
+            parent, _, leaf = n.rpartition(".")
+            for a, b in pairs if tie else ():
+                if leaf == a:
+                    other = f"{parent}.{b}" if parent else b
+                    if other in self.layers and self.layers[other].shape == L.shape:
+                        g.append(other)
+            seen.update(g)
+            groups.append(g)
+        return groups
+
+    # ---------------------------------------------------------------- schedule
+    def sparsity_at(self, step: int) -> float:
+        if self.schedule == "constant":
+            return self.target_sparsity
+        if self.schedule == "linear":
+            if step <= self.start_step:
+                return self.initial_sparsity
+            p = min(1.0, (step - self.start_step) / max(self.ramp_end - self.start_step, 1))
+            return self.initial_sparsity + (self.target_sparsity - self.initial_sparsity) * p
+        return cubic_sparsity(step, self.initial_sparsity, self.target_sparsity, self.start_step, self.ramp_end)
+
+    def is_update_step(self, step: int) -> bool:
+        if self.finalized or step < self.start_step or step > self.ramp_end:
+            return False
+        return (step - self.start_step) % self.update_every == 0 or step == self.ramp_end
+
+    @property
+    def frozen(self) -> bool:
+        return self.finalized or self.step_count >= self.ramp_end
+
+    # ---------------------------------------------------------------- hooks
+    def _make_hook(self, L: _Layer):
+        b = self.block_size
+
+        def hook(g):
+            if self.finalized:
+                return g
+            if not self.frozen:
+                if self.score == "movement":
+                    s = _block_sum((L.param.detach() * g).abs().float(), b)
+                    L.score_acc = s if L.score_acc is None else L.score_acc + s
+                if self.regrow:
+                    s = _block_sum(g.float().square(), b)
+                    L.grad_acc = s if L.grad_acc is None else L.grad_acc + s
+            return g * L.emask
+
+        return hook
+
+    # ---------------------------------------------------------------- masks
+    @torch.no_grad()
+    def _set_mask(self, L: _Layer, mask: torch.Tensor, grown: Optional[torch.Tensor]):
+        b = self.block_size
+        L.mask = mask.to(L.param.device, torch.bool)
+        L.emask = expand_mask(L.mask, b, b, L.shape).to(L.param.dtype)
+        p = L.param
+        p.mul_(L.emask)
+        state_mask = L.emask
+        if grown is not None and bool(grown.any()):
+            # RigL: new blocks start from zero (value and optimizer state).
+            keep = expand_mask(~grown.to(p.device), b, b, L.shape).to(p.dtype)
+            p.mul_(keep)
+            state_mask = state_mask * keep
+        self._zero_state(p, state_mask)
+        if self.declare:
+            _masks.declare_mask(p, L.mask, (b, b))
+
+    def _zero_state(self, p: torch.Tensor, emask: torch.Tensor):
+        if self.optimizer is None:
+            return
+        st = self.optimizer.state.get(p)
+        if not st:
+            return
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                v.mul_(emask.to(v.dtype))
+
+    def _score(self, L: _Layer) -> torch.Tensor:
+        """Squared block score (sums over a tied group)."""
+        if self.score == "movement" and L.score_acc is not None:
+            return L.score_acc
+        return _block_sum(L.param.detach().float().square(), self.block_size)
+
+    def _n_keep(self, L: _Layer, sparsity: float) -> int:
+        r, c = L.mask.shape
+        per = c if self.balanced else r * c
+        return max(1, int(round((1.0 - sparsity) * per)))
+
+    @torch.no_grad()
+    def _update_masks(self, sparsity: float):
+        for names in self.groups:
+            Ls = [self.layers[n] for n in names]
+            L0 = Ls[0]
+            score = sum(self._score(L) for L in Ls)
+            gacc = [L.grad_acc for L in Ls if L.grad_acc is not None]
+            k = self._n_keep(L0, sparsity)
+            n_grow = int(self.regrow * k) if (self.regrow and gacc and sparsity > 0) else 0
+            mask = _topk_mask(score, k - n_grow, self.balanced)
+            grown = None
+            if n_grow:
+                # grow among the blocks not kept, by accumulated gradient norm (needs dense grads)
+                grown = _topk_mask(sum(gacc), n_grow, self.balanced, allowed=~mask)
+                mask = mask | grown  # RigL: every grown block (even one dropped just now) restarts from zero
+                self.last_grown.update({n: grown for n in names})
+            for L in Ls:
+                if grown is not None or not torch.equal(mask, L.mask):
+                    self._set_mask(L, mask, grown)
+                L.score_acc = None
+                L.grad_acc = None
+        self.history.append((self.step_count, sparsity))
+
+    @torch.no_grad()
+    def apply_masks(self):
+        for L in self.layers.values():
+            L.param.mul_(L.emask)
+
+    # ---------------------------------------------------------------- public API
+    def step(self):
+        """Call after ``optimizer.step()``: update masks when on schedule, then re-apply them."""
+        if self.finalized:
+            return
+        cuda = any(L.param.is_cuda for L in self.layers.values())
+        t0 = time.perf_counter()
+        self.step_count += 1
+        upd = self.is_update_step(self.step_count)
+        if upd:
+            self._update_masks(self.sparsity_at(self.step_count))
+        else:
+            self.apply_masks()
+        if cuda:
+            torch.cuda.synchronize()
+        self.timings["update" if upd else "plain"].append(time.perf_counter() - t0)
+        return upd
+
+    def finalize(self, compress: bool = False):
+        """Freeze and squash: remove hooks, leave plain weights holding zero blocks.
+
+        ``compress=True`` hands the model to :func:`blast_compile.compress.compress_`.
+        """
+        with torch.no_grad():
+            self.apply_masks()
+        for L in self.layers.values():
+            if L.hook is not None:
+                L.hook.remove()
+                L.hook = None
+            _masks.clear_mask(L.param)
+        self.finalized = True
+        if compress:
+            try:
+                from .compress import compress_
+            except ImportError as e:
+                raise RuntimeError("compress=True needs blast_compile.compress (not available)") from e
+            return compress_(self.model)
+        return self.model
+
+    def layer_sparsity(self) -> Dict[str, dict]:
+        out = {}
+        for n, L in self.layers.items():
+            w = L.param.detach()
+            out[n] = dict(shape=L.shape, blocks=int(L.mask.numel()), live=int(L.mask.sum()),
+                          block_sparsity=1.0 - float(L.mask.float().mean()),
+                          zeros=float((w == 0).float().mean()))
+        return out
+
+    def sparsity(self) -> float:
+        """Element-weighted fraction of sparsified weights in dead blocks."""
+        dead = tot = 0
+        for L in self.layers.values():
+            ne = L.param.numel()
+            dead += ne * (1.0 - float(L.mask.float().mean()))
+            tot += ne
+        return dead / max(tot, 1)
+
+    def summary(self, max_rows: int = 12) -> str:
+        """Per-layer table (rich, rendered to text)."""
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table(title=f"BLaST masks @ step {self.step_count}: target {self.sparsity_at(self.step_count):.1%}, "
+                        f"block {self.block_size}, overall {self.sparsity():.1%}")
+        for c in ("layer", "shape", "live/blocks", "block sparsity", "zero weights"):
+            t.add_column(c, justify="left" if c == "layer" else "right")
+        rows = list(self.layer_sparsity().items())
+        shown = rows if len(rows) <= max_rows else rows[: max_rows // 2] + [None] + rows[-max_rows // 2:]
+        for r in shown:
+            if r is None:
+                t.add_row("...", "", "", "", "")
+                continue
+            n, d = r
+            t.add_row(n, "x".join(map(str, d["shape"])), f"{d['live']}/{d['blocks']}", f"{d['block_sparsity']:.1%}",
+                      f"{d['zeros']:.1%}")
+        con = Console(width=120)
+        with con.capture() as cap:
+            con.print(t)
+        return cap.get()
+
+    def timing_summary(self) -> dict:
+        def stats(v):
+            return dict(n=len(v), mean_ms=1e3 * sum(v) / len(v), max_ms=1e3 * max(v)) if v else dict(n=0)
+
+        return {k: stats(self.timings.get(k, [])) for k in ("update", "plain")}
+
+    # ---------------------------------------------------------------- persistence
+    def state_dict(self) -> dict:
+        return {
+            "step_count": self.step_count,
+            "finalized": self.finalized,
+            "block_size": self.block_size,
+            "masks": {n: L.mask.cpu().to(torch.uint8) for n, L in self.layers.items()},
+            "score_acc": {n: L.score_acc for n, L in self.layers.items() if L.score_acc is not None},
+            "grad_acc": {n: L.grad_acc for n, L in self.layers.items() if L.grad_acc is not None},
+        }
+
+    def load_state_dict(self, sd: dict):
+        if sd["block_size"] != self.block_size:
+            raise ValueError(f"block size {sd['block_size']} != {self.block_size}")
+        self.step_count = sd["step_count"]
+        self._load_masks(sd["masks"])
+        for n, L in self.layers.items():
+            L.score_acc = sd.get("score_acc", {}).get(n)
+            L.grad_acc = sd.get("grad_acc", {}).get(n)
+        self.finalized = sd.get("finalized", False)
+
+    def _load_masks(self, masks: Dict[str, torch.Tensor]):
+        missing = set(self.layers) - set(masks)
+        if missing:
+            raise KeyError(f"masks missing for {sorted(missing)}")
+        for n, L in self.layers.items():
+            m = masks[n].bool()
+            if tuple(m.shape) != tuple(L.mask.shape):
+                raise ValueError(f"{n}: mask shape {tuple(m.shape)} != {tuple(L.mask.shape)}")
+            self._set_mask(L, m, grown=None)
+
+    def save_masks(self, path: str):
+        """Block masks (uint8, one per layer) in a safetensors file; block size in the metadata."""
+        from safetensors.torch import save_file
+
+        save_file({n: L.mask.cpu().to(torch.uint8).contiguous() for n, L in self.layers.items()}, path,
+                  metadata={"block_size": str(self.block_size), "step": str(self.step_count),
+                            "format": "blast-block-masks-v1"})
+
+    def load_masks(self, path: str):
+        from safetensors import safe_open
+
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            bs = int(meta.get("block_size", self.block_size))
+            if bs != self.block_size:
+                raise ValueError(f"{path}: block size {bs} != {self.block_size}")
+            self._load_masks({k: f.get_tensor(k) for k in f.keys()})
+
+    def plot_masks(self, path: str, max_layers: int = 36):
+        """One image per layer: live blocks white, dead black."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        items = list(self.layers.items())[:max_layers]
+        n = len(items)
+        cols = min(6, n)
+        rows = cdiv(n, cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (name, L) in zip(axes.flat, items):
+            ax.imshow(L.mask.cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+            ax.set_title(f"{name}\n{1 - L.mask.float().mean():.0%} sparse", fontsize=7)
+        fig.suptitle(f"block masks ({self.block_size}x{self.block_size}), step {self.step_count}")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+__all__ = ["BlastSparsifier", "cubic_sparsity", "default_layer_filter"]

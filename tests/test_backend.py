@@ -1,0 +1,147 @@
+"""End-to-end: torch.compile(backend="blast") on CPU (few, since each compile costs seconds)."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import blast_compile
+from blast_compile.testing import sparsify_mlps_
+from conftest import tol
+
+
+class SwiGLU(torch.nn.Module):
+    def __init__(self, d=64, h=192):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(d, h, bias=False)
+        self.up_proj = torch.nn.Linear(d, h, bias=False)
+        self.down_proj = torch.nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(torch.nn.Module):
+    """An MLP with a residual and a norm around it, so Inductor gets real work too."""
+
+    def __init__(self, d=64, h=192):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.mlp = SwiGLU(d, h)
+
+    def forward(self, x):
+        return x + self.mlp(self.norm(x))
+
+
+def sparse_block(sparsity=0.9, seed=0):
+    torch.manual_seed(seed)
+    m = Block()
+    sparsify_mlps_(m, sparsity, block=32, seed=seed)
+    return m
+
+
+def test_entry_point_registered_without_import():
+    from importlib.metadata import entry_points
+
+    eps = [e for e in entry_points(group="torch_dynamo_backends") if e.name == "blast"]
+    assert eps and eps[0].value == "blast_compile.backend:blast"
+    assert "blast" in torch._dynamo.list_backends(exclude_tags=())
+
+
+def test_compile_fuses_and_matches_eager_and_weight_updates_are_seen():
+    torch._dynamo.reset()
+    m = sparse_block()
+    x = torch.randn(2, 7, 64)
+    cm = torch.compile(m, backend="blast")
+    torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+    assert counters["blast"]["mlp_fused"] == 1
+    # the same compiled code, after in-place weight changes: never stale
+    with torch.no_grad():
+        m.mlp.up_proj.weight.mul_(-1.5)  # same pattern, new values
+    torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        m.mlp.down_proj.weight.normal_()  # every block alive now
+    torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+    m.load_state_dict(state)  # back to the sparse weights
+    torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+    # dynamic batch: a new M must not produce wrong answers
+    x2 = torch.randn(5, 3, 64)
+    torch.testing.assert_close(cm(x2), m(x2), **tol(torch.float32))
+
+
+def test_training_step_matches_eager():
+    torch._dynamo.reset()
+    m = sparse_block(seed=1)
+    m_ref = sparse_block(seed=1)
+    x = torch.randn(3, 5, 64)
+    cm = torch.compile(m, backend="blast")
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    opt_ref = torch.optim.SGD(m_ref.parameters(), lr=0.1)
+    for _ in range(2):  # the second step runs on weights changed by the first
+        loss, loss_ref = cm(x).square().mean(), m_ref(x).square().mean()
+        loss.backward()
+        loss_ref.backward()
+        for (n, p), p_ref in zip(m.named_parameters(), m_ref.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, **tol(torch.float32), msg=n)
+        opt.step(), opt_ref.step(), opt.zero_grad(), opt_ref.zero_grad()
+    assert counters["blast"]["mlp_fused"] >= 1
+
+
+def test_internal_error_falls_back_to_inductor_with_warning(monkeypatch):
+    torch._dynamo.reset()
+    import blast_compile.passes as passes
+
+    def boom(*a, **k):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setattr(passes, "run_passes", boom)
+    m = sparse_block()
+    x = torch.randn(4, 64)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        out = torch.compile(m, backend="blast")(x)
+    assert any("planted failure" in str(i.message) for i in w)
+    torch.testing.assert_close(out, m(x))
+    assert counters["blast"]["fallback"] == 1
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="planted failure"):
+        torch.compile(m, backend="blast", options={"strict": True})(x)
+
+
+def test_bad_options_are_rejected():
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="unknown option"):
+        torch.compile(sparse_block(), backend="blast", options={"min_sparsty": 0.2})(torch.randn(2, 64))
+
+
+def test_explain_reports_fused_and_dense_with_reasons():
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(sparse_block(0.9), sparse_block(0.2, seed=3))
+    rep = blast_compile.explain(m, torch.randn(3, 64), options={"min_sparsity": 0.5})
+    kinds = sorted(c.decision for c in rep.candidates)
+    assert kinds == ["dense", "fused"], rep
+    fused = rep.fused[0]
+    assert fused.kind == "gated" and fused.activation == "silu" and fused.block is not None
+    assert fused.sparsity > 0.8 and fused.module.endswith("mlp")
+    dense = [c for c in rep.candidates if c.decision == "dense"][0]
+    assert "min_sparsity" in dense.reason
+    text = str(rep)
+    assert "sparse_mlp" in text and "fused" in text and "dense" in text
+
+
+def test_hf_llama_every_mlp_fused_logits_match():
+    transformers = pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    sparsify_mlps_(model, 0.9, block=32)
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        out = torch.compile(model, backend="blast")(ids).logits
+        ref = model(ids).logits
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+    assert counters["blast"]["mlp_fused"] == cfg.num_hidden_layers

@@ -1,0 +1,43 @@
+"""The examples run end to end (tiny model, built-in text, CPU, eager): seconds each."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(script, *args, timeout=240):
+    env = dict(os.environ, TQDM_DISABLE="1")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def test_pretrain_smoke(tmp_path):
+    _run("pretrain.py", "--smoke", "--compile", "none", "--no-bar", "--sparsity", "0,0.9", "--out", str(tmp_path))
+    runs = json.load(open(tmp_path / "pretrain_all.json"))
+    assert [r["sparsity"] for r in runs] == [0.0, 0.9]
+    for r in runs:
+        assert r["eval_ppl_web"] > 1 and r["tokens"] == r["steps"] * r["batch"] * r["seq"]
+    assert runs[1]["achieved_sparsity"] == pytest.approx(0.9, abs=0.02)
+    assert runs[1]["mask_step_timing"]["update"]["n"] > 0
+
+
+def test_pretrain_bench_mlp_smoke(tmp_path):
+    pytest.importorskip("blast_compile.passes", reason="backend passes not available")
+    _run("pretrain.py", "--smoke", "--bench-mlp", "--out", str(tmp_path))
+    r = json.load(open(tmp_path / "bench_mlp.json"))
+    assert r["blast_fwd_bwd_ms"] > 0 and r["dense_fwd_bwd_ms"] > 0
+
+
+def test_finetune_smoke(tmp_path):
+    pytest.importorskip("transformers")
+    _run("finetune.py", "--smoke", "--no-bar", "--sparsity", "0,0.7", "--out", str(tmp_path))
+    r = json.load(open(tmp_path / "finetune.json"))
+    assert [x["sparsity"] for x in r["runs"]] == [0.0, 0.7]
+    assert r["runs"][1]["achieved_sparsity"] == pytest.approx(0.7, abs=0.05)
+    assert all(x["ppl_web_heldout"] > 1 for x in r["runs"])

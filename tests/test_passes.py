@@ -1,0 +1,340 @@
+"""The FX passes on captured Dynamo graphs: match every spelling, refuse what is unsafe,
+and the rewritten graph computes what eager computes (no Inductor: fast)."""
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import event, given, settings, strategies as st
+from torch._dynamo.utils import counters
+
+from _capture import capture
+from blast_compile.config import BlastOptions
+from blast_compile.formats import choose_block
+from blast_compile.passes import run_passes
+from blast_compile.testing import zero_blocks_
+from conftest import tol
+
+transformers = pytest.importorskip("transformers")
+from transformers.activations import ACT2FN  # noqa: E402
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+FUSED = torch.ops.blast.sparse_mlp.default
+
+
+def _new_gelu(x):  # HF NewGELUActivation / GPT-2, written out
+    return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+# spelling -> (activation callable, canonical name)
+SPELLINGS = {
+    "torch.relu": (torch.relu, "relu"),
+    "nn.ReLU": (nn.ReLU(), "relu"),
+    "F.relu": (lambda a: torch.nn.functional.relu(a), "relu"),
+    "method_relu": (lambda a: a.relu(), "relu"),
+    "F.gelu": (F.gelu, "gelu"),
+    "F.gelu_tanh": (lambda a: F.gelu(a, approximate="tanh"), "gelu_tanh"),
+    "nn.GELU_tanh": (nn.GELU(approximate="tanh"), "gelu_tanh"),
+    "F.silu": (F.silu, "silu"),
+    "sigmoid_x": (lambda a: torch.sigmoid(a) * a, "silu"),
+    "x_method_sigmoid": (lambda a: a * a.sigmoid(), "silu"),
+    "square_relu": (lambda a: torch.square(torch.relu(a)), "relu2"),
+    "relu_pow2": (lambda a: F.relu(a) ** 2, "relu2"),
+    "relu_times_relu": (lambda a: torch.relu(a) * torch.relu(a), "relu2"),
+    "new_gelu_arith": (_new_gelu, "gelu_tanh"),
+    "reshaped_gelu": (lambda a: F.gelu(a.reshape(-1, a.shape[-1])).view(a.shape), "gelu"),
+    **{f"ACT2FN[{k}]": (ACT2FN[k], v) for k, v in [
+        ("gelu", "gelu"), ("gelu_new", "gelu_tanh"), ("gelu_pytorch_tanh", "gelu_tanh"), ("gelu_fast", "gelu_tanh"),
+        ("silu", "silu"), ("swish", "silu"), ("relu", "relu"), ("relu2", "relu2")]},
+}
+
+
+class MLP(nn.Module):
+    def __init__(self, d=32, h=64, d_out=None, act=F.gelu, bias=True, dtype=torch.float32):
+        super().__init__()
+        self.fc1 = nn.Linear(d, h, bias=bias, dtype=dtype)
+        self.fc2 = nn.Linear(h, d_out or d, bias=bias, dtype=dtype)
+        self.act = act
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Gated(nn.Module):
+    def __init__(self, d=32, h=64, d_out=None, act=F.silu, bias=False, mul=operator.mul, swap=False, dtype=torch.float32):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, h, bias=bias, dtype=dtype)
+        self.up_proj = nn.Linear(d, h, bias=bias, dtype=dtype)
+        self.down_proj = nn.Linear(h, d_out or d, bias=bias, dtype=dtype)
+        self.act, self.mul, self.swap = act, mul, swap
+
+    def forward(self, x):
+        g, u = self.act(self.gate_proj(x)), self.up_proj(x)
+        return self.down_proj(self.mul(u, g) if self.swap else self.mul(g, u))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.c_fc, self.c_proj, self.act = Conv1D(h, d), Conv1D(d, h), ACT2FN["gelu_new"]
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+class Holder(nn.Module):
+    """``model.layers.<i>.mlp`` around MLPs, with a residual between them."""
+
+    def __init__(self, *mlps):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList(nn.Module() for _ in mlps)
+        for layer, mlp in zip(self.model.layers, mlps):
+            layer.mlp = mlp
+
+    def forward(self, x):
+        for layer in self.model.layers:
+            x = x + layer.mlp(x)
+        return x
+
+
+def sparsify(model, sparsity=0.9, block=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.dim() == 2:
+            zero_blocks_(p, sparsity, (block, block), g)
+    return model
+
+
+def fuse(model, *inputs, dynamic=False, **options):
+    """Capture, run the passes, check the rewritten graph against eager; returns (gm, candidates)."""
+    gm, ex = capture(model, *inputs, dynamic=dynamic)
+    cands = run_passes(gm, ex, BlastOptions.from_options(options))
+    with torch.no_grad():
+        out = gm(*[int(e) if isinstance(e, torch.SymInt) else e for e in ex])[0]
+        ref = model(*inputs)
+    torch.testing.assert_close(out, ref, **tol(ref.dtype))
+    return gm, cands
+
+
+def n_fused(gm):
+    return sum(n.target is FUSED for n in gm.graph.nodes)
+
+
+def blast_counters():
+    return {k: v for k, v in counters["blast"].items() if v}
+
+
+# --- matching ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_every_activation_spelling_is_fused(spelling):
+    act, name = SPELLINGS[spelling]
+    torch.manual_seed(0)
+    gm, (c,) = fuse(sparsify(MLP(act=act)), torch.randn(2, 5, 32))
+    assert (c.decision, c.activation, c.kind) == ("fused", name, "plain"), c.reason
+    assert n_fused(gm) == 1
+    assert not any(n.op in ("call_function", "call_method") and n.target is not FUSED for n in gm.graph.nodes), gm.code
+    assert blast_counters() == {"mlp_candidates": 1, "mlp_fused": 1}
+
+
+@pytest.mark.parametrize("mul", [operator.mul, torch.mul, lambda a, b: a.mul(b)], ids=["operator", "torch", "method"])
+@pytest.mark.parametrize("swap", [False, True], ids=["act_first", "up_first"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_either_order_and_bias(mul, swap, bias):
+    torch.manual_seed(0)
+    gm, (c,) = fuse(sparsify(Gated(mul=mul, swap=swap, bias=bias)), torch.randn(3, 32))
+    assert (c.decision, c.kind, c.activation, c.bias) == ("fused", "gated", "silu", bias)
+    node = next(n for n in gm.graph.nodes if n.target is FUSED)
+    gate, up = node.args[1].name, node.args[3].name
+    assert "gate_proj" in gate and "up_proj" in up  # w1 is the activated side whatever the order
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_plain_bias_and_shapes_reported(bias):
+    torch.manual_seed(0)
+    _, (c,) = fuse(sparsify(MLP(d=32, h=80, d_out=48, bias=bias)), torch.randn(4, 32))
+    assert (c.d_in, c.hidden, c.d_out, c.bias, c.dtype, c.device) == (32, 80, 48, bias, "float32", "cpu")
+    assert c.block is not None and c.sparsity >= 0.5 and c.pattern_key
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_gpt2_conv1d(dynamic):
+    torch.manual_seed(0)
+    m = sparsify(GPT2MLP())
+    for p in (m.c_fc.bias, m.c_proj.bias):
+        nn.init.normal_(p)
+    gm, (c,) = fuse(m, torch.randn(2, 7, 32), dynamic=dynamic)
+    assert (c.decision, c.activation, c.d_in, c.hidden, c.d_out) == ("fused", "gelu_tanh", 32, 64, 32)
+    node = next(n for n in gm.graph.nodes if n.target is FUSED)
+    assert node.args[1].target is torch.t and node.args[5].target is torch.t  # [in, out] weights as views
+
+
+def test_provenance_and_module_path():
+    torch.manual_seed(0)
+    gm, cands = fuse(Holder(sparsify(Gated()), sparsify(MLP(), seed=1)), torch.randn(2, 3, 32))
+    assert [c.module for c in cands] == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    for node in (n for n in gm.graph.nodes if n.target is FUSED):
+        assert "stack_trace" in node.meta and "forward" in node.meta["stack_trace"]
+        paths = [v[0] for v in node.meta["nn_module_stack"].values()]
+        assert paths[-1].endswith(("down_proj", "fc2"))
+        assert node.meta["example_value"].shape == (2, 3, 32)
+
+
+def test_back_to_back_mlps_and_chained_linears():
+    """An MLP whose input is the previous MLP's output; linears chained through acts claim once."""
+    torch.manual_seed(0)
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = sparsify(MLP()), sparsify(Gated(), seed=1)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    gm, cands = fuse(Two(), torch.randn(4, 32))
+    assert [c.decision for c in cands] == ["fused", "fused"] and n_fused(gm) == 2
+    chain = sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)))
+    gm, cands = fuse(chain, torch.randn(4, 32))
+    assert len(cands) == 1 and n_fused(gm) == 1
+
+
+def test_no_mlp_graph_is_unchanged():
+    m = nn.Sequential(nn.Linear(32, 32), nn.LayerNorm(32), nn.Linear(32, 16))
+    gm, ex = capture(m, torch.randn(2, 32))
+    before = gm.code
+    assert run_passes(gm, ex, BlastOptions()) == []
+    assert gm.code == before and not blast_counters()
+
+
+# --- refusals ----------------------------------------------------------------------------
+
+class SharedHidden(MLP):
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        return self.fc2(h), h.sum()
+
+
+class ComputedWeight(MLP):
+    def forward(self, x):
+        return F.linear(self.act(self.fc1(x)), self.fc2.weight * 1.0, self.fc2.bias)
+
+
+class UserWeight(MLP):
+    def forward(self, x, w2):
+        return F.linear(self.act(self.fc1(x)), w2)
+
+
+class Autocast(MLP):
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+            return super().forward(x)
+
+
+def test_refusals_keep_graph_dense_with_reason():
+    torch.manual_seed(0)
+    x = torch.randn(3, 32)
+    cases = [
+        (SharedHidden(), (x,), "shared_intermediate"),
+        (ComputedWeight(), (x,), "weight_not_param"),
+        (UserWeight(), (x, sparsify(nn.Linear(64, 32)).weight.detach()), "weight_not_param"),
+        (Autocast(), (x,), "autocast"),
+        (MLP(act=ACT2FN["quick_gelu"]), (x,), "activation"),
+        (MLP(), (x,), "no_zeros"),
+        (sparsify(MLP(), sparsity=0.25), (x,), "low_sparsity"),
+    ]
+    for model, inputs, tag in cases:
+        counters.clear()
+        sparsify(model) if tag not in ("no_zeros", "low_sparsity") else None
+        gm, ex = capture(model, *inputs)
+        before = gm.code
+        (c,) = run_passes(gm, ex, BlastOptions())
+        assert c.decision == "dense" and c.reason, tag
+        assert blast_counters() == {"mlp_candidates": 1, "mlp_dense": 1, f"dense_{tag}": 1}, (tag, c.reason)
+        assert gm.code == before
+
+
+def test_mixed_dtype_is_refused():
+    torch.manual_seed(0)
+    gm, ex = capture(sparsify(MLP()), torch.randn(3, 32))
+    w2 = next(i for n, i in zip(gm.graph.nodes, ex) if "fc2" in n.name and "weight" in n.name)
+    ex = [nn.Parameter(i.half()) if i is w2 else i for i in ex]  # what eager would reject
+    (c,) = run_passes(gm, ex, BlastOptions())
+    assert c.decision == "dense" and "float16" in c.reason and counters["blast"]["dense_dtype"] == 1
+
+
+def test_counters_exact_mixed_model():
+    torch.manual_seed(0)
+    model = Holder(sparsify(Gated()), MLP(), sparsify(MLP(act=torch.relu), sparsity=0.75))
+    _, cands = fuse(model, torch.randn(2, 4, 32), min_sparsity=0.6)
+    assert [c.decision for c in cands] == ["fused", "dense", "fused"]
+    assert blast_counters() == {"mlp_candidates": 3, "mlp_fused": 2, "mlp_dense": 1, "dense_no_zeros": 1}
+
+
+# --- properties ------------------------------------------------------------------------
+
+ACTS = ["torch.relu", "F.gelu", "F.gelu_tanh", "F.silu", "square_relu", "new_gelu_arith", "sigmoid_x"]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    d=st.sampled_from([16, 24, 40, 64, 128]), h=st.sampled_from([32, 56, 96, 128]),
+    d_out=st.sampled_from([16, 20, 72]), block=st.sampled_from([16, 32, 64]),
+    dtype=st.sampled_from([torch.float32, torch.float16]), bias=st.booleans(),
+    act=st.sampled_from(ACTS), gated=st.booleans(), dead=st.sampled_from([0.8, 0.0, 0.3, 0.55, 0.95, 1.0]),
+    lead=st.sampled_from([(0,), (1,), (3,), (1, 1), (2, 3)]), seed=st.integers(0, 2**16),
+)
+def test_property_rewrite_matches_eager(d, h, d_out, block, dtype, bias, act, gated, dead, lead, seed):
+    counters.clear()
+    torch.manual_seed(seed)
+    cls = Gated if gated else MLP
+    model = sparsify(cls(d, h, d_out, act=SPELLINGS[act][0], bias=bias, dtype=dtype), dead, block, seed)
+    x = torch.randn(*lead, d, dtype=dtype)
+    gm, (c,) = fuse(model, x)
+    ws = [model.gate_proj.weight, model.up_proj.weight, model.down_proj.weight] if gated else \
+         [model.fc1.weight, None, model.fc2.weight]
+    choice = choose_block(*ws, blocks=BlastOptions().block_sizes)
+    should = choice is not None and choice.sparsity >= BlastOptions().min_sparsity
+    event(c.decision)
+    assert (c.decision == "fused") == should and n_fused(gm) == int(should), c.reason
+    assert counters["blast"]["mlp_fused"] == int(should) and counters["blast"]["mlp_dense"] == int(not should)
+
+
+# --- real architectures ------------------------------------------------------------------
+
+def _hf(name):
+    from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config
+
+    small = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
+    return {
+        "llama": LlamaConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **small),
+        "qwen2": Qwen2Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, **small),
+        "gpt2": GPT2Config(n_embd=64, n_inner=128, n_layer=2, n_head=4, vocab_size=128, n_positions=32,
+                           bos_token_id=0, eos_token_id=0),
+        "bert": BertConfig(hidden_size=64, intermediate_size=128, max_position_embeddings=32, **small),
+    }[name]
+
+
+class LastHidden(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(ids).last_hidden_state
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert"])
+def test_tiny_hf_models_fuse_every_mlp(arch):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    cfg = _hf(arch)
+    cfg.use_cache = False
+    model = AutoModel.from_config(cfg, attn_implementation="eager").eval()
+    sparsify(model, 0.9)  # every 2-D weight, MLP included
+    _, cands = fuse(LastHidden(model), torch.randint(0, 128, (2, 8)))
+    assert [c.decision for c in cands] == ["fused", "fused"], [c.reason for c in cands]
+    assert counters["blast"]["mlp_fused"] == cfg.num_hidden_layers

@@ -1,0 +1,244 @@
+"""BlastSparsifier: schedule, masks, optimizer interplay, persistence, the fused op following masks."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from blast_compile import masks as bmasks
+from blast_compile.formats import block_mask, expand_mask
+from blast_compile.sparsifier import BlastSparsifier, cubic_sparsity, default_layer_filter
+
+from conftest import tol
+
+B = 8
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, h, bias=False)
+        self.up_proj = nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d)  # attention-like: must not be sparsified
+        self.mlp = GatedMLP(d, h)
+
+    def forward(self, x):
+        return x + self.mlp(self.q_proj(x))
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = nn.Sequential(Block(), Block())
+    opt = kw.pop("opt", None) or torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    kw.setdefault("block_size", B)
+    sp = BlastSparsifier(model, optimizer=opt, **kw)
+    return model, opt, sp
+
+
+def train(model, opt, sp, steps, check=None):
+    for _ in range(steps):
+        x = torch.randn(16, 32)
+        model(x).square().mean().backward()
+        opt.step()
+        if check:
+            check()
+        opt.zero_grad(set_to_none=False)
+        sp.step()
+
+
+def dead_blocks_are_zero(sp):
+    for L in sp.layers.values():
+        live = block_mask(L.param.detach(), B, B)
+        assert not bool((live & ~L.mask).any()), L.name
+
+
+def test_default_layers_are_mlp_weights():
+    _, _, sp = make(target_sparsity=0.5, end_step=10)
+    assert sorted(sp.layers) == sorted(f"{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj"))
+    conv = type("Conv1D", (nn.Module,), {})()
+    conv.weight = nn.Parameter(torch.zeros(4, 8))
+    assert default_layer_filter("h.0.mlp.c_proj", conv) and not default_layer_filter("h.0.attn.c_proj", conv)
+
+
+def test_cubic_schedule_and_mask_sparsity():
+    steps = 40
+    model, opt, sp = make(target_sparsity=0.75, end_step=steps, update_every=4, freeze_last=0.25)
+    assert sp.ramp_end == 30
+    seen = []
+    for t in range(1, steps + 1):
+        x = torch.randn(16, 32)
+        model(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        upd = sp.step()
+        assert upd == (t % 4 == 0 and t <= 30 or t == 30)
+        s_t = 0.75 + (0.0 - 0.75) * (1 - min(t, 30) / 30) ** 3
+        if upd:
+            assert sp.sparsity_at(t) == pytest.approx(s_t)
+            for L in sp.layers.values():
+                n = L.mask.numel()
+                assert int(L.mask.sum()) == max(1, round((1 - s_t) * n))
+                assert tuple(L.mask.shape) == (math.ceil(L.shape[0] / B), math.ceil(L.shape[1] / B))
+            seen.append(sp.sparsity())
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(0.75)
+    dead_blocks_are_zero(sp)
+    # masks frozen after the ramp
+    before = {n: L.mask.clone() for n, L in sp.layers.items()}
+    train(model, opt, sp, 5)
+    assert all(torch.equal(before[n], L.mask) for n, L in sp.layers.items())
+    assert cubic_sparsity(15, 0.0, 0.8, 0, 30) == pytest.approx(0.8 * (1 - 0.5 ** 3))
+
+
+def test_gate_and_up_share_a_mask():
+    _, _, sp = make(target_sparsity=0.5, end_step=4, update_every=1, freeze_last=0.0)
+    train(sp.model, sp.optimizer, sp, 4)
+    for i in range(2):
+        assert torch.equal(sp.layers[f"{i}.mlp.gate_proj"].mask, sp.layers[f"{i}.mlp.up_proj"].mask)
+
+
+def test_balanced_masks_equal_nnz_per_row():
+    model, opt, sp = make(target_sparsity=0.75, end_step=12, update_every=3, balanced=True, freeze_last=0.0)
+    train(model, opt, sp, 12)
+    for L in sp.layers.values():
+        per_row = L.mask.sum(1)
+        assert bool((per_row == per_row[0]).all()), L.name
+        assert int(per_row[0]) == round(0.25 * L.mask.shape[1])
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9),
+    lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.1),
+], ids=["sgd_momentum", "adamw"])
+def test_optimizer_never_revives_a_pruned_block(make_opt):
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    opt = make_opt(model.parameters())
+    # warm up dense so momentum / Adam moments are non-zero everywhere
+    for _ in range(3):
+        model(torch.randn(16, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    sp = BlastSparsifier(model, target_sparsity=0.6, block_size=B, end_step=10, update_every=2, optimizer=opt,
+                         freeze_last=0.0)
+    # right after each optimizer.step() (before sp.step() re-masks) dead blocks must still be exactly zero
+    train(model, opt, sp, 10, check=lambda: dead_blocks_are_zero(sp))
+    for L in sp.layers.values():
+        em = expand_mask(~L.mask, B, B, L.shape)
+        for k, v in opt.state[L.param].items():
+            if isinstance(v, torch.Tensor) and v.shape == L.param.shape:
+                assert float(v[em].abs().max()) == 0.0, (L.name, k)
+        assert L.param.grad is not None and float(L.param.grad[em].abs().max()) == 0.0
+
+
+def test_save_load_masks_round_trip(tmp_path):
+    model, opt, sp = make(target_sparsity=0.8, end_step=8, update_every=2, freeze_last=0.0)
+    train(model, opt, sp, 8)
+    path = str(tmp_path / "masks.safetensors")
+    sp.save_masks(path)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        assert f.metadata()["block_size"] == str(B)
+        assert all(f.get_tensor(k).dtype == torch.uint8 for k in f.keys())
+    model2, opt2, sp2 = make(seed=1, target_sparsity=0.8, end_step=8)
+    sp2.load_masks(path)
+    for n, L in sp.layers.items():
+        assert torch.equal(sp2.layers[n].mask, L.mask)
+    dead_blocks_are_zero(sp2)
+    sd = sp.state_dict()
+    _, _, sp3 = make(seed=2, target_sparsity=0.8, end_step=8)
+    sp3.load_state_dict(sd)
+    assert sp3.step_count == sp.step_count and all(torch.equal(sp3.layers[n].mask, L.mask) for n, L in sp.layers.items())
+    _, _, sp4 = make(seed=2, target_sparsity=0.8, end_step=8, block_size=16)
+    with pytest.raises(ValueError):
+        sp4.load_masks(path)
+
+
+@pytest.mark.parametrize("balanced,target,regrow", [(False, 0.75, 0.3), (True, 0.5, 0.5)])
+def test_regrowth_keeps_sparsity_and_grown_blocks_start_at_zero(balanced, target, regrow):
+    model, opt, sp = make(target_sparsity=target, schedule="constant", end_step=40, update_every=2, freeze_last=0.0,
+                          regrow=regrow, balanced=balanced)
+    train(model, opt, sp, 4)
+    counts = {n: int(L.mask.sum()) for n, L in sp.layers.items()}
+    for _ in range(3):
+        train(model, opt, sp, 2)
+        assert sp.history[-1][0] == sp.step_count
+        for n, L in sp.layers.items():
+            assert int(L.mask.sum()) == counts[n]
+            grown = sp.last_grown[n]
+            rows = L.mask.shape[0] if balanced else 1
+            assert int(grown.sum()) == int(regrow * (counts[n] // rows)) * rows > 0
+            assert bool((L.mask | ~grown).all())  # grown blocks are live
+            assert float(L.param.detach()[expand_mask(grown, B, B, L.shape)].abs().sum()) == 0.0
+    assert sp.sparsity() == pytest.approx(target)
+    dead_blocks_are_zero(sp)
+
+
+def test_movement_score_runs_and_hits_target():
+    model, opt, sp = make(target_sparsity=0.5, end_step=8, update_every=2, freeze_last=0.0, score="movement")
+    train(model, opt, sp, 8)
+    assert sp.sparsity() == pytest.approx(0.5)
+    dead_blocks_are_zero(sp)
+
+
+def test_declared_masks_follow_updates_and_finalize_clears_them():
+    model, opt, sp = make(target_sparsity=0.75, end_step=6, update_every=2, freeze_last=0.0)
+    train(model, opt, sp, 6)
+    for L in sp.layers.values():
+        d = bmasks.declared_mask(L.param)
+        assert d is not None and d[1] == (B, B) and torch.equal(d[0], L.mask)
+        # the op finds the mask through an alias of the storage (as AOTAutograd hands it)
+        assert bmasks.declared_mask(L.param.detach()) is not None
+    sp.finalize()
+    assert all(bmasks.declared_mask(L.param) is None for L in sp.layers.values())
+    dead_blocks_are_zero(sp)
+    train(model, opt, sp, 1)  # step() after finalize is a no-op
+    assert "block sparsity" in sp.summary()
+
+
+def test_fused_op_follows_mask_changes():
+    """The op re-derives its pattern when the sparsifier changes masks; dW is zero on dead blocks."""
+    torch.manual_seed(0)
+    mlp = GatedMLP(32, 64)
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    sp = BlastSparsifier(mlp, target_sparsity=0.75, initial_sparsity=0.3, block_size=B, end_step=4, update_every=1,
+                         freeze_last=0.0, optimizer=opt, layers=["gate_proj", "up_proj", "down_proj"])
+
+    def fused(x):
+        w1, w3, w2 = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        return torch.ops.blast.sparse_mlp(x, w1, None, w3, None, w2, None, "silu", B, B, "test", 0.99)
+
+    keys = set()
+    for _ in range(4):
+        x = torch.randn(5, 32, requires_grad=True)
+        y = fused(x)
+        torch.testing.assert_close(y, mlp(x), **tol(torch.float32))
+        y.square().sum().backward()
+        for L in sp.layers.values():
+            assert float(L.param.grad[expand_mask(~L.mask, B, B, L.shape)].abs().sum()) == 0.0
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+        from blast_compile.ops.sparse_mlp import resolve
+        plan = resolve(x, mlp.gate_proj.weight, None, mlp.up_proj.weight, None, mlp.down_proj.weight, None, "silu",
+                       B, B, "test", 0.99)
+        keys.add(plan.pattern.key)
+        assert not plan.dense
+        assert torch.equal(plan.dw_masks[0], sp.layers["gate_proj"].mask)
+    assert len(keys) >= 3  # the pattern changed with the masks
+
+
+def test_timings_recorded():
+    model, opt, sp = make(target_sparsity=0.5, end_step=10, update_every=5, freeze_last=0.0)
+    train(model, opt, sp, 10)
+    t = sp.timing_summary()
+    assert t["update"]["n"] == 2 and t["plain"]["n"] == 8
