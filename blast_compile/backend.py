@@ -88,7 +88,7 @@ def _fill_kernel_info(cands: List[Candidate], gm, example_inputs, opts: BlastOpt
     value = dict(zip(placeholders, example_inputs))
     by_key = {n.args[10]: n for n in _fused_nodes(gm)}
     for c in cands:
-        if c.decision != "fused":
+        if c.decision != "fused" or c.kernel:  # compressed MLPs: decide_packed named the kernel
             continue
         if not c.device.startswith("cuda"):
             c.kernel = "gather (torch): packed live blocks + batched matmul"

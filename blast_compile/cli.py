@@ -59,7 +59,7 @@ def demo(args) -> int:
     reps = backend.REPORTS[start:]
     report = ExplainReport([c for r in reps for c in r.candidates], [r.code for r in reps],
                            [r.error for r in reps if r.error])
-    con.print(report.table(), markup=False, highlight=False)
+    print(report.table())
     con.print(f"first call (compile) {t_compile:.1f} s")
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out, ref, **tol)

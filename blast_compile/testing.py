@@ -38,11 +38,26 @@ def zero_blocks_(w: torch.Tensor, sparsity: float, block=(64, 64), generator=Non
 @torch.no_grad()
 def sparsify_mlps_(model: torch.nn.Module, sparsity: float, block: int = 64, seed: int = 0,
                    names: Iterable[str] = ()) -> int:
-    """Zero random blocks of every MLP weight (by name) of ``model``; returns how many weights."""
+    """Zero random blocks of every MLP weight (by name) of ``model``; returns how many weights.
+
+    Gate and up projections of one MLP get the same mask, as the BLaST sparsifier
+    gives them (the fused kernel reads the union of the two).
+    """
     g = torch.Generator().manual_seed(seed)
     count = 0
+    gate_masks = {}
     for name, p in model.named_parameters():
         if p.dim() == 2 and (MLP_WEIGHT_NAMES.search(name) or name in set(names)):
-            zero_blocks_(p, sparsity, (block, block), g)
+            prefix = name.rsplit(".", 2)[0]
+            tied = _TIED.get(name.rsplit(".", 2)[-2])
+            if tied and (prefix, tied) in gate_masks and gate_masks[prefix, tied][0] == p.shape:
+                m = gate_masks[prefix, tied][1]
+                p.mul_(expand_mask(m, block, block, p.shape).to(p.dtype).to(p.device))
+            else:
+                m = zero_blocks_(p, sparsity, (block, block), g)
+            gate_masks[prefix, name.rsplit(".", 2)[-2]] = (p.shape, m)
             count += 1
     return count
+
+
+_TIED = {"up_proj": "gate_proj", "w3": "w1"}

@@ -94,6 +94,18 @@ def test_weight_changed_in_place_is_never_stale():
     assert counters["blast"]["pattern_changed"] >= 1
 
 
+def test_new_weight_at_a_freed_address_gets_its_own_plan():
+    """Plans are keyed by address + version; a freed weight's address can be reused by a
+    new tensor that also has version 0 — it must not inherit the old plan."""
+    x = torch.randn(3, 64)
+    ct = None
+    for seed in range(6):
+        p = make_mlp(64, 128, gated=False, bias=False, dtype=torch.float32, sparsity=0.8, seed=seed)
+        ct = ct or compile_time(p, "relu")  # same key every time: the worst case
+        torch.testing.assert_close(call(x, p, "relu", compiled=ct), ref(x, p, "relu"))
+        del p
+
+
 def test_nan_and_inf_propagate_like_eager():
     p = make_mlp(32, 64, gated=False, bias=True, dtype=torch.float32, sparsity=0.9)
     x = torch.randn(5, 32)

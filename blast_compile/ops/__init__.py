@@ -1,2 +1,4 @@
-"""The fused op and its implementations: sparse_mlp (op + autograd), gather (torch), triton_mlp (CUDA)."""
+"""The fused ops and their implementations: sparse_mlp (op + autograd), packed_mlp (compressed MLPs,
+inference), gather (torch), triton_mlp (CUDA)."""
 from . import sparse_mlp  # noqa: F401  registers torch.ops.blast.sparse_mlp
+from . import packed_mlp  # noqa: F401  registers torch.ops.blast.packed_mlp (compressed MLPs)

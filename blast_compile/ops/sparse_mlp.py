@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from typing import List, Optional
 
@@ -49,7 +50,7 @@ _WARNED: set = set()
 
 
 class _Plan:
-    __slots__ = ("versions", "pattern", "packed", "dense", "dev_pattern", "dw_masks", "cache", "raw_masks")
+    __slots__ = ("versions", "pattern", "packed", "dense", "dev_pattern", "dw_masks", "cache", "raw_masks", "refs")
 
     def __init__(self):
         self.cache = {}
@@ -59,6 +60,10 @@ def _ident(t: Optional[Tensor]):
     if t is None:
         return None
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.device))
+
+
+def _alive(refs) -> bool:
+    return all(r is None or r() is not None for r in refs)
 
 
 def _versions(*ts):
@@ -88,6 +93,11 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
     vers = _versions(w1, w3, w2)
     with _LOCK:
         plan = _STATE.get(sk)
+        if plan is not None and not _alive(plan.refs):
+            # The tensors this plan was derived from are gone: a new tensor at the same
+            # address (and version 0) is not the same weight. Start afresh.
+            del _STATE[sk]
+            plan = None
         if plan is not None:
             _STATE.move_to_end(sk)
             if plan.versions == vers:
@@ -113,6 +123,7 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
     plan = _Plan()
     plan.versions = vers
     plan.raw_masks = prev_masks
+    plan.refs = tuple(None if t is None else weakref.ref(t) for t in (w1, w3, w2))
     pat = build_pattern(m_in, m_dn, block_h, block_d, activation=activation, gated=w3 is not None,
                         has_b1=b1 is not None, has_b3=b3 is not None)
     plan.pattern = pat

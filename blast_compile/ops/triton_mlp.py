@@ -2,7 +2,10 @@
 
 Two forward paths (same meaning, eager rounding, fp32 accumulation):
 
-* decode (M <= ``codegen.DECODE_MAX_M``, bytes-bound): three launches, each spread
+* decode (M <= ``codegen.DECODE_MAX_M``), default: ``mlp_decode``, one program per live
+  hidden block (h_j on chip, atomics of its down share into an fp32 output, then cast).
+  Opt-in (``BLAST_DECODE=splitk``; ~2x faster on H200 but failed GPU tests with biases
+  on ragged blocks, see NOTES_KERNELS.md): three launches, each spread
   over many small independent work items so that enough weight bytes are in flight:
   ``mlp_decode_in`` (split-K: one program per chunk of <= CH live in-blocks of a
   hidden block-row, fp32 atomics into a G/U scratch), ``mlp_decode_dn`` (one program
@@ -49,7 +52,10 @@ log = logging.getLogger("blast_compile.ops")
 HANDLES_NONFINITE = True
 
 # small tuning spaces; the first entry is the untuned default
-# decode: (in-blocks per program, down blocks per program, num_warps)
+# one-kernel decode (default): (BM, num_warps, num_stages)
+DECODE1_CONFIGS = [(16, 4, 3), (16, 4, 2), (16, 4, 4), (16, 8, 4), (16, 2, 3)]
+# split-K decode (BLAST_DECODE=splitk; faster on H200 but failed GPU tests with biases/partial
+# blocks, see NOTES_KERNELS.md): (in-blocks per program, down blocks per program, num_warps)
 DECODE_CONFIGS = [(4, 4, 4), (2, 2, 4), (8, 4, 8), (4, 8, 8), (2, 4, 4)]
 # prefill: (BM, num_warps, num_stages)
 PREFILL_CONFIGS = [(64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3)]
@@ -239,6 +245,27 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     common = dict(DTYPE=DT, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned, GATED=gated,
                   HAS_B1=b1 is not None, HAS_B3=b3 is not None)
     n_live = ix["live"].numel()
+    if m <= codegen.DECODE_MAX_M and os.environ.get("BLAST_DECODE", "") != "splitk":
+        y32 = torch.empty(m, d_out, device=x2d.device, dtype=torch.float32)
+
+        def run1(cfg):
+            bm, nw, ns = cfg
+            bm = max(bm, triton.next_power_of_2(m))
+            y32.zero_()
+            if n_live:
+                mod.mlp_decode[(n_live, cdiv(m, bm))](
+                    x2d, x2d.stride(0), y32, y32.stride(0), m, d_in, d_hidden, d_out,
+                    w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
+                    ix["in_rowptr"], ix["in_cols"], ix["live"],
+                    w2, off["dn_csc"], s2[0], s2[1], ix["dn_colptr"], ix["dn_rows"],
+                    BM=bm, num_warps=nw, num_stages=ns, **common)
+
+        run1(_choose("decode", sig, m, DECODE1_CONFIGS, run1))
+        if b2 is not None:
+            y32 += b2.float()
+        y32.masked_fill_(~torch.isfinite(x2d).all(1, keepdim=True), float("nan"))  # eager's NaN rows
+        return y32.to(x2d.dtype)
+
     if m <= codegen.DECODE_MAX_M:
         gu, y32 = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
         y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)

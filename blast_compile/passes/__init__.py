@@ -9,11 +9,18 @@ Read in pipeline order:
 3. :mod:`.decide` - the real weights -> block shape, sparsity, fused or dense;
 4. :mod:`.rewrite` - one ``blast::sparse_mlp`` node per fused MLP.
 
+Compressed MLPs (``compress_``: every projection a ``blast::block_linear`` on
+packed live blocks) go through the same matcher: ``normalize`` reads
+``block_linear`` as a linear whose weight is the (blocks, row_ptr, col_idx)
+triple, the checks add one block shape per MLP, and the MLP becomes one
+``blast::packed_mlp`` node (no detection: the index tensors are the pattern).
+
 ``run_passes`` returns one :class:`~blast_compile.config.Candidate` per MLP it
 looked at and counts in ``torch._dynamo.utils.counters["blast"]``:
-``mlp_candidates``, ``mlp_fused``, ``mlp_dense`` and ``dense_<tag>`` per
-refusal (tags: autocast, activation, shared_intermediate, weight_not_param, input, shape,
-dtype, device, no_values, no_zeros, low_sparsity). A graph without a fused MLP
+``mlp_candidates``, ``mlp_fused`` (``mlp_fused_packed`` of them compressed), ``mlp_dense``
+and ``dense_<tag>`` per refusal (tags: autocast, activation, shared_intermediate,
+packed_mixed, weight_not_param, input, shape, block_shape, dtype, device, no_values,
+requires_grad, no_zeros, low_sparsity). A graph without a fused MLP
 is left exactly as it was.
 """
 from __future__ import annotations
@@ -25,9 +32,9 @@ import torch
 from torch._dynamo.utils import counters
 
 from ..config import BlastOptions, Candidate
-from .decide import decide, describe
+from .decide import decide, decide_packed, describe
 from .match import Context, find_mlps, refusal
-from .rewrite import rewrite
+from .rewrite import rewrite, rewrite_packed
 
 log = logging.getLogger("blast_compile.passes")
 
@@ -43,10 +50,16 @@ def run_passes(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions) -> 
         if refused is not None:
             tag, c.reason = refused
             pattern = None
+        elif m.packed:
+            tag, pattern = decide_packed(m, ctx, c)
         else:
             tag, pattern = decide(m, ctx, opts, c)
         if pattern is not None:
-            rewrite(gm, m, pattern, opts, replaced)
+            if m.packed:
+                rewrite_packed(gm, m, pattern, replaced)
+                counters["blast"]["mlp_fused_packed"] += 1
+            else:
+                rewrite(gm, m, pattern, opts, replaced)
             fused += 1
             counters["blast"]["mlp_fused"] += 1
             log.info("blast: fused %s MLP %s (%s): %s", c.kind, c.module, c.activation, c.reason)

@@ -4,13 +4,16 @@ The weights' values are visible only here, in the backend, because with
 ``inline_inbuilt_nn_modules`` a parameter's example input *is* the Parameter.
 ``formats.choose_block`` finds the block shape that captures the zeros; an MLP
 is fused when at least ``opts.min_sparsity`` of its blocks are dead.
+A compressed MLP (packed ``block_linear`` layers) needs no detection: its
+index tensors *are* the pattern (:func:`decide_packed`).
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 from ..config import BlastOptions, Candidate
-from ..formats import MLPPattern, choose_block, pattern_from_weights
+from ..formats import MLPPattern, cdiv, choose_block, pattern_from_weights
+from ..ops.packed_mlp import pattern_key as packed_pattern_key
 from .match import Context, MLPMatch, module_path
 from .normalize import example_value
 
@@ -41,12 +44,40 @@ def describe(m: MLPMatch, ctx: Context) -> Candidate:
     if hasattr(xv, "dtype"):
         c.dtype, c.device = str(xv.dtype).replace("torch.", ""), str(xv.device)
     try:
-        w1, _, _, _, w2, _ = weights(m, ctx)
-        c.hidden, c.d_in = (int(s) for s in w1.shape)
-        c.d_out = int(w2.shape[0])
+        if m.packed:
+            c.hidden, c.d_in, c.d_out = m.gate.out_features, int(xv.shape[-1]), m.down.out_features
+        else:
+            w1, _, _, _, w2, _ = weights(m, ctx)
+            c.hidden, c.d_in = (int(s) for s in w1.shape)
+            c.d_out = int(w2.shape[0])
     except Exception:  # shapes unknown or odd: the shape check says why
         pass
     return c
+
+
+def decide_packed(m: MLPMatch, ctx: Context, c: Candidate) -> Tuple[Optional[str], Optional[str]]:
+    """A compressed MLP (checks passed): always fused. Fills ``c``; returns (None, pattern key).
+
+    There is no dense weight to fall back to and no sparsity threshold: the layers
+    run block-sparse eagerly too, so one fused node can only save launches and the
+    hidden activations' round trip through memory.
+    """
+    bh, bd = (int(s) for s in ctx.value(m.gate.weight).shape[1:])
+    index = []
+    live = total = 0
+    for lin, n_cols in ((m.gate, cdiv(c.d_in, bd)), (m.up, cdiv(c.d_in, bd)), (m.down, cdiv(c.hidden, bh))):
+        if lin is None:
+            index += [None, None]
+            continue
+        row_ptr, col_idx = (local(ctx.value(n)) for n in lin.index)
+        index += [row_ptr, col_idx]
+        live += col_idx.numel()
+        total += (row_ptr.numel() - 1) * n_cols
+    key = packed_pattern_key(bh, bd, c.d_in, c.hidden, c.d_out, index)
+    c.block, c.sparsity = (bh, bd), 1.0 - live / max(total, 1)
+    c.pattern_key, c.decision, c.kernel = key, "fused", "packed"
+    c.reason = f"compressed (packed) weights, {c.sparsity:.0%} of blocks dead ({live}/{total} stored)"
+    return None, key
 
 
 def decide(m: MLPMatch, ctx: Context, opts: BlastOptions, c: Candidate) -> Tuple[Optional[str], Optional[MLPPattern]]:

@@ -5,7 +5,8 @@ Two patterns, anchored at the down projection (the last linear):
 * plain: ``down(act(fc(x)))``
 * gated: ``down(act(gate(x)) * up(x))``, the product in either operand order
 
-"linear" and "act" are whatever :mod:`.normalize` recognizes; row-preserving
+"linear" and "act" are whatever :mod:`.normalize` recognizes (a compressed
+``block_linear`` included: all three layers compressed, or none); row-preserving
 views may sit anywhere between the nodes (GPT-2's ``Conv1D`` flattens to 2-D
 and back). A match is only *structure*. Whether replacing it by one fused node
 keeps eager's meaning is decided by :data:`CHECKS`, functions that each return
@@ -43,6 +44,11 @@ class MLPMatch:
     @property
     def linears(self) -> List[Linear]:
         return [lin for lin in (self.gate, self.up, self.down) if lin is not None]
+
+    @property
+    def packed(self) -> bool:
+        """Every linear is a compressed ``block_linear`` (mixed MLPs are refused by ``check_packed``)."""
+        return all(lin.packed for lin in self.linears)
 
 
 def _pick_x(gate: Linear, out: Node) -> Optional[Node]:
@@ -164,8 +170,23 @@ class Context:
         source = getattr(arg, "source", None) or getattr(node, "_dynamo_source", None)
         if source is None:  # no provenance left: trust only real Parameters
             return isinstance(self.value(node), torch.nn.Parameter)
-        name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", source))
+        name = _source_name(source)
         return "_parameters[" in name or "_buffers[" in name
+
+    def owner(self, node: Node) -> Optional[str]:
+        """Name of the module holding parameter/buffer ``node`` (None when provenance is lost)."""
+        if node.op == "get_attr":
+            return str(node.target).rpartition(".")[0]
+        source = getattr(node.meta.get("grapharg"), "source", None) or getattr(node, "_dynamo_source", None)
+        if source is None:
+            return None
+        name = _source_name(source)
+        owner = re.sub(r"\._(parameters|buffers)\['[^']*'\]$", "", name)
+        return owner if owner != name else None
+
+
+def _source_name(source) -> str:
+    return source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", source))
 
 
 def _weights(m: MLPMatch):
@@ -177,6 +198,12 @@ def _weights(m: MLPMatch):
             if lin.bias is not None:
                 out.append(("b" + role[1], lin.bias))
     return out
+
+
+def _indices(m: MLPMatch):
+    """(role, node) for the index tensors of a compressed MLP's layers."""
+    return [(f"{role}.{what}", n) for role, lin in (("w1", m.gate), ("w3", m.up), ("w2", m.down))
+            if lin is not None and lin.packed for what, n in zip(("row_ptr", "col_idx"), lin.index)]
 
 
 def check_autocast(m, ctx):
@@ -197,10 +224,53 @@ def check_private(m, ctx):
                 return "shared_intermediate", f"intermediate {n.name} is also used by {u.name}"
 
 
+def check_packed(m, ctx):
+    kinds = {lin.packed for lin in m.linears}
+    if len(kinds) > 1:
+        return "packed_mixed", "the MLP mixes compressed (block_linear) and dense layers"
+
+
 def check_params(m, ctx):
-    for role, w in _weights(m):
+    for role, w in _weights(m) + _indices(m):
         if not ctx.is_param(w):
             return "weight_not_param", f"{role} ({w.name}) is not a module parameter or buffer"
+    for role, lin in (("w1", m.gate), ("w3", m.up), ("w2", m.down)):
+        if lin is not None and lin.packed:  # blocks, row_ptr, col_idx of one BlockSparseLinear
+            owners = {ctx.owner(n) for n in (lin.weight, *lin.index)}
+            if len(owners) > 1 and None not in owners:
+                return "weight_not_param", f"{role}'s blocks and index come from different modules: {sorted(owners)}"
+
+
+def _check_packed_shapes(m, ctx):
+    """Compressed layers: one MLP block shape, (bh, bd) for W1/W3 and (bd, bh) for W2, and sizes that chain."""
+    blk = {role: ctx.value(lin.weight) for role, lin in (("w1", m.gate), ("w3", m.up), ("w2", m.down)) if lin is not None}
+    if any(t.dim() != 3 for t in blk.values()):
+        return "shape", "compressed blocks must be [nnz, bo, bi]"
+    shapes = {r: tuple(int(s) for s in t.shape[1:]) for r, t in blk.items()}
+    bh, bd = shapes["w1"]
+    if shapes["w2"] != (bd, bh) or shapes.get("w3", (bh, bd)) != (bh, bd):
+        return "block_shape", ("compressed layers do not share one MLP block shape (bh, bd): "
+                               + ", ".join(f"{r} {a}x{b}" for r, (a, b) in shapes.items()))
+    h = m.gate.out_features
+    xv, hv = example_value(m.gate.x), example_value(m.down.x)
+    ok = (m.up is None or m.up.out_features == h) and isinstance(hv, torch.Tensor) and same(hv.shape[-1], h)
+    if xv.dim() < 1 or not isinstance(xv.shape[-1], int):
+        return "shape", "the input's feature size is symbolic (block_linear does not pin it; mark it static)"
+    for lin, (bo, bi) in ((m.gate, (bh, bd)), (m.up, (bh, bd)), (m.down, (bd, bh))):
+        if lin is None:
+            continue
+        row_ptr, col_idx = (ctx.value(n) for n in lin.index)
+        b = ctx.value(lin.bias)
+        ok &= row_ptr.dim() == 1 and row_ptr.numel() == -(-lin.out_features // bo) + 1
+        ok &= col_idx.dim() == 1 and col_idx.numel() == ctx.value(lin.weight).shape[0]
+        ok &= b is None or tuple(b.shape) == (lin.out_features,)
+    if m.mul is not None:
+        a, b = (example_value(n) for n in m.mul.args)
+        ok &= same_shape(a.shape, b.shape)
+    if not ok:
+        return "shape", "compressed layer shapes do not chain"
+    if m.x is None:
+        return "shape", "the MLP reshapes rows between input and output"
 
 
 def check_input(m, ctx):
@@ -209,6 +279,8 @@ def check_input(m, ctx):
 
 
 def check_shapes(m, ctx):
+    if m.packed:
+        return _check_packed_shapes(m, ctx)
     w = {role: ctx.value(n) for role, n in _weights(m)}
     for lin, role in ((m.gate, "w1"), (m.up, "w3"), (m.down, "w2")):
         if lin is not None and lin.transposed and w[role].dim() == 2:
@@ -235,18 +307,25 @@ def check_dtype_device(m, ctx):
         return "dtype", "mixed dtypes " + "/".join(sorted({str(t.dtype).replace("torch.", "") for t in ts}))
     if not ts[0].is_floating_point():
         return "dtype", f"{ts[0].dtype} is not a floating dtype"
-    if len({t.device for t in ts}) > 1:
+    if len({t.device for t in ts + [ctx.value(n) for _, n in _indices(m)]}) > 1:
         return "device", "tensors on several devices"
 
 
 def check_real_values(m, ctx):
-    for role, n in _weights(m):
+    for role, n in _weights(m) + _indices(m):
         t = ctx.value(n)
         if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
             return "no_values", f"{role} has no values (fake or meta tensor)"
 
 
-CHECKS = [check_autocast, check_activation, check_private, check_params, check_input, check_shapes, check_dtype_device, check_real_values]
+def check_packed_grad(m, ctx):
+    if m.packed and any(getattr(example_value(lin.node), "requires_grad", False) for lin in m.linears):
+        return "requires_grad", ("compressed MLP needs gradients here; the packed fusion is inference-only "
+                                 "(run under torch.no_grad() to fuse it)")
+
+
+CHECKS = [check_autocast, check_activation, check_private, check_packed, check_params, check_input, check_shapes,
+          check_dtype_device, check_real_values, check_packed_grad]
 
 
 def refusal(m: MLPMatch, ctx: Context):

@@ -1,7 +1,8 @@
 """Read the many spellings a Dynamo graph uses for "linear" and "activation".
 
 Dynamo graphs are not normalized: a linear is ``torch._C._nn.linear`` (or
-``F.linear``, or GPT-2's ``Conv1D`` as ``torch.addmm(bias, x, W[in, out])``),
+``F.linear``, or GPT-2's ``Conv1D`` as ``torch.addmm(bias, x, W[in, out])``, or
+a compressed layer's ``blast::block_linear(x, blocks, row_ptr, col_idx, ...)``),
 and an activation can be one call (``torch.relu``, ``F.gelu(approximate=...)``,
 ``x.relu()``) or arithmetic that HF modules inline (``NewGELUActivation`` is
 ``0.5*x*(1+tanh(c*(x+0.044715*x**3)))``, ``relu(x)**2``, ``x*sigmoid(x)``).
@@ -35,15 +36,44 @@ from ..ops.activations import ACTIVATIONS
 LINEAR_FUNCTIONS = {torch._C._nn.linear, F.linear, torch.ops.aten.linear.default}
 #: ``addmm(bias, x, weight)`` with weight ``[in, out]`` (GPT-2 ``Conv1D``).
 ADDMM_FUNCTIONS = {torch.addmm, torch.ops.aten.addmm.default}
+#: ``blast::block_linear(x, blocks, row_ptr, col_idx, bias, out_features)``: a compressed
+#: ``BlockSparseLinear`` (see :mod:`blast_compile.compress`); Dynamo records the packet.
+BLOCK_LINEAR = "blast::block_linear"
 
 
 @dataclasses.dataclass
 class Linear:
     node: Node  # the output
     x: Node
-    weight: Node
+    weight: Node  # the dense weight, or the packed blocks [nnz, bo, bi] of a compressed layer
     bias: Optional[Node]
     transposed: bool  # weight is stored [in, out]: the op gets torch.t(weight)
+    index: Optional[tuple] = None  # compressed layer: (row_ptr, col_idx) nodes; None for dense
+    out_features: Optional[int] = None  # compressed layer's output size
+
+    @property
+    def packed(self) -> bool:
+        return self.index is not None
+
+
+def _op_name_of(target) -> Optional[str]:
+    """``ns::name`` of a custom op (packet or overload), else None."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    return None
+
+
+def _as_block_linear(node: Node) -> Optional[Linear]:
+    x, blocks = _arg(node, 0, "x"), _arg(node, 1, "blocks")
+    row_ptr, col_idx = _arg(node, 2, "row_ptr"), _arg(node, 3, "col_idx")
+    b, out = _arg(node, 4, "bias"), _arg(node, 5, "out_features")
+    if not all(isinstance(n, Node) for n in (x, blocks, row_ptr, col_idx)) or not (b is None or isinstance(b, Node)):
+        return None
+    if isinstance(out, bool) or not isinstance(out, int):
+        return None
+    return Linear(node, x, blocks, b, False, index=(row_ptr, col_idx), out_features=out)
 
 
 def _arg(node: Node, i: int, name: str, default=None):
@@ -56,6 +86,8 @@ def as_linear(node) -> Optional[Linear]:
     """The linear ``node`` computes, or None."""
     if not isinstance(node, Node) or node.op != "call_function":
         return None
+    if _op_name_of(node.target) == BLOCK_LINEAR:
+        return _as_block_linear(node)
     if node.target in LINEAR_FUNCTIONS:
         x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         transposed = False

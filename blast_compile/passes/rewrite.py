@@ -1,4 +1,4 @@
-"""Replace a matched MLP by one ``blast::sparse_mlp`` node.
+"""Replace a matched MLP by one ``blast::sparse_mlp`` node (a compressed MLP: ``blast::packed_mlp``).
 
 The new node takes the place of the down projection's output, so everything
 after the MLP (residual adds, GPT-2's final ``.view``) is untouched. It reads
@@ -15,6 +15,7 @@ from torch.fx import GraphModule, Node
 
 from ..config import BlastOptions
 from ..formats import MLPPattern
+from ..ops import packed_mlp as _packed_op  # noqa: F401  registers torch.ops.blast.packed_mlp
 from ..ops import sparse_mlp as _op  # noqa: F401  registers torch.ops.blast.sparse_mlp
 from .match import MLPMatch
 from .normalize import example_value
@@ -54,6 +55,31 @@ def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOption
     out.replace_all_uses_with(fused)
     replaced[out] = fused
     _erase_dead(graph, reversed(m.nodes))  # interior nodes are private (check_private): all dead now
+    return fused
+
+
+def rewrite_packed(gm: GraphModule, m: MLPMatch, key: str, replaced: dict) -> Node:
+    """Swap a compressed MLP for one ``blast::packed_mlp`` node reading the stored tensors."""
+    graph = gm.graph
+    out = m.down.node
+    x = replaced.get(m.x, m.x)
+    bh, bd = (int(s) for s in example_value(m.gate.weight).shape[1:])
+
+    def layer(lin):
+        if lin is None:
+            return (None, None, None, None)
+        return (lin.weight, *lin.index, lin.bias)
+
+    with graph.inserting_before(out):
+        fused = graph.call_function(
+            torch.ops.blast.packed_mlp.default,
+            (x, *layer(m.gate), *layer(m.up), *layer(m.down), m.act.name, bh, bd,
+             m.gate.out_features, m.down.out_features, key),
+        )
+    fused.meta = dict(out.meta)
+    out.replace_all_uses_with(fused)
+    replaced[out] = fused
+    _erase_dead(graph, reversed(m.nodes))
     return fused
 
 

@@ -1,0 +1,233 @@
+"""``blast::packed_mlp``: the one node a *compressed* MLP becomes.
+
+A compressed model (:mod:`blast_compile.compress`) has no dense MLP weights:
+each projection is a ``BlockSparseLinear`` holding its live blocks
+``[nnz, bo, bi]`` in CSR order over block-rows (``row_ptr``, ``col_idx``).
+Eagerly the MLP runs as ``block_linear -> act -> block_linear`` (three
+launches, the hidden activations round-trip through memory); this op is that
+chain in one node, with the same meaning and the same rounding (each linear
+accumulates in fp32 and returns ``x.dtype``; the activation runs in
+``x.dtype``).
+
+The op receives the stored tensors themselves (no copy at compile time) and
+derives the :class:`~blast_compile.formats.MLPPattern` the fused kernels want
+from the index tensors, once per (pattern key, tensor identities, ``_version``
+counters): an index or block tensor changed in place is noticed by an O(1)
+check per call and the plan is rebuilt, so the op is never stale.
+``pattern_key`` (a hash of the index tensors, :func:`pattern_key`) is an op
+argument, so Inductor/AOTAutograd caches never reuse a graph across patterns.
+
+Blocks are used in place when their stored order is the pattern's order (the
+common case: gate/up share one index and no hidden block is droppable);
+otherwise they are re-packed once per version (see ``compress.packed_mlp``,
+which does the same for modules).
+
+Implementations: CPU (any device as fallback) = :mod:`.gather` over the packed
+blocks; CUDA = ``triton_mlp.forward_packed``. Inference only: compressed models
+are for inference (fine-tune them with the unfused ``block_linear`` chain,
+which has autograd); a backward through this op raises.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch._dynamo.utils import counters
+
+from ..formats import build_pattern, cdiv
+from . import gather
+
+log = logging.getLogger("blast_compile.ops")
+
+_LOCK = threading.Lock()
+_STATE: "OrderedDict" = OrderedDict()  # (pattern key, tensor identities, shapes) -> _PackedPlan, LRU
+_MAX_PLANS = 4096
+
+
+def pattern_key(bh: int, bd: int, d_in: int, d_hidden: int, d_out: int, indices) -> str:
+    """Hash of block shape, shapes and the index tensors (``None`` entries allowed)."""
+    h = hashlib.sha1(f"packed|{bh}x{bd}|{d_in}|{d_hidden}|{d_out}|".encode())
+    for t in indices:
+        if t is None:
+            h.update(b"-|")
+            continue
+        t = t.detach().to("cpu", torch.int64).contiguous()
+        h.update(f"{t.numel()}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class _PackedPlan:
+    """What the kernels read: the pattern (CPU and device copies) and blocks in pattern order.
+
+    Duck-types ``sparse_mlp._Plan`` for ``triton_mlp`` (``pattern``, ``cache``) and
+    ``gather.PackedMLP`` for ``gather.forward`` (``p1``, ``p3``, ``p2``, ``in_rows``,
+    ``dn_rows_r``).
+    """
+
+    __slots__ = ("index_versions", "block_versions", "pattern", "dev_pattern", "cache", "sel", "p1", "p3", "p2",
+                 "in_rows", "dn_rows_r", "key")
+
+
+def _ident(t: Optional[Tensor]):
+    if t is None:
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.device))
+
+
+def _versions(*ts):
+    return tuple(None if t is None else t._version for t in ts)
+
+
+def _mask_and_pos(row_ptr: Tensor, col_idx: Tensor, n_rows: int, n_cols: int, what: str):
+    """(bool mask [n_rows, n_cols], long pos table: packed index of each block or -1), on CPU."""
+    ptr, cols = row_ptr.detach().cpu().long(), col_idx.detach().cpu().long()
+    nnz = cols.numel()
+    if ptr.numel() != n_rows + 1 or int(ptr[0]) != 0 or int(ptr[-1]) != nnz or bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError(f"blast::packed_mlp: {what} row_ptr is not a CSR pointer over {n_rows} block-rows")
+    if nnz and (int(cols.min()) < 0 or int(cols.max()) >= n_cols):
+        raise ValueError(f"blast::packed_mlp: {what} col_idx out of range [0, {n_cols})")
+    rows = gather.rows_of(ptr)
+    pos = torch.full((n_rows, n_cols), -1, dtype=torch.long)
+    pos[rows, cols] = torch.arange(nnz)
+    return pos >= 0, pos
+
+
+def _select(pos: Tensor, rows: Tensor, cols: Tensor, blocks: Tensor) -> Tensor:
+    """``blocks`` at (rows, cols) in that order (zero where the layer holds no block); no copy if in order."""
+    idx = pos[rows.long(), cols.long()]
+    if idx.numel() == blocks.shape[0] and bool((idx == torch.arange(idx.numel())).all()):
+        return blocks
+    padded = torch.cat([blocks.detach(), blocks.new_zeros(1, *blocks.shape[1:])])
+    return padded[torch.where(idx < 0, blocks.shape[0], idx).to(blocks.device)]
+
+
+def resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2, b2,
+            activation: str, block_h: int, block_d: int, d_in: int, d_hidden: int, d_out: int,
+            key: str) -> _PackedPlan:
+    """The plan for these tensors: rebuilt when an index changed, re-selected when blocks changed."""
+    index = (row_ptr1, col_idx1, row_ptr3, col_idx3, row_ptr2, col_idx2)
+    blocks = (blocks1, blocks3, blocks2)
+    sk = (key, *(_ident(t) for t in index + blocks), b1 is not None, b3 is not None, d_in, d_hidden, d_out,
+          activation)
+    iv, bv = _versions(*index), _versions(*blocks)
+    with _LOCK:
+        plan = _STATE.get(sk)
+        if plan is not None:
+            _STATE.move_to_end(sk)
+            if plan.index_versions == iv and plan.block_versions == bv:
+                return plan
+    if plan is None or plan.index_versions != iv:
+        plan = _build(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2,
+                      activation, block_h, block_d, d_in, d_hidden, d_out, key)
+        plan.index_versions = iv
+    else:
+        counters["blast"]["packed_blocks_refreshed"] += 1
+    _select_blocks(plan, blocks1, blocks3, blocks2)
+    plan.block_versions = bv
+    with _LOCK:
+        _STATE[sk] = plan
+        while len(_STATE) > _MAX_PLANS:
+            _STATE.popitem(last=False)
+    return plan
+
+
+def _build(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2,
+           activation, bh, bd, d_in, d_hidden, d_out, key) -> _PackedPlan:
+    gated = blocks3 is not None
+    n_h, n_in, n_out = cdiv(d_hidden, bh), cdiv(d_in, bd), cdiv(d_out, bd)
+    for name, blk, shape in (("w1", blocks1, (bh, bd)), ("w3", blocks3, (bh, bd)), ("w2", blocks2, (bd, bh))):
+        if blk is not None and (blk.dim() != 3 or tuple(blk.shape[1:]) != shape):
+            raise ValueError(f"blast::packed_mlp: {name} blocks {tuple(blk.shape)} are not [nnz, {shape[0]}, {shape[1]}]")
+    m1, pos1 = _mask_and_pos(row_ptr1, col_idx1, n_h, n_in, "w1")
+    m3, pos3 = _mask_and_pos(row_ptr3, col_idx3, n_h, n_in, "w3") if gated else (None, None)
+    m2, pos2 = _mask_and_pos(row_ptr2, col_idx2, n_out, n_h, "w2")
+    for name, blk, cols in (("w1", blocks1, col_idx1), ("w3", blocks3, col_idx3), ("w2", blocks2, col_idx2)):
+        if blk is not None and blk.shape[0] != cols.numel():
+            raise ValueError(f"blast::packed_mlp: {name} has {blk.shape[0]} blocks but {cols.numel()} indices")
+    pat = build_pattern(m1 | m3 if gated else m1, m2, bh, bd, activation=activation, gated=gated,
+                        has_b1=b1 is not None, has_b3=b3 is not None)
+    now = pattern_key(bh, bd, d_in, d_hidden, d_out, (row_ptr1, col_idx1, row_ptr3, col_idx3, row_ptr2, col_idx2))
+    if now != key:
+        counters["blast"]["pattern_changed"] += 1
+        log.info("blast: packed pattern %s changed to %s (%s)", key, now, pat.summary())
+    plan = _PackedPlan()
+    plan.key = now
+    plan.pattern = pat
+    dev = blocks1.device
+    plan.dev_pattern = pat.to(dev) if dev.type != "cpu" else pat
+    plan.cache = {"d_hidden": d_hidden, "d_out": d_out}  # triton_mlp's per-plan tables and tuning
+    in_rows, dn_rows = gather.rows_of(pat.in_rowptr), gather.rows_of(pat.dn_rowptr)
+    plan.sel = (pos1, pos3, pos2, in_rows, dn_rows)
+    plan.in_rows, plan.dn_rows_r = in_rows.to(dev), dn_rows.to(dev)
+    return plan
+
+
+def _select_blocks(plan: _PackedPlan, blocks1, blocks3, blocks2) -> None:
+    pos1, pos3, pos2, in_rows, dn_rows = plan.sel
+    p = plan.pattern
+    plan.p1 = _select(pos1, in_rows, p.in_cols, blocks1)
+    plan.p3 = _select(pos3, in_rows, p.in_cols, blocks3) if blocks3 is not None else None
+    plan.p2 = _select(pos2, dn_rows, p.dn_cols, blocks2)
+
+
+def _triton_forward(x2d, plan: _PackedPlan, b1, b3, b2, activation, d_out):
+    """The generated Triton kernels over the packed blocks (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
+    from . import triton_mlp
+
+    return triton_mlp.forward_packed(x2d, plan.p1, b1, plan.p3, b3, plan.p2, b2, plan, activation, d_out)
+
+
+@torch.library.custom_op("blast::packed_mlp", mutates_args=())
+def packed_mlp(
+    x: Tensor,
+    blocks1: Tensor, row_ptr1: Tensor, col_idx1: Tensor, b1: Optional[Tensor],
+    blocks3: Optional[Tensor], row_ptr3: Optional[Tensor], col_idx3: Optional[Tensor], b3: Optional[Tensor],
+    blocks2: Tensor, row_ptr2: Tensor, col_idx2: Tensor, b2: Optional[Tensor],
+    activation: str,
+    block_h: int,
+    block_d: int,
+    d_hidden: int,
+    d_out: int,
+    pattern_key: str,
+) -> Tensor:
+    """``block_linear(act(block_linear(x, W1)) [* block_linear(x, W3)], W2)`` in one node."""
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(-1, d_in)
+    plan = resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2, b2,
+                   activation, block_h, block_d, d_in, d_hidden, d_out, pattern_key)
+    if x2d.shape[0] == 0:
+        return x.new_empty((*lead, d_out))
+    if x.device.type == "cuda":
+        y = _triton_forward(x2d, plan, b1, b3, b2, activation, d_out)
+    else:
+        y = gather.forward(x2d, plan.dev_pattern, plan, b1, b3, b2, activation, d_out)
+    return y.reshape(*lead, d_out)
+
+
+@packed_mlp.register_fake
+def _(x, blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2, b2,
+      activation, block_h, block_d, d_hidden, d_out, pattern_key):
+    return x.new_empty((*x.shape[:-1], d_out))
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+def _backward(ctx, dy):
+    raise RuntimeError(
+        "blast::packed_mlp is inference-only (compressed MLP fused by the blast backend): no backward. "
+        "Run the compiled model under torch.no_grad()/torch.inference_mode(), or set requires_grad=False on the "
+        "compressed blocks/biases; to fine-tune a compressed model, run it without fusion (eager block_linear).")
+
+
+packed_mlp.register_autograd(_backward, setup_context=_setup_context)
+
+
+__all__ = ["packed_mlp", "pattern_key", "resolve"]
