@@ -135,8 +135,12 @@ def run_case(shape, sparsity, block, ms, dtype, dense_cache, bw, flops, do_bsr=T
     n_sp = max(2, min(24, cdiv(ROTATE_BYTES, live_bytes)))
     n_de = max(2, min(8, cdiv(ROTATE_BYTES, dense_bytes)))
     sets = [(w1, w3, w2)] + [tuple(None if t is None else t.clone() for t in (w1, w3, w2)) for _ in range(n_sp - 1)]
-    plans = [resolve(torch.empty(1, d, device="cuda", dtype=dtype), a, None, c, None, b, None, act, block, block, "", 1.0)
+    # the real pattern key (not ""), and every weight set stays alive while its plan is used: no plan
+    # can be reused for another case's tensors at a freed address
+    key = plan0.pattern.key
+    plans = [resolve(torch.empty(1, d, device="cuda", dtype=dtype), a, None, c, None, b, None, act, block, block, key, 1.0)
              for a, c, b in sets]
+    assert all(p.pattern.key == key for p in plans)
     rows = []
     for m in ms:
         xs = [torch.randn(m, d, device="cuda", dtype=dtype) for _ in range(len(sets))]

@@ -16,5 +16,17 @@ from .masks import declare_mask
 
 logging.getLogger("blast_compile").addHandler(logging.NullHandler())
 
+
+def _register_backend():
+    """backend="blast" works after `pip install` through the entry point; this covers a
+    source checkout on PYTHONPATH (no entry point) once blast_compile is imported."""
+    import torch._dynamo
+
+    if "blast" not in torch._dynamo.list_backends(exclude_tags=()):  # also loads entry points
+        torch._dynamo.register_backend(blast, name="blast")
+
+
+_register_backend()
+
 __version__ = "0.1.0"
 __all__ = ["blast", "explain", "ExplainReport", "BlastOptions", "Candidate", "declare_mask", "__version__"]

@@ -190,6 +190,29 @@ def check_nonfinite(m, device, dtype, block, **kw):
     torch.testing.assert_close(y3, dense_mlp(x, *args(p), "silu"), **tol(dtype))
 
 
+def check_decode_repeat(device, dtype, d, h, block, ms, reps, **kw):
+    """Split-K decode keeps fp32 scratch and completion counters in the plan and the kernels
+    leave them all-zero: many calls (alternating M, biases, dead block rows so some output
+    blocks have no live down block) on one plan, each one right and the state zero after it."""
+    from blast_compile.ops import triton_mlp
+
+    p = make(d, h, gated=True, bias=True, dtype=dtype, block=block, device=device, dead_rows=True, **kw)
+    plan = plan_for(torch.zeros(1, d, dtype=dtype, device=device), p, "silu", block)
+    assert (plan.pattern.dn_rowptr[1:] == plan.pattern.dn_rowptr[:-1]).any()  # an empty output block row
+    for i in range(reps):
+        m = ms[i % len(ms)]
+        x = torch.randn(m, d, dtype=dtype, device=device)
+        torch.testing.assert_close(triton_mlp.forward(x, *args(p), plan, "silu"), dense_mlp(x, *args(p), "silu"),
+                                   **tol(dtype), msg=lambda s: f"call {i} (m={m}): {s}")
+        state = [v for k, v in plan.cache.items() if isinstance(k, tuple) and k[0] == "dec_scratch"]
+        assert state and all(int(t.count_nonzero()) == 0 for t in state[0]), f"call {i}: scratch not re-zeroed"
+
+
+@interp
+def test_interp_decode_repeat():
+    check_decode_repeat("cpu", torch.float32, 40, 80, (16, 16), (3, 1, 5), 4, sparsity=0.5)
+
+
 @interp
 @pytest.mark.parametrize("m", [3, 37])
 def test_interp_nonfinite_rows(m):
@@ -352,6 +375,23 @@ def test_gpu_decode_scratch_reused_across_m():
         xm = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
         torch.testing.assert_close(triton_mlp.forward(xm, *args(p), plan, "silu"), dense_mlp(xm, *args(p), "silu"),
                                    **tol(torch.bfloat16))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_decode_repeat_ragged_bias(dtype):
+    """Round 2's failing case (biases, (64, 32) blocks, 200 -> 520), called 60 times on one plan."""
+    check_decode_repeat("cuda", dtype, 200, 520, (64, 32), (1, 16, 3, 32, 7), 60, sparsity=0.7)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(8))
+def test_gpu_forward_decode_seeds(seed):
+    """Decode with biases on ragged (64, 32) blocks over several random patterns (fresh weights each)."""
+    for m in (1, 16):
+        check_forward(m, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7, seed=100 + seed)
 
 
 @gpu

@@ -32,8 +32,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import weakref
 from collections import OrderedDict
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -63,15 +64,32 @@ def pattern_key(bh: int, bd: int, d_in: int, d_hidden: int, d_out: int, indices)
 
 
 class _PackedPlan:
-    """What the kernels read: the pattern (CPU and device copies) and blocks in pattern order.
+    """The pattern (CPU and device copies) and how to get blocks in pattern order.
 
-    Duck-types ``sparse_mlp._Plan`` for ``triton_mlp`` (``pattern``, ``cache``) and
-    ``gather.PackedMLP`` for ``gather.forward`` (``p1``, ``p3``, ``p2``, ``in_rows``,
-    ``dn_rows_r``).
+    Duck-types ``sparse_mlp._Plan`` for ``triton_mlp`` (``pattern``, ``cache``).
+    ``copies[i]`` is a re-packed copy of layer i's blocks, or None when the stored
+    tensor is already in pattern order (then the plan holds no reference to it, so a
+    cached plan never keeps a deleted model's weights alive).
     """
 
-    __slots__ = ("index_versions", "block_versions", "pattern", "dev_pattern", "cache", "sel", "p1", "p3", "p2",
-                 "in_rows", "dn_rows_r", "key")
+    __slots__ = ("index_versions", "block_versions", "pattern", "dev_pattern", "cache", "sel", "copies",
+                 "in_rows", "dn_rows_r", "key", "refs")
+
+
+class _Blocks(NamedTuple):
+    """Blocks in pattern order for one call (what ``gather.forward`` reads as ``packed``)."""
+
+    p1: Tensor
+    p3: Optional[Tensor]
+    p2: Tensor
+    in_rows: Tensor
+    dn_rows_r: Tensor
+
+
+def blocks_in_order(plan: _PackedPlan, blocks1, blocks3, blocks2) -> _Blocks:
+    c1, c3, c2 = plan.copies
+    return _Blocks(blocks1 if c1 is None else c1, c3 if c3 is not None else blocks3, blocks2 if c2 is None else c2,
+                   plan.in_rows, plan.dn_rows_r)
 
 
 def _ident(t: Optional[Tensor]):
@@ -98,11 +116,15 @@ def _mask_and_pos(row_ptr: Tensor, col_idx: Tensor, n_rows: int, n_cols: int, wh
     return pos >= 0, pos
 
 
-def _select(pos: Tensor, rows: Tensor, cols: Tensor, blocks: Tensor) -> Tensor:
-    """``blocks`` at (rows, cols) in that order (zero where the layer holds no block); no copy if in order."""
+def _alive(refs) -> bool:
+    return all(r is None or r() is not None for r in refs)
+
+
+def _select(pos: Tensor, rows: Tensor, cols: Tensor, blocks: Tensor) -> Optional[Tensor]:
+    """``blocks`` at (rows, cols) in that order (zero where the layer holds no block); None: already in order."""
     idx = pos[rows.long(), cols.long()]
     if idx.numel() == blocks.shape[0] and bool((idx == torch.arange(idx.numel())).all()):
-        return blocks
+        return None
     padded = torch.cat([blocks.detach(), blocks.new_zeros(1, *blocks.shape[1:])])
     return padded[torch.where(idx < 0, blocks.shape[0], idx).to(blocks.device)]
 
@@ -118,6 +140,11 @@ def resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, bl
     iv, bv = _versions(*index), _versions(*blocks)
     with _LOCK:
         plan = _STATE.get(sk)
+        if plan is not None and not _alive(plan.refs):
+            # the tensors it was built from are gone: a new tensor at the same address
+            # (and version 0) is not the same layer
+            del _STATE[sk]
+            plan = None
         if plan is not None:
             _STATE.move_to_end(sk)
             if plan.index_versions == iv and plan.block_versions == bv:
@@ -126,6 +153,7 @@ def resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, bl
         plan = _build(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2,
                       activation, block_h, block_d, d_in, d_hidden, d_out, key)
         plan.index_versions = iv
+        plan.refs = tuple(None if t is None else weakref.ref(t) for t in index + blocks)
     else:
         counters["blast"]["packed_blocks_refreshed"] += 1
     _select_blocks(plan, blocks1, blocks3, blocks2)
@@ -171,16 +199,16 @@ def _build(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blo
 def _select_blocks(plan: _PackedPlan, blocks1, blocks3, blocks2) -> None:
     pos1, pos3, pos2, in_rows, dn_rows = plan.sel
     p = plan.pattern
-    plan.p1 = _select(pos1, in_rows, p.in_cols, blocks1)
-    plan.p3 = _select(pos3, in_rows, p.in_cols, blocks3) if blocks3 is not None else None
-    plan.p2 = _select(pos2, dn_rows, p.dn_cols, blocks2)
+    plan.copies = (_select(pos1, in_rows, p.in_cols, blocks1),
+                   _select(pos3, in_rows, p.in_cols, blocks3) if blocks3 is not None else None,
+                   _select(pos2, dn_rows, p.dn_cols, blocks2))
 
 
-def _triton_forward(x2d, plan: _PackedPlan, b1, b3, b2, activation, d_out):
+def _triton_forward(x2d, plan: _PackedPlan, blk: _Blocks, b1, b3, b2, activation, d_out):
     """The generated Triton kernels over the packed blocks (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
     from . import triton_mlp
 
-    return triton_mlp.forward_packed(x2d, plan.p1, b1, plan.p3, b3, plan.p2, b2, plan, activation, d_out)
+    return triton_mlp.forward_packed(x2d, blk.p1, b1, blk.p3, b3, blk.p2, b2, plan, activation, d_out)
 
 
 @torch.library.custom_op("blast::packed_mlp", mutates_args=())
@@ -203,10 +231,11 @@ def packed_mlp(
                    activation, block_h, block_d, d_in, d_hidden, d_out, pattern_key)
     if x2d.shape[0] == 0:
         return x.new_empty((*lead, d_out))
+    blk = blocks_in_order(plan, blocks1, blocks3, blocks2)
     if x.device.type == "cuda":
-        y = _triton_forward(x2d, plan, b1, b3, b2, activation, d_out)
+        y = _triton_forward(x2d, plan, blk, b1, b3, b2, activation, d_out)
     else:
-        y = gather.forward(x2d, plan.dev_pattern, plan, b1, b3, b2, activation, d_out)
+        y = gather.forward(x2d, plan.dev_pattern, blk, b1, b3, b2, activation, d_out)
     return y.reshape(*lead, d_out)
 
 
@@ -230,4 +259,4 @@ def _backward(ctx, dy):
 packed_mlp.register_autograd(_backward, setup_context=_setup_context)
 
 
-__all__ = ["packed_mlp", "pattern_key", "resolve"]
+__all__ = ["packed_mlp", "pattern_key", "resolve", "blocks_in_order"]

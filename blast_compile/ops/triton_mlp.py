@@ -2,18 +2,17 @@
 
 Two forward paths (same meaning, eager rounding, fp32 accumulation):
 
-* decode (M <= ``codegen.DECODE_MAX_M``), default: ``mlp_decode``, one program per live
-  hidden block (h_j on chip, atomics of its down share into an fp32 output, then cast).
-  Opt-in (``BLAST_DECODE=splitk``; ~2x faster on H200 but failed GPU tests with biases
-  on ragged blocks, see NOTES_KERNELS.md): three launches, each spread
-  over many small independent work items so that enough weight bytes are in flight:
-  ``mlp_decode_in`` (split-K: one program per chunk of <= CH live in-blocks of a
-  hidden block-row, fp32 atomics into a G/U scratch), ``mlp_decode_dn`` (one program
-  per chunk of live down blocks of a hidden column: h_j from G_j/U_j in registers,
-  atomics into an fp32 output scratch) and ``mlp_decode_out`` (cast + b2, and it
-  re-zeroes both scratch buffers for the next call: no memset launch). The scratch
-  lives in ``plan.cache``, so two streams must not run the same plan's decode at
-  once;
+* decode (M <= ``codegen.DECODE_MAX_M``): two launches, each spread over many small
+  independent work items so that enough weight bytes are in flight:
+  ``mlp_decode_in`` (split-K: one program per chunk of <= CH live in-blocks of a hidden
+  block-row, fp32 atomics into a G/U scratch; extra programs write the output blocks no
+  down block touches) and ``mlp_decode_dn`` (one program per chunk of live down blocks of
+  a hidden column: h_j from G_j/U_j in registers, atomics into an fp32 output scratch).
+  Completion counters (``sem="acq_rel"``) let the last chunk of each hidden column re-zero
+  G_j/U_j and the last contributor to each output block cast it (+ b2, NaN rows) and re-zero
+  it: no memset, no cast kernel, no torch ops. Scratch and counters live in ``plan.cache``,
+  so two streams must not run the same plan's decode at once. ``BLAST_DECODE=onekernel``:
+  the older one-program-per-hidden-block ``mlp_decode`` (~2x slower; a cross-check);
 * prefill: ``mlp_hidden`` (gate and up in one program, act and product in the
   epilogue) writes H, then ``bsmm`` computes ``Y = H W2^T`` CSR by output
   block-row; both grids visit long rows first.
@@ -52,10 +51,9 @@ log = logging.getLogger("blast_compile.ops")
 HANDLES_NONFINITE = True
 
 # small tuning spaces; the first entry is the untuned default
-# one-kernel decode (default): (BM, num_warps, num_stages)
+# one-kernel decode (BLAST_DECODE=onekernel): (BM, num_warps, num_stages)
 DECODE1_CONFIGS = [(16, 4, 3), (16, 4, 2), (16, 4, 4), (16, 8, 4), (16, 2, 3)]
-# split-K decode (BLAST_DECODE=splitk; faster on H200 but failed GPU tests with biases/partial
-# blocks, see NOTES_KERNELS.md): (in-blocks per program, down blocks per program, num_warps)
+# split-K decode (default for M <= DECODE_MAX_M): (in-blocks per program, down blocks per program, num_warps)
 DECODE_CONFIGS = [(4, 4, 4), (2, 2, 4), (8, 4, 8), (4, 8, 8), (2, 4, 4)]
 # prefill: (BM, num_warps, num_stages)
 PREFILL_CONFIGS = [(64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3)]
@@ -156,7 +154,11 @@ def _split(ptr, items, ch):
 
 
 def _chunks(plan, ch_in, ch_dn, device):
-    """Decode work lists (built on the host from the CPU pattern, once per chunk size)."""
+    """Decode work lists (built on the host from the CPU pattern, once per chunk size).
+
+    ``in``/``dn``: (item, start, n) per chunk; ``dn_tot``: how many chunks its hidden column
+    has (the column's completion count); ``empty``: output blocks no live down block touches.
+    """
     key = ("chunks", ch_in, ch_dn)
     t = plan.cache.get(key)
     if t is None:
@@ -167,18 +169,28 @@ def _chunks(plan, ch_in, ch_dn, device):
             item, start, n = _split(ptr, items, ch)
             t[name] = (item.to(device, torch.int32), start.to(device, torch.int32), n.to(device, torch.int32))
             t["n_" + name] = int(item.numel())
+            if name == "dn":
+                per_col = torch.bincount(item, minlength=p.n_h)
+                t["dn_tot"] = per_col[item].to(device, torch.int32)
+        empty = ((p.dn_rowptr[1:] - p.dn_rowptr[:-1]) == 0).nonzero().flatten()
+        t["empty"] = empty.to(device, torch.int32) if empty.numel() else torch.zeros(1, device=device, dtype=torch.int32)
+        t["n_empty"] = int(empty.numel())
         plan.cache[key] = t
     return t
 
 
 def _decode_scratch(plan, device, gated, d_hidden, d_out):
-    """Persistent fp32 scratch (G|U, Y), kept all-zero between calls."""
+    """Persistent fp32 scratch (G|U, Y) and int32 completion counters (per hidden block column,
+    per output block), all zero between calls: the decode kernels leave them so."""
     key = ("dec_scratch", str(device), gated, d_hidden, d_out)
     t = plan.cache.get(key)
     if t is None:
         mm = codegen.DECODE_MAX_M
+        p = plan.pattern
         t = (torch.zeros(mm, (2 if gated else 1) * d_hidden, device=device, dtype=torch.float32),
-             torch.zeros(mm, d_out, device=device, dtype=torch.float32))
+             torch.zeros(mm, d_out, device=device, dtype=torch.float32),
+             torch.zeros(max(1, p.n_h), device=device, dtype=torch.int32),
+             torch.zeros(max(1, p.n_out), device=device, dtype=torch.int32))
         plan.cache[key] = t
     return t
 
@@ -245,56 +257,40 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     common = dict(DTYPE=DT, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned, GATED=gated,
                   HAS_B1=b1 is not None, HAS_B3=b3 is not None)
     n_live = ix["live"].numel()
-    if m <= codegen.DECODE_MAX_M and os.environ.get("BLAST_DECODE", "") != "splitk":
-        y32 = torch.empty(m, d_out, device=x2d.device, dtype=torch.float32)
-
-        def run1(cfg):
-            bm, nw, ns = cfg
-            bm = max(bm, triton.next_power_of_2(m))
-            y32.zero_()
-            if n_live:
-                mod.mlp_decode[(n_live, cdiv(m, bm))](
-                    x2d, x2d.stride(0), y32, y32.stride(0), m, d_in, d_hidden, d_out,
-                    w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
-                    ix["in_rowptr"], ix["in_cols"], ix["live"],
-                    w2, off["dn_csc"], s2[0], s2[1], ix["dn_colptr"], ix["dn_rows"],
-                    BM=bm, num_warps=nw, num_stages=ns, **common)
-
-        run1(_choose("decode", sig, m, DECODE1_CONFIGS, run1))
-        if b2 is not None:
-            y32 += b2.float()
-        y32.masked_fill_(~torch.isfinite(x2d).all(1, keepdim=True), float("nan"))  # eager's NaN rows
-        return y32.to(x2d.dtype)
+    if m <= codegen.DECODE_MAX_M and os.environ.get("BLAST_DECODE", "") == "onekernel":
+        return _decode_onekernel(x2d, w1, b1, w3, b3, w2, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off,
+                                 s1, s2, s3, w3_, off3, b1_, b3_, common, n_live)
 
     if m <= codegen.DECODE_MAX_M:
-        gu, y32 = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
+        gu, y32, colcnt, outcnt = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
         y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
         dot = m > GEMV_MAX_M
         bm = max(16, triton.next_power_of_2(m)) if dot else max(2, triton.next_power_of_2(m))
-        dec = dict(BM=bm, BH=p.bh, BD=p.bd, ALIGNED=sig.aligned, GATED=gated, DOT=dot)
+        bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
+        dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT)
+        b2_ = b2 if b2 is not None else y32
 
         def run(cfg):
             ci, cd, nw = cfg
             ch = _chunks(plan, ci, cd, x2d.device)
             try:
-                if ch["n_in"]:
-                    mod.mlp_decode_in[(ch["n_in"],)](
+                if ch["n_in"] + ch["n_empty"]:
+                    mod.mlp_decode_in[(ch["n_in"] + ch["n_empty"],)](
                         x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
                         w1, off["in1"], s1[0], s1[1], w3_, off3, s3[0], s3[1],
-                        ix["in_cols"], *ch["in"], CH=ci, num_warps=nw, **dec)
+                        ix["in_cols"], *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
+                        CH=ci, HAS_B=b2 is not None, num_warps=nw, **dec)
                 if ch["n_dn"]:
                     mod.mlp_decode_dn[(ch["n_dn"],)](
-                        gu, gu.stride(0), y32, y32.stride(0), m, d_hidden, d_out, b1_, b3_,
-                        w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], *ch["dn"],
-                        DTYPE=DT, CH=cd, HAS_B1=b1 is not None, HAS_B3=b3 is not None, num_warps=nw, **dec)
-                bn = 256
-                mod.mlp_decode_out[(cdiv(d_out, bn), m)](
-                    y32, y32.stride(0), y, y.stride(0), b2 if b2 is not None else y32, x2d, x2d.stride(0), d_in,
-                    gu, m * gu.stride(0), m, d_out, DTYPE=DT, HAS_B=b2 is not None, BN=bn, ZB=1024,
-                    BX=min(4096, triton.next_power_of_2(d_in)), num_warps=4)
+                        gu, gu.stride(0), y32, y32.stride(0), y, y.stride(0), x2d, x2d.stride(0),
+                        m, d_in, d_hidden, d_out, b1_, b3_, b2_,
+                        w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], ix["dn_rowptr"],
+                        *ch["dn"], ch["dn_tot"], colcnt, outcnt,
+                        CH=cd, HAS_B1=b1 is not None, HAS_B3=b3 is not None, HAS_B=b2 is not None,
+                        num_warps=nw, **dec)
             except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
-                gu.zero_()
-                y32.zero_()
+                for t in (gu, y32, colcnt, outcnt):
+                    t.zero_()
                 raise
 
         run(_choose("decode2", sig, m, DECODE_CONFIGS, run))
@@ -328,6 +324,31 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
 
     run_y(_choose("down", sig, m, PREFILL_CONFIGS, run_y))
     return y
+
+
+def _decode_onekernel(x2d, w1, b1, w3, b3, w2, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off,
+                      s1, s2, s3, w3_, off3, b1_, b3_, common, n_live):
+    """Fallback decode (``BLAST_DECODE=onekernel``): one program per live hidden block, memset,
+    cast and NaN rows in torch. ~2x slower than split-K on H200; kept to cross-check it."""
+    y32 = torch.empty(m, d_out, device=x2d.device, dtype=torch.float32)
+
+    def run1(cfg):
+        bm, nw, ns = cfg
+        bm = max(bm, triton.next_power_of_2(m))
+        y32.zero_()
+        if n_live:
+            mod.mlp_decode[(n_live, cdiv(m, bm))](
+                x2d, x2d.stride(0), y32, y32.stride(0), m, d_in, d_hidden, d_out,
+                w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
+                ix["in_rowptr"], ix["in_cols"], ix["live"],
+                w2, off["dn_csc"], s2[0], s2[1], ix["dn_colptr"], ix["dn_rows"],
+                BM=bm, num_warps=nw, num_stages=ns, **common)
+
+    run1(_choose("decode", sig, m, DECODE1_CONFIGS, run1))
+    if b2 is not None:
+        y32 += b2.float()
+    y32.masked_fill_(~torch.isfinite(x2d).all(1, keepdim=True), float("nan"))  # eager's NaN rows
+    return y32.to(x2d.dtype)
 
 
 def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation):
