@@ -171,3 +171,25 @@ def test_opcheck():
     key = pattern_from_weights(p["w1"], p["w3"], p["w2"], ch.bh, ch.bd, activation="silu", has_b1=True, has_b3=True).key
     args = (x, p["w1"], p["b1"], p["w3"], p["b3"], p["w2"], p["b2"], "silu", ch.bh, ch.bd, key, 1.0)
     torch.library.opcheck(torch.ops.blast.sparse_mlp.default, args)
+
+
+def test_declared_mask_means_w_times_mask():
+    """With every weight's mask declared, values outside the mask are not part of the layer."""
+    p = make_mlp(32, 64, gated=False, bias=False, dtype=torch.float64, sparsity=0.0)
+    bms = {}
+    for k in ("w1", "w2"):
+        w = p[k]
+        bms[k] = random_block_mask(cdiv(w.shape[0], 16), cdiv(w.shape[1], 16), 0.6)
+        masks.declare_mask(w, bms[k], (16, 16))
+    try:
+        x = torch.randn(4, 32, dtype=torch.float64)
+        masked = {k: (v * expand_mask(bms[k], 16, 16, v.shape) if k in bms else v) for k, v in p.items()}
+        torch.testing.assert_close(call(x, p, "relu"), ref(x, masked, "relu"))
+        with torch.no_grad():
+            p["w1"].add_(1.0)  # an update touching dead blocks too: still W * mask
+        masked["w1"] = p["w1"] * expand_mask(bms["w1"], 16, 16, p["w1"].shape)
+        torch.testing.assert_close(call(x, p, "relu"), ref(x, masked, "relu"))
+        assert counters["blast"]["masked_weight_update"] >= 1
+    finally:
+        for k in ("w1", "w2"):
+            masks.clear_mask(p[k])

@@ -66,10 +66,6 @@ def _alive(refs) -> bool:
     return all(r is None or r() is not None for r in refs)
 
 
-def _versions(*ts):
-    return tuple(None if t is None else t._version for t in ts) + tuple(_masks.mask_version(t) for t in ts)
-
-
 def _declared_block_mask(w, bo, bi):
     """A declared mask re-expressed at the MLP's block shape (bool [O/bo, I/bi]), or None."""
     d = _masks.declared_mask(w)
@@ -90,7 +86,9 @@ def _warn_once(what: str, msg: str):
 def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density) -> _Plan:
     """The live-block plan for these weights, re-derived only when a version counter moved."""
     sk = (pattern_key, _ident(w1), _ident(w3), _ident(w2), b1 is not None, b3 is not None)
-    vers = _versions(w1, w3, w2)
+    ws = [t for t in (w1, w3, w2) if t is not None]
+    vers = (tuple(t._version for t in ws), tuple(_masks.mask_version(t) for t in ws))
+    all_declared = all(v is not None for v in vers[1])
     with _LOCK:
         plan = _STATE.get(sk)
         if plan is not None and not _alive(plan.refs):
@@ -102,16 +100,28 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
             _STATE.move_to_end(sk)
             if plan.versions == vers:
                 return plan
-    m_in, m_dn = _mlp_masks(w1, w3, w2, block_h, block_d)
+            if all_declared and plan.versions[1] == vers[1]:
+                # Every weight has a declared mask (it means W * mask) and no mask moved:
+                # new values (an optimizer step) need no look at the weights, no host sync.
+                plan.versions = vers
+                plan.packed = None
+                counters["blast"]["masked_weight_update"] += 1
+                return plan
     decl = [_declared_block_mask(w1, block_h, block_d), _declared_block_mask(w3, block_h, block_d) if w3 is not None else None,
             _declared_block_mask(w2, block_d, block_h)]
-    # forward pattern = every block that holds a non-zero, plus every declared-live block
-    for i, dm in enumerate(decl):
-        if dm is not None:
-            if i < 2:
-                m_in = m_in | dm
-            else:
-                m_dn = m_dn | dm
+    if all_declared:
+        # W * mask: the pattern is the masks, whatever the weights hold outside them
+        m_in = decl[0] if w3 is None else decl[0] | decl[1]
+        m_dn = decl[2]
+    else:
+        m_in, m_dn = _mlp_masks(w1, w3, w2, block_h, block_d)
+        # forward pattern = every block that holds a non-zero, plus every declared-live block
+        for i, dm in enumerate(decl):
+            if dm is not None:
+                if i < 2:
+                    m_in = m_in | dm
+                else:
+                    m_dn = m_dn | dm
     if plan is not None and _same_masks(plan, m_in, m_dn, decl):
         # values moved (an optimizer step, a copy_) but no block changed liveness:
         # keep the indices, refresh the packed (CPU) copy of the blocks.
