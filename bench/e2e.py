@@ -113,6 +113,10 @@ def main():
         "inductor": CompileConfig(backend="inductor", mode=args.mode),
         "blast": CompileConfig(backend="blast", mode=args.mode),
     }
+    for cc in variants.values():
+        if cc is not None:
+            cc._compile_all_devices = True  # HF compiles only on CUDA unless told (CPU smoke runs)
+    from torch._dynamo.utils import counters
     for b in [int(v) for v in args.batches.split(",")]:
         ids = torch.randint(0, cfg.vocab_size, (b, args.prompt), device=device)
         outs = {}
@@ -123,6 +127,9 @@ def main():
                 res["decode"].setdefault(f"batch{b}", {})[name] = tps
             except Exception as e:  # report, don't hide
                 res["decode"].setdefault(f"batch{b}", {})[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            if name == "blast":
+                res["decode"][f"batch{b}"]["blast_mlps_fused"] = counters["blast"]["mlp_fused"]
+                counters.clear()
             print(f"decode batch {b} {name}: {res['decode'][f'batch{b}'][name]}", flush=True)
         if "blast" in outs and "inductor" in outs:
             # greedy tokens agree for most positions (bf16 ties can flip late tokens)
