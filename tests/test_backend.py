@@ -145,3 +145,22 @@ def test_hf_llama_every_mlp_fused_logits_match():
         ref = model(ids).logits
     torch.testing.assert_close(out, ref, **tol(torch.float32))
     assert counters["blast"]["mlp_fused"] == cfg.num_hidden_layers
+
+
+def test_rewritten_graph_keeps_dynamo_metadata_for_static_inputs():
+    """AOTAutograd finds parameters/static buffers (for CUDA graphs) through Dynamo's
+    annotations on the GraphModule and its placeholders; the rewrite must keep them."""
+    from blast_compile.backend import _copy_graph_module
+
+    seen = {}
+
+    def record(gm, example_inputs):
+        new = _copy_graph_module(gm)
+        seen["src"] = hasattr(new, "_param_name_to_source")
+        seen["nodes"] = all(hasattr(n, "_dynamo_source") for n in new.graph.nodes if n.op == "placeholder")
+        seen["id"] = "dynamo_compile_id" in new.meta
+        return gm
+
+    torch._dynamo.reset()
+    torch.compile(sparse_block(), backend=record)(torch.randn(2, 64))
+    assert seen == {"src": True, "nodes": True, "id": True}

@@ -242,3 +242,82 @@ def test_timings_recorded():
     train(model, opt, sp, 10)
     t = sp.timing_summary()
     assert t["update"]["n"] == 2 and t["plain"]["n"] == 8
+
+
+# ---- issue 4 §3: the SmolLM2 sparse fine-tunes ended at ppl 1e3..1e7. These pin the suspects that
+# were checked and cleared (mask orientation on non-square/ragged weights, Adam state of live blocks,
+# training under a fixed mask); the cause was the model's sensitivity to block pruning (RESULTS.md).
+
+def _block_l2_reference(w, b):
+    """Per-block squared L2 norm by explicit slicing (independent of the sparsifier's reshape)."""
+    ro, ri = math.ceil(w.shape[0] / b), math.ceil(w.shape[1] / b)
+    return torch.tensor([[float(w[r * b:(r + 1) * b, c * b:(c + 1) * b].square().sum()) for c in range(ri)]
+                         for r in range(ro)])
+
+
+def test_masks_are_block_l2_topk_on_non_square_ragged_weights():
+    torch.manual_seed(3)
+    mlp = GatedMLP(d=20, h=44)  # gate/up [44, 20], down [20, 44]: non-square and ragged for B=8
+    w0 = {n: m.weight.detach().clone() for n, m in mlp.named_children()}
+    sp = BlastSparsifier(mlp, target_sparsity=0.5, block_size=B, schedule="constant")
+    ref = {"gate_proj": _block_l2_reference(w0["gate_proj"], B) + _block_l2_reference(w0["up_proj"], B),
+           "down_proj": _block_l2_reference(w0["down_proj"], B)}
+    ref["up_proj"] = ref["gate_proj"]
+    for n, score in ref.items():
+        L = sp.layers[n]
+        k = round(0.5 * score.numel())
+        want = torch.zeros_like(score, dtype=torch.bool)
+        want.view(-1)[score.flatten().topk(k).indices] = True
+        assert torch.equal(L.mask, want), n
+        em = expand_mask(want, B, B, L.shape)
+        assert torch.equal(L.param.detach(), w0[n] * em), n  # live blocks untouched, dead ones zero
+
+
+def test_mask_update_leaves_live_blocks_optimizer_state_untouched():
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = BlastSparsifier(model, target_sparsity=0.5, block_size=B, end_step=4, update_every=2, optimizer=opt,
+                         freeze_last=0.0)
+    for t in range(1, 5):
+        model(torch.randn(16, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        before = {n: ({k: v.clone() for k, v in opt.state[L.param].items() if torch.is_tensor(v) and v.dim() == 2},
+                      L.param.detach().clone()) for n, L in sp.layers.items()}
+        old = {n: L.mask.clone() for n, L in sp.layers.items()}
+        assert sp.step() == (t % 2 == 0)
+        for n, L in sp.layers.items():
+            state, w = before[n]
+            live = expand_mask(L.mask, B, B, L.shape)
+            assert torch.equal(L.param.detach()[live], w[live]), n
+            assert state and all(torch.equal(opt.state[L.param][k][live], v[live]) for k, v in state.items()), n
+            assert all(float(opt.state[L.param][k][~live].abs().sum()) == 0 for k in state), n
+            assert not bool((L.mask & ~old[n]).any())  # magnitude pruning never revives a block
+    assert sp.sparsity() == pytest.approx(0.5)
+
+
+def test_training_under_a_fixed_mask_recovers():
+    """One-shot pruning, then training towards a teacher with the same mask but other live weights:
+    the loss must fall far (the hook must mask dead, not live, gradients)."""
+    import copy
+
+    torch.manual_seed(0)
+    student = nn.Sequential(Block(), Block())
+    opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+    sp = BlastSparsifier(student, target_sparsity=0.5, block_size=B, schedule="constant", optimizer=opt)
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for n, L in sp.layers.items():
+            teacher.get_submodule(n).weight.add_(0.05 * torch.randn(L.shape) * L.emask)
+    losses = []
+    for _ in range(80):
+        x = torch.randn(32, 32)
+        loss = (student(x) - teacher(x).detach()).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+        losses.append(float(loss.detach()))
+    dead_blocks_are_zero(sp)
+    assert sum(losses[-5:]) < 0.1 * sum(losses[:5]), (losses[:5], losses[-5:])
