@@ -164,3 +164,25 @@ def test_rewritten_graph_keeps_dynamo_metadata_for_static_inputs():
     torch._dynamo.reset()
     torch.compile(sparse_block(), backend=record)(torch.randn(2, 64))
     assert seen == {"src": True, "nodes": True, "id": True}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 48])
+def test_gpu_reduce_overhead_cuda_graphs(m):
+    """mode="reduce-overhead": the fused op's plan state must live outside the CUDA-graph
+    pool (else "tensors in the cudagraph pool not tracked as outputs"), replays must be right,
+    and an in-place weight update (same pattern) must be read by the replays."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    blk = sparse_block().cuda().to(torch.bfloat16)
+    x = torch.randn(2, m, 64, device="cuda", dtype=torch.bfloat16)
+    cm = torch.compile(blk, backend="blast", mode="reduce-overhead")
+    with torch.no_grad():
+        for _ in range(4):
+            out = cm(x).clone()
+        torch.testing.assert_close(out, blk(x), **tol(torch.bfloat16))
+        blk.mlp.up_proj.weight.mul_(0.5)
+        for _ in range(2):
+            out = cm(x).clone()
+        torch.testing.assert_close(out, blk(x), **tol(torch.bfloat16))
+    assert counters["blast"]["mlp_fused"] == 1

@@ -185,6 +185,9 @@ def check_nonfinite(m, device, dtype, block, **kw):
     assert torch.isnan(y2[bad]).all()
     torch.testing.assert_close(y2[~bad], y[~bad], **tol(dtype))  # (decode's fp32 atomics: order may vary)
     assert torch.isnan(dense_mlp(x, *args(p), "silu")[bad]).all()  # what eager gives
+    for k, v in plan.cache.items():  # decode: the NaN-row flag and its finisher count are re-zeroed too
+        if isinstance(k, tuple) and k[0] == "dec_scratch":
+            assert all(int(t.count_nonzero()) == 0 for t in v), "decode scratch not re-zeroed after NaN rows"
     x[r1, 3], x[m - 1, -1] = 0.5, 0.25
     y3 = triton_mlp.forward(x, *args(p), plan, "silu")  # no stale flags, decode scratch re-zeroed
     torch.testing.assert_close(y3, dense_mlp(x, *args(p), "silu"), **tol(dtype))

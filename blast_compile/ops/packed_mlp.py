@@ -42,6 +42,7 @@ from torch._dynamo.utils import counters
 
 from ..formats import build_pattern, cdiv
 from . import gather
+from .sparse_mlp import outside_graph_pool
 
 log = logging.getLogger("blast_compile.ops")
 
@@ -149,15 +150,20 @@ def resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, bl
             _STATE.move_to_end(sk)
             if plan.index_versions == iv and plan.block_versions == bv:
                 return plan
-    if plan is None or plan.index_versions != iv:
-        plan = _build(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2,
-                      activation, block_h, block_d, d_in, d_hidden, d_out, key)
-        plan.index_versions = iv
-        plan.refs = tuple(None if t is None else weakref.ref(t) for t in index + blocks)
-    else:
-        counters["blast"]["packed_blocks_refreshed"] += 1
-    _select_blocks(plan, blocks1, blocks3, blocks2)
-    plan.block_versions = bv
+    def refresh(plan):
+        if plan is None or plan.index_versions != iv:
+            plan = _build(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2,
+                          col_idx2, activation, block_h, block_d, d_in, d_hidden, d_out, key)
+            plan.index_versions = iv
+            plan.refs = tuple(None if t is None else weakref.ref(t) for t in index + blocks)
+        else:
+            counters["blast"]["packed_blocks_refreshed"] += 1
+        _select_blocks(plan, blocks1, blocks3, blocks2)
+        plan.block_versions = bv
+        return plan
+
+    # long-lived device state: not in a CUDA-graph pool (see sparse_mlp.outside_graph_pool)
+    plan = outside_graph_pool(lambda: refresh(plan), blocks1.device)
     with _LOCK:
         _STATE[sk] = plan
         while len(_STATE) > _MAX_PLANS:
@@ -206,8 +212,17 @@ def _select_blocks(plan: _PackedPlan, blocks1, blocks3, blocks2) -> None:
 
 def _triton_forward(x2d, plan: _PackedPlan, blk: _Blocks, b1, b3, b2, activation, d_out):
     """The generated Triton kernels over the packed blocks (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
+    from .. import codegen
     from . import triton_mlp
 
+    if x2d.is_cuda and not plan.cache.get("_warm") and not torch.cuda.is_current_stream_capturing():
+        def warm():  # per-plan kernel state (indices, decode scratch) off the CUDA-graph pool
+            for m in (1, codegen.DECODE_MAX_M + 1):
+                dummy = torch.zeros(m, x2d.shape[1], device=x2d.device, dtype=x2d.dtype)
+                triton_mlp.forward_packed(dummy, blk.p1, b1, blk.p3, b3, blk.p2, b2, plan, activation, d_out)
+
+        outside_graph_pool(warm, x2d.device)
+        plan.cache["_warm"] = True
     return triton_mlp.forward_packed(x2d, blk.p1, b1, blk.p3, b3, blk.p2, b2, plan, activation, d_out)
 
 

@@ -107,51 +107,90 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
                 plan.packed = None
                 counters["blast"]["masked_weight_update"] += 1
                 return plan
-    decl = [_declared_block_mask(w1, block_h, block_d), _declared_block_mask(w3, block_h, block_d) if w3 is not None else None,
-            _declared_block_mask(w2, block_d, block_h)]
-    if all_declared:
-        # W * mask: the pattern is the masks, whatever the weights hold outside them
-        m_in = decl[0] if w3 is None else decl[0] | decl[1]
-        m_dn = decl[2]
-    else:
-        m_in, m_dn = _mlp_masks(w1, w3, w2, block_h, block_d)
-        # forward pattern = every block that holds a non-zero, plus every declared-live block
-        for i, dm in enumerate(decl):
-            if dm is not None:
-                if i < 2:
-                    m_in = m_in | dm
-                else:
-                    m_dn = m_dn | dm
-    if plan is not None and _same_masks(plan, m_in, m_dn, decl):
-        # values moved (an optimizer step, a copy_) but no block changed liveness:
-        # keep the indices, refresh the packed (CPU) copy of the blocks.
+    old = plan
+
+    def build():
+        plan = old
+        decl = [_declared_block_mask(w1, block_h, block_d), _declared_block_mask(w3, block_h, block_d) if w3 is not None else None,
+                _declared_block_mask(w2, block_d, block_h)]
+        if all_declared:
+            # W * mask: the pattern is the masks, whatever the weights hold outside them
+            m_in = decl[0] if w3 is None else decl[0] | decl[1]
+            m_dn = decl[2]
+        else:
+            m_in, m_dn = _mlp_masks(w1, w3, w2, block_h, block_d)
+            # forward pattern = every block that holds a non-zero, plus every declared-live block
+            for i, dm in enumerate(decl):
+                if dm is not None:
+                    if i < 2:
+                        m_in = m_in | dm
+                    else:
+                        m_dn = m_dn | dm
+        if plan is not None and _same_masks(plan, m_in, m_dn, decl):
+            # values moved (an optimizer step, a copy_) but no block changed liveness:
+            # keep the indices, refresh the packed (CPU) copy of the blocks.
+            plan.versions = vers
+            plan.packed = None
+            counters["blast"]["pattern_revalidated"] += 1
+            return plan
+        prev_masks = (m_in, m_dn)
+        plan = _Plan()
         plan.versions = vers
+        plan.raw_masks = prev_masks
+        plan.refs = tuple(None if t is None else weakref.ref(t) for t in (w1, w3, w2))
+        pat = build_pattern(m_in, m_dn, block_h, block_d, activation=activation, gated=w3 is not None,
+                            has_b1=b1 is not None, has_b3=b3 is not None)
+        plan.pattern = pat
+        plan.dw_masks = decl
+        plan.dense = pat.density > max_density
         plan.packed = None
-        counters["blast"]["pattern_revalidated"] += 1
+        plan.dev_pattern = pat.to(w1.device) if w1.device.type != "cpu" else pat
+        if pat.key != pattern_key:
+            counters["blast"]["pattern_changed"] += 1
+            log.info("blast: pattern %s changed to %s (%s)%s", pattern_key, pat.key, pat.summary(),
+                     "; running dense" if plan.dense else "; re-indexed")
+        if plan.dense:
+            _warn_once(("dense", pattern_key), f"blast: weights of MLP {pattern_key} are now {pat.density:.0%} dense; computing it densely")
         return plan
-    prev_masks = (m_in, m_dn)
-    plan = _Plan()
-    plan.versions = vers
-    plan.raw_masks = prev_masks
-    plan.refs = tuple(None if t is None else weakref.ref(t) for t in (w1, w3, w2))
-    pat = build_pattern(m_in, m_dn, block_h, block_d, activation=activation, gated=w3 is not None,
-                        has_b1=b1 is not None, has_b3=b3 is not None)
-    plan.pattern = pat
-    plan.dw_masks = decl
-    plan.dense = pat.density > max_density
-    plan.packed = None
-    plan.dev_pattern = pat.to(w1.device) if w1.device.type != "cpu" else pat
-    if pat.key != pattern_key:
-        counters["blast"]["pattern_changed"] += 1
-        log.info("blast: pattern %s changed to %s (%s)%s", pattern_key, pat.key, pat.summary(),
-                 "; running dense" if plan.dense else "; re-indexed")
-    if plan.dense:
-        _warn_once(("dense", pattern_key), f"blast: weights of MLP {pattern_key} are now {pat.density:.0%} dense; computing it densely")
+
+    plan = outside_graph_pool(build, w1.device)
+    if plan is old:  # same live blocks: the plan was refreshed in place
+        return plan
     with _LOCK:
         _STATE[sk] = plan
         while len(_STATE) > _MAX_PLANS:
             _STATE.popitem(last=False)
     return plan
+
+
+_WORKER = None
+
+
+def outside_graph_pool(fn, device):
+    """Run ``fn`` (which makes long-lived CUDA tensors) outside any CUDA-graph memory pool.
+
+    While CUDA-graph trees warm a graph up they send *this thread's* allocations to
+    their private pool, and a tensor there that outlives the run is an error later
+    ("tensors in the cudagraph pool not tracked as outputs"). A plan's index tensors
+    and kernel scratch live as long as the plan, so they are made on a worker thread,
+    whose allocations go to the ordinary allocator; it synchronizes before handing back.
+    """
+    global _WORKER
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return fn()
+    if _WORKER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blast-plan")
+    torch.cuda.current_stream(device).synchronize()  # inputs made on this thread's stream are ready
+
+    def run():
+        with torch.cuda.device(device):
+            out = fn()
+            torch.cuda.synchronize(device)
+            return out
+
+    return _WORKER.submit(run).result()
 
 
 def _same_masks(plan, m_in, m_dn, decl) -> bool:
@@ -176,8 +215,19 @@ def _nonfinite_rows(x2d):
 
 
 def _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation):
+    from .. import codegen
     from . import triton_mlp
 
+    if x2d.is_cuda and not plan.cache.get("_warm") and not torch.cuda.is_current_stream_capturing():
+        # First use on the GPU: let the kernels build their per-plan device state (indices,
+        # decode scratch, tuned configs) for the decode and the prefill path, off the pool.
+        def warm():
+            for m in (1, codegen.DECODE_MAX_M + 1):
+                dummy = torch.zeros(m, x2d.shape[1], device=x2d.device, dtype=x2d.dtype)
+                triton_mlp.forward(dummy, w1, b1, w3, b3, w2, b2, plan, activation)
+
+        outside_graph_pool(warm, x2d.device)
+        plan.cache["_warm"] = True
     return triton_mlp.forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)
 
 

@@ -54,7 +54,13 @@ HANDLES_NONFINITE = True
 # one-kernel decode (BLAST_DECODE=onekernel): (BM, num_warps, num_stages)
 DECODE1_CONFIGS = [(16, 4, 3), (16, 4, 2), (16, 4, 4), (16, 8, 4), (16, 2, 3)]
 # split-K decode (default for M <= DECODE_MAX_M): (in-blocks per program, down blocks per program, num_warps)
-DECODE_CONFIGS = [(4, 4, 4), (2, 2, 4), (8, 4, 8), (4, 8, 8), (2, 4, 4)]
+# (H200, round 4: small chunks on few warps win at M=1 and 16 alike: more programs = more blocks in
+# flight and shorter serial tails; chunks of 8 were 1.5-2x slower)
+DECODE_CONFIGS = [(1, 1, 2), (2, 1, 2), (2, 2, 2), (1, 1, 1), (2, 2, 4), (4, 2, 2), (4, 4, 4), (1, 2, 2),
+                  (2, 2, 1)]
+# finishers read the fp32 output scratch with relaxed atomic exchanges after the counter's acquire
+# and a CTA barrier (BLAST_DECODE_READ=acquire: one acquire per element, round 3's slower version)
+DECODE_RELAXED_READ = os.environ.get("BLAST_DECODE_READ", "relaxed") != "acquire"
 # prefill: (BM, num_warps, num_stages)
 PREFILL_CONFIGS = [(64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3)]
 # decode with M <= this uses a multiply-reduce GEMV instead of tensor-core dots (0: never; on H200 the
@@ -180,8 +186,9 @@ def _chunks(plan, ch_in, ch_dn, device):
 
 
 def _decode_scratch(plan, device, gated, d_hidden, d_out):
-    """Persistent fp32 scratch (G|U, Y) and int32 completion counters (per hidden block column,
-    per output block), all zero between calls: the decode kernels leave them so."""
+    """Persistent fp32 scratch (G|U, Y), int32 completion counters (per hidden block column, per
+    output block), the per-row NaN/Inf flag of x and the finisher count: all zero between calls
+    (the decode kernels leave them so)."""
     key = ("dec_scratch", str(device), gated, d_hidden, d_out)
     t = plan.cache.get(key)
     if t is None:
@@ -190,7 +197,9 @@ def _decode_scratch(plan, device, gated, d_hidden, d_out):
         t = (torch.zeros(mm, (2 if gated else 1) * d_hidden, device=device, dtype=torch.float32),
              torch.zeros(mm, d_out, device=device, dtype=torch.float32),
              torch.zeros(max(1, p.n_h), device=device, dtype=torch.int32),
-             torch.zeros(max(1, p.n_out), device=device, dtype=torch.int32))
+             torch.zeros(max(1, p.n_out), device=device, dtype=torch.int32),
+             torch.zeros(mm, device=device, dtype=torch.int32),
+             torch.zeros(1, device=device, dtype=torch.int32))
         plan.cache[key] = t
     return t
 
@@ -262,7 +271,8 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
                                  s1, s2, s3, w3_, off3, b1_, b3_, common, n_live)
 
     if m <= codegen.DECODE_MAX_M:
-        gu, y32, colcnt, outcnt = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
+        scratch = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
+        gu, y32, colcnt, outcnt, flag, done = scratch
         y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
         dot = m > GEMV_MAX_M
         bm = max(16, triton.next_power_of_2(m)) if dot else max(2, triton.next_power_of_2(m))
@@ -279,17 +289,19 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
                         x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
                         w1, off["in1"], s1[0], s1[1], w3_, off3, s3[0], s3[1],
                         ix["in_cols"], *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
+                        flag, 1 if ch["n_dn"] else 0,
                         CH=ci, HAS_B=b2 is not None, num_warps=nw, **dec)
                 if ch["n_dn"]:
                     mod.mlp_decode_dn[(ch["n_dn"],)](
                         gu, gu.stride(0), y32, y32.stride(0), y, y.stride(0), x2d, x2d.stride(0),
                         m, d_in, d_hidden, d_out, b1_, b3_, b2_,
                         w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], ix["dn_rowptr"],
-                        *ch["dn"], ch["dn_tot"], colcnt, outcnt,
+                        *ch["dn"], ch["dn_tot"], colcnt, outcnt, flag, done, p.n_out - ch["n_empty"],
                         CH=cd, HAS_B1=b1 is not None, HAS_B3=b3 is not None, HAS_B=b2 is not None,
+                        RELAXED=DECODE_RELAXED_READ,
                         num_warps=nw, **dec)
             except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
-                for t in (gu, y32, colcnt, outcnt):
+                for t in scratch:
                     t.zero_()
                 raise
 
