@@ -29,7 +29,7 @@ def demo(args) -> int:
     from rich.table import Table
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    import blast_compile
+
     from blast_compile import backend
     from blast_compile.explain import ExplainReport
     from blast_compile.testing import sparsify_mlps_

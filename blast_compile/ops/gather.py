@@ -118,7 +118,6 @@ def backward(dy, x2d, pattern, packed: PackedMLP, w1, b1, w3, b3, w2, b2, activa
     """All gradients of the fused MLP. ``dw_masks[i]`` (block masks or None) restricts dW."""
     p = pattern
     m, d_in = x2d.shape
-    hp = p.n_h * p.bh
     a, u, h = forward_hidden(x2d, pattern, packed, b1, b3, activation)
     acc = torch.float32 if dy.dtype != torch.float64 else dy.dtype
     dyp = _pad_cols(dy, p.n_out * p.bd).to(acc)

@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
-import weakref
-from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
@@ -42,13 +39,11 @@ from torch._dynamo.utils import counters
 
 from ..formats import build_pattern, cdiv
 from . import gather
-from .sparse_mlp import outside_graph_pool
+from .plans import PlanCache, ident as _ident, outside_graph_pool, refs, warm_kernels
 
 log = logging.getLogger("blast_compile.ops")
 
-_LOCK = threading.Lock()
-_STATE: "OrderedDict" = OrderedDict()  # (pattern key, tensor identities, shapes) -> _PackedPlan, LRU
-_MAX_PLANS = 4096
+_PLANS = PlanCache()  # (pattern key, tensor identities, shapes) -> _PackedPlan
 
 
 def pattern_key(bh: int, bd: int, d_in: int, d_hidden: int, d_out: int, indices) -> str:
@@ -93,12 +88,6 @@ def blocks_in_order(plan: _PackedPlan, blocks1, blocks3, blocks2) -> _Blocks:
                    plan.in_rows, plan.dn_rows_r)
 
 
-def _ident(t: Optional[Tensor]):
-    if t is None:
-        return None
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.device))
-
-
 def _versions(*ts):
     return tuple(None if t is None else t._version for t in ts)
 
@@ -115,10 +104,6 @@ def _mask_and_pos(row_ptr: Tensor, col_idx: Tensor, n_rows: int, n_cols: int, wh
     pos = torch.full((n_rows, n_cols), -1, dtype=torch.long)
     pos[rows, cols] = torch.arange(nnz)
     return pos >= 0, pos
-
-
-def _alive(refs) -> bool:
-    return all(r is None or r() is not None for r in refs)
 
 
 def _select(pos: Tensor, rows: Tensor, cols: Tensor, blocks: Tensor) -> Optional[Tensor]:
@@ -139,23 +124,15 @@ def resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, bl
     sk = (key, *(_ident(t) for t in index + blocks), b1 is not None, b3 is not None, d_in, d_hidden, d_out,
           activation)
     iv, bv = _versions(*index), _versions(*blocks)
-    with _LOCK:
-        plan = _STATE.get(sk)
-        if plan is not None and not _alive(plan.refs):
-            # the tensors it was built from are gone: a new tensor at the same address
-            # (and version 0) is not the same layer
-            del _STATE[sk]
-            plan = None
-        if plan is not None:
-            _STATE.move_to_end(sk)
-            if plan.index_versions == iv and plan.block_versions == bv:
-                return plan
+    plan = _PLANS.get(sk)
+    if plan is not None and plan.index_versions == iv and plan.block_versions == bv:
+        return plan
     def refresh(plan):
         if plan is None or plan.index_versions != iv:
             plan = _build(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2,
                           col_idx2, activation, block_h, block_d, d_in, d_hidden, d_out, key)
             plan.index_versions = iv
-            plan.refs = tuple(None if t is None else weakref.ref(t) for t in index + blocks)
+            plan.refs = refs(*index, *blocks)
         else:
             counters["blast"]["packed_blocks_refreshed"] += 1
         _select_blocks(plan, blocks1, blocks3, blocks2)
@@ -164,10 +141,7 @@ def resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, bl
 
     # long-lived device state: not in a CUDA-graph pool (see sparse_mlp.outside_graph_pool)
     plan = outside_graph_pool(lambda: refresh(plan), blocks1.device)
-    with _LOCK:
-        _STATE[sk] = plan
-        while len(_STATE) > _MAX_PLANS:
-            _STATE.popitem(last=False)
+    _PLANS.put(sk, plan)
     return plan
 
 
@@ -212,17 +186,10 @@ def _select_blocks(plan: _PackedPlan, blocks1, blocks3, blocks2) -> None:
 
 def _triton_forward(x2d, plan: _PackedPlan, blk: _Blocks, b1, b3, b2, activation, d_out):
     """The generated Triton kernels over the packed blocks (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
-    from .. import codegen
     from . import triton_mlp
 
-    if x2d.is_cuda and not plan.cache.get("_warm") and not torch.cuda.is_current_stream_capturing():
-        def warm():  # per-plan kernel state (indices, decode scratch) off the CUDA-graph pool
-            for m in (1, codegen.DECODE_MAX_M + 1):
-                dummy = torch.zeros(m, x2d.shape[1], device=x2d.device, dtype=x2d.dtype)
-                triton_mlp.forward_packed(dummy, blk.p1, b1, blk.p3, b3, blk.p2, b2, plan, activation, d_out)
-
-        outside_graph_pool(warm, x2d.device)
-        plan.cache["_warm"] = True
+    warm_kernels(plan, x2d, lambda d: triton_mlp.forward_packed(d, blk.p1, b1, blk.p3, b3, blk.p2, b2, plan,
+                                                                activation, d_out))
     return triton_mlp.forward_packed(x2d, blk.p1, b1, blk.p3, b3, blk.p2, b2, plan, activation, d_out)
 
 

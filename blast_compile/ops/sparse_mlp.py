@@ -27,9 +27,6 @@ blocks only, when the sparsifier declared a mask (see :mod:`..masks`).
 from __future__ import annotations
 
 import logging
-import threading
-import weakref
-from collections import OrderedDict
 from typing import List, Optional
 
 import torch
@@ -39,13 +36,12 @@ from torch._dynamo.utils import counters
 from .. import masks as _masks
 from ..formats import block_mask, build_pattern, expand_mask, _mlp_masks
 from . import gather
+from .plans import PlanCache, ident, outside_graph_pool, refs, warm_kernels
 from .activations import dense_mlp
 
 log = logging.getLogger("blast_compile.ops")
 
-_LOCK = threading.Lock()
-_STATE: "OrderedDict" = OrderedDict()  # (pattern key, weight identities) -> _Plan, LRU
-_MAX_PLANS = 4096
+_PLANS = PlanCache()  # (pattern key, weight identities) -> _Plan
 _WARNED: set = set()
 
 
@@ -54,16 +50,6 @@ class _Plan:
 
     def __init__(self):
         self.cache = {}
-
-
-def _ident(t: Optional[Tensor]):
-    if t is None:
-        return None
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.device))
-
-
-def _alive(refs) -> bool:
-    return all(r is None or r() is not None for r in refs)
 
 
 def _declared_block_mask(w, bo, bi):
@@ -85,28 +71,21 @@ def _warn_once(what: str, msg: str):
 
 def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density) -> _Plan:
     """The live-block plan for these weights, re-derived only when a version counter moved."""
-    sk = (pattern_key, _ident(w1), _ident(w3), _ident(w2), b1 is not None, b3 is not None)
+    sk = (pattern_key, ident(w1), ident(w3), ident(w2), b1 is not None, b3 is not None)
     ws = [t for t in (w1, w3, w2) if t is not None]
     vers = (tuple(t._version for t in ws), tuple(_masks.mask_version(t) for t in ws))
     all_declared = all(v is not None for v in vers[1])
-    with _LOCK:
-        plan = _STATE.get(sk)
-        if plan is not None and not _alive(plan.refs):
-            # The tensors this plan was derived from are gone: a new tensor at the same
-            # address (and version 0) is not the same weight. Start afresh.
-            del _STATE[sk]
-            plan = None
-        if plan is not None:
-            _STATE.move_to_end(sk)
-            if plan.versions == vers:
-                return plan
-            if all_declared and plan.versions[1] == vers[1]:
-                # Every weight has a declared mask (it means W * mask) and no mask moved:
-                # new values (an optimizer step) need no look at the weights, no host sync.
-                plan.versions = vers
-                plan.packed = None
-                counters["blast"]["masked_weight_update"] += 1
-                return plan
+    plan = _PLANS.get(sk)
+    if plan is not None:
+        if plan.versions == vers:
+            return plan
+        if all_declared and plan.versions[1] == vers[1]:
+            # Every weight has a declared mask (it means W * mask) and no mask moved:
+            # new values (an optimizer step) need no look at the weights, no host sync.
+            plan.versions = vers
+            plan.packed = None
+            counters["blast"]["masked_weight_update"] += 1
+            return plan
     old = plan
 
     def build():
@@ -137,7 +116,7 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
         plan = _Plan()
         plan.versions = vers
         plan.raw_masks = prev_masks
-        plan.refs = tuple(None if t is None else weakref.ref(t) for t in (w1, w3, w2))
+        plan.refs = refs(w1, w3, w2)
         pat = build_pattern(m_in, m_dn, block_h, block_d, activation=activation, gated=w3 is not None,
                             has_b1=b1 is not None, has_b3=b3 is not None)
         plan.pattern = pat
@@ -156,41 +135,8 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
     plan = outside_graph_pool(build, w1.device)
     if plan is old:  # same live blocks: the plan was refreshed in place
         return plan
-    with _LOCK:
-        _STATE[sk] = plan
-        while len(_STATE) > _MAX_PLANS:
-            _STATE.popitem(last=False)
+    _PLANS.put(sk, plan)
     return plan
-
-
-_WORKER = None
-
-
-def outside_graph_pool(fn, device):
-    """Run ``fn`` (which makes long-lived CUDA tensors) outside any CUDA-graph memory pool.
-
-    While CUDA-graph trees warm a graph up they send *this thread's* allocations to
-    their private pool, and a tensor there that outlives the run is an error later
-    ("tensors in the cudagraph pool not tracked as outputs"). A plan's index tensors
-    and kernel scratch live as long as the plan, so they are made on a worker thread,
-    whose allocations go to the ordinary allocator; it synchronizes before handing back.
-    """
-    global _WORKER
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return fn()
-    if _WORKER is None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blast-plan")
-    torch.cuda.current_stream(device).synchronize()  # inputs made on this thread's stream are ready
-
-    def run():
-        with torch.cuda.device(device):
-            out = fn()
-            torch.cuda.synchronize(device)
-            return out
-
-    return _WORKER.submit(run).result()
 
 
 def _same_masks(plan, m_in, m_dn, decl) -> bool:
@@ -215,19 +161,9 @@ def _nonfinite_rows(x2d):
 
 
 def _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation):
-    from .. import codegen
     from . import triton_mlp
 
-    if x2d.is_cuda and not plan.cache.get("_warm") and not torch.cuda.is_current_stream_capturing():
-        # First use on the GPU: let the kernels build their per-plan device state (indices,
-        # decode scratch, tuned configs) for the decode and the prefill path, off the pool.
-        def warm():
-            for m in (1, codegen.DECODE_MAX_M + 1):
-                dummy = torch.zeros(m, x2d.shape[1], device=x2d.device, dtype=x2d.dtype)
-                triton_mlp.forward(dummy, w1, b1, w3, b3, w2, b2, plan, activation)
-
-        outside_graph_pool(warm, x2d.device)
-        plan.cache["_warm"] = True
+    warm_kernels(plan, x2d, lambda d: triton_mlp.forward(d, w1, b1, w3, b3, w2, b2, plan, activation))
     return triton_mlp.forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)
 
 

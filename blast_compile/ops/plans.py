@@ -1,0 +1,97 @@
+"""Per-layer plans of the fused ops: where they are kept, and where they are allocated.
+
+A plan (live-block indices, kernel tables, scratch) is derived from a layer's tensors and
+reused while those tensors are unchanged. Plans are keyed by the op's pattern key plus the
+tensors' identities (storage address, offset, shape, strides, device), and each one keeps
+weak references to the tensors it came from: once they are gone, a new tensor at the same
+address (with a fresh version counter) is not the same layer, and the plan is dropped.
+"""
+import threading
+import weakref
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def ident(t: Optional[Tensor]):
+    if t is None:
+        return None
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.device))
+
+
+def refs(*ts):
+    return tuple(None if t is None else weakref.ref(t) for t in ts)
+
+
+class PlanCache:
+    """An LRU of plans; ``get`` returns None for plans whose tensors have died."""
+
+    def __init__(self, max_plans: int = 4096):
+        self._plans: "OrderedDict" = OrderedDict()
+        self._lock = threading.Lock()
+        self.max_plans = max_plans
+
+    def get(self, key):
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is None:
+                return None
+            if not all(r is None or r() is not None for r in plan.refs):
+                del self._plans[key]
+                return None
+            self._plans.move_to_end(key)
+            return plan
+
+    def put(self, key, plan):
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > self.max_plans:
+                self._plans.popitem(last=False)
+
+
+_WORKER = None
+
+
+def outside_graph_pool(fn, device):
+    """Run ``fn`` (which makes long-lived CUDA tensors) outside any CUDA-graph memory pool.
+
+    While CUDA-graph trees warm a graph up they send *this thread's* allocations to
+    their private pool, and a tensor there that outlives the run is an error later
+    ("tensors in the cudagraph pool not tracked as outputs"). A plan's index tensors
+    and kernel scratch live as long as the plan, so they are made on a worker thread,
+    whose allocations go to the ordinary allocator; it synchronizes before handing back.
+    """
+    global _WORKER
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return fn()
+    if _WORKER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _WORKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blast-plan")
+    torch.cuda.current_stream(device).synchronize()  # inputs made on this thread's stream are ready
+
+    def run():
+        with torch.cuda.device(device):
+            out = fn()
+            torch.cuda.synchronize(device)
+            return out
+
+    return _WORKER.submit(run).result()
+
+
+def warm_kernels(plan, x2d, forward):
+    """First use on the GPU: let the kernels build their per-plan device state (indices,
+    decode scratch, tuned configs) for the decode and the prefill path, off the graph pool.
+    ``forward(dummy_x)`` runs the kernels once."""
+    if not x2d.is_cuda or plan.cache.get("_warm") or torch.cuda.is_current_stream_capturing():
+        return
+    from .. import codegen
+
+    def warm():
+        for m in (1, codegen.DECODE_MAX_M + 1):
+            forward(torch.zeros(m, x2d.shape[1], device=x2d.device, dtype=x2d.dtype))
+
+    outside_graph_pool(warm, x2d.device)
+    plan.cache["_warm"] = True
