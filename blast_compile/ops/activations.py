@@ -45,6 +45,13 @@ def act_grad(name: str, a: torch.Tensor) -> torch.Tensor:
     return g.to(a.dtype)
 
 
+def hidden_grads(dh, a, u, activation: str):
+    """``(dL/da, dL/du)`` from ``dL/dh`` for ``h = act(a) [* u]`` (``du`` is None when not gated)."""
+    if u is None:
+        return dh * act_grad(activation, a), None
+    return dh * u * act_grad(activation, a), dh * ACTIVATIONS[activation](a)
+
+
 def dense_mlp(x, w1, b1, w3, b3, w2, b2, activation: str):
     """Eager meaning of the fused node: ``down(act(gate(x)) [* up(x)])``."""
     h = ACTIVATIONS[activation](F.linear(x, w1, b1))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import cdiv
-from .activations import ACTIVATIONS, act_grad
+from .activations import ACTIVATIONS, hidden_grads
 
 _CHUNK_ELEMS = 1 << 24
 
@@ -124,13 +124,7 @@ def backward(dy, x2d, pattern, packed: PackedMLP, w1, b1, w3, b3, w2, b2, activa
     # dh = dy @ W2 : W2^T's live blocks are W2's transposed (in -> out swapped)
     p2t = packed.p2.transpose(1, 2)
     dh = bsmm(dyp, p2t, p.dn_cols, packed.dn_rows_r, p.n_h).to(dy.dtype)
-    g = ACTIVATIONS[activation](a)
-    if u is not None:
-        du = dh * g
-        da = dh * u * act_grad(activation, a)
-    else:
-        du = None
-        da = dh * act_grad(activation, a)
+    da, du = hidden_grads(dh, a, u, activation)
     grads = {}
     H = w1.shape[0]
     if needs[0]:
@@ -163,12 +157,10 @@ def backward(dy, x2d, pattern, packed: PackedMLP, w1, b1, w3, b3, w2, b2, activa
 def dense_hidden_grads(dy, x2d, w1, b1, w3, b3, w2, activation):
     """Dense ``(h, dL/da, dL/du)`` of the MLP, recomputing the forward (du None if not gated)."""
     a = F.linear(x2d, w1, b1)
+    u = F.linear(x2d, w3, b3) if w3 is not None else None
     g = ACTIVATIONS[activation](a)
-    dh = dy @ w2
-    if w3 is None:
-        return g, dh * act_grad(activation, a), None
-    u = F.linear(x2d, w3, b3)
-    return g * u, dh * u * act_grad(activation, a), dh * g
+    da, du = hidden_grads(dy @ w2, a, u, activation)
+    return (g * u if u is not None else g), da, du
 
 
 def dense_backward(dy, x2d, w1, b1, w3, b3, w2, b2, activation, needs, dw_masks, bh, bd):

@@ -43,7 +43,8 @@ import triton
 
 from .. import codegen
 from ..formats import cdiv
-from .activations import ACTIVATIONS, act_grad
+from . import gather
+from .activations import ACTIVATIONS, hidden_grads
 
 log = logging.getLogger("blast_compile.ops")
 
@@ -80,7 +81,6 @@ def _index_tables(plan, device):
     if t is not None:
         return t
     p = plan.pattern  # CPU copy: no device syncs while building
-    i32 = dict(dtype=torch.int32)
     in_cnt = (p.in_rowptr[1:] - p.in_rowptr[:-1]).long()
     in_rows = torch.repeat_interleave(torch.arange(p.n_h), in_cnt)
     live = p.hidden_live.long()
@@ -450,12 +450,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     # dh = dy @ W2 through W2's live blocks, transposed: CSC by hidden block, swapped strides
     dh = _bsmm(mod, dy2d, None, w2, off["dn_csc"], (s2[1], s2[0]), w2, off["dn_csc"], (s2[1], s2[0]),
                ix["dn_colptr"], ix["dn_rows"], ix["all_h"], p.n_h, p.bh, p.bd, d_out, H, dy2d.dtype)
-    if gated:
-        du = dh * g
-        da = dh * u * act_grad(activation, a)
-    else:
-        du = None
-        da = dh * act_grad(activation, a)
+    da, du = hidden_grads(dh, a, u if gated else None, activation)
     grads = {}
     if needs[0]:
         grads["x"] = _bsmm(mod, da, du, w1, off["in_csc1"], (s1[1], s1[0]),
@@ -466,14 +461,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     if dense_dw:
         # a weight without a declared mask has a dense gradient (also on its zero blocks),
         # which needs every hidden unit: a dense product anyway, so compute it densely
-        a_f = F.linear(x2d, w1, b1)
-        g_f = act(a_f)
-        dh_f = dy2d @ w2
-        if gated:
-            u_f = F.linear(x2d, w3, b3)
-            h_f, du_f, da_f = g_f * u_f, dh_f * g_f, dh_f * u_f * act_grad(activation, a_f)
-        else:
-            h_f, du_f, da_f = g_f, None, dh_f * act_grad(activation, a_f)
+        h_f, da_f, du_f = gather.dense_hidden_grads(dy2d, x2d, w1, b1, w3 if gated else None, b3, w2, activation)
 
     def dw(k, dout_sparse, dout_full, inp, bo, bi, shape):
         if dw_masks[k] is None:
