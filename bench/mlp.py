@@ -12,7 +12,10 @@ Columns (bf16, times in µs, median of CUDA-graph replays):
   compiled   torch.compile(dense_mlp) (default mode, Inductor)
   bsr        torch ``to_sparse_bsr`` weights + F.linear (untuned torch kernels)
   blast      blast_compile.ops.triton_mlp.forward (generated kernels, tuned once)
-stk (stanford-stk) is not run: it is not installed on the GPU image and was not carried.
+  stk        stanford-stk ``dds`` (only block-128 cases: stk supports 128x128 blocks only; M padded
+             to a multiple of 128, the padding counted) -- with ``--stk``; stk is not on the GPU image,
+             carry it: ``pip download --no-deps --no-binary :all: stanford-stk`` and put its ``stk``
+             package on PYTHONPATH.
 
 L2: the H100/H200 L2 (50-60 MB) holds a 90%-sparse MLP's live blocks, so every
 timed graph cycles through enough copies of the weights (>= 256 MB per cycle) that
@@ -125,7 +128,8 @@ def hw_ceilings():
     return bw, 2 * 8192 ** 3 / (t * 1e-6)
 
 
-def run_case(shape, sparsity, block, ms, dtype, dense_cache, bw, flops, do_bsr=True, do_compiled=True):
+def run_case(shape, sparsity, block, ms, dtype, dense_cache, bw, flops, do_bsr=True, do_compiled=True,
+             do_stk=False):
     d, h, act, gated = SHAPES[shape]
     itemsize = torch.finfo(dtype).bits // 8
     w1, w3, w2 = make_weights(shape, sparsity, block, dtype, seed=1)
@@ -169,6 +173,8 @@ def run_case(shape, sparsity, block, ms, dtype, dense_cache, bw, flops, do_bsr=T
             [lambda s=s, p=p, x=x: triton_mlp.forward(x, *_wargs(s), p, act) for s, p, x in zip(sets, plans, xs)])
         if do_bsr:
             row["bsr_us"] = _bsr_time(sets[: min(len(sets), 4)], xs, act, gated, block)
+        if do_stk and block == 128:
+            row["stk_us"], row["stk_rel_err"] = _stk_time(sets[: min(len(sets), 8)], xs, act, ref)
         row["speedup"] = row["dense_us"] / row["blast_us"]
         row["speedup_vs_compiled"] = row["compiled_us"] / row["blast_us"] if row.get("compiled_us") else None
         t_bytes = live_bytes / bw * 1e6
@@ -207,7 +213,7 @@ def _bsr_time(sets, xs, act, gated, block):
 def _fmt(r):
     f = lambda v: "-" if v is None else f"{v:8.1f}"  # noqa: E731
     return (f"{r['shape']:12s} s={r['sparsity']:.2f} b{r['block']:<3d} M={r['M']:<5d} dense {f(r['dense_us'])} "
-            f"compiled {f(r.get('compiled_us'))} bsr {f(r.get('bsr_us'))} blast {f(r['blast_us'])} "
+            f"compiled {f(r.get('compiled_us'))} bsr {f(r.get('bsr_us'))} stk {f(r.get('stk_us'))} blast {f(r['blast_us'])} "
             f"x{r['speedup']:5.2f} roof {r['pct_roofline']:5.1f}% err {r['rel_err']:.1e}")
 
 
@@ -273,6 +279,32 @@ def plot(rows, path):
     fig.savefig(path, dpi=100)
 
 
+def _stk_time(sets, xs, act, ref):
+    """stk's dense x block-sparse product (``dds``) for the three projections; M padded to 128."""
+    try:
+        import stk
+
+        mats = [tuple(None if t is None else stk.ops.to_sparse(t.t().contiguous(), blocking=128) for t in s)
+                for s in sets]
+
+        def f(s, x):
+            m = x.shape[0]
+            if m % 128:
+                x = F.pad(x, (0, 0, 0, 128 - m % 128))
+            a = ACTIVATIONS[act](stk.ops.dds(x, s[0]))
+            if s[1] is not None:
+                a = a * stk.ops.dds(x, s[1])
+            return stk.ops.dds(a, s[2])[:m]
+
+        y = f(mats[0], xs[0])
+        err = float((y.float() - ref).norm() / ref.norm())
+        t, _ = timed([lambda s=s, x=x: f(s, x) for s, x in zip(mats, xs)])
+        return t, err
+    except Exception as e:  # noqa: BLE001
+        print("stk failed:", type(e).__name__, str(e)[:160])
+        return None, None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results")
@@ -280,6 +312,7 @@ def main():
     ap.add_argument("--no-bsr", action="store_true")
     ap.add_argument("--quick", action="store_true", help="8B/1B b64 90/95%%, M=1,16,4096, dense + blast only")
     ap.add_argument("--no-train", action="store_true")
+    ap.add_argument("--stk", action="store_true", help="only the block-128 cases, with a stanford-stk column")
     args = ap.parse_args()
     torch.manual_seed(0)
     torch._dynamo.config.cache_size_limit = 64
@@ -290,6 +323,8 @@ def main():
     if args.full:
         cases += [("llama3.2-1b", 0.5, 64), ("llama3.2-1b", 0.7, 64), ("gpt2-xl", 0.9, 64),
                   ("llama3.2-1b", 0.9, 32), ("llama3.2-1b", 0.9, 128), ("llama3.1-8b", 0.9, 128)]
+    if args.stk:
+        cases = [("llama3.1-8b", 0.9, 128), ("llama3.1-8b", 0.95, 128), ("llama3.2-1b", 0.9, 128)]
     rows, dense_cache = [], {}
     os.makedirs(args.out, exist_ok=True)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
@@ -298,14 +333,14 @@ def main():
     tag = "h200" if "H200" in meta["device"] else ("h100" if "H100" in meta["device"] else "gpu")
     ms = (1, 16, 4096) if args.quick else MS
     train = []
-    name = f"mlp_{tag}{'_quick' if args.quick else ''}.json"
+    name = f"mlp_{tag}{'_quick' if args.quick else ''}{'_stk' if args.stk else ''}.json"
 
     def save():
         with open(os.path.join(args.out, name), "w") as f:
             json.dump(dict(meta=meta, rows=rows, train=train), f, indent=1)
 
     for i, (shape, sp, block) in enumerate(cases):
-        if i == 4 and not args.no_train:  # after the headline cases: the training table
+        if i == 4 and not (args.no_train or args.stk):  # after the headline cases: the training table
             for tshape in ("llama3.1-8b", "llama3.2-1b"):
                 for m in ((4096,) if args.quick else (4096, 16384)):
                     try:
@@ -315,9 +350,9 @@ def main():
                     torch.cuda.empty_cache()
             save()
         rows += run_case(shape, sp, block, ms, dtype, dense_cache, bw, flops, do_bsr=not (args.no_bsr or args.quick),
-                         do_compiled=not args.quick)
+                         do_compiled=not (args.quick or args.stk), do_stk=args.stk)
         save()
-    if not args.quick:
+    if not (args.quick or args.stk):
         plot(rows, os.path.join(args.out, f"mlp_{tag}.png"))
     print("\n".join(_fmt(r) for r in rows))
 
