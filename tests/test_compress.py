@@ -279,3 +279,28 @@ def test_compress_cuda_bf16_frees_memory():
     # the caching allocator rounds each new tensor (blocks, row_ptr, col_idx) up to 512 bytes
     assert before - torch.cuda.memory_allocated() >= rep.bytes_saved - 3 * 512 * n > 0
     torch.testing.assert_close(_out(model, ids), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_sparsifier_finalize_compress_hands_over_to_compressed_inference():
+    """Train-time masks -> finalize(compress=True) -> packed weights, same function, dense MLP weights gone."""
+    import transformers
+
+    from blast_compile.compress import BlockSparseLinear
+    from blast_compile.sparsifier import BlastSparsifier
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=97, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    sp = BlastSparsifier(model, target_sparsity=0.75, block_size=32, end_step=4, update_every=1, freeze_last=0.0)
+    for _ in range(5):
+        sp.step()
+    ids = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        ref = model(ids).logits
+    sp.finalize(compress=True)
+    mlp = model.model.layers[0].mlp
+    assert all(isinstance(getattr(mlp, n), BlockSparseLinear) for n in ("gate_proj", "up_proj", "down_proj"))
+    assert not any(p.shape == (256, 64) for p in model.parameters())  # no dense MLP weight left
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
