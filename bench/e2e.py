@@ -65,6 +65,29 @@ def gen_tps(model, ids, new, compile_cfg, device, reps):
     return ids.shape[0] * new / t, out
 
 
+def lean_decode_tps(model, fn, cfg, b, prompt, new, device, reps):
+    """Tokens/s of a bare greedy loop over ``fn`` (the compiled forward) with a static KV cache:
+    what the forward costs without HF generate's per-token Python work."""
+    from transformers import StaticCache
+
+    def run():
+        cache = StaticCache(config=cfg, max_cache_len=prompt + new)
+        ids = torch.randint(0, cfg.vocab_size, (b, prompt), device=device)
+        pos = torch.arange(prompt, device=device)
+        tok = model(ids, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
+        sync(device)
+        t = time.perf_counter()
+        for i in range(new):
+            pos = torch.tensor([prompt + i], device=device)
+            tok = fn(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
+        sync(device)
+        return b * new / (time.perf_counter() - t)
+
+    with torch.no_grad():
+        run()  # compile + CUDA graph capture
+        return sorted(run() for _ in range(reps))[reps // 2]
+
+
 def prefill_ms(fn, ids, device, reps):
     with torch.no_grad():
         for _ in range(2):
@@ -92,6 +115,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--small", action="store_true")
+    p.add_argument("--lean-only", action="store_true", help="skip the HF generate rows")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     from transformers import CompileConfig
@@ -117,7 +141,7 @@ def main():
         if cc is not None:
             cc._compile_all_devices = True  # HF compiles only on CUDA unless told (CPU smoke runs)
     from torch._dynamo.utils import counters
-    for b in [int(v) for v in args.batches.split(",")]:
+    for b in ([] if args.lean_only else [int(v) for v in args.batches.split(",")]):
         ids = torch.randint(0, cfg.vocab_size, (b, args.prompt), device=device)
         outs = {}
         for name, cc in variants.items():
@@ -135,6 +159,17 @@ def main():
             # greedy tokens agree for most positions (bf16 ties can flip late tokens)
             same = (outs["blast"] == outs["inductor"]).float().mean().item()
             res["decode"][f"batch{b}"]["token_agreement_blast_vs_inductor"] = same
+    res["lean_decode"] = {}
+    for b in [int(v) for v in args.batches.split(",")]:
+        for name in ("inductor", "blast"):
+            torch._dynamo.reset()
+            fn = torch.compile(model, backend=name, mode=args.mode)
+            try:
+                res["lean_decode"].setdefault(f"batch{b}", {})[name] = lean_decode_tps(
+                    model, fn, cfg, b, args.prompt, args.new, device, args.reps)
+            except Exception as e:
+                res["lean_decode"].setdefault(f"batch{b}", {})[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            print(f"lean decode batch {b} {name}: {res['lean_decode'][f'batch{b}'][name]}", flush=True)
     ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), device=device)
     for name in ("eager", "inductor", "blast"):
         torch._dynamo.reset()
