@@ -45,24 +45,29 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def median_seconds(fn, device, reps, warmup=2):
+    """Median wall time of ``fn()`` after ``warmup`` calls (compiles, CUDA-graph capture)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        sync(device)
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            ts.append(time.perf_counter() - t)
+    return sorted(ts)[len(ts) // 2]
+
+
 def gen_tps(model, ids, new, compile_cfg, device, reps):
     from transformers import GenerationConfig
 
     gc = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
                           pad_token_id=0, compile_config=compile_cfg, disable_compile=compile_cfg is None)
-    with torch.no_grad():
-        for _ in range(2):  # compile + CUDA graph capture
-            model.generate(ids, generation_config=gc)
-        sync(device)
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            out = model.generate(ids, generation_config=gc)
-            sync(device)
-            ts.append(time.perf_counter() - t)
-    ts.sort()
-    t = ts[len(ts) // 2]
-    return ids.shape[0] * new / t, out
+    out = []
+    t = median_seconds(lambda: out.append(model.generate(ids, generation_config=gc)), device, reps)
+    return ids.shape[0] * new / t, out[-1]
 
 
 def lean_decode_tps(model, fn, cfg, b, prompt, new, device, reps):
@@ -89,18 +94,7 @@ def lean_decode_tps(model, fn, cfg, b, prompt, new, device, reps):
 
 
 def prefill_ms(fn, ids, device, reps):
-    with torch.no_grad():
-        for _ in range(2):
-            fn(ids)
-        sync(device)
-        ts = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            fn(ids)
-            sync(device)
-            ts.append(time.perf_counter() - t)
-    ts.sort()
-    return ts[len(ts) // 2] * 1e3
+    return median_seconds(lambda: fn(ids), device, reps) * 1e3
 
 
 def main():

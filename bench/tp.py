@@ -36,18 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from blast_compile import distributed as bd  # noqa: E402
-from blast_compile.testing import sparsify_mlps_  # noqa: E402
-
-
-class MLP(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.gate_proj = nn.Linear(d, h, bias=False)
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+from blast_compile.testing import SwiGLU, sparsify_mlps_  # noqa: E402
 
 
 def rope(x, cos, sin):  # x [B, T, H, hd]
@@ -87,7 +76,7 @@ class Layer(nn.Module):
         d = cfg["dim"]
         self.attn_norm, self.mlp_norm = nn.RMSNorm(d, eps=1e-5), nn.RMSNorm(d, eps=1e-5)
         self.attn = Attention(d, cfg["heads"], cfg["kv_heads"], d // cfg["heads"])
-        self.mlp = MLP(d, cfg["hidden"])
+        self.mlp = SwiGLU(d, cfg["hidden"])
 
     def forward(self, x, pos, cos, sin, mask):
         x = x + self.attn(self.attn_norm(x), pos, cos, sin, mask)

@@ -90,13 +90,12 @@ def _fused_nodes(gm):
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.blast.sparse_mlp.default]
 
 
-def _fill_kernel_info(cands: List[Candidate], gm, example_inputs, opts: BlastOptions):
+def _fill_kernel_info(cands: List[Candidate], gm):
     """Say which implementation runs each fused MLP (and where the generated source is)."""
-    from .formats import pattern_from_weights
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    value = dict(zip(placeholders, example_inputs))
-    by_key = {n.args[10]: n for n in _fused_nodes(gm)}
+    # rewrite left the pattern decide() built on each fused node; take it off again so it
+    # never travels into AOTAutograd / Inductor with the node's meta
+    nodes = {n.args[10]: n for n in _fused_nodes(gm)}
+    patterns = {k: n.meta.pop("blast_pattern", None) for k, n in nodes.items()}
     for c in cands:
         if c.decision != "fused" or c.kernel:  # compressed MLPs: decide_packed named the kernel
             continue
@@ -106,25 +105,11 @@ def _fill_kernel_info(cands: List[Candidate], gm, example_inputs, opts: BlastOpt
         try:
             from . import codegen
 
-            node = by_key[c.pattern_key]
-            x, w1, b1, w3, b3, w2, b2, act, bh, bd = node.args[:10]
-
-            def val(a):
-                if a is None:
-                    return None
-                from .passes.decide import local
-
-                if a.op == "placeholder":
-                    return local(value[a])
-                if a.op == "call_function" and a.target in (torch.t, torch.ops.aten.t.default) and a.args[0] in value:
-                    return local(value[a.args[0]]).t()
-                raise KeyError(a)
-
-            pat = pattern_from_weights(val(w1), val(w3), val(w2), bh, bd, activation=act,
-                                       has_b1=b1 is not None, has_b3=b3 is not None)
+            gated = c.kind == "gated"
+            b1, b3, b2 = (nodes[c.pattern_key].args[i] for i in (2, 4, 6))
             name, path = codegen.kernel_info(
-                pat, act, w3 is not None, b1 is not None, b3 is not None, b2 is not None,
-                val(w1).dtype, val(w1).device,
+                patterns[c.pattern_key], c.activation, gated, b1 is not None, b3 is not None, b2 is not None,
+                getattr(torch, c.dtype.replace("torch.", "")), torch.device(c.device),
             )
             c.kernel, c.kernel_source = name, str(path)
         except Exception as e:  # explain must not break compile
@@ -154,16 +139,17 @@ def _record(report: GraphReport):
 
 def rewrite(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions):
     """Run the passes on a copy of ``gm``; returns (new_gm, candidates)."""
-    from .passes import run_passes
     from . import codegen
+    from .passes import run_passes
+    from .passes.decide import is_dtensor
 
     if hasattr(codegen, "set_kernel_dir") and opts.kernel_dir:
         codegen.set_kernel_dir(opts.kernel_dir)
-    if any(hasattr(t, "placements") and hasattr(t, "to_local") for t in example_inputs):
+    if any(is_dtensor(t) for t in example_inputs):
         from . import distributed  # noqa: F401  registers the DTensor sharding rule of the fused op
     new = _copy_graph_module(gm)
     cands = run_passes(new, example_inputs, opts)
-    _fill_kernel_info(cands, new, example_inputs, opts)
+    _fill_kernel_info(cands, new)
     return new, cands
 
 

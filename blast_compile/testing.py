@@ -15,6 +15,19 @@ MLP_WEIGHT_NAMES = re.compile(
 )
 
 
+class SwiGLU(torch.nn.Module):
+    """The Llama MLP, ``down(silu(gate(x)) * up(x))``, with HF's names: the reference gated MLP."""
+
+    def __init__(self, d: int, h: int):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(d, h, bias=False)
+        self.up_proj = torch.nn.Linear(d, h, bias=False)
+        self.down_proj = torch.nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 def random_block_mask(rows: int, cols: int, sparsity: float, generator: Optional[torch.Generator] = None,
                       keep_one: bool = True) -> torch.Tensor:
     """bool [rows, cols] with round(sparsity * rows * cols) dead blocks, chosen uniformly."""

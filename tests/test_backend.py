@@ -3,23 +3,11 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
 import blast_compile
-from blast_compile.testing import sparsify_mlps_
+from blast_compile.testing import SwiGLU, sparsify_mlps_
 from conftest import tol
-
-
-class SwiGLU(torch.nn.Module):
-    def __init__(self, d=64, h=192):
-        super().__init__()
-        self.gate_proj = torch.nn.Linear(d, h, bias=False)
-        self.up_proj = torch.nn.Linear(d, h, bias=False)
-        self.down_proj = torch.nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(torch.nn.Module):

@@ -16,21 +16,9 @@ import torch.nn.functional as F
 import blast_compile  # noqa: F401  (registers the op)
 from blast_compile import distributed as bd
 from blast_compile.formats import expand_mask
+from blast_compile.testing import SwiGLU
 
 # --------------------------------------------------------------------------- models
-
-
-class LlamaMLP(nn.Module):
-    """The HF Llama MLP: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, d, h):
-        super().__init__()
-        self.gate_proj = nn.Linear(d, h, bias=False)
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class FcMLP(nn.Module):
@@ -88,7 +76,7 @@ def skew_sparsify_(mlp, sparsity=0.9, block=(16, 16), seed=0):
 
 def make_model(kind, d=64, h=512, seed=0):
     torch.manual_seed(seed)
-    mlp = LlamaMLP(d, h) if kind == "llama" else FcMLP(d, h)
+    mlp = SwiGLU(d, h) if kind == "llama" else FcMLP(d, h)
     skew_sparsify_(mlp, 0.9, (16, 16), seed)
     return Block(mlp)
 

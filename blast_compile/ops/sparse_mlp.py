@@ -189,12 +189,7 @@ def sparse_mlp(
     if plan.dense or x2d.shape[0] == 0:
         return dense_mlp(x, w1, b1, w3, b3, w2, b2, activation)
     if x.device.type == "cuda":
-        from . import triton_mlp
-
-        y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)
-        if not getattr(triton_mlp, "HANDLES_NONFINITE", False):
-            bad = _nonfinite_rows(x2d)
-            y = y + torch.where(bad, float("nan"), 0.0).to(y.dtype)[:, None]
+        y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)  # kernels poison non-finite rows
     else:
         y = gather.forward(x2d, plan.dev_pattern, _packed(plan, w1, w3, w2), b1, b3, b2, activation, d_out)
         bad = _nonfinite_rows(x2d)

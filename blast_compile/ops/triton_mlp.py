@@ -38,7 +38,6 @@ import logging
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
 
 from .. import codegen

@@ -18,9 +18,14 @@ from .match import Context, MLPMatch, module_path
 from .normalize import example_value
 
 
+def is_dtensor(t) -> bool:
+    """A DTensor (tensor-parallel weight), told by its interface: no torch.distributed import."""
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
 def local(t):
-    """This rank's shard of a DTensor (tensor-parallel weights); a plain tensor as is."""
-    return t.to_local() if hasattr(t, "to_local") and hasattr(t, "placements") else t
+    """This rank's shard of a DTensor; a plain tensor as is."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 def weights(m: MLPMatch, ctx: Context):

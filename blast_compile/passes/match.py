@@ -264,11 +264,16 @@ def _check_packed_shapes(m, ctx):
         ok &= row_ptr.dim() == 1 and row_ptr.numel() == -(-lin.out_features // bo) + 1
         ok &= col_idx.dim() == 1 and col_idx.numel() == ctx.value(lin.weight).shape[0]
         ok &= b is None or tuple(b.shape) == (lin.out_features,)
-    if m.mul is not None:
+    return _chain_verdict(m, ok, "compressed layer shapes")
+
+
+def _chain_verdict(m, ok: bool, what: str):
+    """The end of both shape checks: the gated product and the row layout."""
+    if m.mul is not None:  # act(gate) and up must not broadcast against each other
         a, b = (example_value(n) for n in m.mul.args)
         ok &= same_shape(a.shape, b.shape)
     if not ok:
-        return "shape", "compressed layer shapes do not chain"
+        return "shape", f"{what} do not chain"
     if m.x is None:
         return "shape", "the MLP reshapes rows between input and output"
 
@@ -292,13 +297,7 @@ def check_shapes(m, ctx):
     ok &= all(w[r].shape[0] == n for r, n in (("b1", h), ("b3", h), ("b2", w["w2"].shape[0])) if r in w)
     xv = example_value(m.gate.x)
     ok &= xv.dim() >= 1 and same(xv.shape[-1], d)
-    if m.mul is not None:  # act(gate) and up must not broadcast against each other
-        a, b = (example_value(n) for n in m.mul.args)
-        ok &= same_shape(a.shape, b.shape)
-    if not ok:
-        return "shape", "weight shapes do not chain"
-    if m.x is None:
-        return "shape", "the MLP reshapes rows between input and output"
+    return _chain_verdict(m, ok, "weight shapes")
 
 
 def check_dtype_device(m, ctx):

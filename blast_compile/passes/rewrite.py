@@ -52,6 +52,7 @@ def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOption
              float(opts.max_runtime_density)),
         )
     fused.meta = dict(out.meta)
+    fused.meta["blast_pattern"] = pattern  # for the backend's kernel report (it takes it off again)
     out.replace_all_uses_with(fused)
     replaced[out] = fused
     _erase_dead(graph, reversed(m.nodes))  # interior nodes are private (check_private): all dead now
