@@ -156,9 +156,9 @@ def kernel_info(pattern, activation, gated, has_b1, has_b3, has_b2, dtype, devic
     sig = signature(pattern, activation, gated, has_b1, has_b3, dtype)
     path = generate(sig)
     if m_hint is None:
-        which = "mlp_decode_in + mlp_decode_dn (M<=%d) | mlp_hidden + bsmm" % DECODE_MAX_M
+        which = "decode (M<=%d): sliced mlp_hidden + bsmm or split-K mlp_decode_in + mlp_decode_dn | mlp_hidden + bsmm" % DECODE_MAX_M
     elif m_hint <= DECODE_MAX_M:
-        which = "mlp_decode_in + mlp_decode_dn"
+        which = "sliced mlp_hidden + bsmm or split-K mlp_decode_in + mlp_decode_dn (timed per signature)"
     else:
         which = "mlp_hidden + bsmm"
     return f"triton {path.stem}: {which}", str(path)

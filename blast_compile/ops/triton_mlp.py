@@ -1,18 +1,27 @@
 """CUDA implementation of ``blast::sparse_mlp``: launchers for the generated Triton kernels.
 
-Two forward paths (same meaning, eager rounding, fp32 accumulation):
+Forward paths (same meaning, eager rounding, fp32 accumulation):
 
-* decode (M <= ``codegen.DECODE_MAX_M``): two launches, each spread over many small
-  independent work items so that enough weight bytes are in flight:
-  ``mlp_decode_in`` (split-K: one program per chunk of <= CH live in-blocks of a hidden
-  block-row, fp32 atomics into a G/U scratch; extra programs write the output blocks no
-  down block touches) and ``mlp_decode_dn`` (one program per chunk of live down blocks of
-  a hidden column: h_j from G_j/U_j in registers, atomics into an fp32 output scratch).
-  Completion counters (``sem="acq_rel"``) let the last chunk of each hidden column re-zero
-  G_j/U_j and the last contributor to each output block cast it (+ b2, NaN rows) and re-zero
-  it: no memset, no cast kernel, no torch ops. Scratch and counters live in ``plan.cache``,
-  so two streams must not run the same plan's decode at once. ``BLAST_DECODE=onekernel``:
-  the older one-program-per-hidden-block ``mlp_decode`` (~2x slower; a cross-check);
+* decode (M <= ``codegen.DECODE_MAX_M``), two variants; the faster one per (pattern signature,
+  M bucket) is picked once by CUDA-graph timing with a flushed L2 and persisted:
+
+  - sliced (``_decode_sliced``): the prefill kernels with one 16/32-row M tile, every weight
+    block's rows split over several programs (16-row slices), CH live blocks per unrolled
+    step, and programmatic dependent launch (``bsmm`` is scheduled while ``mlp_hidden``
+    drains and loads its weight blocks before waiting for H). No atomics, no scratch, no
+    state between calls: deterministic. Wins where the fixed per-call cost dominates
+    (small patterns, M = 16);
+  - split-K (``_decode_splitk``): ``mlp_decode_in`` (one program per chunk of <= CH live
+    in-blocks of a hidden block-row, fp32 atomics into a G/U scratch; extra programs write
+    the output blocks no down block touches) and ``mlp_decode_dn`` (one program per chunk of
+    live down blocks of a hidden column: h_j from G_j/U_j in registers, atomics into an fp32
+    output scratch). Completion counters (``sem="acq_rel"``) let the last chunk of each hidden
+    column re-zero G_j/U_j and the last contributor to each output block cast it (+ b2, NaN
+    rows) and re-zero it. Scratch and counters live in ``plan.cache``, so two streams must not
+    run the same plan's split-K decode at once. Wins on large patterns at M = 1.
+
+  ``BLAST_DECODE=sliced|splitk`` forces one, ``onekernel`` the older one-program-per-hidden-block
+  ``mlp_decode`` (a cross-check);
 * prefill: ``mlp_hidden`` (gate and up in one program, act and product in the
   epilogue) writes H, then ``bsmm`` computes ``Y = H W2^T`` CSR by output
   block-row; both grids visit long rows first.
@@ -56,8 +65,13 @@ DECODE1_CONFIGS = [(16, 4, 3), (16, 4, 2), (16, 4, 4), (16, 8, 4), (16, 2, 3)]
 # split-K decode (default for M <= DECODE_MAX_M): (in-blocks per program, down blocks per program, num_warps)
 # (H200, round 4: small chunks on few warps win at M=1 and 16 alike: more programs = more blocks in
 # flight and shorter serial tails; chunks of 8 were 1.5-2x slower)
-DECODE_CONFIGS = [(1, 1, 2), (2, 1, 2), (2, 2, 2), (1, 1, 1), (2, 2, 4), (4, 2, 2), (4, 4, 4), (1, 2, 2),
-                  (2, 2, 1)]
+DECODE_CONFIGS = [(1, 1, 2), (1, 1, 1), (2, 1, 2), (2, 2, 2), (4, 2, 2)]
+# decode (default): (rows per program BS, blocks per unrolled step CH, num_warps, num_stages), tuned
+# separately for both kernels
+# (H200: num_stages 1 was 1.5-2x slower than 2 -- Triton's pipeliner issues the next step's loads early)
+# (the winners of a 12-config sweep over 21 signatures; 16-row slices won almost everywhere)
+DECODE_SLICE_CONFIGS = [(16, 4, 4, 2), (16, 1, 4, 3), (16, 2, 4, 2), (16, 4, 8, 2), (32, 4, 4, 2), (16, 8, 4, 2),
+                        (32, 1, 4, 3), (16, 4, 4, 3)]
 # finishers read the fp32 output scratch with relaxed atomic exchanges after the counter's acquire
 # and a CTA barrier (BLAST_DECODE_READ=acquire: one acquire per element, round 3's slower version)
 DECODE_RELAXED_READ = os.environ.get("BLAST_DECODE_READ", "relaxed") != "acquire"
@@ -210,21 +224,63 @@ def _strides(w, packed):
 
 # --- tuning ---------------------------------------------------------------------------------------
 
-def _choose(kind, sig, m, configs, run):
-    """Launch config for (kernel, signature, M bucket): persisted table, else tune now (CUDA only)."""
+def _may_tune() -> bool:
+    return not (_interpret() or os.environ.get("BLAST_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing())
+
+
+def _graph_time(fn, calls=8, reps=5, cold=True):
+    """µs per call of ``fn`` (kernel launches only), replayed as a CUDA graph: decode kernels run
+    for a few µs, less than a Python launch, so ``do_bench`` would time the launch. ``cold``: every
+    call follows a write of 2x the L2 (its time, timed alone, is subtracted), so weights stream
+    from HBM as in a model with many layers, not from a hot L2 as in a loop over one layer."""
+    flush = None
+    if cold:  # (only while tuning: freed after)
+        l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or (64 << 20)
+        flush = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()  # compile, tune the parts, build plan state (outside the graph's pool)
+    torch.cuda.current_stream().wait_stream(s)
+
+    def timed(body):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(calls):
+                body()
+        g.replay()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) * 1e3 / calls)
+        del g
+        return sorted(ts)[len(ts) // 2]
+
+    if flush is None:
+        return timed(fn)
+    return timed(lambda: (flush.fill_(1), fn())) - timed(lambda: flush.fill_(1))
+
+
+def _choose(kind, sig, m, configs, run, graph=False):
+    """Launch config for (kernel, signature, M bucket): persisted table, else tune now (CUDA only;
+    ``graph``: time by CUDA-graph replay, for kernels shorter than a launch)."""
     key = f"{kind}|{sig.digest()}|m{codegen.m_bucket(m)}|{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
     cfg = codegen.lookup_config(key)
     if cfg is not None:
         return tuple(cfg)
-    if (_interpret() or len(configs) == 1 or os.environ.get("BLAST_TUNE", "1") == "0"
-            or torch.cuda.is_current_stream_capturing()):
+    if len(configs) == 1 or not _may_tune():
         return configs[0]
     from triton.testing import do_bench
 
     times = []
     for c in configs:
         try:
-            times.append((do_bench(lambda: run(c), warmup=5, rep=20, return_mode="median"), c))
+            t = _graph_time(lambda: run(c)) if graph else do_bench(lambda: run(c), warmup=5, rep=20, return_mode="median")
+            times.append((t, c))
         except Exception as e:  # a config that does not compile (e.g. too much shared memory)
             log.debug("blast: config %s failed: %r", c, e)
     best = min(times)[1] if times else configs[0]
@@ -270,42 +326,9 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
                                  s1, s2, s3, w3_, off3, b1_, b3_, common, n_live)
 
     if m <= codegen.DECODE_MAX_M:
-        scratch = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
-        gu, y32, colcnt, outcnt, flag, done = scratch
-        y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
-        dot = m > GEMV_MAX_M
-        bm = max(16, triton.next_power_of_2(m)) if dot else max(2, triton.next_power_of_2(m))
-        bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
-        dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT)
-        b2_ = b2 if b2 is not None else y32
-
-        def run(cfg):
-            ci, cd, nw = cfg
-            ch = _chunks(plan, ci, cd, x2d.device)
-            try:
-                if ch["n_in"] + ch["n_empty"]:
-                    mod.mlp_decode_in[(ch["n_in"] + ch["n_empty"],)](
-                        x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
-                        w1, off["in1"], s1[0], s1[1], w3_, off3, s3[0], s3[1],
-                        ix["in_cols"], *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
-                        flag, 1 if ch["n_dn"] else 0,
-                        CH=ci, HAS_B=b2 is not None, num_warps=nw, **dec)
-                if ch["n_dn"]:
-                    mod.mlp_decode_dn[(ch["n_dn"],)](
-                        gu, gu.stride(0), y32, y32.stride(0), y, y.stride(0), x2d, x2d.stride(0),
-                        m, d_in, d_hidden, d_out, b1_, b3_, b2_,
-                        w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], ix["dn_rowptr"],
-                        *ch["dn"], ch["dn_tot"], colcnt, outcnt, flag, done, p.n_out - ch["n_empty"],
-                        CH=cd, HAS_B1=b1 is not None, HAS_B3=b3 is not None, HAS_B=b2 is not None,
-                        RELAXED=DECODE_RELAXED_READ,
-                        num_warps=nw, **dec)
-            except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
-                for t in scratch:
-                    t.zero_()
-                raise
-
-        run(_choose("decode2", sig, m, DECODE_CONFIGS, run))
-        return y
+        args = (x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_, b3_,
+                common, n_live)
+        return _decode(args)
 
     flag = torch.zeros(m, device=x2d.device, dtype=torch.int32)  # NaN/Inf rows of x (set by mlp_hidden)
     if not n_live:  # no hidden kernel to flag them
@@ -320,25 +343,155 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
                 x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
                 w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
                 ix["in_rowptr"], ix["in_cols"], ix["order_h"],
-                BM=bm, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=True, **common)
+                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=1, **common)
 
     run_h(_choose("hidden", sig, m, PREFILL_CONFIGS, run_h))
 
     def run_y(cfg):
         bm, nw, ns = cfg
         mod.bsmm[(cdiv(m, bm), p.n_out)](
-            h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, m, d_hidden, d_out,
+            h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, 0, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
             ix["dn_rowptr"], ix["dn_cols"], ix["order_o"],
-            DTYPE=DT, BO=p.bd, BI=p.bh, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False, NANROW=True,
-            BM=bm, num_warps=nw, num_stages=ns)
+            DTYPE=DT, BO=p.bd, BI=p.bh, BS=p.bd, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
+            NANROW=1, BM=bm, num_warps=nw, num_stages=ns)
 
     run_y(_choose("down", sig, m, PREFILL_CONFIGS, run_y))
     return y
 
 
-def _decode_onekernel(x2d, w1, b1, w3, b3, w2, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off,
-                      s1, s2, s3, w3_, off3, b1_, b3_, common, n_live):
+def _pdl_ok(device) -> bool:
+    """Programmatic dependent launch: Hopper or newer, a Triton with ``gdc_wait`` and ``launch_pdl``
+    (BLAST_PDL=0 turns it off)."""
+    if device.type != "cuda" or _interpret() or os.environ.get("BLAST_PDL", "1") == "0":
+        return False
+    try:
+        import triton.language.extra.cuda as tl_cuda
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return (hasattr(tl_cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
+def _decode(args):
+    """Decode (M <= ``codegen.DECODE_MAX_M``): the sliced path or split-K, whichever was faster for
+    this (pattern signature, M bucket) when first timed (CUDA graphs; persisted like the configs).
+    ``BLAST_DECODE=sliced|splitk|onekernel`` forces one."""
+    mode = os.environ.get("BLAST_DECODE", "")
+    if mode == "onekernel":
+        return _decode_onekernel(*args)
+    paths = {"sliced": _decode_sliced, "splitk": _decode_splitk}
+    if mode in paths:
+        return paths[mode](*args)
+    x2d, sig, m = args[0], args[7], args[3]
+    dev = torch.cuda.get_device_name(x2d.device) if x2d.is_cuda else "cpu"
+    key = f"dec_path|{sig.digest()}|m{codegen.m_bucket(m)}|{dev}"
+    choice = codegen.lookup_config(key)
+    if choice is None:
+        if not _may_tune():
+            return _decode_sliced(*args)
+        times = {name: _graph_time(lambda f=f: f(*args)) for name, f in paths.items()}
+        choice = [min(times, key=times.get)]
+        codegen.store_config(key, choice)
+        log.info("blast: decode path %s -> %s (%s)", key, choice[0],
+                 ", ".join(f"{k} {v:.1f} us" for k, v in times.items()))
+    return paths[choice[0]](*args)
+
+
+def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
+                   b3_, common, n_live):
+    """Split-K decode: ``mlp_decode_in`` + ``mlp_decode_dn`` with fp32 atomics into plan scratch and
+    completion counters (module docstring)."""
+    p = plan.pattern
+    gated = common["GATED"]
+    DT = common["DTYPE"]
+    b1, b3 = (b1_ if common["HAS_B1"] else None), (b3_ if common["HAS_B3"] else None)
+    scratch = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
+    gu, y32, colcnt, outcnt, flag, done = scratch
+    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+    dot = m > GEMV_MAX_M
+    bm = max(16, triton.next_power_of_2(m)) if dot else max(2, triton.next_power_of_2(m))
+    bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
+    dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT)
+    b2_ = b2 if b2 is not None else y32
+
+    def run(cfg):
+        ci, cd, nw = cfg
+        ch = _chunks(plan, ci, cd, x2d.device)
+        try:
+            if ch["n_in"] + ch["n_empty"]:
+                mod.mlp_decode_in[(ch["n_in"] + ch["n_empty"],)](
+                    x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
+                    w1, off["in1"], s1[0], s1[1], w3_, off3, s3[0], s3[1],
+                    ix["in_cols"], *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
+                    flag, 1 if ch["n_dn"] else 0,
+                    CH=ci, HAS_B=b2 is not None, num_warps=nw, **dec)
+            if ch["n_dn"]:
+                mod.mlp_decode_dn[(ch["n_dn"],)](
+                    gu, gu.stride(0), y32, y32.stride(0), y, y.stride(0), x2d, x2d.stride(0),
+                    m, d_in, d_hidden, d_out, b1_, b3_, b2_,
+                    w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], ix["dn_rowptr"],
+                    *ch["dn"], ch["dn_tot"], colcnt, outcnt, flag, done, p.n_out - ch["n_empty"],
+                    CH=cd, HAS_B1=b1 is not None, HAS_B3=b3 is not None, HAS_B=b2 is not None,
+                    RELAXED=DECODE_RELAXED_READ,
+                    num_warps=nw, **dec)
+        except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
+            for t in scratch:
+                t.zero_()
+            raise
+
+    run(_choose("decode2", sig, m, DECODE_CONFIGS, run, graph=True))
+    return y
+
+
+
+def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
+                   b3_, common, n_live):
+    """Decode: the prefill kernels with one M tile (BM = 16 or 32 rows) and each weight block's rows
+    split over BH/BS (BD/BS) programs, so thousands of small programs keep weight bytes in flight
+    without split-K: no atomics, no scratch to re-zero, no counters. ``mlp_hidden`` writes H (bf16,
+    as eager rounds it) and per-slice NaN/Inf row flags of x; ``bsmm`` reads them."""
+    p = plan.pattern
+    bm = max(16, triton.next_power_of_2(m))
+    n_sl = cdiv(d_in, 64)
+    flag = torch.empty(n_sl, bm, device=x2d.device, dtype=torch.int32)
+    h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
+    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+    if not n_live:  # no hidden kernel to write the flags
+        flag.zero_()
+        flag[0, :m] = (~torch.isfinite(x2d).all(1)).to(torch.int32)
+
+    pdl = _pdl_ok(x2d.device)
+
+    def run_h(cfg):
+        bs, ch, nw, ns = cfg
+        bs = min(bs, p.bh)
+        if n_live:
+            mod.mlp_hidden[(1, n_live * (p.bh // bs))](
+                x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
+                w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
+                ix["in_rowptr"], ix["in_cols"], ix["order_h"],
+                BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
+
+    def run_y(cfg):
+        bs, ch, nw, ns = cfg
+        bs = min(bs, p.bd)
+        kw = dict(launch_pdl=True) if (pdl and n_live) else {}
+        mod.bsmm[(1, p.n_out * (p.bd // bs))](
+            h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, n_sl, m, d_hidden, d_out,
+            w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
+            ix["dn_rowptr"], ix["dn_cols"], ix["order_o"],
+            DTYPE=common["DTYPE"], BO=p.bd, BI=p.bh, BS=bs, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
+            NANROW=2, CH=ch, PDL=pdl and bool(n_live), BM=bm, num_warps=nw, num_stages=ns, **kw)
+
+    run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph=True))
+    run_y(_choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph=True))
+    return y
+
+
+def _decode_onekernel(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
+                      b3_, common, n_live):
     """Fallback decode (``BLAST_DECODE=onekernel``): one program per live hidden block, memset,
     cast and NaN rows in torch. ~2x slower than split-K on H200; kept to cross-check it."""
     y32 = torch.empty(m, d_out, device=x2d.device, dtype=torch.float32)
@@ -388,9 +541,11 @@ def _bsmm(mod, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_block
     out = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
     bm = 64
     mod.bsmm[(cdiv(m, bm), n_out_blocks)](
-        x, x.stride(0), x2 if x2 is not None else x, out, out.stride(0), bias if bias is not None else x, x, m, n_in, n_out,
+        x, x.stride(0), x2 if x2 is not None else x, out, out.stride(0), bias if bias is not None else x, x, 0, m, n_in,
+        n_out,
         w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order,
-        DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, ALIGNED=True, HAS_B=bias is not None, DUAL=x2 is not None, NANROW=False,
+        DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=True, HAS_B=bias is not None, DUAL=x2 is not None,
+        NANROW=0,
         BM=bm, num_warps=4, num_stages=3)
     return out
 
@@ -441,8 +596,8 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
             w1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, w3 if gated else w1,
             off["in3"] if gated else off["in1"], s3[0], s3[1], b3 if b3 is not None else x2d,
             ix["in_rowptr"], ix["in_cols"], ix["order_h"],
-            DTYPE=DT, BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned, GATED=gated,
-            HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_PRE=True, SCAN=False, num_warps=4, num_stages=3)
+            DTYPE=DT, BM=bm, BH=p.bh, BD=p.bd, BS=p.bh, NNZ=sig.nnz_in, ALIGNED=sig.aligned, GATED=gated,
+            HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_PRE=True, SCAN=0, num_warps=4, num_stages=3)
     act = ACTIVATIONS[activation]
     g = act(a)
     h = g * u if gated else g
