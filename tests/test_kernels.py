@@ -340,11 +340,13 @@ def test_gpu_backward(m, gated, bias, act, declare, dtype):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 200])
-def test_gpu_cuda_graph_replay(m):
-    """No host syncs after the first call: the forward captures into a CUDA graph and replays fresh inputs."""
+@pytest.mark.parametrize("m,path", [(1, "sliced"), (16, "sliced"), (1, "splitk"), (200, "")])
+def test_gpu_cuda_graph_replay(m, path, monkeypatch):
+    """No host syncs after the first call: the forward captures into a CUDA graph and replays fresh
+    inputs (both decode paths; the sliced one's kernel 2 is a programmatic dependent launch)."""
     from blast_compile.ops import triton_mlp
 
+    monkeypatch.setenv("BLAST_DECODE", path)
     x, p, plan, _ = check_forward(m, 256, 640, True, False, "silu", torch.bfloat16, (64, 64), "cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -357,8 +359,10 @@ def test_gpu_cuda_graph_replay(m):
     x.copy_(torch.randn_like(x))
     with torch.no_grad():
         p["w1"].mul_(1.5)  # values are read fresh from the dense weight
-    g.replay()
-    torch.testing.assert_close(out, dense_mlp(x, *args(p), "silu"), **tol(torch.bfloat16))
+    for _ in range(3):
+        g.replay()
+        torch.testing.assert_close(out, dense_mlp(x, *args(p), "silu"), **tol(torch.bfloat16))
+        x.copy_(torch.randn_like(x))
 
 
 @gpu

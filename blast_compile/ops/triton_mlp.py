@@ -8,7 +8,7 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
   - sliced (``_decode_sliced``): the prefill kernels with one 16/32-row M tile, every weight
     block's rows split over several programs (16-row slices), CH live blocks per unrolled
     step, and programmatic dependent launch (``bsmm`` is scheduled while ``mlp_hidden``
-    drains and loads its weight blocks before waiting for H). No atomics, no scratch, no
+    drains: its launch and index loads overlap the tail, it waits before reading H). No atomics, no scratch, no
     state between calls: deterministic. Wins where the fixed per-call cost dominates
     (small patterns, M = 16);
   - split-K (``_decode_splitk``): ``mlp_decode_in`` (one program per chunk of <= CH live
