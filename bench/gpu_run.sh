@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: GPU tests, compute-sanitizer, kernel benchmark. Logs under $OUT.
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 BLAST_CACHE_DIR=/tmp/blast_cache
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 BLAST_CACHE_DIR=${BLAST_CACHE_DIR:-/tmp/blast_cache}
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv | tee $OUT/env.txt
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a $OUT/env.txt

@@ -44,6 +44,7 @@ live blocks only (``sddmm``).
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import torch
@@ -384,9 +385,13 @@ def _decode(args):
     paths = {"sliced": _decode_sliced, "splitk": _decode_splitk}
     if mode in paths:
         return paths[mode](*args)
-    x2d, sig, m = args[0], args[7], args[3]
+    x2d, plan, m, d_in, d_hidden, d_out, sig = args[0], args[2], args[3], args[4], args[5], args[6], args[7]
     dev = torch.cuda.get_device_name(x2d.device) if x2d.is_cuda else "cpu"
-    key = f"dec_path|{sig.digest()}|m{codegen.m_bucket(m)}|{dev}"
+    # which path wins depends on how much there is to stream (the signature does not say): key by
+    # the shape and the live-block count in quarter-octaves
+    p = plan.pattern
+    nnz = round(4 * math.log2(max(1, p.nnz_in + p.nnz_dn)))
+    key = f"dec_path|{sig.digest()}|{d_in}x{d_hidden}x{d_out}|nnz{nnz}|m{codegen.m_bucket(m)}|{dev}"
     choice = codegen.lookup_config(key)
     if choice is None:
         if not _may_tune():
