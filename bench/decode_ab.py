@@ -1,4 +1,5 @@
-"""Decode-only A/B (GPU): split-K decode time per launch config and finisher read mode, no dense/prefill.
+"""Decode-only A/B (GPU): split-K decode time per launch config and finisher read mode, no dense/prefill
+(the split-K path is forced: ``BLAST_DECODE=splitk``; bench/profile_decode.py compares the two paths).
 
     PYTHONPATH=$PWD python bench/decode_ab.py [--sweep]
 
@@ -11,6 +12,7 @@ import sys
 
 import torch
 
+os.environ["BLAST_DECODE"] = "splitk"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

@@ -68,30 +68,7 @@ def make_weights(shape, sparsity, block, dtype, seed):
 
 def graph_time(fns, reps=20):
     """Median µs per call of ``fns`` (a cycle of calls) replayed as one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            for f in fns:
-                f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / len(fns))
-    del g
-    return sorted(ts)[len(ts) // 2]
+    return triton_mlp.graph_time(fns, reps=reps, warm=2)
 
 
 def bench_time(fns):

@@ -61,6 +61,7 @@ def case(shape, sp, ms, ncu):
     sets = [(w1, w3, w2)] + [tuple(t.clone() for t in (w1, w3, w2)) for _ in range(n - 1)]
     plans = [resolve(torch.empty(1, d, device="cuda", dtype=dt), a, None, c, None, b, None, act, 64, 64,
                      p0.pattern.key, 1.0) for a, c, b in sets]
+    fl = None if ncu else floors(live)
     for m in ms:
         xs = [torch.randn(m, d, device="cuda", dtype=dt) for _ in sets]
         fns = [lambda s=s, p=p, x=x: triton_mlp.forward(x, *_wargs(s), p, act) for s, p, x in zip(sets, plans, xs)]
@@ -72,7 +73,6 @@ def case(shape, sp, ms, ncu):
             torch.cuda.synchronize()
             torch.cuda.profiler.stop()
         else:
-            fl = floors(live)
             t = {}
             for name, mode, pdl in (("auto", "", "1"), ("sliced", "sliced", "1"), ("sliced-no-pdl", "sliced", "0"),
                                     ("splitk", "splitk", "1")):

@@ -2,8 +2,8 @@
 
 Forward paths (same meaning, eager rounding, fp32 accumulation):
 
-* decode (M <= ``codegen.DECODE_MAX_M``), two variants; the faster one per (pattern signature,
-  M bucket) is picked once by CUDA-graph timing with a flushed L2 and persisted:
+* decode (M <= ``codegen.DECODE_MAX_M``), two variants; the faster one per (signature, shape,
+  live-block count, M bucket) is picked once by CUDA-graph timing with a flushed L2 and persisted:
 
   - sliced (``_decode_sliced``): the prefill kernels with one 16/32-row M tile, every weight
     block's rows split over several programs (16-row slices), CH live blocks per unrolled
@@ -63,11 +63,11 @@ HANDLES_NONFINITE = True
 # small tuning spaces; the first entry is the untuned default
 # one-kernel decode (BLAST_DECODE=onekernel): (BM, num_warps, num_stages)
 DECODE1_CONFIGS = [(16, 4, 3), (16, 4, 2), (16, 4, 4), (16, 8, 4), (16, 2, 3)]
-# split-K decode (default for M <= DECODE_MAX_M): (in-blocks per program, down blocks per program, num_warps)
+# split-K decode: (in-blocks per program, down blocks per program, num_warps)
 # (H200, round 4: small chunks on few warps win at M=1 and 16 alike: more programs = more blocks in
 # flight and shorter serial tails; chunks of 8 were 1.5-2x slower)
 DECODE_CONFIGS = [(1, 1, 2), (1, 1, 1), (2, 1, 2), (2, 2, 2), (4, 2, 2)]
-# decode (default): (rows per program BS, blocks per unrolled step CH, num_warps, num_stages), tuned
+# sliced decode: (rows per program BS, blocks per unrolled step CH, num_warps, num_stages), tuned
 # separately for both kernels
 # (H200: num_stages 1 was 1.5-2x slower than 2 -- Triton's pipeliner issues the next step's loads early)
 # (the winners of a 12-config sweep over 21 signatures; 16-row slices won almost everywhere)
@@ -229,41 +229,46 @@ def _may_tune() -> bool:
     return not (_interpret() or os.environ.get("BLAST_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing())
 
 
-def _graph_time(fn, calls=8, reps=5, cold=True):
-    """µs per call of ``fn`` (kernel launches only), replayed as a CUDA graph: decode kernels run
-    for a few µs, less than a Python launch, so ``do_bench`` would time the launch. ``cold``: every
-    call follows a write of 2x the L2 (its time, timed alone, is subtracted), so weights stream
-    from HBM as in a model with many layers, not from a hot L2 as in a loop over one layer."""
-    flush = None
-    if cold:  # (only while tuning: freed after)
-        l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or (64 << 20)
-        flush = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")
+def graph_time(fns, reps=5, warm=1):
+    """Median µs per call of ``fns`` (a cycle of calls) replayed as one CUDA graph, after ``warm``
+    eager passes on a side stream (compiles, tunes, builds plan state outside the graph's pool)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        fn()  # compile, tune the parts, build plan state (outside the graph's pool)
+        for _ in range(warm):
+            for f in fns:
+                f()
     torch.cuda.current_stream().wait_stream(s)
-
-    def timed(body):
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(calls):
-                body()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
         g.replay()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) * 1e3 / calls)
-        del g
-        return sorted(ts)[len(ts) // 2]
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3 / len(fns))
+    del g
+    return sorted(ts)[len(ts) // 2]
 
-    if flush is None:
-        return timed(fn)
-    return timed(lambda: (flush.fill_(1), fn())) - timed(lambda: flush.fill_(1))
+
+def _graph_time(fn, calls=8, reps=5, cold=True):
+    """µs per call of ``fn`` for tuning: decode kernels run for a few µs, less than a Python launch,
+    so ``do_bench`` would time the launch. ``cold``: every call follows a write of 2x the L2 (its
+    time, timed alone, is subtracted), so weights stream from HBM as in a model with many layers,
+    not from a hot L2 as in a loop over one layer."""
+    if not cold:
+        return graph_time([fn] * calls, reps=reps)
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or (64 << 20)
+    flush = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")  # (only while tuning: freed after)
+    return (graph_time([lambda: (flush.fill_(1), fn())] * calls, reps=reps)
+            - graph_time([lambda: flush.fill_(1)] * calls, reps=reps, warm=0))
 
 
 def _choose(kind, sig, m, configs, run, graph=False):
@@ -377,15 +382,15 @@ def _pdl_ok(device) -> bool:
 
 def _decode(args):
     """Decode (M <= ``codegen.DECODE_MAX_M``): the sliced path or split-K, whichever was faster for
-    this (pattern signature, M bucket) when first timed (CUDA graphs; persisted like the configs).
-    ``BLAST_DECODE=sliced|splitk|onekernel`` forces one."""
+    this (signature, shape, live-block count, M bucket) when first timed (CUDA graphs; persisted like
+    the configs). ``BLAST_DECODE=sliced|splitk|onekernel`` forces one. ``args``: ``_decode_sliced``'s."""
     mode = os.environ.get("BLAST_DECODE", "")
     if mode == "onekernel":
         return _decode_onekernel(*args)
     paths = {"sliced": _decode_sliced, "splitk": _decode_splitk}
     if mode in paths:
         return paths[mode](*args)
-    x2d, plan, m, d_in, d_hidden, d_out, sig = args[0], args[2], args[3], args[4], args[5], args[6], args[7]
+    x2d, _, plan, m, d_in, d_hidden, d_out, sig = args[:8]
     dev = torch.cuda.get_device_name(x2d.device) if x2d.is_cuda else "cpu"
     # which path wins depends on how much there is to stream (the signature does not say): key by
     # the shape and the live-block count in quarter-octaves
@@ -411,7 +416,6 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     p = plan.pattern
     gated = common["GATED"]
     DT = common["DTYPE"]
-    b1, b3 = (b1_ if common["HAS_B1"] else None), (b3_ if common["HAS_B3"] else None)
     scratch = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
     gu, y32, colcnt, outcnt, flag, done = scratch
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
@@ -438,7 +442,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                     m, d_in, d_hidden, d_out, b1_, b3_, b2_,
                     w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], ix["dn_rowptr"],
                     *ch["dn"], ch["dn_tot"], colcnt, outcnt, flag, done, p.n_out - ch["n_empty"],
-                    CH=cd, HAS_B1=b1 is not None, HAS_B3=b3 is not None, HAS_B=b2 is not None,
+                    CH=cd, HAS_B1=common["HAS_B1"], HAS_B3=common["HAS_B3"], HAS_B=b2 is not None,
                     RELAXED=DECODE_RELAXED_READ,
                     num_warps=nw, **dec)
         except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
@@ -448,7 +452,6 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
 
     run(_choose("decode2", sig, m, DECODE_CONFIGS, run, graph=True))
     return y
-
 
 
 def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
@@ -472,12 +475,11 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     def run_h(cfg):
         bs, ch, nw, ns = cfg
         bs = min(bs, p.bh)
-        if n_live:
-            mod.mlp_hidden[(1, n_live * (p.bh // bs))](
-                x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
-                w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
-                ix["in_rowptr"], ix["in_cols"], ix["order_h"],
-                BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
+        mod.mlp_hidden[(1, n_live * (p.bh // bs))](
+            x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
+            w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
+            ix["in_rowptr"], ix["in_cols"], ix["order_h"],
+            BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
 
     def run_y(cfg):
         bs, ch, nw, ns = cfg
@@ -490,7 +492,8 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             DTYPE=common["DTYPE"], BO=p.bd, BI=p.bh, BS=bs, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
             NANROW=2, CH=ch, PDL=pdl and bool(n_live), BM=bm, num_warps=nw, num_stages=ns, **kw)
 
-    run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph=True))
+    if n_live:  # (else: nothing to launch, nothing to tune)
+        run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph=True))
     run_y(_choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph=True))
     return y
 
