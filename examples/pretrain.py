@@ -88,9 +88,12 @@ def compile_model(model, backend, args):
     if args.compile == "none":
         return model
     torch._dynamo.reset()  # a new backend for the same code: start clean
-    if backend == "blast":
-        return torch.compile(model, backend="blast", options=dict(min_sparsity=args.blast_min_sparsity))
-    return torch.compile(model)
+    # "reduce-overhead": CUDA graphs on both sides (a small model's step is otherwise host-bound)
+    graphs = args.compile == "reduce-overhead"
+    if backend == "blast":  # (torch.compile takes a mode or options, not both: the mode's Inductor key)
+        opts = dict(min_sparsity=args.blast_min_sparsity, **({"triton.cudagraphs": True} if graphs else {}))
+        return torch.compile(model, backend="blast", options=opts)
+    return torch.compile(model, mode="reduce-overhead" if graphs else None)
 
 
 def train_one(sparsity, corpus, args, dev):
@@ -266,7 +269,8 @@ def main():
     ap.add_argument("--update-every", type=int, default=None)
     ap.add_argument("--regrow", type=float, default=0.0)
     ap.add_argument("--balanced", action="store_true")
-    ap.add_argument("--compile", default="default", choices=["default", "none"])
+    ap.add_argument("--compile", default="default", choices=["default", "reduce-overhead", "none"],
+                    help="torch.compile mode of the dense phase and of the blast phase alike")
     ap.add_argument("--blast-min-sparsity", type=float, default=0.5)
     ap.add_argument("--warmup-steps", type=int, default=3, help="steps after a compile left out of tokens/s")
     ap.add_argument("--log-every", type=int, default=10)

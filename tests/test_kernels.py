@@ -31,16 +31,20 @@ interp = pytest.mark.skipif(not INTERP, reason="runs in a child process under TR
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
-def make(d, h, *, gated, bias, dtype, block, sparsity=0.6, seed=0, device="cpu", dead_rows=False, transposed_w1=False):
+def make(d, h, *, gated, bias, dtype, block, sparsity=0.6, seed=0, device="cpu", dead_rows=False, transposed_w1=False,
+         tied=False):
+    """Random block-sparse MLP weights; ``tied``: gate and up share one block mask (the sparsifier's way)."""
     g = torch.Generator().manual_seed(seed)
     bh, bd = block
+    masks_made = []
 
-    def w(o, i, bo, bi):
+    def w(o, i, bo, bi, like=None):
         t = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
-        m = random_block_mask(cdiv(o, bo), cdiv(i, bi), sparsity, g)
+        m = masks_made[like] if like is not None else random_block_mask(cdiv(o, bo), cdiv(i, bi), sparsity, g)
         if dead_rows:  # a whole dead block-row and block-column
             m[0] = False
             m[:, -1] = False
+        masks_made.append(m)
         return (t * expand_mask(m, bo, bi, t.shape)).to(device, dtype)
 
     def b(n):
@@ -49,7 +53,7 @@ def make(d, h, *, gated, bias, dtype, block, sparsity=0.6, seed=0, device="cpu",
     w1 = w(h, d, bh, bd)
     if transposed_w1:  # GPT-2's Conv1D: the weight is a transposed view
         w1 = w1.t().contiguous().t()
-    return dict(w1=w1, b1=b(h), w3=w(h, d, bh, bd) if gated else None, b3=b(h) if gated else None,
+    return dict(w1=w1, b1=b(h), w3=w(h, d, bh, bd, like=0 if tied else None) if gated else None, b3=b(h) if gated else None,
                 w2=w(d, h, bd, bh), b2=b(d))
 
 
@@ -76,14 +80,16 @@ def check_forward(m, d, h, gated, bias, act, dtype, block, device, **kw):
 
 
 def check_backward(m, d, h, gated, bias, act, dtype, block, device, declare=False, **kw):
-    """Every gradient vs the gather kernel (the reference semantics of blast::sparse_mlp_backward)."""
+    """Every gradient vs the gather kernel (the reference semantics of blast::sparse_mlp_backward).
+    With ``tied`` masks gate and up declare one mask object (dW of both in one launch)."""
     from blast_compile.ops import triton_mlp
 
     p = make(d, h, gated=gated, bias=bias, dtype=dtype, block=block, device=device, **kw)
     if declare:
         for name, (bo, bi) in (("w1", block), ("w3", block), ("w2", block[::-1])):
             if p[name] is not None:
-                masks.declare_mask(p[name], _block_mask(p[name], bo, bi), (bo, bi))
+                mk = p["w1"]._blast_mask[0] if (name == "w3" and kw.get("tied")) else _block_mask(p[name], bo, bi)
+                masks.declare_mask(p[name], mk, (bo, bi))
     x = torch.randn(m, d, dtype=dtype, device=device)
     dy = torch.randn(m, d, dtype=dtype, device=device)
     plan = plan_for(x, p, act, block)
@@ -168,6 +174,26 @@ def test_interp_packed(m, gated):
 ])
 def test_interp_backward(m, gated, bias, act, dtype, declare):
     check_backward(m, 37, 75, gated, bias, act, dtype, (16, 16), "cpu", declare=declare)
+
+
+@interp
+@pytest.mark.parametrize("m,bias,split", [(150, True, True), (21, False, False)])
+def test_interp_backward_tied_dead_split(m, bias, split, monkeypatch):
+    """Tied gate/up masks (one dual dW launch), a hidden block dropped because its down column is
+    dead while its declared gate/up rows are live (dW must be exactly zero there), and dW's M split
+    over programs with the two-pass reduction."""
+    from blast_compile.ops import triton_mlp
+
+    if split:
+        monkeypatch.setattr(triton_mlp, "SDDMM_MIN_ROWS", 8)
+        monkeypatch.setattr(triton_mlp, "_n_sm", lambda dev: 64)
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    check_backward(m, 48, 80, True, bias, "silu", torch.float32, (16, 16), "cpu", declare=True, tied=True,
+                   dead_rows=True, sparsity=0.5)
+    assert counters["blast"]["dw_tied"] == 1
+    assert counters["blast"]["dw_split_m"] == (2 if split else 0)  # gate+up launch and down launch
 
 
 def check_nonfinite(m, device, dtype, block, **kw):
@@ -340,6 +366,15 @@ def test_gpu_backward(m, gated, bias, act, declare, dtype):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("m,bias,block", [(3000, False, (64, 64)), (515, True, (32, 64)), (2048, False, (128, 64))])
+def test_gpu_backward_tied_dead_split(m, bias, block):
+    """Training's case: tied gate/up masks, few live blocks over a long M (dW split over M), dead columns."""
+    check_backward(m, 256, 704, True, bias, "silu", torch.bfloat16, block, "cuda", declare=True, tied=True,
+                   dead_rows=True, sparsity=0.8)
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,path", [(1, "sliced"), (16, "sliced"), (1, "splitk"), (200, "")])
 def test_gpu_cuda_graph_replay(m, path, monkeypatch):
     """No host syncs after the first call: the forward captures into a CUDA graph and replays fresh
@@ -421,3 +456,58 @@ def test_gpu_op_end_to_end_autograd():
     g2 = torch.autograd.grad(r, ins, gy)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_gpu_training_steps_compiled(mode):
+    """A few optimizer steps of a masked SwiGLU MLP under ``torch.compile(backend="blast")``
+    (with CUDA graphs too: the backward's dW tables are built outside the graph pool) track eager
+    training of the same masked MLP; pruned blocks stay zero."""
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    class MLP(nn.Module):
+        def __init__(self, d, h):
+            super().__init__()
+            self.gate_proj = nn.Linear(d, h, bias=False)
+            self.up_proj = nn.Linear(d, h, bias=False)
+            self.down_proj = nn.Linear(h, d, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    torch.manual_seed(0)
+    mods = [MLP(256, 704).cuda().to(torch.bfloat16) for _ in range(2)]
+    mods[1].load_state_dict(mods[0].state_dict())
+    g = torch.Generator().manual_seed(1)
+    mk = random_block_mask(704 // 64, 256 // 64, 0.8, g).cuda()
+    md = random_block_mask(256 // 64, 704 // 64, 0.8, g).cuda()
+    for mod in mods:
+        for lin, m in ((mod.gate_proj, mk), (mod.up_proj, mk), (mod.down_proj, md)):
+            with torch.no_grad():
+                lin.weight.mul_(expand_mask(m, 64, 64, lin.weight.shape).to(lin.weight.dtype))
+            masks.declare_mask(lin.weight, m, (64, 64))
+    torch._dynamo.reset()
+    run = torch.compile(mods[1], backend="blast", mode=mode)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in mods]
+    dense_mask = expand_mask(mk, 64, 64, (704, 256))
+    for step in range(4):
+        x = torch.randn(2, 300, 256, device="cuda", dtype=torch.bfloat16)
+        for f, mod, opt in ((mods[0], mods[0], opts[0]), (run, mods[1], opts[1])):
+            loss = f(x).float().square().mean()
+            loss.backward()
+            for lin in (mod.gate_proj, mod.up_proj):  # eager: W * mask has no gradient off the mask
+                lin.weight.grad.mul_(dense_mask.to(lin.weight.grad.dtype))
+            mod.down_proj.weight.grad.mul_(expand_mask(md, 64, 64, (256, 704)).to(torch.bfloat16))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        for a, b in zip(mods[0].parameters(), mods[1].parameters()):
+            torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-3, msg=lambda s: f"step {step}: {s}")
+    assert (mods[1].gate_proj.weight[~dense_mask] == 0).all()
+    assert torch._dynamo.utils.counters["blast"]["mlp_fused"] >= 1
+    for mod in mods:
+        for lin in (mod.gate_proj, mod.up_proj, mod.down_proj):
+            masks.clear_mask(lin.weight)

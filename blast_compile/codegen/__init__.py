@@ -35,6 +35,7 @@ log = logging.getLogger("blast_compile.codegen")
 _TEMPLATE = Path(__file__).with_name("templates") / "mlp_kernels.py.tmpl"
 _LOCK = threading.Lock()
 _MODULES: dict = {}
+_BY_SIG: dict = {}  # (signature, kernel dir) -> module: the per-launch lookup, no path or hash work
 _KERNEL_DIR: Optional[str] = None
 _TUNING: Optional[dict] = None
 
@@ -46,6 +47,15 @@ ACT_BODIES = {
     "gelu_tanh": "    t = 2.0 * tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a)) - 1.0\n"
                  "    return 0.5 * a * (1.0 + t)",
     "silu": "    return a * tl.sigmoid(a)",
+}
+# d act(a) / da in fp32 (the backward kernel recomputes it; eager's formulas, activations.act_grad)
+ACT_GRAD_BODIES = {
+    "relu": "    return tl.where(a > 0.0, 1.0, 0.0)",
+    "relu2": "    return 2.0 * tl.maximum(a, 0.0)",
+    "gelu": "    return 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476)) + a * tl.exp(-0.5 * a * a) * 0.3989422804014327",
+    "gelu_tanh": "    t = 2.0 * tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a)) - 1.0\n"
+                 "    return 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)",
+    "silu": "    s = tl.sigmoid(a)\n    return s * (1.0 + a * (1.0 - s))",
 }
 _DTYPES = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16", torch.float32: "tl.float32"}
 
@@ -85,9 +95,25 @@ class Signature:
         return _DTYPES[getattr(torch, self.dtype)]
 
     def digest(self) -> str:
-        h = hashlib.sha1(_TEMPLATE.read_bytes())
-        h.update(repr(dataclasses.astuple(self)).encode())
-        return h.hexdigest()[:16]
+        d = _DIGESTS.get(self)  # memoized: this runs on every kernel launch's host path
+        if d is None:
+            h = hashlib.sha1(_template_bytes())
+            h.update(repr(dataclasses.astuple(self)).encode())
+            d = _DIGESTS[self] = h.hexdigest()[:16]
+        return d
+
+
+_DIGESTS: dict = {}
+
+
+def _template_bytes() -> bytes:
+    global _TEMPLATE_BYTES
+    if _TEMPLATE_BYTES is None:
+        _TEMPLATE_BYTES = _TEMPLATE.read_bytes()
+    return _TEMPLATE_BYTES
+
+
+_TEMPLATE_BYTES: Optional[bytes] = None
 
 
 def signature(pattern, activation, gated, has_b1, has_b3, dtype, aligned=True) -> Signature:
@@ -105,9 +131,9 @@ def render(sig: Signature) -> str:
                f"b1={sig.has_b1} b3={sig.has_b3}, {sig.dtype}, aligned={sig.aligned}, "
                + (f"uniform {sig.nnz_in} live in-blocks per hidden row (constexpr trip count)"
                   if sig.nnz_in >= 0 else "ragged rows (trip count read from in_rowptr)"))
-    return _TEMPLATE.read_text().format(
+    return _template_bytes().decode().format(
         spec_comment=comment, spec_dict=repr(spec), act_name=sig.activation,
-        act_body=ACT_BODIES[sig.activation], trip="NNZ" if sig.nnz_in >= 0 else "n",
+        act_body=ACT_BODIES[sig.activation], act_grad_body=ACT_GRAD_BODIES[sig.activation], trip="NNZ" if sig.nnz_in >= 0 else "n",
     )
 
 
@@ -135,10 +161,14 @@ def generate(sig: Signature) -> Path:
 
 def load(sig: Signature):
     """The imported generated module for ``sig`` (generated on first use)."""
+    mod = _BY_SIG.get((sig, _KERNEL_DIR))
+    if mod is not None:
+        return mod
     with _LOCK:
         path = source_path(sig)
         mod = _MODULES.get(path)
         if mod is not None:
+            _BY_SIG[(sig, _KERNEL_DIR)] = mod
             return mod
         generate(sig)
         name = path.stem
@@ -147,6 +177,7 @@ def load(sig: Signature):
         sys.modules[name] = mod
         spec.loader.exec_module(mod)
         _MODULES[path] = mod
+        _BY_SIG[(sig, _KERNEL_DIR)] = mod
         torch._dynamo.utils.counters["blast"]["kernels_loaded"] += 1
         return mod
 

@@ -43,17 +43,20 @@ live blocks only (``sddmm``).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 
 import torch
 import triton
+from torch._dynamo.utils import counters
 
 from .. import codegen
 from ..formats import cdiv
 from . import gather
-from .activations import ACTIVATIONS, hidden_grads
+from .plans import outside_graph_pool
+
 
 log = logging.getLogger("blast_compile.ops")
 
@@ -77,6 +80,8 @@ DECODE_SLICE_CONFIGS = [(16, 4, 4, 2), (16, 1, 4, 3), (16, 2, 4, 2), (16, 4, 8, 
 # and a CTA barrier (BLAST_DECODE_READ=acquire: one acquire per element, round 3's slower version)
 DECODE_RELAXED_READ = os.environ.get("BLAST_DECODE_READ", "relaxed") != "acquire"
 # prefill: (BM, num_warps, num_stages)
+# backward kernel 1 (three fp32 [BM, BH] tiles live at once: a/u, dh; no 256-row tiles)
+BACKWARD_CONFIGS = [(64, 4, 3), (64, 4, 2), (128, 8, 3), (128, 8, 2), (64, 8, 3)]
 PREFILL_CONFIGS = [(64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3)]
 # decode with M <= this uses a multiply-reduce GEMV instead of tensor-core dots (0: never; on H200 the
 # GEMV was slower at M=1 than a 16-row dot with masked rows: 59 vs 24 µs, 8B 90 %)
@@ -271,10 +276,20 @@ def _graph_time(fn, calls=8, reps=5, cold=True):
             - graph_time([lambda: flush.fill_(1)] * calls, reps=reps, warm=0))
 
 
+@functools.lru_cache(maxsize=None)
+def _name_of(index) -> str:
+    return torch.cuda.get_device_name(index) if torch.cuda.is_available() else "cpu"
+
+
+def _device_name(index=None) -> str:
+    """The GPU's name (a tuning-key part; cached: it is on every launch's host path)."""
+    return _name_of(torch.cuda.current_device() if index is None and torch.cuda.is_available() else index)
+
+
 def _choose(kind, sig, m, configs, run, graph=False):
     """Launch config for (kernel, signature, M bucket): persisted table, else tune now (CUDA only;
     ``graph``: time by CUDA-graph replay, for kernels shorter than a launch)."""
-    key = f"{kind}|{sig.digest()}|m{codegen.m_bucket(m)}|{torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu'}"
+    key = f"{kind}|{sig.digest()}|m{codegen.m_bucket(m)}|{_device_name()}"
     cfg = codegen.lookup_config(key)
     if cfg is not None:
         return tuple(cfg)
@@ -391,7 +406,7 @@ def _decode(args):
     if mode in paths:
         return paths[mode](*args)
     x2d, _, plan, m, d_in, d_hidden, d_out, sig = args[:8]
-    dev = torch.cuda.get_device_name(x2d.device) if x2d.is_cuda else "cpu"
+    dev = _device_name(x2d.device.index) if x2d.is_cuda else "cpu"
     # which path wins depends on how much there is to stream (the signature does not say): key by
     # the shape and the live-block count in quarter-octaves
     p = plan.pattern
@@ -558,29 +573,83 @@ def _bsmm(mod, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_block
     return out
 
 
-def _sddmm(mod, dout, inp, mask_rc, bo, bi, shape, dtype):
+SDDMM_MIN_ROWS = 256  # an M split of dW is at least this many rows
+
+
+def _n_sm(device) -> int:
+    if _interpret() or device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _sddmm(mod, douts, inp, mask_rc, bo, bi, shape, dtype):
+    """dW = dout^T @ inp on the live blocks ``mask_rc`` for each dout in ``douts`` (one or two
+    sharing the mask: gate and up); zeros elsewhere. M is split over programs when there are
+    too few live blocks to fill the GPU (deterministic two-pass reduction)."""
     rows, cols = mask_rc
-    out = torch.zeros(shape, device=dout.device, dtype=dtype)
-    if rows.numel():
-        dout, inp = dout.contiguous(), inp.contiguous()
-        mod.sddmm[(rows.numel(),)](dout, dout.stride(0), inp, inp.stride(0), out, out.stride(0), dout.shape[0],
-                                   shape[0], shape[1], rows, cols, DTYPE=_tl_dtype(mod, dtype), BM=32, BO=bo, BI=bi,
-                                   num_warps=4, num_stages=2)
-    return out
+    outs = [torch.zeros(shape, device=inp.device, dtype=dtype) for _ in douts]
+    nnz = rows.numel()
+    if not nnz:
+        return outs
+    inp = inp.contiguous()
+    douts = [d.contiguous() for d in douts]
+    m = inp.shape[0]
+    bm = 64
+    dual = len(douts) == 2
+    split = max(1, min(cdiv(m, SDDMM_MIN_ROWS), cdiv(2 * _n_sm(inp.device), nnz)))
+    m_per = cdiv(cdiv(m, split), bm) * bm
+    split = cdiv(m, m_per)
+    part = (torch.empty(split * len(douts) * nnz * bo * bi, device=inp.device, dtype=torch.float32)
+            if split > 1 else inp)
+    o2 = outs[1] if dual else outs[0]
+    DT = _tl_dtype(mod, dtype)
+    mod.sddmm[(nnz, split)](douts[0], douts[-1], douts[0].stride(0), inp, inp.stride(0), outs[0], o2,
+                            outs[0].stride(0), part, m, m_per, shape[0], shape[1], rows, cols, nnz,
+                            DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual, SPLIT=split > 1, num_warps=4, num_stages=3)
+    if split > 1:
+        counters["blast"]["dw_split_m"] += 1
+        mod.sddmm_reduce[(nnz, len(douts))](part, outs[0], o2, outs[0].stride(0), shape[0], shape[1], rows, cols, nnz,
+                                            split, DTYPE=DT, BO=bo, BI=bi, DUAL=dual, num_warps=4)
+    return outs
 
 
 def _mask_rc(plan, k, mask):
+    """(rows, cols) int32 of the declared-live blocks of weight k (0 gate, 1 up, 2 down) whose hidden
+    block is live in the plan: on the others dW is exactly zero (h is provably zero there, or
+    nothing reads it: dh is zero), and the backward kernel writes dA/dU/h only on live blocks."""
     key = ("dw_rc", k, id(mask), mask._version)
     rc = plan.cache.get(key)
     if rc is None:
-        nz = mask.nonzero()
-        rc = (nz[:, 0].to(torch.int32).contiguous(), nz[:, 1].to(torch.int32).contiguous())
-        plan.cache[key] = rc
+        def build():
+            p = plan.pattern
+            live = torch.zeros(p.n_h, dtype=torch.bool, device=mask.device)
+            live[p.hidden_live.to(mask.device).long()] = True
+            nz = (mask & (live[None, :] if k == 2 else live[:, None])).nonzero()
+            return nz[:, 0].to(torch.int32).contiguous(), nz[:, 1].to(torch.int32).contiguous()
+
+        # kept with the plan: made outside any CUDA-graph pool (see plans.outside_graph_pool)
+        rc = plan.cache[key] = outside_graph_pool(build, mask.device)
     return rc
 
 
+def _tied(plan, m1, m3) -> bool:
+    """Gate and up declare the same mask (the sparsifier ties them): one dual dW launch."""
+    if m1 is None or m3 is None:
+        return False
+    key = ("tied", id(m1), m1._version, id(m3), m3._version)
+    t = plan.cache.get(key)
+    if t is None:
+        t = plan.cache[key] = m1 is m3 or (m1.shape == m3.shape and bool(torch.equal(m1, m3)))
+    return t
+
+
 def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
-    """Gradients like ``gather.backward``: dict with keys x, w1, b1, w3, b3, w2, b2 (None if not needed)."""
+    """Gradients like ``gather.backward``: dict with keys x, w1, b1, w3, b3, w2, b2 (None if not needed).
+
+    Three launches on live blocks: ``mlp_hidden_bwd`` (recompute a/u, dh through W2, dA/dU/h),
+    ``bsmm`` (dX through the transposed in-projection) and ``sddmm`` (dW, gate and up together
+    when their masks are tied). A weight without a declared mask has a dense dW (computed densely).
+    """
     p = plan.pattern
     x2d = x2d.contiguous()
     dy2d = dy2d.contiguous()
@@ -592,53 +661,60 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     off = _weight_tables(plan, w1, w3, w2, False)
     s1, s2 = w1.stride(), w2.stride()
     s3 = w3.stride() if gated else (0, 0)
-    DT = _tl_dtype(mod, x2d.dtype)
-    # recompute pre-activations of the live hidden blocks (zeros elsewhere: dh is zero there)
-    a = torch.zeros(m, H, device=x2d.device, dtype=x2d.dtype)
-    u = torch.zeros_like(a) if gated else a
+    dw_masks = plan.dw_masks
+    # dA/dU/h are written on live hidden blocks only; bias grads sum whole columns, so then the
+    # dead columns must read as zero (dA, dU are zero there)
+    new = torch.zeros if (needs[2] and b1 is not None) or (needs[4] and b3 is not None) else torch.empty
+    da = new(m, H, device=x2d.device, dtype=x2d.dtype)
+    du = new(m, H, device=x2d.device, dtype=x2d.dtype) if gated else da
+    store_h = needs[5] and dw_masks[2] is not None
+    h = torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else da
     n_live = ix["live"].numel()
     if n_live:
-        bm = 64
-        mod.mlp_hidden[(cdiv(m, bm), n_live)](
-            x2d, x2d.stride(0), a, a.stride(0), u, x2d, m, d_in, H,
-            w1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, w3 if gated else w1,
-            off["in3"] if gated else off["in1"], s3[0], s3[1], b3 if b3 is not None else x2d,
-            ix["in_rowptr"], ix["in_cols"], ix["order_h"],
-            DTYPE=DT, BM=bm, BH=p.bh, BD=p.bd, BS=p.bh, NNZ=sig.nnz_in, ALIGNED=sig.aligned, GATED=gated,
-            HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_PRE=True, SCAN=0, num_warps=4, num_stages=3)
-    act = ACTIVATIONS[activation]
-    g = act(a)
-    h = g * u if gated else g
-    # dh = dy @ W2 through W2's live blocks, transposed: CSC by hidden block, swapped strides
-    dh = _bsmm(mod, dy2d, None, w2, off["dn_csc"], (s2[1], s2[0]), w2, off["dn_csc"], (s2[1], s2[0]),
-               ix["dn_colptr"], ix["dn_rows"], ix["all_h"], p.n_h, p.bh, p.bd, d_out, H, dy2d.dtype)
-    da, du = hidden_grads(dh, a, u if gated else None, activation)
+        def run(cfg):
+            bm, nw, ns = cfg
+            mod.mlp_hidden_bwd[(cdiv(m, bm), n_live)](
+                x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h, da.stride(0), m, d_in, H, d_out,
+                w1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, w3 if gated else w1,
+                off["in3"] if gated else off["in1"], s3[0], s3[1], b3 if b3 is not None else x2d,
+                w2, off["dn_csc"], s2[1], s2[0],
+                ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"],
+                DTYPE=_tl_dtype(mod, x2d.dtype), BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
+                GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
+                num_warps=nw, num_stages=ns)
+
+        run(_choose("hidden_bwd", sig, m, BACKWARD_CONFIGS, run))
     grads = {}
     if needs[0]:
-        grads["x"] = _bsmm(mod, da, du, w1, off["in_csc1"], (s1[1], s1[0]),
+        grads["x"] = _bsmm(mod, da, du if gated else None, w1, off["in_csc1"], (s1[1], s1[0]),
                            w3 if gated else w1, off["in_csc3"] if gated else off["in_csc1"], (s3[1], s3[0]) if gated else (s1[1], s1[0]),
                            ix["in_colptr"], ix["in_csc_rows"], ix["all_in"], p.n_in, p.bd, p.bh, H, d_in, x2d.dtype)
-    dw_masks = plan.dw_masks
     dense_dw = any(needs[i] and dw_masks[k] is None for i, k in ((1, 0), (3, 1), (5, 2)) if (i != 3 or gated))
     if dense_dw:
         # a weight without a declared mask has a dense gradient (also on its zero blocks),
         # which needs every hidden unit: a dense product anyway, so compute it densely
         h_f, da_f, du_f = gather.dense_hidden_grads(dy2d, x2d, w1, b1, w3 if gated else None, b3, w2, activation)
 
-    def dw(k, dout_sparse, dout_full, inp, bo, bi, shape):
-        if dw_masks[k] is None:
-            return (dout_full.t() @ inp.to(dout_full.dtype)).to(inp.dtype)
-        return _sddmm(mod, dout_sparse, inp, _mask_rc(plan, k, dw_masks[k]), bo, bi, shape, dout_sparse.dtype)
+    def dense(dout, inp):
+        return (dout.t() @ inp.to(dout.dtype)).to(inp.dtype)
 
     if needs[5]:
-        grads["w2"] = (dw(2, dy2d, dy2d, h_f, p.bd, p.bh, w2.shape) if (dw_masks[2] is None)
-                       else dw(2, dy2d, None, h, p.bd, p.bh, w2.shape))
+        grads["w2"] = (dense(dy2d, h_f) if dw_masks[2] is None
+                       else _sddmm(mod, [dy2d], h, _mask_rc(plan, 2, dw_masks[2]), p.bd, p.bh, w2.shape, dy2d.dtype)[0])
     grads["b2"] = dy2d.sum(0) if (needs[6] and b2 is not None) else None
-    if needs[1]:
-        grads["w1"] = dw(0, da, da_f if dense_dw else None, x2d, p.bh, p.bd, w1.shape)
+    need1, need3 = needs[1], gated and needs[3]
+    if need1 and need3 and _tied(plan, dw_masks[0], dw_masks[1]):
+        counters["blast"]["dw_tied"] += 1
+        grads["w1"], grads["w3"] = _sddmm(mod, [da, du], x2d, _mask_rc(plan, 0, dw_masks[0]), p.bh, p.bd, w1.shape,
+                                          x2d.dtype)
+    else:
+        for name, need, k, dout, dout_f in (("w1", need1, 0, da, da_f if dense_dw else None),
+                                            ("w3", need3, 1, du, du_f if dense_dw and gated else None)):
+            if need:
+                grads[name] = (dense(dout_f, x2d) if dw_masks[k] is None
+                               else _sddmm(mod, [dout], x2d, _mask_rc(plan, k, dw_masks[k]), p.bh, p.bd, w1.shape,
+                                           x2d.dtype)[0])
     grads["b1"] = da.sum(0).to(dy2d.dtype) if (needs[2] and b1 is not None) else None
     if gated:
-        if needs[3]:
-            grads["w3"] = dw(1, du, du_f if dense_dw else None, x2d, p.bh, p.bd, w3.shape)
         grads["b3"] = du.sum(0).to(dy2d.dtype) if (needs[4] and b3 is not None) else None
     return grads

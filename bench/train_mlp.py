@@ -1,0 +1,200 @@
+"""Training-side kernel benchmark: one SwiGLU MLP forward+backward, dense vs blast (GPU).
+
+Masks are declared (what the sparsifier does), so dW is computed on live blocks only.
+For each shape: dense under ``torch.compile`` (Inductor, cuBLAS) and blast under
+``torch.compile(backend="blast")``, timed two ways in one run:
+
+* ``*_ms``: CUDA-event time per iteration over back-to-back iterations (the host may run
+  ahead: this is what a training loop sees when the host is not the bottleneck);
+* ``*_sync_ms``: median of single iterations each followed by a synchronize (host time
+  included: shows Python/dispatch overhead at small shapes).
+
+``--profile`` adds a torch.profiler table of the blast case's CUDA kernels (first shape).
+
+    python bench/train_mlp.py --out bench/results            # on the GPU machine
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from blast_compile.formats import expand_mask  # noqa: E402
+from blast_compile.masks import declare_mask  # noqa: E402
+from blast_compile.testing import zero_blocks_  # noqa: E402
+
+SHAPES = {"34m": (512, 2816), "1b": (2048, 8192), "8b": (4096, 14336)}
+
+
+class MLP(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.gate_proj = nn.Linear(d, h, bias=False)
+        self.up_proj = nn.Linear(d, h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def sparsify_(mlp, sparsity, block, seed=0):
+    """Random block masks, gate and up tied (the sparsifier's default), declared on the weights."""
+    g = torch.Generator().manual_seed(seed)
+    mk = zero_blocks_(mlp.gate_proj.weight.data, sparsity, (block, block), g)
+    with torch.no_grad():
+        w = mlp.up_proj.weight
+        w.mul_(expand_mask(mk, block, block, w.shape).to(w.device, w.dtype))
+    md = zero_blocks_(mlp.down_proj.weight.data, sparsity, (block, block), g)
+    dev = mlp.gate_proj.weight.device
+    declare_mask(mlp.gate_proj.weight, mk.to(dev), (block, block))
+    declare_mask(mlp.up_proj.weight, mk.to(dev), (block, block))
+    declare_mask(mlp.down_proj.weight, md.to(dev), (block, block))
+
+
+def timed(fn, iters):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(iters):
+        fn()
+    e1.record()
+    torch.cuda.synchronize()
+    stream_ms = e0.elapsed_time(e1) / iters
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return stream_ms, 1e3 * statistics.median(ts)
+
+
+def case(d, h, m, sparsity, block, iters, mode=None, profile=False):
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    row = {"d": d, "hidden": h, "M": m, "sparsity": sparsity, "block": block, "mode": mode or "default"}
+    for name in ("dense", "blast"):
+        torch.manual_seed(0)
+        mlp = MLP(d, h).to(dev, dt)
+        if name == "blast":
+            sparsify_(mlp, sparsity, block)
+        torch._dynamo.reset()
+        f = torch.compile(mlp, backend="blast", mode=mode) if name == "blast" else torch.compile(mlp, mode=mode)
+        x = torch.randn(m, d, device=dev, dtype=dt, requires_grad=True)
+        dy = torch.randn(m, d, device=dev, dtype=dt)
+
+        def fwd_bwd():  # a training step's MLP part: fresh grads each time (zero_grad(set_to_none))
+            x.grad = None
+            for p in mlp.parameters():
+                p.grad = None
+            f(x).backward(dy)
+
+        def fwd():
+            with torch.no_grad():
+                f(x)
+
+        for fn, label in ((fwd_bwd, "fwd_bwd"), (fwd, "fwd")):
+            row[f"{name}_{label}_ms"], row[f"{name}_{label}_sync_ms"] = timed(fn, iters)
+        if name == "blast" and profile:
+            row["profile"] = kernel_table(fwd_bwd)
+            row["host_profile"] = host_table(fwd_bwd)
+    for label in ("fwd_bwd", "fwd"):
+        row[f"speedup_{label}"] = row[f"dense_{label}_ms"] / row[f"blast_{label}_ms"]
+        row[f"speedup_{label}_sync"] = row[f"dense_{label}_sync_ms"] / row[f"blast_{label}_sync_ms"]
+    return row
+
+
+def kernel_table(fn, iters=10):
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if dev_us > 0:
+            rows.append({"name": e.key[:90], "us_per_iter": dev_us / iters, "calls_per_iter": e.count / iters})
+    rows.sort(key=lambda r: -r["us_per_iter"])
+    return rows[:25]
+
+
+def host_table(fn, iters=50, top=20):
+    """Where the host's time goes per fwd+bwd (cProfile, own time): at small shapes the GPU waits on it."""
+    import cProfile
+    import pstats
+
+    fn()
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    st = pstats.Stats(pr)
+    rows = [{"fn": f"{os.path.basename(k[0])}:{k[1]}:{k[2]}", "own_us_per_iter": 1e6 * v[2] / iters,
+             "cum_us_per_iter": 1e6 * v[3] / iters, "calls_per_iter": v[1] / iters} for k, v in st.stats.items()]
+    rows.sort(key=lambda r: -r["own_us_per_iter"])
+    return rows[:top]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="34m,1b,8b")
+    ap.add_argument("--m", default="8192")
+    ap.add_argument("--sparsity", default="0.9,0.95")
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--modes", default="default,reduce-overhead", help="torch.compile modes (both sides)")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--tag", default="h200")
+    args = ap.parse_args()
+    import triton
+
+    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "date": datetime.date.today().isoformat(), "rows": []}
+    first = True
+    for mode in args.modes.split(","):
+        for s in args.shapes.split(","):
+            d, h = SHAPES[s]
+            for m in (int(v) for v in args.m.split(",")):
+                for sp in (float(v) for v in args.sparsity.split(",")):
+                    row = case(d, h, m, sp, args.block, args.iters, None if mode == "default" else mode,
+                               profile=args.profile and first)
+                    first = False
+                    row["shape"] = s
+                    res["rows"].append(row)
+                    print(f"[{mode}] {s:4s} M={m:5d} {sp:.0%}: fwd+bwd dense {row['dense_fwd_bwd_ms']:.3f} blast "
+                          f"{row['blast_fwd_bwd_ms']:.3f} ms ({row['speedup_fwd_bwd']:.2f}x; sync'd "
+                          f"{row['speedup_fwd_bwd_sync']:.2f}x) | fwd dense {row['dense_fwd_ms']:.3f} blast "
+                          f"{row['blast_fwd_ms']:.3f} ({row['speedup_fwd']:.2f}x)", flush=True)
+                    for k in row.get("profile", []):
+                        print(f"    {k['us_per_iter']:8.1f} us  x{k['calls_per_iter']:.0f}  {k['name']}")
+                    for k in row.get("host_profile", []):
+                        print(f"    host {k['own_us_per_iter']:7.1f} us own {k['cum_us_per_iter']:7.1f} cum "
+                              f"x{k['calls_per_iter']:.1f}  {k['fn']}")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"train_mlp_{args.tag}.json")
+    with open(path, "w") as f:
+        json.dump(res, f, indent=1)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
