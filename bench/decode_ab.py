@@ -42,7 +42,7 @@ def case(shape, sp, block=64, ms=(1, 16), sweep=False, dtype=torch.bfloat16):
         y = fns[0]()
         ref = dense_mlp(xs[0].float(), *(None if t is None else t.float() for t in _wargs(sets[0])), act)
         err = float((y.float() - ref).norm() / ref.norm())
-        tkey = f"decode2|{sig.digest()}|m{codegen.m_bucket(m)}|{torch.cuda.get_device_name()}"
+        tkey = triton_mlp.tuning_key("decode2", sig, m, (d, h, d))
         cfg = codegen.lookup_config(tkey)
         res = {}
         for mode in (True, False):

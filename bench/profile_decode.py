@@ -85,7 +85,7 @@ def case(shape, sp, ms, ncu):
             if SWEEP:
                 sig = triton_mlp._module(plans[0], act, gated, False, False, dt)[0]
                 for kind in ("dec_h", "dec_y"):
-                    key = f"{kind}|{sig.digest()}|m{codegen.m_bucket(m)}|{torch.cuda.get_device_name()}"
+                    key = triton_mlp.tuning_key(kind, sig, m, (d, h, d))
                     best = codegen.lookup_config(key)
                     parts = []
                     for c in triton_mlp.DECODE_SLICE_CONFIGS + EXTRA:

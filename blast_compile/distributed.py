@@ -60,10 +60,10 @@ def local(t: Optional[Tensor]) -> Optional[Tensor]:
 
 # --------------------------------------------------------------------------- sharding rule
 @register_sharding(torch.ops.blast.sparse_mlp.default)
-def _sparse_mlp_sharding(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density):
+def _sparse_mlp_sharding(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, *rest):
     """Placements (output, inputs) DTensor may pick from; it takes the cheapest for the given inputs."""
     opt = lambda t, p: None if t is None else p  # noqa: E731
-    tail = [None] * 5  # activation, block_h, block_d, pattern_key, max_density
+    tail = [None] * (5 + len(rest))  # activation, block_h, block_d, pattern_key, max_density[, compute_dtype]
     # Tensor parallel: hidden units sharded, one partial sum per rank. b2 as Partial:
     # DTensor turns a Replicate bias into a partial one (counted once in the sum).
     tp = ([Partial()], [Replicate(), Shard(0), opt(b1, Shard(0)), opt(w3, Shard(0)), opt(b3, Shard(0)),

@@ -77,6 +77,30 @@ def test_training_step_matches_eager():
     assert counters["blast"]["mlp_fused"] >= 1
 
 
+def test_ambient_autocast_fused_op_computes_like_autocast_linears():
+    """fp32 parameters under ``torch.autocast`` (mixed-precision training): the linears run in bf16
+    in eager, so the fused node does too -- bf16 output, fp32 gradients in the parameters' dtype."""
+    torch._dynamo.reset()
+    m = sparse_block(seed=2).mlp
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    cm = torch.compile(m, backend="blast")
+    outs, grads = [], []
+    for f in (cm, m):
+        with torch.autocast("cpu", torch.bfloat16):
+            y = f(x)
+        y.float().square().mean().backward()
+        outs.append(y)
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+    assert counters["blast"]["mlp_fused"] == 1
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[0], outs[1], **tol(torch.bfloat16))
+    for (n, _), g, r in zip([("x", None)] + list(m.named_parameters()), grads[0], grads[1]):
+        assert g.dtype == r.dtype, n
+        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2, msg=n)
+
+
 def test_internal_error_falls_back_to_inductor_with_warning(monkeypatch):
     torch._dynamo.reset()
     import blast_compile.passes as passes

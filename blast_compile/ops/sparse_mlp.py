@@ -160,6 +160,17 @@ def _nonfinite_rows(x2d):
     return ~torch.isfinite(x2d).all(dim=1)
 
 
+def _autocast(compute_dtype, *ts):
+    """What ``F.linear`` does under autocast: floating inputs in the autocast dtype (None: as is)."""
+    if compute_dtype is None:
+        return ts
+    return tuple(t if (t is None or t.dtype == compute_dtype) else t.to(compute_dtype) for t in ts)
+
+
+def _same(a, b) -> bool:
+    return all(s is t for s, t in zip(a, b))
+
+
 def _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation):
     from . import triton_mlp
 
@@ -181,17 +192,24 @@ def sparse_mlp(
     block_d: int,
     pattern_key: str,
     max_density: float,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> Tensor:
+    """``compute_dtype``: the ambient autocast dtype at compile time (the linears would run in it)."""
+    d_out = w2.shape[0]
+    # the plan (pattern, declared masks, version checks) belongs to the parameters themselves
+    plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
+    orig_w = (w1, w3, w2)
+    x, w1, b1, w3, b3, w2, b2 = _autocast(compute_dtype, x, w1, b1, w3, b3, w2, b2)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    d_out = w2.shape[0]
-    plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
     if plan.dense or x2d.shape[0] == 0:
         return dense_mlp(x, w1, b1, w3, b3, w2, b2, activation)
     if x.device.type == "cuda":
         y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)  # kernels poison non-finite rows
     else:
-        y = gather.forward(x2d, plan.dev_pattern, _packed(plan, w1, w3, w2), b1, b3, b2, activation, d_out)
+        packed = (_packed(plan, w1, w3, w2) if _same(orig_w, (w1, w3, w2))
+                  else gather.PackedMLP(plan.dev_pattern, w1, w3, w2))  # cast copies: not cached
+        y = gather.forward(x2d, plan.dev_pattern, packed, b1, b3, b2, activation, d_out)
         bad = _nonfinite_rows(x2d)
         if bool(bad.any()):
             y[bad] = dense_mlp(x2d[bad], w1, b1, w3, b3, w2, b2, activation)
@@ -199,8 +217,8 @@ def sparse_mlp(
 
 
 @sparse_mlp.register_fake
-def _(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density):
-    return x.new_empty((*x.shape[:-1], w2.shape[0]))
+def _(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, compute_dtype=None):
+    return x.new_empty((*x.shape[:-1], w2.shape[0]), dtype=compute_dtype or x.dtype)
 
 
 @torch.library.custom_op("blast::sparse_mlp_backward", mutates_args=())
@@ -219,11 +237,17 @@ def sparse_mlp_backward(
     pattern_key: str,
     max_density: float,
     needs: List[bool],
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> List[Tensor]:
-    """Gradients ``[dx, dw1, db1, dw3, db3, dw2, db2]``; an unneeded one is an empty tensor."""
+    """Gradients ``[dx, dw1, db1, dw3, db3, dw2, db2]``; an unneeded one is an empty tensor.
+    Under autocast (``compute_dtype``) they are computed in it and returned in each input's dtype."""
+    plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
+    orig = (x, w1, b1, w3, b3, w2, b2)
+    orig_w = (w1, w3, w2)
+    x, w1, b1, w3, b3, w2, b2 = _autocast(compute_dtype, x, w1, b1, w3, b3, w2, b2)
+    (dy,) = _autocast(compute_dtype, dy)
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
-    plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
     # (the non-finite check syncs, so only on CPU: CUDA backward must stay graph-capturable)
     if plan.dense or x2d.shape[0] == 0 or (x.device.type == "cpu" and not bool(torch.isfinite(x2d).all())):
         g = gather.dense_backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, activation, needs, plan.dw_masks, block_h, block_d)
@@ -233,38 +257,39 @@ def sparse_mlp_backward(
 
             g = triton_mlp.backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs)
         else:
-            g = gather.backward(dy2d, x2d, plan.dev_pattern, _packed(plan, w1, w3, w2), w1, b1, w3, b3, w2, b2,
+            packed = (_packed(plan, w1, w3, w2) if _same(orig_w, (w1, w3, w2))
+                      else gather.PackedMLP(plan.dev_pattern, w1, w3, w2))
+            g = gather.backward(dy2d, x2d, plan.dev_pattern, packed, w1, b1, w3, b3, w2, b2,
                                 activation, needs, plan.dw_masks)
     grads = [g.get(k) for k in ("x", "w1", "b1", "w3", "b3", "w2", "b2")]
     out = []
     for i, g in enumerate(grads):
         if g is None:
             out.append(x.new_empty(0))
-        elif i == 0:
-            out.append(g.reshape(x.shape))
         else:
-            out.append(g)
+            out.append((g.reshape(x.shape) if i == 0 else g).to(orig[i].dtype))
     return out
 
 
 @sparse_mlp_backward.register_fake
-def _(dy, x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, needs):
+def _(dy, x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, needs, compute_dtype=None):
     shapes = [x, w1, b1, w3, b3, w2, b2]
     return [t.new_empty(t.shape) if (t is not None and needs[i]) else x.new_empty(0) for i, t in enumerate(shapes)]
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density = inputs
+    x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, *rest = inputs
     ctx.save_for_backward(x, w1, b1, w3, b3, w2, b2)
     ctx.args = (activation, block_h, block_d, pattern_key, max_density)
+    ctx.compute_dtype = rest[0] if rest else None
 
 
 def _backward(ctx, dy):
     x, w1, b1, w3, b3, w2, b2 = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:7]]
-    grads = torch.ops.blast.sparse_mlp_backward(dy, x, w1, b1, w3, b3, w2, b2, *ctx.args, needs)
+    grads = torch.ops.blast.sparse_mlp_backward(dy, x, w1, b1, w3, b3, w2, b2, *ctx.args, needs, ctx.compute_dtype)
     res = [g if (needs[i] and (i == 0 or (x, w1, b1, w3, b3, w2, b2)[i] is not None)) else None for i, g in enumerate(grads)]
-    return (*res, None, None, None, None, None)
+    return (*res, None, None, None, None, None, None)
 
 
 sparse_mlp.register_autograd(_backward, setup_context=_setup_context)

@@ -286,10 +286,17 @@ def _device_name(index=None) -> str:
     return _name_of(torch.cuda.current_device() if index is None and torch.cuda.is_available() else index)
 
 
-def _choose(kind, sig, m, configs, run, graph=False):
-    """Launch config for (kernel, signature, M bucket): persisted table, else tune now (CUDA only;
-    ``graph``: time by CUDA-graph replay, for kernels shorter than a launch)."""
-    key = f"{kind}|{sig.digest()}|m{codegen.m_bucket(m)}|{_device_name()}"
+def tuning_key(kind, sig, m, shape=()) -> str:
+    """Key of a tuned launch config: kernel kind, signature, layer dims, M bucket, GPU name."""
+    dims = "x".join(str(int(d)) for d in shape)
+    return f"{kind}|{sig.digest()}|{dims}|m{codegen.m_bucket(m)}|{_device_name()}"
+
+
+def _choose(kind, sig, m, configs, run, graph=False, shape=()):
+    """Launch config for (kernel, signature, shape, M bucket): persisted table, else tune now (CUDA
+    only; ``graph``: time by CUDA-graph replay, for kernels shorter than a launch). The signature is
+    shared by every MLP of a block shape and dtype, so the layer's dims are part of the key."""
+    key = tuning_key(kind, sig, m, shape)
     cfg = codegen.lookup_config(key)
     if cfg is not None:
         return tuple(cfg)
@@ -366,7 +373,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
                 ix["in_rowptr"], ix["in_cols"], ix["order_h"],
                 BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=1, **common)
 
-    run_h(_choose("hidden", sig, m, PREFILL_CONFIGS, run_h))
+    run_h(_choose("hidden", sig, m, PREFILL_CONFIGS, run_h, shape=(d_in, d_hidden, d_out)))
 
     def run_y(cfg):
         bm, nw, ns = cfg
@@ -377,7 +384,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
             DTYPE=DT, BO=p.bd, BI=p.bh, BS=p.bd, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
             NANROW=1, BM=bm, num_warps=nw, num_stages=ns)
 
-    run_y(_choose("down", sig, m, PREFILL_CONFIGS, run_y))
+    run_y(_choose("down", sig, m, PREFILL_CONFIGS, run_y, shape=(d_in, d_hidden, d_out)))
     return y
 
 
@@ -465,7 +472,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                 t.zero_()
             raise
 
-    run(_choose("decode2", sig, m, DECODE_CONFIGS, run, graph=True))
+    run(_choose("decode2", sig, m, DECODE_CONFIGS, run, graph=True, shape=(d_in, d_hidden, d_out)))
     return y
 
 
@@ -508,8 +515,8 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             NANROW=2, CH=ch, PDL=pdl and bool(n_live), BM=bm, num_warps=nw, num_stages=ns, **kw)
 
     if n_live:  # (else: nothing to launch, nothing to tune)
-        run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph=True))
-    run_y(_choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph=True))
+        run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph=True, shape=(d_in, d_hidden, d_out)))
+    run_y(_choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph=True, shape=(d_in, d_hidden, d_out)))
     return y
 
 
@@ -531,7 +538,7 @@ def _decode_onekernel(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off
                 w2, off["dn_csc"], s2[0], s2[1], ix["dn_colptr"], ix["dn_rows"],
                 BM=bm, num_warps=nw, num_stages=ns, **common)
 
-    run1(_choose("decode", sig, m, DECODE1_CONFIGS, run1))
+    run1(_choose("decode", sig, m, DECODE1_CONFIGS, run1, shape=(d_in, d_hidden, d_out)))
     if b2 is not None:
         y32 += b2.float()
     y32.masked_fill_(~torch.isfinite(x2d).all(1, keepdim=True), float("nan"))  # eager's NaN rows
@@ -559,17 +566,21 @@ def forward_packed(x2d, p1, b1, p3, b3, p2, b2, plan, activation, d_out=None):
 
 # --- backward ---------------------------------------------------------------------------------------
 
-def _bsmm(mod, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_blocks, bo, bi, n_in, n_out, out_dtype, bias=None):
+def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_blocks, bo, bi, n_in, n_out,
+          out_dtype):
+    """out = X W^T (+ X2 W2^T) through live blocks (backward: dX), config tuned per signature, shape and M."""
     m = x.shape[0]
     out = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
-    bm = 64
-    mod.bsmm[(cdiv(m, bm), n_out_blocks)](
-        x, x.stride(0), x2 if x2 is not None else x, out, out.stride(0), bias if bias is not None else x, x, 0, m, n_in,
-        n_out,
-        w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order,
-        DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=True, HAS_B=bias is not None, DUAL=x2 is not None,
-        NANROW=0,
-        BM=bm, num_warps=4, num_stages=3)
+
+    def run(cfg):
+        bm, nw, ns = cfg
+        mod.bsmm[(cdiv(m, bm), n_out_blocks)](
+            x, x.stride(0), x2 if x2 is not None else x, out, out.stride(0), x, x, 0, m, n_in, n_out,
+            w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order,
+            DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=sig.aligned, HAS_B=False,
+            DUAL=x2 is not None, NANROW=0, BM=bm, num_warps=nw, num_stages=ns)
+
+    run(_choose("dx" if x2 is None else "dx_dual", sig, m, PREFILL_CONFIGS, run, shape=(n_in, n_out)))
     return out
 
 
@@ -683,10 +694,10 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
                 num_warps=nw, num_stages=ns)
 
-        run(_choose("hidden_bwd", sig, m, BACKWARD_CONFIGS, run))
+        run(_choose("hidden_bwd", sig, m, BACKWARD_CONFIGS, run, shape=(d_in, H, d_out)))
     grads = {}
     if needs[0]:
-        grads["x"] = _bsmm(mod, da, du if gated else None, w1, off["in_csc1"], (s1[1], s1[0]),
+        grads["x"] = _bsmm(mod, sig, da, du if gated else None, w1, off["in_csc1"], (s1[1], s1[0]),
                            w3 if gated else w1, off["in_csc3"] if gated else off["in_csc1"], (s3[1], s3[0]) if gated else (s1[1], s1[0]),
                            ix["in_colptr"], ix["in_csc_rows"], ix["all_in"], p.n_in, p.bd, p.bh, H, d_in, x2d.dtype)
     dense_dw = any(needs[i] and dw_masks[k] is None for i, k in ((1, 0), (3, 1), (5, 2)) if (i != 3 or gated))

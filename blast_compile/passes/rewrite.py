@@ -32,6 +32,18 @@ def _as_out_in(graph, lin) -> Node:
     return t
 
 
+def autocast_dtype(m: MLPMatch):
+    """The dtype the MLP's linears run in under the ambient autocast (Dynamo guards on that state,
+    so it holds for this graph), or None. The fused op then casts like ``F.linear`` would."""
+    xv = example_value(m.x)
+    if not isinstance(xv, torch.Tensor) or not torch.is_autocast_enabled(xv.device.type):
+        return None
+    cdt = torch.get_autocast_dtype(xv.device.type)
+    if xv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None  # autocast leaves float64 alone
+    return cdt
+
+
 def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOptions, replaced: dict) -> Node:
     """Swap ``m`` for the fused node; returns it. The caller lints and recompiles.
 
@@ -46,11 +58,10 @@ def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOption
         w3 = _as_out_in(graph, m.up) if m.up is not None else None
         w2 = _as_out_in(graph, m.down)
         b3 = m.up.bias if m.up is not None else None
-        fused = graph.call_function(
-            torch.ops.blast.sparse_mlp.default,
-            (x, w1, m.gate.bias, w3, b3, w2, m.down.bias, m.act.name, pattern.bh, pattern.bd, pattern.key,
-             float(opts.max_runtime_density)),
-        )
+        args = (x, w1, m.gate.bias, w3, b3, w2, m.down.bias, m.act.name, pattern.bh, pattern.bd, pattern.key,
+                float(opts.max_runtime_density))
+        cdt = autocast_dtype(m)
+        fused = graph.call_function(torch.ops.blast.sparse_mlp.default, args + ((cdt,) if cdt is not None else ()))
     fused.meta = dict(out.meta)
     fused.meta["blast_pattern"] = pattern  # for the backend's kernel report (it takes it off again)
     out.replace_all_uses_with(fused)
