@@ -153,6 +153,45 @@ def host_table(fn, iters=50, top=20):
     return rows[:top]
 
 
+def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False):
+    """A whole training step of the examples' 34M Llama (fp32 params, bf16 autocast, fused AdamW,
+    grad clipping), dense vs blast at ``sparsity`` (random block masks, declared), same mode."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+    from _model import Config, Llama
+
+    dev = torch.device("cuda")
+    row = {"what": "train_step_34m", "mode": mode or "default", "sparsity": sparsity, "batch": batch, "seq": seq}
+    for name in ("dense", "blast"):
+        torch.manual_seed(0)
+        model = Llama(Config.preset("34m", 4096)).to(dev)
+        if name == "blast":
+            for i, layer in enumerate(model.layers):
+                sparsify_(layer.mlp, sparsity, block, seed=i)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        torch._dynamo.reset()
+        run = torch.compile(model, backend="blast", mode=mode) if name == "blast" else torch.compile(model, mode=mode)
+        idx = torch.randint(0, 4096, (batch, seq + 1), device=dev)
+
+        def step():
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = run(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        row[f"{name}_step_ms"], row[f"{name}_step_sync_ms"] = timed(step, iters)
+        row[f"{name}_tok_s"] = batch * seq / row[f"{name}_step_ms"] * 1e3
+        if name == "blast":
+            from torch._dynamo.utils import counters
+
+            row["blast_counters"] = dict(counters["blast"])
+            if profile:
+                row["profile"] = kernel_table(step)
+    row["speedup_step"] = row["dense_step_ms"] / row["blast_step_ms"]
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="34m,1b,8b")
@@ -162,6 +201,7 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--modes", default="default,reduce-overhead", help="torch.compile modes (both sides)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--step", action="store_true", help="also a whole 34M-model training step per mode")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
     args = ap.parse_args()
@@ -189,6 +229,17 @@ def main():
                     for k in row.get("host_profile", []):
                         print(f"    host {k['own_us_per_iter']:7.1f} us own {k['cum_us_per_iter']:7.1f} cum "
                               f"x{k['calls_per_iter']:.1f}  {k['fn']}")
+    if args.step:
+        for mode in args.modes.split(","):
+            for sp in (float(v) for v in args.sparsity.split(",")):
+                row = step_case(None if mode == "default" else mode, sp, args.block, args.iters,
+                                profile=args.profile and mode == "reduce-overhead")
+                res["rows"].append(row)
+                print(f"[{mode}] 34M training step {sp:.0%}: dense {row['dense_step_ms']:.2f} ms, blast "
+                      f"{row['blast_step_ms']:.2f} ms ({row['speedup_step']:.2f}x; {row['blast_tok_s'] / 1e6:.2f}M tok/s)",
+                      flush=True)
+                for k in row.get("profile", []):
+                    print(f"    {k['us_per_iter']:8.1f} us  x{k['calls_per_iter']:.0f}  {k['name']}")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"train_mlp_{args.tag}.json")
     with open(path, "w") as f:

@@ -177,6 +177,38 @@ def test_interp_backward(m, gated, bias, act, dtype, declare):
 
 
 @interp
+@pytest.mark.parametrize("m,declare", [(40, True), (37, False), (3, False)])
+def test_interp_fp32_master_weights_half_compute(m, declare):
+    """Autocast training: fp32 weights, fp16 activations. The kernels cast weight blocks on load
+    (decode gets cast copies); dW comes out fp32, equal to the fp16 computation's."""
+    from blast_compile.ops import triton_mlp
+
+    p = make(48, 80, gated=True, bias=False, dtype=torch.float32, block=(16, 16), device="cpu")
+    ph = {k: None if v is None else v.half() for k, v in p.items()}
+    if declare:
+        for q in (p, ph):
+            for name in ("w1", "w3", "w2"):
+                bo, bi = (16, 16)
+                masks.declare_mask(q[name], _block_mask(p[name], bo, bi), (bo, bi))
+    x = torch.randn(m, 48, dtype=torch.float16)
+    dy = torch.randn(m, 48, dtype=torch.float16)
+    plan, plan_h = plan_for(x, p, "silu", (16, 16)), plan_for(x, ph, "silu", (16, 16))
+    y = triton_mlp.forward(x, *args(p), plan, "silu")
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y, triton_mlp.forward(x, *args(ph), plan_h, "silu"), **tol(torch.float16))
+    torch.testing.assert_close(y, dense_mlp(x, *args(ph), "silu"), **tol(torch.float16))
+    if m > codegen.DECODE_MAX_M:
+        g = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7)
+        gh = triton_mlp.backward(dy, x, *args(ph), plan_h, "silu", [True] * 7)
+        for k in ("x", "w1", "w3", "w2"):
+            assert g[k].dtype == (torch.float16 if k == "x" else torch.float32), k
+            torch.testing.assert_close(g[k].float(), gh[k].float(), rtol=1e-2, atol=1e-2, msg=k)
+    for q in (p, ph):
+        for name in ("w1", "w3", "w2"):
+            masks.clear_mask(q[name])
+
+
+@interp
 @pytest.mark.parametrize("m,bias,split", [(150, True, True), (21, False, False)])
 def test_interp_backward_tied_dead_split(m, bias, split, monkeypatch):
     """Tied gate/up masks (one dual dW launch), a hidden block dropped because its down column is

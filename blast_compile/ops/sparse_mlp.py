@@ -199,14 +199,16 @@ def sparse_mlp(
     # the plan (pattern, declared masks, version checks) belongs to the parameters themselves
     plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
     orig_w = (w1, w3, w2)
-    x, w1, b1, w3, b3, w2, b2 = _autocast(compute_dtype, x, w1, b1, w3, b3, w2, b2)
+    x, b1, b3, b2 = _autocast(compute_dtype, x, b1, b3, b2)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     if plan.dense or x2d.shape[0] == 0:
-        return dense_mlp(x, w1, b1, w3, b3, w2, b2, activation)
+        return dense_mlp(x, *_autocast(compute_dtype, w1, b1, w3, b3, w2, b2), activation)
     if x.device.type == "cuda":
+        # weights as stored: the kernels cast the live blocks on chip (fp32 master weights stay put)
         y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)  # kernels poison non-finite rows
     else:
+        w1, w3, w2 = _autocast(compute_dtype, w1, w3, w2)
         packed = (_packed(plan, w1, w3, w2) if _same(orig_w, (w1, w3, w2))
                   else gather.PackedMLP(plan.dev_pattern, w1, w3, w2))  # cast copies: not cached
         y = gather.forward(x2d, plan.dev_pattern, packed, b1, b3, b2, activation, d_out)
@@ -244,8 +246,9 @@ def sparse_mlp_backward(
     plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
     orig = (x, w1, b1, w3, b3, w2, b2)
     orig_w = (w1, w3, w2)
-    x, w1, b1, w3, b3, w2, b2 = _autocast(compute_dtype, x, w1, b1, w3, b3, w2, b2)
-    (dy,) = _autocast(compute_dtype, dy)
+    x, b1, b3, b2, dy = _autocast(compute_dtype, x, b1, b3, b2, dy)
+    if not (x.is_cuda and not plan.dense):  # CUDA kernels cast weight blocks on chip
+        w1, w3, w2 = _autocast(compute_dtype, w1, w3, w2)
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
     # (the non-finite check syncs, so only on CPU: CUDA backward must stay graph-capturable)

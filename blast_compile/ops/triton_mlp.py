@@ -334,8 +334,16 @@ def _tl_dtype(mod, dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
+def _as(dtype, *ts):
+    return tuple(t if (t is None or t.dtype == dtype) else t.to(dtype) for t in ts)
+
+
 def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden):
+    """Weights may be stored in another dtype than x (fp32 masters under autocast): the prefill and
+    backward kernels cast the blocks they load; the decode kernels get x.dtype copies."""
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
+    if x2d.shape[0] <= codegen.DECODE_MAX_M:
+        w1, w3, w2 = _as(x2d.dtype, w1, w3, w2)
     p = plan.pattern
     m, d_in = x2d.shape
     gated = w3 is not None
@@ -704,27 +712,28 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     if dense_dw:
         # a weight without a declared mask has a dense gradient (also on its zero blocks),
         # which needs every hidden unit: a dense product anyway, so compute it densely
-        h_f, da_f, du_f = gather.dense_hidden_grads(dy2d, x2d, w1, b1, w3 if gated else None, b3, w2, activation)
+        h_f, da_f, du_f = gather.dense_hidden_grads(dy2d, x2d, *_as(x2d.dtype, w1, b1, w3, b3, w2), activation)
 
-    def dense(dout, inp):
-        return (dout.t() @ inp.to(dout.dtype)).to(inp.dtype)
+    def dense(dout, inp, w):
+        return (dout.t() @ inp.to(dout.dtype)).to(w.dtype)
 
+    # dW comes out in the weight's dtype (fp32 masters: no cast pass afterwards)
     if needs[5]:
-        grads["w2"] = (dense(dy2d, h_f) if dw_masks[2] is None
-                       else _sddmm(mod, [dy2d], h, _mask_rc(plan, 2, dw_masks[2]), p.bd, p.bh, w2.shape, dy2d.dtype)[0])
+        grads["w2"] = (dense(dy2d, h_f, w2) if dw_masks[2] is None
+                       else _sddmm(mod, [dy2d], h, _mask_rc(plan, 2, dw_masks[2]), p.bd, p.bh, w2.shape, w2.dtype)[0])
     grads["b2"] = dy2d.sum(0) if (needs[6] and b2 is not None) else None
     need1, need3 = needs[1], gated and needs[3]
     if need1 and need3 and _tied(plan, dw_masks[0], dw_masks[1]):
         counters["blast"]["dw_tied"] += 1
         grads["w1"], grads["w3"] = _sddmm(mod, [da, du], x2d, _mask_rc(plan, 0, dw_masks[0]), p.bh, p.bd, w1.shape,
-                                          x2d.dtype)
+                                          w1.dtype)
     else:
         for name, need, k, dout, dout_f in (("w1", need1, 0, da, da_f if dense_dw else None),
                                             ("w3", need3, 1, du, du_f if dense_dw and gated else None)):
             if need:
-                grads[name] = (dense(dout_f, x2d) if dw_masks[k] is None
+                grads[name] = (dense(dout_f, x2d, w1) if dw_masks[k] is None
                                else _sddmm(mod, [dout], x2d, _mask_rc(plan, k, dw_masks[k]), p.bh, p.bd, w1.shape,
-                                           x2d.dtype)[0])
+                                           w1.dtype)[0])
     grads["b1"] = da.sum(0).to(dy2d.dtype) if (needs[2] and b1 is not None) else None
     if gated:
         grads["b3"] = du.sum(0).to(dy2d.dtype) if (needs[4] and b3 is not None) else None
