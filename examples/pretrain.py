@@ -5,11 +5,14 @@
     python examples/pretrain.py --bench-mlp --out runs/bench            # MLP fwd+bwd alone: dense vs blast @ 90%
     python examples/pretrain.py --smoke --out /tmp/smoke                # seconds, on CPU
 
+On a GPU both sides run under CUDA graphs (``--compile reduce-overhead``, the default there): a 34M
+model's step is otherwise bound by the host, and the fused op's launches with it (RESULTS.md).
+
 Every run has the same token budget (steps x batch x seq). A sparse run trains
 with Inductor while the sparsifier ramps its masks (cubic, magnitude score), and
 switches to ``torch.compile(backend="blast")`` once the masks are frozen (from
 then on the fused block-sparse op runs forward and backward, dW on live blocks
-only). The dense run uses default Inductor throughout. Reported per run:
+only). The dense run uses Inductor (same mode) throughout. Reported per run:
 held-out perplexity (whole WEB books never trained on; also the same books in
 the KJV), tokens/s before and after the switch, what a mask update costs.
 """
@@ -269,8 +272,9 @@ def main():
     ap.add_argument("--update-every", type=int, default=None)
     ap.add_argument("--regrow", type=float, default=0.0)
     ap.add_argument("--balanced", action="store_true")
-    ap.add_argument("--compile", default="default", choices=["default", "reduce-overhead", "none"],
-                    help="torch.compile mode of the dense phase and of the blast phase alike")
+    ap.add_argument("--compile", default="auto", choices=["auto", "default", "reduce-overhead", "none"],
+                    help="torch.compile mode of the dense phase and of the blast phase alike "
+                         "(auto: reduce-overhead, i.e. CUDA graphs, on a GPU; default on CPU)")
     ap.add_argument("--blast-min-sparsity", type=float, default=0.5)
     ap.add_argument("--warmup-steps", type=int, default=3, help="steps after a compile left out of tokens/s")
     ap.add_argument("--log-every", type=int, default=10)
@@ -293,6 +297,8 @@ def main():
         args.log_every, args.warmup_steps = 1, 0
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device(args.device)
+    if args.compile == "auto":
+        args.compile = "reduce-overhead" if dev.type == "cuda" else "default"
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.bench_mlp:

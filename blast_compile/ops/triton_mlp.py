@@ -593,6 +593,7 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
 
 
 SDDMM_MIN_ROWS = 256  # an M split of dW is at least this many rows
+SDDMM_CONFIGS = [(64, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)]  # (M rows per step, warps, stages)
 
 
 def _n_sm(device) -> int:
@@ -601,7 +602,7 @@ def _n_sm(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _sddmm(mod, douts, inp, mask_rc, bo, bi, shape, dtype):
+def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype):
     """dW = dout^T @ inp on the live blocks ``mask_rc`` for each dout in ``douts`` (one or two
     sharing the mask: gate and up); zeros elsewhere. M is split over programs when there are
     too few live blocks to fill the GPU (deterministic two-pass reduction)."""
@@ -610,6 +611,39 @@ def _sddmm(mod, douts, inp, mask_rc, bo, bi, shape, dtype):
     nnz = rows.numel()
     if not nnz:
         return outs
+    inp = inp.contiguous()
+    douts = [d.contiguous() for d in douts]
+    m = inp.shape[0]
+    dual = len(douts) == 2
+    o2 = outs[1] if dual else outs[0]
+    DT = _tl_dtype(mod, dtype)
+
+    def split_of(bm):
+        split = max(1, min(cdiv(m, SDDMM_MIN_ROWS), cdiv(2 * _n_sm(inp.device), nnz)))
+        m_per = cdiv(cdiv(m, split), bm) * bm
+        return cdiv(m, m_per), m_per
+
+    def run(cfg):
+        bm, nw, ns = cfg
+        split, m_per = split_of(bm)
+        part = (torch.empty(split * len(douts) * nnz * bo * bi, device=inp.device, dtype=torch.float32)
+                if split > 1 else inp)
+        mod.sddmm[(nnz, split)](douts[0], douts[-1], douts[0].stride(0), inp, inp.stride(0), outs[0], o2,
+                                outs[0].stride(0), part, m, m_per, shape[0], shape[1], rows, cols, nnz,
+                                DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual, SPLIT=split > 1, num_warps=nw,
+                                num_stages=ns)
+        if split > 1:
+            rs = min(16, bo)
+            mod.sddmm_reduce[(nnz, len(douts), bo // rs)](part, outs[0], o2, outs[0].stride(0), shape[0], shape[1],
+                                                          rows, cols, nnz, split, DTYPE=DT, BO=bo, BI=bi, RS=rs,
+                                                          DUAL=dual, num_warps=4)
+
+    # the M split depends on the live-block count: part of the key
+    cfg = _choose("dw2" if dual else "dw", sig, m, SDDMM_CONFIGS, run, shape=(*shape, nnz))
+    run(cfg)
+    if split_of(cfg[0])[0] > 1:
+        counters["blast"]["dw_split_m"] += 1
+    return outs
     inp = inp.contiguous()
     douts = [d.contiguous() for d in douts]
     m = inp.shape[0]
@@ -627,8 +661,10 @@ def _sddmm(mod, douts, inp, mask_rc, bo, bi, shape, dtype):
                             DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual, SPLIT=split > 1, num_warps=4, num_stages=3)
     if split > 1:
         counters["blast"]["dw_split_m"] += 1
-        mod.sddmm_reduce[(nnz, len(douts))](part, outs[0], o2, outs[0].stride(0), shape[0], shape[1], rows, cols, nnz,
-                                            split, DTYPE=DT, BO=bo, BI=bi, DUAL=dual, num_warps=4)
+        rs = min(16, bo)
+        mod.sddmm_reduce[(nnz, len(douts), bo // rs)](part, outs[0], o2, outs[0].stride(0), shape[0], shape[1], rows,
+                                                      cols, nnz, split, DTYPE=DT, BO=bo, BI=bi, RS=rs, DUAL=dual,
+                                                      num_warps=4)
     return outs
 
 
@@ -720,19 +756,19 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     # dW comes out in the weight's dtype (fp32 masters: no cast pass afterwards)
     if needs[5]:
         grads["w2"] = (dense(dy2d, h_f, w2) if dw_masks[2] is None
-                       else _sddmm(mod, [dy2d], h, _mask_rc(plan, 2, dw_masks[2]), p.bd, p.bh, w2.shape, w2.dtype)[0])
+                       else _sddmm(mod, sig, [dy2d], h, _mask_rc(plan, 2, dw_masks[2]), p.bd, p.bh, w2.shape, w2.dtype)[0])
     grads["b2"] = dy2d.sum(0) if (needs[6] and b2 is not None) else None
     need1, need3 = needs[1], gated and needs[3]
     if need1 and need3 and _tied(plan, dw_masks[0], dw_masks[1]):
         counters["blast"]["dw_tied"] += 1
-        grads["w1"], grads["w3"] = _sddmm(mod, [da, du], x2d, _mask_rc(plan, 0, dw_masks[0]), p.bh, p.bd, w1.shape,
+        grads["w1"], grads["w3"] = _sddmm(mod, sig, [da, du], x2d, _mask_rc(plan, 0, dw_masks[0]), p.bh, p.bd, w1.shape,
                                           w1.dtype)
     else:
         for name, need, k, dout, dout_f in (("w1", need1, 0, da, da_f if dense_dw else None),
                                             ("w3", need3, 1, du, du_f if dense_dw and gated else None)):
             if need:
                 grads[name] = (dense(dout_f, x2d, w1) if dw_masks[k] is None
-                               else _sddmm(mod, [dout], x2d, _mask_rc(plan, k, dw_masks[k]), p.bh, p.bd, w1.shape,
+                               else _sddmm(mod, sig, [dout], x2d, _mask_rc(plan, k, dw_masks[k]), p.bh, p.bd, w1.shape,
                                            w1.dtype)[0])
     grads["b1"] = da.sum(0).to(dy2d.dtype) if (needs[2] and b1 is not None) else None
     if gated:
