@@ -77,16 +77,31 @@ def test_training_step_matches_eager():
     assert counters["blast"]["mlp_fused"] >= 1
 
 
-def test_ambient_autocast_fused_op_computes_like_autocast_linears():
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_ambient_autocast_fused_op_computes_like_autocast_linears(x_dtype):
     """fp32 parameters under ``torch.autocast`` (mixed-precision training): the linears run in bf16
-    in eager, so the fused node does too -- bf16 output, fp32 gradients in the parameters' dtype."""
+    in eager, so the fused node does too -- bf16 output, fp32 gradients in the parameters' dtype.
+    A bf16 input with fp32 weights is fused too (autocast makes the dtypes agree)."""
+    check_autocast("cpu", x_dtype, rows=15)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@pytest.mark.parametrize("x_dtype,m", [(torch.float32, 300), (torch.bfloat16, 300), (torch.float32, 4)])
+def test_gpu_ambient_autocast(x_dtype, m):
+    """The CUDA kernels read fp32 weight blocks and cast them on chip (prefill, backward); decode
+    (m=4) gets cast copies."""
+    check_autocast("cuda", x_dtype, rows=m)
+
+
+def check_autocast(dev, x_dtype, rows):
     torch._dynamo.reset()
-    m = sparse_block(seed=2).mlp
-    x = torch.randn(3, 5, 64, requires_grad=True)
+    m = sparse_block(seed=2).mlp.to(dev)
+    x = torch.randn(rows, 64, dtype=x_dtype, device=dev, requires_grad=True)
     cm = torch.compile(m, backend="blast")
     outs, grads = [], []
     for f in (cm, m):
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast(dev, torch.bfloat16):
             y = f(x)
         y.float().square().mean().backward()
         outs.append(y)

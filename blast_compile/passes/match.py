@@ -300,9 +300,25 @@ def check_shapes(m, ctx):
     return _chain_verdict(m, ok, "weight shapes")
 
 
+def autocast_dtype(m: "MLPMatch"):
+    """The dtype the MLP's linears run in under the ambient autocast (Dynamo guards on that state,
+    so it holds for this graph), or None. The fused op then casts like ``F.linear`` would."""
+    xv = example_value(m.x)
+    if not isinstance(xv, torch.Tensor) or not torch.is_autocast_enabled(xv.device.type):
+        return None
+    cdt = torch.get_autocast_dtype(xv.device.type)
+    if xv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return None  # autocast leaves float64 alone
+    return cdt
+
+
 def check_dtype_device(m, ctx):
     ts = [example_value(m.gate.x)] + [ctx.value(n) for _, n in _weights(m)]
-    if len({t.dtype for t in ts}) > 1:
+    dtypes = {t.dtype for t in ts}
+    # under autocast the linears cast every input to one dtype, and so does the fused op
+    autocast_ok = (autocast_dtype(m) is not None and not m.packed
+                   and dtypes <= {torch.float32, torch.float16, torch.bfloat16})
+    if len(dtypes) > 1 and not autocast_ok:
         return "dtype", "mixed dtypes " + "/".join(sorted({str(t.dtype).replace("torch.", "") for t in ts}))
     if not ts[0].is_floating_point():
         return "dtype", f"{ts[0].dtype} is not a floating dtype"

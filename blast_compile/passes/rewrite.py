@@ -17,7 +17,7 @@ from ..config import BlastOptions
 from ..formats import MLPPattern
 from ..ops import packed_mlp as _packed_op  # noqa: F401  registers torch.ops.blast.packed_mlp
 from ..ops import sparse_mlp as _op  # noqa: F401  registers torch.ops.blast.sparse_mlp
-from .match import MLPMatch
+from .match import MLPMatch, autocast_dtype
 from .normalize import example_value
 
 
@@ -30,18 +30,6 @@ def _as_out_in(graph, lin) -> Node:
     if isinstance(v, torch.Tensor):
         t.meta["example_value"] = v.t()
     return t
-
-
-def autocast_dtype(m: MLPMatch):
-    """The dtype the MLP's linears run in under the ambient autocast (Dynamo guards on that state,
-    so it holds for this graph), or None. The fused op then casts like ``F.linear`` would."""
-    xv = example_value(m.x)
-    if not isinstance(xv, torch.Tensor) or not torch.is_autocast_enabled(xv.device.type):
-        return None
-    cdt = torch.get_autocast_dtype(xv.device.type)
-    if xv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return None  # autocast leaves float64 alone
-    return cdt
 
 
 def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOptions, replaced: dict) -> Node:
