@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from blast_compile import data  # noqa: E402
-from blast_compile.sparsifier import BlastSparsifier  # noqa: E402
+from blast_compile.sparsifier import BlastSparsifier, default_layer_filter  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -103,9 +103,14 @@ def run_one(sparsity, model, base_sd, train_ids, evals, args):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sp = None
     if sparsity > 0:
+        skip = {int(v) for v in args.skip_layers.split(",") if v != ""}
+
+        def keep(name, mod):  # the default MLP weights, minus the MLPs of --skip-layers
+            return default_layer_filter(name, mod) and not any(f"layers.{i}." in name for i in skip)
+
         sp = BlastSparsifier(model, target_sparsity=sparsity, block_size=args.block, end_step=args.steps,
                              freeze_last=args.freeze_last, update_every=args.update_every, optimizer=opt,
-                             score=args.score, regrow=args.regrow)
+                             score=args.score, regrow=args.regrow, layers=keep)
     gen = torch.Generator().manual_seed(args.seed)  # same windows for every run
     losses = []
     t0 = time.perf_counter()
@@ -138,6 +143,7 @@ def run_one(sparsity, model, base_sd, train_ids, evals, args):
     if sp is not None:
         sp.finalize()
         res["achieved_sparsity"] = sp.sparsity()
+        res["sparsified"] = sorted(sp.layers)
         res["mask_step_timing"] = sp.timing_summary()
         log(sp.summary(max_rows=6))
     for name, ids in evals.items():
@@ -162,6 +168,8 @@ def main():
     ap.add_argument("--score", default="magnitude", choices=["magnitude", "movement"])
     ap.add_argument("--regrow", type=float, default=0.0)
     ap.add_argument("--train", default="mlp", choices=["mlp", "all"])
+    ap.add_argument("--skip-layers", default="", help="comma list of decoder layers whose MLP stays dense "
+                                                       "(e.g. 0: the first layer's MLP is the most fragile to prune)")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="tokens per eval set")
     ap.add_argument("--eval-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)

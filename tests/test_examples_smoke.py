@@ -36,8 +36,10 @@ def test_pretrain_bench_mlp_smoke(tmp_path):
 
 def test_finetune_smoke(tmp_path):
     pytest.importorskip("transformers")
-    _run("finetune.py", "--smoke", "--no-bar", "--sparsity", "0,0.7", "--out", str(tmp_path))
+    _run("finetune.py", "--smoke", "--no-bar", "--sparsity", "0,0.7", "--skip-layers", "0", "--out", str(tmp_path))
     r = json.load(open(tmp_path / "finetune.json"))
     assert [x["sparsity"] for x in r["runs"]] == [0.0, 0.7]
     assert r["runs"][1]["achieved_sparsity"] == pytest.approx(0.7, abs=0.05)
+    names = r["runs"][1]["sparsified"]  # --skip-layers 0: the first layer's MLP stays dense
+    assert names and all(".layers.1.mlp." in n for n in names)
     assert all(x["ppl_web_heldout"] > 1 for x in r["runs"])
