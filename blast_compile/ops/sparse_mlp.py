@@ -19,6 +19,11 @@ Inputs with NaN/Inf: eager's dense product spreads them across the whole row
 (``0 * inf = nan``); on CPU such rows are recomputed densely, on CUDA rows with
 a non-finite input are poisoned with NaN (what eager gives for those rows).
 
+Autocast: the rewrite passes the ambient autocast dtype (``compute_dtype``); the op then computes
+like the autocast linears it replaces -- inputs in that dtype, output in it, gradients returned in
+each input's own dtype. The plan stays keyed on the parameters themselves (fp32 masters): the CUDA
+kernels read their blocks as stored and cast on chip; the CPU path casts copies.
+
 Autograd: ``blast::sparse_mlp_backward`` recomputes the activations (nothing
 but ``x`` is saved), computes dX through the transposed live blocks, and dW
 either dense (the weight holds zeros but means a dense matrix) or on live
@@ -247,7 +252,7 @@ def sparse_mlp_backward(
     orig = (x, w1, b1, w3, b3, w2, b2)
     orig_w = (w1, w3, w2)
     x, b1, b3, b2, dy = _autocast(compute_dtype, x, b1, b3, b2, dy)
-    if not (x.is_cuda and not plan.dense):  # CUDA kernels cast weight blocks on chip
+    if not (x.is_cuda and not plan.dense and x.numel() > 0):  # CUDA kernels cast weight blocks on chip
         w1, w3, w2 = _autocast(compute_dtype, w1, w3, w2)
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])

@@ -644,28 +644,6 @@ def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype):
     if split_of(cfg[0])[0] > 1:
         counters["blast"]["dw_split_m"] += 1
     return outs
-    inp = inp.contiguous()
-    douts = [d.contiguous() for d in douts]
-    m = inp.shape[0]
-    bm = 64
-    dual = len(douts) == 2
-    split = max(1, min(cdiv(m, SDDMM_MIN_ROWS), cdiv(2 * _n_sm(inp.device), nnz)))
-    m_per = cdiv(cdiv(m, split), bm) * bm
-    split = cdiv(m, m_per)
-    part = (torch.empty(split * len(douts) * nnz * bo * bi, device=inp.device, dtype=torch.float32)
-            if split > 1 else inp)
-    o2 = outs[1] if dual else outs[0]
-    DT = _tl_dtype(mod, dtype)
-    mod.sddmm[(nnz, split)](douts[0], douts[-1], douts[0].stride(0), inp, inp.stride(0), outs[0], o2,
-                            outs[0].stride(0), part, m, m_per, shape[0], shape[1], rows, cols, nnz,
-                            DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual, SPLIT=split > 1, num_warps=4, num_stages=3)
-    if split > 1:
-        counters["blast"]["dw_split_m"] += 1
-        rs = min(16, bo)
-        mod.sddmm_reduce[(nnz, len(douts), bo // rs)](part, outs[0], o2, outs[0].stride(0), shape[0], shape[1], rows,
-                                                      cols, nnz, split, DTYPE=DT, BO=bo, BI=bi, RS=rs, DUAL=dual,
-                                                      num_warps=4)
-    return outs
 
 
 def _mask_rc(plan, k, mask):
