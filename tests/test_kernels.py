@@ -346,6 +346,34 @@ def test_tuning_table_persists(tmp_path):
     assert [codegen.m_bucket(m) for m in (1, 16, 17, 1000)] == [1, 16, 32, 1024]
 
 
+def test_tuned_configs_are_per_shape(tmp_path, monkeypatch):
+    """Two MLP shapes with one kernel signature (same block, dtype, activation) get their own tuned
+    configs: the first shape tuned must not set the config of the other (it did before round 6)."""
+    import triton.testing
+
+    from blast_compile.ops import triton_mlp
+
+    codegen.set_kernel_dir(tmp_path)
+    monkeypatch.setattr(triton_mlp, "_may_tune", lambda: True)
+    sigs = [codegen.signature(plan_for(torch.zeros(1, 64), make(64, h, gated=True, bias=False, dtype=torch.float32,
+                                                                 block=(16, 16)), "silu", (16, 16)).pattern,
+                              "silu", True, False, False, torch.float32) for h in (128, 256)]
+    assert sigs[0] == sigs[1]  # the signature does not know the layer's dims
+    fastest = {(64, 128, 64): (64, 4, 3), (64, 256, 64): (128, 8, 3)}
+    for shape, best in fastest.items():
+        seen = []
+
+        def fake_bench(fn, **kw):  # times the config the launcher was just called with
+            fn()
+            return 0.0 if seen[-1] == best else 1.0
+
+        monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+        got = triton_mlp._choose("hidden", sigs[0], 4096, [(64, 4, 3), (128, 8, 3)], seen.append, shape=shape)
+        assert tuple(got) == best, shape
+    for shape, best in fastest.items():  # persisted, one entry per shape
+        assert tuple(codegen.lookup_config(triton_mlp.tuning_key("hidden", sigs[0], 4096, shape))) == best
+
+
 # --- GPU ------------------------------------------------------------------------------------------
 
 GPU_FWD = list(itertools.product(
