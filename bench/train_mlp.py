@@ -24,27 +24,14 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from blast_compile.formats import expand_mask  # noqa: E402
 from blast_compile.masks import declare_mask  # noqa: E402
-from blast_compile.testing import zero_blocks_  # noqa: E402
+from blast_compile.testing import SwiGLU, zero_blocks_  # noqa: E402
 
 SHAPES = {"34m": (512, 2816), "1b": (2048, 8192), "8b": (4096, 14336)}
-
-
-class MLP(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.gate_proj = nn.Linear(d, h, bias=False)
-        self.up_proj = nn.Linear(d, h, bias=False)
-        self.down_proj = nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 def sparsify_(mlp, sparsity, block, seed=0):
@@ -86,7 +73,7 @@ def case(d, h, m, sparsity, block, iters, mode=None, profile=False):
     row = {"d": d, "hidden": h, "M": m, "sparsity": sparsity, "block": block, "mode": mode or "default"}
     for name in ("dense", "blast"):
         torch.manual_seed(0)
-        mlp = MLP(d, h).to(dev, dt)
+        mlp = SwiGLU(d, h).to(dev, dt)
         if name == "blast":
             sparsify_(mlp, sparsity, block)
         torch._dynamo.reset()

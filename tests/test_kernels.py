@@ -22,7 +22,7 @@ from blast_compile.formats import cdiv, expand_mask, pattern_from_weights
 from blast_compile.ops import gather
 from blast_compile.ops.activations import dense_mlp
 from blast_compile.ops.sparse_mlp import _packed, resolve
-from blast_compile.testing import random_block_mask
+from blast_compile.testing import SwiGLU, random_block_mask
 from conftest import tol
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -525,22 +525,8 @@ def test_gpu_training_steps_compiled(mode):
     """A few optimizer steps of a masked SwiGLU MLP under ``torch.compile(backend="blast")``
     (with CUDA graphs too: the backward's dW tables are built outside the graph pool) track eager
     training of the same masked MLP; pruned blocks stay zero."""
-
-    import torch.nn.functional as F
-    from torch import nn
-
-    class MLP(nn.Module):
-        def __init__(self, d, h):
-            super().__init__()
-            self.gate_proj = nn.Linear(d, h, bias=False)
-            self.up_proj = nn.Linear(d, h, bias=False)
-            self.down_proj = nn.Linear(h, d, bias=False)
-
-        def forward(self, x):
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
     torch.manual_seed(0)
-    mods = [MLP(256, 704).cuda().to(torch.bfloat16) for _ in range(2)]
+    mods = [SwiGLU(256, 704).cuda().to(torch.bfloat16) for _ in range(2)]
     mods[1].load_state_dict(mods[0].state_dict())
     g = torch.Generator().manual_seed(1)
     mk = random_block_mask(704 // 64, 256 // 64, 0.8, g).cuda()

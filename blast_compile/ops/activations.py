@@ -52,6 +52,14 @@ def hidden_grads(dh, a, u, activation: str):
     return dh * u * act_grad(activation, a), dh * ACTIVATIONS[activation](a)
 
 
+def in_dtype(dtype, *ts):
+    """``ts`` with every tensor in ``dtype`` (copies only where it differs; None entries and a None
+    dtype pass through): what ``F.linear`` does to its inputs under autocast."""
+    if dtype is None:
+        return ts
+    return tuple(t if (t is None or t.dtype == dtype) else t.to(dtype) for t in ts)
+
+
 def dense_mlp(x, w1, b1, w3, b3, w2, b2, activation: str):
     """Eager meaning of the fused node: ``down(act(gate(x)) [* up(x)])``."""
     h = ACTIVATIONS[activation](F.linear(x, w1, b1))

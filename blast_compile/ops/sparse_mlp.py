@@ -42,7 +42,7 @@ from .. import masks as _masks
 from ..formats import block_mask, build_pattern, expand_mask, _mlp_masks
 from . import gather
 from .plans import PlanCache, ident, outside_graph_pool, refs, warm_kernels
-from .activations import dense_mlp
+from .activations import dense_mlp, in_dtype
 
 log = logging.getLogger("blast_compile.ops")
 
@@ -165,13 +165,6 @@ def _nonfinite_rows(x2d):
     return ~torch.isfinite(x2d).all(dim=1)
 
 
-def _autocast(compute_dtype, *ts):
-    """What ``F.linear`` does under autocast: floating inputs in the autocast dtype (None: as is)."""
-    if compute_dtype is None:
-        return ts
-    return tuple(t if (t is None or t.dtype == compute_dtype) else t.to(compute_dtype) for t in ts)
-
-
 def _same(a, b) -> bool:
     return all(s is t for s, t in zip(a, b))
 
@@ -204,16 +197,16 @@ def sparse_mlp(
     # the plan (pattern, declared masks, version checks) belongs to the parameters themselves
     plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
     orig_w = (w1, w3, w2)
-    x, b1, b3, b2 = _autocast(compute_dtype, x, b1, b3, b2)
+    x, b1, b3, b2 = in_dtype(compute_dtype, x, b1, b3, b2)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     if plan.dense or x2d.shape[0] == 0:
-        return dense_mlp(x, *_autocast(compute_dtype, w1, b1, w3, b3, w2, b2), activation)
+        return dense_mlp(x, *in_dtype(compute_dtype, w1, b1, w3, b3, w2, b2), activation)
     if x.device.type == "cuda":
         # weights as stored: the kernels cast the live blocks on chip (fp32 master weights stay put)
         y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)  # kernels poison non-finite rows
     else:
-        w1, w3, w2 = _autocast(compute_dtype, w1, w3, w2)
+        w1, w3, w2 = in_dtype(compute_dtype, w1, w3, w2)
         packed = (_packed(plan, w1, w3, w2) if _same(orig_w, (w1, w3, w2))
                   else gather.PackedMLP(plan.dev_pattern, w1, w3, w2))  # cast copies: not cached
         y = gather.forward(x2d, plan.dev_pattern, packed, b1, b3, b2, activation, d_out)
@@ -251,9 +244,9 @@ def sparse_mlp_backward(
     plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
     orig = (x, w1, b1, w3, b3, w2, b2)
     orig_w = (w1, w3, w2)
-    x, b1, b3, b2, dy = _autocast(compute_dtype, x, b1, b3, b2, dy)
+    x, b1, b3, b2, dy = in_dtype(compute_dtype, x, b1, b3, b2, dy)
     if not (x.is_cuda and not plan.dense and x.numel() > 0):  # CUDA kernels cast weight blocks on chip
-        w1, w3, w2 = _autocast(compute_dtype, w1, w3, w2)
+        w1, w3, w2 = in_dtype(compute_dtype, w1, w3, w2)
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])
     # (the non-finite check syncs, so only on CPU: CUDA backward must stay graph-capturable)

@@ -55,6 +55,7 @@ from torch._dynamo.utils import counters
 from .. import codegen
 from ..formats import cdiv
 from . import gather
+from .activations import in_dtype
 from .plans import outside_graph_pool
 
 
@@ -334,16 +335,12 @@ def _tl_dtype(mod, dtype):
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
 
 
-def _as(dtype, *ts):
-    return tuple(t if (t is None or t.dtype == dtype) else t.to(dtype) for t in ts)
-
-
 def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden):
     """Weights may be stored in another dtype than x (fp32 masters under autocast): the prefill and
     backward kernels cast the blocks they load; the decode kernels get x.dtype copies."""
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     if x2d.shape[0] <= codegen.DECODE_MAX_M:
-        w1, w3, w2 = _as(x2d.dtype, w1, w3, w2)
+        w1, w3, w2 = in_dtype(x2d.dtype, w1, w3, w2)
     p = plan.pattern
     m, d_in = x2d.shape
     gated = w3 is not None
@@ -726,7 +723,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     if dense_dw:
         # a weight without a declared mask has a dense gradient (also on its zero blocks),
         # which needs every hidden unit: a dense product anyway, so compute it densely
-        h_f, da_f, du_f = gather.dense_hidden_grads(dy2d, x2d, *_as(x2d.dtype, w1, b1, w3, b3, w2), activation)
+        h_f, da_f, du_f = gather.dense_hidden_grads(dy2d, x2d, *in_dtype(x2d.dtype, w1, b1, w3, b3, w2), activation)
 
     def dense(dout, inp, w):
         return (dout.t() @ inp.to(dout.dtype)).to(w.dtype)
