@@ -10,5 +10,14 @@ for mode in ("sliced", "splitk"):  # both decode paths
 os.environ["BLAST_DECODE"] = ""
 check_forward(70, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7)
 check_backward(70, 192, 448, True, True, "silu", torch.bfloat16, (64, 32), "cuda", declare=True, sparsity=0.7)
+# the wide prefill/backward variants (128-wide gate|up dots, 2-block steps), fp32 masters packed by pack_blocks
+from blast_compile.ops import triton_mlp  # noqa: E402
+triton_mlp.PREFILL_CONFIGS, triton_mlp.BACKWARD_CONFIGS = [(64, 4, 3, 1)], [(64, 4, 3, 2)]
+check_forward(70, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7, seed=1)
+check_backward(70, 192, 448, True, False, "silu", torch.bfloat16, (64, 64), "cuda", declare=True, sparsity=0.7)
+from test_kernels import args, make, plan_for  # noqa: E402
+w = make(192, 448, gated=True, bias=False, dtype=torch.float32, block=(64, 64), device="cuda")
+x = torch.randn(70, 192, device="cuda", dtype=torch.bfloat16)
+triton_mlp.forward(x, *args(w), plan_for(x, w, "silu", (64, 64)), "silu")  # fp32 masters: pack_blocks
 torch.cuda.synchronize()
 print("sanitize script ok")

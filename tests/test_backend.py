@@ -109,6 +109,8 @@ def check_autocast(dev, x_dtype, rows):
         x.grad = None
         m.zero_grad(set_to_none=True)
     assert counters["blast"]["mlp_fused"] == 1
+    # an fp32 x is cast in the graph (fusable into its producer), not inside the op
+    assert counters["blast"]["x_cast_in_graph"] == (1 if x_dtype == torch.float32 else 0)
     assert outs[0].dtype == outs[1].dtype == torch.bfloat16
     torch.testing.assert_close(outs[0], outs[1], **tol(torch.bfloat16))
     for (n, _), g, r in zip([("x", None)] + list(m.named_parameters()), grads[0], grads[1]):

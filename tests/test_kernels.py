@@ -176,22 +176,50 @@ def test_interp_backward(m, gated, bias, act, dtype, declare):
     check_backward(m, 37, 75, gated, bias, act, dtype, (16, 16), "cpu", declare=declare)
 
 
-@interp
-@pytest.mark.parametrize("m,declare", [(40, True), (37, False), (3, False)])
-def test_interp_fp32_master_weights_half_compute(m, declare):
-    """Autocast training: fp32 weights, fp16 activations. The kernels cast weight blocks on load
-    (decode gets cast copies); dW comes out fp32, equal to the fp16 computation's."""
+def force_wide(monkeypatch, bm=32, dh_wide=True):
+    """Run the prefill/backward kernels with the wide variants (tuning is off in tests: the first
+    config is the one launched); ``dh_wide``: backward's dh steps too (wide level 2)."""
     from blast_compile.ops import triton_mlp
 
-    p = make(48, 80, gated=True, bias=False, dtype=torch.float32, block=(16, 16), device="cpu")
+    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, 4, 3, 1)])
+    monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [(bm, 4, 3, 2 if dh_wide else 1)])
+
+
+@interp
+@pytest.mark.parametrize("m,gated,bias,act,dtype,block,declare", [
+    (37, True, True, "silu", torch.float32, (16, 16), True),  # odd M, ragged dims, biases
+    (40, False, False, "gelu", torch.float16, (16, 32), False),  # plain: only the 2-block steps are wide
+    (33, True, False, "relu2", torch.float16, (32, 16), True),
+])
+@pytest.mark.parametrize("dh_wide", [False, True])
+def test_interp_wide_tiles(m, gated, bias, act, dtype, block, declare, dh_wide, monkeypatch):
+    """The wide variants (128-wide gate|up dot; two live blocks or dA|dU per down/dX/dh step, odd
+    live counts masking the second half) against eager and the gather backward."""
+    force_wide(monkeypatch, dh_wide=dh_wide)
+    check_forward(m, 70 if block == (16, 16) else 64, 75, gated, bias, act, dtype, block, "cpu", sparsity=0.5,
+                  dead_rows=True)
+    check_backward(m, 70 if block == (16, 16) else 64, 75, gated, bias, act, dtype, block, "cpu", declare=declare,
+                   sparsity=0.5)
+
+
+@interp
+@pytest.mark.parametrize("m,declare,d,h", [(40, True, 48, 80), (37, False, 48, 80), (3, False, 48, 80),
+                                           (33, True, 37, 75)])
+def test_interp_fp32_master_weights_half_compute(m, declare, d, h):
+    """Autocast training: fp32 weights, fp16 activations. The kernels get packed fp16 copies of the
+    live blocks (``pack_blocks``; ragged edge blocks zero padded); dW comes out fp32, equal to the
+    fp16 computation's."""
+    from blast_compile.ops import triton_mlp
+
+    p = make(d, h, gated=True, bias=False, dtype=torch.float32, block=(16, 16), device="cpu")
     ph = {k: None if v is None else v.half() for k, v in p.items()}
     if declare:
         for q in (p, ph):
             for name in ("w1", "w3", "w2"):
                 bo, bi = (16, 16)
                 masks.declare_mask(q[name], _block_mask(p[name], bo, bi), (bo, bi))
-    x = torch.randn(m, 48, dtype=torch.float16)
-    dy = torch.randn(m, 48, dtype=torch.float16)
+    x = torch.randn(m, d, dtype=torch.float16)
+    dy = torch.randn(m, d, dtype=torch.float16)
     plan, plan_h = plan_for(x, p, "silu", (16, 16)), plan_for(x, ph, "silu", (16, 16))
     y = triton_mlp.forward(x, *args(p), plan, "silu")
     assert y.dtype == torch.float16
@@ -349,8 +377,6 @@ def test_tuning_table_persists(tmp_path):
 def test_tuned_configs_are_per_shape(tmp_path, monkeypatch):
     """Two MLP shapes with one kernel signature (same block, dtype, activation) get their own tuned
     configs: the first shape tuned must not set the config of the other (it did before round 6)."""
-    import triton.testing
-
     from blast_compile.ops import triton_mlp
 
     codegen.set_kernel_dir(tmp_path)
@@ -363,11 +389,11 @@ def test_tuned_configs_are_per_shape(tmp_path, monkeypatch):
     for shape, best in fastest.items():
         seen = []
 
-        def fake_bench(fn, **kw):  # times the config the launcher was just called with
+        def fake_time(fn, **kw):  # times the config the launcher was just called with
             fn()
             return 0.0 if seen[-1] == best else 1.0
 
-        monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+        monkeypatch.setattr(triton_mlp, "_graph_time", fake_time)
         got = triton_mlp._choose("hidden", sigs[0], 4096, [(64, 4, 3), (128, 8, 3)], seen.append, shape=shape)
         assert tuple(got) == best, shape
     for shape, best in fastest.items():  # persisted, one entry per shape
@@ -422,6 +448,19 @@ def test_gpu_packed(m):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_backward(m, gated, bias, act, declare, dtype):
     check_backward(m, 192, 448, gated, bias, act, dtype, (64, 32), "cuda", declare=declare, sparsity=0.7)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bm,dh_wide", [(64, True), (128, True), (64, False)])
+@pytest.mark.parametrize("m,gated,bias,block", [(300, True, True, (64, 32)), (1000, True, False, (64, 64)),
+                                                (77, False, True, (64, 64)), (2048, True, False, (128, 64))])
+def test_gpu_wide_tiles(m, gated, bias, block, bm, dh_wide, monkeypatch):
+    """Wide prefill/backward variants on the GPU (the tuner may pick them; tests run untuned)."""
+    force_wide(monkeypatch, bm, dh_wide)
+    act = "silu" if gated else "gelu_tanh"
+    check_forward(m, 256, 704, gated, bias, act, torch.bfloat16, block, "cuda", sparsity=0.7, dead_rows=True)
+    check_backward(m, 256, 704, gated, bias, act, torch.bfloat16, block, "cuda", declare=True, sparsity=0.7)
 
 
 @gpu

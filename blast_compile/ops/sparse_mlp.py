@@ -22,7 +22,8 @@ a non-finite input are poisoned with NaN (what eager gives for those rows).
 Autocast: the rewrite passes the ambient autocast dtype (``compute_dtype``); the op then computes
 like the autocast linears it replaces -- inputs in that dtype, output in it, gradients returned in
 each input's own dtype. The plan stays keyed on the parameters themselves (fp32 masters): the CUDA
-kernels read their blocks as stored and cast on chip; the CPU path casts copies.
+path packs x.dtype copies of the live blocks per call (one small launch per weight); the CPU path
+casts copies. (The rewrite casts an fp32 x in the graph, where Inductor fuses it.)
 
 Autograd: ``blast::sparse_mlp_backward`` recomputes the activations (nothing
 but ``x`` is saved), computes dX through the transposed live blocks, and dW
@@ -203,7 +204,7 @@ def sparse_mlp(
     if plan.dense or x2d.shape[0] == 0:
         return dense_mlp(x, *in_dtype(compute_dtype, w1, b1, w3, b3, w2, b2), activation)
     if x.device.type == "cuda":
-        # weights as stored: the kernels cast the live blocks on chip (fp32 master weights stay put)
+        # weights as stored: fp32 masters are cast per call as packed copies of their live blocks
         y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)  # kernels poison non-finite rows
     else:
         w1, w3, w2 = in_dtype(compute_dtype, w1, w3, w2)

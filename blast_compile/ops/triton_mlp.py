@@ -80,10 +80,25 @@ DECODE_SLICE_CONFIGS = [(16, 4, 4, 2), (16, 1, 4, 3), (16, 2, 4, 2), (16, 4, 8, 
 # finishers read the fp32 output scratch with relaxed atomic exchanges after the counter's acquire
 # and a CTA barrier (BLAST_DECODE_READ=acquire: one acquire per element, round 3's slower version)
 DECODE_RELAXED_READ = os.environ.get("BLAST_DECODE_READ", "relaxed") != "acquire"
-# prefill: (BM, num_warps, num_stages)
+# prefill: (BM, num_warps, num_stages, wide); wide: one 128-wide gate|up dot per step, and two live
+# blocks (or dA|dU) per down/dX step -- K = 128 (template: _in_proj_wide, _bsmm_step_wide)
+# (1-2 stages: at small d most hidden blocks have one live in-block, so a program is one step and
+# the pipeline's shared memory only caps how many programs share an SM)
+PREFILL_CONFIGS = [(64, 4, 3, 0), (128, 8, 3, 0), (64, 4, 4, 0), (128, 4, 3, 0), (128, 8, 4, 0), (256, 8, 3, 0),
+                   (64, 4, 2, 0), (64, 4, 3, 1), (128, 8, 3, 1), (128, 4, 3, 1), (128, 8, 4, 1), (256, 8, 2, 1),
+                   (64, 4, 2, 1), (64, 4, 1, 1), (32, 4, 2, 1)]
 # backward kernel 1 (three fp32 [BM, BH] tiles live at once: a/u, dh; no 256-row tiles)
-BACKWARD_CONFIGS = [(64, 4, 3), (64, 4, 2), (128, 8, 3), (128, 8, 2), (64, 8, 3)]
-PREFILL_CONFIGS = [(64, 4, 3), (128, 8, 3), (64, 4, 4), (128, 4, 3), (128, 8, 4), (256, 8, 3)]
+# wide 1: 128-wide gate|up recompute; 2: also 2-block dh steps
+BACKWARD_CONFIGS = [(64, 4, 3, 0), (64, 4, 2, 0), (128, 8, 3, 0), (64, 8, 3, 0),
+                    (64, 4, 3, 1), (64, 4, 4, 1), (128, 8, 3, 1), (64, 4, 3, 2), (128, 8, 3, 2),
+                    (64, 4, 2, 1), (64, 4, 1, 1), (64, 4, 2, 2), (32, 4, 2, 1)]
+
+
+def _tile_cfg(cfg):
+    """(BM, num_warps, num_stages, wide) of a prefill/backward config (tables written before the
+    wide variants hold 3-tuples)."""
+    bm, nw, ns, *rest = cfg
+    return bm, nw, ns, int(rest[0]) if rest else 0
 # decode with M <= this uses a multiply-reduce GEMV instead of tensor-core dots (0: never; on H200 the
 # GEMV was slower at M=1 than a 16-row dot with masked rows: 59 vs 24 µs, 8B 90 %)
 GEMV_MAX_M = 0
@@ -293,23 +308,30 @@ def tuning_key(kind, sig, m, shape=()) -> str:
     return f"{kind}|{sig.digest()}|{dims}|m{codegen.m_bucket(m)}|{_device_name()}"
 
 
-def _choose(kind, sig, m, configs, run, graph=False, shape=()):
+# a list to collect every timing the tuner takes, as (key, config, µs) (bench/tiles.py); None: off
+TUNE_RECORD = None
+
+
+def _choose(kind, sig, m, configs, run, graph="hot", shape=()):
     """Launch config for (kernel, signature, shape, M bucket): persisted table, else tune now (CUDA
-    only; ``graph``: time by CUDA-graph replay, for kernels shorter than a launch). The signature is
-    shared by every MLP of a block shape and dtype, so the layer's dims are part of the key."""
+    only). Timed by CUDA-graph replay: a Triton launch with ~35 arguments costs ~20-50 µs of host
+    time, more than many of these kernels run, so back-to-back launches (``do_bench``) would time
+    the host. ``graph="cold"``: L2 flushed between calls (decode: weights stream from HBM);
+    ``"hot"``: not (prefill/backward, like do_bench). The signature is shared by every MLP of a
+    block shape and dtype, so the layer's dims are part of the key."""
     key = tuning_key(kind, sig, m, shape)
     cfg = codegen.lookup_config(key)
     if cfg is not None:
         return tuple(cfg)
     if len(configs) == 1 or not _may_tune():
         return configs[0]
-    from triton.testing import do_bench
-
     times = []
     for c in configs:
         try:
-            t = _graph_time(lambda: run(c)) if graph else do_bench(lambda: run(c), warmup=5, rep=20, return_mode="median")
+            t = _graph_time(lambda: run(c), cold=graph == "cold")
             times.append((t, c))
+            if TUNE_RECORD is not None:
+                TUNE_RECORD.append((key, c, t))
         except Exception as e:  # a config that does not compile (e.g. too much shared memory)
             log.debug("blast: config %s failed: %r", c, e)
     best = min(times)[1] if times else configs[0]
@@ -336,8 +358,8 @@ def _tl_dtype(mod, dtype):
 
 
 def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden):
-    """Weights may be stored in another dtype than x (fp32 masters under autocast): the prefill and
-    backward kernels cast the blocks they load; the decode kernels get x.dtype copies."""
+    """Weights in another dtype than x (fp32 masters under autocast) reach here as packed x.dtype
+    copies of their live blocks (``forward``); the kernels' on-load casts are then no-ops."""
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     if x2d.shape[0] <= codegen.DECODE_MAX_M:
         w1, w3, w2 = in_dtype(x2d.dtype, w1, w3, w2)
@@ -370,24 +392,26 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
 
     def run_h(cfg):
-        bm, nw, ns = cfg
+        bm, nw, ns, wide = _tile_cfg(cfg)
         if n_live:
             mod.mlp_hidden[(cdiv(m, bm), n_live)](
                 x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
                 w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
                 ix["in_rowptr"], ix["in_cols"], ix["order_h"],
-                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=1, **common)
+                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=1, WIDE=wide, **common)
 
-    run_h(_choose("hidden", sig, m, PREFILL_CONFIGS, run_h, shape=(d_in, d_hidden, d_out)))
+    # (wide tiles in the in-projection are for the gated kernel: gate|up side by side)
+    h_configs = PREFILL_CONFIGS if gated else list(dict.fromkeys(_tile_cfg(c)[:3] + (0,) for c in PREFILL_CONFIGS))
+    run_h(_choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out)))
 
     def run_y(cfg):
-        bm, nw, ns = cfg
+        bm, nw, ns, wide = _tile_cfg(cfg)
         mod.bsmm[(cdiv(m, bm), p.n_out)](
             h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, 0, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
             ix["dn_rowptr"], ix["dn_cols"], ix["order_o"],
             DTYPE=DT, BO=p.bd, BI=p.bh, BS=p.bd, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
-            NANROW=1, BM=bm, num_warps=nw, num_stages=ns)
+            NANROW=1, BM=bm, num_warps=nw, num_stages=ns, WIDE=wide)
 
     run_y(_choose("down", sig, m, PREFILL_CONFIGS, run_y, shape=(d_in, d_hidden, d_out)))
     return y
@@ -477,7 +501,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                 t.zero_()
             raise
 
-    run(_choose("decode2", sig, m, DECODE_CONFIGS, run, graph=True, shape=(d_in, d_hidden, d_out)))
+    run(_choose("decode2", sig, m, DECODE_CONFIGS, run, graph="cold", shape=(d_in, d_hidden, d_out)))
     return y
 
 
@@ -520,8 +544,8 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             NANROW=2, CH=ch, PDL=pdl and bool(n_live), BM=bm, num_warps=nw, num_stages=ns, **kw)
 
     if n_live:  # (else: nothing to launch, nothing to tune)
-        run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph=True, shape=(d_in, d_hidden, d_out)))
-    run_y(_choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph=True, shape=(d_in, d_hidden, d_out)))
+        run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph="cold", shape=(d_in, d_hidden, d_out)))
+    run_y(_choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out)))
     return y
 
 
@@ -550,8 +574,33 @@ def _decode_onekernel(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off
     return y32.to(x2d.dtype)
 
 
+def _live_copies(plan, mod, dtype, w1, w3, w2):
+    """Packed ``dtype`` copies of the live blocks (``forward_packed``'s layout), one launch per
+    weight: fp32 master weights under autocast are cast once per call, not per M tile on load."""
+    p = plan.pattern
+    ix = _index_tables(plan, w1.device)
+    off = _weight_tables(plan, w1, w3, w2, False)
+    out = []
+    for w, o, rows, cols, bo, bi in ((w1, off["in1"], ix["in_rows"], ix["in_cols"], p.bh, p.bd),
+                                     (w3, off.get("in3"), ix["in_rows"], ix["in_cols"], p.bh, p.bd),
+                                     (w2, off["dn_csr"], ix["dn_rows_r"], ix["dn_cols"], p.bd, p.bh)):
+        if w is None:
+            out.append(None)
+            continue
+        pk = torch.empty(rows.numel(), bo, bi, device=w.device, dtype=dtype)
+        if rows.numel():
+            mod.pack_blocks[(rows.numel(),)](w, o, w.stride(0), w.stride(1), rows, cols, w.shape[0], w.shape[1], pk,
+                                             BO=bo, BI=bi, num_warps=4)
+        out.append(pk)
+    return out
+
+
 def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation):
     """``[M, d_out]`` in x2d.dtype; weights are the dense ``[out, in]`` tensors (any strides)."""
+    if any(w is not None and w.dtype != x2d.dtype for w in (w1, w3, w2)):  # fp32 masters under autocast
+        _, mod = _module(plan, activation, w3 is not None, b1 is not None, b3 is not None, x2d.dtype)
+        p1, p3, p2 = _live_copies(plan, mod, x2d.dtype, w1, w3, w2)
+        return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, w2.shape[0], w1.shape[0])
     return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0])
 
 
@@ -578,19 +627,19 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
     out = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
 
     def run(cfg):
-        bm, nw, ns = cfg
+        bm, nw, ns, wide = _tile_cfg(cfg)
         mod.bsmm[(cdiv(m, bm), n_out_blocks)](
             x, x.stride(0), x2 if x2 is not None else x, out, out.stride(0), x, x, 0, m, n_in, n_out,
             w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order,
             DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=sig.aligned, HAS_B=False,
-            DUAL=x2 is not None, NANROW=0, BM=bm, num_warps=nw, num_stages=ns)
+            DUAL=x2 is not None, NANROW=0, BM=bm, num_warps=nw, num_stages=ns, WIDE=wide)
 
     run(_choose("dx" if x2 is None else "dx_dual", sig, m, PREFILL_CONFIGS, run, shape=(n_in, n_out)))
     return out
 
 
 SDDMM_MIN_ROWS = 256  # an M split of dW is at least this many rows
-SDDMM_CONFIGS = [(64, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3)]  # (M rows per step, warps, stages)
+SDDMM_CONFIGS = [(64, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3), (64, 4, 2)]  # (M rows per step, warps, stages)
 
 
 def _n_sm(device) -> int:
@@ -688,9 +737,13 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     gated = w3 is not None
     sig, mod = _module(plan, activation, gated, b1 is not None, b3 is not None, x2d.dtype)
     ix = _index_tables(plan, x2d.device)
-    off = _weight_tables(plan, w1, w3, w2, False)
-    s1, s2 = w1.stride(), w2.stride()
-    s3 = w3.stride() if gated else (0, 0)
+    # the kernels' weights: fp32 masters under autocast as packed x.dtype copies of the live blocks
+    # (w1, w3, w2 themselves still give the dW shapes and dtypes)
+    packed = any(w is not None and w.dtype != x2d.dtype for w in (w1, w3, w2))
+    k1, k3, k2 = _live_copies(plan, mod, x2d.dtype, w1, w3, w2) if packed else (w1, w3, w2)
+    off = _weight_tables(plan, k1, k3, k2, packed)
+    s1, s2 = _strides(k1, packed), _strides(k2, packed)
+    s3 = _strides(k3, packed) if gated else (0, 0)
     dw_masks = plan.dw_masks
     # dA/dU/h are written on live hidden blocks only; bias grads sum whole columns, so then the
     # dead columns must read as zero (dA, dU are zero there)
@@ -702,22 +755,22 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     n_live = ix["live"].numel()
     if n_live:
         def run(cfg):
-            bm, nw, ns = cfg
+            bm, nw, ns, wide = _tile_cfg(cfg)
             mod.mlp_hidden_bwd[(cdiv(m, bm), n_live)](
                 x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h, da.stride(0), m, d_in, H, d_out,
-                w1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, w3 if gated else w1,
+                k1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, k3 if gated else k1,
                 off["in3"] if gated else off["in1"], s3[0], s3[1], b3 if b3 is not None else x2d,
-                w2, off["dn_csc"], s2[1], s2[0],
+                k2, off["dn_csc"], s2[1], s2[0],
                 ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"],
                 DTYPE=_tl_dtype(mod, x2d.dtype), BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
-                num_warps=nw, num_stages=ns)
+                num_warps=nw, num_stages=ns, WIDE=wide)
 
         run(_choose("hidden_bwd", sig, m, BACKWARD_CONFIGS, run, shape=(d_in, H, d_out)))
     grads = {}
     if needs[0]:
-        grads["x"] = _bsmm(mod, sig, da, du if gated else None, w1, off["in_csc1"], (s1[1], s1[0]),
-                           w3 if gated else w1, off["in_csc3"] if gated else off["in_csc1"], (s3[1], s3[0]) if gated else (s1[1], s1[0]),
+        grads["x"] = _bsmm(mod, sig, da, du if gated else None, k1, off["in_csc1"], (s1[1], s1[0]),
+                           k3 if gated else k1, off["in_csc3"] if gated else off["in_csc1"], (s3[1], s3[0]) if gated else (s1[1], s1[0]),
                            ix["in_colptr"], ix["in_csc_rows"], ix["all_in"], p.n_in, p.bd, p.bh, H, d_in, x2d.dtype)
     dense_dw = any(needs[i] and dw_masks[k] is None for i, k in ((1, 0), (3, 1), (5, 2)) if (i != 3 or gated))
     if dense_dw:

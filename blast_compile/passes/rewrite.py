@@ -11,6 +11,7 @@ provenance survives into AOTAutograd/Inductor logs.
 from __future__ import annotations
 
 import torch
+from torch._dynamo.utils import counters
 from torch.fx import GraphModule, Node
 
 from ..config import BlastOptions
@@ -32,6 +33,20 @@ def _as_out_in(graph, lin) -> Node:
     return t
 
 
+def _cast_x(graph, x: Node, orig: Node, cdt) -> Node:
+    """Under autocast, cast x to the compute dtype in the graph rather than in the op: Inductor
+    fuses the cast into whatever made x (an RMSNorm, typically), the op saves the smaller x for
+    backward, and dX's cast back fuses into the norm's backward (in the op: 3 extra copies)."""
+    v = example_value(orig)
+    if cdt is None or not isinstance(v, torch.Tensor) or v.dtype == cdt:
+        return x
+    counters["blast"]["x_cast_in_graph"] += 1
+    c = graph.call_method("to", (x, cdt))
+    c.meta = {k: val for k, val in orig.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    c.meta["example_value"] = v.to(cdt)
+    return c
+
+
 def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOptions, replaced: dict) -> Node:
     """Swap ``m`` for the fused node; returns it. The caller lints and recompiles.
 
@@ -46,9 +61,10 @@ def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOption
         w3 = _as_out_in(graph, m.up) if m.up is not None else None
         w2 = _as_out_in(graph, m.down)
         b3 = m.up.bias if m.up is not None else None
+        cdt = autocast_dtype(m)
+        x = _cast_x(graph, x, m.x, cdt)
         args = (x, w1, m.gate.bias, w3, b3, w2, m.down.bias, m.act.name, pattern.bh, pattern.bd, pattern.key,
                 float(opts.max_runtime_density))
-        cdt = autocast_dtype(m)
         fused = graph.call_function(torch.ops.blast.sparse_mlp.default, args + ((cdt,) if cdt is not None else ()))
     fused.meta = dict(out.meta)
     fused.meta["blast_pattern"] = pattern  # for the backend's kernel report (it takes it off again)
