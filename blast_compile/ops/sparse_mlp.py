@@ -246,7 +246,7 @@ def sparse_mlp_backward(
     orig = (x, w1, b1, w3, b3, w2, b2)
     orig_w = (w1, w3, w2)
     x, b1, b3, b2, dy = in_dtype(compute_dtype, x, b1, b3, b2, dy)
-    if not (x.is_cuda and not plan.dense and x.numel() > 0):  # CUDA kernels cast weight blocks on chip
+    if not (x.is_cuda and not plan.dense and x.numel() > 0):  # CUDA: triton_mlp packs x.dtype live blocks
         w1, w3, w2 = in_dtype(compute_dtype, w1, w3, w2)
     x2d = x.reshape(-1, x.shape[-1])
     dy2d = dy.reshape(-1, dy.shape[-1])

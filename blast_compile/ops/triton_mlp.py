@@ -93,12 +93,6 @@ BACKWARD_CONFIGS = [(64, 4, 3, 0), (64, 4, 2, 0), (128, 8, 3, 0), (64, 8, 3, 0),
                     (64, 4, 3, 1), (64, 4, 4, 1), (128, 8, 3, 1), (64, 4, 3, 2), (128, 8, 3, 2),
                     (64, 4, 2, 1), (64, 4, 1, 1), (64, 4, 2, 2), (32, 4, 2, 1)]
 
-
-def _tile_cfg(cfg):
-    """(BM, num_warps, num_stages, wide) of a prefill/backward config (tables written before the
-    wide variants hold 3-tuples)."""
-    bm, nw, ns, *rest = cfg
-    return bm, nw, ns, int(rest[0]) if rest else 0
 # decode with M <= this uses a multiply-reduce GEMV instead of tensor-core dots (0: never; on H200 the
 # GEMV was slower at M=1 than a 16-row dot with masked rows: 59 vs 24 µs, 8B 90 %)
 GEMV_MAX_M = 0
@@ -358,8 +352,9 @@ def _tl_dtype(mod, dtype):
 
 
 def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden):
-    """Weights in another dtype than x (fp32 masters under autocast) reach here as packed x.dtype
-    copies of their live blocks (``forward``); the kernels' on-load casts are then no-ops."""
+    """fp32 master weights under autocast reach here as packed x.dtype copies of their live blocks
+    (``forward``). Packed weights in another dtype than x (``forward_packed`` called directly) are
+    cast on load by the prefill kernels and copied for decode."""
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     if x2d.shape[0] <= codegen.DECODE_MAX_M:
         w1, w3, w2 = in_dtype(x2d.dtype, w1, w3, w2)
@@ -392,7 +387,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
 
     def run_h(cfg):
-        bm, nw, ns, wide = _tile_cfg(cfg)
+        bm, nw, ns, wide = cfg
         if n_live:
             mod.mlp_hidden[(cdiv(m, bm), n_live)](
                 x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
@@ -401,11 +396,11 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
                 BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=1, WIDE=wide, **common)
 
     # (wide tiles in the in-projection are for the gated kernel: gate|up side by side)
-    h_configs = PREFILL_CONFIGS if gated else list(dict.fromkeys(_tile_cfg(c)[:3] + (0,) for c in PREFILL_CONFIGS))
+    h_configs = PREFILL_CONFIGS if gated else list(dict.fromkeys((*c[:3], 0) for c in PREFILL_CONFIGS))
     run_h(_choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out)))
 
     def run_y(cfg):
-        bm, nw, ns, wide = _tile_cfg(cfg)
+        bm, nw, ns, wide = cfg
         mod.bsmm[(cdiv(m, bm), p.n_out)](
             h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, 0, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
@@ -627,7 +622,7 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
     out = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
 
     def run(cfg):
-        bm, nw, ns, wide = _tile_cfg(cfg)
+        bm, nw, ns, wide = cfg
         mod.bsmm[(cdiv(m, bm), n_out_blocks)](
             x, x.stride(0), x2 if x2 is not None else x, out, out.stride(0), x, x, 0, m, n_in, n_out,
             w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order,
@@ -755,7 +750,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     n_live = ix["live"].numel()
     if n_live:
         def run(cfg):
-            bm, nw, ns, wide = _tile_cfg(cfg)
+            bm, nw, ns, wide = cfg
             mod.mlp_hidden_bwd[(cdiv(m, bm), n_live)](
                 x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h, da.stride(0), m, d_in, H, d_out,
                 k1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, k3 if gated else k1,
