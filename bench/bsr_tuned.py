@@ -56,6 +56,8 @@ def main():
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--m", default="16,128,1024,4096")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--name", default="bsr_tuned_h200.json",
+                    help="output file (one process per M keeps a crash in torch's BSR tuner to that M)")
     args = ap.parse_args()
     import triton
 
@@ -86,7 +88,7 @@ def main():
               f"bsr tuned {row['bsr_tuned_us']:8.1f} ({row['bsr_tuned_speedup']:.2f}x, tuning {row['tune_s']:.0f} s, "
               f"err {row['bsr_rel_err']:.1e}) blast {row['blast_us']:8.1f} ({row['blast_speedup']:.2f}x)", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "bsr_tuned_h200.json")
+    path = os.path.join(args.out, args.name)
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print("wrote", path)

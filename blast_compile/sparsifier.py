@@ -25,6 +25,13 @@ The recipe (what is known to work; BLaST's own text was not available):
   optimizer state of newly pruned blocks is zeroed (Adam moments, momentum
   buffers: momentum would otherwise revive a block), and ``step()`` re-applies
   the masks.
+* **hand-off**: once masks are frozen and the model is compiled with
+  ``backend="blast"``, the fused op already computes dW only on live blocks, so
+  the per-step upkeep (a multiply per gradient and per weight: ~5% of a 34M
+  model's step) changes nothing. ``hand_off()`` stops it and instead checks every
+  ``check_every`` steps that the dead blocks are still exactly zero; if one is
+  not (a backward that did not go through the fused op), it warns, re-masks,
+  clears the optimizer state there and resumes the upkeep.
 
 Every mask change is declared with :func:`blast_compile.masks.declare_mask`, so
 a compiled model's fused op re-derives its pattern (the mask tensor is new) and
@@ -172,6 +179,8 @@ class BlastSparsifier:
         # seconds of step(): "update" (synchronized: GPU time included) / "plain" (host time only)
         self.timings: Dict[str, List[float]] = defaultdict(list)
         self.history: List[tuple] = []  # (step, sparsity target) of every mask update
+        self.check_every = 0  # > 0: handed off (see hand_off)
+        self.upkeep_restored = 0  # hand-off checks that found a revived dead block
         self.last_grown: Dict[str, torch.Tensor] = {}  # regrowth: blocks grown at the last update
         self.layers: Dict[str, _Layer] = {}
         for name, mod in self._select(layers):
@@ -181,7 +190,7 @@ class BlastSparsifier:
         self.groups = self._groups(tie_gate_up)
         for L in self.layers.values():
             self._set_mask(L, L.mask, grown=None)
-            L.hook = L.param.register_hook(self._make_hook(L))
+        self._set_hooks(True)
         if self.initial_sparsity > 0 or self.start_step == 0:
             self._update_masks(self.sparsity_at(0))
         log.info("BlastSparsifier: %d layers, block %d, target %.0f%%, ramp %d..%d every %d steps",
@@ -335,17 +344,70 @@ class BlastSparsifier:
         if ps:  # one multi-tensor launch, not one per weight (this runs every step)
             torch._foreach_mul_(ps, [L.emask for L in self.layers.values()])
 
+    def _set_hooks(self, on: bool):
+        for L in self.layers.values():
+            if on and L.hook is None:
+                L.hook = L.param.register_hook(self._make_hook(L))
+            elif not on and L.hook is not None:
+                L.hook.remove()
+                L.hook = None
+
+    @torch.no_grad()
+    def _dead_blocks_zero(self) -> bool:
+        ps = [L.param for L in self.layers.values()]
+        dead = torch._foreach_mul(ps, [1 - L.emask for L in self.layers.values()])
+        return float(torch.stack(torch._foreach_norm(dead)).max()) == 0.0
+
+    @torch.no_grad()
+    def hand_off(self, check_every: int = 50):
+        """Stop the per-step upkeep once masks are frozen and a model compiled with ``backend="blast"``
+        computes on the declared masks (dW only on live blocks: dead blocks get zero gradients, so
+        they and their optimizer state stay exactly zero by themselves). Every ``check_every``
+        ``step()`` calls verify that (one synchronizing reduction); a revived dead block — a backward
+        that did not go through the fused op — is warned about, re-masked, its optimizer state
+        cleared, and the upkeep resumes."""
+        if not self.frozen or self.finalized:
+            raise RuntimeError("hand_off() needs frozen (not finalized) masks: call it after the ramp")
+        if not self.declare:
+            raise RuntimeError("hand_off() needs declared masks (declare=True): the fused op computes dW from them")
+        if check_every < 1:
+            raise ValueError("check_every must be >= 1")
+        self.apply_masks()
+        for L in self.layers.values():
+            self._zero_state(L.param, L.emask)
+        self._set_hooks(False)
+        self.check_every = int(check_every)
+
+    @torch.no_grad()
+    def _check_handed_off(self):
+        if self._dead_blocks_zero():
+            return
+        self.upkeep_restored += 1
+        log.warning("BlastSparsifier: dead blocks revived after hand_off() (a backward that did not go "
+                    "through backend='blast'?): re-masking and resuming the per-step upkeep")
+        self.apply_masks()
+        for L in self.layers.values():
+            self._zero_state(L.param, L.emask)
+        self._set_hooks(True)
+        self.check_every = 0
+
     # ---------------------------------------------------------------- public API
     def step(self):
-        """Call after ``optimizer.step()``: update masks when on schedule, then re-apply them."""
+        """Call after ``optimizer.step()``: update masks when on schedule, then re-apply them
+        (after ``hand_off()``: a periodic check instead)."""
         if self.finalized:
             return
         cuda = any(L.param.is_cuda for L in self.layers.values())
-        t0 = time.perf_counter()
         self.step_count += 1
         upd = self.is_update_step(self.step_count)
+        if cuda and upd:  # time the update alone, not the training step still queued before it
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         if upd:
             self._update_masks(self.sparsity_at(self.step_count))
+        elif self.check_every:
+            if self.step_count % self.check_every == 0:
+                self._check_handed_off()
         else:
             self.apply_masks()
         if cuda and upd:  # the update's cost is measured; a plain step leaves the host free to run ahead
@@ -360,10 +422,8 @@ class BlastSparsifier:
         """
         with torch.no_grad():
             self.apply_masks()
+        self._set_hooks(False)
         for L in self.layers.values():
-            if L.hook is not None:
-                L.hook.remove()
-                L.hook = None
             _masks.clear_mask(L.param)
         self.finalized = True
         if compress:
@@ -391,6 +451,30 @@ class BlastSparsifier:
             dead += ne * (1.0 - float(L.mask.float().mean()))
             tot += ne
         return dead / max(tot, 1)
+
+    def hidden_use(self) -> Dict[str, dict]:
+        """Per MLP (Linear-style names): hidden blocks live in the in-projections (gate/up), in the
+        down projection, and in both; ``orphan_frac`` is the fraction of live blocks whose hidden
+        block the other side does not use -- work the fused op drops, i.e. capacity lost."""
+        ins, outs = {"gate_proj", "up_proj", "w1", "w3", "fc1", "dense_h_to_4h", "fc_in"}, \
+            {"down_proj", "w2", "fc2", "dense_4h_to_h", "fc_out"}
+        by_parent = defaultdict(lambda: ([], []))
+        for n, L in self.layers.items():
+            parent, _, leaf = n.rpartition(".")
+            if leaf in ins or leaf in outs:
+                by_parent[parent][0 if leaf in ins else 1].append(L)
+        res = {}
+        for parent, (li, lo) in by_parent.items():
+            if not li or not lo or any(L.mask.shape[0] != lo[0].mask.shape[1] for L in li):
+                continue
+            hin = torch.stack([L.mask.any(1) for L in li]).any(0)
+            hout = torch.stack([L.mask.any(0) for L in lo]).any(0)
+            both = hin & hout
+            live = sum(int(L.mask.sum()) for L in li + lo)
+            used = sum(int(L.mask[both].sum()) for L in li) + sum(int(L.mask[:, both].sum()) for L in lo)
+            res[parent] = dict(hidden_blocks=int(hin.numel()), live_in=int(hin.sum()), live_down=int(hout.sum()),
+                               live_both=int(both.sum()), orphan_frac=1.0 - used / max(1, live))
+        return res
 
     def summary(self, max_rows: int = 12) -> str:
         """Per-layer table (rich, rendered to text)."""

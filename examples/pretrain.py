@@ -14,7 +14,9 @@ switches to ``torch.compile(backend="blast")`` once the masks are frozen (from
 then on the fused block-sparse op runs forward and backward, dW on live blocks
 only). The dense run uses Inductor (same mode) throughout. Reported per run:
 held-out perplexity (whole WEB books never trained on; also the same books in
-the KJV), tokens/s before and after the switch, what a mask update costs.
+the KJV), tokens/s before and after the switch (the GPU time of each step between CUDA events, with
+no per-step synchronize, and over the whole span of the phase), what a mask update costs. After the
+switch the sparsifier hands off (``hand_off()``: the fused op keeps dead blocks at zero; checked).
 """
 from __future__ import annotations
 
@@ -44,6 +46,31 @@ def log(*a):
 def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _mark(cuda):
+    """A point on the GPU's timeline (a recorded event: no synchronization) or, on CPU, the host clock."""
+    if not cuda:
+        return time.perf_counter()
+    e = torch.cuda.Event(enable_timing=True)
+    e.record()
+    return e
+
+
+def _step_times(marks, cuda, tokens_per_step):
+    """Per phase: the counted steps' times (s; past the warm-up after a compile, no mask update) and
+    tokens/s over the span from the first to the last counted step (everything in between included:
+    logging syncs, host gaps). Call after a synchronize."""
+    def secs(a, b):
+        return a.elapsed_time(b) / 1e3 if cuda else b - a
+
+    times, span = {}, {}
+    for ph in ("dense", "ramp", "sparse"):
+        ms = [m for m in marks if m[1] == ph and m[2]]
+        if ms:
+            times[ph] = [secs(m[3], m[4]) for m in ms]
+            span[ph] = tokens_per_step * (ms[-1][0] - ms[0][0] + 1) / secs(ms[0][3], ms[-1][4])
+    return times, span
 
 
 def load_corpus(args):
@@ -116,9 +143,13 @@ def train_one(sparsity, corpus, args, dev):
     gen = torch.Generator().manual_seed(args.seed + 1)
     train_dev = train_tok.to(dev)
     offs = torch.arange(args.seq + 1, device=dev)
+    # every step's batch offsets drawn up front and copied once: a per-step copy from pageable host
+    # memory would synchronize the host with the GPU every step
+    starts = torch.randint(0, train_tok.numel() - args.seq - 1, (args.steps, args.batch), generator=gen).to(dev)
+    cuda = dev.type == "cuda"
+    marks = []  # (step, phase, counted, start, end): CUDA events (GPU time, no per-step sync) or host times
     run = compile_model(model, "inductor", args)
     phase = "dense" if sp is None else "ramp"
-    step_times = {"dense": [], "ramp": [], "sparse": []}
     since_compile = 0
     losses, events = [], []
     check = None
@@ -135,15 +166,18 @@ def train_one(sparsity, corpus, args, dev):
             run = compile_model(model, "blast", args)
             phase, since_compile = "sparse", 0
             events.append((step, "switch to backend=blast"))
+            if not args.keep_upkeep:
+                # the fused op computes dW on the declared masks: the sparsifier's per-step
+                # re-masking is a no-op from here (checked every 50 steps)
+                sp.hand_off()
+                events.append((step, "sparsifier hand_off"))
         elif sp is not None and phase == "ramp" and sp.frozen:
             phase = "sparse"
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
-        ix = torch.randint(0, train_tok.numel() - args.seq - 1, (args.batch,), generator=gen).to(dev)
-        w = train_dev[ix[:, None] + offs].long()
+        w = train_dev[starts[step][:, None] + offs].long()
         xb, yb = w[:, :-1], w[:, 1:]
-        sync(dev)
-        t0 = time.perf_counter()
+        t0 = _mark(cuda)
         with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
             loss = run(xb, yb)
         loss.backward()
@@ -151,11 +185,8 @@ def train_one(sparsity, corpus, args, dev):
         opt.step()
         opt.zero_grad(set_to_none=True)
         updated = sp.step() if sp is not None else False
-        sync(dev)
-        dt = time.perf_counter() - t0
         since_compile += 1
-        if since_compile > args.warmup_steps and not updated:
-            step_times[phase].append(dt)
+        marks.append((step, phase, since_compile > args.warmup_steps and not updated, t0, _mark(cuda)))
         if step % args.log_every == 0 or step == args.steps - 1:
             lv = float(loss.detach())
             losses.append((step, lv))
@@ -167,8 +198,10 @@ def train_one(sparsity, corpus, args, dev):
             # the compiled (fused) model must compute what eager computes, on the live masks
             with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=amp):
                 check = abs(float(run(xb, yb)) - float(model(xb, yb)))
+    sync(dev)
     wall = time.perf_counter() - t_start
     tokens = args.steps * args.batch * args.seq
+    step_times, span_tok_s = _step_times(marks, cuda, args.batch * args.seq)
     res = {
         "sparsity": sparsity, "model": args.model, "params": model.num_params(), "mlp_params": model.num_params(True),
         "steps": args.steps, "batch": args.batch, "seq": args.seq, "tokens": tokens, "block": args.block,
@@ -181,12 +214,16 @@ def train_one(sparsity, corpus, args, dev):
         if v:
             res[f"tok_s_{ph}"] = args.batch * args.seq / statistics.median(v)
             res[f"step_ms_{ph}"] = 1e3 * statistics.median(v)
+            res[f"tok_s_{ph}_span"] = span_tok_s[ph]
     res["eval_ppl_web"] = perplexity(model, eval_tok, args.seq, args.batch, dev, amp)
     res["eval_ppl_kjv"] = perplexity(model, kjv_tok, args.seq, args.batch, dev, amp)
     if sp is not None:
         res["achieved_sparsity"] = sp.sparsity()
         res["mask_step_timing"] = sp.timing_summary()
         res["mask_updates"] = len(sp.history)
+        res["upkeep_restored"] = sp.upkeep_restored  # hand-off checks that found a revived dead block
+        res["hidden_use"] = sp.hidden_use()  # live blocks whose hidden block the other side leaves dead
+        res["orphan_frac"] = statistics.mean(u["orphan_frac"] for u in res["hidden_use"].values())
         if args.plot:
             res["mask_png"] = sp.plot_masks(os.path.join(args.out, f"masks_{sparsity:.2f}.png"))
         log(sp.summary(max_rows=6))
@@ -277,6 +314,9 @@ def main():
                          "(auto: reduce-overhead, i.e. CUDA graphs, on a GPU; default on CPU)")
     ap.add_argument("--blast-min-sparsity", type=float, default=0.5)
     ap.add_argument("--warmup-steps", type=int, default=3, help="steps after a compile left out of tokens/s")
+    ap.add_argument("--keep-upkeep", action="store_true",
+                    help="keep the sparsifier's per-step re-masking after the switch to backend=blast "
+                         "(default: hand_off(), checked every 50 steps)")
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--summary-every", type=int, default=0, help="print the mask table every N mask updates")
     ap.add_argument("--seed", type=int, default=0)
@@ -316,7 +356,8 @@ def main():
     for s in (float(v) for v in args.sparsity.split(",")):
         r = train_one(s, corpus, args, dev)
         results.append(r)
-        keys = ("sparsity", "eval_ppl_web", "eval_ppl_kjv", "tok_s_dense", "tok_s_ramp", "tok_s_sparse", "wall_s")
+        keys = ("sparsity", "eval_ppl_web", "eval_ppl_kjv", "tok_s_dense", "tok_s_ramp", "tok_s_sparse", "orphan_frac",
+                "wall_s")
         log(json.dumps({k: r.get(k) for k in keys}))
         with open(os.path.join(args.out, f"pretrain_s{s:.2f}.json"), "w") as f:
             json.dump(r, f, indent=1)

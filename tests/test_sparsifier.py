@@ -61,6 +61,15 @@ def dead_blocks_are_zero(sp):
         assert not bool((live & ~L.mask).any()), L.name
 
 
+def dead_state_is_zero(sp, opt):
+    """Every optimizer state tensor shaped like a weight is zero on that weight's dead blocks."""
+    for L in sp.layers.values():
+        em = expand_mask(~L.mask, B, B, L.shape)
+        for k, v in opt.state[L.param].items():
+            if isinstance(v, torch.Tensor) and v.shape == L.param.shape:
+                assert float(v[em].abs().max()) == 0.0, (L.name, k)
+
+
 def test_default_layers_are_mlp_weights():
     _, _, sp = make(target_sparsity=0.5, end_step=10)
     assert sorted(sp.layers) == sorted(f"{i}.mlp.{n}" for i in range(2) for n in ("gate_proj", "up_proj", "down_proj"))
@@ -131,11 +140,9 @@ def test_optimizer_never_revives_a_pruned_block(make_opt):
                          freeze_last=0.0)
     # right after each optimizer.step() (before sp.step() re-masks) dead blocks must still be exactly zero
     train(model, opt, sp, 10, check=lambda: dead_blocks_are_zero(sp))
+    dead_state_is_zero(sp, opt)
     for L in sp.layers.values():
         em = expand_mask(~L.mask, B, B, L.shape)
-        for k, v in opt.state[L.param].items():
-            if isinstance(v, torch.Tensor) and v.shape == L.param.shape:
-                assert float(v[em].abs().max()) == 0.0, (L.name, k)
         assert L.param.grad is not None and float(L.param.grad[em].abs().max()) == 0.0
 
 
@@ -321,3 +328,71 @@ def test_training_under_a_fixed_mask_recovers():
         losses.append(float(loss.detach()))
     dead_blocks_are_zero(sp)
     assert sum(losses[-5:]) < 0.1 * sum(losses[:5]), (losses[:5], losses[-5:])
+
+
+def test_hand_off_keeps_blocks_dead_through_the_fused_op():
+    """After hand_off() the fused op's live-block dW alone keeps dead blocks (and AdamW state) zero:
+    no hooks, no re-masking, and the periodic check finds nothing to restore."""
+    torch.manual_seed(0)
+    mlp = GatedMLP(32, 64)
+    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-2, weight_decay=0.1)
+    sp = BlastSparsifier(mlp, target_sparsity=0.75, block_size=B, end_step=6, update_every=1, freeze_last=0.5,
+                         optimizer=opt, layers=["gate_proj", "up_proj", "down_proj"])
+
+    def step(fn):
+        fn(torch.randn(16, 32)).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sp.step()
+
+    def fused(x):
+        w1, w3, w2 = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
+        return torch.ops.blast.sparse_mlp(x, w1, None, w3, None, w2, None, "silu", B, B, "test", 0.99)
+
+    with pytest.raises(RuntimeError, match="frozen"):
+        sp.hand_off()
+    while not sp.frozen:
+        step(mlp)
+    sp.hand_off(check_every=2)
+    assert all(L.hook is None for L in sp.layers.values())
+    for _ in range(6):
+        step(fused)
+    assert sp.upkeep_restored == 0 and sp.check_every == 2
+    dead_blocks_are_zero(sp)
+    dead_state_is_zero(sp, opt)
+
+
+def test_hand_off_restores_upkeep_when_gradients_are_dense(caplog):
+    """A backward that bypasses the fused op (dense dW) revives dead blocks: the check warns,
+    re-masks, clears the optimizer state there and turns the hooks back on."""
+    model, opt, sp = make(target_sparsity=0.5, end_step=4, update_every=1, freeze_last=0.5)
+    train(model, opt, sp, 2)
+    assert sp.frozen
+    sp.hand_off(check_every=3)
+    with caplog.at_level("WARNING", logger="blast_compile.sparsifier"):
+        train(model, opt, sp, 3)  # plain eager: dense gradients
+    assert sp.upkeep_restored == 1 and sp.check_every == 0
+    assert "revived" in caplog.text
+    assert all(L.hook is not None for L in sp.layers.values())
+    dead_blocks_are_zero(sp)
+    dead_state_is_zero(sp, opt)
+    train(model, opt, sp, 2, check=lambda: dead_blocks_are_zero(sp))  # the hooks are back
+
+
+def test_hidden_use_counts_orphan_blocks():
+    """hidden_use(): hidden blocks live on each side of an MLP and the live blocks whose hidden
+    block the other side leaves dead (hand-built masks: the numbers are known)."""
+    _, _, sp = make(target_sparsity=0.5, end_step=10)
+    H, D = 64 // B, 32 // B
+    g = torch.zeros(H, D, dtype=torch.bool)
+    g[0, :] = g[1, 0] = g[2, 1] = True  # hidden blocks 0, 1, 2 live in gate/up (D + 2 blocks each)
+    dn = torch.zeros(D, H, dtype=torch.bool)
+    dn[0, 0] = dn[1, 0] = dn[0, 3] = True  # hidden blocks 0, 3 live in down
+    for leaf, m in (("gate_proj", g), ("up_proj", g), ("down_proj", dn)):
+        sp._set_mask(sp.layers[f"0.mlp.{leaf}"], m, None)
+    u = sp.hidden_use()["0.mlp"]
+    assert (u["hidden_blocks"], u["live_in"], u["live_down"], u["live_both"]) == (H, 3, 2, 1)
+    live = 2 * (D + 2) + 3
+    used = 2 * D + 2  # gate/up row 0 and down column 0
+    assert u["orphan_frac"] == pytest.approx(1 - used / live)
+    assert set(sp.hidden_use()) == {"0.mlp", "1.mlp"}

@@ -18,7 +18,11 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
     output scratch). Completion counters (``sem="acq_rel"``) let the last chunk of each hidden
     column re-zero G_j/U_j and the last contributor to each output block cast it (+ b2, NaN
     rows) and re-zero it. Scratch and counters live in ``plan.cache``, so two streams must not
-    run the same plan's split-K decode at once. Wins on large patterns at M = 1.
+    run the same plan's split-K decode at once. Not bitwise repeatable (atomics add in any
+    order). Wins on large patterns at M = 1.
+
+  In both, kernel 2 is a programmatic dependent launch that L2-prefetches its own W2 rows
+  before it waits for kernel 1 (the weights do not depend on it; ``BLAST_PREFETCH=0``: off).
 
   ``BLAST_DECODE=sliced|splitk`` forces one, ``onekernel`` the older one-program-per-hidden-block
   ``mlp_decode`` (a cross-check);
@@ -36,10 +40,10 @@ can capture them.
 Rows of x with a NaN/Inf come out all-NaN (what eager's dense product gives): the
 kernel that reads x flags them (``HANDLES_NONFINITE``), the output epilogue writes NaN.
 
-Backward recomputes the pre-activations (``mlp_hidden`` with STORE_PRE), gets
-dH through W2's transposed live blocks and dX through W1/W3's (``bsmm`` with
-swapped strides), and dW densely (torch matmul) or, for declared masks, on the
-live blocks only (``sddmm``).
+Backward: ``mlp_hidden_bwd`` recomputes the pre-activations and gets dH through W2's
+transposed live blocks in one kernel, dX goes through W1/W3's (``bsmm`` with swapped
+strides), and dW densely (torch matmul) or, for declared masks, on the live blocks
+only (``sddmm``).
 """
 from __future__ import annotations
 
@@ -80,6 +84,9 @@ DECODE_SLICE_CONFIGS = [(16, 4, 4, 2), (16, 1, 4, 3), (16, 2, 4, 2), (16, 4, 8, 
 # finishers read the fp32 output scratch with relaxed atomic exchanges after the counter's acquire
 # and a CTA barrier (BLAST_DECODE_READ=acquire: one acquire per element, round 3's slower version)
 DECODE_RELAXED_READ = os.environ.get("BLAST_DECODE_READ", "relaxed") != "acquire"
+# the decode's second kernel, launched early by PDL, prefetches its W2 rows into L2 before it waits
+# for the first (BLAST_PREFETCH=0: off)
+DECODE_PREFETCH = os.environ.get("BLAST_PREFETCH", "1") != "0"
 # prefill: (BM, num_warps, num_stages, wide); wide: one 128-wide gate|up dot per step, and two live
 # blocks (or dA|dU) per down/dX step -- K = 128 (template: _in_proj_wide, _bsmm_step_wide)
 # (1-2 stages: at small d most hidden blocks have one live in-block, so a program is one step and
@@ -426,6 +433,15 @@ def _pdl_ok(device) -> bool:
             and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
+def _prefetch_lines(w, s_in, bi, pdl):
+    """(PF, PF_LINE) for a decode kernel 2 that prefetches rows of ``w``'s blocks: 128-byte lines
+    per block row and elements per line; (0, 64) = no prefetch (no PDL, or rows not contiguous)."""
+    if not (pdl and DECODE_PREFETCH and s_in == 1):
+        return 0, 64
+    line = 128 // w.element_size()
+    return triton.next_power_of_2(cdiv(bi, line)), line
+
+
 def _decode(args):
     """Decode (M <= ``codegen.DECODE_MAX_M``): the sliced path or split-K, whichever was faster for
     this (signature, shape, live-block count, M bucket) when first timed (CUDA graphs; persisted like
@@ -470,18 +486,22 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
     dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT)
     b2_ = b2 if b2 is not None else y32
+    pdl = _pdl_ok(x2d.device)
 
     def run(cfg):
         ci, cd, nw = cfg
         ch = _chunks(plan, ci, cd, x2d.device)
+        first = bool(ch["n_in"] + ch["n_empty"])
+        early = pdl and first and bool(ch["n_dn"])  # kernel 2 launched early, W2 prefetched
+        pf, line = _prefetch_lines(w2, s2[1], p.bh, early)
         try:
-            if ch["n_in"] + ch["n_empty"]:
+            if first:
                 mod.mlp_decode_in[(ch["n_in"] + ch["n_empty"],)](
                     x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
                     w1, off["in1"], s1[0], s1[1], w3_, off3, s3[0], s3[1],
                     ix["in_cols"], *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
                     flag, 1 if ch["n_dn"] else 0,
-                    CH=ci, HAS_B=b2 is not None, num_warps=nw, **dec)
+                    CH=ci, HAS_B=b2 is not None, PDL=early, num_warps=nw, **dec)
             if ch["n_dn"]:
                 mod.mlp_decode_dn[(ch["n_dn"],)](
                     gu, gu.stride(0), y32, y32.stride(0), y, y.stride(0), x2d, x2d.stride(0),
@@ -489,8 +509,8 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                     w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], ix["dn_rowptr"],
                     *ch["dn"], ch["dn_tot"], colcnt, outcnt, flag, done, p.n_out - ch["n_empty"],
                     CH=cd, HAS_B1=common["HAS_B1"], HAS_B3=common["HAS_B3"], HAS_B=b2 is not None,
-                    RELAXED=DECODE_RELAXED_READ,
-                    num_warps=nw, **dec)
+                    RELAXED=DECODE_RELAXED_READ, PDL=early, PF=pf, PF_LINE=line,
+                    num_warps=nw, **dec, **(dict(launch_pdl=True) if early else {}))
         except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
             for t in scratch:
                 t.zero_()
@@ -527,6 +547,8 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             ix["in_rowptr"], ix["in_cols"], ix["order_h"],
             BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
 
+    pf, line = _prefetch_lines(w2, s2[1], p.bh, pdl and bool(n_live))
+
     def run_y(cfg):
         bs, ch, nw, ns = cfg
         bs = min(bs, p.bd)
@@ -536,7 +558,8 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
             ix["dn_rowptr"], ix["dn_cols"], ix["order_o"],
             DTYPE=common["DTYPE"], BO=p.bd, BI=p.bh, BS=bs, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
-            NANROW=2, CH=ch, PDL=pdl and bool(n_live), BM=bm, num_warps=nw, num_stages=ns, **kw)
+            NANROW=2, CH=ch, PDL=pdl and bool(n_live), PF=pf, PF_LINE=line, BM=bm, num_warps=nw, num_stages=ns,
+            **kw)
 
     if n_live:  # (else: nothing to launch, nothing to tune)
         run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph="cold", shape=(d_in, d_hidden, d_out)))
