@@ -11,8 +11,6 @@ that is what gets tuned, per M (N of the product; a multiple of 16, so M = 1 is 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -23,6 +21,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _results import run_meta, write_json  # noqa: E402
 from mlp import SHAPES, make_weights, timed  # noqa: E402
 
 from blast_compile.ops import triton_mlp  # noqa: E402
@@ -59,17 +58,13 @@ def main():
     ap.add_argument("--name", default="bsr_tuned_h200.json",
                     help="output file (one process per M keeps a crash in torch's BSR tuner to that M)")
     args = ap.parse_args()
-    import triton
-
     dtype = torch.bfloat16
     d, h, act, gated = SHAPES[args.shape]
     w1, w3, w2 = make_weights(args.shape, args.sparsity, args.block, dtype, seed=1)
     wargs = (w1, None, w3, None, w2, None)
     plan = resolve(torch.empty(1, d, device="cuda", dtype=dtype), *wargs, act, args.block, args.block, "", 1.0)
     bs = tuple(None if t is None else t.to_sparse_bsr((args.block, args.block)) for t in (w1, w3, w2))
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.date.today().isoformat(), "shape": args.shape, "sparsity": args.sparsity,
-           "block": args.block, "rows": []}
+    res = run_meta(shape=args.shape, sparsity=args.sparsity, block=args.block, rows=[])
     for m in (int(v) for v in args.m.split(",")):
         x = torch.randn(m, d, device="cuda", dtype=dtype)
         ref = dense_mlp(x.float(), *(None if t is None else t.float() for t in wargs), act)
@@ -87,11 +82,7 @@ def main():
         print(f"M={m:5d} dense {row['dense_us']:8.1f} bsr {row['bsr_us']:8.1f} ({row['bsr_speedup']:.2f}x) "
               f"bsr tuned {row['bsr_tuned_us']:8.1f} ({row['bsr_tuned_speedup']:.2f}x, tuning {row['tune_s']:.0f} s, "
               f"err {row['bsr_rel_err']:.1e}) blast {row['blast_us']:8.1f} ({row['blast_speedup']:.2f}x)", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, args.name)
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print("wrote", path)
+    write_json(args.out, args.name, res)
 
 
 if __name__ == "__main__":

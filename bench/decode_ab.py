@@ -9,17 +9,15 @@ prefetch existed), ``pdl`` (split-K only: PDL, no prefetch), ``prefetch`` (PDL +
 default) -- and (``--sweep``, 8B 90 %) every split-K config. Same timing method as bench/mlp.py
 (CUDA-graph replays cycling weight copies >= 256 MB).
 """
-import json
 import os
 import sys
-import time
 
 import torch
-import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _results import run_meta, write_json  # noqa: E402
 from mlp import ROTATE_BYTES, SHAPES, _wargs, graph_time, make_weights  # noqa: E402
 
 from blast_compile import codegen  # noqa: E402
@@ -94,8 +92,4 @@ if __name__ == "__main__":
     for shape, sp in CASES:
         rows += case(shape, sp, sweep=sweep and sp == 0.9)
     if out:
-        os.makedirs(out, exist_ok=True)
-        meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                "date": time.strftime("%Y-%m-%d")}
-        with open(os.path.join(out, "decode_ab.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        write_json(out, "decode_ab.json", {"meta": run_meta(), "rows": rows})

@@ -17,7 +17,6 @@ overhead counted). ``reduction_vs_theory`` = achieved / theoretical saved bytes
 import argparse
 import datetime
 import gc
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._results import write_json  # noqa: E402
 from blast_compile import compress as C  # noqa: E402
 from blast_compile import memory_plan  # noqa: E402
 from blast_compile.formats import cdiv  # noqa: E402
@@ -192,11 +192,7 @@ def main(argv=None):
     res["min_reduction_vs_theory"] = min(ok) if ok else None
     print(f"min achieved/theoretical reduction: {res['min_reduction_vs_theory']} (target >= 0.95); "
           f"{res['wall_s']:.0f} s")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"memory_{res['date'].replace(':', '')}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print("wrote", path)
+    write_json(args.out, f"memory_{res['date'].replace(':', '')}.json", res)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ Fresh cache dir per run so that every kind is tuned here.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
@@ -20,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._results import run_meta, write_json  # noqa: E402
 from bench.train_mlp import SHAPES, sparsify_  # noqa: E402
 from blast_compile.formats import pattern_from_weights  # noqa: E402
 from blast_compile.masks import clear_mask  # noqa: E402
@@ -76,15 +75,8 @@ def main():
     cases = [(s.split("@")[0], int(m)) for s in a.shapes.split(",")
              for m in (s.split("@")[1:] or a.m.split(","))]
     rows = [r for s, m in cases for r in sweep(s, m, a.sparsity, a.block)]
-    import triton
-
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": datetime.date.today().isoformat(), "timing": "CUDA-graph replay median, L2 not flushed (the tuner's own)"}
-    os.makedirs(a.out, exist_ok=True)
-    path = os.path.join(a.out, f"tiles_{a.tag}.json")
-    with open(path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print("wrote", path)
+    meta = run_meta(timing="CUDA-graph replay median, L2 not flushed (the tuner's own)")
+    write_json(a.out, f"tiles_{a.tag}.json", {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

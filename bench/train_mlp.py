@@ -16,8 +16,6 @@ For each shape: dense under ``torch.compile`` (Inductor, cuBLAS) and blast under
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import statistics
 import sys
@@ -27,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench._results import run_meta, write_json  # noqa: E402
 from blast_compile.formats import expand_mask  # noqa: E402
 from blast_compile.masks import declare_mask  # noqa: E402
 from blast_compile.testing import SwiGLU, zero_blocks_  # noqa: E402
@@ -192,10 +191,7 @@ def main():
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
     args = ap.parse_args()
-    import triton
-
-    res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "date": datetime.date.today().isoformat(), "rows": []}
+    res = run_meta(rows=[])
     first = True
     for mode in args.modes.split(","):
         for s in args.shapes.split(","):
@@ -228,11 +224,7 @@ def main():
                 for side in ("dense_profile", "profile"):
                     for k in row.get(side, []):
                         print(f"    {side[:5]} {k['us_per_iter']:8.1f} us  x{k['calls_per_iter']:.0f}  {k['name']}")
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"train_mlp_{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
-    print("wrote", path)
+    write_json(args.out, f"train_mlp_{args.tag}.json", res)
 
 
 if __name__ == "__main__":

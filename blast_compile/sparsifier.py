@@ -359,6 +359,13 @@ class BlastSparsifier:
         return float(torch.stack(torch._foreach_norm(dead)).max()) == 0.0
 
     @torch.no_grad()
+    def _remask_all(self):
+        """Dead blocks and their optimizer state back to exactly zero."""
+        self.apply_masks()
+        for L in self.layers.values():
+            self._zero_state(L.param, L.emask)
+
+    @torch.no_grad()
     def hand_off(self, check_every: int = 50):
         """Stop the per-step upkeep once masks are frozen and a model compiled with ``backend="blast"``
         computes on the declared masks (dW only on live blocks: dead blocks get zero gradients, so
@@ -372,9 +379,7 @@ class BlastSparsifier:
             raise RuntimeError("hand_off() needs declared masks (declare=True): the fused op computes dW from them")
         if check_every < 1:
             raise ValueError("check_every must be >= 1")
-        self.apply_masks()
-        for L in self.layers.values():
-            self._zero_state(L.param, L.emask)
+        self._remask_all()
         self._set_hooks(False)
         self.check_every = int(check_every)
 
@@ -385,9 +390,7 @@ class BlastSparsifier:
         self.upkeep_restored += 1
         log.warning("BlastSparsifier: dead blocks revived after hand_off() (a backward that did not go "
                     "through backend='blast'?): re-masking and resuming the per-step upkeep")
-        self.apply_masks()
-        for L in self.layers.values():
-            self._zero_state(L.param, L.emask)
+        self._remask_all()
         self._set_hooks(True)
         self.check_every = 0
 

@@ -419,18 +419,23 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     return y
 
 
-def _pdl_ok(device) -> bool:
-    """Programmatic dependent launch: Hopper or newer, a Triton with ``gdc_wait`` and ``launch_pdl``
-    (BLAST_PDL=0 turns it off)."""
-    if device.type != "cuda" or _interpret() or os.environ.get("BLAST_PDL", "1") == "0":
-        return False
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(index) -> bool:
+    """Hopper or newer and a Triton with ``gdc_wait`` and ``launch_pdl`` (cached: every decode call asks)."""
     try:
         import triton.language.extra.cuda as tl_cuda
         from triton.backends.nvidia.compiler import CUDAOptions
     except ImportError:
         return False
     return (hasattr(tl_cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+            and torch.cuda.get_device_capability(index)[0] >= 9)
+
+
+def _pdl_ok(device) -> bool:
+    """Programmatic dependent launch on ``device`` (BLAST_PDL=0 turns it off)."""
+    if device.type != "cuda" or _interpret() or os.environ.get("BLAST_PDL", "1") == "0":
+        return False
+    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _prefetch_lines(w, s_in, bi, pdl):
