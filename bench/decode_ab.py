@@ -1,15 +1,20 @@
-"""Decode-only A/B (GPU): both decode paths with and without the early-launched kernel 2 (PDL) and its
-L2 prefetch of W2, no dense/prefill. bench/profile_decode.py has the floors.
+"""Decode-only A/B (GPU): the decode variants of both paths, no dense/prefill. bench/profile_decode.py
+has the floors.
 
-    PYTHONPATH=$PWD python bench/decode_ab.py [--sweep] [--out DIR]
+    PYTHONPATH=$PWD python bench/decode_ab.py [--sweep] [--reps N] [--out DIR]
 
 For the headline cases (8B/1B, 90/95 %, b64) and M = 1, 16, per path (split-K, sliced): rel. error and
-the time of the tuned config for each variant -- ``plain`` (split-K: no PDL; sliced: PDL, as before the
-prefetch existed), ``pdl`` (split-K only: PDL, no prefetch), ``prefetch`` (PDL + L2 prefetch, the
-default) -- and (``--sweep``, 8B 90 %) every split-K config. Same timing method as bench/mlp.py
-(CUDA-graph replays cycling weight copies >= 256 MB).
+the time of the tuned config for each variant in ``VARIANTS`` -- split-K: ``tuned`` (the default: tuned
+chunk sizes, warps and early launch/prefetch; GEMV at M = 1), ``no_pdl`` (that config with kernel 2
+launched after kernel 1), ``csr`` (CSR chunk tables instead of flat ones), ``dots`` (M = 1: 16-row
+tensor-core tiles instead of the GEMV, its own tuning); sliced: ``plain`` (PDL without prefetch),
+``prefetch`` (the default). Variants sharing a tuning key run the config tuned for the first of them.
+Each variant is timed ``--reps`` times (default 3), interleaved, and reported as the median with the
+spread. ``--sweep`` (8B 90 %, M = 1): every split-K config, GEMV and dots. Same timing method as
+bench/mlp.py (CUDA-graph replays cycling weight copies >= 256 MB).
 """
 import os
+import statistics
 import sys
 
 import torch
@@ -26,17 +31,19 @@ from blast_compile.ops import triton_mlp  # noqa: E402
 from blast_compile.ops.activations import dense_mlp  # noqa: E402
 from blast_compile.ops.sparse_mlp import resolve  # noqa: E402
 
-# variant -> (BLAST_PDL, prefetch); split-K had no PDL before, the sliced path had PDL without prefetch
-VARIANTS = {"splitk": {"plain": ("0", False), "pdl": ("1", False), "prefetch": ("1", True)},
-            "sliced": {"plain": ("1", False), "prefetch": ("1", True)}}
+DEFAULT = dict(pdl="1", prefetch=True, flat=True, gemv=1)
+VARIANTS = {"splitk": {"tuned": {}, "no_pdl": dict(pdl="0"), "csr": dict(flat=False), "dots": dict(gemv=0)},
+            "sliced": {"plain": dict(prefetch=False), "prefetch": {}}}
 
 
-def _variant(pdl, prefetch):
+def _variant(pdl="1", prefetch=True, flat=True, gemv=1):
     os.environ["BLAST_PDL"] = pdl
     triton_mlp.DECODE_PREFETCH = prefetch
+    triton_mlp.DECODE_FLAT = flat
+    triton_mlp.GEMV_MAX_M = gemv
 
 
-def case(shape, sp, block=64, ms=(1, 16), sweep=False, dtype=torch.bfloat16):
+def case(shape, sp, block=64, ms=(1, 16), sweep=False, reps=3, dtype=torch.bfloat16):
     d, h, act, gated = SHAPES[shape]
     w1, w3, w2 = make_weights(shape, sp, block, dtype, seed=1)
     plan0 = resolve(torch.empty(1, d, device="cuda", dtype=dtype), w1, None, w3, None, w2, None, act, block, block, "", 1.0)
@@ -54,30 +61,44 @@ def case(shape, sp, block=64, ms=(1, 16), sweep=False, dtype=torch.bfloat16):
         ref = dense_mlp(xs[0].float(), *(None if t is None else t.float() for t in _wargs(sets[0])), act)
         for path, variants in VARIANTS.items():
             os.environ["BLAST_DECODE"] = path
+            names = [v for v in variants if not (v == "dots" and m > 1)]
             row = {"shape": shape, "sparsity": sp, "M": m, "path": path, "live_MB": live / 2**20}
-            for name, (pdl, pf) in variants.items():
-                _variant(pdl, pf)
-                y = fns[0]()  # (tunes the config on first use, with this variant)
-                row[f"err_{name}"] = float((y.float() - ref).norm() / ref.norm())
-                row[f"us_{name}"] = graph_time(fns)
-            row["gbps_prefetch"] = live / row["us_prefetch"] / 1e3
+            times = {v: [] for v in names}
+            for r in range(reps):
+                for name in names:
+                    _variant(**{**DEFAULT, **variants[name]})
+                    if r == 0:
+                        y = fns[0]()  # (tunes the config on first use of its key)
+                        row[f"err_{name}"] = float((y.float() - ref).norm() / ref.norm())
+                    times[name].append(graph_time(fns))
+            for name in names:
+                row[f"us_{name}"] = statistics.median(times[name])
+                row[f"spread_{name}"] = max(times[name]) - min(times[name])
+            if path == "splitk":  # the tuned config (chunks in / down, warps, early mode)
+                row["config"] = codegen.lookup_config(triton_mlp.tuning_key(
+                    "decode2g" if m <= DEFAULT["gemv"] else "decode2", sig, m, (d, h, d)))
+            best = min(names, key=lambda v: row[f"us_{v}"])
+            row["best"] = best
+            row["gbps_best"] = live / row[f"us_{best}"] / 1e3
             rows.append(row)
             print(f"{shape:12s} s={sp:.2f} M={m:3d} {path:6s} " + "  ".join(
-                f"{k[3:]} {v:6.1f} us" for k, v in row.items() if k.startswith("us_"))
-                + f"  ({row['gbps_prefetch']:.0f} GB/s, err {row['err_prefetch']:.1e})", flush=True)
+                f"{v} {row[f'us_{v}']:6.1f}±{row[f'spread_{v}'] / 2:.1f}" for v in names)
+                + f"  (best {best}: {row['gbps_best']:.0f} GB/s) {row.get('config', '')}", flush=True)
         if sweep and m == 1:
             os.environ["BLAST_DECODE"] = "splitk"
-            _variant("1", True)
-            tkey = triton_mlp.tuning_key("decode2", sig, m, (d, h, d))
-            cfg = codegen.lookup_config(tkey)
-            parts = []
-            for c in triton_mlp.DECODE_CONFIGS:
-                codegen.store_config(tkey, list(c))
-                parts.append(f"{c}:{graph_time(fns):.1f}")
-            codegen.store_config(tkey, list(cfg))
-            print("   sweep (split-K, prefetch) " + "  ".join(parts), flush=True)
+            for name, kind, configs in (("tuned", "decode2g", triton_mlp.DECODE_GEMV_CONFIGS),
+                                        ("dots", "decode2", triton_mlp.DECODE_CONFIGS)):
+                _variant(**{**DEFAULT, **VARIANTS["splitk"][name]})
+                tkey = triton_mlp.tuning_key(kind, sig, m, (d, h, d))
+                cfg = codegen.lookup_config(tkey)
+                parts = []
+                for c in configs:
+                    codegen.store_config(tkey, list(c))
+                    parts.append(f"{c}:{graph_time(fns):.1f}")
+                codegen.store_config(tkey, list(cfg))
+                print(f"   sweep (split-K, {name}) " + "  ".join(parts), flush=True)
     os.environ.pop("BLAST_DECODE", None)
-    _variant("1", True)
+    _variant(**DEFAULT)
     del sets, plans
     torch.cuda.empty_cache()
     return rows
@@ -88,8 +109,9 @@ CASES = (("llama3.1-8b", 0.9), ("llama3.1-8b", 0.95), ("llama3.2-1b", 0.9), ("ll
 if __name__ == "__main__":
     sweep = "--sweep" in sys.argv
     out = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else None
+    reps = int(sys.argv[sys.argv.index("--reps") + 1]) if "--reps" in sys.argv else 3
     rows = []
     for shape, sp in CASES:
-        rows += case(shape, sp, sweep=sweep and sp == 0.9)
+        rows += case(shape, sp, sweep=sweep and sp == 0.9 and shape == "llama3.1-8b", reps=reps)
     if out:
         write_json(out, "decode_ab.json", {"meta": run_meta(), "rows": rows})

@@ -517,6 +517,8 @@ class BlastSparsifier:
             "masks": {n: L.mask.cpu().to(torch.uint8) for n, L in self.layers.items()},
             "score_acc": {n: L.score_acc for n, L in self.layers.items() if L.score_acc is not None},
             "grad_acc": {n: L.grad_acc for n, L in self.layers.items() if L.grad_acc is not None},
+            "check_every": self.check_every,  # > 0: handed off (a resumed run hands off again)
+            "upkeep_restored": self.upkeep_restored,
         }
 
     def load_state_dict(self, sd: dict):
@@ -528,6 +530,12 @@ class BlastSparsifier:
             L.score_acc = sd.get("score_acc", {}).get(n)
             L.grad_acc = sd.get("grad_acc", {}).get(n)
         self.finalized = sd.get("finalized", False)
+        self.upkeep_restored = sd.get("upkeep_restored", 0)
+        if sd.get("check_every", 0) and self.frozen and not self.finalized and self.declare:
+            self.hand_off(sd["check_every"])  # (re-masks: the loaded masks hold from here on)
+        elif self.check_every:  # loaded into a handed-off sparsifier: the saved run kept the upkeep
+            self.check_every = 0
+            self._set_hooks(True)
 
     def _load_masks(self, masks: Dict[str, torch.Tensor]):
         missing = set(self.layers) - set(masks)

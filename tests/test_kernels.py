@@ -307,6 +307,39 @@ def test_interp_decode_repeat():
 
 
 @interp
+@pytest.mark.parametrize("gemv,flat", [(0, True), (1, True), (1, False)])
+def test_interp_decode_splitk(gemv, flat, monkeypatch):
+    """Split-K decode (tensor-core tiles or, at M = 1, the GEMV; flat or CSR chunk tables), ragged
+    blocks, dead block rows, NaN rows: right every call and its scratch re-zeroed."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setenv("BLAST_DECODE", "splitk")
+    monkeypatch.setattr(triton_mlp, "GEMV_MAX_M", gemv)
+    monkeypatch.setattr(triton_mlp, "DECODE_FLAT", flat)
+    check_decode_repeat("cpu", torch.float32, 40, 80, (32, 16), (1, 3, 1), 3, bitwise=False, sparsity=0.5)
+    check_nonfinite(1, "cpu", torch.float32, (16, 16))
+
+
+@interp
+def test_interp_deterministic_decode_is_sliced(monkeypatch, caplog):
+    """torch.use_deterministic_algorithms(True): decode takes the sliced path (no atomics) even when
+    BLAST_DECODE asks for split-K, says so once, and repeats bitwise."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setenv("BLAST_DECODE", "splitk")
+    triton_mlp._warn_once.cache_clear()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with caplog.at_level("WARNING", logger="blast_compile.ops"):
+            x, p, plan, y = check_forward(1, 40, 80, True, True, "silu", torch.float32, (16, 16), "cpu")
+        assert torch.equal(triton_mlp.forward(x, *args(p), plan, "silu"), y)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert not any(isinstance(k, tuple) and k[0] == "dec_scratch" for k in plan.cache)  # split-K never ran
+    assert "ignored under torch.use_deterministic_algorithms" in caplog.text
+
+
+@interp
 @pytest.mark.parametrize("m", [3, 37])
 def test_interp_nonfinite_rows(m):
     check_nonfinite(m, "cpu", torch.float32, (16, 16))
@@ -532,6 +565,23 @@ def test_gpu_decode_repeat_ragged_bias(dtype, path, monkeypatch):
     monkeypatch.setenv("BLAST_DECODE", path)
     check_decode_repeat("cuda", dtype, 200, 520, (64, 32), (1, 16, 3, 32, 7), 60, bitwise=path == "sliced",
                         sparsity=0.7)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("gemv", [1, 0])
+@pytest.mark.parametrize("cfg", [(1, 1, 2, 0), (1, 1, 2, 1), (2, 1, 2, 2), (2, 2, 4, 2)])
+def test_gpu_decode_splitk_configs(gemv, cfg, monkeypatch):
+    """Split-K decode at M = 1 (the GEMV or 16-row dots) in every early-launch mode and with padded
+    chunk tables: right, and called again right (its scratch was re-zeroed)."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setenv("BLAST_DECODE", "splitk")
+    monkeypatch.setenv("BLAST_TUNE", "0")
+    monkeypatch.setattr(triton_mlp.codegen, "lookup_config", lambda key: None)  # no persisted choice
+    monkeypatch.setattr(triton_mlp, "GEMV_MAX_M", gemv)
+    monkeypatch.setattr(triton_mlp, "DECODE_GEMV_CONFIGS" if gemv else "DECODE_CONFIGS", [cfg])
+    check_decode_repeat("cuda", torch.bfloat16, 200, 520, (64, 32), (1, 1, 1), 3, bitwise=False, sparsity=0.7)
 
 
 @gpu

@@ -193,3 +193,34 @@ def test_declared_mask_means_w_times_mask():
     finally:
         for k in ("w1", "w2"):
             masks.clear_mask(p[k])
+
+
+def test_outside_graph_pool_nested_does_not_deadlock(monkeypatch):
+    """A plan built off the graph pool (on the worker thread) that builds more tables lazily calls
+    ``outside_graph_pool`` again from the worker: it must run there, not wait on the one worker
+    (round 9: every first compiled CUDA call hung). CUDA calls are stubbed: runs on CPU."""
+    import contextlib
+    import threading
+
+    from blast_compile.ops import plans
+
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: type("S", (), {"synchronize": lambda s: None})())
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    dev = torch.device("cuda", 0)
+    got, names = [], []
+
+    def inner():
+        names.append(threading.current_thread().name)
+        return 7
+
+    def outer():
+        names.append(threading.current_thread().name)
+        return plans.outside_graph_pool(inner, dev) + 1
+
+    t = threading.Thread(target=lambda: got.append(plans.outside_graph_pool(outer, dev)), daemon=True)
+    t.start()
+    t.join(timeout=20)
+    assert got == [8], "outside_graph_pool deadlocked when nested"
+    assert names[0] == names[1] and names[0].startswith("blast-plan")  # both on the worker

@@ -379,6 +379,23 @@ def test_hand_off_restores_upkeep_when_gradients_are_dense(caplog):
     train(model, opt, sp, 2, check=lambda: dead_blocks_are_zero(sp))  # the hooks are back
 
 
+def test_hand_off_survives_state_dict():
+    """A run resumed from state_dict() hands off again (no hooks, same check period); a state saved
+    before hand_off() turns the upkeep back on in a sparsifier that had handed off."""
+    model, opt, sp = make(target_sparsity=0.5, end_step=4, update_every=1, freeze_last=0.5)
+    before = sp.state_dict()
+    train(model, opt, sp, 2)
+    sp.hand_off(check_every=5)
+    sd = sp.state_dict()
+    model2, opt2, sp2 = make(target_sparsity=0.5, end_step=4, update_every=1, freeze_last=0.5)
+    assert all(L.hook is not None for L in sp2.layers.values())
+    sp2.load_state_dict(sd)
+    assert sp2.check_every == 5 and all(L.hook is None for L in sp2.layers.values())
+    dead_blocks_are_zero(sp2)
+    sp2.load_state_dict(before)  # step 0: not frozen, not handed off
+    assert sp2.check_every == 0 and all(L.hook is not None for L in sp2.layers.values())
+
+
 def test_hidden_use_counts_orphan_blocks():
     """hidden_use(): hidden blocks live on each side of an MLP and the live blocks whose hidden
     block the other side leaves dead (hand-built masks: the numbers are known)."""

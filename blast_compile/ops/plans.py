@@ -52,6 +52,7 @@ class PlanCache:
 
 
 _WORKER = None
+_ON_WORKER = threading.local()
 
 
 def outside_graph_pool(fn, device):
@@ -62,9 +63,11 @@ def outside_graph_pool(fn, device):
     ("tensors in the cudagraph pool not tracked as outputs"). A plan's index tensors
     and kernel scratch live as long as the plan, so they are made on a worker thread,
     whose allocations go to the ordinary allocator; it synchronizes before handing back.
+    Called again from inside such a ``fn`` (a warm-up building tables lazily) it just runs
+    ``fn``: it is on the worker already, and waiting for the one worker would deadlock.
     """
     global _WORKER
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if device.type != "cuda" or getattr(_ON_WORKER, "on", False) or torch.cuda.is_current_stream_capturing():
         return fn()
     if _WORKER is None:
         from concurrent.futures import ThreadPoolExecutor
@@ -73,6 +76,7 @@ def outside_graph_pool(fn, device):
     torch.cuda.current_stream(device).synchronize()  # inputs made on this thread's stream are ready
 
     def run():
+        _ON_WORKER.on = True
         with torch.cuda.device(device):
             out = fn()
             torch.cuda.synchronize(device)

@@ -19,10 +19,16 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
     column re-zero G_j/U_j and the last contributor to each output block cast it (+ b2, NaN
     rows) and re-zero it. Scratch and counters live in ``plan.cache``, so two streams must not
     run the same plan's split-K decode at once. Not bitwise repeatable (atomics add in any
-    order). Wins on large patterns at M = 1.
+    order; ``torch.use_deterministic_algorithms(True)`` keeps decode on the sliced path). Wins
+    on large patterns at M = 1. At M = 1 (``GEMV_MAX_M``) both kernels are
+    multiply-reduce GEMVs (``BM = 1``) instead of 16-row tensor-core tiles, and kernel 1
+    reads per-chunk column/offset tables (``_flat_in``) so its weight loads wait on one
+    index load, not two.
 
-  In both, kernel 2 is a programmatic dependent launch that L2-prefetches its own W2 rows
-  before it waits for kernel 1 (the weights do not depend on it; ``BLAST_PREFETCH=0``: off).
+  Kernel 2 can be a programmatic dependent launch that L2-prefetches its own W2 rows before it
+  waits for kernel 1 (the weights do not depend on it; ``BLAST_PREFETCH=0``: off): always on the
+  sliced path; tuned per shape and M on split-K, where it sometimes costs (its waiting programs
+  hold SM slots kernel 1 could use).
 
   ``BLAST_DECODE=sliced|splitk`` forces one, ``onekernel`` the older one-program-per-hidden-block
   ``mlp_decode`` (a cross-check);
@@ -71,10 +77,14 @@ HANDLES_NONFINITE = True
 # small tuning spaces; the first entry is the untuned default
 # one-kernel decode (BLAST_DECODE=onekernel): (BM, num_warps, num_stages)
 DECODE1_CONFIGS = [(16, 4, 3), (16, 4, 2), (16, 4, 4), (16, 8, 4), (16, 2, 3)]
-# split-K decode: (in-blocks per program, down blocks per program, num_warps)
+# split-K decode: (in-blocks per program, down blocks per program, num_warps, early), early: kernel 2
+# 0 launched after kernel 1, 1 launched early (PDL), 2 early and prefetching its W2 into L2
 # (H200, round 4: small chunks on few warps win at M=1 and 16 alike: more programs = more blocks in
-# flight and shorter serial tails; chunks of 8 were 1.5-2x slower)
-DECODE_CONFIGS = [(1, 1, 2), (1, 1, 1), (2, 1, 2), (2, 2, 2), (4, 2, 2)]
+# flight and shorter serial tails; chunks of 8 were 1.5-2x slower. Round 9: whether PDL / the
+# prefetch pay depends on the shape and M -- PDL 2-3 µs slower at 1B M=1, 1.3 µs faster at 8B --
+# so they are tuned too; 4-block chunks spilled registers)
+DECODE_CONFIGS = [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1, 1, 1), (1, 1, 1, 0),
+                  (2, 1, 2, 1), (2, 2, 2, 1)]
 # sliced decode: (rows per program BS, blocks per unrolled step CH, num_warps, num_stages), tuned
 # separately for both kernels
 # (H200: num_stages 1 was 1.5-2x slower than 2 -- Triton's pipeliner issues the next step's loads early)
@@ -100,9 +110,18 @@ BACKWARD_CONFIGS = [(64, 4, 3, 0), (64, 4, 2, 0), (128, 8, 3, 0), (64, 8, 3, 0),
                     (64, 4, 3, 1), (64, 4, 4, 1), (128, 8, 3, 1), (64, 4, 3, 2), (128, 8, 3, 2),
                     (64, 4, 2, 1), (64, 4, 1, 1), (64, 4, 2, 2), (32, 4, 2, 1)]
 
-# decode with M <= this uses a multiply-reduce GEMV instead of tensor-core dots (0: never; on H200 the
-# GEMV was slower at M=1 than a 16-row dot with masked rows: 59 vs 24 µs, 8B 90 %)
-GEMV_MAX_M = 0
+# split-K decode with M <= this uses a multiply-reduce GEMV (BM = 1 at M = 1) instead of tensor-core
+# dots on 16 rows (0: never). H200, round 9, M=1: 8B 90 % 19.8 -> 18.0 µs, 1B 90 % 16.5 -> 11.4 (the
+# dots' [16, 64] accumulators and operand tiles cost 130+ registers for one live row; round 1's 3-D
+# GEMV was slower than the dots, 59 vs 24 µs)
+GEMV_MAX_M = int(os.environ.get("BLAST_GEMV_M", "1"))
+# ... and its configs (as DECODE_CONFIGS; round 9's sweep at 8B 90 %: one block per program on 2 warps
+# 18.1 µs, 2-4 blocks or 4-8 warps 21-30 µs)
+DECODE_GEMV_CONFIGS = [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1, 1, 0), (1, 1, 4, 2),
+                       (2, 1, 4, 2), (2, 1, 2, 1)]
+# split-K kernel 1 reads per-chunk column/offset tables (one dependent load ahead of the weights,
+# not two; BLAST_DECODE_FLAT=0: the CSR start/count tables)
+DECODE_FLAT = os.environ.get("BLAST_DECODE_FLAT", "1") != "0"
 
 
 def _interpret() -> bool:
@@ -203,21 +222,47 @@ def _chunks(plan, ch_in, ch_dn, device):
     """
     key = ("chunks", ch_in, ch_dn)
     t = plan.cache.get(key)
+    if t is None:  # (first use of these chunk sizes may come inside a CUDA-graph warm-up)
+        t = plan.cache[key] = outside_graph_pool(lambda: _build_chunks(plan, ch_in, ch_dn, device), device)
+    return t
+
+
+def _build_chunks(plan, ch_in, ch_dn, device):
+    p = plan.pattern
+    t = {}
+    for name, ptr, items, ch in (("in", p.in_rowptr, p.hidden_live.long(), ch_in),
+                                 ("dn", p.dn_colptr, torch.arange(p.n_h), ch_dn)):
+        item, start, n = _split(ptr, items, ch)
+        t[name] = (item.to(device, torch.int32), start.to(device, torch.int32), n.to(device, torch.int32))
+        t["n_" + name] = int(item.numel())
+        if name == "dn":
+            per_col = torch.bincount(item, minlength=p.n_h)
+            t["dn_tot"] = per_col[item].to(device, torch.int32)
+    empty = ((p.dn_rowptr[1:] - p.dn_rowptr[:-1]) == 0).nonzero().flatten()
+    t["empty"] = empty.to(device, torch.int32) if empty.numel() else torch.zeros(1, device=device, dtype=torch.int32)
+    t["n_empty"] = int(empty.numel())
+    return t
+
+
+def _flat_in(ix, off, ch, ci, gated, n_in):
+    """Split-K kernel 1's per-chunk [n_chunks, ci] column / W1 / W3 offset tables (FLAT; padding: column
+    ``n_in``, out of range). Built on the device once per chunk size, kept with the offset tables."""
+    key = ("flat_in", ci)
+    t = off.get(key)
     if t is None:
-        p = plan.pattern
-        t = {}
-        for name, ptr, items, ch in (("in", p.in_rowptr, p.hidden_live.long(), ch_in),
-                                     ("dn", p.dn_colptr, torch.arange(p.n_h), ch_dn)):
-            item, start, n = _split(ptr, items, ch)
-            t[name] = (item.to(device, torch.int32), start.to(device, torch.int32), n.to(device, torch.int32))
-            t["n_" + name] = int(item.numel())
-            if name == "dn":
-                per_col = torch.bincount(item, minlength=p.n_h)
-                t["dn_tot"] = per_col[item].to(device, torch.int32)
-        empty = ((p.dn_rowptr[1:] - p.dn_rowptr[:-1]) == 0).nonzero().flatten()
-        t["empty"] = empty.to(device, torch.int32) if empty.numel() else torch.zeros(1, device=device, dtype=torch.int32)
-        t["n_empty"] = int(empty.numel())
-        plan.cache[key] = t
+        _, start, n = ch["in"]
+
+        def build():
+            k = torch.arange(ci, device=start.device)
+            ok = k[None, :] < n[:, None]
+            idx = torch.where(ok, start[:, None].long() + k[None, :], 0)
+
+            def tab(src, pad):
+                return torch.where(ok, src[idx], pad).flatten().contiguous()
+
+            return tab(ix["in_cols"], n_in), tab(off["in1"], 0), tab(off["in3" if gated else "in1"], 0)
+
+        t = off[key] = outside_graph_pool(build, start.device)
     return t
 
 
@@ -447,11 +492,23 @@ def _prefetch_lines(w, s_in, bi, pdl):
     return triton.next_power_of_2(cdiv(bi, line)), line
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(msg):
+    log.warning("blast: %s", msg)
+
+
 def _decode(args):
     """Decode (M <= ``codegen.DECODE_MAX_M``): the sliced path or split-K, whichever was faster for
     this (signature, shape, live-block count, M bucket) when first timed (CUDA graphs; persisted like
-    the configs). ``BLAST_DECODE=sliced|splitk|onekernel`` forces one. ``args``: ``_decode_sliced``'s."""
+    the configs). ``BLAST_DECODE=sliced|splitk|onekernel`` forces one. Under
+    ``torch.use_deterministic_algorithms(True)`` always the sliced path: the others add fp32 partial
+    sums with atomics, in any order. ``args``: ``_decode_sliced``'s."""
     mode = os.environ.get("BLAST_DECODE", "")
+    if torch.are_deterministic_algorithms_enabled():
+        if mode in ("splitk", "onekernel"):
+            _warn_once(f"BLAST_DECODE={mode} ignored under torch.use_deterministic_algorithms(True): its "
+                       "atomics are not deterministic; using the sliced decode")
+        return _decode_sliced(*args)
     if mode == "onekernel":
         return _decode_onekernel(*args)
     paths = {"sliced": _decode_sliced, "splitk": _decode_splitk}
@@ -487,26 +544,28 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     gu, y32, colcnt, outcnt, flag, done = scratch
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
     dot = m > GEMV_MAX_M
-    bm = max(16, triton.next_power_of_2(m)) if dot else max(2, triton.next_power_of_2(m))
+    bm = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
+    flat = DECODE_FLAT
     bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
     dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT)
     b2_ = b2 if b2 is not None else y32
     pdl = _pdl_ok(x2d.device)
 
     def run(cfg):
-        ci, cd, nw = cfg
+        ci, cd, nw, mode = cfg
         ch = _chunks(plan, ci, cd, x2d.device)
         first = bool(ch["n_in"] + ch["n_empty"])
-        early = pdl and first and bool(ch["n_dn"])  # kernel 2 launched early, W2 prefetched
-        pf, line = _prefetch_lines(w2, s2[1], p.bh, early)
+        early = pdl and mode > 0 and first and bool(ch["n_dn"])  # kernel 2 launched early
+        pf, line = _prefetch_lines(w2, s2[1], p.bh, early and mode > 1)  # ... and prefetching W2
         try:
             if first:
+                cols, o1, o3 = _flat_in(ix, off, ch, ci, gated, p.n_in) if flat else (ix["in_cols"], off["in1"], off3)
                 mod.mlp_decode_in[(ch["n_in"] + ch["n_empty"],)](
                     x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
-                    w1, off["in1"], s1[0], s1[1], w3_, off3, s3[0], s3[1],
-                    ix["in_cols"], *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
+                    w1, o1, s1[0], s1[1], w3_, o3, s3[0], s3[1],
+                    cols, *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
                     flag, 1 if ch["n_dn"] else 0,
-                    CH=ci, HAS_B=b2 is not None, PDL=early, num_warps=nw, **dec)
+                    CH=ci, HAS_B=b2 is not None, PDL=early, FLAT=flat, num_warps=nw, **dec)
             if ch["n_dn"]:
                 mod.mlp_decode_dn[(ch["n_dn"],)](
                     gu, gu.stride(0), y32, y32.stride(0), y, y.stride(0), x2d, x2d.stride(0),
@@ -521,7 +580,10 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                 t.zero_()
             raise
 
-    run(_choose("decode2", sig, m, DECODE_CONFIGS, run, graph="cold", shape=(d_in, d_hidden, d_out)))
+    kind, configs = ("decode2", DECODE_CONFIGS) if dot else ("decode2g", DECODE_GEMV_CONFIGS)
+    if not pdl:  # (no PDL here: the early modes are the same launch)
+        configs = list(dict.fromkeys((*c[:3], 0) for c in configs))
+    run(_choose(kind, sig, m, configs, run, graph="cold", shape=(d_in, d_hidden, d_out)))
     return y
 
 
