@@ -318,6 +318,12 @@ def test_interp_decode_splitk(gemv, flat, monkeypatch):
     monkeypatch.setattr(triton_mlp, "DECODE_FLAT", flat)
     check_decode_repeat("cpu", torch.float32, 40, 80, (32, 16), (1, 3, 1), 3, bitwise=False, sparsity=0.5)
     check_nonfinite(1, "cpu", torch.float32, (16, 16))
+    x, p, plan, y = check_forward(1, 37, 75, True, True, "silu", torch.float32, (16, 16), "cpu")  # packed weights
+    pk = gather.PackedMLP(plan.dev_pattern, p["w1"], p["w3"], p["w2"])
+    y2 = triton_mlp.forward_packed(x, pk.p1, p["b1"], pk.p3, p["b3"], pk.p2, p["b2"], plan, "silu")
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
+    packed = [t for k, t in plan.cache.items() if isinstance(k, tuple) and k[:2] == ("offsets", True)]
+    assert packed and any(isinstance(k, tuple) and k[0] == "flat_in" for k in packed[0]) == flat
 
 
 @interp
