@@ -38,3 +38,15 @@ def tol(dtype):
         torch.float16: dict(rtol=1e-2, atol=1e-2),
         torch.bfloat16: dict(rtol=3e-2, atol=3e-2),
     }[dtype]
+
+
+def force_splitk(monkeypatch, **configs):
+    """Split-K decode with exactly the given launch config lists (e.g. ``DECODE_GEMV_CONFIGS=[cfg]``,
+    ``GEMV_MAX_M=0``): no tuning, no persisted choice, so the first config is the one launched."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setenv("BLAST_DECODE", "splitk")
+    monkeypatch.setenv("BLAST_TUNE", "0")
+    monkeypatch.setattr(triton_mlp.codegen, "lookup_config", lambda key: None)
+    for name, value in configs.items():
+        monkeypatch.setattr(triton_mlp, name, value)

@@ -7,7 +7,7 @@ from torch._dynamo.utils import counters
 
 import blast_compile
 from blast_compile.testing import SwiGLU, sparsify_mlps_
-from conftest import tol
+from conftest import force_splitk, tol
 
 
 class Block(torch.nn.Module):
@@ -222,13 +222,7 @@ def test_gpu_reduce_overhead_new_decode_chunks(monkeypatch):
     """A decode batch whose split-K chunk sizes differ from those the warm-up built (M = 1: the
     GEMV's; M = 8: the dots') builds its work tables inside a CUDA-graph trees warm-up run:
     they must still be made outside the graph pool (round 9's e2e batch 8 failed here)."""
-    from blast_compile.ops import triton_mlp
-
-    monkeypatch.setenv("BLAST_DECODE", "splitk")
-    monkeypatch.setenv("BLAST_TUNE", "0")
-    monkeypatch.setattr(triton_mlp.codegen, "lookup_config", lambda key: None)
-    monkeypatch.setattr(triton_mlp, "DECODE_GEMV_CONFIGS", [(1, 1, 2, 2)])
-    monkeypatch.setattr(triton_mlp, "DECODE_CONFIGS", [(2, 2, 2, 1)])
+    force_splitk(monkeypatch, DECODE_GEMV_CONFIGS=[(1, 1, 2, 2)], DECODE_CONFIGS=[(2, 2, 2, 1)])
     torch._dynamo.reset()
     blk = sparse_block().cuda().to(torch.bfloat16)
     cm = torch.compile(blk, backend="blast", mode="reduce-overhead")

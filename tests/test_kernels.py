@@ -23,7 +23,7 @@ from blast_compile.ops import gather
 from blast_compile.ops.activations import dense_mlp
 from blast_compile.ops.sparse_mlp import _packed, resolve
 from blast_compile.testing import SwiGLU, random_block_mask
-from conftest import tol
+from conftest import force_splitk, tol
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -313,9 +313,7 @@ def test_interp_decode_splitk(gemv, flat, monkeypatch):
     blocks, dead block rows, NaN rows: right every call and its scratch re-zeroed."""
     from blast_compile.ops import triton_mlp
 
-    monkeypatch.setenv("BLAST_DECODE", "splitk")
-    monkeypatch.setattr(triton_mlp, "GEMV_MAX_M", gemv)
-    monkeypatch.setattr(triton_mlp, "DECODE_FLAT", flat)
+    force_splitk(monkeypatch, GEMV_MAX_M=gemv, DECODE_FLAT=flat)
     check_decode_repeat("cpu", torch.float32, 40, 80, (32, 16), (1, 3, 1), 3, bitwise=False, sparsity=0.5)
     check_nonfinite(1, "cpu", torch.float32, (16, 16))
     x, p, plan, y = check_forward(1, 37, 75, True, True, "silu", torch.float32, (16, 16), "cpu")  # packed weights
@@ -330,10 +328,10 @@ def test_interp_decode_splitk(gemv, flat, monkeypatch):
 def test_interp_deterministic_decode_is_sliced(monkeypatch, caplog):
     """torch.use_deterministic_algorithms(True): decode takes the sliced path (no atomics) even when
     BLAST_DECODE asks for split-K, says so once, and repeats bitwise."""
-    from blast_compile.ops import triton_mlp
+    from blast_compile.ops import plans, triton_mlp
 
     monkeypatch.setenv("BLAST_DECODE", "splitk")
-    triton_mlp._warn_once.cache_clear()
+    plans._WARNED.discard(("deterministic", "splitk"))
     torch.use_deterministic_algorithms(True)
     try:
         with caplog.at_level("WARNING", logger="blast_compile.ops"):
@@ -580,13 +578,7 @@ def test_gpu_decode_repeat_ragged_bias(dtype, path, monkeypatch):
 def test_gpu_decode_splitk_configs(gemv, cfg, monkeypatch):
     """Split-K decode at M = 1 (the GEMV or 16-row dots) in every early-launch mode and with padded
     chunk tables: right, and called again right (its scratch was re-zeroed)."""
-    from blast_compile.ops import triton_mlp
-
-    monkeypatch.setenv("BLAST_DECODE", "splitk")
-    monkeypatch.setenv("BLAST_TUNE", "0")
-    monkeypatch.setattr(triton_mlp.codegen, "lookup_config", lambda key: None)  # no persisted choice
-    monkeypatch.setattr(triton_mlp, "GEMV_MAX_M", gemv)
-    monkeypatch.setattr(triton_mlp, "DECODE_GEMV_CONFIGS" if gemv else "DECODE_CONFIGS", [cfg])
+    force_splitk(monkeypatch, GEMV_MAX_M=gemv, **{"DECODE_GEMV_CONFIGS" if gemv else "DECODE_CONFIGS": [cfg]})
     check_decode_repeat("cuda", torch.bfloat16, 200, 520, (64, 32), (1, 1, 1), 3, bitwise=False, sparsity=0.7)
 
 

@@ -6,6 +6,7 @@ tensors' identities (storage address, offset, shape, strides, device), and each 
 weak references to the tensors it came from: once they are gone, a new tensor at the same
 address (with a fresh version counter) is not the same layer, and the plan is dropped.
 """
+import logging
 import threading
 import weakref
 from collections import OrderedDict
@@ -53,6 +54,15 @@ class PlanCache:
 
 _WORKER = None
 _ON_WORKER = threading.local()
+_WARNED: set = set()
+log = logging.getLogger("blast_compile.ops")
+
+
+def warn_once(what, msg: str):
+    """Log ``msg`` as a warning the first time ``what`` (any hashable) comes up in this process."""
+    if what not in _WARNED:
+        _WARNED.add(what)
+        log.warning(msg)
 
 
 def outside_graph_pool(fn, device):

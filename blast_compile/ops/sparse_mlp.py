@@ -42,13 +42,12 @@ from torch._dynamo.utils import counters
 from .. import masks as _masks
 from ..formats import block_mask, build_pattern, expand_mask, _mlp_masks
 from . import gather
-from .plans import PlanCache, ident, outside_graph_pool, refs, warm_kernels
+from .plans import PlanCache, ident, outside_graph_pool, refs, warm_kernels, warn_once
 from .activations import dense_mlp, in_dtype
 
 log = logging.getLogger("blast_compile.ops")
 
 _PLANS = PlanCache()  # (pattern key, weight identities) -> _Plan
-_WARNED: set = set()
 
 
 class _Plan:
@@ -67,12 +66,6 @@ def _declared_block_mask(w, bo, bi):
     if (mo, mi) == (bo, bi):
         return m.to(w.device, torch.bool)
     return block_mask(expand_mask(m.to(w.device, torch.bool), mo, mi, w.shape), bo, bi)
-
-
-def _warn_once(what: str, msg: str):
-    if what not in _WARNED:
-        _WARNED.add(what)
-        log.warning(msg)
 
 
 def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density) -> _Plan:
@@ -135,7 +128,7 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
             log.info("blast: pattern %s changed to %s (%s)%s", pattern_key, pat.key, pat.summary(),
                      "; running dense" if plan.dense else "; re-indexed")
         if plan.dense:
-            _warn_once(("dense", pattern_key), f"blast: weights of MLP {pattern_key} are now {pat.density:.0%} dense; computing it densely")
+            warn_once(("dense", pattern_key), f"blast: weights of MLP {pattern_key} are now {pat.density:.0%} dense; computing it densely")
         return plan
 
     plan = outside_graph_pool(build, w1.device)
@@ -156,7 +149,11 @@ def _same_masks(plan, m_in, m_dn, decl) -> bool:
     return True
 
 
-def _packed(plan, w1, w3, w2):
+def _packed(plan, w1, w3, w2, params=None):
+    """The CPU path's packed live blocks, kept with the plan. ``params``: the op's own weights when
+    ``w1, w3, w2`` may be cast copies of them (autocast): copies are packed per call, not kept."""
+    if params is not None and any(a is not b for a, b in zip(params, (w1, w3, w2))):
+        return gather.PackedMLP(plan.dev_pattern, w1, w3, w2)
     if plan.packed is None:
         plan.packed = gather.PackedMLP(plan.dev_pattern, w1, w3, w2)
     return plan.packed
@@ -164,10 +161,6 @@ def _packed(plan, w1, w3, w2):
 
 def _nonfinite_rows(x2d):
     return ~torch.isfinite(x2d).all(dim=1)
-
-
-def _same(a, b) -> bool:
-    return all(s is t for s, t in zip(a, b))
 
 
 def _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation):
@@ -208,9 +201,7 @@ def sparse_mlp(
         y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation)  # kernels poison non-finite rows
     else:
         w1, w3, w2 = in_dtype(compute_dtype, w1, w3, w2)
-        packed = (_packed(plan, w1, w3, w2) if _same(orig_w, (w1, w3, w2))
-                  else gather.PackedMLP(plan.dev_pattern, w1, w3, w2))  # cast copies: not cached
-        y = gather.forward(x2d, plan.dev_pattern, packed, b1, b3, b2, activation, d_out)
+        y = gather.forward(x2d, plan.dev_pattern, _packed(plan, w1, w3, w2, orig_w), b1, b3, b2, activation, d_out)
         bad = _nonfinite_rows(x2d)
         if bool(bad.any()):
             y[bad] = dense_mlp(x2d[bad], w1, b1, w3, b3, w2, b2, activation)
@@ -259,10 +250,8 @@ def sparse_mlp_backward(
 
             g = triton_mlp.backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs)
         else:
-            packed = (_packed(plan, w1, w3, w2) if _same(orig_w, (w1, w3, w2))
-                      else gather.PackedMLP(plan.dev_pattern, w1, w3, w2))
-            g = gather.backward(dy2d, x2d, plan.dev_pattern, packed, w1, b1, w3, b3, w2, b2,
-                                activation, needs, plan.dw_masks)
+            g = gather.backward(dy2d, x2d, plan.dev_pattern, _packed(plan, w1, w3, w2, orig_w), w1, b1, w3, b3, w2,
+                                b2, activation, needs, plan.dw_masks)
     grads = [g.get(k) for k in ("x", "w1", "b1", "w3", "b3", "w2", "b2")]
     out = []
     for i, g in enumerate(grads):

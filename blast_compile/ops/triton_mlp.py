@@ -66,7 +66,7 @@ from .. import codegen
 from ..formats import cdiv
 from . import gather
 from .activations import in_dtype
-from .plans import outside_graph_pool
+from .plans import outside_graph_pool, warn_once
 
 
 log = logging.getLogger("blast_compile.ops")
@@ -244,7 +244,7 @@ def _build_chunks(plan, ch_in, ch_dn, device):
     return t
 
 
-def _flat_in(ix, off, ch, ci, gated, n_in):
+def _flat_in(ix, off, off3, ch, ci, n_in):
     """Split-K kernel 1's per-chunk [n_chunks, ci] column / W1 / W3 offset tables (FLAT; padding: column
     ``n_in``, out of range). Built on the device once per chunk size, kept with the offset tables."""
     key = ("flat_in", ci)
@@ -260,7 +260,7 @@ def _flat_in(ix, off, ch, ci, gated, n_in):
             def tab(src, pad):
                 return torch.where(ok, src[idx], pad).flatten().contiguous()
 
-            return tab(ix["in_cols"], n_in), tab(off["in1"], 0), tab(off["in3" if gated else "in1"], 0)
+            return tab(ix["in_cols"], n_in), tab(off["in1"], 0), tab(off3, 0)
 
         t = off[key] = outside_graph_pool(build, start.device)
     return t
@@ -492,11 +492,6 @@ def _prefetch_lines(w, s_in, bi, pdl):
     return triton.next_power_of_2(cdiv(bi, line)), line
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(msg):
-    log.warning("blast: %s", msg)
-
-
 def _decode(args):
     """Decode (M <= ``codegen.DECODE_MAX_M``): the sliced path or split-K, whichever was faster for
     this (signature, shape, live-block count, M bucket) when first timed (CUDA graphs; persisted like
@@ -506,8 +501,9 @@ def _decode(args):
     mode = os.environ.get("BLAST_DECODE", "")
     if torch.are_deterministic_algorithms_enabled():
         if mode in ("splitk", "onekernel"):
-            _warn_once(f"BLAST_DECODE={mode} ignored under torch.use_deterministic_algorithms(True): its "
-                       "atomics are not deterministic; using the sliced decode")
+            warn_once(("deterministic", mode), f"blast: BLAST_DECODE={mode} ignored under "
+                      "torch.use_deterministic_algorithms(True): its atomics are not deterministic; "
+                      "using the sliced decode")
         return _decode_sliced(*args)
     if mode == "onekernel":
         return _decode_onekernel(*args)
@@ -559,7 +555,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         pf, line = _prefetch_lines(w2, s2[1], p.bh, early and mode > 1)  # ... and prefetching W2
         try:
             if first:
-                cols, o1, o3 = _flat_in(ix, off, ch, ci, gated, p.n_in) if flat else (ix["in_cols"], off["in1"], off3)
+                cols, o1, o3 = _flat_in(ix, off, off3, ch, ci, p.n_in) if flat else (ix["in_cols"], off["in1"], off3)
                 mod.mlp_decode_in[(ch["n_in"] + ch["n_empty"],)](
                     x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
                     w1, o1, s1[0], s1[1], w3_, o3, s3[0], s3[1],
