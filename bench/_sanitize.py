@@ -18,6 +18,11 @@ check_backward(70, 192, 448, True, True, "silu", torch.bfloat16, (64, 32), "cuda
 triton_mlp.PREFILL_CONFIGS, triton_mlp.BACKWARD_CONFIGS = [(64, 4, 3, 1)], [(64, 4, 3, 2)]
 check_forward(70, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7, seed=1)
 check_backward(70, 192, 448, True, False, "silu", torch.bfloat16, (64, 64), "cuda", declare=True, sparsity=0.7)
+# the TMA variants (tiles through tensor descriptors; ragged rows/edges zero-filled by their bounds)
+triton_mlp.PREFILL_CONFIGS, triton_mlp.BACKWARD_CONFIGS = [(64, 4, 3, 2)], [(64, 4, 3, 3)]
+triton_mlp.SDDMM_CONFIGS = [(64, 4, 3, 1)]
+check_forward(70, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7, seed=2)
+check_backward(70, 192, 448, True, True, "silu", torch.bfloat16, (64, 32), "cuda", declare=True, sparsity=0.7)
 from test_kernels import args, make, plan_for  # noqa: E402
 w = make(192, 448, gated=True, bias=False, dtype=torch.float32, block=(64, 64), device="cuda")
 x = torch.randn(70, 192, device="cuda", dtype=torch.bfloat16)

@@ -27,16 +27,22 @@ from blast_compile.ops.sparse_mlp import resolve  # noqa: E402
 from blast_compile.testing import SwiGLU  # noqa: E402
 
 
-def sweep(shape, m, sparsity, block):
+def setup(shape, m, sparsity, block):
+    """One bf16 SwiGLU MLP of a named shape with random tied block masks (declared), an x of M rows,
+    and its plan: (w1, w3, w2, x, plan)."""
     d, h = SHAPES[shape]
     torch.manual_seed(0)
     mlp = SwiGLU(d, h).to("cuda", torch.bfloat16)
     sparsify_(mlp, sparsity, block)
     w1, w3, w2 = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
-    dy = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
     pat = pattern_from_weights(w1, w3, w2, block, block, activation="silu", has_b1=False, has_b3=False)
-    plan = resolve(x, w1, None, w3, None, w2, None, "silu", block, block, pat.key, 1.0)
+    return w1, w3, w2, x, resolve(x, w1, None, w3, None, w2, None, "silu", block, block, pat.key, 1.0)
+
+
+def sweep(shape, m, sparsity, block):
+    w1, w3, w2, x, plan = setup(shape, m, sparsity, block)
+    dy = torch.randn_like(x)
     triton_mlp.TUNE_RECORD = rec = []
     triton_mlp.forward(x, w1, None, w3, None, w2, None, plan, "silu")
     triton_mlp.backward(dy, x, w1, None, w3, None, w2, None, plan, "silu", [True, True, False, True, False, True, False])

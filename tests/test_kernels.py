@@ -202,14 +202,79 @@ def test_interp_wide_tiles(m, gated, bias, act, dtype, block, declare, dh_wide, 
                    sparsity=0.5)
 
 
+def force_tma(monkeypatch, bm=32, nw=4):
+    """Run the prefill/backward kernels with their TMA variants (first config, tuning off)."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, nw, 3, triton_mlp.PREFILL_TMA)])
+    monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [(bm, nw, 3, triton_mlp.BACKWARD_TMA)])
+    monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [(bm, nw, 3, 1)])
+
+
+def _count_tma(monkeypatch):
+    """Counts launches with TMA on, per kernel name (a forced TMA config falls back silently)."""
+    from blast_compile.ops import triton_mlp
+
+    seen = {}
+    real = triton_mlp._desc
+
+    def spy(t, block):
+        seen[tuple(block)] = seen.get(tuple(block), 0) + 1
+        return real(t, block)
+
+    monkeypatch.setattr(triton_mlp, "_desc", spy)
+    return seen
+
+
+@interp
+@pytest.mark.parametrize("m,gated,bias,act,dtype,block,declare", [
+    (37, True, True, "silu", torch.float16, (16, 16), True),  # odd M, ragged dims (72 = 4.5 blocks), biases
+    (40, False, False, "gelu", torch.float16, (16, 32), False),  # plain, non-square blocks
+    (33, True, False, "relu2", torch.float16, (32, 16), True),
+])
+def test_interp_tma_tiles(m, gated, bias, act, dtype, block, declare, monkeypatch):
+    """Every prefill/backward tile loaded through TMA descriptors (rows past M and ragged edge blocks
+    zero-filled by the descriptor bounds), against eager and the gather backward."""
+    force_tma(monkeypatch)
+    seen = _count_tma(monkeypatch)
+    check_forward(m, 72, 88, gated, bias, act, dtype, block, "cpu", sparsity=0.5, dead_rows=True)
+    check_backward(m, 72, 88, gated, bias, act, dtype, block, "cpu", declare=declare, sparsity=0.5)
+    assert seen, "no launch took the TMA path"
+
+
+@interp
+def test_interp_tma_packed_and_fallback(monkeypatch):
+    """TMA on packed [nnz, bo, bi] weights (block row = element offset // bi); fp32 and rows that are
+    not 16-byte aligned (d = 37 halves) fall back to the pointer kernels with the same results."""
+    from blast_compile.ops import triton_mlp
+
+    force_tma(monkeypatch)
+    seen = _count_tma(monkeypatch)
+    x, p, plan, y = check_forward(40, 72, 88, True, True, "silu", torch.float16, (16, 16), "cpu")
+    pk = gather.PackedMLP(plan.dev_pattern, p["w1"], p["w3"], p["w2"])
+    n = sum(seen.values())
+    y2 = triton_mlp.forward_packed(x, pk.p1, p["b1"], pk.p3, p["b3"], pk.p2, p["b2"], plan, "silu")
+    assert sum(seen.values()) > n
+    torch.testing.assert_close(y2, y, **tol(torch.float16))
+    seen.clear()
+    check_forward(40, 37, 75, True, True, "silu", torch.float16, (16, 16), "cpu")
+    check_forward(40, 72, 88, True, True, "silu", torch.float32, (16, 16), "cpu")
+    assert not seen
+
+
 @interp
 @pytest.mark.parametrize("m,declare,d,h", [(40, True, 48, 80), (37, False, 48, 80), (3, False, 48, 80),
                                            (33, True, 37, 75)])
-def test_interp_fp32_master_weights_half_compute(m, declare, d, h):
+@pytest.mark.parametrize("tma", [False, True])
+def test_interp_fp32_master_weights_half_compute(m, declare, d, h, tma, monkeypatch):
     """Autocast training: fp32 weights, fp16 activations. The kernels get packed fp16 copies of the
     live blocks (``pack_blocks``; ragged edge blocks zero padded); dW comes out fp32, equal to the
-    fp16 computation's."""
+    fp16 computation's. ``tma``: the packed copies read through TMA (d = 37: rows not 16-byte
+    aligned, the pointer kernels run)."""
     from blast_compile.ops import triton_mlp
+
+    if tma:
+        force_tma(monkeypatch)
 
     p = make(d, h, gated=True, bias=False, dtype=torch.float32, block=(16, 16), device="cpu")
     ph = {k: None if v is None else v.half() for k, v in p.items()}
@@ -501,6 +566,29 @@ def test_gpu_wide_tiles(m, gated, bias, block, bm, dh_wide, monkeypatch):
     act = "silu" if gated else "gelu_tanh"
     check_forward(m, 256, 704, gated, bias, act, torch.bfloat16, block, "cuda", sparsity=0.7, dead_rows=True)
     check_backward(m, 256, 704, gated, bias, act, torch.bfloat16, block, "cuda", declare=True, sparsity=0.7)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("bm,nw", [(64, 4), (128, 4), (128, 8)])
+@pytest.mark.parametrize("m,gated,bias,block,dtype", [
+    (300, True, True, (64, 32), torch.bfloat16), (1000, True, False, (64, 64), torch.float16),
+    (77, False, True, (64, 64), torch.bfloat16), (2048, True, False, (128, 64), torch.bfloat16)])
+def test_gpu_tma_tiles(m, gated, bias, block, dtype, bm, nw, monkeypatch):
+    """TMA prefill/backward variants on the GPU, ragged dims (200 = 3.1 blocks of 64), dead rows,
+    packed weights; the tuner may pick them, tests run untuned."""
+    from blast_compile.ops import triton_mlp
+
+    force_tma(monkeypatch, bm, nw)
+    seen = _count_tma(monkeypatch)
+    act = "silu" if gated else "gelu_tanh"
+    x, p, plan, y = check_forward(m, 200, 520, gated, bias, act, dtype, block, "cuda", sparsity=0.7, dead_rows=True)
+    pk = gather.PackedMLP(plan.pattern, *(None if p[k] is None else p[k].cpu() for k in ("w1", "w3", "w2")))
+    y2 = triton_mlp.forward_packed(x, pk.p1.cuda(), p["b1"], None if pk.p3 is None else pk.p3.cuda(), p["b3"],
+                                   pk.p2.cuda(), p["b2"], plan, act, d_out=200)
+    torch.testing.assert_close(y2, y, **tol(dtype))
+    check_backward(m, 200, 520, gated, bias, act, dtype, block, "cuda", declare=True, sparsity=0.7)
+    assert seen
 
 
 @gpu

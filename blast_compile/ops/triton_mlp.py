@@ -34,7 +34,11 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
   ``mlp_decode`` (a cross-check);
 * prefill: ``mlp_hidden`` (gate and up in one program, act and product in the
   epilogue) writes H, then ``bsmm`` computes ``Y = H W2^T`` CSR by output
-  block-row; both grids visit long rows first.
+  block-row; both grids visit long rows first. On Hopper+ with 16-bit tensors whose rows
+  are 16-byte aligned, every prefill and backward kernel also has a TMA variant (tiles
+  through host-side tensor descriptors: no per-element address math or masks, ragged
+  edges zero-filled by the descriptor bounds) that the tuner weighs against the pointer
+  variants (``PREFILL_TMA``, ``BACKWARD_TMA``; ``BLAST_TMA=0``: off).
 
 Per plan (``plan.cache``) we keep the device index tables: the CSR/CSC lists,
 long-rows-first orders, and per-weight block offset tables (element offset of
@@ -67,6 +71,11 @@ from ..formats import cdiv
 from . import gather
 from .activations import in_dtype
 from .plans import outside_graph_pool, warn_once
+
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
 
 
 log = logging.getLogger("blast_compile.ops")
@@ -101,14 +110,23 @@ DECODE_PREFETCH = os.environ.get("BLAST_PREFETCH", "1") != "0"
 # blocks (or dA|dU) per down/dX step -- K = 128 (template: _in_proj_wide, _bsmm_step_wide)
 # (1-2 stages: at small d most hidden blocks have one live in-block, so a program is one step and
 # the pipeline's shared memory only caps how many programs share an SM)
+# variant PREFILL_TMA: every tile loaded by TMA (Hopper+, 16-bit, 16-byte aligned rows; else the
+# wide variant runs instead). H200 probe (bench/tma_probe.py), 8B 90 % M=4096: hidden 277 -> 208 µs,
+# down 145 -> 138; TMA tiles like 128 rows on 4 warps
+PREFILL_TMA = 2
 PREFILL_CONFIGS = [(64, 4, 3, 0), (128, 8, 3, 0), (64, 4, 4, 0), (128, 4, 3, 0), (128, 8, 4, 0), (256, 8, 3, 0),
                    (64, 4, 2, 0), (64, 4, 3, 1), (128, 8, 3, 1), (128, 4, 3, 1), (128, 8, 4, 1), (256, 8, 2, 1),
-                   (64, 4, 2, 1), (64, 4, 1, 1), (32, 4, 2, 1)]
+                   (64, 4, 2, 1), (64, 4, 1, 1), (32, 4, 2, 1),
+                   (128, 4, 3, 2), (128, 4, 2, 2), (64, 4, 2, 2), (64, 4, 3, 2), (128, 8, 2, 2), (256, 8, 3, 2)]
 # backward kernel 1 (three fp32 [BM, BH] tiles live at once: a/u, dh; no 256-row tiles)
-# wide 1: 128-wide gate|up recompute; 2: also 2-block dh steps
+# wide 1: 128-wide gate|up recompute; 2: also 2-block dh steps; BACKWARD_TMA: both loops by TMA
+BACKWARD_TMA = 3
 BACKWARD_CONFIGS = [(64, 4, 3, 0), (64, 4, 2, 0), (128, 8, 3, 0), (64, 8, 3, 0),
                     (64, 4, 3, 1), (64, 4, 4, 1), (128, 8, 3, 1), (64, 4, 3, 2), (128, 8, 3, 2),
-                    (64, 4, 2, 1), (64, 4, 1, 1), (64, 4, 2, 2), (32, 4, 2, 1)]
+                    (64, 4, 2, 1), (64, 4, 1, 1), (64, 4, 2, 2), (32, 4, 2, 1),
+                    (64, 4, 3, 3), (64, 4, 2, 3), (128, 8, 3, 3), (128, 8, 2, 3), (64, 8, 3, 3)]
+# BLAST_TMA=0: never the TMA variants
+TMA = os.environ.get("BLAST_TMA", "1") != "0"
 
 # split-K decode with M <= this uses a multiply-reduce GEMV (BM = 1 at M = 1) instead of tensor-core
 # dots on 16 rows (0: never). H200, round 9, M=1: 8B 90 % 19.8 -> 18.0 µs, 1B 90 % 16.5 -> 11.4 (the
@@ -290,6 +308,42 @@ def _strides(w, packed):
     return (w.stride(1), w.stride(2)) if packed else (w.stride(0), w.stride(1))
 
 
+# --- TMA ------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _hopper(index) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _tma_ok(*ts) -> bool:
+    """Every tensor can be read through a TMA descriptor: Hopper or newer (or the interpreter), one
+    16-bit dtype, unit inner stride, 16-byte aligned base and rows, packed blocks contiguous."""
+    if not TMA or TensorDescriptor is None:
+        return False
+    t0 = ts[0]
+    if not _interpret() and (t0.device.type != "cuda" or not _hopper(t0.device.index or 0)):
+        return False
+    for t in ts:
+        if (t.dtype != t0.dtype or t.dtype not in (torch.float16, torch.bfloat16) or not t.numel()
+                or t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1])
+                or (t.dim() == 3 and not t.is_contiguous())):
+            return False
+    return True
+
+
+def _desc(t, block):
+    """TMA descriptor of a 2-D tensor, or of packed blocks ``[nnz, bo, bi]`` as ``[nnz * bo, bi]`` rows
+    (the kernels turn a block's element offset into its (row, col) there: ``_w_tma``)."""
+    if t.dim() == 3:
+        return TensorDescriptor(t, [t.shape[0] * t.shape[1], t.shape[2]], [t.shape[2], 1], list(block))
+    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(block))
+
+
+def _with_tma(configs, var, ok):
+    """The configs to tune over: without TMA its variants would only repeat the wide ones."""
+    return [c for c in configs if c[3] != var or ok] or configs
+
+
 # --- tuning ---------------------------------------------------------------------------------------
 
 def _may_tune() -> bool:
@@ -438,29 +492,40 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
 
+    tma_h = _tma_ok(x2d, w1, w3_)
+
     def run_h(cfg):
-        bm, nw, ns, wide = cfg
+        bm, nw, ns, var = cfg
+        tma = var == PREFILL_TMA and tma_h
+        descs = (_desc(x2d, (bm, p.bd)), _desc(w1, (p.bh, p.bd)), _desc(w3_, (p.bh, p.bd))) if tma else (None,) * 3
         if n_live:
             mod.mlp_hidden[(cdiv(m, bm), n_live)](
                 x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
                 w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
-                ix["in_rowptr"], ix["in_cols"], ix["order_h"],
-                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=1, WIDE=wide, **common)
+                ix["in_rowptr"], ix["in_cols"], ix["order_h"], *descs,
+                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=1, WIDE=min(var, 1) and gated,
+                TMA=(1 + packed) if tma else 0, **common)
 
     # (wide tiles in the in-projection are for the gated kernel: gate|up side by side)
-    h_configs = PREFILL_CONFIGS if gated else list(dict.fromkeys((*c[:3], 0) for c in PREFILL_CONFIGS))
-    run_h(_choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out)))
+    h_configs = PREFILL_CONFIGS if gated else list(dict.fromkeys(
+        (*c[:3], c[3] if c[3] == PREFILL_TMA else 0) for c in PREFILL_CONFIGS))
+    run_h(_choose("hidden", sig, m, _with_tma(h_configs, PREFILL_TMA, tma_h), run_h, shape=(d_in, d_hidden, d_out)))
+
+    tma_y = _tma_ok(h, w2)
 
     def run_y(cfg):
-        bm, nw, ns, wide = cfg
+        bm, nw, ns, var = cfg
+        tma = var == PREFILL_TMA and tma_y
+        hd, wd = (_desc(h, (bm, p.bh)), _desc(w2, (p.bd, p.bh))) if tma else (None, None)
         mod.bsmm[(cdiv(m, bm), p.n_out)](
             h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, 0, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
-            ix["dn_rowptr"], ix["dn_cols"], ix["order_o"],
+            ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], hd, hd, wd, wd,
             DTYPE=DT, BO=p.bd, BI=p.bh, BS=p.bd, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
-            NANROW=1, BM=bm, num_warps=nw, num_stages=ns, WIDE=wide)
+            NANROW=1, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1), TMA=(1 + packed) if tma else 0)
 
-    run_y(_choose("down", sig, m, PREFILL_CONFIGS, run_y, shape=(d_in, d_hidden, d_out)))
+    run_y(_choose("down", sig, m, _with_tma(PREFILL_CONFIGS, PREFILL_TMA, tma_y), run_y,
+                  shape=(d_in, d_hidden, d_out)))
     return y
 
 
@@ -607,7 +672,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         mod.mlp_hidden[(1, n_live * (p.bh // bs))](
             x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
             w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
-            ix["in_rowptr"], ix["in_cols"], ix["order_h"],
+            ix["in_rowptr"], ix["in_cols"], ix["order_h"], None, None, None,
             BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
 
     pf, line = _prefetch_lines(w2, s2[1], p.bh, pdl and bool(n_live))
@@ -619,7 +684,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         mod.bsmm[(1, p.n_out * (p.bd // bs))](
             h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, n_sl, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
-            ix["dn_rowptr"], ix["dn_cols"], ix["order_o"],
+            ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], None, None, None, None,
             DTYPE=common["DTYPE"], BO=p.bd, BI=p.bh, BS=bs, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
             NANROW=2, CH=ch, PDL=pdl and bool(n_live), PF=pf, PF_LINE=line, BM=bm, num_warps=nw, num_stages=ns,
             **kw)
@@ -702,25 +767,35 @@ def forward_packed(x2d, p1, b1, p3, b3, p2, b2, plan, activation, d_out=None):
 # --- backward ---------------------------------------------------------------------------------------
 
 def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_blocks, bo, bi, n_in, n_out,
-          out_dtype):
+          out_dtype, packed):
     """out = X W^T (+ X2 W2^T) through live blocks (backward: dX), config tuned per signature, shape and M."""
     m = x.shape[0]
     out = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
+    x2 = x if x2 is None else x2
+    # TMA here reads W's blocks as stored, [bi, bo] (the transposed pattern: swapped strides, sw[0] == 1)
+    tma_ok = sw[0] == 1 and swb[0] == 1 and _tma_ok(x, x2, w, wb)
 
     def run(cfg):
-        bm, nw, ns, wide = cfg
+        bm, nw, ns, var = cfg
+        tma = var == PREFILL_TMA and tma_ok
+        descs = (_desc(x, (bm, bi)), _desc(x2, (bm, bi)), _desc(w, (bi, bo)), _desc(wb, (bi, bo))) if tma else \
+            (None,) * 4
         mod.bsmm[(cdiv(m, bm), n_out_blocks)](
-            x, x.stride(0), x2 if x2 is not None else x, out, out.stride(0), x, x, 0, m, n_in, n_out,
-            w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order,
+            x, x.stride(0), x2, out, out.stride(0), x, x, 0, m, n_in, n_out,
+            w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order, *descs,
             DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=sig.aligned, HAS_B=False,
-            DUAL=x2 is not None, NANROW=0, BM=bm, num_warps=nw, num_stages=ns, WIDE=wide)
+            DUAL=x2 is not x, NANROW=0, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1),
+            TMA=(3 + packed) if tma else 0)
 
-    run(_choose("dx" if x2 is None else "dx_dual", sig, m, PREFILL_CONFIGS, run, shape=(n_in, n_out)))
+    run(_choose("dx" if x2 is x else "dx_dual", sig, m, _with_tma(PREFILL_CONFIGS, PREFILL_TMA, tma_ok), run,
+                shape=(n_in, n_out)))
     return out
 
 
 SDDMM_MIN_ROWS = 256  # an M split of dW is at least this many rows
-SDDMM_CONFIGS = [(64, 4, 3), (128, 8, 3), (64, 4, 4), (32, 4, 3), (64, 4, 2)]  # (M rows per step, warps, stages)
+# (M rows per step, warps, stages, tma): tma 1 loads the tiles by TMA (as PREFILL_TMA)
+SDDMM_CONFIGS = [(64, 4, 3, 0), (128, 8, 3, 0), (64, 4, 4, 0), (32, 4, 3, 0), (64, 4, 2, 0),
+                 (64, 4, 3, 1), (64, 4, 4, 1), (128, 8, 3, 1), (128, 4, 3, 1)]
 
 
 def _n_sm(device) -> int:
@@ -750,15 +825,19 @@ def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype):
         m_per = cdiv(cdiv(m, split), bm) * bm
         return cdiv(m, m_per), m_per
 
+    tma_ok = _tma_ok(inp, *douts)
+
     def run(cfg):
-        bm, nw, ns = cfg
+        bm, nw, ns, tma = (*cfg, 0)[:4]  # (a persisted 3-tuple from before the TMA variant)
+        tma = bool(tma) and tma_ok
         split, m_per = split_of(bm)
         part = (torch.empty(split * len(douts) * nnz * bo * bi, device=inp.device, dtype=torch.float32)
                 if split > 1 else inp)
+        descs = (_desc(douts[0], (bm, bo)), _desc(douts[-1], (bm, bo)), _desc(inp, (bm, bi))) if tma else (None,) * 3
         mod.sddmm[(nnz, split)](douts[0], douts[-1], douts[0].stride(0), inp, inp.stride(0), outs[0], o2,
-                                outs[0].stride(0), part, m, m_per, shape[0], shape[1], rows, cols, nnz,
+                                outs[0].stride(0), part, m, m_per, shape[0], shape[1], rows, cols, nnz, *descs,
                                 DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual, SPLIT=split > 1, num_warps=nw,
-                                num_stages=ns)
+                                num_stages=ns, TMA=tma)
         if split > 1:
             rs = min(16, bo)
             mod.sddmm_reduce[(nnz, len(douts), bo // rs)](part, outs[0], o2, outs[0].stride(0), shape[0], shape[1],
@@ -766,7 +845,7 @@ def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype):
                                                           DUAL=dual, num_warps=4)
 
     # the M split depends on the live-block count: part of the key
-    cfg = _choose("dw2" if dual else "dw", sig, m, SDDMM_CONFIGS, run, shape=(*shape, nnz))
+    cfg = _choose("dw2" if dual else "dw", sig, m, _with_tma(SDDMM_CONFIGS, 1, tma_ok), run, shape=(*shape, nnz))
     run(cfg)
     if split_of(cfg[0])[0] > 1:
         counters["blast"]["dw_split_m"] += 1
@@ -835,24 +914,32 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     h = torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else da
     n_live = ix["live"].numel()
     if n_live:
+        k3_ = k3 if gated else k1
+        tma_ok = _tma_ok(x2d, dy2d, k1, k3_, k2)
+
         def run(cfg):
-            bm, nw, ns, wide = cfg
+            bm, nw, ns, var = cfg
+            tma = var == BACKWARD_TMA and tma_ok
+            descs = (_desc(x2d, (bm, p.bd)), _desc(k1, (p.bh, p.bd)), _desc(k3_, (p.bh, p.bd)),
+                     _desc(dy2d, (bm, p.bd)), _desc(k2, (p.bd, p.bh))) if tma else (None,) * 5
             mod.mlp_hidden_bwd[(cdiv(m, bm), n_live)](
                 x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h, da.stride(0), m, d_in, H, d_out,
                 k1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, k3 if gated else k1,
                 off["in3"] if gated else off["in1"], s3[0], s3[1], b3 if b3 is not None else x2d,
                 k2, off["dn_csc"], s2[1], s2[0],
-                ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"],
+                ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"], *descs,
                 DTYPE=_tl_dtype(mod, x2d.dtype), BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
-                num_warps=nw, num_stages=ns, WIDE=wide)
+                num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0)
 
-        run(_choose("hidden_bwd", sig, m, BACKWARD_CONFIGS, run, shape=(d_in, H, d_out)))
+        run(_choose("hidden_bwd", sig, m, _with_tma(BACKWARD_CONFIGS, BACKWARD_TMA, tma_ok), run,
+                    shape=(d_in, H, d_out)))
     grads = {}
     if needs[0]:
         grads["x"] = _bsmm(mod, sig, da, du if gated else None, k1, off["in_csc1"], (s1[1], s1[0]),
                            k3 if gated else k1, off["in_csc3"] if gated else off["in_csc1"], (s3[1], s3[0]) if gated else (s1[1], s1[0]),
-                           ix["in_colptr"], ix["in_csc_rows"], ix["all_in"], p.n_in, p.bd, p.bh, H, d_in, x2d.dtype)
+                           ix["in_colptr"], ix["in_csc_rows"], ix["all_in"], p.n_in, p.bd, p.bh, H, d_in, x2d.dtype,
+                           packed)
     dense_dw = any(needs[i] and dw_masks[k] is None for i, k in ((1, 0), (3, 1), (5, 2)) if (i != 3 or gated))
     if dense_dw:
         # a weight without a declared mask has a dense gradient (also on its zero blocks),
