@@ -165,25 +165,19 @@ def main():
                 res["lean_decode"].setdefault(f"batch{b}", {})[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
             print(f"lean decode batch {b} {name}: {res['lean_decode'][f'batch{b}'][name]}", flush=True)
     ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), device=device)
-    for name in ("eager", "inductor", "blast"):
-        torch._dynamo.reset()
-        fn = model if name == "eager" else torch.compile(model, backend=name)
-        try:
-            res["prefill"][name] = prefill_ms(lambda i: fn(i, use_cache=False).logits, ids, device, args.reps)
-        except Exception as e:
-            res["prefill"][name] = f"error: {type(e).__name__}: {str(e)[:300]}"
-        print(f"prefill {args.prefill} {name}: {res['prefill'][name]} ms", flush=True)
-    # the same under CUDA graphs (--mode, both sides): without them a 2048-token prefill is host-bound
-    # (H200, round 10: 6.6 ms of GPU work in a ~10-11 ms call, Inductor's launches and blast's op alike)
+    # default mode, then under CUDA graphs (--mode, both sides): without them a 2048-token prefill is
+    # host-bound (H200, round 10: 6.6 ms of GPU work in a ~10-11 ms call, Inductor's launches and blast's op alike)
     res["prefill_graphs"] = {}
-    for name in ("inductor", "blast"):
-        torch._dynamo.reset()
-        fn = torch.compile(model, backend=name, mode=args.mode)
-        try:
-            res["prefill_graphs"][name] = prefill_ms(lambda i: fn(i, use_cache=False).logits, ids, device, args.reps)
-        except Exception as e:
-            res["prefill_graphs"][name] = f"error: {type(e).__name__}: {str(e)[:300]}"
-        print(f"prefill {args.prefill} {name} ({args.mode}): {res['prefill_graphs'][name]} ms", flush=True)
+    for key, names, mode in (("prefill", ("eager", "inductor", "blast"), None),
+                             ("prefill_graphs", ("inductor", "blast"), args.mode)):
+        for name in names:
+            torch._dynamo.reset()
+            fn = model if name == "eager" else torch.compile(model, backend=name, mode=mode)
+            try:
+                res[key][name] = prefill_ms(lambda i: fn(i, use_cache=False).logits, ids, device, args.reps)
+            except Exception as e:
+                res[key][name] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            print(f"prefill {args.prefill} {name}{f' ({mode})' if mode else ''}: {res[key][name]} ms", flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"e2e_{res['date'].replace(':', '')}.json")
     with open(path, "w") as f:

@@ -49,11 +49,11 @@ def hidden_tma(x_d, w1_d, w3_d, p_d, h_d, rowptr, cols, order, BM: tl.constexpr,
     acc_a = tl.zeros((BM, BH), dtype=tl.float32)
     acc_u = tl.zeros((BM, BH), dtype=tl.float32)
     for k in range(tl.load(rowptr + j), tl.load(rowptr + j + 1)):
-        x = x_d.load([m0, tl.load(cols + k) * BD])
+        c = tl.load(cols + k)
+        x = x_d.load([m0, c * BD])
         if PACKED:
             acc = tl.dot(x, p_d.load([k * 2 * BH, 0]).T, acc)
         else:
-            c = tl.load(cols + k)
             acc_a = tl.dot(x, w1_d.load([j * BH, c * BD]).T, acc_a)
             acc_u = tl.dot(x, w3_d.load([j * BH, c * BD]).T, acc_u)
     if PACKED:

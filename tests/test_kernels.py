@@ -390,6 +390,14 @@ def test_interp_decode_splitk(gemv, flat, monkeypatch):
 
 
 @interp
+@pytest.mark.parametrize("m", [1, 3])
+def test_interp_decode_onekernel(m, monkeypatch):
+    """``BLAST_DECODE=onekernel`` (the cross-check decode) runs and matches eager."""
+    monkeypatch.setenv("BLAST_DECODE", "onekernel")
+    check_forward(m, 72, 88, True, True, "silu", torch.float16, (16, 16), "cpu", dead_rows=True)
+
+
+@interp
 def test_interp_deterministic_decode_is_sliced(monkeypatch, caplog):
     """torch.use_deterministic_algorithms(True): decode takes the sliced path (no atomics) even when
     BLAST_DECODE asks for split-K, says so once, and repeats bitwise."""

@@ -339,6 +339,11 @@ def _desc(t, block):
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], list(block))
 
 
+def _descs(on, *specs):
+    """TMA descriptors of (tensor, block) pairs, or as many Nones (the pointer variants' arguments)."""
+    return tuple(_desc(t, block) if on else None for t, block in specs)
+
+
 def _with_tma(configs, var, ok):
     """The configs to tune over: without TMA its variants would only repeat the wide ones."""
     return [c for c in configs if c[3] != var or ok] or configs
@@ -477,10 +482,6 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     common = dict(DTYPE=DT, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned, GATED=gated,
                   HAS_B1=b1 is not None, HAS_B3=b3 is not None)
     n_live = ix["live"].numel()
-    if m <= codegen.DECODE_MAX_M and os.environ.get("BLAST_DECODE", "") == "onekernel":
-        return _decode_onekernel(x2d, w1, b1, w3, b3, w2, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off,
-                                 s1, s2, s3, w3_, off3, b1_, b3_, common, n_live)
-
     if m <= codegen.DECODE_MAX_M:
         args = (x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_, b3_,
                 common, n_live)
@@ -497,7 +498,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     def run_h(cfg):
         bm, nw, ns, var = cfg
         tma = var == PREFILL_TMA and tma_h
-        descs = (_desc(x2d, (bm, p.bd)), _desc(w1, (p.bh, p.bd)), _desc(w3_, (p.bh, p.bd))) if tma else (None,) * 3
+        descs = _descs(tma, (x2d, (bm, p.bd)), (w1, (p.bh, p.bd)), (w3_, (p.bh, p.bd)))
         if n_live:
             mod.mlp_hidden[(cdiv(m, bm), n_live)](
                 x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
@@ -516,7 +517,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     def run_y(cfg):
         bm, nw, ns, var = cfg
         tma = var == PREFILL_TMA and tma_y
-        hd, wd = (_desc(h, (bm, p.bh)), _desc(w2, (p.bd, p.bh))) if tma else (None, None)
+        hd, wd = _descs(tma, (h, (bm, p.bh)), (w2, (p.bd, p.bh)))
         mod.bsmm[(cdiv(m, bm), p.n_out)](
             h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, 0, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
@@ -778,8 +779,7 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
     def run(cfg):
         bm, nw, ns, var = cfg
         tma = var == PREFILL_TMA and tma_ok
-        descs = (_desc(x, (bm, bi)), _desc(x2, (bm, bi)), _desc(w, (bi, bo)), _desc(wb, (bi, bo))) if tma else \
-            (None,) * 4
+        descs = _descs(tma, (x, (bm, bi)), (x2, (bm, bi)), (w, (bi, bo)), (wb, (bi, bo)))
         mod.bsmm[(cdiv(m, bm), n_out_blocks)](
             x, x.stride(0), x2, out, out.stride(0), x, x, 0, m, n_in, n_out,
             w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order, *descs,
@@ -833,7 +833,7 @@ def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype):
         split, m_per = split_of(bm)
         part = (torch.empty(split * len(douts) * nnz * bo * bi, device=inp.device, dtype=torch.float32)
                 if split > 1 else inp)
-        descs = (_desc(douts[0], (bm, bo)), _desc(douts[-1], (bm, bo)), _desc(inp, (bm, bi))) if tma else (None,) * 3
+        descs = _descs(tma, (douts[0], (bm, bo)), (douts[-1], (bm, bo)), (inp, (bm, bi)))
         mod.sddmm[(nnz, split)](douts[0], douts[-1], douts[0].stride(0), inp, inp.stride(0), outs[0], o2,
                                 outs[0].stride(0), part, m, m_per, shape[0], shape[1], rows, cols, nnz, *descs,
                                 DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual, SPLIT=split > 1, num_warps=nw,
@@ -920,8 +920,8 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
         def run(cfg):
             bm, nw, ns, var = cfg
             tma = var == BACKWARD_TMA and tma_ok
-            descs = (_desc(x2d, (bm, p.bd)), _desc(k1, (p.bh, p.bd)), _desc(k3_, (p.bh, p.bd)),
-                     _desc(dy2d, (bm, p.bd)), _desc(k2, (p.bd, p.bh))) if tma else (None,) * 5
+            descs = _descs(tma, (x2d, (bm, p.bd)), (k1, (p.bh, p.bd)), (k3_, (p.bh, p.bd)), (dy2d, (bm, p.bd)),
+                           (k2, (p.bd, p.bh)))
             mod.mlp_hidden_bwd[(cdiv(m, bm), n_live)](
                 x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h, da.stride(0), m, d_in, H, d_out,
                 k1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, k3 if gated else k1,
