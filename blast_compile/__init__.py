@@ -2,6 +2,7 @@
 
     torch.compile(model, backend="blast")        # detect -> fuse -> Triton -> Inductor
     blast_compile.explain(model, *inputs)        # what was fused, and why not
+    blast_compile.refresh()                      # after writes through w.data (no version bump)
 
 Folders read in pipeline order: passes/ (detect + rewrite), codegen/ (Triton
 source per sparsity pattern), ops/ (the fused op: kernels + autograd).
@@ -13,6 +14,7 @@ from .backend import blast
 from .config import BlastOptions, Candidate
 from .explain import ExplainReport, explain
 from .masks import declare_mask
+from .ops.plans import refresh
 
 logging.getLogger("blast_compile").addHandler(logging.NullHandler())
 
@@ -29,4 +31,4 @@ def _register_backend():
 _register_backend()
 
 __version__ = "0.1.0"
-__all__ = ["blast", "explain", "ExplainReport", "BlastOptions", "Candidate", "declare_mask", "__version__"]
+__all__ = ["blast", "explain", "ExplainReport", "BlastOptions", "Candidate", "declare_mask", "refresh", "__version__"]

@@ -263,6 +263,33 @@ def test_interp_tma_packed_and_fallback(monkeypatch):
 
 
 @interp
+def test_interp_launch_state_kept_with_plan(tmp_path, monkeypatch):
+    """A call's host path reuses the plan's launch state (``_Static``) and its memo of chosen configs;
+    packed copies (made per call) are never kept, and a memo from another kernel dir is not used."""
+    from blast_compile.ops import triton_mlp
+
+    def cached(plan, *head):
+        return {k: v for k, v in plan.cache.items() if isinstance(k, tuple) and k[:len(head)] == head}
+
+    monkeypatch.setattr(codegen, "_KERNEL_DIR", str(tmp_path / "a"))  # (undone after the test)
+    monkeypatch.setattr(codegen, "_TUNING", None)
+    x, p, plan, y = check_forward(40, 72, 88, True, True, "silu", torch.float16, (16, 16), "cpu")
+    ((key, st),) = cached(plan, "static").items()
+    shape = (72, 88, 72)
+    codegen.store_config(triton_mlp.tuning_key("hidden", st.sig, 40, shape), [32, 4, 2, 1])
+    torch.testing.assert_close(triton_mlp.forward(x, *args(p), plan, "silu"), y)
+    assert cached(plan, "static") == {key: st}
+    assert list(cached(plan, "chosen").values()) == [(32, 4, 2, 1)]  # from the table, remembered
+    pk = gather.PackedMLP(plan.dev_pattern, p["w1"], p["w3"], p["w2"])
+    triton_mlp.forward_packed(x, pk.p1, p["b1"], pk.p3, p["b3"], pk.p2, p["b2"], plan, "silu")
+    assert cached(plan, "static") == {key: st}
+    codegen.set_kernel_dir(tmp_path / "b")
+    codegen.store_config(triton_mlp.tuning_key("hidden", st.sig, 40, shape), [64, 4, 3, 0])
+    torch.testing.assert_close(triton_mlp.forward(x, *args(p), plan, "silu"), y)
+    assert sorted(cached(plan, "chosen", "hidden").values()) == [(32, 4, 2, 1), (64, 4, 3, 0)]
+
+
+@interp
 @pytest.mark.parametrize("m,declare,d,h", [(40, True, 48, 80), (37, False, 48, 80), (3, False, 48, 80),
                                            (33, True, 37, 75)])
 @pytest.mark.parametrize("tma", [False, True])

@@ -94,6 +94,24 @@ def test_weight_changed_in_place_is_never_stale():
     assert counters["blast"]["pattern_changed"] >= 1
 
 
+def test_writes_through_data_need_refresh():
+    """``w.data`` shares the storage but not the version counter: a block revived through it is
+    invisible to the O(1) check (the op would skip it) until ``blast_compile.refresh()``."""
+    import blast_compile
+
+    p = make_mlp(64, 128, gated=True, bias=False, dtype=torch.float32, sparsity=0.8)
+    x = torch.randn(4, 64)
+    ct = compile_time(p, "silu")
+    call(x, p, "silu", compiled=ct)
+    v = p["w2"]._version
+    p["w2"].data.add_(0.01)  # every dead block of W2 revived, version counter untouched
+    assert p["w2"]._version == v
+    assert not torch.allclose(call(x, p, "silu", compiled=ct), ref(x, p, "silu"))  # the documented limit
+    blast_compile.refresh()
+    torch.testing.assert_close(call(x, p, "silu", compiled=ct), ref(x, p, "silu"))
+    assert counters["blast"]["pattern_changed"] >= 1
+
+
 def test_new_weight_at_a_freed_address_gets_its_own_plan():
     """Plans are keyed by address + version; a freed weight's address can be reused by a
     new tensor that also has version 0 — it must not inherit the old plan."""

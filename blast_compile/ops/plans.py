@@ -19,7 +19,7 @@ from torch import Tensor
 def ident(t: Optional[Tensor]):
     if t is None:
         return None
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), str(t.device))
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.device)
 
 
 def refs(*ts):
@@ -33,6 +33,11 @@ class PlanCache:
         self._plans: "OrderedDict" = OrderedDict()
         self._lock = threading.Lock()
         self.max_plans = max_plans
+        _CACHES.add(self)
+
+    def clear(self):
+        with self._lock:
+            self._plans.clear()
 
     def get(self, key):
         with self._lock:
@@ -50,6 +55,21 @@ class PlanCache:
             self._plans[key] = plan
             while len(self._plans) > self.max_plans:
                 self._plans.popitem(last=False)
+
+
+_CACHES: "weakref.WeakSet[PlanCache]" = weakref.WeakSet()
+
+
+def refresh() -> None:
+    """Forget every fused MLP's plan: the next call re-derives its live blocks from the weights.
+
+    Needed only after writes PyTorch's version counters do not see -- through ``w.data``
+    (``w.data.copy_(new)``, ``w.data[...] = v``), which shares the storage but not the version
+    counter. Writes to ``w`` itself (optimizer steps, ``load_state_dict``, ``copy_`` under
+    ``no_grad``) are seen without it. Under CUDA graphs the replayed kernels keep the pattern
+    they were recorded with (re-record: ``torch._dynamo.reset()`` and compile again)."""
+    for cache in list(_CACHES):
+        cache.clear()
 
 
 _WORKER = None

@@ -321,7 +321,7 @@ def _tma_ok(*ts) -> bool:
     if not TMA or TensorDescriptor is None:
         return False
     t0 = ts[0]
-    if not _interpret() and (t0.device.type != "cuda" or not _hopper(t0.device.index or 0)):
+    if not (_hopper(t0.device.index or 0) if t0.device.type == "cuda" else _interpret()):
         return False
     for t in ts:
         if (t.dtype != t0.dtype or t.dtype not in (torch.float16, torch.bfloat16) or not t.numel()
@@ -417,17 +417,31 @@ def tuning_key(kind, sig, m, shape=()) -> str:
 TUNE_RECORD = None
 
 
-def _choose(kind, sig, m, configs, run, graph="hot", shape=()):
+def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
     """Launch config for (kernel, signature, shape, M bucket): persisted table, else tune now (CUDA
     only). Timed by CUDA-graph replay: a Triton launch with ~35 arguments costs ~20-50 µs of host
     time, more than many of these kernels run, so back-to-back launches (``do_bench``) would time
     the host. ``graph="cold"``: L2 flushed between calls (decode: weights stream from HBM);
     ``"hot"``: not (prefill/backward, like do_bench). The signature is shared by every MLP of a
-    block shape and dtype, so the layer's dims are part of the key."""
+    block shape and dtype, so the layer's dims are part of the key.
+
+    ``memo``: a plan's cache, which then remembers what the table or the tuner gave, so that later
+    calls skip the key string (host time: a call without CUDA graphs is host-bound). Its key holds
+    the signature's id (the plan keeps the signature alive), the kernel dir and the lookup function
+    (a patched lookup -- tests -- is honoured)."""
+    mk = None
+    if memo is not None:
+        mk = ("chosen", kind, id(sig), codegen.m_bucket(m), shape, codegen._KERNEL_DIR, codegen.lookup_config)
+        cfg = memo.get(mk)
+        if cfg is not None:
+            return cfg
     key = tuning_key(kind, sig, m, shape)
     cfg = codegen.lookup_config(key)
     if cfg is not None:
-        return tuple(cfg)
+        cfg = tuple(cfg)
+        if mk is not None:
+            memo[mk] = cfg
+        return cfg
     if len(configs) == 1 or not _may_tune():
         return configs[0]
     times = []
@@ -441,6 +455,8 @@ def _choose(kind, sig, m, configs, run, graph="hot", shape=()):
             log.debug("blast: config %s failed: %r", c, e)
     best = min(times)[1] if times else configs[0]
     codegen.store_config(key, list(best))
+    if mk is not None:
+        memo[(*mk[:5], codegen._KERNEL_DIR, codegen.lookup_config)] = tuple(best)
     log.info("blast: tuned %s -> %s", key, best)
     return best
 
@@ -456,10 +472,45 @@ def _module(plan, activation, gated, has_b1, has_b3, dtype):
     return sig, codegen.load(sig)
 
 
+@functools.lru_cache(maxsize=None)
 def _tl_dtype(mod, dtype):
     import triton.language as tl
 
     return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+class _Static:
+    """What a forward launch needs that depends only on the plan, the weights' layout and the dtype:
+    kept in ``plan.cache`` (except for packed copies made per call), so that a call's host path is
+    the launches themselves (default mode without CUDA graphs is host-bound at prefill sizes)."""
+
+    __slots__ = ("sig", "mod", "ix", "off", "s1", "s2", "s3", "off3", "common", "n_live", "tma_in", "tma_dn")
+
+
+def _static(plan, w1, w3, w2, b1, b3, packed, activation, dtype) -> _Static:
+    gated = w3 is not None
+    key = ("static", activation, dtype, w1.dtype, b1 is not None, b3 is not None, gated,
+           w1.stride(), None if w3 is None else w3.stride(), w2.stride())
+    st = None if packed else plan.cache.get(key)
+    if st is not None:
+        return st
+    p = plan.pattern
+    st = _Static()
+    st.sig, st.mod = _module(plan, activation, gated, b1 is not None, b3 is not None, dtype)
+    st.ix = _index_tables(plan, w1.device)
+    st.off = _weight_tables(plan, w1, w3, w2, packed)
+    st.s1, st.s2 = _strides(w1, packed), _strides(w2, packed)
+    st.s3 = _strides(w3, packed) if gated else (0, 0)
+    st.off3 = st.off["in3"] if gated else st.off["in1"]
+    st.common = dict(DTYPE=_tl_dtype(st.mod, dtype), BH=p.bh, BD=p.bd, NNZ=st.sig.nnz_in, ALIGNED=st.sig.aligned,
+                     GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None)
+    st.n_live = st.ix["live"].numel()
+    # the weights' half of _tma_ok (x and H are checked per call)
+    st.tma_in = w1.dtype == dtype and _tma_ok(w1, w3 if gated else w1)
+    st.tma_dn = w2.dtype == dtype and _tma_ok(w2)
+    if not packed:
+        plan.cache[key] = st
+    return st
 
 
 def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden):
@@ -472,17 +523,13 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     p = plan.pattern
     m, d_in = x2d.shape
     gated = w3 is not None
-    sig, mod = _module(plan, activation, gated, b1 is not None, b3 is not None, x2d.dtype)
-    ix = _index_tables(plan, x2d.device)
-    off = _weight_tables(plan, w1, w3, w2, packed)
-    s1, s2 = _strides(w1, packed), _strides(w2, packed)
-    s3 = _strides(w3, packed) if gated else (0, 0)
-    w3_, off3, b1_, b3_ = (w3 if gated else w1), off["in3"] if gated else off["in1"], b1 if b1 is not None else x2d, b3 if b3 is not None else x2d
-    DT = _tl_dtype(mod, x2d.dtype)
-    common = dict(DTYPE=DT, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned, GATED=gated,
-                  HAS_B1=b1 is not None, HAS_B3=b3 is not None)
-    n_live = ix["live"].numel()
+    st = _static(plan, w1, w3, w2, b1, b3, packed, activation, x2d.dtype)
+    sig, mod, ix, off, s1, s2, s3, off3, common, n_live = (st.sig, st.mod, st.ix, st.off, st.s1, st.s2, st.s3, st.off3,
+                                                          st.common, st.n_live)
+    w3_, b1_, b3_ = (w3 if gated else w1), b1 if b1 is not None else x2d, b3 if b3 is not None else x2d
+    DT = common["DTYPE"]
     if m <= codegen.DECODE_MAX_M:
+        _count_eager_decode(plan, x2d)
         args = (x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_, b3_,
                 common, n_live)
         return _decode(args)
@@ -493,7 +540,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
 
-    tma_h = _tma_ok(x2d, w1, w3_)
+    tma_h = st.tma_in and _tma_ok(x2d)
 
     def run_h(cfg):
         bm, nw, ns, var = cfg
@@ -510,9 +557,10 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     # (wide tiles in the in-projection are for the gated kernel: gate|up side by side)
     h_configs = PREFILL_CONFIGS if gated else list(dict.fromkeys(
         (*c[:3], c[3] if c[3] == PREFILL_TMA else 0) for c in PREFILL_CONFIGS))
-    run_h(_choose("hidden", sig, m, _with_tma(h_configs, PREFILL_TMA, tma_h), run_h, shape=(d_in, d_hidden, d_out)))
+    run_h(_choose("hidden", sig, m, _with_tma(h_configs, PREFILL_TMA, tma_h), run_h, shape=(d_in, d_hidden, d_out),
+                  memo=plan.cache))
 
-    tma_y = _tma_ok(h, w2)
+    tma_y = st.tma_dn and _tma_ok(h)
 
     def run_y(cfg):
         bm, nw, ns, var = cfg
@@ -526,8 +574,25 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
             NANROW=1, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1), TMA=(1 + packed) if tma else 0)
 
     run_y(_choose("down", sig, m, _with_tma(PREFILL_CONFIGS, PREFILL_TMA, tma_y), run_y,
-                  shape=(d_in, d_hidden, d_out)))
+                  shape=(d_in, d_hidden, d_out), memo=plan.cache))
     return y
+
+
+# decode calls of one MLP outside CUDA-graph capture before we say that decode runs without graphs
+EAGER_DECODE_WARN = 256
+
+
+def _count_eager_decode(plan, x2d):
+    """Decode without CUDA graphs is host-bound: a call's Python and two launches (~0.1-0.3 ms of
+    host time on the H200 machine) outlast its kernels (~10-20 µs), and the dense model it replaces
+    launches cuBLAS cheaper. Say so once, after enough calls that it is not a graph warm-up."""
+    if not x2d.is_cuda or torch.cuda.is_current_stream_capturing():
+        return
+    n = plan.cache["eager_decode"] = plan.cache.get("eager_decode", 0) + 1
+    if n == EAGER_DECODE_WARN:
+        warn_once("eager_decode", "blast: decode-sized calls (M <= 16) of a fused MLP are running without CUDA "
+                  "graphs; each spends more time in Python and launches than in its kernels, so decode can be "
+                  "slower than the dense model. Compile with mode='reduce-overhead' for decode.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -577,6 +642,10 @@ def _decode(args):
     if mode in paths:
         return paths[mode](*args)
     x2d, _, plan, m, d_in, d_hidden, d_out, sig = args[:8]
+    mk = ("dec_path", id(sig), codegen.m_bucket(m), codegen._KERNEL_DIR, codegen.lookup_config)  # as _choose's memo
+    choice = plan.cache.get(mk)
+    if choice is not None:
+        return paths[choice](*args)
     dev = _device_name(x2d.device.index) if x2d.is_cuda else "cpu"
     # which path wins depends on how much there is to stream (the signature does not say): key by
     # the shape and the live-block count in quarter-octaves
@@ -592,6 +661,7 @@ def _decode(args):
         codegen.store_config(key, choice)
         log.info("blast: decode path %s -> %s (%s)", key, choice[0],
                  ", ".join(f"{k} {v:.1f} us" for k, v in times.items()))
+    plan.cache[(*mk[:3], codegen._KERNEL_DIR, codegen.lookup_config)] = choice[0]
     return paths[choice[0]](*args)
 
 
@@ -645,7 +715,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     kind, configs = ("decode2", DECODE_CONFIGS) if dot else ("decode2g", DECODE_GEMV_CONFIGS)
     if not pdl:  # (no PDL here: the early modes are the same launch)
         configs = list(dict.fromkeys((*c[:3], 0) for c in configs))
-    run(_choose(kind, sig, m, configs, run, graph="cold", shape=(d_in, d_hidden, d_out)))
+    run(_choose(kind, sig, m, configs, run, graph="cold", shape=(d_in, d_hidden, d_out), memo=plan.cache))
     return y
 
 
@@ -691,8 +761,10 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             **kw)
 
     if n_live:  # (else: nothing to launch, nothing to tune)
-        run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph="cold", shape=(d_in, d_hidden, d_out)))
-    run_y(_choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out)))
+        run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph="cold", shape=(d_in, d_hidden, d_out),
+                      memo=plan.cache))
+    run_y(_choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
+                  memo=plan.cache))
     return y
 
 
@@ -933,7 +1005,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
                 num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0)
 
         run(_choose("hidden_bwd", sig, m, _with_tma(BACKWARD_CONFIGS, BACKWARD_TMA, tma_ok), run,
-                    shape=(d_in, H, d_out)))
+                    shape=(d_in, H, d_out), memo=plan.cache))
     grads = {}
     if needs[0]:
         grads["x"] = _bsmm(mod, sig, da, du if gated else None, k1, off["in_csc1"], (s1[1], s1[0]),
