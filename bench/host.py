@@ -2,10 +2,13 @@
 gets its kernels, against the GPU time of the same call.
 
 Without CUDA graphs a layer's wall time is max(host, GPU); round 10's e2e prefill (1B shape, 16
-layers, 2048 tokens) was host-bound. Per M: host µs per call (launches are asynchronous, so the
-Python call's duration is its host time while the launch queue has room), split into the op's
-layers (custom-op dispatch + plan lookup / ``triton_mlp.forward`` / the bare Triton launches),
-GPU µs per call (CUDA-graph replay), and a cProfile of the calls (tottime, top entries).
+layers, 2048 tokens) was host-bound. Per M, for one MLP: host µs per call (launches are
+asynchronous, so the Python call's duration is its host time while the launch queue has room) of
+the op, of its Python body (no dispatcher) and of ``triton_mlp.forward``, TMA on and off,
+interleaved; GPU µs per call (CUDA-graph replay); and where the op's time goes (``Timers``:
+wall-clock wrappers around its functions and Triton's launch). The same breakdown inside the
+compiled e2e model's default-mode prefill (``--layers``, 0: skip). A cProfile of the calls is kept
+for reference only: it charged ~0.5 ms a call to custom_op's ``backend_impl`` that no timer saw.
 
     BLAST_CACHE_DIR=$(mktemp -d) python bench/host.py --out bench/results
 """

@@ -50,4 +50,6 @@ def mask_version(t: Optional[torch.Tensor]):
     d = declared_mask(t)
     if d is None:
         return None
-    return (id(d[0]), d[0]._version, d[1])
+    from .ops.plans import version
+
+    return (id(d[0]), version(d[0]), d[1])

@@ -59,6 +59,26 @@ def test_compile_fuses_and_matches_eager_and_weight_updates_are_seen():
     torch.testing.assert_close(cm(x2), m(x2), **tol(torch.float32))
 
 
+def test_model_made_under_inference_mode(monkeypatch):
+    """Weights made under torch.inference_mode() have no version counter (reading it raises): the
+    fused model still runs and matches eager, warns once that in-place changes to such weights are
+    not tracked, and follows them after blast_compile.refresh()."""
+    from blast_compile.ops import plans
+
+    monkeypatch.setattr(plans, "_WARNED", set())
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        m = sparse_block()
+        x = torch.randn(2, 7, 64)
+        cm = torch.compile(m, backend="blast")
+        with pytest.warns(RuntimeWarning, match="inference tensors"):
+            torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+        assert counters["blast"]["mlp_fused"] == 1
+        m.mlp.down_proj.weight.normal_()  # every block alive; no version counter moves
+        blast_compile.refresh()
+        torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+
+
 def test_training_step_matches_eager():
     torch._dynamo.reset()
     m = sparse_block(seed=1)

@@ -503,6 +503,29 @@ def test_kernel_info_renders_readable_cached_source(tmp_path):
     assert os.path.basename(fresh) == os.path.basename(path) and open(fresh).read() == text
 
 
+def test_decode_without_cuda_graphs_warns_once(monkeypatch, caplog):
+    """Decode outside graph capture is host-bound: after EAGER_DECODE_WARN calls of one MLP the op
+    says so, once; calls made while a graph is being captured do not count."""
+    import types
+
+    from blast_compile.ops import plans, triton_mlp
+
+    monkeypatch.setattr(plans, "_WARNED", set())
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    plan, x = types.SimpleNamespace(cache={}), types.SimpleNamespace(is_cuda=True)
+    for _ in range(2 * triton_mlp.EAGER_DECODE_WARN):  # a long capture: nothing counted
+        triton_mlp._count_eager_decode(plan, x)
+    capturing[0] = False
+    with caplog.at_level("WARNING", logger="blast_compile.ops"):
+        for _ in range(triton_mlp.EAGER_DECODE_WARN - 1):
+            triton_mlp._count_eager_decode(plan, x)
+        assert "reduce-overhead" not in caplog.text
+        for _ in range(2 * triton_mlp.EAGER_DECODE_WARN):
+            triton_mlp._count_eager_decode(plan, x)
+    assert caplog.text.count("mode='reduce-overhead'") == 1
+
+
 def test_tuning_table_persists(tmp_path):
     codegen.set_kernel_dir(tmp_path)
     assert codegen.lookup_config("k|x|m16") is None

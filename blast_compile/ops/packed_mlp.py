@@ -39,7 +39,7 @@ from torch._dynamo.utils import counters
 
 from ..formats import build_pattern, cdiv
 from . import gather
-from .plans import PlanCache, ident as _ident, outside_graph_pool, refs, warm_kernels
+from .plans import PlanCache, ident as _ident, outside_graph_pool, refs, version, warm_kernels
 
 log = logging.getLogger("blast_compile.ops")
 
@@ -89,7 +89,7 @@ def blocks_in_order(plan: _PackedPlan, blocks1, blocks3, blocks2) -> _Blocks:
 
 
 def _versions(*ts):
-    return tuple(None if t is None else t._version for t in ts)
+    return tuple(version(t) for t in ts)
 
 
 def _mask_and_pos(row_ptr: Tensor, col_idx: Tensor, n_rows: int, n_cols: int, what: str):

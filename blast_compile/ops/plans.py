@@ -8,6 +8,7 @@ address (with a fresh version counter) is not the same layer, and the plan is dr
 """
 import logging
 import threading
+import warnings
 import weakref
 from collections import OrderedDict
 from typing import Optional
@@ -20,6 +21,19 @@ def ident(t: Optional[Tensor]):
     if t is None:
         return None
     return (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.device)
+
+
+def version(t: Optional[Tensor]):
+    """``t._version``, or None for an inference tensor (made under ``torch.inference_mode()``), which
+    has no version counter: in-place writes to it are not seen (``refresh()`` after them); said once."""
+    if t is None:
+        return None
+    if t.is_inference():
+        warn_once("inference_tensors", "blast: a fused MLP's weights (or masks) are inference tensors, made under "
+                  "torch.inference_mode(); they have no version counter, so in-place changes to them after the "
+                  "first call are not seen -- call blast_compile.refresh() after changing them")
+        return None
+    return t._version
 
 
 def refs(*ts):
@@ -79,10 +93,13 @@ log = logging.getLogger("blast_compile.ops")
 
 
 def warn_once(what, msg: str):
-    """Log ``msg`` as a warning the first time ``what`` (any hashable) comes up in this process."""
+    """Warn with ``msg`` the first time ``what`` (any hashable) comes up in this process: a Python
+    warning (shown without any logging set up: the package logger has only a NullHandler) and a
+    log record (``TORCH_LOGS="+blast_compile"``)."""
     if what not in _WARNED:
         _WARNED.add(what)
         log.warning(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 def outside_graph_pool(fn, device):

@@ -42,7 +42,7 @@ from torch._dynamo.utils import counters
 from .. import masks as _masks
 from ..formats import block_mask, build_pattern, expand_mask, _mlp_masks
 from . import gather
-from .plans import PlanCache, ident, outside_graph_pool, refs, warm_kernels, warn_once
+from .plans import PlanCache, ident, outside_graph_pool, refs, version, warm_kernels, warn_once
 from .activations import dense_mlp, in_dtype
 
 log = logging.getLogger("blast_compile.ops")
@@ -72,7 +72,7 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
     """The live-block plan for these weights, re-derived only when a version counter moved."""
     sk = (pattern_key, ident(w1), ident(w3), ident(w2), b1 is not None, b3 is not None)
     ws = [t for t in (w1, w3, w2) if t is not None]
-    vers = (tuple(t._version for t in ws), tuple(_masks.mask_version(t) for t in ws))
+    vers = (tuple(version(t) for t in ws), tuple(_masks.mask_version(t) for t in ws))
     all_declared = all(v is not None for v in vers[1])
     plan = _PLANS.get(sk)
     if plan is not None:

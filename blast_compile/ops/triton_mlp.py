@@ -70,7 +70,7 @@ from .. import codegen
 from ..formats import cdiv
 from . import gather
 from .activations import in_dtype
-from .plans import outside_graph_pool, warn_once
+from .plans import outside_graph_pool, version, warn_once
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -928,7 +928,7 @@ def _mask_rc(plan, k, mask):
     """(rows, cols) int32 of the declared-live blocks of weight k (0 gate, 1 up, 2 down) whose hidden
     block is live in the plan: on the others dW is exactly zero (h is provably zero there, or
     nothing reads it: dh is zero), and the backward kernel writes dA/dU/h only on live blocks."""
-    key = ("dw_rc", k, id(mask), mask._version)
+    key = ("dw_rc", k, id(mask), version(mask))
     rc = plan.cache.get(key)
     if rc is None:
         def build():
@@ -947,7 +947,7 @@ def _tied(plan, m1, m3) -> bool:
     """Gate and up declare the same mask (the sparsifier ties them): one dual dW launch."""
     if m1 is None or m3 is None:
         return False
-    key = ("tied", id(m1), m1._version, id(m3), m3._version)
+    key = ("tied", id(m1), version(m1), id(m3), version(m3))
     t = plan.cache.get(key)
     if t is None:
         t = plan.cache[key] = m1 is m3 or (m1.shape == m3.shape and bool(torch.equal(m1, m3)))
