@@ -151,6 +151,41 @@ def test_gated_either_order_and_bias(mul, swap, bias):
     assert "gate_proj" in gate and "up_proj" in up  # w1 is the activated side whatever the order
 
 
+class Dropped(nn.Module):
+    """Dropout inside the MLP (T5's ``wo(dropout(act(wi(x))))``; gated: on the product)."""
+
+    def __init__(self, gated, p, where="inside"):
+        super().__init__()
+        self.mlp = Gated() if gated else MLP()
+        self.drop, self.gated, self.where = nn.Dropout(p), gated, where
+
+    def forward(self, x):
+        m = self.mlp
+        if self.where == "functional":  # torch.dropout(x, p, train), the eval flag a constant
+            return m.fc2(torch.dropout(m.act(m.fc1(x)), self.drop.p, self.training))
+        if self.gated:
+            return m.down_proj(self.drop(m.act(m.gate_proj(x)) * m.up_proj(x)))
+        return m.fc2(self.drop(m.act(m.fc1(x))))
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_dropout_inside_fuses_only_when_it_is_the_identity(gated):
+    """Eval mode (or p = 0) makes the dropout the identity: fused. Training with p > 0: it is not, the
+    MLP stays dense (its random mask sits between the projections)."""
+    torch.manual_seed(0)
+    for p, train, fused in ((0.5, False, True), (0.0, True, True), (0.5, True, False)):
+        model = sparsify(Dropped(gated, p)).train(train)
+        if fused:
+            gm, (c,) = fuse(model, torch.randn(3, 32))
+            assert c.decision == "fused" and n_fused(gm) == 1
+        else:
+            gm, ex = capture(model, torch.randn(3, 32))
+            cands = run_passes(gm, ex, BlastOptions())
+            assert n_fused(gm) == 0 and all(c.decision != "fused" for c in cands)
+    gm, (c,) = fuse(sparsify(Dropped(False, 0.3, "functional")).eval(), torch.randn(3, 32))
+    assert c.decision == "fused"
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_plain_bias_and_shapes_reported(bias):
     torch.manual_seed(0)
@@ -305,7 +340,7 @@ def test_property_rewrite_matches_eager(d, h, d_out, block, dtype, bias, act, ga
 # --- real architectures ------------------------------------------------------------------
 
 def _hf(name):
-    from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config
+    from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config, T5Config
 
     small = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
     return {
@@ -314,6 +349,10 @@ def _hf(name):
         "gpt2": GPT2Config(n_embd=64, n_inner=128, n_layer=2, n_head=4, vocab_size=128, n_positions=32,
                            bos_token_id=0, eos_token_id=0),
         "bert": BertConfig(hidden_size=64, intermediate_size=128, max_position_embeddings=32, **small),
+        # T5's MLPs hold a dropout between the projections (the identity in eval mode)
+        "t5": T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=128),
+        "t5-gated": T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=128,
+                             feed_forward_proj="gated-gelu"),
     }[name]
 
 
@@ -326,14 +365,15 @@ class LastHidden(nn.Module):
         return self.model(ids).last_hidden_state
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert", "t5", "t5-gated"])
 def test_tiny_hf_models_fuse_every_mlp(arch):
-    from transformers import AutoModel
+    from transformers import AutoModel, T5EncoderModel
 
     torch.manual_seed(0)
     cfg = _hf(arch)
     cfg.use_cache = False
-    model = AutoModel.from_config(cfg, attn_implementation="eager").eval()
+    model = (T5EncoderModel(cfg) if arch.startswith("t5") else AutoModel.from_config(cfg, attn_implementation="eager"))
+    model = model.eval()
     sparsify(model, 0.9)  # every 2-D weight, MLP included
     _, cands = fuse(LastHidden(model), torch.randint(0, 128, (2, 8)))
     assert [c.decision for c in cands] == ["fused", "fused"], [c.reason for c in cands]

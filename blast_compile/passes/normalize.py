@@ -128,10 +128,28 @@ def same_shape(s, t) -> bool:
     return len(s) == len(t) and all(same(a, b) for a, b in zip(s, t))
 
 
+#: ``F.dropout(x, p, training, inplace)`` and ``torch.dropout(x, p, train)``: the name of the
+#: training flag. Not training, or p == 0, it is the identity (a model in eval mode, e.g. T5's
+#: ``wo(dropout(act(wi(x))))``); Dynamo records it all the same.
+DROPOUT_FUNCTIONS = {F.dropout: "training", torch.dropout: "train"}
+
+
+def is_identity_dropout(node) -> bool:
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target in DROPOUT_FUNCTIONS):
+        return False
+    p, training = _arg(node, 1, "p", 0.5), _arg(node, 2, DROPOUT_FUNCTIONS[node.target], True)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not isinstance(training, bool):
+        return False  # (computed in the graph: cannot tell)
+    return not training or p == 0
+
+
 def is_row_view(node) -> bool:
-    """A view/reshape of its first argument that keeps the last dimension (so rows stay rows)."""
+    """A view/reshape of its first argument that keeps the last dimension (so rows stay rows), or
+    an identity dropout."""
     if not isinstance(node, Node) or not node.args or not isinstance(node.args[0], Node):
         return False
+    if is_identity_dropout(node):
+        return True
     if not ((node.op == "call_method" and node.target in VIEW_METHODS)
             or (node.op == "call_function" and node.target in VIEW_FUNCTIONS)):
         return False
