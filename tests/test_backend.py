@@ -79,22 +79,60 @@ def test_model_made_under_inference_mode(monkeypatch):
         torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
 
 
-def test_training_step_matches_eager():
+def train_like_eager(m, m_ref, x, steps=2):
+    """``steps`` SGD steps of ``m`` compiled with blast and of ``m_ref`` eager: every gradient equal
+    (the second step runs on weights changed by the first). Returns the compiled ``m``."""
     torch._dynamo.reset()
-    m = sparse_block(seed=1)
-    m_ref = sparse_block(seed=1)
-    x = torch.randn(3, 5, 64)
     cm = torch.compile(m, backend="blast")
-    opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    opt_ref = torch.optim.SGD(m_ref.parameters(), lr=0.1)
-    for _ in range(2):  # the second step runs on weights changed by the first
+    opt, opt_ref = (torch.optim.SGD(k.parameters(), lr=0.1) for k in (m, m_ref))
+    for _ in range(steps):
         loss, loss_ref = cm(x).square().mean(), m_ref(x).square().mean()
         loss.backward()
         loss_ref.backward()
         for (n, p), p_ref in zip(m.named_parameters(), m_ref.parameters()):
             torch.testing.assert_close(p.grad, p_ref.grad, **tol(torch.float32), msg=n)
         opt.step(), opt_ref.step(), opt.zero_grad(), opt_ref.zero_grad()
+    return cm
+
+
+def test_training_step_matches_eager():
+    train_like_eager(sparse_block(seed=1), sparse_block(seed=1), torch.randn(3, 5, 64))
     assert counters["blast"]["mlp_fused"] >= 1
+
+
+class FusedGateUpBlock(torch.nn.Module):
+    """Phi-3's MLP: one gate|up linear, chunked."""
+
+    def __init__(self, d=64, h=192):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.gate_up_proj = torch.nn.Linear(d, 2 * h, bias=False)
+        self.down_proj = torch.nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(self.norm(x)).chunk(2, dim=-1)
+        return x + self.down_proj(up * torch.nn.functional.silu(gate))
+
+
+def test_fused_gate_up_training_and_weight_changes():
+    """The fused op reads the halves of the gate|up weight as views: its gradient is assembled from
+    both halves, and an in-place change of the whole weight is seen by both."""
+    from blast_compile.testing import zero_blocks_
+
+    def make():
+        torch.manual_seed(2)
+        m = FusedGateUpBlock()
+        g = torch.Generator().manual_seed(0)
+        for p in (m.gate_up_proj.weight, m.down_proj.weight):
+            zero_blocks_(p.data, 0.9, (32, 32), g)
+        return m
+
+    m, x = make(), torch.randn(3, 5, 64)
+    cm = train_like_eager(m, make(), x)
+    assert counters["blast"]["mlp_fused"] == 1
+    with torch.no_grad():
+        m.gate_up_proj.weight.normal_()  # every block of both halves alive
+        torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
 
 
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])

@@ -32,8 +32,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def make(d, h, *, gated, bias, dtype, block, sparsity=0.6, seed=0, device="cpu", dead_rows=False, transposed_w1=False,
-         tied=False):
-    """Random block-sparse MLP weights; ``tied``: gate and up share one block mask (the sparsifier's way)."""
+         tied=False, fused_gate_up=False):
+    """Random block-sparse MLP weights; ``tied``: gate and up share one block mask (the sparsifier's way);
+    ``fused_gate_up``: W1 and W3 are the two row halves of one tensor (Phi-3's gate_up_proj), views."""
     g = torch.Generator().manual_seed(seed)
     bh, bd = block
     masks_made = []
@@ -53,8 +54,11 @@ def make(d, h, *, gated, bias, dtype, block, sparsity=0.6, seed=0, device="cpu",
     w1 = w(h, d, bh, bd)
     if transposed_w1:  # GPT-2's Conv1D: the weight is a transposed view
         w1 = w1.t().contiguous().t()
-    return dict(w1=w1, b1=b(h), w3=w(h, d, bh, bd, like=0 if tied else None) if gated else None, b3=b(h) if gated else None,
-                w2=w(d, h, bd, bh), b2=b(d))
+    w3 = w(h, d, bh, bd, like=0 if tied else None) if gated else None
+    if fused_gate_up:
+        gu = torch.cat([w1, w3])
+        w1, w3 = gu.narrow(0, 0, h), gu.narrow(0, h, h)
+    return dict(w1=w1, b1=b(h), w3=w3, b3=b(h) if gated else None, w2=w(d, h, bd, bh), b2=b(d))
 
 
 def plan_for(x, p, act, block):
@@ -260,6 +264,20 @@ def test_interp_tma_packed_and_fallback(monkeypatch):
     check_forward(40, 37, 75, True, True, "silu", torch.float16, (16, 16), "cpu")
     check_forward(40, 72, 88, True, True, "silu", torch.float32, (16, 16), "cpu")
     assert not seen
+
+
+@interp
+@pytest.mark.parametrize("tma", [False, True])
+def test_interp_fused_gate_up_views(tma, monkeypatch):
+    """W1 and W3 as the row halves of one tensor (what the rewrite passes for a fused gate|up
+    weight): offset views, read in place by the prefill (pointer or TMA), decode and backward kernels."""
+    if tma:
+        force_tma(monkeypatch)
+        seen = _count_tma(monkeypatch)
+    for m in (37, 3):
+        check_forward(m, 72, 88, True, True, "silu", torch.float16, (16, 16), "cpu", fused_gate_up=True)
+    check_backward(37, 72, 88, True, False, "silu", torch.float16, (16, 16), "cpu", fused_gate_up=True)
+    assert not tma or seen
 
 
 @interp

@@ -151,6 +151,52 @@ def test_gated_either_order_and_bias(mul, swap, bias):
     assert "gate_proj" in gate and "up_proj" in up  # w1 is the activated side whatever the order
 
 
+class FusedGateUp(nn.Module):
+    """Phi-3 / GLM: one gate|up linear, split in halves (``chunk`` or ``split``, either half the gate)."""
+
+    def __init__(self, d=32, h=64, bias=False, split="chunk", up_first=False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(d, 2 * h, bias=bias)
+        self.down_proj = nn.Linear(h, d, bias=bias)
+        self.split, self.up_first, self.h = split, up_first, h
+
+    def forward(self, x):
+        gu = self.gate_up_proj(x)
+        if self.split == "chunk":
+            a, b = gu.chunk(2, dim=-1)
+        elif self.split == "torch.chunk":
+            a, b = torch.chunk(gu, 2, -1)
+        else:
+            a, b = torch.split(gu, self.h, dim=-1)
+        gate, up = (b, a) if self.up_first else (a, b)
+        return self.down_proj(up * F.silu(gate))
+
+
+@pytest.mark.parametrize("split", ["chunk", "torch.chunk", "split"])
+@pytest.mark.parametrize("up_first", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_gate_up_projection(split, up_first, bias):
+    """The two halves of one gate|up weight are the gate and up projections (row views of it)."""
+    torch.manual_seed(0)
+    gm, (c,) = fuse(sparsify(FusedGateUp(bias=bias, split=split, up_first=up_first)), torch.randn(2, 5, 32))
+    assert (c.decision, c.kind, c.activation, c.hidden, c.d_in, c.bias) == ("fused", "gated", "silu", 64, 32, bias)
+    node = next(n for n in gm.graph.nodes if n.target is FUSED)
+    w1, w3 = node.args[1], node.args[3]
+    assert w1.target is torch.narrow and w3.target is torch.narrow
+    assert w1.args[2] == (64 if up_first else 0) and w3.args[2] == (0 if up_first else 64)
+
+
+def test_fused_gate_up_half_used_elsewhere_stays_dense():
+    class Leaky(FusedGateUp):
+        def forward(self, x):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(up * F.silu(gate)) + up.sum(-1, keepdim=True)
+
+    torch.manual_seed(0)
+    _, (c,) = fuse(sparsify(Leaky()), torch.randn(3, 32))
+    assert c.decision == "dense" and "also used" in c.reason
+
+
 class Dropped(nn.Module):
     """Dropout inside the MLP (T5's ``wo(dropout(act(wi(x))))``; gated: on the product)."""
 
@@ -340,7 +386,7 @@ def test_property_rewrite_matches_eager(d, h, d_out, block, dtype, bias, act, ga
 # --- real architectures ------------------------------------------------------------------
 
 def _hf(name):
-    from transformers import BertConfig, GPT2Config, LlamaConfig, Qwen2Config, T5Config
+    from transformers import BertConfig, GlmConfig, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config, T5Config
 
     small = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
     return {
@@ -349,6 +395,10 @@ def _hf(name):
         "gpt2": GPT2Config(n_embd=64, n_inner=128, n_layer=2, n_head=4, vocab_size=128, n_positions=32,
                            bos_token_id=0, eos_token_id=0),
         "bert": BertConfig(hidden_size=64, intermediate_size=128, max_position_embeddings=32, **small),
+        # one gate|up linear, chunked
+        "phi3": Phi3Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, pad_token_id=0, **small),
+        "glm": GlmConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16, pad_token_id=0,
+                         **small),
         # T5's MLPs hold a dropout between the projections (the identity in eval mode)
         "t5": T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=128),
         "t5-gated": T5Config(d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4, vocab_size=128,
@@ -365,7 +415,7 @@ class LastHidden(nn.Module):
         return self.model(ids).last_hidden_state
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert", "t5", "t5-gated"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert", "t5", "t5-gated", "phi3", "glm"])
 def test_tiny_hf_models_fuse_every_mlp(arch):
     from transformers import AutoModel, T5EncoderModel
 

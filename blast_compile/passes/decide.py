@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 from ..config import BlastOptions, Candidate
 from ..formats import MLPPattern, cdiv, choose_block, pattern_from_weights
 from ..ops.packed_mlp import pattern_key as packed_pattern_key
-from .match import Context, MLPMatch, module_path
+from .match import Context, MLPMatch, module_path, weight_of
 from .normalize import example_value
 
 
@@ -29,14 +29,11 @@ def local(t):
 
 
 def weights(m: MLPMatch, ctx: Context):
-    """(w1, b1, w3, b3, w2, b2) as ``[out, in]`` tensors (GPT-2 Conv1D weights transposed: a view)."""
+    """(w1, b1, w3, b3, w2, b2) as ``[out, in]`` tensors (GPT-2 Conv1D weights transposed, the halves
+    of a fused gate|up weight: views)."""
     out = []
     for lin in (m.gate, m.up, m.down):
-        if lin is None:
-            out += [None, None]
-            continue
-        w = ctx.value(lin.weight)
-        out += [w.t() if lin.transposed else w, ctx.value(lin.bias)]
+        out += [None, None] if lin is None else weight_of(lin, ctx)
     return tuple(local(t) for t in out)
 
 

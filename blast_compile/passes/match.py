@@ -3,7 +3,8 @@
 Two patterns, anchored at the down projection (the last linear):
 
 * plain: ``down(act(fc(x)))``
-* gated: ``down(act(gate(x)) * up(x))``, the product in either operand order
+* gated: ``down(act(gate(x)) * up(x))``, the product in either operand order; gate and up
+  may be the two halves of one linear (``chunk``/``split`` of a fused gate|up projection)
 
 "linear" and "act" are whatever :mod:`.normalize` recognizes (a compressed
 ``block_linear`` included: all three layers compressed, or none); row-preserving
@@ -23,7 +24,8 @@ import torch
 from torch.fx import GraphModule, Node
 
 from ..ops.activations import ACTIVATIONS
-from .normalize import Activation, Linear, as_linear, classify_activation, example_value, is_mul, same, same_shape, strip_views
+from .normalize import (Activation, Linear, as_half, as_linear, classify_activation, example_value, is_mul, same,
+                        same_shape, strip_views)
 
 
 @dataclasses.dataclass
@@ -62,18 +64,26 @@ def _pick_x(gate: Linear, out: Node) -> Optional[Node]:
     return None
 
 
+def _in_proj(node) -> Optional[Linear]:
+    """A gated MLP's gate or up projection: a linear, or one half of a fused gate|up linear."""
+    return as_linear(node) or as_half(node)
+
+
 def _gated(down: Linear, order):
     prod, views = strip_views(down.x)
     if not is_mul(prod):
         return
     for g_side, u_side in (prod.args, prod.args[::-1]):
         u_root, u_views = strip_views(u_side)
-        up = as_linear(u_root)
+        up = _in_proj(u_root)
         act = classify_activation(g_side, order) if up is not None else None
-        gate = as_linear(act.pre) if act is not None else None
+        gate = _in_proj(act.pre) if act is not None else None
         if gate is None or gate.node is up.node or strip_views(gate.x)[0] is not strip_views(up.x)[0]:
             continue
-        interior = sorted([gate.node, *act.nodes, up.node, *u_views, prod, *views], key=order.get)
+        if (gate.rows is None) != (up.rows is None) or (gate.rows and gate.via[0] is not up.via[0]):
+            continue  # halves of two different fused linears, or half and whole: not one MLP
+        via = list(dict.fromkeys(gate.via + up.via))
+        interior = sorted([*via, gate.node, *act.nodes, up.node, *u_views, prod, *views], key=order.get)
         yield MLPMatch("gated", act, gate, up, down, _pick_x(gate, down.node), interior, prod)
 
 
@@ -189,6 +199,18 @@ def _source_name(source) -> str:
     return source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", source))
 
 
+def weight_of(lin: Linear, ctx: Context):
+    """(weight as ``[out, in]``, bias): the real tensors behind ``lin`` (GPT-2 Conv1D weights
+    transposed, one half of a fused gate|up its rows: views)."""
+    w, b = ctx.value(lin.weight), ctx.value(lin.bias)
+    if lin.transposed and isinstance(w, torch.Tensor) and w.dim() == 2:
+        w = w.t()
+    if lin.rows is not None:
+        r0, r1 = lin.rows
+        w, b = (t[r0:r1] if isinstance(t, torch.Tensor) else t for t in (w, b))
+    return w, b
+
+
 def _weights(m: MLPMatch):
     """(role, node) for every weight and bias the fused node reads."""
     out = []
@@ -286,10 +308,14 @@ def check_input(m, ctx):
 def check_shapes(m, ctx):
     if m.packed:
         return _check_packed_shapes(m, ctx)
-    w = {role: ctx.value(n) for role, n in _weights(m)}
-    for lin, role in ((m.gate, "w1"), (m.up, "w3"), (m.down, "w2")):
-        if lin is not None and lin.transposed and w[role].dim() == 2:
-            w[role] = w[role].t()
+    w = {}
+    for lin, r in ((m.gate, "1"), (m.up, "3"), (m.down, "2")):
+        if lin is not None:
+            if lin.rows is not None and hasattr(ctx.value(lin.weight), "placements"):
+                return "shape", "a fused gate|up weight is a DTensor (its halves are not split per rank here)"
+            w["w" + r], b = weight_of(lin, ctx)
+            if lin.bias is not None:
+                w["b" + r] = b
     if any(w[r].dim() != 2 for r in ("w1", "w3", "w2") if r in w) or any(w[r].dim() != 1 for r in ("b1", "b3", "b2") if r in w):
         return "shape", "weights must be 2-D and biases 1-D"
     h, d = w["w1"].shape

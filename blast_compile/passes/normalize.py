@@ -50,6 +50,8 @@ class Linear:
     transposed: bool  # weight is stored [in, out]: the op gets torch.t(weight)
     index: Optional[tuple] = None  # compressed layer: (row_ptr, col_idx) nodes; None for dense
     out_features: Optional[int] = None  # compressed layer's output size
+    rows: Optional[tuple] = None  # (start, stop): the projection is rows start:stop of weight (and bias)
+    via: tuple = ()  # nodes between the whole linear and this part of it (fused gate|up: linear, chunk)
 
     @property
     def packed(self) -> bool:
@@ -101,6 +103,45 @@ def as_linear(node) -> Optional[Linear]:
     if not isinstance(x, Node) or not isinstance(w, Node) or not (b is None or isinstance(b, Node)):
         return None
     return Linear(node, x, w, b, transposed)
+
+
+#: ``torch.chunk(t, 2, dim)`` / ``t.chunk(2, dim)`` and ``split(t, size, dim)`` into two halves.
+CHUNK_FUNCTIONS = {torch.chunk: "chunks", torch.split: "split_size_or_sections"}
+CHUNK_METHODS = {"chunk": "chunks", "split": "split_size"}
+
+
+def as_half(node) -> Optional[Linear]:
+    """``getitem(chunk(linear(x, W, b), 2, dim=-1), k)``: one half of a fused projection (Phi-3's
+    and GLM's ``gate_up_proj``) read as a linear of rows ``k*h:(k+1)*h`` of W (and b), or None."""
+    import operator
+
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem
+            and len(node.args) == 2 and node.args[1] in (0, 1)):
+        return None
+    ch, k = node.args
+    if not isinstance(ch, Node) or not ch.args:
+        return None
+    if ch.op == "call_function" and ch.target in CHUNK_FUNCTIONS:
+        name = CHUNK_FUNCTIONS[ch.target]
+    elif ch.op == "call_method" and ch.target in CHUNK_METHODS:
+        name = CHUNK_METHODS[ch.target]
+    else:
+        return None
+    lin = as_linear(ch.args[0])
+    if lin is None or lin.packed or lin.transposed:
+        return None
+    full = example_value(lin.node)
+    n = _arg(ch, 1, name)
+    dim = _arg(ch, 2, "dim", 0)
+    if not isinstance(full, torch.Tensor) or full.dim() < 1 or not isinstance(dim, int) or dim % full.dim() != full.dim() - 1:
+        return None
+    out = full.shape[-1]
+    if not isinstance(out, int) or out % 2:
+        return None
+    h = out // 2
+    if n != (2 if name.startswith("chunk") else h):
+        return None
+    return dataclasses.replace(lin, node=node, rows=(k * h, (k + 1) * h), via=(lin.node, ch))
 
 
 # --- views -------------------------------------------------------------------
@@ -335,5 +376,5 @@ def is_mul(node) -> bool:
     return all(isinstance(a, Node) and isinstance(example_value(a), torch.Tensor) for a in node.args)
 
 
-__all__ = ["Linear", "as_linear", "is_row_view", "strip_views", "Activation", "classify_activation",
+__all__ = ["Linear", "as_linear", "as_half", "is_row_view", "strip_views", "Activation", "classify_activation",
            "identify", "is_mul", "example_value", "same", "same_shape"]

@@ -2,8 +2,8 @@
 
 The new node takes the place of the down projection's output, so everything
 after the MLP (residual adds, GPT-2's final ``.view``) is untouched. It reads
-the dense weights themselves (GPT-2 ``Conv1D`` weights through ``torch.t``, a
-view), never copies: the op re-derives its pattern if the weights change.
+the dense weights themselves (GPT-2 ``Conv1D`` weights through ``torch.t``, the
+halves of a fused gate|up weight through ``torch.narrow``: views), never copies: the op re-derives its pattern if the weights change.
 Its ``meta`` is the down projection's (stack trace, ``nn_module_stack``,
 ``example_value``: same shape by construction, see ``match._pick_x``), so
 provenance survives into AOTAutograd/Inductor logs.
@@ -22,15 +22,28 @@ from .match import MLPMatch, autocast_dtype
 from .normalize import example_value
 
 
-def _as_out_in(graph, lin) -> Node:
-    if not lin.transposed:
-        return lin.weight
-    t = graph.call_function(torch.t, (lin.weight,))
-    t.meta = {k: v for k, v in lin.weight.meta.items() if k in ("nn_module_stack", "stack_trace")}
-    v = example_value(lin.weight)
+def _view(graph, src: Node, fn, *args) -> Node:
+    """``fn(src, *args)`` as a new node (a view of a weight), with the weight's provenance."""
+    t = graph.call_function(fn, (src, *args))
+    t.meta = {k: v for k, v in src.meta.items() if k in ("nn_module_stack", "stack_trace")}
+    v = example_value(src)
     if isinstance(v, torch.Tensor):
-        t.meta["example_value"] = v.t()
+        t.meta["example_value"] = fn(v, *args)
     return t
+
+
+def _as_out_in(graph, lin) -> Node:
+    """``lin``'s weight as ``[out, in]``: GPT-2 Conv1D's through ``torch.t``; one half of a fused
+    gate|up weight through ``torch.narrow`` (its rows)."""
+    w = _view(graph, lin.weight, torch.t) if lin.transposed else lin.weight
+    return _rows(graph, w, lin)
+
+
+def _rows(graph, t: Node, lin):
+    if t is None or lin.rows is None:
+        return t
+    r0, r1 = lin.rows
+    return _view(graph, t, torch.narrow, 0, r0, r1 - r0)
 
 
 def _cast_x(graph, x: Node, orig: Node, cdt) -> Node:
@@ -60,10 +73,11 @@ def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOption
         w1 = _as_out_in(graph, m.gate)
         w3 = _as_out_in(graph, m.up) if m.up is not None else None
         w2 = _as_out_in(graph, m.down)
-        b3 = m.up.bias if m.up is not None else None
+        b1 = _rows(graph, m.gate.bias, m.gate)
+        b3 = _rows(graph, m.up.bias, m.up) if m.up is not None else None
         cdt = autocast_dtype(m)
         x = _cast_x(graph, x, m.x, cdt)
-        args = (x, w1, m.gate.bias, w3, b3, w2, m.down.bias, m.act.name, pattern.bh, pattern.bd, pattern.key,
+        args = (x, w1, b1, w3, b3, w2, m.down.bias, m.act.name, pattern.bh, pattern.bd, pattern.key,
                 float(opts.max_runtime_density))
         fused = graph.call_function(torch.ops.blast.sparse_mlp.default, args + ((cdt,) if cdt is not None else ()))
     fused.meta = dict(out.meta)
