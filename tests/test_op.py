@@ -94,6 +94,21 @@ def test_weight_changed_in_place_is_never_stale():
     assert counters["blast"]["pattern_changed"] >= 1
 
 
+@pytest.mark.parametrize("lead", [(4,), (2, 3)])
+def test_output_can_be_modified_in_place_under_autograd(lead):
+    """Falcon does ``mlp_output += attention_output``: autograd refuses that on a custom op's output
+    that is a view of an intermediate, so the output must not be one (reshape made it one)."""
+    p = make_mlp(64, 128, gated=True, bias=True, dtype=torch.float64, sparsity=0.8, requires_grad=True)
+    x = torch.randn(*lead, 64, dtype=torch.float64, requires_grad=True)
+    y, r = call(x, p, "silu"), ref(x, p, "silu")
+    assert y._base is None
+    y += 1.0
+    r = r + 1.0
+    ins = [x] + [t for t in p.values() if t is not None]
+    for a, b in zip(torch.autograd.grad(y.square().sum(), ins), torch.autograd.grad(r.square().sum(), ins)):
+        torch.testing.assert_close(a, b)
+
+
 def test_writes_through_data_need_refresh():
     """``w.data`` shares the storage but not the version counter: a block revived through it is
     invisible to the O(1) check (the op would skip it) until ``blast_compile.refresh()``."""

@@ -151,6 +151,48 @@ def test_gated_either_order_and_bias(mul, swap, bias):
     assert "gate_proj" in gate and "up_proj" in up  # w1 is the activated side whatever the order
 
 
+class MatmulMLP(nn.Module):
+    """Linears written as matmuls (Falcon's ``FalconLinear``: ``x @ self.weight.T`` then ``+ self.bias``)."""
+
+    SPELL = {"T": lambda x, w: x @ w.T, "t()": lambda x, w: x @ w.t(), "torch.t": lambda x, w: torch.matmul(x, torch.t(w)),
+             "transpose": lambda x, w: x @ w.transpose(0, 1), "stored_in_out": lambda x, w: x @ w}
+
+    def __init__(self, spell, bias, d=32, h=64):
+        super().__init__()
+        io = spell == "stored_in_out"
+        self.w1 = nn.Parameter(torch.randn(*((d, h) if io else (h, d))) / d ** 0.5)
+        self.w2 = nn.Parameter(torch.randn(*((h, d) if io else (d, h))) / h ** 0.5)
+        self.b1 = nn.Parameter(torch.randn(h) * 0.1) if bias else None
+        self.b2 = nn.Parameter(torch.randn(d) * 0.1) if bias else None
+        self.mm = self.SPELL[spell]
+
+    def forward(self, x):
+        a = self.mm(x, self.w1)
+        a = a + self.b1 if self.b1 is not None else a
+        y = self.mm(F.gelu(a), self.w2)
+        return self.b2 + y if self.b2 is not None else y
+
+
+@pytest.mark.parametrize("spell", sorted(MatmulMLP.SPELL))
+@pytest.mark.parametrize("bias", [False, True])
+def test_matmul_spellings_of_linear(spell, bias):
+    torch.manual_seed(0)
+    gm, (c,) = fuse(sparsify(MatmulMLP(spell, bias)), torch.randn(2, 5, 32))
+    assert (c.decision, c.kind, c.activation, c.hidden, c.d_in) == ("fused", "plain", "gelu", 64, 32)
+    assert c.bias == bias  # b1 goes into the fused node; "b2 + y" stays an add after it (the bare matmul matched first)
+
+
+def test_matmul_with_a_non_bias_add_is_not_a_linear():
+    """``x @ W.T + r`` with r a residual (not a 1-D vector) is no linear-with-bias."""
+    class Res(MatmulMLP):
+        def forward(self, x):
+            return F.gelu(x @ self.w1.T) @ self.w2.T + x
+
+    torch.manual_seed(0)
+    gm, (c,) = fuse(sparsify(Res("T", False)), torch.randn(3, 32))
+    assert c.decision == "fused" and not c.bias
+
+
 class FusedGateUp(nn.Module):
     """Phi-3 / GLM: one gate|up linear, split in halves (``chunk`` or ``split``, either half the gate)."""
 
@@ -386,7 +428,8 @@ def test_property_rewrite_matches_eager(d, h, d_out, block, dtype, bias, act, ga
 # --- real architectures ------------------------------------------------------------------
 
 def _hf(name):
-    from transformers import BertConfig, GlmConfig, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config, T5Config
+    from transformers import (BertConfig, FalconConfig, GlmConfig, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config,
+                              T5Config)
 
     small = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
     return {
@@ -395,6 +438,8 @@ def _hf(name):
         "gpt2": GPT2Config(n_embd=64, n_inner=128, n_layer=2, n_head=4, vocab_size=128, n_positions=32,
                            bos_token_id=0, eos_token_id=0),
         "bert": BertConfig(hidden_size=64, intermediate_size=128, max_position_embeddings=32, **small),
+        # linears as x @ W.T (FalconLinear), parallel attention, mlp_output += attention_output
+        "falcon": FalconConfig(hidden_size=64, **small),
         # one gate|up linear, chunked
         "phi3": Phi3Config(hidden_size=64, intermediate_size=128, num_key_value_heads=2, pad_token_id=0, **small),
         "glm": GlmConfig(hidden_size=64, intermediate_size=128, num_key_value_heads=2, head_dim=16, pad_token_id=0,
@@ -415,7 +460,7 @@ class LastHidden(nn.Module):
         return self.model(ids).last_hidden_state
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert", "t5", "t5-gated", "phi3", "glm"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert", "t5", "t5-gated", "phi3", "glm", "falcon"])
 def test_tiny_hf_models_fuse_every_mlp(arch):
     from transformers import AutoModel, T5EncoderModel
 

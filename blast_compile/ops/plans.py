@@ -132,6 +132,13 @@ def outside_graph_pool(fn, device):
     return _WORKER.submit(run).result()
 
 
+def as_output(y: Tensor, shape) -> Tensor:
+    """Contiguous ``y`` with the op's output shape, *not* as a view of ``y``: autograd forbids
+    in-place changes of a custom op's output that is a view of one of its intermediates (Falcon's
+    ``mlp_output += attention_output``), and ``reshape`` would return one even for the same shape."""
+    return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), tuple(shape))
+
+
 def warm_kernels(plan, x2d, forward):
     """First use on the GPU: let the kernels build their per-plan device state (indices,
     decode scratch, tuned configs) for the decode and the prefill path, off the graph pool.

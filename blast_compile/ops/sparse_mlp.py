@@ -42,7 +42,7 @@ from torch._dynamo.utils import counters
 from .. import masks as _masks
 from ..formats import block_mask, build_pattern, expand_mask, _mlp_masks
 from . import gather
-from .plans import PlanCache, ident, outside_graph_pool, refs, version, warm_kernels, warn_once
+from .plans import PlanCache, as_output, ident, outside_graph_pool, refs, version, warm_kernels, warn_once
 from .activations import dense_mlp, in_dtype
 
 log = logging.getLogger("blast_compile.ops")
@@ -205,7 +205,7 @@ def sparse_mlp(
         bad = _nonfinite_rows(x2d)
         if bool(bad.any()):
             y[bad] = dense_mlp(x2d[bad], w1, b1, w3, b3, w2, b2, activation)
-    return y.reshape(*lead, d_out)
+    return as_output(y.contiguous(), (*lead, d_out))
 
 
 @sparse_mlp.register_fake

@@ -2,7 +2,8 @@
 
 Dynamo graphs are not normalized: a linear is ``torch._C._nn.linear`` (or
 ``F.linear``, or GPT-2's ``Conv1D`` as ``torch.addmm(bias, x, W[in, out])``, or
-a compressed layer's ``blast::block_linear(x, blocks, row_ptr, col_idx, ...)``),
+Falcon's ``x @ W.T (+ b)``, or one half of a chunked gate|up linear, or a
+compressed layer's ``blast::block_linear(x, blocks, row_ptr, col_idx, ...)``),
 and an activation can be one call (``torch.relu``, ``F.gelu(approximate=...)``,
 ``x.relu()``) or arithmetic that HF modules inline (``NewGELUActivation`` is
 ``0.5*x*(1+tanh(c*(x+0.044715*x**3)))``, ``relu(x)**2``, ``x*sigmoid(x)``).
@@ -84,12 +85,58 @@ def _arg(node: Node, i: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+#: ``x @ w``: a linear when ``w`` is a 2-D weight (stored ``[in, out]``) or its transpose (Falcon's
+#: ``FalconLinear``: ``x @ self.weight.T``, plus ``+ self.bias``).
+MATMUL_FUNCTIONS = {operator.matmul, torch.matmul}
+ADD_FUNCTIONS = {operator.add, torch.add}
+
+
+def _transpose_of(node) -> Optional[Node]:
+    """``w`` when ``node`` is ``w.T`` / ``w.t()`` / ``torch.t(w)`` / ``w.transpose(0, 1)`` of a 2-D ``w``."""
+    if not isinstance(node, Node) or not node.args or not isinstance(node.args[0], Node):
+        return None
+    w, rest = node.args[0], tuple(node.args[1:])
+    ok = ((node.op == "call_function" and node.target is getattr and rest in (("T",), ("mT",)))
+          or (node.op == "call_method" and node.target == "t" and not rest)
+          or (node.op == "call_function" and node.target is torch.t and not rest)
+          or (node.op in ("call_method", "call_function") and node.target in ("transpose", torch.transpose)
+              and sorted(d % 2 for d in rest if isinstance(d, int)) == [0, 1] and len(rest) == 2))
+    v = example_value(w)
+    return w if ok and isinstance(v, torch.Tensor) and v.dim() == 2 else None
+
+
+def _as_matmul_linear(node: Node) -> Optional[Linear]:
+    if node.target in ADD_FUNCTIONS and len(node.args) == 2 and not node.kwargs:
+        for mm, b in (node.args, node.args[::-1]):
+            lin = _as_matmul_linear(mm) if isinstance(mm, Node) and mm.op == "call_function" else None
+            bv, out = example_value(b), example_value(mm)
+            if (lin is not None and lin.bias is None and isinstance(bv, torch.Tensor) and bv.dim() == 1
+                    and isinstance(out, torch.Tensor) and same(bv.shape[0], out.shape[-1])):
+                return dataclasses.replace(lin, node=node, bias=b)
+        return None
+    if node.target not in MATMUL_FUNCTIONS or len(node.args) != 2 or node.kwargs:
+        return None
+    x, wt = node.args
+    xv = example_value(x)
+    if not isinstance(x, Node) or not isinstance(xv, torch.Tensor) or xv.dim() < 2:
+        return None  # (a 1-D x would drop the row dimension)
+    w = _transpose_of(wt)
+    if w is not None:
+        return Linear(node, x, w, None, False)
+    v = example_value(wt)
+    if isinstance(wt, Node) and wt.op in ("placeholder", "get_attr") and isinstance(v, torch.Tensor) and v.dim() == 2:
+        return Linear(node, x, wt, None, True)  # x @ W with W stored [in, out]
+    return None
+
+
 def as_linear(node) -> Optional[Linear]:
     """The linear ``node`` computes, or None."""
     if not isinstance(node, Node) or node.op != "call_function":
         return None
     if _op_name_of(node.target) == BLOCK_LINEAR:
         return _as_block_linear(node)
+    if node.target in MATMUL_FUNCTIONS or node.target in ADD_FUNCTIONS:
+        return _as_matmul_linear(node)
     if node.target in LINEAR_FUNCTIONS:
         x, w, b = _arg(node, 0, "input"), _arg(node, 1, "weight"), _arg(node, 2, "bias")
         transposed = False
@@ -113,8 +160,6 @@ CHUNK_METHODS = {"chunk": "chunks", "split": "split_size"}
 def as_half(node) -> Optional[Linear]:
     """``getitem(chunk(linear(x, W, b), 2, dim=-1), k)``: one half of a fused projection (Phi-3's
     and GLM's ``gate_up_proj``) read as a linear of rows ``k*h:(k+1)*h`` of W (and b), or None."""
-    import operator
-
     if not (isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem
             and len(node.args) == 2 and node.args[1] in (0, 1)):
         return None
@@ -303,7 +348,7 @@ def pointwise_region(out: Node, order: dict):
         if is_row_view(n):
             nodes.add(n)
             todo.append(n.args[0])  # shape arguments are not part of the function
-        elif isinstance(n, Node) and _is_pointwise(n):
+        elif isinstance(n, Node) and _is_pointwise(n) and as_linear(n) is None:  # (x @ W.T + b is a linear)
             nodes.add(n)
             todo.extend(a for a in n.args if isinstance(a, Node) and isinstance(example_value(a), torch.Tensor))
         else:
