@@ -427,9 +427,26 @@ def test_property_rewrite_matches_eager(d, h, d_out, block, dtype, bias, act, ga
 
 # --- real architectures ------------------------------------------------------------------
 
+# more architectures, built from their config class's defaults (model type, extra config)
+_MORE_HF = {
+    "mistral": ("mistral", dict(num_key_value_heads=2)), "gemma": ("gemma", dict(num_key_value_heads=2, head_dim=16)),
+    "gemma2": ("gemma2", dict(num_key_value_heads=2, head_dim=16)), "phi": ("phi", {}), "gpt_neox": ("gpt_neox", {}),
+    "opt": ("opt", dict(ffn_dim=128, word_embed_proj_dim=64)), "stablelm": ("stablelm", dict(num_key_value_heads=2)),
+    "starcoder2": ("starcoder2", dict(num_key_value_heads=2)), "olmo": ("olmo", dict(num_key_value_heads=2)),
+    "granite": ("granite", dict(num_key_value_heads=2)), "qwen3": ("qwen3", dict(num_key_value_heads=2, head_dim=16)),
+    "gpt_bigcode": ("gpt_bigcode", dict(n_embd=64, n_layer=2, n_head=4, n_inner=128)),
+    "cohere": ("cohere", dict(num_key_value_heads=2)), "mpt": ("mpt", dict(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2)),
+}
+
+
 def _hf(name):
-    from transformers import (BertConfig, FalconConfig, GlmConfig, GPT2Config, LlamaConfig, Phi3Config, Qwen2Config,
-                              T5Config)
+    from transformers import (AutoConfig, BertConfig, FalconConfig, GlmConfig, GPT2Config, LlamaConfig, Phi3Config,
+                              Qwen2Config, T5Config)
+
+    if name in _MORE_HF:
+        t, extra = _MORE_HF[name]
+        return AutoConfig.for_model(t, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                    vocab_size=128, **extra)
 
     small = dict(num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
     return {
@@ -460,7 +477,7 @@ class LastHidden(nn.Module):
         return self.model(ids).last_hidden_state
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert", "t5", "t5-gated", "phi3", "glm", "falcon"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "bert", "t5", "t5-gated", "phi3", "glm", "falcon", *_MORE_HF])
 def test_tiny_hf_models_fuse_every_mlp(arch):
     from transformers import AutoModel, T5EncoderModel
 
