@@ -21,13 +21,39 @@ def _storage_key(t: torch.Tensor) -> int:
 def declare_mask(param: torch.Tensor, mask: torch.Tensor, block: Tuple[int, int]) -> None:
     """Declare ``param`` to mean ``param * expand(mask, block)``. ``mask`` is bool ``[O/bo, I/bi]``."""
     param._blast_mask = (mask, tuple(block))
+    param._blast_mask_rows = {}
     _DECLARED[_storage_key(param)] = weakref.ref(param)
 
 
 def clear_mask(param: torch.Tensor) -> None:
     _DECLARED.pop(_storage_key(param), None)
-    if hasattr(param, "_blast_mask"):
-        del param._blast_mask
+    for attr in ("_blast_mask", "_blast_mask_rows"):
+        if hasattr(param, attr):
+            delattr(param, attr)
+
+
+def _row_slice(p: torch.Tensor, t: torch.Tensor):
+    """The block rows of ``p``'s declared mask that ``t`` covers, when ``t`` is a block-aligned row
+    slice of ``p`` (one half of a fused gate|up weight, as the rewrite passes it), else None. The
+    slice object is kept per (mask, rows), so the op's mask_version stays put between calls."""
+    mask, (bo, bi) = p._blast_mask
+    if t.dim() != 2 or p.dim() != 2 or t.stride() != p.stride() or t.shape[1] != p.shape[1]:
+        return None
+    off = t.storage_offset() - p.storage_offset()
+    if off < 0 or off % p.stride(0):
+        return None
+    r0, n = off // p.stride(0), t.shape[0]
+    if r0 + n > p.shape[0] or r0 % bo or (n % bo and r0 + n != p.shape[0]):
+        return None
+    cache = getattr(p, "_blast_mask_rows", None)
+    if cache is None:
+        cache = p._blast_mask_rows = {}
+    key = (id(mask), r0, n)
+    if key not in cache:
+        for k in [k for k in cache if k[0] != id(mask)]:  # slices of an earlier mask: stale
+            del cache[k]
+        cache[key] = mask[r0 // bo: -(-(r0 + n) // bo)]
+    return cache[key], (bo, bi)
 
 
 def declared_mask(t: Optional[torch.Tensor]):
@@ -41,9 +67,11 @@ def declared_mask(t: Optional[torch.Tensor]):
     except (RuntimeError, NotImplementedError):  # fake / meta tensors
         return None
     p = ref() if ref is not None else None
-    if p is None or p.shape != t.shape or p.stride() != t.stride() or p.storage_offset() != t.storage_offset():
+    if p is None or getattr(p, "_blast_mask", None) is None:
         return None
-    return getattr(p, "_blast_mask", None)
+    if p.shape != t.shape or p.stride() != t.stride() or p.storage_offset() != t.storage_offset():
+        return _row_slice(p, t)
+    return p._blast_mask
 
 
 def mask_version(t: Optional[torch.Tensor]):

@@ -14,7 +14,10 @@ The recipe (what is known to work; BLaST's own text was not available):
 * **block score**: the block's L2 norm (``magnitude``) or ``|W * grad|``
   accumulated since the last update (``movement``). Each layer keeps the same
   fraction of blocks; ``balanced=True`` keeps the same count in every block-row,
-  which lets the fused kernels use constexpr trip counts.
+  which lets the fused kernels use constexpr trip counts. With ``tie_gate_up``
+  (default) a gated MLP's gate and up projections share one mask, and so do the
+  two halves of a fused ``gate_up_proj`` (Phi-3, GLM): the fused op reads the
+  union of both, so separate masks would cost live blocks.
 * **prune-and-grow** (RigL): with ``regrow=f``, an update drops ``f`` of the kept
   blocks more and re-activates as many dead blocks with the largest accumulated
   gradient norm. Grown blocks start at zero. Regrowth needs *dense* gradients:
@@ -55,7 +58,9 @@ from .formats import cdiv, expand_mask
 log = logging.getLogger("blast_compile.sparsifier")
 
 # Module names of MLP projections in common architectures (Llama, GPT-2, OPT/BERT, Mixtral experts).
-_MLP_LEAF = re.compile(r"(^|\.)(gate_proj|up_proj|down_proj|fc1|fc2|c_fc|w1|w2|w3|dense_h_to_4h|dense_4h_to_h|fc_in|fc_out)$")
+_MLP_LEAF = re.compile(r"(^|\.)(gate_proj|up_proj|gate_up_proj|down_proj|fc1|fc2|c_fc|w1|w2|w3|dense_h_to_4h|dense_4h_to_h|fc_in|fc_out)$")
+# a fused gate|up projection: rows [0, h) and [h, 2h) are the gate and up weights (Phi-3, GLM)
+_FUSED_GATE_UP = {"gate_up_proj"}
 _MLP_PARENT = re.compile(r"(^|\.)(mlp|feed_forward|ffn|intermediate)(\.|$)")
 
 
@@ -187,6 +192,7 @@ class BlastSparsifier:
             self.layers[name] = _Layer(name, mod, self.block_size)
         if not self.layers:
             raise ValueError("no layers to sparsify (pass layers=[...] or a filter)")
+        self.tie_gate_up = bool(tie_gate_up)
         self.groups = self._groups(tie_gate_up)
         for L in self.layers.values():
             self._set_mask(L, L.mask, grown=None)
@@ -310,19 +316,33 @@ class BlastSparsifier:
             return L.score_acc
         return _block_sum(L.param.detach().float().square(), self.block_size)
 
-    def _n_keep(self, L: _Layer, sparsity: float) -> int:
+    def _n_keep(self, L: _Layer, sparsity: float, rows: Optional[int] = None) -> int:
         r, c = L.mask.shape
-        per = c if self.balanced else r * c
+        per = c if self.balanced else (rows or r) * c
         return max(1, int(round((1.0 - sparsity) * per)))
+
+    def _halves(self, L: _Layer) -> bool:
+        """A fused gate|up weight (``gate_up_proj``: Phi-3, GLM) whose halves split on a block row: its
+        two halves get one mask (the fused op reads their union, as for tied gate and up layers)."""
+        return (self.tie_gate_up and L.name.rpartition(".")[2] in _FUSED_GATE_UP
+                and L.shape[0] % (2 * self.block_size) == 0)
 
     @torch.no_grad()
     def _update_masks(self, sparsity: float):
         for names in self.groups:
             Ls = [self.layers[n] for n in names]
             L0 = Ls[0]
-            score = sum(self._score(L) for L in Ls)
-            gacc = [L.grad_acc for L in Ls if L.grad_acc is not None]
-            k = self._n_keep(L0, sparsity)
+            halves = self._halves(L0)
+
+            def fold(t):  # a fused gate|up weight: score its two halves as one
+                return t[: t.shape[0] // 2] + t[t.shape[0] // 2:] if halves else t
+
+            def unfold(m):
+                return torch.cat([m, m]) if halves else m
+
+            score = fold(sum(self._score(L) for L in Ls))
+            gacc = [fold(L.grad_acc) for L in Ls if L.grad_acc is not None]
+            k = self._n_keep(L0, sparsity, rows=score.shape[0])
             n_grow = int(self.regrow * k) if (self.regrow and gacc and sparsity > 0) else 0
             mask = _topk_mask(score, k - n_grow, self.balanced)
             grown = None
@@ -330,7 +350,9 @@ class BlastSparsifier:
                 # grow among the blocks not kept, by accumulated gradient norm (needs dense grads)
                 grown = _topk_mask(sum(gacc), n_grow, self.balanced, allowed=~mask)
                 mask = mask | grown  # RigL: every grown block (even one dropped just now) restarts from zero
+                grown = unfold(grown)
                 self.last_grown.update({n: grown for n in names})
+            mask = unfold(mask)
             for L in Ls:
                 if grown is not None or not torch.equal(mask, L.mask):
                     self._set_mask(L, mask, grown)

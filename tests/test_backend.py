@@ -135,6 +135,47 @@ def test_fused_gate_up_training_and_weight_changes():
         torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
 
 
+class Conv1DBlock(torch.nn.Module):
+    """GPT-2's MLP: Conv1D weights stored [in, out] (``addmm(b, x, W)``); the op reads ``torch.t(W)``."""
+
+    def __init__(self, d=64, h=192):
+        super().__init__()
+        self.w_fc, self.b_fc = torch.nn.Parameter(torch.randn(d, h) / d ** 0.5), torch.nn.Parameter(torch.zeros(h))
+        self.w_proj, self.b_proj = torch.nn.Parameter(torch.randn(h, d) / h ** 0.5), torch.nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        x2 = x.reshape(-1, x.shape[-1])
+        a = torch.nn.functional.gelu(torch.addmm(self.b_fc, x2, self.w_fc))
+        return torch.addmm(self.b_proj, a, self.w_proj).view(x.shape)
+
+
+@pytest.mark.parametrize("block", ["conv1d", "fused_gate_up"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_weight_views_keep_their_plan_and_see_in_place_changes(block, grad):
+    """Inductor hands the op a view of a weight (``torch.t(W)``, a ``narrow`` half) as a fresh alias
+    every call, with a version counter of its own. The plan must survive across calls (it was rebuilt
+    on every call) and still follow in-place changes of the parameter (the alias's counter never moves)."""
+    from blast_compile.testing import zero_blocks_
+
+    torch.manual_seed(0)
+    m = Conv1DBlock() if block == "conv1d" else FusedGateUpBlock()
+    g = torch.Generator().manual_seed(0)
+    ws = [p for p in m.parameters() if p.dim() == 2]
+    for p in ws:
+        zero_blocks_(p.data, 0.9, (32, 32), g)
+    torch._dynamo.reset()
+    x = torch.randn(3, 5, 64)
+    with torch.set_grad_enabled(grad):
+        cm = torch.compile(m, backend="blast")
+        for _ in range(4):
+            torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+        assert counters["blast"]["mlp_fused"] == 1 and counters["blast"]["plans_built"] == 1
+        with torch.no_grad():
+            ws[0].add_(0.01 * torch.randn_like(ws[0]) * (ws[0] == 0))  # every dead block of W1 revived
+        torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+        assert counters["blast"]["pattern_changed"] == 1
+
+
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
 def test_ambient_autocast_fused_op_computes_like_autocast_linears(x_dtype):
     """fp32 parameters under ``torch.autocast`` (mixed-precision training): the linears run in bf16

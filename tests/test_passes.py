@@ -123,7 +123,8 @@ def n_fused(gm):
 
 
 def blast_counters():
-    return {k: v for k, v in counters["blast"].items() if v}
+    """The passes' counters (not the op's run-time ones, e.g. ``plans_built`` when ``fuse`` runs the graph)."""
+    return {k: v for k, v in counters["blast"].items() if v and k != "plans_built"}
 
 
 # --- matching ------------------------------------------------------------------------

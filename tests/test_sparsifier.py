@@ -413,3 +413,57 @@ def test_hidden_use_counts_orphan_blocks():
     used = 2 * D + 2  # gate/up row 0 and down column 0
     assert u["orphan_frac"] == pytest.approx(1 - used / live)
     assert set(sp.hidden_use()) == {"0.mlp", "1.mlp"}
+
+
+class FusedGateUpMLP(nn.Module):
+    """Phi-3's MLP: one gate|up linear, chunked."""
+
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(d, 2 * h, bias=False)
+        self.down_proj = nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * nn.functional.silu(gate))
+
+
+def test_fused_gate_up_halves_share_a_mask_and_the_compiled_model_sees_it():
+    """The two halves of a fused gate|up weight get one mask (tied, as gate_proj/up_proj), and the
+    compiled model's fused op finds the declared mask through the row views it is handed: its
+    gradient of that weight is eager's times the mask (dW on live blocks only) and training keeps
+    every dead block dead."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    mlp = FusedGateUpMLP()
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    sp = BlastSparsifier(mlp, target_sparsity=0.75, block_size=16, schedule="constant", optimizer=opt)  # (the
+    # backend's smallest block: 16)
+    m = sp.layers["gate_up_proj"].mask
+    assert torch.equal(m[: m.shape[0] // 2], m[m.shape[0] // 2:]) and 0.2 < m.float().mean() < 0.3
+    w = mlp.gate_up_proj.weight
+    h = w.shape[0] // 2
+    d1, _ = bmasks.declared_mask(w.narrow(0, 0, h))
+    assert d1 is bmasks.declared_mask(w.narrow(0, 0, h))[0]  # one slice object: the op's mask_version stays put
+    cm = torch.compile(mlp, backend="blast")
+    for _ in range(2):
+        x = torch.randn(6, 32, requires_grad=True)
+        y = cm(x)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, retain_graph=True)
+        y.square().sum().backward()
+        ref_x = x.detach().clone().requires_grad_()
+        ref = [p.detach().clone().requires_grad_() for p in (mlp.gate_up_proj.weight, mlp.down_proj.weight)]
+        g, u = torch.nn.functional.linear(ref_x, ref[0]).chunk(2, dim=-1)
+        r = torch.nn.functional.linear(u * torch.nn.functional.silu(g), ref[1])
+        exp = torch.autograd.grad(r.square().sum(), [ref_x] + ref)
+        torch.testing.assert_close(gx, exp[0], **tol(torch.float32))
+        for p, e, name in zip((mlp.gate_up_proj.weight, mlp.down_proj.weight), exp[1:], ("gate_up_proj", "down_proj")):
+            em = expand_mask(sp.layers[name].mask, 16, 16, p.shape).float()
+            torch.testing.assert_close(p.grad, e * em, **tol(torch.float32))
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+        for L in sp.layers.values():
+            assert not bool((block_mask(L.param.detach(), 16, 16) & ~L.mask).any()), L.name
+    from torch._dynamo.utils import counters
+    assert counters["blast"]["mlp_fused"] == 1 and counters["blast"]["masked_weight_update"] >= 1

@@ -23,6 +23,55 @@ def ident(t: Optional[Tensor]):
     return (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.device)
 
 
+# storage address -> weakrefs of the parameters the backend fused (``register_weights``)
+_OWNERS: "dict[int, list]" = {}
+
+
+def register_weights(*ts) -> None:
+    """Name the parameters a fused op reads; the backend calls this at compile time, when it sees
+    them. At run time the op may get an *alias* instead (Inductor hands a view of a graph input --
+    GPT-2's ``torch.t(W)``, a fused gate|up weight's ``narrow`` -- as a fresh ``reinterpret_tensor``
+    each call, with a version counter of its own that in-place changes of the parameter never
+    move); ``owner`` maps it back."""
+    for t in ts:
+        if isinstance(t, Tensor) and t.device.type != "meta":
+            try:
+                refs_ = _OWNERS.setdefault(t.untyped_storage().data_ptr(), [])
+            except (RuntimeError, NotImplementedError):  # fake tensors, subclasses
+                continue
+            refs_[:] = [r for r in refs_ if r() is not None and r() is not t] + [weakref.ref(t)]
+
+
+def _span(t: Tensor):
+    """[first, last] element offsets ``t`` touches in its storage."""
+    last = t.storage_offset() + sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+    return t.storage_offset(), last
+
+
+def owner(t: Optional[Tensor]):
+    """The tensor whose version counter and lifetime stand for ``t``: the registered parameter whose
+    storage span holds ``t``'s elements (``t`` an alias of it), else the base of a view, else ``t``."""
+    if t is None:
+        return None
+    try:
+        cands = _OWNERS.get(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        cands = None
+    if cands:
+        ps = [r() for r in cands]
+        if any(p is t for p in ps):  # the parameter itself (the usual case)
+            return t
+        if None in ps:  # (a fused parameter died: forget it)
+            cands[:] = [r for r, p in zip(cands, ps) if p is not None]
+        lo, hi = _span(t) if t.numel() else (t.storage_offset(), t.storage_offset())
+        for p in ps:
+            if p is not None and p.dtype == t.dtype and p.device == t.device and p.numel():
+                plo, phi = _span(p)
+                if plo <= lo and hi <= phi:
+                    return p
+    return t._base if t._base is not None else t
+
+
 def version(t: Optional[Tensor]):
     """``t._version``, or None for an inference tensor (made under ``torch.inference_mode()``), which
     has no version counter: in-place writes to it are not seen (``refresh()`` after them); said once."""

@@ -42,7 +42,7 @@ from torch._dynamo.utils import counters
 from .. import masks as _masks
 from ..formats import block_mask, build_pattern, expand_mask, _mlp_masks
 from . import gather
-from .plans import PlanCache, as_output, ident, outside_graph_pool, refs, version, warm_kernels, warn_once
+from .plans import PlanCache, as_output, ident, outside_graph_pool, owner, refs, version, warm_kernels, warn_once
 from .activations import dense_mlp, in_dtype
 
 log = logging.getLogger("blast_compile.ops")
@@ -72,7 +72,9 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
     """The live-block plan for these weights, re-derived only when a version counter moved."""
     sk = (pattern_key, ident(w1), ident(w3), ident(w2), b1 is not None, b3 is not None)
     ws = [t for t in (w1, w3, w2) if t is not None]
-    vers = (tuple(version(t) for t in ws), tuple(_masks.mask_version(t) for t in ws))
+    # an alias (Inductor's per-call view of a parameter) answers for neither versions nor lifetime
+    own = [owner(t) for t in ws]
+    vers = (tuple(version(t) for t in own), tuple(_masks.mask_version(t) for t in ws))
     all_declared = all(v is not None for v in vers[1])
     plan = _PLANS.get(sk)
     if plan is not None:
@@ -115,7 +117,8 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
         plan = _Plan()
         plan.versions = vers
         plan.raw_masks = prev_masks
-        plan.refs = refs(w1, w3, w2)
+        plan.refs = refs(*own)
+        counters["blast"]["plans_built"] += 1
         pat = build_pattern(m_in, m_dn, block_h, block_d, activation=activation, gated=w3 is not None,
                             has_b1=b1 is not None, has_b3=b3 is not None)
         plan.pattern = pat

@@ -32,6 +32,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from ..config import BlastOptions, Candidate
+from ..ops.plans import register_weights
 from .decide import decide, decide_packed, describe
 from .match import Context, find_mlps, refusal
 from .rewrite import rewrite, rewrite_packed
@@ -60,6 +61,8 @@ def run_passes(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions) -> 
                 counters["blast"]["mlp_fused_packed"] += 1
             else:
                 rewrite(gm, m, pattern, opts, replaced)
+                # the op may get per-call aliases of these (views in the graph): see plans.owner
+                register_weights(*(ctx.value(lin.weight) for lin in m.linears))
             fused += 1
             counters["blast"]["mlp_fused"] += 1
             log.info("blast: fused %s MLP %s (%s): %s", c.kind, c.module, c.activation, c.reason)
