@@ -35,7 +35,8 @@ def clear_mask(param: torch.Tensor) -> None:
 def _row_slice(p: torch.Tensor, t: torch.Tensor):
     """The block rows of ``p``'s declared mask that ``t`` covers, when ``t`` is a block-aligned row
     slice of ``p`` (one half of a fused gate|up weight, as the rewrite passes it), else None. The
-    slice object is kept per (mask, rows), so the op's mask_version stays put between calls."""
+    slice object is kept per rows until the next ``declare_mask``, so the op's mask_version stays
+    put between calls."""
     mask, (bo, bi) = p._blast_mask
     if t.dim() != 2 or p.dim() != 2 or t.stride() != p.stride() or t.shape[1] != p.shape[1]:
         return None
@@ -45,15 +46,10 @@ def _row_slice(p: torch.Tensor, t: torch.Tensor):
     r0, n = off // p.stride(0), t.shape[0]
     if r0 + n > p.shape[0] or r0 % bo or (n % bo and r0 + n != p.shape[0]):
         return None
-    cache = getattr(p, "_blast_mask_rows", None)
-    if cache is None:
-        cache = p._blast_mask_rows = {}
-    key = (id(mask), r0, n)
-    if key not in cache:
-        for k in [k for k in cache if k[0] != id(mask)]:  # slices of an earlier mask: stale
-            del cache[k]
-        cache[key] = mask[r0 // bo: -(-(r0 + n) // bo)]
-    return cache[key], (bo, bi)
+    rows = p._blast_mask_rows  # (emptied by every declare_mask)
+    if (r0, n) not in rows:
+        rows[r0, n] = mask[r0 // bo: -(-(r0 + n) // bo)]
+    return rows[r0, n], (bo, bi)
 
 
 def declared_mask(t: Optional[torch.Tensor]):

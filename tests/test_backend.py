@@ -22,6 +22,17 @@ class Block(torch.nn.Module):
         return x + self.mlp(self.norm(x))
 
 
+def sparsify_weights_(m, sparsity=0.9):
+    """Random dead 32x32 blocks in every 2-D weight of ``m`` (whatever its names); returns ``m``."""
+    from blast_compile.testing import zero_blocks_
+
+    g = torch.Generator().manual_seed(0)
+    for p in m.parameters():
+        if p.dim() == 2:
+            zero_blocks_(p.data, sparsity, (32, 32), g)
+    return m
+
+
 def sparse_block(sparsity=0.9, seed=0):
     torch.manual_seed(seed)
     m = Block()
@@ -117,15 +128,9 @@ class FusedGateUpBlock(torch.nn.Module):
 def test_fused_gate_up_training_and_weight_changes():
     """The fused op reads the halves of the gate|up weight as views: its gradient is assembled from
     both halves, and an in-place change of the whole weight is seen by both."""
-    from blast_compile.testing import zero_blocks_
-
     def make():
         torch.manual_seed(2)
-        m = FusedGateUpBlock()
-        g = torch.Generator().manual_seed(0)
-        for p in (m.gate_up_proj.weight, m.down_proj.weight):
-            zero_blocks_(p.data, 0.9, (32, 32), g)
-        return m
+        return sparsify_weights_(FusedGateUpBlock())
 
     m, x = make(), torch.randn(3, 5, 64)
     cm = train_like_eager(m, make(), x)
@@ -155,14 +160,9 @@ def test_weight_views_keep_their_plan_and_see_in_place_changes(block, grad):
     """Inductor hands the op a view of a weight (``torch.t(W)``, a ``narrow`` half) as a fresh alias
     every call, with a version counter of its own. The plan must survive across calls (it was rebuilt
     on every call) and still follow in-place changes of the parameter (the alias's counter never moves)."""
-    from blast_compile.testing import zero_blocks_
-
     torch.manual_seed(0)
-    m = Conv1DBlock() if block == "conv1d" else FusedGateUpBlock()
-    g = torch.Generator().manual_seed(0)
+    m = sparsify_weights_(Conv1DBlock() if block == "conv1d" else FusedGateUpBlock())
     ws = [p for p in m.parameters() if p.dim() == 2]
-    for p in ws:
-        zero_blocks_(p.data, 0.9, (32, 32), g)
     torch._dynamo.reset()
     x = torch.randn(3, 5, 64)
     with torch.set_grad_enabled(grad):

@@ -61,7 +61,7 @@ def owner(t: Optional[Tensor]):
         ps = [r() for r in cands]
         if any(p is t for p in ps):  # the parameter itself (the usual case)
             return t
-        if None in ps:  # (a fused parameter died: forget it)
+        if any(p is None for p in ps):  # (a fused parameter died: forget it)
             cands[:] = [r for r, p in zip(cands, ps) if p is not None]
         lo, hi = _span(t) if t.numel() else (t.storage_offset(), t.storage_offset())
         for p in ps:

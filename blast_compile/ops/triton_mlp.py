@@ -417,6 +417,12 @@ def tuning_key(kind, sig, m, shape=()) -> str:
 TUNE_RECORD = None
 
 
+def _memo_key(*parts):
+    """Key of a choice remembered in a plan's cache (``_choose``'s configs, ``_decode``'s path): its
+    parts, the kernel dir and the lookup function (a patched lookup -- tests -- is honoured)."""
+    return (*parts, codegen.get_kernel_dir(), codegen.lookup_config)
+
+
 def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
     """Launch config for (kernel, signature, shape, M bucket): persisted table, else tune now (CUDA
     only). Timed by CUDA-graph replay: a Triton launch with ~35 arguments costs ~20-50 µs of host
@@ -427,11 +433,10 @@ def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
 
     ``memo``: a plan's cache, which then remembers what the table or the tuner gave, so that later
     calls skip the key string (host time: a call without CUDA graphs is host-bound). Its key holds
-    the signature's id (the plan keeps the signature alive), the kernel dir and the lookup function
-    (a patched lookup -- tests -- is honoured)."""
+    the signature's id (the plan keeps the signature alive): ``_memo_key``."""
     mk = None
     if memo is not None:
-        mk = ("chosen", kind, id(sig), codegen.m_bucket(m), shape, codegen._KERNEL_DIR, codegen.lookup_config)
+        mk = _memo_key("chosen", kind, id(sig), codegen.m_bucket(m), shape)
         cfg = memo.get(mk)
         if cfg is not None:
             return cfg
@@ -456,7 +461,7 @@ def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
     best = min(times)[1] if times else configs[0]
     codegen.store_config(key, list(best))
     if mk is not None:
-        memo[(*mk[:5], codegen._KERNEL_DIR, codegen.lookup_config)] = tuple(best)
+        memo[mk] = tuple(best)
     log.info("blast: tuned %s -> %s", key, best)
     return best
 
@@ -642,7 +647,7 @@ def _decode(args):
     if mode in paths:
         return paths[mode](*args)
     x2d, _, plan, m, d_in, d_hidden, d_out, sig = args[:8]
-    mk = ("dec_path", id(sig), codegen.m_bucket(m), codegen._KERNEL_DIR, codegen.lookup_config)  # as _choose's memo
+    mk = _memo_key("dec_path", id(sig), codegen.m_bucket(m))
     choice = plan.cache.get(mk)
     if choice is not None:
         return paths[choice](*args)
@@ -661,7 +666,7 @@ def _decode(args):
         codegen.store_config(key, choice)
         log.info("blast: decode path %s -> %s (%s)", key, choice[0],
                  ", ".join(f"{k} {v:.1f} us" for k, v in times.items()))
-    plan.cache[(*mk[:3], codegen._KERNEL_DIR, codegen.lookup_config)] = choice[0]
+    plan.cache[mk] = choice[0]
     return paths[choice[0]](*args)
 
 

@@ -14,13 +14,8 @@ from typing import Optional, Tuple
 from ..config import BlastOptions, Candidate
 from ..formats import MLPPattern, cdiv, choose_block, pattern_from_weights
 from ..ops.packed_mlp import pattern_key as packed_pattern_key
-from .match import Context, MLPMatch, module_path, weight_of
+from .match import Context, MLPMatch, is_dtensor, module_path, weight_of
 from .normalize import example_value
-
-
-def is_dtensor(t) -> bool:
-    """A DTensor (tensor-parallel weight), told by its interface: no torch.distributed import."""
-    return hasattr(t, "to_local") and hasattr(t, "placements")
 
 
 def local(t):

@@ -199,6 +199,11 @@ def _source_name(source) -> str:
     return source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", source))
 
 
+def is_dtensor(t) -> bool:
+    """A DTensor (tensor-parallel weight), told by its interface: no torch.distributed import."""
+    return hasattr(t, "to_local") and hasattr(t, "placements")
+
+
 def weight_of(lin: Linear, ctx: Context):
     """(weight as ``[out, in]``, bias): the real tensors behind ``lin`` (GPT-2 Conv1D weights
     transposed, one half of a fused gate|up its rows: views)."""
@@ -311,7 +316,7 @@ def check_shapes(m, ctx):
     w = {}
     for lin, r in ((m.gate, "1"), (m.up, "3"), (m.down, "2")):
         if lin is not None:
-            if lin.rows is not None and hasattr(ctx.value(lin.weight), "placements"):
+            if lin.rows is not None and is_dtensor(ctx.value(lin.weight)):
                 return "shape", "a fused gate|up weight is a DTensor (its halves are not split per rank here)"
             w["w" + r], b = weight_of(lin, ctx)
             if lin.bias is not None:

@@ -3,7 +3,8 @@
 The new node takes the place of the down projection's output, so everything
 after the MLP (residual adds, GPT-2's final ``.view``) is untouched. It reads
 the dense weights themselves (GPT-2 ``Conv1D`` weights through ``torch.t``, the
-halves of a fused gate|up weight through ``torch.narrow``: views), never copies: the op re-derives its pattern if the weights change.
+halves of a fused gate|up weight through ``torch.narrow``: views), never copies:
+the op re-derives its pattern if the weights change.
 Its ``meta`` is the down projection's (stack trace, ``nn_module_stack``,
 ``example_value``: same shape by construction, see ``match._pick_x``), so
 provenance survives into AOTAutograd/Inductor logs.
