@@ -1,4 +1,4 @@
-"""End-to-end generation: a Llama-3.2-1B-shaped model (random weights, MLP blocks zeroed)
+"""End-to-end generation: a Llama-3.2-1B-shaped model (or GPT2-XL, ``--arch``; random weights, MLP blocks zeroed)
 under torch.compile, dense (default Inductor) vs backend="blast".
 
 Decode: HF ``generate`` with a static KV cache, the forward compiled through
@@ -22,10 +22,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build(args, device, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from blast_compile.testing import sparsify_mlps_
 
+    if args.arch == "gpt2-xl":  # Conv1D weights: the fused op reads torch.t(W) views
+        d, h = (256, 1024) if args.small else (1600, 6400)
+        cfg = GPT2Config(n_embd=d, n_inner=h, n_layer=args.layers, n_head=d // 64, vocab_size=2048 if args.small
+                         else 50257, n_positions=max(1024, args.prefill, args.prompt + args.new), bos_token_id=0,
+                         eos_token_id=0)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = GPT2LMHeadModel(cfg).to(dtype).eval()
+        return model, cfg, sparsify_mlps_(model, args.sparsity, block=args.block)
     if args.small:
         cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=args.layers,
                           num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096)
@@ -99,6 +108,7 @@ def prefill_ms(fn, ids, device, reps):
 
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--arch", default="llama-1b", choices=["llama-1b", "gpt2-xl"])
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--sparsity", type=float, default=0.9)
     p.add_argument("--block", type=int, default=64)
@@ -123,7 +133,7 @@ def main():
         bench="e2e", date=datetime.datetime.now().isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, triton=__import__("triton").__version__ if device == "cuda" else None,
-        model="Llama-3.2-1B shape" if not args.small else "small", layers=args.layers, sparsity=args.sparsity,
+        model=("Llama-3.2-1B shape" if args.arch == "llama-1b" else "GPT2-XL shape") + (" (small)" if args.small else ""), layers=args.layers, sparsity=args.sparsity,
         block=args.block, mlp_weights_sparsified=n, mode=args.mode, decode={}, prefill={},
     )
     variants = {
@@ -179,10 +189,13 @@ def main():
         for name in names:
             torch._dynamo.reset()
             fn = model if name == "eager" else torch.compile(model, backend=name, mode=mode)
+            counters.clear()
             try:
                 res[key][name] = prefill_ms(lambda i: fn(i, use_cache=False).logits, ids, device, args.reps)
             except Exception as e:
                 res[key][name] = f"error: {type(e).__name__}: {str(e)[:300]}"
+            if name == "blast":  # plans built over warm-up + reps calls: one per MLP if none is rebuilt
+                res[key]["blast_plans_built"] = counters["blast"]["plans_built"]
             print(f"prefill {args.prefill} {name}{f' ({mode})' if mode else ''}: {res[key][name]} ms", flush=True)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"e2e_{res['date'].replace(':', '')}.json")

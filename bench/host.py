@@ -104,12 +104,12 @@ class Timers:
     def __init__(self):
         import triton.runtime.jit as jit
 
-        from blast_compile.ops import sparse_mlp as sm
+        from blast_compile.ops import launch, sparse_mlp as sm
 
         self.acc, self.on, self._undo = {}, False, []
         for mod, name in ((sm, "resolve"), (sm, "_cuda_forward"), (triton_mlp, "_forward"), (triton_mlp, "_choose"),
                           (triton_mlp, "_descs"), (triton_mlp, "_tma_ok"), (triton_mlp, "_decode"),
-                          (jit.JITFunction, "run"), (torch, "zeros"), (torch, "empty")):
+                          (jit.JITFunction, "run"), (launch.Kernel, "launch"), (torch, "zeros"), (torch, "empty")):
             self._wrap(mod, name)
 
     def _wrap(self, mod, name):

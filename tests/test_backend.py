@@ -154,25 +154,28 @@ class Conv1DBlock(torch.nn.Module):
         return torch.addmm(self.b_proj, a, self.w_proj).view(x.shape)
 
 
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("block", ["conv1d", "fused_gate_up"])
 @pytest.mark.parametrize("grad", [False, True])
-def test_weight_views_keep_their_plan_and_see_in_place_changes(block, grad):
+def test_weight_views_keep_their_plan_and_see_in_place_changes(block, grad, dev):
     """Inductor hands the op a view of a weight (``torch.t(W)``, a ``narrow`` half) as a fresh alias
     every call, with a version counter of its own. The plan must survive across calls (it was rebuilt
-    on every call) and still follow in-place changes of the parameter (the alias's counter never moves)."""
+    on every call) and still follow in-place changes of the parameter (the alias's counter never moves).
+    On CUDA in fp16 (the kernels on offset and transposed views of a weight)."""
     torch.manual_seed(0)
-    m = sparsify_weights_(Conv1DBlock() if block == "conv1d" else FusedGateUpBlock())
+    dtype = torch.float32 if dev == "cpu" else torch.float16
+    m = sparsify_weights_(Conv1DBlock() if block == "conv1d" else FusedGateUpBlock()).to(dev, dtype)
     ws = [p for p in m.parameters() if p.dim() == 2]
     torch._dynamo.reset()
-    x = torch.randn(3, 5, 64)
     with torch.set_grad_enabled(grad):
         cm = torch.compile(m, backend="blast")
-        for _ in range(4):
-            torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
-        assert counters["blast"]["mlp_fused"] == 1 and counters["blast"]["plans_built"] == 1
+        for rows in (5, 5, 1, 300):  # prefill and decode kernels on CUDA
+            x = torch.randn(3, rows, 64, device=dev, dtype=dtype)
+            torch.testing.assert_close(cm(x), m(x), **tol(dtype))
+        assert counters["blast"]["mlp_fused"] >= 1 and counters["blast"]["plans_built"] == 1
         with torch.no_grad():
             ws[0].add_(0.01 * torch.randn_like(ws[0]) * (ws[0] == 0))  # every dead block of W1 revived
-        torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+        torch.testing.assert_close(cm(x), m(x), **tol(dtype))
         assert counters["blast"]["pattern_changed"] == 1
 
 

@@ -491,3 +491,26 @@ def test_tiny_hf_models_fuse_every_mlp(arch):
     _, cands = fuse(LastHidden(model), torch.randint(0, 128, (2, 8)))
     assert [c.decision for c in cands] == ["fused", "fused"], [c.reason for c in cands]
     assert counters["blast"]["mlp_fused"] == cfg.num_hidden_layers
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi3", "falcon", "glm", "t5-gated"])
+def test_gpu_tiny_hf_models_compiled(arch):
+    """The whole pipeline on CUDA (Inductor + the Triton kernels), fp16: fused gate|up halves (Phi-3, GLM),
+    matmul linears and ``+=`` on the op's output (Falcon), Conv1D ``torch.t(W)`` (GPT-2); one plan per MLP
+    across calls of several lengths (the plans must not be rebuilt per call on views of weights)."""
+    from transformers import AutoModel, T5EncoderModel
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    cfg = _hf(arch)
+    cfg.use_cache = False
+    model = (T5EncoderModel(cfg) if arch.startswith("t5") else AutoModel.from_config(cfg, attn_implementation="eager"))
+    model = sparsify(model.eval(), 0.9).to("cuda", torch.float16)
+    cm = torch.compile(LastHidden(model), backend="blast", dynamic=False)
+    with torch.no_grad():
+        for n in (8, 8, 1, 24):
+            ids = torch.randint(0, 128, (2, n), device="cuda")
+            torch.testing.assert_close(cm(ids), model(ids).last_hidden_state, **tol(torch.float16))
+    assert counters["blast"]["mlp_fused"] >= cfg.num_hidden_layers
+    assert counters["blast"]["plans_built"] == cfg.num_hidden_layers  # one per MLP across 3 graphs and 4 calls

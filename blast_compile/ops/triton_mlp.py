@@ -68,7 +68,7 @@ from torch._dynamo.utils import counters
 
 from .. import codegen
 from ..formats import cdiv
-from . import gather
+from . import gather, launch
 from .activations import in_dtype
 from .plans import outside_graph_pool, version, warn_once
 
@@ -468,13 +468,24 @@ def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
 
 # --- forward ---------------------------------------------------------------------------------------
 
+_LAUNCHABLE: "dict[int, launch.Module]" = {}
+
+
+def _launchable(mod):
+    """``mod`` with its kernels launched through ``launch.Kernel`` (less host time per launch)."""
+    w = _LAUNCHABLE.get(id(mod))
+    if w is None or w._mod is not mod:
+        w = _LAUNCHABLE[id(mod)] = launch.Module(mod)
+    return w
+
+
 def _module(plan, activation, gated, has_b1, has_b3, dtype):
     key = ("sig", activation, gated, has_b1, has_b3, dtype)
     sig = plan.cache.get(key)
     if sig is None:
         sig = codegen.signature(plan.pattern, activation, gated, has_b1, has_b3, dtype)
         plan.cache[key] = sig
-    return sig, codegen.load(sig)
+    return sig, _launchable(codegen.load(sig))
 
 
 @functools.lru_cache(maxsize=None)
