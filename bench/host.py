@@ -4,7 +4,8 @@ gets its kernels, against the GPU time of the same call.
 Without CUDA graphs a layer's wall time is max(host, GPU); round 10's e2e prefill (1B shape, 16
 layers, 2048 tokens) was host-bound. Per M, for one MLP: host µs per call (launches are
 asynchronous, so the Python call's duration is its host time while the launch queue has room) of
-the op, of its Python body (no dispatcher) and of ``triton_mlp.forward``, TMA on and off,
+the op, of its Python body (no dispatcher) and of ``triton_mlp.forward``, TMA on and off, direct
+launches (``ops/launch.py``) and Triton's JIT launch (``_jit``),
 interleaved; GPU µs per call (CUDA-graph replay); and where the op's time goes (``Timers``:
 wall-clock wrappers around its functions and Triton's launch). The same breakdown inside the
 compiled e2e model's default-mode prefill (``--layers``, 0: skip). A cProfile of the calls is kept
@@ -28,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._results import run_meta, write_json  # noqa: E402
 from bench.tiles import setup  # noqa: E402
-from blast_compile.ops import triton_mlp  # noqa: E402
+from blast_compile.ops import launch, triton_mlp  # noqa: E402
 from blast_compile.ops.sparse_mlp import sparse_mlp  # noqa: E402
 
 
@@ -76,13 +77,16 @@ def case(shape, m, calls, top, rounds=5):
             res[f"gpu_tma{int(tma)}"] = triton_mlp.graph_time([fns["forward"]] * 8)
             torch.testing.assert_close(fns["forward"](), ref)
         got = {}
-        for _ in range(rounds):
+        for _ in range(rounds):  # interleaved: the machine's host speed drifts by up to 2x over minutes
             for tma in (True, False):
                 triton_mlp.TMA = tma
-                for name, fn in fns.items():
-                    got.setdefault(f"{name}_tma{int(tma)}", []).append(host_us(fn, calls))
+                for fast in (True, False):  # direct launches (ops/launch.py) or Triton's JIT launch
+                    launch._ON["on"] = fast
+                    for name, fn in fns.items():
+                        got.setdefault(f"{name}_tma{int(tma)}{'' if fast else '_jit'}", []).append(host_us(fn, calls))
         res.update({k: sorted(v)[len(v) // 2] for k, v in got.items()})
         triton_mlp.TMA = True
+        launch._ON["on"] = None
         prof = profile(fns["op"], calls, top)
         tm = Timers()
         try:
@@ -104,7 +108,7 @@ class Timers:
     def __init__(self):
         import triton.runtime.jit as jit
 
-        from blast_compile.ops import launch, sparse_mlp as sm
+        from blast_compile.ops import sparse_mlp as sm
 
         self.acc, self.on, self._undo = {}, False, []
         for mod, name in ((sm, "resolve"), (sm, "_cuda_forward"), (triton_mlp, "_forward"), (triton_mlp, "_choose"),
@@ -155,7 +159,8 @@ def e2e_profile(layers, tokens, reps, top):
 
     from bench.e2e import build, median_seconds
 
-    model, cfg, _ = build(SimpleNamespace(small=False, layers=layers, sparsity=0.9, block=64), "cuda", torch.bfloat16)
+    model, cfg, _ = build(SimpleNamespace(arch="llama-1b", small=False, layers=layers, sparsity=0.9, block=64), "cuda",
+                          torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda")
     out = {}
     for name in ("inductor", "blast"):
