@@ -30,16 +30,14 @@ def main():
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM, StaticCache
+    from types import SimpleNamespace
 
-    from blast_compile.testing import sparsify_mlps_
+    from transformers import StaticCache
 
-    cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
-    sparsify_mlps_(model, 0.9, block=64)
+    from bench.e2e import build
+
+    model, cfg, _ = build(SimpleNamespace(small=False, layers=args.layers, sparsity=0.9, block=64), "cuda",
+                          torch.bfloat16)
     fn = torch.compile(model, backend=args.backend)
     n = args.tokens
     pos = [torch.tensor([32 + i], device="cuda") for i in range(2 * n + 4)]  # made up front: no per-token copy

@@ -26,25 +26,23 @@ def build(args, device, dtype):
 
     from blast_compile.testing import sparsify_mlps_
 
-    if args.arch == "gpt2-xl":  # Conv1D weights: the fused op reads torch.t(W) views
+    if getattr(args, "arch", "llama-1b") == "gpt2-xl":  # Conv1D weights: the fused op reads torch.t(W) views
         d, h = (256, 1024) if args.small else (1600, 6400)
-        cfg = GPT2Config(n_embd=d, n_inner=h, n_layer=args.layers, n_head=d // 64, vocab_size=2048 if args.small
-                         else 50257, n_positions=max(1024, args.prefill, args.prompt + args.new), bos_token_id=0,
-                         eos_token_id=0)
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = GPT2LMHeadModel(cfg).to(dtype).eval()
-        return model, cfg, sparsify_mlps_(model, args.sparsity, block=args.block)
-    if args.small:
-        cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=args.layers,
-                          num_attention_heads=4, num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096)
+        cls, cfg = GPT2LMHeadModel, GPT2Config(
+            n_embd=d, n_inner=h, n_layer=args.layers, n_head=d // 64, vocab_size=2048 if args.small else 50257,
+            n_positions=max(1024, args.prefill, args.prompt + args.new), bos_token_id=0, eos_token_id=0)
+    elif args.small:
+        cls, cfg = LlamaForCausalLM, LlamaConfig(
+            hidden_size=256, intermediate_size=1024, num_hidden_layers=args.layers, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=2048, max_position_embeddings=4096)
     else:  # Llama-3.2-1B shapes
-        cfg = LlamaConfig(hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers,
-                          num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
-                          max_position_embeddings=8192, tie_word_embeddings=True, rope_theta=500000.0)
+        cls, cfg = LlamaForCausalLM, LlamaConfig(
+            hidden_size=2048, intermediate_size=8192, num_hidden_layers=args.layers, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, tie_word_embeddings=True,
+            rope_theta=500000.0)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype).eval()
+        model = cls(cfg).to(dtype).eval()
     n = sparsify_mlps_(model, args.sparsity, block=args.block)
     return model, cfg, n
 
@@ -133,7 +131,8 @@ def main():
         bench="e2e", date=datetime.datetime.now().isoformat(timespec="seconds"),
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, triton=__import__("triton").__version__ if device == "cuda" else None,
-        model=("Llama-3.2-1B shape" if args.arch == "llama-1b" else "GPT2-XL shape") + (" (small)" if args.small else ""), layers=args.layers, sparsity=args.sparsity,
+        model={"llama-1b": "Llama-3.2-1B shape", "gpt2-xl": "GPT2-XL shape"}[args.arch] + (" (small)" * args.small),
+        layers=args.layers, sparsity=args.sparsity,
         block=args.block, mlp_weights_sparsified=n, mode=args.mode, decode={}, prefill={},
     )
     variants = {

@@ -83,7 +83,8 @@ def case(shape, m, calls, top, rounds=5):
                 for fast in (True, False):  # direct launches (ops/launch.py) or Triton's JIT launch
                     launch._ON["on"] = fast
                     for name, fn in fns.items():
-                        got.setdefault(f"{name}_tma{int(tma)}{'' if fast else '_jit'}", []).append(host_us(fn, calls))
+                        key = f"{name}_tma{int(tma)}{'' if fast else '_jit'}"
+                        got.setdefault(key, []).append(host_us(fn, calls))
         res.update({k: sorted(v)[len(v) // 2] for k, v in got.items()})
         triton_mlp.TMA = True
         launch._ON["on"] = None
@@ -159,8 +160,7 @@ def e2e_profile(layers, tokens, reps, top):
 
     from bench.e2e import build, median_seconds
 
-    model, cfg, _ = build(SimpleNamespace(arch="llama-1b", small=False, layers=layers, sparsity=0.9, block=64), "cuda",
-                          torch.bfloat16)
+    model, cfg, _ = build(SimpleNamespace(small=False, layers=layers, sparsity=0.9, block=64), "cuda", torch.bfloat16)
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), device="cuda")
     out = {}
     for name in ("inductor", "blast"):
@@ -179,7 +179,8 @@ def e2e_profile(layers, tokens, reps, top):
                 finally:
                     tm.undo()
                 print("blast prefill host breakdown (µs per forward, calls):", out["blast_breakdown"], flush=True)
-        print(f"e2e prefill {tokens} {name}: {out[f'{name}_ms']:.2f} ms (host {out[f'{name}_host_ms']:.2f})", flush=True)
+        print(f"e2e prefill {tokens} {name}: {out[f'{name}_ms']:.2f} ms (host {out[f'{name}_host_ms']:.2f})",
+              flush=True)
     print(out["blast_profile"], flush=True)
     return out
 

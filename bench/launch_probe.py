@@ -12,7 +12,6 @@ import argparse
 import inspect
 import os
 import sys
-import time
 
 import torch
 import triton
@@ -21,6 +20,9 @@ import triton.language as tl
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._results import run_meta, write_json  # noqa: E402
+from bench.host import host_us  # noqa: E402
+
+CALLS = 2000  # launches timed per row (median)
 
 
 @triton.jit
@@ -36,18 +38,6 @@ def wide(x, sx, y, sy, m, d_in, d_h, w1, o1, s10, s11, w3, o3, s30, s31, cols, a
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     v = tl.load(x + o * sx, mask=o < m) + m + d_in + d_h + n_in + d_out + f1 + k0 + k1 + k2 + k3
     tl.store(y + o * sy, v, mask=o < m)
-
-
-def host_us(fn, calls=2000):
-    ts = []
-    for i in range(calls):
-        if i % 64 == 0:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    torch.cuda.synchronize()
-    return sorted(ts)[len(ts) // 2] * 1e6
 
 
 def main():
@@ -72,7 +62,7 @@ def main():
 
     for name, fn in (("jit_small", jit_small), ("jit_wide", jit_wide)):
         fn()
-        res["rows"][name] = host_us(fn)
+        res["rows"][name] = host_us(fn, CALLS)
     # the parts of JITFunction.run (Triton internals: recorded, not relied on by the product)
     try:
         device = triton.runtime.driver.active.get_current_device()
@@ -89,7 +79,7 @@ def main():
                 break
             except TypeError:
                 continue
-        res["rows"]["binder_wide"] = host_us(lambda: binder(*wide_args, **opt))
+        res["rows"]["binder_wide"] = host_us(lambda: binder(*wide_args, **opt), CALLS)
         kern = wide.run(*wide_args, grid=(1,), warmup=False, **kw)
         vals = tuple(bound.values())
         res["rows"]["n_bound_args"] = len(vals)
@@ -100,14 +90,14 @@ def main():
 
         direct()
         torch.cuda.synchronize()
-        res["rows"]["compiled_run_wide"] = host_us(direct)
+        res["rows"]["compiled_run_wide"] = host_us(direct, CALLS)
 
         def stream_and_run():
             s = triton.runtime.driver.active.get_current_stream(device)
             launch[0](1, 1, 1, s, launch[1], launch[2], None, None, None, *vals)
 
-        res["rows"]["stream_plus_compiled_run_wide"] = host_us(stream_and_run)
-        res["rows"]["torch_current_stream"] = host_us(lambda: torch.cuda.current_stream().cuda_stream)
+        res["rows"]["stream_plus_compiled_run_wide"] = host_us(stream_and_run, CALLS)
+        res["rows"]["torch_current_stream"] = host_us(lambda: torch.cuda.current_stream().cuda_stream, CALLS)
     except Exception as e:  # report, don't hide
         res["rows"]["parts_error"] = f"{type(e).__name__}: {e}"
     src = inspect.getsource(triton.runtime.jit.JITFunction.run)

@@ -172,7 +172,8 @@ def test_weight_views_keep_their_plan_and_see_in_place_changes(block, grad, dev)
         for rows in (5, 5, 1, 300):  # prefill and decode kernels on CUDA
             x = torch.randn(3, rows, 64, device=dev, dtype=dtype)
             torch.testing.assert_close(cm(x), m(x), **tol(dtype))
-        assert counters["blast"]["mlp_fused"] >= 1 and counters["blast"]["plans_built"] == 1
+        # every graph Dynamo made for the lengths fused its MLP, and all of them share one plan
+        assert counters["blast"]["mlp_fused"] == counters["blast"]["graphs"] and counters["blast"]["plans_built"] == 1
         with torch.no_grad():
             ws[0].add_(0.01 * torch.randn_like(ws[0]) * (ws[0] == 0))  # every dead block of W1 revived
         torch.testing.assert_close(cm(x), m(x), **tol(dtype))

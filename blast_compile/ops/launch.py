@@ -106,11 +106,8 @@ class Kernel:
     def _first(self, grid, args, kw, key):
         """The JIT launch; keep what it returns for the next launches with this fingerprint."""
         k = self.fn.run(*args, grid=grid, warmup=False, **kw)
-        try:
-            order = tuple(self.names[len(args):])
-            if any(n not in kw and n not in self.defaults for n in order):
-                return
-            entry = (k.run, k.function, k.packed_metadata, order)
+        try:  # (the JIT launch bound every parameter: each one past args is a keyword or has a default)
+            entry = (k.run, k.function, k.packed_metadata, tuple(self.names[len(args):]))
         except AttributeError:  # a Triton whose compiled kernel looks otherwise: stay on the JIT path
             log.info("blast: direct Triton launches unavailable (%s); using the JIT launch", triton.__version__)
             _ON["on"] = False

@@ -468,15 +468,11 @@ def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
 
 # --- forward ---------------------------------------------------------------------------------------
 
-_LAUNCHABLE: "dict[int, launch.Module]" = {}
-
-
+@functools.lru_cache(maxsize=None)
 def _launchable(mod):
-    """``mod`` with its kernels launched through ``launch.Kernel`` (less host time per launch)."""
-    w = _LAUNCHABLE.get(id(mod))
-    if w is None or w._mod is not mod:
-        w = _LAUNCHABLE[id(mod)] = launch.Module(mod)
-    return w
+    """``mod`` with its kernels launched through ``launch.Kernel`` (less host time per launch); one
+    wrapper per module, which keeps the compiled kernels it has seen (codegen keeps modules alive)."""
+    return launch.Module(mod)
 
 
 def _module(plan, activation, gated, has_b1, has_b3, dtype):
