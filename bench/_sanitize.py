@@ -23,6 +23,10 @@ triton_mlp.PREFILL_CONFIGS, triton_mlp.BACKWARD_CONFIGS = [(64, 4, 3, 2)], [(64,
 triton_mlp.SDDMM_CONFIGS = [(64, 4, 3, 1)]
 check_forward(70, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7, seed=2)
 check_backward(70, 192, 448, True, True, "silu", torch.bfloat16, (64, 32), "cuda", declare=True, sparsity=0.7)
+# programs in groups of M tiles (3 tiles of 32 rows in groups of 2: a short last group)
+triton_mlp.PREFILL_CONFIGS, triton_mlp.BACKWARD_CONFIGS = [(32, 4, 3, 2, 2)], [(32, 4, 3, 3, 2)]
+check_forward(70, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7, seed=3)
+check_backward(70, 192, 448, True, True, "silu", torch.bfloat16, (64, 32), "cuda", declare=True, sparsity=0.7)
 from test_kernels import args, make, plan_for  # noqa: E402
 w = make(192, 448, gated=True, bias=False, dtype=torch.float32, block=(64, 64), device="cuda")
 x = torch.randn(70, 192, device="cuda", dtype=torch.bfloat16)

@@ -180,13 +180,15 @@ def test_interp_backward(m, gated, bias, act, dtype, declare):
     check_backward(m, 37, 75, gated, bias, act, dtype, (16, 16), "cpu", declare=declare)
 
 
-def force_wide(monkeypatch, bm=32, dh_wide=True):
+def force_wide(monkeypatch, bm=32, dh_wide=True, group=0):
     """Run the prefill/backward kernels with the wide variants (tuning is off in tests: the first
-    config is the one launched); ``dh_wide``: backward's dh steps too (wide level 2)."""
+    config is the one launched); ``dh_wide``: backward's dh steps too (wide level 2); ``group``: M
+    tiles per group of programs (0: launch order)."""
     from blast_compile.ops import triton_mlp
 
-    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, 4, 3, 1)])
-    monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [(bm, 4, 3, 2 if dh_wide else 1)])
+    g = (group,) if group else ()
+    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, 4, 3, 1, *g)])
+    monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [(bm, 4, 3, 2 if dh_wide else 1, *g)])
 
 
 @interp
@@ -206,13 +208,36 @@ def test_interp_wide_tiles(m, gated, bias, act, dtype, block, declare, dh_wide, 
                    sparsity=0.5)
 
 
-def force_tma(monkeypatch, bm=32, nw=4):
+def force_tma(monkeypatch, bm=32, nw=4, group=0):
     """Run the prefill/backward kernels with their TMA variants (first config, tuning off)."""
     from blast_compile.ops import triton_mlp
 
-    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, nw, 3, triton_mlp.PREFILL_TMA)])
-    monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [(bm, nw, 3, triton_mlp.BACKWARD_TMA)])
+    g = (group,) if group else ()
+    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, nw, 3, triton_mlp.PREFILL_TMA, *g)])
+    monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [(bm, nw, 3, triton_mlp.BACKWARD_TMA, *g)])
     monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [(bm, nw, 3, 1)])
+
+
+@interp
+@pytest.mark.parametrize("m,bm,group", [(37, 16, 2), (70, 16, 3), (33, 16, 4)])
+@pytest.mark.parametrize("force", [force_wide, force_tma])
+def test_interp_grouped_tiles(m, bm, group, force, monkeypatch):
+    """Programs in groups of M tiles (template ``_tile``): a last group smaller than the others
+    (3 tiles in groups of 2, 5 in groups of 3) and one larger than the grid (3 tiles, groups of 4)."""
+    force(monkeypatch, bm=bm, group=group)
+    check_forward(m, 70, 75, True, True, "silu", torch.float16, (16, 16), "cpu", sparsity=0.5, dead_rows=True)
+    check_backward(m, 70, 75, True, True, "silu", torch.float16, (16, 16), "cpu", declare=True, sparsity=0.5)
+
+
+def test_grouped_configs_only_where_they_change_the_order():
+    from blast_compile.ops import triton_mlp
+
+    cfgs = [(64, 4, 3, 1), (64, 4, 3, 1, 8), (128, 4, 3, 2, 4)]
+    assert triton_mlp._for_m(cfgs, 512) == [(64, 4, 3, 1)]  # 8 and 4 tiles: grouping is the launch order
+    assert triton_mlp._for_m(cfgs, 513) == cfgs
+    assert triton_mlp._for_m(cfgs[1:], 64) == cfgs[1:]  # (never empty)
+    assert triton_mlp._cfg((64, 4, 3, 1)) == (64, 4, 3, 1, 0)
+    assert all(len(c) == 4 or c[4] * c[0] == triton_mlp.GROUP_ROWS for c in triton_mlp.PREFILL_CONFIGS)
 
 
 def _count_tma(monkeypatch):
@@ -665,6 +690,17 @@ def test_gpu_tma_tiles(m, gated, bias, block, dtype, bm, nw, monkeypatch):
     torch.testing.assert_close(y2, y, **tol(dtype))
     check_backward(m, 200, 520, gated, bias, act, dtype, block, "cuda", declare=True, sparsity=0.7)
     assert seen
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,bm,group", [(1000, 64, 4), (300, 128, 2), (2048, 128, 4)])
+@pytest.mark.parametrize("force", [force_wide, force_tma])
+def test_gpu_grouped_tiles(m, bm, group, force, monkeypatch):
+    """Grouped program order on the GPU (16 tiles in groups of 4, 3 in groups of 2)."""
+    force(monkeypatch, bm=bm, group=group)
+    check_forward(m, 200, 520, True, True, "silu", torch.bfloat16, (64, 64), "cuda", sparsity=0.7, dead_rows=True)
+    check_backward(m, 200, 520, True, True, "silu", torch.bfloat16, (64, 64), "cuda", declare=True, sparsity=0.7)
 
 
 @gpu
