@@ -52,6 +52,20 @@ def _row_slice(p: torch.Tensor, t: torch.Tensor):
     return rows[r0, n], (bo, bi)
 
 
+def _transposed(p: torch.Tensor, t: torch.Tensor):
+    """``p``'s declared mask as seen through ``t = p.t()`` (GPT-2's ``Conv1D`` weights are ``[in,
+    out]``; the rewrite hands the op ``torch.t(W)``), else None. One object per declaration, as
+    ``_row_slice``'s."""
+    if not (t.dim() == 2 == p.dim() and t.shape == p.shape[::-1] and t.stride() == p.stride()[::-1]
+            and t.storage_offset() == p.storage_offset()):
+        return None
+    mask, (bo, bi) = p._blast_mask
+    views = p._blast_mask_rows  # (emptied by every declare_mask)
+    if "t" not in views:
+        views["t"] = mask.t()
+    return views["t"], (bi, bo)
+
+
 def declared_mask(t: Optional[torch.Tensor]):
     """``(mask, (bo, bi))`` declared for the parameter whose storage ``t`` views, else None."""
     if t is None:
@@ -66,7 +80,7 @@ def declared_mask(t: Optional[torch.Tensor]):
     if p is None or getattr(p, "_blast_mask", None) is None:
         return None
     if p.shape != t.shape or p.stride() != t.stride() or p.storage_offset() != t.storage_offset():
-        return _row_slice(p, t)
+        return _row_slice(p, t) or _transposed(p, t)
     return p._blast_mask
 
 

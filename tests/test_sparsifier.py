@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from blast_compile import masks as bmasks
 from blast_compile.formats import block_mask, expand_mask
@@ -465,5 +466,59 @@ def test_fused_gate_up_halves_share_a_mask_and_the_compiled_model_sees_it():
         sp.step()
         for L in sp.layers.values():
             assert not bool((block_mask(L.param.detach(), 16, 16) & ~L.mask).any()), L.name
-    from torch._dynamo.utils import counters
+    assert counters["blast"]["mlp_fused"] == 1 and counters["blast"]["masked_weight_update"] >= 1
+
+
+class Conv1DMLP(nn.Module):
+    """GPT-2's MLP: HF ``Conv1D`` projections (weights stored ``[in, out]``)."""
+
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.c_fc, self.c_proj = Conv1D(h, d), Conv1D(d, h)
+
+    def forward(self, x):
+        return self.c_proj(nn.functional.gelu(self.c_fc(x), approximate="tanh"))
+
+
+class Conv1DBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = Conv1DMLP()  # (GPT-2's c_proj is picked under .mlp only: attention has one too)
+
+    def forward(self, x):
+        return self.mlp(x)
+
+
+def test_conv1d_masks_are_seen_through_the_transpose():
+    """GPT-2: the rewrite hands the op ``torch.t(W)`` of a ``Conv1D`` weight; the op finds the
+    declared mask through it (transposed, one object per declaration), so training takes the
+    declared-mask path (no look at the weights after an optimizer step: masked_weight_update)
+    and gradients are eager's times the mask."""
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    block = Conv1DBlock()
+    mlp = block.mlp
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    sp = BlastSparsifier(block, target_sparsity=0.75, block_size=16, schedule="constant", optimizer=opt)
+    assert set(sp.layers) == {"mlp.c_fc", "mlp.c_proj"}
+    w = mlp.c_fc.weight  # [32, 64]
+    d = bmasks.declared_mask(w.t())
+    assert d is not None and d[0] is bmasks.declared_mask(w.t())[0] and torch.equal(d[0], sp.layers["mlp.c_fc"].mask.t())
+    assert bmasks.declared_mask(w.t()[:, :16]) is None  # (not a whole transpose: no mask)
+    cm = torch.compile(block, backend="blast")
+    for _ in range(2):
+        x = torch.randn(6, 32)
+        cm(x).square().sum().backward()
+        ref = [p.detach().clone().requires_grad_() for p in (mlp.c_fc.weight, mlp.c_proj.weight)]
+        r = nn.functional.gelu(x @ ref[0] + mlp.c_fc.bias.detach(), approximate="tanh") @ ref[1] + mlp.c_proj.bias.detach()
+        exp = torch.autograd.grad(r.square().sum(), ref)
+        for p, e, name in zip((mlp.c_fc.weight, mlp.c_proj.weight), exp, ("mlp.c_fc", "mlp.c_proj")):
+            em = expand_mask(sp.layers[name].mask, 16, 16, p.shape).float()
+            torch.testing.assert_close(p.grad, e * em, **tol(torch.float32))
+        opt.step()
+        opt.zero_grad()
+        sp.step()
     assert counters["blast"]["mlp_fused"] == 1 and counters["blast"]["masked_weight_update"] >= 1
