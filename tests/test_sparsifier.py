@@ -506,14 +506,16 @@ def test_conv1d_masks_are_seen_through_the_transpose():
     assert set(sp.layers) == {"mlp.c_fc", "mlp.c_proj"}
     w = mlp.c_fc.weight  # [32, 64]
     d = bmasks.declared_mask(w.t())
-    assert d is not None and d[0] is bmasks.declared_mask(w.t())[0] and torch.equal(d[0], sp.layers["mlp.c_fc"].mask.t())
+    assert d is not None and d[0] is bmasks.declared_mask(w.t())[0]
+    assert torch.equal(d[0], sp.layers["mlp.c_fc"].mask.t())
     assert bmasks.declared_mask(w.t()[:, :16]) is None  # (not a whole transpose: no mask)
     cm = torch.compile(block, backend="blast")
     for _ in range(2):
         x = torch.randn(6, 32)
         cm(x).square().sum().backward()
         ref = [p.detach().clone().requires_grad_() for p in (mlp.c_fc.weight, mlp.c_proj.weight)]
-        r = nn.functional.gelu(x @ ref[0] + mlp.c_fc.bias.detach(), approximate="tanh") @ ref[1] + mlp.c_proj.bias.detach()
+        a = nn.functional.gelu(x @ ref[0] + mlp.c_fc.bias.detach(), approximate="tanh")
+        r = a @ ref[1] + mlp.c_proj.bias.detach()
         exp = torch.autograd.grad(r.square().sum(), ref)
         for p, e, name in zip((mlp.c_fc.weight, mlp.c_proj.weight), exp, ("mlp.c_fc", "mlp.c_proj")):
             em = expand_mask(sp.layers[name].mask, 16, 16, p.shape).float()

@@ -149,7 +149,8 @@ def _cfg(cfg):
 
 
 def _for_m(configs, m):
-    """The configs worth timing at M rows: grouping a grid of at most ``group`` M tiles is its launch order."""
+    """The configs worth timing at M rows: a group holding every M tile is the launch order, so such a
+    grouped config would only repeat its launch-order twin (never empty: a forced list stays)."""
     return [c for c in configs if _cfg(c)[4] < cdiv(m, c[0])] or configs
 
 
