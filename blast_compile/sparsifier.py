@@ -11,8 +11,11 @@ The recipe (what is known to work; BLaST's own text was not available):
 * **cubic ramp** (Zhu & Gupta): ``s_t = s_f + (s_i - s_f)(1 - progress)^3``, the
   ramp spanning the first ``1 - freeze_last`` of ``[start_step, end_step]``;
   masks are recomputed every ``update_every`` steps on the ramp and frozen after.
-* **block score**: the block's L2 norm (``magnitude``) or ``|W * grad|``
-  accumulated since the last update (``movement``). Each layer keeps the same
+* **block score**: the block's L2 norm (``magnitude``), ``|W * grad|``
+  accumulated since the last update (``movement``), or ``W^2 E[x^2]`` from
+  calibration inputs (``activation``; with ``reconstruct=True`` each update also
+  refits the surviving blocks by least squares: :mod:`blast_compile.calibrate`,
+  for models whose few massive input channels make magnitude a poor guide). Each layer keeps the same
   fraction of blocks; ``balanced=True`` keeps the same count in every block-row,
   which lets the fused kernels use constexpr trip counts. With ``tie_gate_up``
   (default) a gated MLP's gate and up projections share one mask, and so do the
@@ -42,6 +45,7 @@ computes dW only on live blocks.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -52,6 +56,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Union
 import torch
 from torch import nn
 
+from . import calibrate as _cal
 from . import masks as _masks
 from .formats import cdiv, expand_mask
 
@@ -113,10 +118,13 @@ def _topk_mask(score: torch.Tensor, k: int, balanced: bool, allowed: Optional[to
 
 
 class _Layer:
-    __slots__ = ("name", "module", "param", "mask", "emask", "score_acc", "grad_acc", "hook", "shape")
+    __slots__ = ("name", "module", "param", "mask", "emask", "score_acc", "grad_acc", "hook", "shape", "stats",
+                 "in_dim")
 
     def __init__(self, name, module, b):
         self.name, self.module, self.param = name, module, module.weight
+        self.in_dim = 0 if type(module).__name__ == "Conv1D" else 1  # (GPT-2's Conv1D: weight [in, out])
+        self.stats = None  # calibrate.InputStats of the layer's inputs (score="activation", reconstruct)
         self.shape = tuple(self.param.shape)
         self.mask = torch.ones(cdiv(self.shape[0], b), cdiv(self.shape[1], b), dtype=torch.bool, device=self.param.device)
         self.emask = None  # element mask in the weight's dtype (cached: used every step)
@@ -131,6 +139,9 @@ class BlastSparsifier:
     ``end_step`` is the step at which training ends (required unless the schedule is
     trivially constant); ``freeze_last`` the fraction of ``[start_step, end_step]``
     during which masks no longer change; ``update_every`` defaults to ~1% of the ramp.
+    ``calibrate``: a callable that runs a few batches through the model, called at construction
+    and before every mask update to record the sparsified layers' inputs (``score="activation"``,
+    ``reconstruct=True``; :mod:`blast_compile.calibrate`).
     """
 
     def __init__(
@@ -151,13 +162,15 @@ class BlastSparsifier:
         initial_sparsity: float = 0.0,
         declare: bool = True,
         tie_gate_up: bool = True,
+        reconstruct: bool = False,
+        calibrate: Optional[Callable[[], object]] = None,
     ):
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError("target_sparsity must be in [0, 1)")
         if schedule not in ("cubic", "linear", "constant"):
             raise ValueError(f"schedule must be cubic, linear or constant, not {schedule!r}")
-        if score not in ("magnitude", "movement"):
-            raise ValueError(f"score must be 'magnitude' or 'movement', not {score!r}")
+        if score not in ("magnitude", "movement", "activation"):
+            raise ValueError(f"score must be 'magnitude', 'movement' or 'activation', not {score!r}")
         if end_step is None:
             if schedule != "constant":
                 raise ValueError("end_step (the last training step) is required for a ramp")
@@ -175,6 +188,8 @@ class BlastSparsifier:
         self.ramp_end = self.start_step + int(round((1.0 - freeze_last) * (self.end_step - self.start_step)))
         self.update_every = int(update_every or max(1, (self.ramp_end - self.start_step) // 100))
         self.score = score
+        self.reconstruct = bool(reconstruct)
+        self.calibrate = calibrate
         self.regrow = float(regrow) if regrow else 0.0
         self.balanced = bool(balanced)
         self.optimizer = optimizer
@@ -197,6 +212,9 @@ class BlastSparsifier:
         for L in self.layers.values():
             self._set_mask(L, L.mask, grown=None)
         self._set_hooks(True)
+        if calibrate is not None:  # (before the first masks: a one-shot prune is scored and refit with them)
+            with self.calibration():
+                calibrate()
         if self.initial_sparsity > 0 or self.start_step == 0:
             self._update_masks(self.sparsity_at(0))
         log.info("BlastSparsifier: %d layers, block %d, target %.0f%%, ramp %d..%d every %d steps",
@@ -314,7 +332,26 @@ class BlastSparsifier:
         """Squared block score (sums over a tied group)."""
         if self.score == "movement" and L.score_acc is not None:
             return L.score_acc
+        if self.score == "activation":
+            return _block_sum(_cal.activation_score(L.param, self._stats(L), L.in_dim), self.block_size)
         return _block_sum(L.param.detach().float().square(), self.block_size)
+
+    def _stats(self, L: _Layer):
+        if L.stats is None or L.stats.gram is None:
+            raise RuntimeError(f"BlastSparsifier: layer {L.name!r} has no calibration inputs (score='activation' "
+                               "and reconstruct=True need them): pass calibrate=fn, or run batches inside "
+                               "`with sparsifier.calibration():` before the first mask update")
+        return L.stats
+
+    @contextlib.contextmanager
+    def calibration(self):
+        """``with sparsifier.calibration(): model(batch) ...``: record the sparsified layers' inputs (their
+        Gram matrices) for ``score="activation"`` and ``reconstruct``; they replace earlier ones."""
+        with _cal.collecting({n: L.module for n, L in self.layers.items()}) as stats:
+            yield
+        for n, st in stats.items():
+            if st.gram is not None:
+                self.layers[n].stats = st
 
     def _n_keep(self, L: _Layer, sparsity: float, rows: Optional[int] = None) -> int:
         r, c = L.mask.shape
@@ -340,7 +377,8 @@ class BlastSparsifier:
             def unfold(m):
                 return torch.cat([m, m]) if halves else m
 
-            score = fold(sum(self._score(L) for L in Ls))
+            # (sparsity 0 keeps every block: no score, so none is needed before calibration)
+            score = fold(sum(self._score(L) for L in Ls) if sparsity > 0 else torch.ones(L0.mask.shape, device=L0.mask.device))
             gacc = [fold(L.grad_acc) for L in Ls if L.grad_acc is not None]
             k = self._n_keep(L0, sparsity, rows=score.shape[0])
             n_grow = int(self.regrow * k) if (self.regrow and gacc and sparsity > 0) else 0
@@ -355,6 +393,8 @@ class BlastSparsifier:
             mask = unfold(mask)
             for L in Ls:
                 if grown is not None or not torch.equal(mask, L.mask):
+                    if self.reconstruct and sparsity > 0:  # survivors take over the pruned blocks' output
+                        _cal.refit_(L.param, mask, self._stats(L), self.block_size, L.in_dim)
                     self._set_mask(L, mask, grown)
                 L.score_acc = None
                 L.grad_acc = None
@@ -429,6 +469,9 @@ class BlastSparsifier:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if upd:
+            if self.calibrate is not None:  # the inputs as they are now, after earlier pruning and training
+                with self.calibration():
+                    self.calibrate()
             self._update_masks(self.sparsity_at(self.step_count))
         elif self.check_every:
             if self.step_count % self.check_every == 0:

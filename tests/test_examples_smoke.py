@@ -1,5 +1,6 @@
 """The examples run end to end (tiny model, built-in text, CPU, eager): seconds each."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,3 +44,13 @@ def test_finetune_smoke(tmp_path):
     names = r["runs"][1]["sparsified"]  # --skip-layers 0: the first layer's MLP stays dense
     assert names and all(".layers.1.mlp." in n for n in names)
     assert all(x["ppl_web_heldout"] > 1 for x in r["runs"])
+
+
+def test_finetune_smoke_calibrated(tmp_path):
+    """--score activation --reconstruct: calibration batches, refit at every mask update."""
+    pytest.importorskip("transformers")
+    _run("finetune.py", "--smoke", "--no-bar", "--sparsity", "0.5", "--score", "activation", "--reconstruct",
+         "--calib-tokens", "256", "--out", str(tmp_path))
+    r = json.load(open(tmp_path / "finetune.json"))["runs"][0]
+    assert r["score"] == "activation" and r["reconstruct"] and r["achieved_sparsity"] == pytest.approx(0.5, abs=0.05)
+    assert math.isfinite(r["ppl_web_heldout"])

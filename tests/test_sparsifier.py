@@ -491,7 +491,9 @@ class Conv1DBlock(nn.Module):
         return self.mlp(x)
 
 
-def test_conv1d_masks_are_seen_through_the_transpose():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_conv1d_masks_are_seen_through_the_transpose(device):
     """GPT-2: the rewrite hands the op ``torch.t(W)`` of a ``Conv1D`` weight; the op finds the
     declared mask through it (transposed, one object per declaration), so training takes the
     declared-mask path (no look at the weights after an optimizer step: masked_weight_update)
@@ -499,7 +501,8 @@ def test_conv1d_masks_are_seen_through_the_transpose():
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    block = Conv1DBlock()
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    block = Conv1DBlock().to(device, dtype)
     mlp = block.mlp
     opt = torch.optim.SGD(block.parameters(), lr=0.1)
     sp = BlastSparsifier(block, target_sparsity=0.75, block_size=16, schedule="constant", optimizer=opt)
@@ -511,16 +514,122 @@ def test_conv1d_masks_are_seen_through_the_transpose():
     assert bmasks.declared_mask(w.t()[:, :16]) is None  # (not a whole transpose: no mask)
     cm = torch.compile(block, backend="blast")
     for _ in range(2):
-        x = torch.randn(6, 32)
+        x = torch.randn(6, 32, device=device, dtype=dtype)
         cm(x).square().sum().backward()
         ref = [p.detach().clone().requires_grad_() for p in (mlp.c_fc.weight, mlp.c_proj.weight)]
         a = nn.functional.gelu(x @ ref[0] + mlp.c_fc.bias.detach(), approximate="tanh")
         r = a @ ref[1] + mlp.c_proj.bias.detach()
         exp = torch.autograd.grad(r.square().sum(), ref)
         for p, e, name in zip((mlp.c_fc.weight, mlp.c_proj.weight), exp, ("mlp.c_fc", "mlp.c_proj")):
-            em = expand_mask(sp.layers[name].mask, 16, 16, p.shape).float()
-            torch.testing.assert_close(p.grad, e * em, **tol(torch.float32))
+            em = expand_mask(sp.layers[name].mask, 16, 16, p.shape).to(dtype)
+            torch.testing.assert_close(p.grad, e * em, **tol(dtype))
         opt.step()
         opt.zero_grad()
         sp.step()
     assert counters["blast"]["mlp_fused"] == 1 and counters["blast"]["masked_weight_update"] >= 1
+
+
+def _calib_inputs(n=512, d=64, seed=0, loud=30.0):
+    """Correlated inputs with one loud channel block (cols 0-15), as massive activations are."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) @ (torch.eye(d) + 0.5 * torch.randn(d, d, generator=g))
+    x[:, :16] *= loud
+    return x
+
+
+def test_activation_score_keeps_blocks_that_loud_inputs_use():
+    """Small weights on a loud input block carry more output than large weights on quiet ones:
+    magnitude prunes them, score="activation" (W^2 E[x^2]) keeps them."""
+    x = _calib_inputs()
+    masks = {}
+    for score in ("magnitude", "activation"):
+        torch.manual_seed(0)
+        lin = nn.Linear(64, 32, bias=False)
+        with torch.no_grad():
+            lin.weight[:, :16] *= 0.1
+        sp = BlastSparsifier(lin, target_sparsity=0.5, block_size=16, schedule="constant", score=score,
+                             layers=lambda n, m: True,
+                             calibrate=(lambda: lin(x)) if score == "activation" else None)
+        masks[score] = sp.layers[""].mask.clone()
+    assert not bool(masks["magnitude"][:, 0].any())  # every block of the loud column pruned by magnitude
+    assert bool(masks["activation"][:, 0].all())  # ... and kept by activation
+    assert int(masks["activation"].sum()) == int(masks["magnitude"].sum()) == 4
+
+
+def test_refit_is_the_least_squares_fit_on_live_blocks():
+    from blast_compile import calibrate as cal
+
+    torch.manual_seed(0)
+    x = _calib_inputs().double()
+    w = torch.randn(40, 64, dtype=torch.float64)  # (40 rows: a ragged last block row of 8)
+    mask = torch.rand(3, 4) < 0.5
+    mask[2] = False  # a block row with nothing live
+    mask[0, 0] = True
+    st = cal.InputStats()
+    st.add(x)
+    got = w.clone()
+    cal.refit_(got, mask, st, 16, in_dim=1, damp=0.0)
+    em = expand_mask(mask, 16, 16, w.shape)
+    assert torch.equal(got * ~em, torch.zeros_like(got))  # dead blocks exactly zero
+    for r in range(3):
+        K = em[r * 16].nonzero().flatten()
+        if K.numel() == 0:
+            continue
+        R = slice(r * 16, min(r * 16 + 16, 40))
+        ref = torch.linalg.lstsq(x[:, K], x @ w[R].T).solution.T
+        torch.testing.assert_close(got[R][:, K], ref, rtol=1e-6, atol=1e-8)
+    # GPT-2's Conv1D layout ([in, out], inputs along dim 0) gives the same fit, transposed
+    wt = w.t().clone()
+    cal.refit_(wt, mask.t(), st, 16, in_dim=0, damp=0.0)
+    torch.testing.assert_close(wt.t(), got)
+
+
+def test_reconstruct_lowers_the_pruned_layers_output_error():
+    """reconstruct=True: same mask (activation scores), the survivors refit -> a smaller output error
+    on the calibration inputs than masking alone; dead blocks stay zero and the mask is declared."""
+    g = torch.Generator().manual_seed(1)  # inputs near a rank-8 subspace: kept channels predict pruned ones
+    x = torch.randn(512, 8, generator=g) @ torch.randn(8, 64, generator=g) + 0.05 * torch.randn(512, 64, generator=g)
+    errs = {}
+    for rec in (False, True):
+        torch.manual_seed(0)
+        lin = nn.Linear(64, 32, bias=False)
+        w0 = lin.weight.detach().clone()
+        sp = BlastSparsifier(lin, target_sparsity=0.5, block_size=16, schedule="constant", score="activation",
+                             reconstruct=rec, layers=lambda n, m: True, calibrate=lambda: lin(x))
+        L = sp.layers[""]
+        em = expand_mask(L.mask, 16, 16, w0.shape)
+        assert torch.equal(lin.weight.detach() * ~em, torch.zeros_like(w0))
+        assert bmasks.declared_mask(lin.weight)[0] is L.mask
+        errs[rec] = float((x @ lin.weight.detach().T - x @ w0.T).norm() / (x @ w0.T).norm())
+    assert errs[True] < 0.2 * errs[False], errs
+
+
+def test_activation_score_without_calibration_is_a_clear_error():
+    lin = nn.Linear(64, 32)
+    with pytest.raises(RuntimeError, match="calibration"):
+        BlastSparsifier(lin, target_sparsity=0.5, block_size=16, schedule="constant", score="activation",
+                        layers=lambda n, m: True)
+    # a ramp starting at 0 needs no scores yet: calibrate later, before the first pruning update
+    sp = BlastSparsifier(lin, target_sparsity=0.5, block_size=16, end_step=10, score="activation",
+                         reconstruct=True, layers=lambda n, m: True)
+    with sp.calibration():
+        lin(_calib_inputs())
+    while sp.step_count < 10:
+        sp.step()
+    assert sp.sparsity() == pytest.approx(0.5, abs=0.13)
+
+
+def test_calibrate_runs_at_construction_and_before_every_mask_update():
+    lin = nn.Linear(64, 32)
+    x = _calib_inputs()
+    calls = []
+
+    def calibrate():
+        calls.append(1)
+        lin(x)
+
+    sp = BlastSparsifier(lin, target_sparsity=0.5, block_size=16, end_step=8, update_every=2, freeze_last=0.0,
+                         score="activation", reconstruct=True, layers=lambda n, m: True, calibrate=calibrate)
+    updates = sum(bool(sp.step()) for _ in range(8))
+    assert updates == 4 and len(calls) == 1 + updates
+    assert sp.sparsity() == pytest.approx(0.5, abs=0.01)

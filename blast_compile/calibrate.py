@@ -1,0 +1,95 @@
+"""Layer-input statistics for the sparsifier: activation-aware block scores and a least-squares refit.
+
+Block magnitude is a poor score when a few input channels carry most of the signal. SmolLM2-135M (a
+model with massive activations: residual channels of 100s to 1000s against a median of ~1) goes from
+perplexity 26 to 3.5e6 when 50% of its MLP blocks (64 x 64) are pruned by magnitude in one shot. With
+the second moments of each sparsified layer's inputs X, gathered on calibration batches
+(``BlastSparsifier(..., calibrate=fn)``: ``fn`` runs batches through the model, at construction and
+again before every mask update, so the statistics follow the pruned, trained model; or
+``with sparsifier.calibration(): ...``):
+
+* ``score="activation"`` ranks a block by ``sum W_ij^2 E[x_j^2]`` over its elements (Wanda's
+  ``|W_ij| ||x_j||``, squared and summed per block);
+* ``reconstruct=True`` refits the surviving blocks of every block row after each mask update so that
+  the layer reproduces, on the calibration inputs, its output from just before the update -- the
+  layer-wise least-squares objective of SparseGPT, solved exactly: the rows of one block row share
+  their live inputs K, so ``W'[R, K] = W[R, :] G[:, K] (G[K, K] + damp I)^-1`` with ``G = X^T X``.
+
+Measured on SmolLM2-135M, 50% of the MLP blocks one-shot, block 64 (RESULTS.md): magnitude 3.5e6,
+activation scores + refit ~1e3. The cost: an ``[in, in]`` fp64 Gram matrix per sparsified layer and
+one solve of up to ``in`` unknowns per block row at each mask update.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+DAMP = 0.01  # ridge: this fraction of the mean diagonal of G (SparseGPT's default)
+
+
+class InputStats:
+    """``X^T X`` and the row count of the inputs a layer saw while collecting."""
+
+    __slots__ = ("gram", "n")
+
+    def __init__(self):
+        self.gram, self.n = None, 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor):
+        x = x.detach().reshape(-1, x.shape[-1]).double()  # (fp64: massive channels make G ill-conditioned)
+        g = x.T @ x
+        self.gram = g if self.gram is None else self.gram + g
+        self.n += x.shape[0]
+
+    def second_moment(self) -> torch.Tensor:
+        """``E[x_j^2]`` per input channel."""
+        return torch.diagonal(self.gram) / max(self.n, 1)
+
+
+@contextlib.contextmanager
+def collecting(modules: dict):
+    """Forward hooks on ``{name: module}`` filling ``{name: InputStats}`` (yielded) from each call's first input."""
+    stats = {n: InputStats() for n in modules}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0])) for n, m in modules.items()]
+    try:
+        with torch.no_grad():
+            yield stats
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def as_out_in(t: torch.Tensor, in_dim: int) -> torch.Tensor:
+    """A ``[out, in]`` view of a weight or mask stored with its inputs along ``in_dim`` (GPT-2's Conv1D: 0)."""
+    return t if in_dim == 1 else t.t()
+
+
+def activation_score(w: torch.Tensor, stats: InputStats, in_dim: int) -> torch.Tensor:
+    """Elementwise ``W^2 E[x^2]`` in ``w``'s own layout (the caller sums it per block)."""
+    sq = stats.second_moment().to(w.device, torch.float32)
+    w2 = w.detach().float().square()
+    return w2 * (sq[None, :] if in_dim == 1 else sq[:, None])
+
+
+@torch.no_grad()
+def refit_(w: torch.Tensor, mask: torch.Tensor, stats: InputStats, block: int, in_dim: int, damp: float = DAMP):
+    """Least-squares refit of ``w``'s blocks live in ``mask`` (bool, per ``block``) against ``w``'s
+    current output on the collected inputs; dead blocks come out zero. In place."""
+    W = as_out_in(w, in_dim)
+    m = as_out_in(mask, in_dim)
+    G = stats.gram.to(w.device, torch.float64)
+    d = G.shape[0]
+    A = G + damp * torch.diagonal(G).mean() * torch.eye(d, dtype=G.dtype, device=G.device)
+    W0 = W.to(torch.float64)
+    new = torch.zeros_like(W0)
+    cols = torch.arange(d, device=w.device)
+    for r in range(m.shape[0]):
+        K = cols[m[r].to(w.device).repeat_interleave(block)[:d]]
+        if K.numel() == 0:
+            continue
+        R = slice(r * block, min((r + 1) * block, W.shape[0]))
+        rhs = W0[R] @ G[:, K]  # [rows, |K|]
+        new[R, K] = torch.linalg.solve(A[K][:, K], rhs.T).T
+    W.copy_(new.to(W.dtype))
