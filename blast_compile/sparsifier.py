@@ -141,7 +141,8 @@ class BlastSparsifier:
     during which masks no longer change; ``update_every`` defaults to ~1% of the ramp.
     ``calibrate``: a callable that runs a few batches through the model, called at construction
     and before every mask update to record the sparsified layers' inputs (``score="activation"``,
-    ``reconstruct=True``; :mod:`blast_compile.calibrate`).
+    ``reconstruct=True``; :mod:`blast_compile.calibrate`). Let it call the eager model: the
+    recording uses forward hooks, which a compiled model would recompile for.
     """
 
     def __init__(
@@ -493,6 +494,7 @@ class BlastSparsifier:
         self._set_hooks(False)
         for L in self.layers.values():
             _masks.clear_mask(L.param)
+            L.stats = None  # (calibration Gram matrices: [in, in] fp64 each)
         self.finalized = True
         if compress:
             try:
