@@ -606,6 +606,30 @@ def test_tuned_configs_are_per_shape(tmp_path, monkeypatch):
         assert tuple(codegen.lookup_config(triton_mlp.tuning_key("hidden", sigs[0], 4096, shape))) == best
 
 
+def test_config_list_is_built_only_when_tuning(tmp_path, monkeypatch):
+    """``_choose`` takes the candidate configs as a function (building the prefill list costs ~9 µs
+    per launch): called on a miss, never once the plan's memo or the table answers."""
+    from blast_compile.ops import triton_mlp
+
+    codegen.set_kernel_dir(tmp_path)
+    monkeypatch.setattr(triton_mlp, "_may_tune", lambda: True)
+    monkeypatch.setattr(triton_mlp, "_graph_time", lambda fn, **kw: (fn(), float(seen[-1][0]))[1])
+    sig = codegen.signature(plan_for(torch.zeros(1, 64), make(64, 128, gated=True, bias=False, dtype=torch.float32,
+                                                               block=(16, 16)), "silu", (16, 16)).pattern,
+                            "silu", True, False, False, torch.float32)
+    built, seen, memo = [], [], {}
+
+    def configs():
+        built.append(1)
+        return [(128, 8, 3, 0), (64, 4, 3, 0)]
+
+    for _ in range(3):
+        assert tuple(triton_mlp._choose("down", sig, 4096, configs, seen.append, memo=memo)) == (64, 4, 3, 0)
+    assert len(built) == 1  # tuned once; then the memo
+    assert tuple(triton_mlp._choose("down", sig, 4096, configs, seen.append)) == (64, 4, 3, 0)
+    assert len(built) == 1  # no memo: the persisted table
+
+
 # --- GPU ------------------------------------------------------------------------------------------
 
 GPU_FWD = list(itertools.product(

@@ -154,6 +154,12 @@ def _for_m(configs, m):
     return [c for c in configs if _cfg(c)[4] < cdiv(m, c[0])] or configs
 
 
+def _candidates(configs, var, tma_ok, m):
+    """What the tuner times for a prefill/backward kernel at M rows: ``_with_tma``, then ``_for_m``.
+    (Passed to ``_choose`` inside a lambda: building it costs ~9 µs, on every call otherwise.)"""
+    return _for_m(_with_tma(configs, var, tma_ok), m)
+
+
 # BLAST_TMA=0: never the TMA variants
 TMA = os.environ.get("BLAST_TMA", "1") != "0"
 
@@ -462,7 +468,8 @@ def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
 
     ``memo``: a plan's cache, which then remembers what the table or the tuner gave, so that later
     calls skip the key string (host time: a call without CUDA graphs is host-bound). Its key holds
-    the signature's id (the plan keeps the signature alive): ``_memo_key``."""
+    the signature's id (the plan keeps the signature alive): ``_memo_key``. ``configs``: a list, or
+    a function returning it, called only when neither the memo nor the table has the answer."""
     mk = None
     if memo is not None:
         mk = _memo_key("chosen", kind, id(sig), codegen.m_bucket(m), shape)
@@ -476,6 +483,8 @@ def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
         if mk is not None:
             memo[mk] = cfg
         return cfg
+    if callable(configs):
+        configs = configs()
     if len(configs) == 1 or not _may_tune():
         return configs[0]
     times = []
@@ -595,11 +604,12 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
                 BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=1, WIDE=min(var, 1) and gated,
                 TMA=(1 + packed) if tma else 0, GROUP=grp, **common)
 
-    # (wide tiles in the in-projection are for the gated kernel: gate|up side by side)
-    h_configs = PREFILL_CONFIGS if gated else list(dict.fromkeys(
-        (*c[:3], c[3] if c[3] == PREFILL_TMA else 0, *c[4:]) for c in PREFILL_CONFIGS))
-    run_h(_choose("hidden", sig, m, _for_m(_with_tma(h_configs, PREFILL_TMA, tma_h), m), run_h,
-                  shape=(d_in, d_hidden, d_out), memo=plan.cache))
+    def h_configs():  # (wide tiles in the in-projection are for the gated kernel: gate|up side by side)
+        cs = PREFILL_CONFIGS if gated else list(dict.fromkeys(
+            (*c[:3], c[3] if c[3] == PREFILL_TMA else 0, *c[4:]) for c in PREFILL_CONFIGS))
+        return _candidates(cs, PREFILL_TMA, tma_h, m)
+
+    run_h(_choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out), memo=plan.cache))
 
     tma_y = st.tma_dn and _tma_ok(h)
 
@@ -615,7 +625,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
             NANROW=1, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1), TMA=(1 + packed) if tma else 0,
             GROUP=grp)
 
-    run_y(_choose("down", sig, m, _for_m(_with_tma(PREFILL_CONFIGS, PREFILL_TMA, tma_y), m), run_y,
+    run_y(_choose("down", sig, m, lambda: _candidates(PREFILL_CONFIGS, PREFILL_TMA, tma_y, m), run_y,
                   shape=(d_in, d_hidden, d_out), memo=plan.cache))
     return y
 
@@ -901,7 +911,7 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
             DUAL=x2 is not x, NANROW=0, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1),
             TMA=(3 + packed) if tma else 0, GROUP=grp)
 
-    run(_choose("dx" if x2 is x else "dx_dual", sig, m, _for_m(_with_tma(PREFILL_CONFIGS, PREFILL_TMA, tma_ok), m),
+    run(_choose("dx" if x2 is x else "dx_dual", sig, m, lambda: _candidates(PREFILL_CONFIGS, PREFILL_TMA, tma_ok, m),
                 run, shape=(n_in, n_out)))
     return out
 
@@ -1046,7 +1056,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
                 num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0, GROUP=grp)
 
-        run(_choose("hidden_bwd", sig, m, _for_m(_with_tma(BACKWARD_CONFIGS, BACKWARD_TMA, tma_ok), m), run,
+        run(_choose("hidden_bwd", sig, m, lambda: _candidates(BACKWARD_CONFIGS, BACKWARD_TMA, tma_ok, m), run,
                     shape=(d_in, H, d_out), memo=plan.cache))
     grads = {}
     if needs[0]:
