@@ -37,28 +37,50 @@ class InputStats:
         self.gram, self.n = None, 0
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor):
-        x = x.detach().reshape(-1, x.shape[-1]).double()  # (fp64: massive channels make G ill-conditioned)
-        g = x.T @ x
+    def add(self, g: torch.Tensor, n: int):
         self.gram = g if self.gram is None else self.gram + g
-        self.n += x.shape[0]
+        self.n += n
 
     def second_moment(self) -> torch.Tensor:
         """``E[x_j^2]`` per input channel."""
         return torch.diagonal(self.gram) / max(self.n, 1)
 
 
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().reshape(-1, x.shape[-1]).double()  # (fp64: massive channels make G ill-conditioned)
+    return x.T @ x
+
+
 @contextlib.contextmanager
 def collecting(modules: dict):
-    """Forward hooks on ``{name: module}`` filling ``{name: InputStats}`` (yielded) from each call's first input."""
+    """Forward hooks on ``{name: module}`` filling ``{name: InputStats}`` (yielded) from each call's
+    first input. A module fed the very tensor the previous hook saw (a gated MLP's up projection
+    after its gate) reuses its ``x^T x``; if it always did, it shares that module's InputStats
+    after the block (one Gram matrix kept, and ``refit_`` solves both weights at once)."""
     stats = {n: InputStats() for n in modules}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, s=stats[n]: s.add(inp[0])) for n, m in modules.items()]
+    src = {n: [] for n in modules}  # per call: whose x^T x this module added
+    last = {}  # the previous hook call: x, its version, its name, its x^T x
+
+    def hook(name, x):
+        if last.get("x") is x and last["ver"] == x._version:
+            src[name].append(last["name"])
+        else:
+            last.update(x=x, ver=x._version, name=name, g=_gram(x))
+            src[name].append(name)
+        stats[name].add(last["g"], x.numel() // x.shape[-1])
+
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: hook(n, inp[0])) for n, m in modules.items()]
     try:
         with torch.no_grad():
             yield stats
     finally:
         for h in hooks:
             h.remove()
+        last.clear()
+    for n, seen in src.items():
+        o = seen[0] if seen else n
+        if o != n and seen == [o] * len(seen) == src[o]:  # (o computed its own every call, n reused it)
+            stats[n] = stats[o]
 
 
 def as_out_in(t: torch.Tensor, in_dim: int) -> torch.Tensor:
@@ -74,22 +96,26 @@ def activation_score(w: torch.Tensor, stats: InputStats, in_dim: int) -> torch.T
 
 
 @torch.no_grad()
-def refit_(w: torch.Tensor, mask: torch.Tensor, stats: InputStats, block: int, in_dim: int, damp: float = DAMP):
-    """Least-squares refit of ``w``'s blocks live in ``mask`` (bool, per ``block``) against ``w``'s
-    current output on the collected inputs; dead blocks come out zero. In place."""
-    W = as_out_in(w, in_dim)
+def refit_(ws, mask: torch.Tensor, stats: InputStats, block: int, in_dim: int, damp: float = DAMP):
+    """Least-squares refit of the blocks live in ``mask`` (bool, per ``block``) of a weight -- or of
+    several weights that share ``mask`` and ``stats`` (a gated MLP's gate and up: one system per block
+    row, their right-hand sides side by side) -- against its current output on the collected inputs;
+    dead blocks come out zero. In place."""
+    Ws = [as_out_in(w, in_dim) for w in ([ws] if isinstance(ws, torch.Tensor) else ws)]
     m = as_out_in(mask, in_dim)
-    G = stats.gram.to(w.device, torch.float64)
+    dev = Ws[0].device
+    G = stats.gram.to(dev, torch.float64)
     d = G.shape[0]
-    A = G + damp * torch.diagonal(G).mean() * torch.eye(d, dtype=G.dtype, device=G.device)
-    W0 = W.to(torch.float64)
+    A = G + damp * torch.diagonal(G).mean() * torch.eye(d, dtype=G.dtype, device=dev)
+    W0 = torch.stack([W.to(torch.float64) for W in Ws])  # [n, out, in]
     new = torch.zeros_like(W0)
-    cols = torch.arange(d, device=w.device)
+    cols = torch.arange(d, device=dev)
     for r in range(m.shape[0]):
-        K = cols[m[r].to(w.device).repeat_interleave(block)[:d]]
+        K = cols[m[r].to(dev).repeat_interleave(block)[:d]]
         if K.numel() == 0:
             continue
-        R = slice(r * block, min((r + 1) * block, W.shape[0]))
-        rhs = W0[R] @ G[:, K]  # [rows, |K|]
-        new[R, K] = torch.linalg.solve(A[K][:, K], rhs.T).T
-    W.copy_(new.to(W.dtype))
+        R = slice(r * block, min((r + 1) * block, W0.shape[1]))
+        rhs = (W0[:, R] @ G[:, K]).reshape(-1, K.numel())  # [n * rows, |K|]
+        new[:, R, K] = torch.linalg.solve(A[K][:, K], rhs.T).T.reshape(len(Ws), -1, K.numel())
+    for W, n in zip(Ws, new):
+        W.copy_(n.to(W.dtype))

@@ -21,13 +21,13 @@ def _storage_key(t: torch.Tensor) -> int:
 def declare_mask(param: torch.Tensor, mask: torch.Tensor, block: Tuple[int, int]) -> None:
     """Declare ``param`` to mean ``param * expand(mask, block)``. ``mask`` is bool ``[O/bo, I/bi]``."""
     param._blast_mask = (mask, tuple(block))
-    param._blast_mask_rows = {}
+    param._blast_mask_views = {}
     _DECLARED[_storage_key(param)] = weakref.ref(param)
 
 
 def clear_mask(param: torch.Tensor) -> None:
     _DECLARED.pop(_storage_key(param), None)
-    for attr in ("_blast_mask", "_blast_mask_rows"):
+    for attr in ("_blast_mask", "_blast_mask_views"):
         if hasattr(param, attr):
             delattr(param, attr)
 
@@ -46,10 +46,10 @@ def _row_slice(p: torch.Tensor, t: torch.Tensor):
     r0, n = off // p.stride(0), t.shape[0]
     if r0 + n > p.shape[0] or r0 % bo or (n % bo and r0 + n != p.shape[0]):
         return None
-    rows = p._blast_mask_rows  # (emptied by every declare_mask)
-    if (r0, n) not in rows:
-        rows[r0, n] = mask[r0 // bo: -(-(r0 + n) // bo)]
-    return rows[r0, n], (bo, bi)
+    views = p._blast_mask_views  # (emptied by every declare_mask)
+    if (r0, n) not in views:
+        views[r0, n] = mask[r0 // bo: -(-(r0 + n) // bo)]
+    return views[r0, n], (bo, bi)
 
 
 def _transposed(p: torch.Tensor, t: torch.Tensor):
@@ -60,7 +60,7 @@ def _transposed(p: torch.Tensor, t: torch.Tensor):
             and t.storage_offset() == p.storage_offset()):
         return None
     mask, (bo, bi) = p._blast_mask
-    views = p._blast_mask_rows  # (emptied by every declare_mask)
+    views = p._blast_mask_views  # (emptied by every declare_mask)
     if "t" not in views:
         views["t"] = mask.t()
     return views["t"], (bi, bo)

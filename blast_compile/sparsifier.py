@@ -379,7 +379,8 @@ class BlastSparsifier:
                 return torch.cat([m, m]) if halves else m
 
             # (sparsity 0 keeps every block: no score, so none is needed before calibration)
-            score = fold(sum(self._score(L) for L in Ls) if sparsity > 0 else torch.ones(L0.mask.shape, device=L0.mask.device))
+            score = fold(sum(self._score(L) for L in Ls) if sparsity > 0
+                         else torch.ones(L0.mask.shape, device=L0.mask.device))
             gacc = [fold(L.grad_acc) for L in Ls if L.grad_acc is not None]
             k = self._n_keep(L0, sparsity, rows=score.shape[0])
             n_grow = int(self.regrow * k) if (self.regrow and gacc and sparsity > 0) else 0
@@ -392,11 +393,15 @@ class BlastSparsifier:
                 grown = unfold(grown)
                 self.last_grown.update({n: grown for n in names})
             mask = unfold(mask)
+            todo = [L for L in Ls if grown is not None or not torch.equal(mask, L.mask)]
+            if self.reconstruct and sparsity > 0:  # survivors take over the pruned blocks' output
+                stats = [self._stats(L) for L in todo]
+                for st in {id(st): st for st in stats}.values():  # (gate and up: one shared, one solve)
+                    same = [L for L, s in zip(todo, stats) if s is st]
+                    _cal.refit_([L.param for L in same], mask, st, self.block_size, same[0].in_dim)
+            for L in todo:
+                self._set_mask(L, mask, grown)
             for L in Ls:
-                if grown is not None or not torch.equal(mask, L.mask):
-                    if self.reconstruct and sparsity > 0:  # survivors take over the pruned blocks' output
-                        _cal.refit_(L.param, mask, self._stats(L), self.block_size, L.in_dim)
-                    self._set_mask(L, mask, grown)
                 L.score_acc = None
                 L.grad_acc = None
         self.history.append((self.step_count, sparsity))

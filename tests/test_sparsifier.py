@@ -566,7 +566,7 @@ def test_refit_is_the_least_squares_fit_on_live_blocks():
     mask[2] = False  # a block row with nothing live
     mask[0, 0] = True
     st = cal.InputStats()
-    st.add(x)
+    st.add(x.T @ x, x.shape[0])
     got = w.clone()
     cal.refit_(got, mask, st, 16, in_dim=1, damp=0.0)
     em = expand_mask(mask, 16, 16, w.shape)
@@ -582,6 +582,30 @@ def test_refit_is_the_least_squares_fit_on_live_blocks():
     wt = w.t().clone()
     cal.refit_(wt, mask.t(), st, 16, in_dim=0, damp=0.0)
     torch.testing.assert_close(wt.t(), got)
+    # two weights sharing mask and inputs (gate and up) in one call: each gets its own fit
+    w2 = torch.randn(40, 64, dtype=torch.float64)
+    both, one = [w.clone(), w2.clone()], w2.clone()
+    cal.refit_(both, mask, st, 16, in_dim=1, damp=0.0)
+    cal.refit_(one, mask, st, 16, in_dim=1, damp=0.0)
+    torch.testing.assert_close(both[0], got)
+    torch.testing.assert_close(both[1], one)
+
+
+def test_gate_and_up_share_one_gram_matrix():
+    """Gate and up see the same input tensor: one x^T x per call, one InputStats kept for both (the
+    down projection's own), equal to what each would have recorded alone."""
+    from blast_compile.testing import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(32, 64)
+    x = torch.randn(4, 5, 32)
+    sp = BlastSparsifier(mlp, target_sparsity=0.5, block_size=16, schedule="constant", score="activation",
+                         reconstruct=True, layers=lambda n, m: isinstance(m, nn.Linear), calibrate=lambda: mlp(x))
+    st = {n.rpartition(".")[2] or n: L.stats for n, L in sp.layers.items()}
+    assert st["gate_proj"] is st["up_proj"] and st["down_proj"] is not st["gate_proj"]
+    x2 = x.reshape(-1, 32).double()
+    torch.testing.assert_close(st["gate_proj"].gram, x2.T @ x2)
+    assert st["gate_proj"].n == 20 and st["down_proj"].n == 20
 
 
 def test_reconstruct_lowers_the_pruned_layers_output_error():
