@@ -83,11 +83,9 @@ def check_forward(m, d, h, gated, bias, act, dtype, block, device, **kw):
     return x, p, plan, y
 
 
-def check_backward(m, d, h, gated, bias, act, dtype, block, device, declare=False, pre=False, **kw):
+def check_backward(m, d, h, gated, bias, act, dtype, block, device, declare=False, **kw):
     """Every gradient vs the gather kernel (the reference semantics of blast::sparse_mlp_backward).
-    With ``tied`` masks gate and up declare one mask object (dW of both in one launch). ``pre``:
-    the forward stores the pre-activations (into a NaN-filled tensor: every element read must have
-    been written) and the backward reads them; they are checked against eager's."""
+    With ``tied`` masks gate and up declare one mask object (dW of both in one launch)."""
     from blast_compile.ops import triton_mlp
 
     p = make(d, h, gated=gated, bias=bias, dtype=dtype, block=block, device=device, **kw)
@@ -100,20 +98,7 @@ def check_backward(m, d, h, gated, bias, act, dtype, block, device, declare=Fals
     dy = torch.randn(m, d, dtype=dtype, device=device)
     plan = plan_for(x, p, act, block)
     needs = [True] * 7
-    saved = None
-    if pre:
-        saved = torch.full((2 if gated else 1, m, h), float("nan"), dtype=dtype, device=device)
-        y = triton_mlp.forward(x, *args(p), plan, act, pre=saved)
-        torch.testing.assert_close(y, dense_mlp(x, *args(p), act), **tol(dtype))
-        if triton_mlp.keeps_pre(m):  # eager's on live hidden blocks; the rest written too (the bias or 0)
-            assert not saved.isnan().any()
-            live_blocks = torch.zeros(plan.pattern.n_h, 1, dtype=torch.bool)
-            live_blocks[plan.pattern.hidden_live.long()] = True
-            live = expand_mask(live_blocks, block[0], 1, (h, 1))[:, 0].to(device)
-            for k, (w, b) in enumerate(((p["w1"], p["b1"]), (p["w3"], p["b3"]))[:saved.shape[0]]):
-                torch.testing.assert_close(saved[k][:, live], torch.nn.functional.linear(x, w, b)[:, live],
-                                           **tol(dtype))
-    got = triton_mlp.backward(dy, x, *args(p), plan, act, needs, pre=saved)
+    got = triton_mlp.backward(dy, x, *args(p), plan, act, needs)
     # reference: the gather kernel on CPU copies (same dtype)
     pc = {k: (v.cpu() if v is not None else None) for k, v in p.items()}
     if declare:
@@ -242,30 +227,6 @@ def test_interp_grouped_tiles(m, bm, group, force, monkeypatch):
     force(monkeypatch, bm=bm, group=group)
     check_forward(m, 70, 75, True, True, "silu", torch.float16, (16, 16), "cpu", sparsity=0.5, dead_rows=True)
     check_backward(m, 70, 75, True, True, "silu", torch.float16, (16, 16), "cpu", declare=True, sparsity=0.5)
-
-
-@interp
-@pytest.mark.parametrize("m,gated,bias,act,dtype,block,declare", [
-    (37, True, True, "silu", torch.float16, (16, 16), True),  # odd M, ragged dims, biases
-    (40, False, True, "gelu", torch.float32, (16, 32), False),  # plain: a only
-    (33, True, False, "relu2", torch.float16, (32, 16), True),
-    (5, True, True, "silu", torch.float32, (16, 16), True),  # decode: pre not kept, backward recomputes
-])
-@pytest.mark.parametrize("variant", ["pointer", "wide", "tma", "split"])
-def test_interp_saved_preactivations(m, gated, bias, act, dtype, block, declare, variant, monkeypatch):
-    """The forward stores a [and u] (dead hidden blocks: the bias) and the backward's LOAD_PRE kernel
-    reads them instead of recomputing: same gradients, every dh variant. ``split``: no stored
-    pre-activations; the backward recomputes them with the forward's kernel, then reads them."""
-    from blast_compile.ops import triton_mlp
-
-    var = {"pointer": 0, "wide": 2, "tma": triton_mlp.BACKWARD_TMA, "split": 0}[variant]
-    monkeypatch.setattr(triton_mlp, "BACKWARD_PRE_CONFIGS", [(32, 4, 3, var)])
-    if variant == "tma":
-        force_tma(monkeypatch)
-    if variant == "split":
-        monkeypatch.setattr(triton_mlp, "BACKWARD_SPLIT", True)
-    check_backward(m, 70 if block == (16, 16) else 64, 75, gated, bias, act, dtype, block, "cpu", declare=declare,
-                   sparsity=0.5, dead_rows=True, pre=variant != "split")
 
 
 def test_grouped_configs_only_where_they_change_the_order():
@@ -773,27 +734,6 @@ def test_gpu_backward_tied_dead_split(m, bias, block):
     """Training's case: tied gate/up masks, few live blocks over a long M (dW split over M), dead columns."""
     check_backward(m, 256, 704, True, bias, "silu", torch.bfloat16, block, "cuda", declare=True, tied=True,
                    dead_rows=True, sparsity=0.8)
-
-
-@gpu
-@pytest.mark.gpu
-@pytest.mark.parametrize("variant", [(64, 4, 3, 0), (128, 8, 3, 2), (128, 4, 3, 3), (256, 8, 2, 3), (128, 4, 3, 3, 4),
-                                     "split"])
-@pytest.mark.parametrize("m,gated,bias,block,dtype", [
-    (300, True, True, (64, 32), torch.bfloat16), (1000, False, False, (64, 64), torch.float16),
-    (2048, True, False, (128, 64), torch.bfloat16)])
-def test_gpu_saved_preactivations(m, gated, bias, block, dtype, variant, monkeypatch):
-    """The backward's LOAD_PRE kernel on the GPU: pointer, 2-block, TMA and grouped dh loops over the
-    forward's stored a/u (NaN-filled first: any element read must have been written); ``split``:
-    recomputed by the forward's kernel. Dead rows: the forward fills the dead hidden blocks."""
-    from blast_compile.ops import triton_mlp
-
-    if variant == "split":
-        monkeypatch.setattr(triton_mlp, "BACKWARD_SPLIT", True)
-    else:
-        monkeypatch.setattr(triton_mlp, "BACKWARD_PRE_CONFIGS", [variant])
-    check_backward(m, 256, 704, gated, bias, "silu" if gated else "gelu_tanh", dtype, block, "cuda", declare=True,
-                   dead_rows=True, sparsity=0.7, pre=variant != "split")
 
 
 @gpu

@@ -138,18 +138,8 @@ def _grouped(configs):
     return configs + [(*c, GROUP_ROWS // c[0]) for c in configs if c[3] and GROUP_ROWS // c[0] > 1]
 
 
-# ... reading the forward's stored pre-activations (LOAD_PRE: one accumulator, dh, so ``bsmm``'s
-# tile sizes; variants as above: 2 two-block dh steps, 3 TMA)
-BACKWARD_PRE_CONFIGS = [(128, 4, 3, 3), (64, 4, 3, 0), (128, 8, 3, 0), (128, 4, 3, 0), (256, 8, 3, 0),
-                        (64, 4, 3, 2), (128, 8, 3, 2), (128, 4, 3, 2), (256, 8, 2, 2),
-                        (64, 4, 3, 3), (128, 4, 2, 3), (128, 8, 3, 3), (256, 8, 3, 3), (256, 8, 2, 3)]
-# BLAST_BWD_SPLIT=1: without stored pre-activations, recompute them with the forward's kernel into
-# a temporary and run the LOAD_PRE kernel (two launches instead of the one fused kernel)
-BACKWARD_SPLIT = os.environ.get("BLAST_BWD_SPLIT", "0") == "1"
-
 PREFILL_CONFIGS = _grouped(PREFILL_CONFIGS)
 BACKWARD_CONFIGS = _grouped(BACKWARD_CONFIGS)
-BACKWARD_PRE_CONFIGS = _grouped(BACKWARD_PRE_CONFIGS)
 
 
 def _cfg(cfg):
@@ -573,47 +563,10 @@ def _static(plan, w1, w3, w2, b1, b3, packed, activation, dtype) -> _Static:
     return st
 
 
-def keeps_pre(m) -> bool:
-    """Whether a forward of M rows given ``pre`` fills it (prefill kernels; decode does not)."""
-    return m > codegen.DECODE_MAX_M
-
-
-def _dead_cols(plan, d_hidden, device):
-    """Hidden units of the blocks outside the plan's live list (no live in-block, or no live down
-    block: nothing reads them), whose pre-activations no kernel writes; None if there are none."""
-    key = ("dead_cols", d_hidden)
-    if key not in plan.cache:
-        def build():
-            p = plan.pattern
-            live = torch.zeros(p.n_h, dtype=torch.bool)
-            live[p.hidden_live.long()] = True
-            cols = ((~live).nonzero()[:, :1] * p.bh + torch.arange(p.bh)).flatten()
-            cols = cols[cols < d_hidden]
-            return cols.to(device) if cols.numel() else None
-
-        plan.cache[key] = outside_graph_pool(build, device)
-    return plan.cache[key]
-
-
-def _fill_dead(plan, pre, b1, b3):
-    """Dead hidden blocks' entries of ``pre``: the bias, or 0 (true for blocks without a live
-    in-block; blocks no down block reads never matter here). No uninitialized memory, then, for a
-    backward whose plan has moved since the forward (a mask re-declared in between)."""
-    dead = _dead_cols(plan, pre.shape[2], pre.device)
-    if dead is not None:
-        for k, b in enumerate((b1, b3)[:pre.shape[0]]):
-            if b is None:
-                pre[k].index_fill_(1, dead, 0)  # (a python scalar here would be a host copy: no capture)
-            else:
-                pre[k][:, dead] = b[dead].to(pre.dtype)
-
-
-def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden, pre=None, pre_only=False):
+def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden):
     """fp32 master weights under autocast reach here as packed x.dtype copies of their live blocks
     (``forward``). Packed weights in another dtype than x (``forward_packed`` called directly) are
-    cast on load by the prefill kernels and copied for decode. ``pre`` ([2 gated or 1, M, d_hidden]):
-    also store the pre-activations a [, u] there (prefill only: ``keeps_pre``); ``pre_only``: only
-    them, no output (the backward's recompute)."""
+    cast on load by the prefill kernels and copied for decode."""
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
     if x2d.shape[0] <= codegen.DECODE_MAX_M:
         w1, w3, w2 = in_dtype(x2d.dtype, w1, w3, w2)
@@ -634,11 +587,8 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     flag = torch.zeros(m, device=x2d.device, dtype=torch.int32)  # NaN/Inf rows of x (set by mlp_hidden)
     if not n_live:  # no hidden kernel to flag them
         flag.copy_(~torch.isfinite(x2d).all(1))
-    store_pre = 0 if pre is None else 2 if pre_only else 1
-    h = pre[0] if pre_only else torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
-    pa, pu = (h, h) if pre is None else (pre[0], pre[-1])
-    if pre is not None:
-        _fill_dead(plan, pre, b1, b3)
+    h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
+    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
 
     tma_h = st.tma_in and _tma_ok(x2d)
 
@@ -648,10 +598,10 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
         descs = _descs(tma, (x2d, (bm, p.bd)), (w1, (p.bh, p.bd)), (w3_, (p.bh, p.bd)))
         if n_live:
             mod.mlp_hidden[(cdiv(m, bm), n_live)](
-                x2d, x2d.stride(0), h, h.stride(0), pa, pu, flag, m, d_in, d_hidden,
+                x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
                 w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
                 ix["in_rowptr"], ix["in_cols"], ix["order_h"], *descs,
-                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=store_pre, SCAN=1, WIDE=min(var, 1) and gated,
+                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=1, WIDE=min(var, 1) and gated,
                 TMA=(1 + packed) if tma else 0, GROUP=grp, **common)
 
     def h_configs():  # (wide tiles in the in-projection are for the gated kernel: gate|up side by side)
@@ -659,11 +609,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
             (*c[:3], c[3] if c[3] == PREFILL_TMA else 0, *c[4:]) for c in PREFILL_CONFIGS))
         return _candidates(cs, PREFILL_TMA, tma_h, m)
 
-    run_h(_choose(("hidden", "hidden_pre", "hidden_pre_only")[store_pre], sig, m, h_configs, run_h,
-                  shape=(d_in, d_hidden, d_out), memo=plan.cache))
-    if pre_only:
-        return None
-    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+    run_h(_choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out), memo=plan.cache))
 
     tma_y = st.tma_dn and _tma_ok(h)
 
@@ -847,7 +793,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         bs, ch, nw, ns = cfg
         bs = min(bs, p.bh)
         mod.mlp_hidden[(1, n_live * (p.bh // bs))](
-            x2d, x2d.stride(0), h, h.stride(0), h, h, flag, m, d_in, d_hidden,
+            x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
             w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
             ix["in_rowptr"], ix["in_cols"], ix["order_h"], None, None, None,
             BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
@@ -920,14 +866,13 @@ def _live_copies(plan, mod, dtype, w1, w3, w2):
     return out
 
 
-def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, pre=None):
-    """``[M, d_out]`` in x2d.dtype; weights are the dense ``[out, in]`` tensors (any strides).
-    ``pre``: see ``_forward``."""
+def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation):
+    """``[M, d_out]`` in x2d.dtype; weights are the dense ``[out, in]`` tensors (any strides)."""
     if any(w is not None and w.dtype != x2d.dtype for w in (w1, w3, w2)):  # fp32 masters under autocast
         _, mod = _module(plan, activation, w3 is not None, b1 is not None, b3 is not None, x2d.dtype)
         p1, p3, p2 = _live_copies(plan, mod, x2d.dtype, w1, w3, w2)
-        return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, w2.shape[0], w1.shape[0], pre)
-    return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0], pre)
+        return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, w2.shape[0], w1.shape[0])
+    return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0])
 
 
 def forward_packed(x2d, p1, b1, p3, b3, p2, b2, plan, activation, d_out=None):
@@ -1061,13 +1006,12 @@ def _tied(plan, m1, m3) -> bool:
     return t
 
 
-def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, pre=None):
+def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     """Gradients like ``gather.backward``: dict with keys x, w1, b1, w3, b3, w2, b2 (None if not needed).
 
     Three launches on live blocks: ``mlp_hidden_bwd`` (recompute a/u, dh through W2, dA/dU/h),
     ``bsmm`` (dX through the transposed in-projection) and ``sddmm`` (dW, gate and up together
     when their masks are tied). A weight without a declared mask has a dense dW (computed densely).
-    ``pre``: the forward's pre-activations (``forward(pre=...)``): read, not recomputed.
     """
     p = plan.pattern
     x2d = x2d.contiguous()
@@ -1093,11 +1037,6 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, pre=Non
     store_h = needs[5] and dw_masks[2] is not None
     h = torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else da
     n_live = ix["live"].numel()
-    if pre is None and n_live and BACKWARD_SPLIT and keeps_pre(m):
-        pre = torch.empty(2 if gated else 1, m, H, device=x2d.device, dtype=x2d.dtype)
-        _forward(x2d, k1, b1, k3, b3, k2, None, plan, activation, packed, d_out, H, pre, pre_only=True)
-    load_pre = pre is not None and keeps_pre(m)
-    pa, pu = (pre[0], pre[-1]) if load_pre else (da, da)
     if n_live:
         k3_ = k3 if gated else k1
         tma_ok = _tma_ok(x2d, dy2d, k1, k3_, k2)
@@ -1108,19 +1047,17 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, pre=Non
             descs = _descs(tma, (x2d, (bm, p.bd)), (k1, (p.bh, p.bd)), (k3_, (p.bh, p.bd)), (dy2d, (bm, p.bd)),
                            (k2, (p.bd, p.bh)))
             mod.mlp_hidden_bwd[(cdiv(m, bm), n_live)](
-                x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h, pa, pu, da.stride(0), m, d_in, H, d_out,
+                x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h, da.stride(0), m, d_in, H, d_out,
                 k1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, k3 if gated else k1,
                 off["in3"] if gated else off["in1"], s3[0], s3[1], b3 if b3 is not None else x2d,
                 k2, off["dn_csc"], s2[1], s2[0],
                 ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"], *descs,
                 DTYPE=_tl_dtype(mod, x2d.dtype), BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
-                num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0, GROUP=grp,
-                LOAD_PRE=load_pre)
+                num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0, GROUP=grp)
 
-        cs = BACKWARD_PRE_CONFIGS if load_pre else BACKWARD_CONFIGS
-        run(_choose("hidden_bwd_pre" if load_pre else "hidden_bwd", sig, m,
-                    lambda: _candidates(cs, BACKWARD_TMA, tma_ok, m), run, shape=(d_in, H, d_out), memo=plan.cache))
+        run(_choose("hidden_bwd", sig, m, lambda: _candidates(BACKWARD_CONFIGS, BACKWARD_TMA, tma_ok, m), run,
+                    shape=(d_in, H, d_out), memo=plan.cache))
     grads = {}
     if needs[0]:
         grads["x"] = _bsmm(mod, sig, da, du if gated else None, k1, off["in_csc1"], (s1[1], s1[0]),
