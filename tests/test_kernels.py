@@ -738,6 +738,21 @@ def test_gpu_backward_tied_dead_split(m, bias, block):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("dw", [(64, 8, 3, 0), (64, 8, 2, 1), (32, 8, 3, 1)])
+@pytest.mark.parametrize("bwd", [(64, 8, 2, 0), (64, 8, 2, 1), (64, 8, 2, 3)])
+def test_gpu_eight_warp_configs_128_blocks(dw, bwd, monkeypatch):
+    """The 8-warp dW and backward-kernel-1 configs that 128x128 blocks tune to (tests run untuned:
+    forced), tied masks, ragged hidden size (704 = 5.5 blocks)."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [dw])
+    monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [bwd])
+    check_backward(1000, 256, 704, True, False, "silu", torch.bfloat16, (128, 128), "cuda", declare=True, tied=True,
+                   sparsity=0.5)
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,path", [(1, "sliced"), (16, "sliced"), (1, "splitk"), (16, "splitk"), (200, "")])
 def test_gpu_cuda_graph_replay(m, path, monkeypatch):
     """No host syncs after the first call: the forward captures into a CUDA graph and replays fresh
