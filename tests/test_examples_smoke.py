@@ -46,11 +46,28 @@ def test_finetune_smoke(tmp_path):
     assert all(x["ppl_web_heldout"] > 1 for x in r["runs"])
 
 
-def test_finetune_smoke_calibrated(tmp_path):
-    """--score activation --reconstruct: calibration batches, refit at every mask update."""
+@pytest.mark.parametrize("extra", [("--calib-tokens", "256"), ("--distill", "1")])
+def test_finetune_smoke_calibrated(tmp_path, extra):
+    """--score activation --reconstruct: calibration batches, refit at every mask update; with
+    --distill, the dense teacher's KL in the loss (and the default 4,096 calibration tokens, more
+    than the smoke text holds)."""
     pytest.importorskip("transformers")
     _run("finetune.py", "--smoke", "--no-bar", "--sparsity", "0.5", "--score", "activation", "--reconstruct",
-         "--calib-tokens", "256", "--out", str(tmp_path))
+         *extra, "--out", str(tmp_path))
     r = json.load(open(tmp_path / "finetune.json"))["runs"][0]
     assert r["score"] == "activation" and r["reconstruct"] and r["achieved_sparsity"] == pytest.approx(0.5, abs=0.05)
+    assert r["distill"] == (1.0 if "--distill" in extra else 0.0)
     assert math.isfinite(r["ppl_web_heldout"])
+
+
+def test_distill_loss_is_the_kl_to_the_teacher():
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import torch
+    from finetune import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 11, generator=g), torch.randn(2, 3, 11, generator=g)
+    assert float(distill_loss(t, t)) == pytest.approx(0.0, abs=1e-6)
+    p = t.softmax(-1)
+    want = (p * (p.log() - s.log_softmax(-1))).sum(-1).mean()
+    torch.testing.assert_close(distill_loss(s, t), want)
