@@ -60,8 +60,8 @@ def test_finetune_smoke_calibrated(tmp_path, extra):
     assert math.isfinite(r["ppl_web_heldout"])
 
 
-def test_distill_loss_is_the_kl_to_the_teacher():
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
+def test_distill_loss_is_the_kl_to_the_teacher(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
     import torch
     from finetune import distill_loss
 

@@ -741,8 +741,8 @@ def test_gpu_backward_tied_dead_split(m, bias, block):
 @pytest.mark.parametrize("dw", [(64, 8, 3, 0), (64, 8, 2, 1), (32, 8, 3, 1)])
 @pytest.mark.parametrize("bwd", [(64, 8, 2, 0), (64, 8, 2, 1), (64, 8, 2, 3)])
 def test_gpu_eight_warp_configs_128_blocks(dw, bwd, monkeypatch):
-    """The 8-warp dW and backward-kernel-1 configs that 128x128 blocks tune to (tests run untuned:
-    forced), tied masks, ragged hidden size (704 = 5.5 blocks)."""
+    """The 8-warp dW and backward-kernel-1 configs added for 128x128 blocks (the tuner may pick them;
+    tests run untuned: forced), tied masks, ragged hidden size (704 = 5.5 blocks)."""
     from blast_compile.ops import triton_mlp
 
     monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [dw])
