@@ -105,14 +105,15 @@ def distill_loss(student_logits, teacher_logits):
     return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def run_one(sparsity, model, base_sd, train_ids, evals, args, teacher=None):
+def run_one(sparsity, model, base_sd, train_ids, evals, args, teacher=None, sparse_lr=None):
     """One fine-tune from the pretrained weights. ``teacher`` (sparse runs with --distill): the frozen
-    pretrained model; the loss adds --distill x its KL to the student's next-token distribution."""
+    pretrained model; the loss adds --distill x its KL to the student's next-token distribution.
+    ``sparse_lr``: this sparse run's learning rate (0 or None: --lr)."""
     model.load_state_dict(base_sd)
     for n, p in model.named_parameters():
         p.requires_grad_(args.train == "all" or ".mlp." in n)
     params = [p for p in model.parameters() if p.requires_grad]
-    lr = args.lr if sparsity == 0 else (args.sparse_lr or args.lr)
+    lr = args.lr if sparsity == 0 else (sparse_lr or args.lr)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sp = None
     if sparsity > 0:
@@ -184,8 +185,9 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--sparse-lr", type=float, default=1e-3,
-                    help="lr of the sparse runs: they must recover from pruning, not just adapt (0: --lr)")
+    ap.add_argument("--sparse-lr", default="1e-3",
+                    help="lr of the sparse runs: they must recover from pruning, not just adapt (0: --lr); a comma "
+                         "list gives one per --sparsity entry (higher sparsity recovers better with a larger step)")
     # Masks frozen for the last half: one-shot block pruning of SmolLM2's MLPs is catastrophic
     # (50%: ppl ~3e6), so a short run needs as many steps at the final mask as on the ramp.
     ap.add_argument("--freeze-last", type=float, default=0.5)
@@ -229,8 +231,12 @@ def main():
         import copy
 
         teacher = copy.deepcopy(model).eval().requires_grad_(False)
-    for s in (float(v) for v in args.sparsity.split(",")):
-        r = run_one(s, model, base_sd, train_ids, evals, args, teacher)
+    sparsities = [float(v) for v in args.sparsity.split(",")]
+    lrs = [float(v) for v in args.sparse_lr.split(",")]
+    if len(lrs) not in (1, len(sparsities)):
+        sys.exit(f"--sparse-lr: one value, or one per --sparsity entry ({len(sparsities)})")
+    for s, slr in zip(sparsities, lrs * len(sparsities) if len(lrs) == 1 else lrs):
+        r = run_one(s, model, base_sd, train_ids, evals, args, teacher, slr)
         results["runs"].append(r)
         log(json.dumps({k: r[k] for k in r if not isinstance(r[k], dict)}))
         with open(os.path.join(args.out, "finetune.json"), "w") as f:

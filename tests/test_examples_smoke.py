@@ -37,9 +37,11 @@ def test_pretrain_bench_mlp_smoke(tmp_path):
 
 def test_finetune_smoke(tmp_path):
     pytest.importorskip("transformers")
-    _run("finetune.py", "--smoke", "--no-bar", "--sparsity", "0,0.7", "--skip-layers", "0", "--out", str(tmp_path))
+    _run("finetune.py", "--smoke", "--no-bar", "--sparsity", "0,0.7", "--sparse-lr", "0,3e-3", "--skip-layers", "0",
+         "--out", str(tmp_path))
     r = json.load(open(tmp_path / "finetune.json"))
     assert [x["sparsity"] for x in r["runs"]] == [0.0, 0.7]
+    assert [x["lr"] for x in r["runs"]] == [2e-4, 3e-3]  # dense: --lr; sparse: its own --sparse-lr entry
     assert r["runs"][1]["achieved_sparsity"] == pytest.approx(0.7, abs=0.05)
     names = r["runs"][1]["sparsified"]  # --skip-layers 0: the first layer's MLP stays dense
     assert names and all(".layers.1.mlp." in n for n in names)
