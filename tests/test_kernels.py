@@ -229,6 +229,39 @@ def test_interp_grouped_tiles(m, bm, group, force, monkeypatch):
     check_backward(m, 70, 75, True, True, "silu", torch.float16, (16, 16), "cpu", declare=True, sparsity=0.5)
 
 
+@interp
+def test_interp_backward_choices_memoized(monkeypatch):
+    """Every backward launch (kernel 1, dX, dW) remembers its table answer in the plan's cache: a
+    second backward looks no config up (the lookup builds a key string per launch: host time)."""
+    from blast_compile.ops import triton_mlp
+
+    first = {"hidden_bwd": triton_mlp.BACKWARD_CONFIGS[0], "dx_dual": triton_mlp.PREFILL_CONFIGS[0],
+             "dw2": triton_mlp.SDDMM_CONFIGS[0], "dw": triton_mlp.SDDMM_CONFIGS[0]}
+    looked = []
+
+    def lookup(key):  # a persisted table holding the first config of every kind
+        looked.append(key.split("|")[0])
+        return first.get(looked[-1])
+
+    monkeypatch.setattr(codegen, "lookup_config", lookup)
+    p = make(70, 75, gated=True, bias=False, dtype=torch.float32, block=(16, 16), tied=True)
+    for name, (bo, bi) in (("w1", (16, 16)), ("w3", (16, 16)), ("w2", (16, 16))):
+        mk = p["w1"]._blast_mask[0] if name == "w3" else _block_mask(p[name], bo, bi)
+        masks.declare_mask(p[name], mk, (bo, bi))
+    x, dy = torch.randn(37, 70), torch.randn(37, 70)
+    plan = plan_for(x, p, "silu", (16, 16))
+    g1 = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7)
+    n = len(looked)
+    assert sorted(set(looked)) == ["dw", "dw2", "dx_dual", "hidden_bwd"]
+    g2 = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7)
+    assert len(looked) == n  # all from the plan's memo
+    for k in g1:
+        if g1[k] is not None:
+            torch.testing.assert_close(g2[k], g1[k])
+    for name in ("w1", "w3", "w2"):
+        masks.clear_mask(p[name])
+
+
 def test_grouped_configs_only_where_they_change_the_order():
     from blast_compile.ops import triton_mlp
 

@@ -894,8 +894,9 @@ def forward_packed(x2d, p1, b1, p3, b3, p2, b2, plan, activation, d_out=None):
 # --- backward ---------------------------------------------------------------------------------------
 
 def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_blocks, bo, bi, n_in, n_out,
-          out_dtype, packed):
-    """out = X W^T (+ X2 W2^T) through live blocks (backward: dX), config tuned per signature, shape and M."""
+          out_dtype, packed, memo=None):
+    """out = X W^T (+ X2 W2^T) through live blocks (backward: dX), config tuned per signature, shape and M
+    (``memo``: the plan's cache, see ``_choose``)."""
     m = x.shape[0]
     out = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
     x2 = x if x2 is None else x2
@@ -914,7 +915,7 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
             TMA=(3 + packed) if tma else 0, GROUP=grp)
 
     run(_choose("dx" if x2 is x else "dx_dual", sig, m, lambda: _candidates(PREFILL_CONFIGS, PREFILL_TMA, tma_ok, m),
-                run, shape=(n_in, n_out)))
+                run, shape=(n_in, n_out), memo=memo))
     return out
 
 
@@ -933,10 +934,10 @@ def _n_sm(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype):
+def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype, memo=None):
     """dW = dout^T @ inp on the live blocks ``mask_rc`` for each dout in ``douts`` (one or two
     sharing the mask: gate and up); zeros elsewhere. M is split over programs when there are
-    too few live blocks to fill the GPU (deterministic two-pass reduction)."""
+    too few live blocks to fill the GPU (deterministic two-pass reduction). ``memo``: see ``_choose``."""
     rows, cols = mask_rc
     outs = [torch.zeros(shape, device=inp.device, dtype=dtype) for _ in douts]
     nnz = rows.numel()
@@ -974,7 +975,8 @@ def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype):
                                                           DUAL=dual, num_warps=4)
 
     # the M split depends on the live-block count: part of the key
-    cfg = _choose("dw2" if dual else "dw", sig, m, _with_tma(SDDMM_CONFIGS, 1, tma_ok), run, shape=(*shape, nnz))
+    cfg = _choose("dw2" if dual else "dw", sig, m, lambda: _with_tma(SDDMM_CONFIGS, 1, tma_ok), run,
+                  shape=(*shape, nnz), memo=memo)
     run(cfg)
     if split_of(cfg[0])[0] > 1:
         counters["blast"]["dw_split_m"] += 1
@@ -1068,7 +1070,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
         grads["x"] = _bsmm(mod, sig, da, du if gated else None, k1, off["in_csc1"], (s1[1], s1[0]),
                            k3 if gated else k1, off["in_csc3"] if gated else off["in_csc1"], (s3[1], s3[0]) if gated else (s1[1], s1[0]),
                            ix["in_colptr"], ix["in_csc_rows"], ix["all_in"], p.n_in, p.bd, p.bh, H, d_in, x2d.dtype,
-                           packed)
+                           packed, memo=plan.cache)
     dense_dw = any(needs[i] and dw_masks[k] is None for i, k in ((1, 0), (3, 1), (5, 2)) if (i != 3 or gated))
     if dense_dw:
         # a weight without a declared mask has a dense gradient (also on its zero blocks),
@@ -1081,20 +1083,21 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     # dW comes out in the weight's dtype (fp32 masters: no cast pass afterwards)
     if needs[5]:
         grads["w2"] = (dense(dy2d, h_f, w2) if dw_masks[2] is None
-                       else _sddmm(mod, sig, [dy2d], h, _mask_rc(plan, 2, dw_masks[2]), p.bd, p.bh, w2.shape, w2.dtype)[0])
+                       else _sddmm(mod, sig, [dy2d], h, _mask_rc(plan, 2, dw_masks[2]), p.bd, p.bh, w2.shape, w2.dtype,
+                                   memo=plan.cache)[0])
     grads["b2"] = dy2d.sum(0) if (needs[6] and b2 is not None) else None
     need1, need3 = needs[1], gated and needs[3]
     if need1 and need3 and _tied(plan, dw_masks[0], dw_masks[1]):
         counters["blast"]["dw_tied"] += 1
         grads["w1"], grads["w3"] = _sddmm(mod, sig, [da, du], x2d, _mask_rc(plan, 0, dw_masks[0]), p.bh, p.bd, w1.shape,
-                                          w1.dtype)
+                                          w1.dtype, memo=plan.cache)
     else:
         for name, need, k, dout, dout_f in (("w1", need1, 0, da, da_f if dense_dw else None),
                                             ("w3", need3, 1, du, du_f if dense_dw and gated else None)):
             if need:
                 grads[name] = (dense(dout_f, x2d, w1) if dw_masks[k] is None
                                else _sddmm(mod, sig, [dout], x2d, _mask_rc(plan, k, dw_masks[k]), p.bh, p.bd, w1.shape,
-                                           w1.dtype)[0])
+                                           w1.dtype, memo=plan.cache)[0])
     grads["b1"] = da.sum(0).to(dy2d.dtype) if (needs[2] and b1 is not None) else None
     if gated:
         grads["b3"] = du.sum(0).to(dy2d.dtype) if (needs[4] and b3 is not None) else None
