@@ -213,9 +213,7 @@ class BlastSparsifier:
         for L in self.layers.values():
             self._set_mask(L, L.mask, grown=None)
         self._set_hooks(True)
-        if calibrate is not None:  # (before the first masks: a one-shot prune is scored and refit with them)
-            with self.calibration():
-                calibrate()
+        self._recalibrate()  # (before the first masks: a one-shot prune is scored and refit with them)
         if self.initial_sparsity > 0 or self.start_step == 0:
             self._update_masks(self.sparsity_at(0))
         log.info("BlastSparsifier: %d layers, block %d, target %.0f%%, ramp %d..%d every %d steps",
@@ -343,6 +341,12 @@ class BlastSparsifier:
                                "and reconstruct=True need them): pass calibrate=fn, or run batches inside "
                                "`with sparsifier.calibration():` before the first mask update")
         return L.stats
+
+    def _recalibrate(self):
+        """Run the user's ``calibrate`` batches (if any) under ``calibration()``."""
+        if self.calibrate is not None:
+            with self.calibration():
+                self.calibrate()
 
     @contextlib.contextmanager
     def calibration(self):
@@ -475,9 +479,7 @@ class BlastSparsifier:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         if upd:
-            if self.calibrate is not None:  # the inputs as they are now, after earlier pruning and training
-                with self.calibration():
-                    self.calibrate()
+            self._recalibrate()  # the inputs as they are now, after earlier pruning and training
             self._update_masks(self.sparsity_at(self.step_count))
         elif self.check_every:
             if self.step_count % self.check_every == 0:
