@@ -87,7 +87,8 @@ def _split_options(options: Optional[dict]):
 
 
 def _fused_nodes(gm):
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.ops.blast.sparse_mlp.default]
+    fused = (torch.ops.blast.sparse_mlp.default, torch.ops.blast.sparse_mlp_train.default)
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in fused]
 
 
 def _fill_kernel_info(cands: List[Candidate], gm):

@@ -21,6 +21,9 @@ class BlastOptions:
     kernel_dir: Optional[str] = None  # generated Triton sources; default <cache>/kernels
     max_runtime_density: float = 0.75  # if weights change and get denser than this: run dense
     inductor: bool = True  # False: hand the rewritten graph to aot_eager instead (debugging)
+    # training on CUDA: keep each fused MLP's hidden activations (rows x hidden) from the forward for
+    # the backward's dW2 instead of writing them again there; False: less memory, a slower backward
+    save_hidden: bool = True
 
     @classmethod
     def from_options(cls, options: Optional[dict]) -> "BlastOptions":

@@ -208,12 +208,14 @@ def test_interp_wide_tiles(m, gated, bias, act, dtype, block, declare, dh_wide, 
                    sparsity=0.5)
 
 
-def force_tma(monkeypatch, bm=32, nw=4, group=0):
-    """Run the prefill/backward kernels with their TMA variants (first config, tuning off)."""
+def force_tma(monkeypatch, bm=32, nw=4, group=0, two_loops=False):
+    """Run the prefill/backward kernels with their TMA variants (first config, tuning off);
+    ``two_loops``: dX's dA and dU halves in two loops (variant TWO_LOOPS; plain TMA elsewhere)."""
     from blast_compile.ops import triton_mlp
 
     g = (group,) if group else ()
-    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, nw, 3, triton_mlp.PREFILL_TMA, *g)])
+    var = triton_mlp.TWO_LOOPS if two_loops else triton_mlp.PREFILL_TMA
+    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, nw, 3, var, *g)])
     monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [(bm, nw, 3, triton_mlp.BACKWARD_TMA, *g)])
     monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [(bm, nw, 3, 1)])
 
@@ -227,6 +229,38 @@ def test_interp_grouped_tiles(m, bm, group, force, monkeypatch):
     force(monkeypatch, bm=bm, group=group)
     check_forward(m, 70, 75, True, True, "silu", torch.float16, (16, 16), "cpu", sparsity=0.5, dead_rows=True)
     check_backward(m, 70, 75, True, True, "silu", torch.float16, (16, 16), "cpu", declare=True, sparsity=0.5)
+
+
+class _NanEmpty:
+    """``torch`` as ``triton_mlp`` sees it, except that ``empty`` comes back NaN-filled: a kernel that
+    leaves part of an output unwritten then fails the comparison (fresh CPU memory is often zero)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*a, **k):
+        t = torch.empty(*a, **k)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+
+@interp
+@pytest.mark.parametrize("fill", [1, 2])
+@pytest.mark.parametrize("tied,split,block", [(True, False, (16, 16)), (False, True, (16, 16)),
+                                              (True, False, (32, 16)), (True, True, (64, 16))])
+def test_interp_dw_fill(tied, split, block, fill, monkeypatch):
+    """dW's dead blocks are zeroed by the sddmm programs themselves (FILL 1: before the products, 2: 16
+    rows a step, the rest after), round robin: every block of every dW written, with NaN-filled fresh
+    buffers; tied (dual) and untied, one M split and several, blocks zeroed in 1, 2 and 4 steps."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setattr(triton_mlp, "torch", _NanEmpty())
+    monkeypatch.setattr(triton_mlp, "DW_FILL", fill)
+    monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [(16, 4, 3, 0)])  # 5 steps over 70 rows
+    if split:
+        monkeypatch.setattr(triton_mlp, "SDDMM_MIN_ROWS", 16)
+    check_backward(70, 72, 88 if block[0] == 16 else 200, True, False, "silu", torch.float32, block, "cpu",
+                   declare=True, tied=tied, sparsity=0.7, dead_rows=True)
 
 
 @interp
@@ -302,6 +336,18 @@ def test_interp_tma_tiles(m, gated, bias, act, dtype, block, declare, monkeypatc
     check_forward(m, 72, 88, gated, bias, act, dtype, block, "cpu", sparsity=0.5, dead_rows=True)
     check_backward(m, 72, 88, gated, bias, act, dtype, block, "cpu", declare=declare, sparsity=0.5)
     assert seen, "no launch took the TMA path"
+
+
+@interp
+@pytest.mark.parametrize("gated,bias,block", [(True, True, (16, 16)), (True, False, (32, 16))])
+def test_interp_dx_two_loops(gated, bias, block, monkeypatch):
+    """dX with its dA and dU halves in two TMA loops (``bsmm`` TWO_LOOPS) against eager and the gather
+    backward: odd M, ragged dims, a column with no live block."""
+    force_tma(monkeypatch, two_loops=True)
+    seen = _count_tma(monkeypatch)
+    check_backward(37, 72, 88, gated, bias, "silu", torch.float16, block, "cpu", declare=True, sparsity=0.5,
+                   dead_rows=True)
+    assert seen
 
 
 @interp
@@ -762,6 +808,23 @@ def test_gpu_grouped_tiles(m, bm, group, force, monkeypatch):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("bm,nw", [(128, 8), (256, 8), (64, 4)])
+@pytest.mark.parametrize("m,block,dtype", [(1000, (128, 128), torch.bfloat16), (300, (64, 32), torch.float16)])
+def test_gpu_dx_two_loops(m, block, dtype, bm, nw, monkeypatch):
+    """dX's two-loop TMA variant (the tuner may pick it; forced here) at the block sizes it is for,
+    ragged hidden size (704 = 5.5 blocks of 128), tied masks, dead rows. Only dX is forced (kernel 1 and
+    dW keep their first configs: 256-row tiles are not among theirs)."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, nw, 3, triton_mlp.TWO_LOOPS)])
+    seen = _count_tma(monkeypatch)
+    check_backward(m, 256, 704, True, False, "silu", dtype, block, "cuda", declare=True, tied=True,
+                   dead_rows=True, sparsity=0.7)
+    assert seen
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,bias,block", [(3000, False, (64, 64)), (515, True, (32, 64)), (2048, False, (128, 64))])
 def test_gpu_backward_tied_dead_split(m, bias, block):
     """Training's case: tied gate/up masks, few live blocks over a long M (dW split over M), dead columns."""
@@ -886,6 +949,65 @@ def test_gpu_op_end_to_end_autograd():
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("m", [0, 7])
+def test_train_op_cpu(m):
+    """Off CUDA blast::sparse_mlp_train gives H as [rows, 0] and the backward recomputes: the same output
+    and gradients as blast::sparse_mlp; no rows with declared masks too (the dense fallback's masked dW
+    once failed to reshape 0 rows)."""
+    p = make(256, 704, gated=True, bias=False, dtype=torch.float32, block=(64, 64), device="cpu", sparsity=0.7)
+    for name in ("w1", "w3", "w2"):
+        masks.declare_mask(p[name], _block_mask(p[name], 64, 64), (64, 64))
+    p = {k: (v.requires_grad_(True) if v is not None else None) for k, v in p.items()}
+    pat = pattern_from_weights(p["w1"], p["w3"], p["w2"], 64, 64, activation="silu", has_b1=False, has_b3=False)
+    x = torch.randn(m, 256, requires_grad=True)
+    ins = [x] + [v for v in args(p) if v is not None]
+    y1, h = torch.ops.blast.sparse_mlp_train(x, *args(p), "silu", 64, 64, pat.key, 1.0)
+    y2 = torch.ops.blast.sparse_mlp(x, *args(p), "silu", 64, 64, pat.key, 1.0)
+    assert h.shape == (m, 0)
+    torch.testing.assert_close(y1, y2)
+    gy = torch.randn_like(y1)
+    for a, b in zip(torch.autograd.grad(y1, ins, gy), torch.autograd.grad(y2, ins, gy)):
+        torch.testing.assert_close(a, b)
+    for name in ("w1", "w3", "w2"):
+        masks.clear_mask(p[name])
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,declare,autocast", [(300, True, False), (5, True, False), (300, False, False),
+                                                 (257, True, True), (0, True, False)])
+def test_gpu_train_op_saved_hidden(m, declare, autocast):
+    """blast::sparse_mlp_train (the forward's H kept for dW2) against blast::sparse_mlp: same output
+    and gradients; 5 rows (decode-sized: the prefill kernels run to make H), undeclared masks (dense
+    dW: H unused), fp32 masters under bf16 autocast, no rows."""
+    from torch._dynamo.utils import counters
+
+    dt = torch.float32 if autocast else torch.bfloat16
+    p = make(256, 704, gated=True, bias=False, dtype=dt, block=(64, 64), device="cuda", sparsity=0.7)
+    if declare:
+        for name in ("w1", "w3", "w2"):
+            masks.declare_mask(p[name], _block_mask(p[name], 64, 64), (64, 64))
+    p = {k: (v.requires_grad_(True) if v is not None else None) for k, v in p.items()}
+    pat = pattern_from_weights(p["w1"], p["w3"], p["w2"], 64, 64, activation="silu", has_b1=False, has_b3=False)
+    extra = (torch.bfloat16,) if autocast else ()
+    x = torch.randn(m, 256, device="cuda", dtype=dt, requires_grad=True)
+    ins = [x] + [v for v in args(p) if v is not None]
+    used = counters["blast"]["saved_hidden_used"]
+    with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+        y1, h = torch.ops.blast.sparse_mlp_train(x, *args(p), "silu", 64, 64, pat.key, 1.0, *extra)
+        y2 = torch.ops.blast.sparse_mlp(x, *args(p), "silu", 64, 64, pat.key, 1.0, *extra)
+    assert h.shape == (m, 704)
+    torch.testing.assert_close(y1, y2, **tol(torch.bfloat16))  # (5 rows: decode kernels vs prefill kernels)
+    gy = torch.randn_like(y1)
+    g1 = torch.autograd.grad(y1, ins, gy)
+    g2 = torch.autograd.grad(y2, ins, gy)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+    assert counters["blast"]["saved_hidden_used"] - used == (1 if declare and m else 0)
+    for name in ("w1", "w3", "w2"):
+        masks.clear_mask(p[name])
+
+
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
@@ -922,6 +1044,9 @@ def test_gpu_training_steps_compiled(mode):
             torch.testing.assert_close(b.float(), a.float(), rtol=2e-2, atol=2e-3, msg=lambda s: f"step {step}: {s}")
     assert (mods[1].gate_proj.weight[~dense_mask] == 0).all()
     assert torch._dynamo.utils.counters["blast"]["mlp_fused"] >= 1
+    # the compiled training graph kept the forward's H for dW2 (blast::sparse_mlp_train)
+    assert torch._dynamo.utils.counters["blast"]["save_hidden"] >= 1
+    assert torch._dynamo.utils.counters["blast"]["saved_hidden_used"] >= 1
     for mod in mods:
         for lin in (mod.gate_proj, mod.up_proj, mod.down_proj):
             masks.clear_mask(lin.weight)

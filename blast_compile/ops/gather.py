@@ -191,10 +191,10 @@ def _dw(dout, inp, mask, bo, bi):
     o, i = dout.shape[1], inp.shape[1]
     live = mask.nonzero()
     r, c = live[:, 0], live[:, 1]
-    do = _pad_cols(dout, mask.shape[0] * bo).reshape(dout.shape[0], -1, bo)
-    ip = _pad_cols(inp, mask.shape[1] * bi).reshape(inp.shape[0], -1, bi)
+    do = _pad_cols(dout, mask.shape[0] * bo).reshape(dout.shape[0], mask.shape[0], bo)  # (0 rows: no -1)
+    ip = _pad_cols(inp, mask.shape[1] * bi).reshape(inp.shape[0], mask.shape[1], bi)
     acc = torch.float32 if dout.dtype != torch.float64 else dout.dtype
     blocks = torch.bmm(do[:, r].to(acc).permute(1, 2, 0), ip[:, c].to(acc).transpose(0, 1))  # [nnz, bo, bi]
-    full = torch.zeros(mask.shape[0], bo, mask.shape[1], bi, dtype=acc)
+    full = torch.zeros(mask.shape[0], bo, mask.shape[1], bi, dtype=acc, device=dout.device)
     full[r, :, c, :] = blocks
     return full.reshape(mask.shape[0] * bo, mask.shape[1] * bi)[:o, :i].to(dout.dtype)

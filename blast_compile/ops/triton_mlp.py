@@ -117,7 +117,8 @@ PREFILL_TMA = 2
 PREFILL_CONFIGS = [(64, 4, 3, 0), (128, 8, 3, 0), (64, 4, 4, 0), (128, 4, 3, 0), (128, 8, 4, 0), (256, 8, 3, 0),
                    (64, 4, 2, 0), (64, 4, 3, 1), (128, 8, 3, 1), (128, 4, 3, 1), (128, 8, 4, 1), (256, 8, 2, 1),
                    (64, 4, 2, 1), (64, 4, 1, 1), (32, 4, 2, 1),
-                   (128, 4, 3, 2), (128, 4, 2, 2), (64, 4, 2, 2), (64, 4, 3, 2), (128, 8, 2, 2), (256, 8, 3, 2)]
+                   (128, 4, 3, 2), (128, 4, 2, 2), (64, 4, 2, 2), (64, 4, 3, 2), (128, 8, 2, 2), (256, 8, 3, 2),
+                   (64, 4, 1, 2), (128, 8, 1, 2)]
 # backward kernel 1 (three fp32 [BM, BH] tiles live at once: a/u, dh; no 256-row tiles; at 128-wide
 # blocks only 8 warps hold them and 3 stages do not fit: the (64, 8, 2) configs)
 # wide 1: 128-wide gate|up recompute; 2: also 2-block dh steps; BACKWARD_TMA: both loops by TMA
@@ -126,7 +127,7 @@ BACKWARD_CONFIGS = [(64, 4, 3, 0), (64, 4, 2, 0), (128, 8, 3, 0), (64, 8, 3, 0),
                     (64, 4, 3, 1), (64, 4, 4, 1), (128, 8, 3, 1), (64, 4, 3, 2), (128, 8, 3, 2),
                     (64, 4, 2, 1), (64, 4, 1, 1), (64, 4, 2, 2), (32, 4, 2, 1),
                     (64, 4, 3, 3), (64, 4, 2, 3), (128, 8, 3, 3), (128, 8, 2, 3), (64, 8, 3, 3),
-                    (64, 8, 2, 0), (64, 8, 2, 1), (64, 8, 2, 3)]
+                    (64, 8, 2, 0), (64, 8, 2, 1), (64, 8, 2, 3), (64, 4, 1, 3), (64, 8, 1, 3), (128, 8, 1, 3)]
 # Every prefill/backward config with wide or TMA tiles is also tuned with its programs grouped
 # (5th element: M tiles per group, GROUP_ROWS rows; template ``_tile``): a wave of programs then
 # shares a few M tiles of activations in L2 instead of reading every M tile's. Measured per kernel
@@ -142,6 +143,13 @@ def _grouped(configs):
 
 PREFILL_CONFIGS = _grouped(PREFILL_CONFIGS)
 BACKWARD_CONFIGS = _grouped(BACKWARD_CONFIGS)
+# dX (dA W1 + dU W3) also tries variant TWO_LOOPS: TMA with the dA and dU halves in two loops (template
+# ``bsmm``; elsewhere it is plain TMA). At 128x128 blocks one dual TMA step is four [>= 128, 128] tiles: past
+# 64 rows they overflow shared memory (so the fitting TMA configs read each weight tile for 64 rows only),
+# and the pointer variants need 255 registers; two loops hold two tiles a stage: 128/256-row tiles fit.
+TWO_LOOPS = 3
+DX_CONFIGS = _grouped([(128, 8, 2, 3), (128, 8, 3, 3), (128, 4, 2, 3), (256, 8, 2, 3), (256, 8, 3, 3),
+                       (64, 4, 3, 3), (64, 4, 2, 3), (128, 8, 1, 3), (128, 4, 1, 3), (64, 4, 1, 3), (256, 8, 1, 3)])
 
 
 def _cfg(cfg):
@@ -382,8 +390,8 @@ def _descs(on, *specs):
 
 
 def _with_tma(configs, var, ok):
-    """The configs to tune over: without TMA its variants would only repeat the wide ones."""
-    return [c for c in configs if c[3] != var or ok] or configs
+    """The configs to tune over: without TMA its variants (``var`` and above) would only repeat the wide ones."""
+    return [c for c in configs if c[3] < var or ok] or configs
 
 
 # --- tuning ---------------------------------------------------------------------------------------
@@ -565,12 +573,14 @@ def _static(plan, w1, w3, w2, b1, b3, packed, activation, dtype) -> _Static:
     return st
 
 
-def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden):
+def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden, keep_h=False):
     """fp32 master weights under autocast reach here as packed x.dtype copies of their live blocks
     (``forward``). Packed weights in another dtype than x (``forward_packed`` called directly) are
-    cast on load by the prefill kernels and copied for decode."""
+    cast on load by the prefill kernels and copied for decode. ``keep_h``: the prefill kernels at any M,
+    and ``(y, H)`` back (H: ``[M, d_hidden]``, written on live hidden blocks only)."""
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    if x2d.shape[0] <= codegen.DECODE_MAX_M:
+    decode = x2d.shape[0] <= codegen.DECODE_MAX_M and not keep_h
+    if decode:
         w1, w3, w2 = in_dtype(x2d.dtype, w1, w3, w2)
     p = plan.pattern
     m, d_in = x2d.shape
@@ -580,7 +590,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
                                                           st.common, st.n_live)
     w3_, b1_, b3_ = (w3 if gated else w1), b1 if b1 is not None else x2d, b3 if b3 is not None else x2d
     DT = common["DTYPE"]
-    if m <= codegen.DECODE_MAX_M:
+    if decode:
         _count_eager_decode(plan, x2d)
         args = (x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_, b3_,
                 common, n_live)
@@ -596,7 +606,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
 
     def run_h(cfg):
         bm, nw, ns, var, grp = _cfg(cfg)
-        tma = var == PREFILL_TMA and tma_h
+        tma = var >= PREFILL_TMA and tma_h
         descs = _descs(tma, (x2d, (bm, p.bd)), (w1, (p.bh, p.bd)), (w3_, (p.bh, p.bd)))
         if n_live:
             mod.mlp_hidden[(cdiv(m, bm), n_live)](
@@ -608,7 +618,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
 
     def h_configs():  # (wide tiles in the in-projection are for the gated kernel: gate|up side by side)
         cs = PREFILL_CONFIGS if gated else list(dict.fromkeys(
-            (*c[:3], c[3] if c[3] == PREFILL_TMA else 0, *c[4:]) for c in PREFILL_CONFIGS))
+            (*c[:3], c[3] if c[3] >= PREFILL_TMA else 0, *c[4:]) for c in PREFILL_CONFIGS))
         return _candidates(cs, PREFILL_TMA, tma_h, m)
 
     run_h(_choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out), memo=plan.cache))
@@ -617,7 +627,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
 
     def run_y(cfg):
         bm, nw, ns, var, grp = _cfg(cfg)
-        tma = var == PREFILL_TMA and tma_y
+        tma = var >= PREFILL_TMA and tma_y
         hd, wd = _descs(tma, (h, (bm, p.bh)), (w2, (p.bd, p.bh)))
         mod.bsmm[(cdiv(m, bm), p.n_out)](
             h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, 0, m, d_hidden, d_out,
@@ -629,7 +639,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
 
     run_y(_choose("down", sig, m, lambda: _candidates(PREFILL_CONFIGS, PREFILL_TMA, tma_y, m), run_y,
                   shape=(d_in, d_hidden, d_out), memo=plan.cache))
-    return y
+    return (y, h) if keep_h else y
 
 
 # decode calls of one MLP outside CUDA-graph capture before we say that decode runs without graphs
@@ -868,13 +878,14 @@ def _live_copies(plan, mod, dtype, w1, w3, w2):
     return out
 
 
-def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation):
-    """``[M, d_out]`` in x2d.dtype; weights are the dense ``[out, in]`` tensors (any strides)."""
+def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep_h=False):
+    """``[M, d_out]`` in x2d.dtype; weights are the dense ``[out, in]`` tensors (any strides).
+    ``keep_h``: ``(y, H)``, H for the backward's dW2 (see ``_forward``)."""
     if any(w is not None and w.dtype != x2d.dtype for w in (w1, w3, w2)):  # fp32 masters under autocast
         _, mod = _module(plan, activation, w3 is not None, b1 is not None, b3 is not None, x2d.dtype)
         p1, p3, p2 = _live_copies(plan, mod, x2d.dtype, w1, w3, w2)
-        return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, w2.shape[0], w1.shape[0])
-    return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0])
+        return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, w2.shape[0], w1.shape[0], keep_h)
+    return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0], keep_h)
 
 
 def forward_packed(x2d, p1, b1, p3, b3, p2, b2, plan, activation, d_out=None):
@@ -903,23 +914,30 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
     # TMA here reads W's blocks as stored, [bi, bo] (the transposed pattern: swapped strides, sw[0] == 1)
     tma_ok = sw[0] == 1 and swb[0] == 1 and _tma_ok(x, x2, w, wb)
 
+    dual = x2 is not x
+
     def run(cfg):
         bm, nw, ns, var, grp = _cfg(cfg)
-        tma = var == PREFILL_TMA and tma_ok
+        tma = var >= PREFILL_TMA and tma_ok
         descs = _descs(tma, (x, (bm, bi)), (x2, (bm, bi)), (w, (bi, bo)), (wb, (bi, bo)))
         mod.bsmm[(cdiv(m, bm), n_out_blocks)](
             x, x.stride(0), x2, out, out.stride(0), x, x, 0, m, n_in, n_out,
             w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order, *descs,
             DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=sig.aligned, HAS_B=False,
-            DUAL=x2 is not x, NANROW=0, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1),
-            TMA=(3 + packed) if tma else 0, GROUP=grp)
+            DUAL=dual, NANROW=0, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1),
+            TMA=(3 + packed) if tma else 0, GROUP=grp, TWO_LOOPS=var == TWO_LOOPS)
 
-    run(_choose("dx" if x2 is x else "dx_dual", sig, m, lambda: _candidates(PREFILL_CONFIGS, PREFILL_TMA, tma_ok, m),
+    run(_choose("dx_dual" if dual else "dx", sig, m,
+                lambda: _candidates(PREFILL_CONFIGS + DX_CONFIGS if dual else PREFILL_CONFIGS, PREFILL_TMA, tma_ok, m),
                 run, shape=(n_in, n_out), memo=memo))
     return out
 
 
 SDDMM_MIN_ROWS = 256  # an M split of dW is at least this many rows
+# the dW kernel writes the zeros of the dead blocks too (template ``sddmm``, FILL: 1 before its products,
+# 2 a few rows per step); BLAST_DW_FILL=0: a torch.zeros pass before it (H200, 8B 90 %: three fills of
+# 117 MB, 106 µs a step; FILL 1 saved 21 µs of them)
+DW_FILL = int(os.environ.get("BLAST_DW_FILL", "2"))
 # (M rows per step, warps, stages, tma): tma 1 loads the tiles by TMA (as PREFILL_TMA)
 # (8 warps with 32/64-row steps: at 128x128 blocks the 128-row steps overflow shared memory and 4 warps
 # spill two [128, 128] fp32 accumulators; H200, 8B 90 %: dW 665 -> 426 µs, MLP fwd+bwd 3.25x -> 4.33x)
@@ -936,11 +954,13 @@ def _n_sm(device) -> int:
 
 def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype, memo=None):
     """dW = dout^T @ inp on the live blocks ``mask_rc`` for each dout in ``douts`` (one or two
-    sharing the mask: gate and up); zeros elsewhere. M is split over programs when there are
-    too few live blocks to fill the GPU (deterministic two-pass reduction). ``memo``: see ``_choose``."""
-    rows, cols = mask_rc
-    outs = [torch.zeros(shape, device=inp.device, dtype=dtype) for _ in douts]
+    sharing the mask: gate and up); zeros elsewhere, written by the same kernel (``DW_FILL``). M is
+    split over programs when there are too few live blocks to fill the GPU (deterministic two-pass
+    reduction). ``memo``: see ``_choose``."""
+    rows, cols, dead_r, dead_c = mask_rc
     nnz = rows.numel()
+    fill = DW_FILL and nnz > 0
+    outs = [(torch.empty if fill else torch.zeros)(shape, device=inp.device, dtype=dtype) for _ in douts]
     if not nnz:
         return outs
     inp = inp.contiguous()
@@ -966,8 +986,8 @@ def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype, memo=None):
         descs = _descs(tma, (douts[0], (bm, bo)), (douts[-1], (bm, bo)), (inp, (bm, bi)))
         mod.sddmm[(nnz, split)](douts[0], douts[-1], douts[0].stride(0), inp, inp.stride(0), outs[0], o2,
                                 outs[0].stride(0), part, m, m_per, shape[0], shape[1], rows, cols, nnz, *descs,
-                                DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual, SPLIT=split > 1, num_warps=nw,
-                                num_stages=ns, TMA=tma)
+                                dead_r, dead_c, dead_r.numel(), DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual,
+                                SPLIT=split > 1, num_warps=nw, num_stages=ns, TMA=tma, FILL=DW_FILL if dead_r.numel() else 0)
         if split > 1:
             rs = min(16, bo)
             mod.sddmm_reduce[(nnz, len(douts), bo // rs)](part, outs[0], o2, outs[0].stride(0), shape[0], shape[1],
@@ -984,9 +1004,10 @@ def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype, memo=None):
 
 
 def _mask_rc(plan, k, mask):
-    """(rows, cols) int32 of the declared-live blocks of weight k (0 gate, 1 up, 2 down) whose hidden
-    block is live in the plan: on the others dW is exactly zero (h is provably zero there, or
-    nothing reads it: dh is zero), and the backward kernel writes dA/dU/h only on live blocks."""
+    """(rows, cols, dead rows, dead cols) int32 of weight k (0 gate, 1 up, 2 down): its declared-live
+    blocks whose hidden block is live in the plan, and all the others. On the others dW is exactly
+    zero (h is provably zero there, or nothing reads it: dh is zero), and the backward kernel writes
+    dA/dU/h only on live blocks."""
     key = ("dw_rc", k, id(mask), version(mask))
     rc = plan.cache.get(key)
     if rc is None:
@@ -994,8 +1015,9 @@ def _mask_rc(plan, k, mask):
             p = plan.pattern
             live = torch.zeros(p.n_h, dtype=torch.bool, device=mask.device)
             live[p.hidden_live.to(mask.device).long()] = True
-            nz = (mask & (live[None, :] if k == 2 else live[:, None])).nonzero()
-            return nz[:, 0].to(torch.int32).contiguous(), nz[:, 1].to(torch.int32).contiguous()
+            on = mask & (live[None, :] if k == 2 else live[:, None])
+            nz, dead = on.nonzero(), (~on).nonzero()
+            return tuple(t.to(torch.int32).contiguous() for t in (nz[:, 0], nz[:, 1], dead[:, 0], dead[:, 1]))
 
         # kept with the plan: made outside any CUDA-graph pool (see plans.outside_graph_pool)
         rc = plan.cache[key] = outside_graph_pool(build, mask.device)
@@ -1013,12 +1035,14 @@ def _tied(plan, m1, m3) -> bool:
     return t
 
 
-def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
+def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, h_saved=None):
     """Gradients like ``gather.backward``: dict with keys x, w1, b1, w3, b3, w2, b2 (None if not needed).
 
     Three launches on live blocks: ``mlp_hidden_bwd`` (recompute a/u, dh through W2, dA/dU/h),
     ``bsmm`` (dX through the transposed in-projection) and ``sddmm`` (dW, gate and up together
     when their masks are tied). A weight without a declared mask has a dense dW (computed densely).
+    ``h_saved``: the forward's H (``forward(keep_h=True)``): kernel 1 then does not write H again
+    (H200, 8B 90 % 128x128 blocks: 982 -> 838 µs).
     """
     p = plan.pattern
     x2d = x2d.contiguous()
@@ -1041,8 +1065,12 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs):
     new = torch.zeros if (needs[2] and b1 is not None) or (needs[4] and b3 is not None) else torch.empty
     da = new(m, H, device=x2d.device, dtype=x2d.dtype)
     du = new(m, H, device=x2d.device, dtype=x2d.dtype) if gated else da
-    store_h = needs[5] and dw_masks[2] is not None
-    h = torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else da
+    if h_saved is not None and (h_saved.shape != (m, H) or h_saved.dtype != x2d.dtype or not h_saved.is_contiguous()):
+        h_saved = None  # not what the forward's kernels wrote: recompute it here
+    store_h = needs[5] and dw_masks[2] is not None and h_saved is None
+    h = h_saved if h_saved is not None else torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else da
+    if h_saved is not None and needs[5] and dw_masks[2] is not None:
+        counters["blast"]["saved_hidden_used"] += 1
     n_live = ix["live"].numel()
     if n_live:
         k3_ = k3 if gated else k1

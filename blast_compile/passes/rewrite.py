@@ -1,4 +1,5 @@
-"""Replace a matched MLP by one ``blast::sparse_mlp`` node (a compressed MLP: ``blast::packed_mlp``).
+"""Replace a matched MLP by one ``blast::sparse_mlp`` node (a compressed MLP: ``blast::packed_mlp``;
+training on CUDA: ``blast::sparse_mlp_train``, which also hands its hidden activations to the backward).
 
 The new node takes the place of the down projection's output, so everything
 after the MLP (residual adds, GPT-2's final ``.view``) is untouched. It reads
@@ -10,6 +11,8 @@ Its ``meta`` is the down projection's (stack trace, ``nn_module_stack``,
 provenance survives into AOTAutograd/Inductor logs.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch._dynamo.utils import counters
@@ -61,6 +64,20 @@ def _cast_x(graph, x: Node, orig: Node, cdt) -> Node:
     return c
 
 
+def _training_on_cuda(m: MLPMatch) -> bool:
+    """The graph is traced for autograd (grad mode on, the input or a weight wants a gradient) on CUDA:
+    only there does the backward use the forward's H (``blast::sparse_mlp_train``). Not for DTensors:
+    tensor parallel has a sharding rule for ``blast::sparse_mlp`` only (``distributed.py``)."""
+    if not torch.is_grad_enabled():
+        return False
+    vals = [example_value(n) for n in (m.x, m.gate.weight, m.down.weight, m.up.weight if m.up else None)
+            if n is not None]
+    vals = [v for v in vals if isinstance(v, torch.Tensor)]
+    if any(type(v).__name__ == "DTensor" for v in vals):
+        return False
+    return any(v.is_cuda for v in vals) and any(v.requires_grad for v in vals)
+
+
 def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOptions, replaced: dict) -> Node:
     """Swap ``m`` for the fused node; returns it. The caller lints and recompiles.
 
@@ -80,11 +97,19 @@ def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOption
         x = _cast_x(graph, x, m.x, cdt)
         args = (x, w1, b1, w3, b3, w2, m.down.bias, m.act.name, pattern.bh, pattern.bd, pattern.key,
                 float(opts.max_runtime_density))
-        fused = graph.call_function(torch.ops.blast.sparse_mlp.default, args + ((cdt,) if cdt is not None else ()))
+        args += (cdt,) if cdt is not None else ()
+        if _training_on_cuda(m) and opts.save_hidden:
+            # the training op also returns H, which its autograd keeps for dW2 (see ops/sparse_mlp.py)
+            counters["blast"]["save_hidden"] += 1
+            fused = graph.call_function(torch.ops.blast.sparse_mlp_train.default, args)
+            y = graph.call_function(operator.getitem, (fused, 0))
+            y.meta = dict(out.meta)
+        else:
+            fused = y = graph.call_function(torch.ops.blast.sparse_mlp.default, args)
     fused.meta = dict(out.meta)
     fused.meta["blast_pattern"] = pattern  # for the backend's kernel report (it takes it off again)
-    out.replace_all_uses_with(fused)
-    replaced[out] = fused
+    out.replace_all_uses_with(y)
+    replaced[out] = y
     _erase_dead(graph, reversed(m.nodes))  # interior nodes are private (check_private): all dead now
     return fused
 
