@@ -23,6 +23,9 @@ triton_mlp.PREFILL_CONFIGS, triton_mlp.BACKWARD_CONFIGS = [(64, 4, 3, 2)], [(64,
 triton_mlp.SDDMM_CONFIGS = [(64, 4, 3, 1)]
 check_forward(70, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7, seed=2)
 check_backward(70, 192, 448, True, True, "silu", torch.bfloat16, (64, 32), "cuda", declare=True, sparsity=0.7)
+# dX's dA and dU halves in two TMA loops; dW's zeros written by the dW kernel (the default FILL)
+triton_mlp.PREFILL_CONFIGS = [(64, 4, 3, triton_mlp.TWO_LOOPS)]
+check_backward(70, 192, 448, True, False, "silu", torch.bfloat16, (64, 64), "cuda", declare=True, sparsity=0.7)
 # programs in groups of M tiles (3 tiles of 32 rows in groups of 2: a short last group)
 triton_mlp.PREFILL_CONFIGS, triton_mlp.BACKWARD_CONFIGS = [(32, 4, 3, 2, 2)], [(32, 4, 3, 3, 2)]
 check_forward(70, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7, seed=3)
