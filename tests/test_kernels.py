@@ -296,6 +296,26 @@ def test_interp_backward_choices_memoized(monkeypatch):
         masks.clear_mask(p[name])
 
 
+@interp
+def test_interp_kernel1_tuned_apart_with_and_without_h(monkeypatch):
+    """Backward kernel 1 writing H (dW2 wanted, no H from the forward) or not: two tuning keys."""
+    from blast_compile.ops import triton_mlp
+
+    keys = []
+    monkeypatch.setattr(codegen, "lookup_config", lambda key: keys.append(key) or None)
+    p = make(70, 75, gated=True, bias=False, dtype=torch.float32, block=(16, 16))
+    for name in ("w1", "w3", "w2"):
+        masks.declare_mask(p[name], _block_mask(p[name], 16, 16), (16, 16))
+    x, dy = torch.randn(37, 70), torch.randn(37, 70)
+    plan = plan_for(x, p, "silu", (16, 16))
+    for needs_w2 in (True, False):
+        triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 5 + [needs_w2, True])
+    k1 = [k for k in keys if k.startswith("hidden_bwd|")]
+    assert len(k1) == 2 and k1[0] != k1[1]
+    for name in ("w1", "w3", "w2"):
+        masks.clear_mask(p[name])
+
+
 def test_grouped_configs_only_where_they_change_the_order():
     from blast_compile.ops import triton_mlp
 

@@ -1092,7 +1092,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, h_saved
                 num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0, GROUP=grp)
 
         run(_choose("hidden_bwd", sig, m, lambda: _candidates(BACKWARD_CONFIGS, BACKWARD_TMA, tma_ok, m), run,
-                    shape=(d_in, H, d_out), memo=plan.cache))
+                    shape=(d_in, H, d_out, int(store_h)), memo=plan.cache))  # (writing H or not: tuned apart)
     grads = {}
     if needs[0]:
         grads["x"] = _bsmm(mod, sig, da, du if gated else None, k1, off["in_csc1"], (s1[1], s1[0]),
