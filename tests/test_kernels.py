@@ -297,6 +297,35 @@ def test_interp_backward_choices_memoized(monkeypatch):
 
 
 @interp
+@pytest.mark.parametrize("m", [37, 5])
+def test_interp_backward_reads_forward_h(m):
+    """The forward's H (``forward(keep_h=True)``, the prefill kernels even at decode-sized M) handed to
+    the backward: the same gradients as recomputing it, and the counter says dW2 read it; an H of
+    the wrong shape is ignored (recomputed)."""
+    from torch._dynamo.utils import counters
+    from blast_compile.ops import triton_mlp
+
+    p = make(70, 75, gated=True, bias=False, dtype=torch.float32, block=(16, 16))
+    for name in ("w1", "w3", "w2"):
+        masks.declare_mask(p[name], _block_mask(p[name], 16, 16), (16, 16))
+    x, dy = torch.randn(m, 70), torch.randn(m, 70)
+    plan = plan_for(x, p, "silu", (16, 16))
+    y, h = triton_mlp.forward(x, *args(p), plan, "silu", keep_h=True)
+    torch.testing.assert_close(y, triton_mlp.forward(x, *args(p), plan, "silu"), **tol(torch.float32))
+    want = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7)
+    used = counters["blast"]["saved_hidden_used"]
+    for h_in, n_used in ((h, 1), (h[:, :-1], 0)):
+        got = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7, h_in)
+        for k, v in want.items():
+            if v is not None:
+                torch.testing.assert_close(got[k], v, msg=lambda s: f"{k}: {s}")
+        assert counters["blast"]["saved_hidden_used"] - used == n_used
+        used = counters["blast"]["saved_hidden_used"]
+    for name in ("w1", "w3", "w2"):
+        masks.clear_mask(p[name])
+
+
+@interp
 def test_interp_kernel1_tuned_apart_with_and_without_h(monkeypatch):
     """Backward kernel 1 writing H (dW2 wanted, no H from the forward) or not: two tuning keys."""
     from blast_compile.ops import triton_mlp

@@ -229,6 +229,11 @@ def _(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_
     return x.new_empty((*x.shape[:-1], w2.shape[0]), dtype=compute_dtype or x.dtype)
 
 
+def _h_shape(x, w1):
+    """Shape of ``sparse_mlp_train``'s H (its fake and real outputs must agree): no columns off CUDA."""
+    return (*x.shape[:-1], w1.shape[0] if x.is_cuda else 0)
+
+
 def _train(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, compute_dtype=None):
     """``sparse_mlp`` for training: also returns the hidden activations H ``[rows, d_hidden]`` that the
     CUDA kernels write anyway, kept for the backward's dW2 instead of written again there (one
@@ -238,9 +243,9 @@ def _train(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key,
     y, h = _forward(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density,
                     compute_dtype, keep_h=True)
     if h is None:
-        h = x.new_empty((*x.shape[:-1], w1.shape[0] if x.is_cuda else 0), dtype=y.dtype)
+        h = x.new_empty(_h_shape(x, w1), dtype=y.dtype)
     else:
-        h = h.view(*x.shape[:-1], h.shape[-1])
+        h = h.view(_h_shape(x, w1))
     return y, h
 
 
@@ -254,7 +259,7 @@ sparse_mlp_train = torch.library.custom_op(
 def _(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, compute_dtype=None):
     dt = compute_dtype or x.dtype
     return (x.new_empty((*x.shape[:-1], w2.shape[0]), dtype=dt),
-            x.new_empty((*x.shape[:-1], w1.shape[0] if x.is_cuda else 0), dtype=dt))
+            x.new_empty(_h_shape(x, w1), dtype=dt))
 
 
 @torch.library.custom_op("blast::sparse_mlp_backward", mutates_args=())

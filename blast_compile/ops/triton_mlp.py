@@ -1067,10 +1067,14 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, h_saved
     du = new(m, H, device=x2d.device, dtype=x2d.dtype) if gated else da
     if h_saved is not None and (h_saved.shape != (m, H) or h_saved.dtype != x2d.dtype or not h_saved.is_contiguous()):
         h_saved = None  # not what the forward's kernels wrote: recompute it here
-    store_h = needs[5] and dw_masks[2] is not None and h_saved is None
-    h = h_saved if h_saved is not None else torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else da
-    if h_saved is not None and needs[5] and dw_masks[2] is not None:
-        counters["blast"]["saved_hidden_used"] += 1
+    sparse_dw2 = needs[5] and dw_masks[2] is not None  # (the sddmm of dW2 reads H)
+    store_h = sparse_dw2 and h_saved is None
+    if h_saved is not None:
+        h = h_saved
+        if sparse_dw2:
+            counters["blast"]["saved_hidden_used"] += 1
+    else:
+        h = torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else da
     n_live = ix["live"].numel()
     if n_live:
         k3_ = k3 if gated else k1

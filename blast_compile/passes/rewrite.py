@@ -22,7 +22,7 @@ from ..config import BlastOptions
 from ..formats import MLPPattern
 from ..ops import packed_mlp as _packed_op  # noqa: F401  registers torch.ops.blast.packed_mlp
 from ..ops import sparse_mlp as _op  # noqa: F401  registers torch.ops.blast.sparse_mlp
-from .match import MLPMatch, autocast_dtype
+from .match import MLPMatch, autocast_dtype, is_dtensor
 from .normalize import example_value
 
 
@@ -73,7 +73,7 @@ def _training_on_cuda(m: MLPMatch) -> bool:
     vals = [example_value(n) for n in (m.x, m.gate.weight, m.down.weight, m.up.weight if m.up else None)
             if n is not None]
     vals = [v for v in vals if isinstance(v, torch.Tensor)]
-    if any(type(v).__name__ == "DTensor" for v in vals):
+    if any(is_dtensor(v) for v in vals):
         return False
     return any(v.is_cuda for v in vals) and any(v.requires_grad for v in vals)
 
