@@ -67,16 +67,17 @@ def timed(fn, iters):
     return stream_ms, 1e3 * statistics.median(ts)
 
 
-def case(d, h, m, sparsity, block, iters, mode=None, profile=False):
+def case(d, h, m, sparsity, block, iters, mode=None, profile=False, save="auto"):
     dev, dt = torch.device("cuda"), torch.bfloat16
-    row = {"d": d, "hidden": h, "M": m, "sparsity": sparsity, "block": block, "mode": mode or "default"}
+    row = {"d": d, "hidden": h, "M": m, "sparsity": sparsity, "block": block, "mode": mode or "default",
+           "save_hidden": save}
     for name in ("dense", "blast"):
         torch.manual_seed(0)
         mlp = SwiGLU(d, h).to(dev, dt)
         if name == "blast":
             sparsify_(mlp, sparsity, block)
         torch._dynamo.reset()
-        f = torch.compile(mlp, backend="blast", mode=mode) if name == "blast" else torch.compile(mlp, mode=mode)
+        f = (blast_compiled(mlp, mode, save) if name == "blast" else torch.compile(mlp, mode=mode))
         x = torch.randn(m, d, device=dev, dtype=dt, requires_grad=True)
         dy = torch.randn(m, d, device=dev, dtype=dt)
 
@@ -139,14 +140,15 @@ def host_table(fn, iters=50, top=20):
     return rows[:top]
 
 
-def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False):
+def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, save="auto"):
     """A whole training step of the examples' 34M Llama (fp32 params, bf16 autocast, fused AdamW,
     grad clipping), dense vs blast at ``sparsity`` (random block masks, declared), same mode."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
     from _model import Config, Llama
 
     dev = torch.device("cuda")
-    row = {"what": "train_step_34m", "mode": mode or "default", "sparsity": sparsity, "batch": batch, "seq": seq}
+    row = {"what": "train_step_34m", "mode": mode or "default", "sparsity": sparsity, "batch": batch, "seq": seq,
+           "save_hidden": save}
     for name in ("dense", "blast"):
         torch.manual_seed(0)
         model = Llama(Config.preset("34m", 4096)).to(dev)
@@ -155,7 +157,7 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False):
                 sparsify_(layer.mlp, sparsity, block, seed=i)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         torch._dynamo.reset()
-        run = torch.compile(model, backend="blast", mode=mode) if name == "blast" else torch.compile(model, mode=mode)
+        run = blast_compiled(model, mode, save) if name == "blast" else torch.compile(model, mode=mode)
         idx = torch.randint(0, 4096, (batch, seq + 1), device=dev)
 
         def step():
@@ -178,6 +180,16 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False):
     return row
 
 
+# --save: what each fused MLP's forward keeps for its backward (BlastOptions.save_hidden)
+SAVE = {"auto": True, "all": "all", "h": "h", "none": False}
+
+
+def blast_compiled(mlp, mode, save):
+    """``torch.compile`` takes a mode or options, not both: the mode goes in as its Inductor options."""
+    opts = {"save_hidden": SAVE[save], **(torch._inductor.list_mode_options(mode) if mode else {})}
+    return torch.compile(mlp, backend="blast", options=opts)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="34m,1b,8b")
@@ -187,6 +199,7 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--modes", default="default,reduce-overhead", help="torch.compile modes (both sides)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--save", default="auto", help="comma list of auto|all|h|none: BlastOptions.save_hidden")
     ap.add_argument("--step", action="store_true", help="also a whole 34M-model training step per mode")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
@@ -197,13 +210,13 @@ def main():
         for s in args.shapes.split(","):
             d, h = SHAPES[s]
             for m in (int(v) for v in args.m.split(",")):
-                for sp in (float(v) for v in args.sparsity.split(",")):
+                for sp, save in ((float(v), sv) for v in args.sparsity.split(",") for sv in args.save.split(",")):
                     row = case(d, h, m, sp, args.block, args.iters, None if mode == "default" else mode,
-                               profile=args.profile and first)
+                               profile=args.profile and first, save=save)
                     first = False
                     row["shape"] = s
                     res["rows"].append(row)
-                    print(f"[{mode}] {s:4s} M={m:5d} {sp:.0%}: fwd+bwd dense {row['dense_fwd_bwd_ms']:.3f} blast "
+                    print(f"[{mode}] {s:4s} M={m:5d} {sp:.0%} save={save}: fwd+bwd dense {row['dense_fwd_bwd_ms']:.3f} blast "
                           f"{row['blast_fwd_bwd_ms']:.3f} ms ({row['speedup_fwd_bwd']:.2f}x; sync'd "
                           f"{row['speedup_fwd_bwd_sync']:.2f}x) | fwd dense {row['dense_fwd_ms']:.3f} blast "
                           f"{row['blast_fwd_ms']:.3f} ({row['speedup_fwd']:.2f}x)", flush=True)
@@ -214,11 +227,11 @@ def main():
                               f"x{k['calls_per_iter']:.1f}  {k['fn']}")
     if args.step:
         for mode in args.modes.split(","):
-            for sp in (float(v) for v in args.sparsity.split(",")):
+            for sp, save in ((float(v), sv) for v in args.sparsity.split(",") for sv in args.save.split(",")):
                 row = step_case(None if mode == "default" else mode, sp, args.block, args.iters,
-                                profile=args.profile and mode == "reduce-overhead")
+                                profile=args.profile and mode == "reduce-overhead", save=save)
                 res["rows"].append(row)
-                print(f"[{mode}] 34M training step {sp:.0%}: dense {row['dense_step_ms']:.2f} ms, blast "
+                print(f"[{mode}] 34M training step {sp:.0%} save={save}: dense {row['dense_step_ms']:.2f} ms, blast "
                       f"{row['blast_step_ms']:.2f} ms ({row['speedup_step']:.2f}x; {row['blast_tok_s'] / 1e6:.2f}M tok/s)",
                       flush=True)
                 for side in ("dense_profile", "profile"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 
 def default_cache_dir() -> str:
@@ -21,9 +21,11 @@ class BlastOptions:
     kernel_dir: Optional[str] = None  # generated Triton sources; default <cache>/kernels
     max_runtime_density: float = 0.75  # if weights change and get denser than this: run dense
     inductor: bool = True  # False: hand the rewritten graph to aot_eager instead (debugging)
-    # training on CUDA: keep each fused MLP's hidden activations (rows x hidden) from the forward for
-    # the backward's dW2 instead of writing them again there; False: less memory, a slower backward
-    save_hidden: bool = True
+    # training on CUDA, what each fused MLP's forward keeps for its backward instead of recomputing it:
+    # "h": the hidden activations (rows x hidden); "all": also the pre-activations (3 x rows x hidden for
+    # a gated MLP, 2 plain); True ("auto"): "all" where recomputing them costs more than writing and
+    # reading them (passes/rewrite.py, SAVE_PRE_MIN_K), else "h"; False: nothing (least memory, slowest)
+    save_hidden: Union[bool, str] = True
 
     @classmethod
     def from_options(cls, options: Optional[dict]) -> "BlastOptions":
@@ -38,9 +40,16 @@ class BlastOptions:
         o = cls(**options)
         if not 0.0 <= o.min_sparsity <= 1.0:
             raise ValueError("min_sparsity must be in [0, 1]")
+        if o.save_hidden not in (True, False, "auto", "all", "h"):
+            raise ValueError(f"save_hidden must be True ('auto'), False, 'all' or 'h', not {o.save_hidden!r}")
         if o.kernel_dir is None:
             o.kernel_dir = os.path.join(default_cache_dir(), "kernels")
         return o
+
+    @property
+    def save_level(self) -> Optional[int]:
+        """``blast::sparse_mlp_train``'s ``save``: 0 none, 1 H, 2 H and the pre-activations; None: auto."""
+        return {False: 0, "h": 1, "all": 2, True: None, "auto": None}[self.save_hidden]
 
 
 @dataclasses.dataclass

@@ -6,6 +6,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import blast_compile
+from blast_compile.config import BlastOptions
 from blast_compile.testing import SwiGLU, sparsify_mlps_
 from conftest import force_splitk, tol
 
@@ -246,6 +247,11 @@ def test_bad_options_are_rejected():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown option"):
         torch.compile(sparse_block(), backend="blast", options={"min_sparsty": 0.2})(torch.randn(2, 64))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="save_hidden must be"):
+        torch.compile(sparse_block(), backend="blast", options={"save_hidden": "pre"})(torch.randn(2, 64))
+    levels = {v: BlastOptions.from_options({"save_hidden": v}).save_level for v in (True, "all", "h", False)}
+    assert levels == {True: None, "all": 2, "h": 1, False: 0}  # (None: chosen per MLP, see test_passes)
 
 
 def test_explain_reports_fused_and_dense_with_reasons():

@@ -298,30 +298,36 @@ def test_interp_backward_choices_memoized(monkeypatch):
 
 @interp
 @pytest.mark.parametrize("m", [37, 5])
-def test_interp_backward_reads_forward_h(m):
-    """The forward's H (``forward(keep_h=True)``, the prefill kernels even at decode-sized M) handed to
-    the backward: the same gradients as recomputing it, and the counter says dW2 read it; an H of
-    the wrong shape is ignored (recomputed)."""
+@pytest.mark.parametrize("gated", [True, False])
+def test_interp_backward_reads_forward_h(m, gated):
+    """What the forward kept (``forward(keep=1)``: H; ``keep=2``: H and the pre-activations; the prefill
+    kernels even at decode-sized M) handed to the backward: the same gradients as recomputing, and the
+    counters say dW2 read H and kernel 1 the pre-activations; a wrong-shaped one is ignored."""
     from torch._dynamo.utils import counters
     from blast_compile.ops import triton_mlp
 
-    p = make(70, 75, gated=True, bias=False, dtype=torch.float32, block=(16, 16))
-    for name in ("w1", "w3", "w2"):
+    p = make(70, 75, gated=gated, bias=True, dtype=torch.float32, block=(16, 16))
+    ws = ("w1", "w3", "w2") if gated else ("w1", "w2")
+    for name in ws:
         masks.declare_mask(p[name], _block_mask(p[name], 16, 16), (16, 16))
     x, dy = torch.randn(m, 70), torch.randn(m, 70)
     plan = plan_for(x, p, "silu", (16, 16))
-    y, h = triton_mlp.forward(x, *args(p), plan, "silu", keep_h=True)
-    torch.testing.assert_close(y, triton_mlp.forward(x, *args(p), plan, "silu"), **tol(torch.float32))
+    y1, s1 = triton_mlp.forward(x, *args(p), plan, "silu", keep=1)
+    y2, s2 = triton_mlp.forward(x, *args(p), plan, "silu", keep=2)
+    assert s1.shape == (1, m, 75) and s2.shape == (3 if gated else 2, m, 75)
+    for y in (y1, y2):
+        torch.testing.assert_close(y, triton_mlp.forward(x, *args(p), plan, "silu"), **tol(torch.float32))
     want = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7)
-    used = counters["blast"]["saved_hidden_used"]
-    for h_in, n_used in ((h, 1), (h[:, :-1], 0)):
-        got = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7, h_in)
+    c = counters["blast"]
+    cases = [(s1, 1, 0), (s2, 1, 1), (s2[:1], 1, 0), (s2[:, :, :-1], 0, 0)] + [(s2[:2], 0, 0)] * gated
+    for s_in, n_h, n_pre in cases:
+        used, pre = c["saved_hidden_used"], c["saved_pre_used"]
+        got = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7, s_in)
         for k, v in want.items():
             if v is not None:
                 torch.testing.assert_close(got[k], v, msg=lambda s: f"{k}: {s}")
-        assert counters["blast"]["saved_hidden_used"] - used == n_used
-        used = counters["blast"]["saved_hidden_used"]
-    for name in ("w1", "w3", "w2"):
+        assert (c["saved_hidden_used"] - used, c["saved_pre_used"] - pre) == (n_h, n_pre)
+    for name in ws:
         masks.clear_mask(p[name])
 
 
@@ -857,6 +863,39 @@ def test_gpu_grouped_tiles(m, bm, group, force, monkeypatch):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("gated,block,m", [(True, (128, 128), 1000), (False, (64, 64), 300), (True, (64, 32), 257)])
+def test_gpu_kernel1_reads_saved_preacts(gated, block, m, monkeypatch):
+    """Backward kernel 1 reading the forward's pre-activations (``LOAD_PRE``), each config of its list
+    forced in turn (ragged hidden 704, dead rows, biases): the same gradients as recomputing them."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setenv("BLAST_TUNE", "0")
+    monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
+    act = "silu" if gated else "gelu_tanh"
+    p = make(256, 704, gated=gated, bias=True, dtype=torch.bfloat16, block=block, device="cuda", sparsity=0.7,
+             dead_rows=True)
+    ws = [k for k in ("w1", "w3", "w2") if p[k] is not None]
+    for k in ws:
+        bo, bi = block if k != "w2" else block[::-1]
+        masks.declare_mask(p[k], _block_mask(p[k], bo, bi), (bo, bi))
+    x, dy = (torch.randn(m, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    plan = plan_for(x, p, act, block)
+    want = triton_mlp.backward(dy, x, *args(p), plan, act, [True] * 7)
+    for cfg in list(triton_mlp.BACKWARD_PRE_CONFIGS):
+        monkeypatch.setattr(triton_mlp, "BACKWARD_PRE_CONFIGS", [cfg])
+        plan.cache.clear()
+        _, s = triton_mlp.forward(x, *args(p), plan, act, keep=2)
+        got = triton_mlp.backward(dy, x, *args(p), plan, act, [True] * 7, s)
+        for k, v in want.items():
+            if v is not None:
+                torch.testing.assert_close(got[k].float(), v.float(), rtol=2e-2, atol=2e-2,
+                                           msg=lambda e: f"{cfg} {k}: {e}")
+    for k in ws:
+        masks.clear_mask(p[k])
+
+
+@gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("bm,nw", [(128, 8), (256, 8), (64, 4)])
 @pytest.mark.parametrize("m,block,dtype", [(1000, (128, 128), torch.bfloat16), (300, (64, 32), torch.float16)])
 def test_gpu_dx_two_loops(m, block, dtype, bm, nw, monkeypatch):
@@ -1000,7 +1039,7 @@ def test_gpu_op_end_to_end_autograd():
 
 @pytest.mark.parametrize("m", [0, 7])
 def test_train_op_cpu(m):
-    """Off CUDA blast::sparse_mlp_train gives H as [rows, 0] and the backward recomputes: the same output
+    """Off CUDA blast::sparse_mlp_train keeps nothing ([0, rows, hidden]) and the backward recomputes: the same output
     and gradients as blast::sparse_mlp; no rows with declared masks too (the dense fallback's masked dW
     once failed to reshape 0 rows)."""
     p = make(256, 704, gated=True, bias=False, dtype=torch.float32, block=(64, 64), device="cpu", sparsity=0.7)
@@ -1012,7 +1051,7 @@ def test_train_op_cpu(m):
     ins = [x] + [v for v in args(p) if v is not None]
     y1, h = torch.ops.blast.sparse_mlp_train(x, *args(p), "silu", 64, 64, pat.key, 1.0)
     y2 = torch.ops.blast.sparse_mlp(x, *args(p), "silu", 64, 64, pat.key, 1.0)
-    assert h.shape == (m, 0)
+    assert h.shape == (0, m, 704)
     torch.testing.assert_close(y1, y2)
     gy = torch.randn_like(y1)
     for a, b in zip(torch.autograd.grad(y1, ins, gy), torch.autograd.grad(y2, ins, gy)):
@@ -1023,12 +1062,13 @@ def test_train_op_cpu(m):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,declare,autocast", [(300, True, False), (5, True, False), (300, False, False),
-                                                 (257, True, True), (0, True, False)])
-def test_gpu_train_op_saved_hidden(m, declare, autocast):
-    """blast::sparse_mlp_train (the forward's H kept for dW2) against blast::sparse_mlp: same output
-    and gradients; 5 rows (decode-sized: the prefill kernels run to make H), undeclared masks (dense
-    dW: H unused), fp32 masters under bf16 autocast, no rows."""
+@pytest.mark.parametrize("m,declare,autocast,save", [(300, True, False, 2), (300, True, False, 1), (5, True, False, 2),
+                                                      (300, False, False, 2), (257, True, True, 2), (0, True, False, 2)])
+def test_gpu_train_op_saved_hidden(m, declare, autocast, save):
+    """blast::sparse_mlp_train (save 1: the forward's H kept for dW2; 2: and the pre-activations for
+    kernel 1) against blast::sparse_mlp: same output and gradients; 5 rows (decode-sized: the prefill
+    kernels run to make H), undeclared masks (dense dW: H unused), fp32 masters under bf16 autocast,
+    no rows."""
     from torch._dynamo.utils import counters
 
     dt = torch.float32 if autocast else torch.bfloat16
@@ -1041,11 +1081,11 @@ def test_gpu_train_op_saved_hidden(m, declare, autocast):
     extra = (torch.bfloat16,) if autocast else ()
     x = torch.randn(m, 256, device="cuda", dtype=dt, requires_grad=True)
     ins = [x] + [v for v in args(p) if v is not None]
-    used = counters["blast"]["saved_hidden_used"]
+    used, pre = counters["blast"]["saved_hidden_used"], counters["blast"]["saved_pre_used"]
     with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-        y1, h = torch.ops.blast.sparse_mlp_train(x, *args(p), "silu", 64, 64, pat.key, 1.0, *extra)
+        y1, h = torch.ops.blast.sparse_mlp_train(x, *args(p), "silu", 64, 64, pat.key, 1.0, *extra, save=save)
         y2 = torch.ops.blast.sparse_mlp(x, *args(p), "silu", 64, 64, pat.key, 1.0, *extra)
-    assert h.shape == (m, 704)
+    assert h.shape == (3 if save == 2 else 1, m, 704)
     torch.testing.assert_close(y1, y2, **tol(torch.bfloat16))  # (5 rows: decode kernels vs prefill kernels)
     gy = torch.randn_like(y1)
     g1 = torch.autograd.grad(y1, ins, gy)
@@ -1053,14 +1093,16 @@ def test_gpu_train_op_saved_hidden(m, declare, autocast):
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
     assert counters["blast"]["saved_hidden_used"] - used == (1 if declare and m else 0)
+    assert counters["blast"]["saved_pre_used"] - pre == (1 if m and save == 2 else 0)
     for name in ("w1", "w3", "w2"):
         masks.clear_mask(p[name])
 
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.parametrize("save", ["all", True])
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_gpu_training_steps_compiled(mode):
+def test_gpu_training_steps_compiled(mode, save):
     """A few optimizer steps of a masked SwiGLU MLP under ``torch.compile(backend="blast")``
     (with CUDA graphs too: the backward's dW tables are built outside the graph pool) track eager
     training of the same masked MLP; pruned blocks stay zero."""
@@ -1076,7 +1118,10 @@ def test_gpu_training_steps_compiled(mode):
                 lin.weight.mul_(expand_mask(m, 64, 64, lin.weight.shape).to(lin.weight.dtype))
             masks.declare_mask(lin.weight, m, (64, 64))
     torch._dynamo.reset()
-    run = torch.compile(mods[1], backend="blast", mode=mode)
+    # save_hidden "all": the forward's pre-activations reach kernel 1; True ("auto") keeps H only at this
+    # size (live width 4 x 0.2 x 64 < 256). torch.compile takes a mode or options: the mode goes in as options
+    mode_opts = torch._inductor.list_mode_options(mode) if mode else {}
+    run = torch.compile(mods[1], backend="blast", options={"save_hidden": save, **mode_opts})
     opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in mods]
     dense_mask = expand_mask(mk, 64, 64, (704, 256))
     for step in range(4):
@@ -1096,6 +1141,8 @@ def test_gpu_training_steps_compiled(mode):
     # the compiled training graph kept the forward's H for dW2 (blast::sparse_mlp_train)
     assert torch._dynamo.utils.counters["blast"]["save_hidden"] >= 1
     assert torch._dynamo.utils.counters["blast"]["saved_hidden_used"] >= 1
+    assert (torch._dynamo.utils.counters["blast"]["saved_pre_used"] >= 1) == (save == "all")
+    assert (torch._dynamo.utils.counters["blast"]["save_preacts"] >= 1) == (save == "all")
     for mod in mods:
         for lin in (mod.gate_proj, mod.up_proj, mod.down_proj):
             masks.clear_mask(lin.weight)

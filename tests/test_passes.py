@@ -389,6 +389,29 @@ def test_mixed_dtype_is_refused():
     assert c.decision == "dense" and "float16" in c.reason and counters["blast"]["dense_dtype"] == 1
 
 
+@pytest.mark.parametrize("live,want", [(4, 2), (3, 1)])
+def test_save_level_auto_by_recompute_width(live, want):
+    """``save_hidden=True`` ("auto") keeps the pre-activations (level 2) only where the backward's recompute
+    of them is wide: the in-projection's live width per live hidden block (here ``live`` blocks of 64 of
+    every hidden block-row, one row dead) at least SAVE_PRE_MIN_K = 256; explicit levels stay as given."""
+    from blast_compile.formats import pattern_from_weights
+    from blast_compile.passes.rewrite import SAVE_PRE_MIN_K, save_level
+
+    assert SAVE_PRE_MIN_K == 256
+    w1, w3, w2 = torch.randn(512, 1024), torch.randn(512, 1024), torch.randn(1024, 512)
+    for i in range(8):  # hidden block-row i: `live` in-blocks, rotating; row 7 dead
+        keep = torch.zeros(16, dtype=torch.bool)
+        if i < 7:
+            keep[[(i + j) % 16 for j in range(live)]] = True
+        for w in (w1, w3):
+            w[i * 64:(i + 1) * 64] *= keep.repeat_interleave(64)
+    w2 *= (torch.rand(16, 8, generator=torch.Generator().manual_seed(0)) < 0.3).repeat_interleave(64, 0) \
+        .repeat_interleave(64, 1)
+    pat = pattern_from_weights(w1, w3, w2, 64, 64, activation="silu", has_b1=False, has_b3=False)
+    levels = {v: save_level(BlastOptions.from_options({"save_hidden": v}), pat) for v in (True, "auto", "all", "h", False)}
+    assert levels == {True: want, "auto": want, "all": 2, "h": 1, False: 0}
+
+
 def test_counters_exact_mixed_model():
     torch.manual_seed(0)
     model = Holder(sparsify(Gated()), MLP(), sparsify(MLP(act=torch.relu), sparsity=0.75))

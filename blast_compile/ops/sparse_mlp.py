@@ -29,9 +29,12 @@ Autograd: ``blast::sparse_mlp_backward`` recomputes the pre-activations (``x`` i
 computes dX through the transposed live blocks, and dW either dense (the weight holds zeros but
 means a dense matrix) or on live blocks only, when the sparsifier declared a mask (see
 :mod:`..masks`). Training on CUDA the rewrite emits ``blast::sparse_mlp_train`` instead: the same
-forward, also returning the hidden activations H its kernels write anyway; autograd keeps H (one
-``rows x hidden`` tensor per MLP, ``BlastOptions.save_hidden``) and dW2 reads it instead of the
-backward kernel writing it again (H200, 8B 90 %: that kernel 1000 -> 858 µs).
+forward, also returning what the backward would otherwise recompute (``BlastOptions.save_hidden``):
+``save=1`` the hidden activations H its kernels write anyway (one ``rows x hidden`` tensor per MLP;
+dW2 reads it instead of the backward kernel writing it again, H200 8B 90 %: that kernel
+1000 -> 858 µs); ``save=2`` (default) also the pre-activations a [and u], so the backward's first
+kernel does not recompute the two in-projections (three tensors for a gated MLP; dense autograd keeps
+more).
 """
 from __future__ import annotations
 
@@ -169,16 +172,17 @@ def _nonfinite_rows(x2d):
     return ~torch.isfinite(x2d).all(dim=1)
 
 
-def _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep_h=False):
+def _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep=0):
     from . import triton_mlp
 
     warm_kernels(plan, x2d, lambda d: triton_mlp.forward(d, w1, b1, w3, b3, w2, b2, plan, activation))
-    return triton_mlp.forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep_h)
+    return triton_mlp.forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep)
 
 
 def _forward(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, compute_dtype,
-             keep_h=False):
-    """(y, H): H ``[rows, d_hidden]`` as the CUDA kernels wrote it when ``keep_h`` and they ran, else None."""
+             keep=0):
+    """(y, S): S ``[n, rows, d_hidden]`` as the CUDA kernels kept it (``triton_mlp.forward(keep=...)``)
+    when ``keep`` and they ran, else None."""
     d_out = w2.shape[0]
     # the plan (pattern, declared masks, version checks) belongs to the parameters themselves
     plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
@@ -191,8 +195,8 @@ def _forward(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_ke
         return dense_mlp(x, *in_dtype(compute_dtype, w1, b1, w3, b3, w2, b2), activation), h
     if x.device.type == "cuda":
         # weights as stored: fp32 masters are cast per call as packed copies of their live blocks
-        y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep_h)  # kernels poison non-finite rows
-        if keep_h:
+        y = _cuda_forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep)  # kernels poison non-finite rows
+        if keep:
             y, h = y
     else:
         w1, w3, w2 = in_dtype(compute_dtype, w1, w3, w2)
@@ -229,37 +233,43 @@ def _(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_
     return x.new_empty((*x.shape[:-1], w2.shape[0]), dtype=compute_dtype or x.dtype)
 
 
-def _h_shape(x, w1):
-    """Shape of ``sparse_mlp_train``'s H (its fake and real outputs must agree): no columns off CUDA."""
-    return (*x.shape[:-1], w1.shape[0] if x.is_cuda else 0)
+def _saved_shape(x, w1, w3, save):
+    """Shape of ``sparse_mlp_train``'s second output (its fake and real outputs must agree):
+    ``[n, *rows, d_hidden]``, n = ``triton_mlp.saved_count``; n = 0 off CUDA."""
+    n = 0
+    if x.is_cuda:
+        from .triton_mlp import saved_count
+
+        n = saved_count(save, w3 is not None)
+    return (n, *x.shape[:-1], w1.shape[0])
 
 
-def _train(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, compute_dtype=None):
-    """``sparse_mlp`` for training: also returns the hidden activations H ``[rows, d_hidden]`` that the
-    CUDA kernels write anyway, kept for the backward's dW2 instead of written again there (one
-    ``rows x d_hidden`` tensor per MLP until the backward; dense autograd keeps more). H holds
-    garbage where nothing reads it (dead hidden blocks; all of it where the kernels did not run:
-    dense fallback, no rows). Off CUDA it is ``[rows, 0]`` and the backward recomputes."""
-    y, h = _forward(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density,
-                    compute_dtype, keep_h=True)
-    if h is None:
-        h = x.new_empty(_h_shape(x, w1), dtype=y.dtype)
-    else:
-        h = h.view(_h_shape(x, w1))
-    return y, h
+def _train(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, compute_dtype=None,
+           save=2):
+    """``sparse_mlp`` for training: also returns what the CUDA backward would recompute, kept until
+    the backward: H (``save=1``), then a [and u] (``save=2``), stacked ``[n, *rows, d_hidden]``. It
+    holds garbage where nothing reads it (dead hidden blocks; all of it where the kernels did not
+    run: dense fallback, no rows). Off CUDA it is empty (n = 0) and the backward recomputes."""
+    y, s = _forward(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density,
+                    compute_dtype, keep=save)
+    shape = _saved_shape(x, w1, w3, save)
+    if s is None or s.shape[0] != shape[0]:
+        return y, x.new_empty(shape, dtype=y.dtype)
+    return y, s.view(shape)
 
 
-# sparse_mlp's arguments, two outputs
+# sparse_mlp's arguments and ``save``, two outputs
 sparse_mlp_train = torch.library.custom_op(
     "blast::sparse_mlp_train", _train, mutates_args=(),
-    schema=str(torch.ops.blast.sparse_mlp.default._schema).split("sparse_mlp", 1)[1].replace("-> Tensor", "-> (Tensor, Tensor)"))
+    schema=str(torch.ops.blast.sparse_mlp.default._schema).split("sparse_mlp", 1)[1].replace(
+        ") -> Tensor", ", int save=2) -> (Tensor, Tensor)"))
 
 
 @sparse_mlp_train.register_fake
-def _(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, compute_dtype=None):
+def _(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, compute_dtype=None, save=2):
     dt = compute_dtype or x.dtype
     return (x.new_empty((*x.shape[:-1], w2.shape[0]), dtype=dt),
-            x.new_empty(_h_shape(x, w1), dtype=dt))
+            x.new_empty(_saved_shape(x, w1, w3, save), dtype=dt))
 
 
 @torch.library.custom_op("blast::sparse_mlp_backward", mutates_args=())
@@ -279,11 +289,11 @@ def sparse_mlp_backward(
     max_density: float,
     needs: List[bool],
     compute_dtype: Optional[torch.dtype] = None,
-    h: Optional[Tensor] = None,
+    saved: Optional[Tensor] = None,
 ) -> List[Tensor]:
     """Gradients ``[dx, dw1, db1, dw3, db3, dw2, db2]``; an unneeded one is an empty tensor.
     Under autocast (``compute_dtype``) they are computed in it and returned in each input's dtype.
-    ``h``: ``sparse_mlp_train``'s H (the CUDA kernels' dW2 reads it instead of recomputing it)."""
+    ``saved``: ``sparse_mlp_train``'s second output (the CUDA kernels read it instead of recomputing)."""
     plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
     orig = (x, w1, b1, w3, b3, w2, b2)
     orig_w = (w1, w3, w2)
@@ -299,8 +309,8 @@ def sparse_mlp_backward(
         if x.device.type == "cuda":
             from . import triton_mlp
 
-            h2d = h.reshape(-1, h.shape[-1]) if h is not None and h.numel() else None
-            g = triton_mlp.backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, h2d)
+            s2d = saved.reshape(saved.shape[0], -1, saved.shape[-1]) if saved is not None and saved.numel() else None
+            g = triton_mlp.backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, s2d)
         else:
             g = gather.backward(dy2d, x2d, plan.dev_pattern, _packed(plan, w1, w3, w2, orig_w), w1, b1, w3, b3, w2,
                                 b2, activation, needs, plan.dw_masks)
@@ -316,25 +326,27 @@ def sparse_mlp_backward(
 
 @sparse_mlp_backward.register_fake
 def _(dy, x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, needs, compute_dtype=None,
-      h=None):
+      saved=None):
     shapes = [x, w1, b1, w3, b3, w2, b2]
     return [t.new_empty(t.shape) if (t is not None and needs[i]) else x.new_empty(0) for i, t in enumerate(shapes)]
 
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density, *rest = inputs
-    h = output[1] if isinstance(output, tuple) else None  # sparse_mlp_train: the forward's H
-    ctx.save_for_backward(x, w1, b1, w3, b3, w2, b2, h)
+    saved = output[1] if isinstance(output, tuple) else None  # sparse_mlp_train: what the forward kept
+    ctx.save_for_backward(x, w1, b1, w3, b3, w2, b2, saved)
     ctx.args = (activation, block_h, block_d, pattern_key, max_density)
     ctx.compute_dtype = rest[0] if rest else None
+    ctx.n_inputs = len(inputs)
 
 
-def _backward(ctx, dy, dh=None):  # (dh: nothing but this backward uses H)
-    x, w1, b1, w3, b3, w2, b2, h = ctx.saved_tensors
+def _backward(ctx, dy, ds=None):  # (ds: nothing but this backward uses the saved tensors)
+    x, w1, b1, w3, b3, w2, b2, saved = ctx.saved_tensors
     needs = [bool(n) for n in ctx.needs_input_grad[:7]]
-    grads = torch.ops.blast.sparse_mlp_backward(dy, x, w1, b1, w3, b3, w2, b2, *ctx.args, needs, ctx.compute_dtype, h)
+    grads = torch.ops.blast.sparse_mlp_backward(dy, x, w1, b1, w3, b3, w2, b2, *ctx.args, needs, ctx.compute_dtype,
+                                                saved)
     res = [g if (needs[i] and (i == 0 or (x, w1, b1, w3, b3, w2, b2)[i] is not None)) else None for i, g in enumerate(grads)]
-    return (*res, None, None, None, None, None, None)
+    return (*res, *[None] * (ctx.n_inputs - 7))
 
 
 sparse_mlp.register_autograd(_backward, setup_context=_setup_context)

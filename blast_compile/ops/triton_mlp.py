@@ -50,10 +50,10 @@ can capture them.
 Rows of x with a NaN/Inf come out all-NaN (what eager's dense product gives): the
 kernel that reads x flags them (``HANDLES_NONFINITE``), the output epilogue writes NaN.
 
-Backward: ``mlp_hidden_bwd`` recomputes the pre-activations and gets dH through W2's
-transposed live blocks in one kernel, dX goes through W1/W3's (``bsmm`` with swapped
-strides), and dW densely (torch matmul) or, for declared masks, on the live blocks
-only (``sddmm``).
+Backward: ``mlp_hidden_bwd`` recomputes the pre-activations (or reads them where the training
+forward kept them: ``forward(keep=2)``) and gets dH through W2's transposed live blocks in one
+kernel, dX goes through W1/W3's (``bsmm`` with swapped strides), and dW densely (torch matmul)
+or, for declared masks, on the live blocks only (``sddmm``).
 """
 from __future__ import annotations
 
@@ -150,6 +150,10 @@ BACKWARD_CONFIGS = _grouped(BACKWARD_CONFIGS)
 TWO_LOOPS = 3
 DX_CONFIGS = _grouped([(128, 8, 2, 3), (128, 8, 3, 3), (128, 4, 2, 3), (256, 8, 2, 3), (256, 8, 3, 3),
                        (64, 4, 3, 3), (64, 4, 2, 3), (128, 8, 1, 3), (128, 4, 1, 3), (64, 4, 1, 3), (256, 8, 1, 3)])
+# backward kernel 1 reading the forward's pre-activations (LOAD_PRE): one fp32 accumulator (dh), so the
+# larger tiles and one-stage pairs of the down projection's list fit
+BACKWARD_PRE_CONFIGS = _grouped([(128, 4, 3, 3), (128, 8, 3, 3), (128, 4, 2, 3), (64, 4, 3, 3), (64, 4, 2, 3),
+                                 (256, 8, 2, 3), (128, 4, 1, 3), (64, 4, 1, 3), (64, 4, 3, 0), (128, 8, 3, 0)])
 
 
 def _cfg(cfg):
@@ -573,13 +577,20 @@ def _static(plan, w1, w3, w2, b1, b3, packed, activation, dtype) -> _Static:
     return st
 
 
-def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden, keep_h=False):
+def saved_count(keep, gated) -> int:
+    """How many ``[M, d_hidden]`` tensors ``forward(keep=...)`` keeps: H (keep 1), H and the
+    pre-activations a [and u] (keep 2)."""
+    return 0 if not keep else 1 if keep == 1 else 3 if gated else 2
+
+
+def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden, keep=0):
     """fp32 master weights under autocast reach here as packed x.dtype copies of their live blocks
     (``forward``). Packed weights in another dtype than x (``forward_packed`` called directly) are
-    cast on load by the prefill kernels and copied for decode. ``keep_h``: the prefill kernels at any M,
-    and ``(y, H)`` back (H: ``[M, d_hidden]``, written on live hidden blocks only)."""
+    cast on load by the prefill kernels and copied for decode. ``keep`` (training): the prefill kernels
+    at any M, and ``(y, S)`` back, S ``[saved_count, M, d_hidden]``: H, then a [and u] for keep 2
+    (written on live hidden blocks only)."""
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    decode = x2d.shape[0] <= codegen.DECODE_MAX_M and not keep_h
+    decode = x2d.shape[0] <= codegen.DECODE_MAX_M and not keep
     if decode:
         w1, w3, w2 = in_dtype(x2d.dtype, w1, w3, w2)
     p = plan.pattern
@@ -599,7 +610,11 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     flag = torch.zeros(m, device=x2d.device, dtype=torch.int32)  # NaN/Inf rows of x (set by mlp_hidden)
     if not n_live:  # no hidden kernel to flag them
         flag.copy_(~torch.isfinite(x2d).all(1))
-    h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
+    n_saved = saved_count(keep, gated)
+    saved = torch.empty(max(n_saved, 1), m, d_hidden, device=x2d.device, dtype=x2d.dtype)
+    h = saved[0]
+    pre_a = saved[1] if n_saved > 1 else h
+    pre_u = saved[2] if n_saved > 2 else pre_a
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
 
     tma_h = st.tma_in and _tma_ok(x2d)
@@ -610,10 +625,11 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
         descs = _descs(tma, (x2d, (bm, p.bd)), (w1, (p.bh, p.bd)), (w3_, (p.bh, p.bd)))
         if n_live:
             mod.mlp_hidden[(cdiv(m, bm), n_live)](
-                x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
+                x2d, x2d.stride(0), h, h.stride(0), pre_a, pre_u, flag, m, d_in, d_hidden,
                 w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
                 ix["in_rowptr"], ix["in_cols"], ix["order_h"], *descs,
-                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=1, WIDE=min(var, 1) and gated,
+                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=n_saved > 1, SCAN=1,
+                WIDE=min(var, 1) and gated,
                 TMA=(1 + packed) if tma else 0, GROUP=grp, **common)
 
     def h_configs():  # (wide tiles in the in-projection are for the gated kernel: gate|up side by side)
@@ -621,7 +637,8 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
             (*c[:3], c[3] if c[3] >= PREFILL_TMA else 0, *c[4:]) for c in PREFILL_CONFIGS))
         return _candidates(cs, PREFILL_TMA, tma_h, m)
 
-    run_h(_choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out), memo=plan.cache))
+    run_h(_choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out) + ((1,) * (n_saved > 1)),
+                  memo=plan.cache))  # (storing a, u or not: tuned apart)
 
     tma_y = st.tma_dn and _tma_ok(h)
 
@@ -639,7 +656,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
 
     run_y(_choose("down", sig, m, lambda: _candidates(PREFILL_CONFIGS, PREFILL_TMA, tma_y, m), run_y,
                   shape=(d_in, d_hidden, d_out), memo=plan.cache))
-    return (y, h) if keep_h else y
+    return (y, saved) if keep else y
 
 
 # decode calls of one MLP outside CUDA-graph capture before we say that decode runs without graphs
@@ -805,7 +822,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         bs, ch, nw, ns = cfg
         bs = min(bs, p.bh)
         mod.mlp_hidden[(1, n_live * (p.bh // bs))](
-            x2d, x2d.stride(0), h, h.stride(0), h, flag, m, d_in, d_hidden,
+            x2d, x2d.stride(0), h, h.stride(0), h, h, flag, m, d_in, d_hidden,
             w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
             ix["in_rowptr"], ix["in_cols"], ix["order_h"], None, None, None,
             BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
@@ -878,14 +895,14 @@ def _live_copies(plan, mod, dtype, w1, w3, w2):
     return out
 
 
-def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep_h=False):
+def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep=0):
     """``[M, d_out]`` in x2d.dtype; weights are the dense ``[out, in]`` tensors (any strides).
-    ``keep_h``: ``(y, H)``, H for the backward's dW2 (see ``_forward``)."""
+    ``keep`` 1 / 2: ``(y, S)``, what the backward reads instead of recomputing (see ``_forward``)."""
     if any(w is not None and w.dtype != x2d.dtype for w in (w1, w3, w2)):  # fp32 masters under autocast
         _, mod = _module(plan, activation, w3 is not None, b1 is not None, b3 is not None, x2d.dtype)
         p1, p3, p2 = _live_copies(plan, mod, x2d.dtype, w1, w3, w2)
-        return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, w2.shape[0], w1.shape[0], keep_h)
-    return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0], keep_h)
+        return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, w2.shape[0], w1.shape[0], keep)
+    return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0], keep)
 
 
 def forward_packed(x2d, p1, b1, p3, b3, p2, b2, plan, activation, d_out=None):
@@ -1035,14 +1052,15 @@ def _tied(plan, m1, m3) -> bool:
     return t
 
 
-def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, h_saved=None):
+def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=None):
     """Gradients like ``gather.backward``: dict with keys x, w1, b1, w3, b3, w2, b2 (None if not needed).
 
     Three launches on live blocks: ``mlp_hidden_bwd`` (recompute a/u, dh through W2, dA/dU/h),
     ``bsmm`` (dX through the transposed in-projection) and ``sddmm`` (dW, gate and up together
     when their masks are tied). A weight without a declared mask has a dense dW (computed densely).
-    ``h_saved``: the forward's H (``forward(keep_h=True)``): kernel 1 then does not write H again
-    (H200, 8B 90 % 128x128 blocks: 982 -> 838 µs).
+    ``saved``: what ``forward(keep=...)`` kept: with H, kernel 1 does not write H again (H200, 8B 90 %
+    128x128 blocks: 982 -> 838 µs); with the pre-activations too, it reads them instead of recomputing
+    (``LOAD_PRE``). Anything else than what the forward's kernels write is ignored (recomputed).
     """
     p = plan.pattern
     x2d = x2d.contiguous()
@@ -1065,8 +1083,15 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, h_saved
     new = torch.zeros if (needs[2] and b1 is not None) or (needs[4] and b3 is not None) else torch.empty
     da = new(m, H, device=x2d.device, dtype=x2d.dtype)
     du = new(m, H, device=x2d.device, dtype=x2d.dtype) if gated else da
-    if h_saved is not None and (h_saved.shape != (m, H) or h_saved.dtype != x2d.dtype or not h_saved.is_contiguous()):
-        h_saved = None  # not what the forward's kernels wrote: recompute it here
+    if saved is not None and (saved.dim() != 3 or saved.shape[1:] != (m, H) or saved.dtype != x2d.dtype
+                              or saved.shape[0] not in (1, saved_count(2, gated)) or not saved.is_contiguous()):
+        saved = None  # not what the forward's kernels wrote: recompute it here
+    h_saved = saved[0] if saved is not None else None
+    load_pre = saved is not None and saved.shape[0] > 1
+    pre_a = saved[1] if load_pre else da
+    pre_u = saved[2] if load_pre and gated else pre_a
+    if load_pre:
+        counters["blast"]["saved_pre_used"] += 1
     sparse_dw2 = needs[5] and dw_masks[2] is not None  # (the sddmm of dW2 reads H)
     store_h = sparse_dw2 and h_saved is None
     if h_saved is not None:
@@ -1086,16 +1111,18 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, h_saved
             descs = _descs(tma, (x2d, (bm, p.bd)), (k1, (p.bh, p.bd)), (k3_, (p.bh, p.bd)), (dy2d, (bm, p.bd)),
                            (k2, (p.bd, p.bh)))
             mod.mlp_hidden_bwd[(cdiv(m, bm), n_live)](
-                x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h, da.stride(0), m, d_in, H, d_out,
+                x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h, pre_a, pre_u, da.stride(0), m, d_in, H, d_out,
                 k1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, k3 if gated else k1,
                 off["in3"] if gated else off["in1"], s3[0], s3[1], b3 if b3 is not None else x2d,
                 k2, off["dn_csc"], s2[1], s2[0],
                 ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"], *descs,
                 DTYPE=_tl_dtype(mod, x2d.dtype), BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
-                num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0, GROUP=grp)
+                num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0, GROUP=grp,
+                LOAD_PRE=load_pre)
 
-        run(_choose("hidden_bwd", sig, m, lambda: _candidates(BACKWARD_CONFIGS, BACKWARD_TMA, tma_ok, m), run,
+        kind, configs = ("hidden_bwd_pre", BACKWARD_PRE_CONFIGS) if load_pre else ("hidden_bwd", BACKWARD_CONFIGS)
+        run(_choose(kind, sig, m, lambda: _candidates(configs, BACKWARD_TMA, tma_ok, m), run,
                     shape=(d_in, H, d_out, int(store_h)), memo=plan.cache))  # (writing H or not: tuned apart)
     grads = {}
     if needs[0]:

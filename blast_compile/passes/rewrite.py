@@ -66,8 +66,8 @@ def _cast_x(graph, x: Node, orig: Node, cdt) -> Node:
 
 def _training_on_cuda(m: MLPMatch) -> bool:
     """The graph is traced for autograd (grad mode on, the input or a weight wants a gradient) on CUDA:
-    only there does the backward use the forward's H (``blast::sparse_mlp_train``). Not for DTensors:
-    tensor parallel has a sharding rule for ``blast::sparse_mlp`` only (``distributed.py``)."""
+    only there does the backward read what the forward kept (``blast::sparse_mlp_train``). Not for
+    DTensors: tensor parallel has a sharding rule for ``blast::sparse_mlp`` only (``distributed.py``)."""
     if not torch.is_grad_enabled():
         return False
     vals = [example_value(n) for n in (m.x, m.gate.weight, m.down.weight, m.up.weight if m.up else None)
@@ -76,6 +76,22 @@ def _training_on_cuda(m: MLPMatch) -> bool:
     if any(is_dtensor(v) for v in vals):
         return False
     return any(v.is_cuda for v in vals) and any(v.requires_grad for v in vals)
+
+
+# save_hidden=True ("auto") keeps the pre-activations too where the backward's recompute of them
+# is heavier than writing and reading them: the in-projection's mean live width per live hidden
+# block (K) at least this. H200, M = 8192, 90 %: 8B MLP (K = 410) fwd+bwd 2.56 -> 2.30 ms at 128x128
+# blocks, 2.95 -> 2.89 at 64x64 (CUDA graphs); the 34M model's (K ~ 90) whole step 3.64 -> 4.29 ms.
+# Only these points were measured; 256 sits between them (not swept).
+SAVE_PRE_MIN_K = 256
+
+
+def save_level(opts: BlastOptions, pattern: MLPPattern) -> int:
+    """``blast::sparse_mlp_train``'s ``save`` for this MLP (``BlastOptions.save_hidden``)."""
+    if opts.save_level is not None:
+        return opts.save_level
+    live = pattern.mask_in.sum(1)[pattern.hidden_live.long()]
+    return 2 if live.numel() and float(live.float().mean()) * pattern.bd >= SAVE_PRE_MIN_K else 1
 
 
 def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOptions, replaced: dict) -> Node:
@@ -98,10 +114,12 @@ def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOption
         args = (x, w1, b1, w3, b3, w2, m.down.bias, m.act.name, pattern.bh, pattern.bd, pattern.key,
                 float(opts.max_runtime_density))
         args += (cdt,) if cdt is not None else ()
-        if _training_on_cuda(m) and opts.save_hidden:
-            # the training op also returns H, which its autograd keeps for dW2 (see ops/sparse_mlp.py)
+        save = save_level(opts, pattern) if _training_on_cuda(m) else 0
+        if save:
+            # the training op also returns what its backward reads instead of recomputing (ops/sparse_mlp.py)
             counters["blast"]["save_hidden"] += 1
-            fused = graph.call_function(torch.ops.blast.sparse_mlp_train.default, args)
+            counters["blast"]["save_preacts"] += save == 2
+            fused = graph.call_function(torch.ops.blast.sparse_mlp_train.default, args, {"save": save})
             y = graph.call_function(operator.getitem, (fused, 0))
             y.meta = dict(out.meta)
         else:
