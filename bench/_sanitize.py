@@ -34,5 +34,14 @@ from test_kernels import args, make, plan_for  # noqa: E402
 w = make(192, 448, gated=True, bias=False, dtype=torch.float32, block=(64, 64), device="cuda")
 x = torch.randn(70, 192, device="cuda", dtype=torch.bfloat16)
 triton_mlp.forward(x, *args(w), plan_for(x, w, "silu", (64, 64)), "silu")  # fp32 masters: pack_blocks
+# the training forward keeping H and the pre-activations, backward kernel 1 reading them (LOAD_PRE), TMA and not
+w = make(192, 448, gated=True, bias=True, dtype=torch.bfloat16, block=(64, 64), device="cuda", dead_rows=True)
+x, dy = torch.randn(70, 192, device="cuda", dtype=torch.bfloat16), torch.randn(70, 192, device="cuda", dtype=torch.bfloat16)
+for cfg in ((64, 4, 2, 3), (64, 4, 3, 0)):
+    triton_mlp.BACKWARD_PRE_CONFIGS = [cfg]
+    plan = plan_for(x, w, "silu", (64, 64))
+    plan.cache.clear()
+    _, s = triton_mlp.forward(x, *args(w), plan, "silu", keep=2)
+    triton_mlp.backward(dy, x, *args(w), plan, "silu", [True] * 7, s)
 torch.cuda.synchronize()
 print("sanitize script ok")
