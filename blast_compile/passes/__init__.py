@@ -60,7 +60,10 @@ def run_passes(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions) -> 
                 rewrite_packed(gm, m, pattern, replaced)
                 counters["blast"]["mlp_fused_packed"] += 1
             else:
-                rewrite(gm, m, pattern, opts, replaced)
+                node = rewrite(gm, m, pattern, opts, replaced)
+                save = node.kwargs.get("save", 0)
+                if save:  # (training on CUDA: what the forward keeps for the backward, save_hidden)
+                    c.reason += "; forward keeps " + ("H, pre-activations" if save == 2 else "H") + " for backward"
                 # the op may get per-call aliases of these (views in the graph): see plans.owner
                 register_weights(*(ctx.value(lin.weight) for lin in m.linears))
             fused += 1
