@@ -13,6 +13,10 @@ def default_cache_dir() -> str:
     )
 
 
+# BlastOptions.save_hidden -> blast::sparse_mlp_train's ``save`` (None: chosen per MLP by the rewrite)
+_SAVE_LEVELS = {False: 0, "h": 1, "all": 2, True: None, "auto": None}
+
+
 @dataclasses.dataclass
 class BlastOptions:
     block_sizes: Tuple[int, ...] = (16, 32, 64, 128)  # block sizes tried on each side
@@ -40,7 +44,7 @@ class BlastOptions:
         o = cls(**options)
         if not 0.0 <= o.min_sparsity <= 1.0:
             raise ValueError("min_sparsity must be in [0, 1]")
-        if o.save_hidden not in (True, False, "auto", "all", "h"):
+        if o.save_hidden not in _SAVE_LEVELS:
             raise ValueError(f"save_hidden must be True ('auto'), False, 'all' or 'h', not {o.save_hidden!r}")
         if o.kernel_dir is None:
             o.kernel_dir = os.path.join(default_cache_dir(), "kernels")
@@ -49,7 +53,7 @@ class BlastOptions:
     @property
     def save_level(self) -> Optional[int]:
         """``blast::sparse_mlp_train``'s ``save``: 0 none, 1 H, 2 H and the pre-activations; None: auto."""
-        return {False: 0, "h": 1, "all": 2, True: None, "auto": None}[self.save_hidden]
+        return _SAVE_LEVELS[self.save_hidden]
 
 
 @dataclasses.dataclass

@@ -32,9 +32,9 @@ means a dense matrix) or on live blocks only, when the sparsifier declared a mas
 forward, also returning what the backward would otherwise recompute (``BlastOptions.save_hidden``):
 ``save=1`` the hidden activations H its kernels write anyway (one ``rows x hidden`` tensor per MLP;
 dW2 reads it instead of the backward kernel writing it again, H200 8B 90 %: that kernel
-1000 -> 858 µs); ``save=2`` (default) also the pre-activations a [and u], so the backward's first
-kernel does not recompute the two in-projections (three tensors for a gated MLP; dense autograd keeps
-more).
+1000 -> 858 µs); ``save=2`` (the op's default; the rewrite picks per MLP) also the pre-activations
+a [and u], so the backward's first kernel does not recompute the two in-projections (three tensors
+for a gated MLP; dense autograd keeps more).
 """
 from __future__ import annotations
 
@@ -253,9 +253,7 @@ def _train(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key,
     y, s = _forward(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density,
                     compute_dtype, keep=save)
     shape = _saved_shape(x, w1, w3, save)
-    if s is None or s.shape[0] != shape[0]:
-        return y, x.new_empty(shape, dtype=y.dtype)
-    return y, s.view(shape)
+    return y, (x.new_empty(shape, dtype=y.dtype) if s is None else s.view(shape))
 
 
 # sparse_mlp's arguments and ``save``, two outputs

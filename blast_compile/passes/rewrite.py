@@ -1,5 +1,5 @@
 """Replace a matched MLP by one ``blast::sparse_mlp`` node (a compressed MLP: ``blast::packed_mlp``;
-training on CUDA: ``blast::sparse_mlp_train``, which also hands its hidden activations to the backward).
+training on CUDA: ``blast::sparse_mlp_train``, which also hands what its backward would recompute to it).
 
 The new node takes the place of the down projection's output, so everything
 after the MLP (residual adds, GPT-2's final ``.view``) is untouched. It reads
