@@ -37,11 +37,19 @@ triton_mlp.forward(x, *args(w), plan_for(x, w, "silu", (64, 64)), "silu")  # fp3
 # the training forward keeping H and the pre-activations, backward kernel 1 reading them (LOAD_PRE), TMA and not
 w = make(192, 448, gated=True, bias=True, dtype=torch.bfloat16, block=(64, 64), device="cuda", dead_rows=True)
 x, dy = torch.randn(70, 192, device="cuda", dtype=torch.bfloat16), torch.randn(70, 192, device="cuda", dtype=torch.bfloat16)
-for cfg in ((64, 4, 2, 3), (64, 4, 3, 0)):
+for cfg in ((64, 4, 2, 3), (64, 4, 3, 0), (64, 4, 2, 3, 0, 1, 96)):  # loaded after / before the dh loop, capped
     triton_mlp.BACKWARD_PRE_CONFIGS = [cfg]
     plan = plan_for(x, w, "silu", (64, 64))
     plan.cache.clear()
     _, s = triton_mlp.forward(x, *args(w), plan, "silu", keep=2)
     triton_mlp.backward(dy, x, *args(w), plan, "silu", [True] * 7, s)
+# dW over two and four live blocks of a row per program (gathered input tiles, padded rows), with an M split
+for cfg in ((32, 4, 3, 0, 2), (32, 4, 3, 0, 4)):
+    triton_mlp.SDDMM_CONFIGS = [cfg]
+    check_backward(70, 192, 448, True, False, "silu", torch.bfloat16, (64, 64), "cuda", declare=True, sparsity=0.5)
+    triton_mlp.SDDMM_MIN_ROWS = 16
+    check_backward(70, 192, 448, True, False, "silu", torch.bfloat16, (64, 64), "cuda", declare=True, tied=True,
+                   sparsity=0.5)
+    triton_mlp.SDDMM_MIN_ROWS = 256
 torch.cuda.synchronize()
 print("sanitize script ok")

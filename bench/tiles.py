@@ -1,7 +1,8 @@
 """Tile-config sweep: every prefill/backward launch config the tuner tries, per kernel (GPU).
 
 For each shape and M, one SwiGLU MLP with random tied block masks (declared, as the sparsifier
-does) runs ``triton_mlp.forward`` and ``triton_mlp.backward`` once with tuning on; the tuner's
+does) runs ``triton_mlp.forward`` (keeping for the backward what ``--keep`` says: by default H and the
+pre-activations, the training path at 8B 90 %) and ``triton_mlp.backward`` once with tuning on; the tuner's
 own timings (``triton_mlp.TUNE_RECORD``: CUDA-graph replays, L2 not flushed) are grouped by kernel
 kind, and the best narrow (wide=0) and wide (wide=1) configs are reported side by side.
 Fresh cache dir per run so that every kind is tuned here.
@@ -40,12 +41,14 @@ def setup(shape, m, sparsity, block):
     return w1, w3, w2, x, resolve(x, w1, None, w3, None, w2, None, "silu", block, block, pat.key, 1.0)
 
 
-def sweep(shape, m, sparsity, block):
+def sweep(shape, m, sparsity, block, keep=2):
     w1, w3, w2, x, plan = setup(shape, m, sparsity, block)
     dy = torch.randn_like(x)
     triton_mlp.TUNE_RECORD = rec = []
-    triton_mlp.forward(x, w1, None, w3, None, w2, None, plan, "silu")
-    triton_mlp.backward(dy, x, w1, None, w3, None, w2, None, plan, "silu", [True, True, False, True, False, True, False])
+    out = triton_mlp.forward(x, w1, None, w3, None, w2, None, plan, "silu", keep=keep)
+    saved = out[1] if keep else None
+    triton_mlp.backward(dy, x, w1, None, w3, None, w2, None, plan, "silu", [True, True, False, True, False, True, False],
+                        saved)
     triton_mlp.TUNE_RECORD = None
     torch.cuda.synchronize()
     for w in (w1, w3, w2):
@@ -62,9 +65,10 @@ def sweep(shape, m, sparsity, block):
         if wide:
             row["wide_us"], row["wide_cfg"] = min(wide)
         rows.append(row)
-        print(f"{shape:>4} M={m:<5} {kind:<11} narrow {row.get('narrow_us', float('nan')):8.1f} µs "
+        print(f"{shape:>4} M={m:<5} {kind:<14} narrow {row.get('narrow_us', float('nan')):8.1f} µs "
               f"{row.get('narrow_cfg')}   wide {row.get('wide_us', float('nan')):8.1f} µs {row.get('wide_cfg')}",
               flush=True)
+        print("      best: " + ", ".join(f"{t:.0f} {tuple(c)}" for t, c in row["all"][:5]), flush=True)
     return rows
 
 
@@ -76,11 +80,13 @@ def main():
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
+    ap.add_argument("--keep", type=int, default=2, choices=[0, 1, 2],
+                    help="what the forward keeps for the backward: 0 nothing, 1 H, 2 H and the pre-activations")
     a = ap.parse_args()
     # "34m@8192": one shape at its own M list
     cases = [(s.split("@")[0], int(m)) for s in a.shapes.split(",")
              for m in (s.split("@")[1:] or a.m.split(","))]
-    rows = [r for s, m in cases for r in sweep(s, m, a.sparsity, a.block)]
+    rows = [r for s, m in cases for r in sweep(s, m, a.sparsity, a.block, a.keep)]
     meta = run_meta(timing="CUDA-graph replay median, L2 not flushed (the tuner's own)")
     write_json(a.out, f"tiles_{a.tag}.json", {"meta": meta, "rows": rows})
 

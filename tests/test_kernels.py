@@ -264,6 +264,24 @@ def test_interp_dw_fill(tied, split, block, fill, monkeypatch):
 
 
 @interp
+@pytest.mark.parametrize("g", [2, 4])
+@pytest.mark.parametrize("tied,split,block", [(True, False, (16, 16)), (False, True, (16, 16)),
+                                              (True, True, (32, 16)), (False, False, (16, 32))])
+def test_interp_dw_grouped(tied, split, block, g, monkeypatch):
+    """dW with G live blocks of a block row per program (``sddmm`` G): rows whose live count is not a
+    multiple of G (the padding repeats a block), ragged last blocks (88 = 5.5 x 16), tied (dual) and
+    untied, one M split and several (the reduction scatters a group), NaN-filled fresh buffers."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setattr(triton_mlp, "torch", _NanEmpty())
+    monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [(16, 4, 3, 0, g)])
+    if split:
+        monkeypatch.setattr(triton_mlp, "SDDMM_MIN_ROWS", 16)
+    check_backward(70, 72, 88, True, False, "silu", torch.float32, block, "cpu", declare=True, tied=tied,
+                   sparsity=0.5, dead_rows=True)
+
+
+@interp
 def test_interp_backward_choices_memoized(monkeypatch):
     """Every backward launch (kernel 1, dX, dW) remembers its table answer in the plan's cache: a
     second backward looks no config up (the lookup builds a key string per launch: host time)."""
@@ -299,12 +317,17 @@ def test_interp_backward_choices_memoized(monkeypatch):
 @interp
 @pytest.mark.parametrize("m", [37, 5])
 @pytest.mark.parametrize("gated", [True, False])
-def test_interp_backward_reads_forward_h(m, gated):
+@pytest.mark.parametrize("pre_cfg", [(32, 4, 2, 0, 0, 0), (32, 4, 2, 0, 0, 1), (32, 4, 2, 0, 0, 1, 96)])
+def test_interp_backward_reads_forward_h(m, gated, pre_cfg, monkeypatch):
     """What the forward kept (``forward(keep=1)``: H; ``keep=2``: H and the pre-activations; the prefill
     kernels even at decode-sized M) handed to the backward: the same gradients as recomputing, and the
-    counters say dW2 read H and kernel 1 the pre-activations; a wrong-shaped one is ignored."""
+    counters say dW2 read H and kernel 1 the pre-activations; a wrong-shaped one is ignored. Kernel 1
+    loads them after its dh loop, or before it (6th element; template LOAD_PRE 2), with a register cap
+    (7th)."""
     from torch._dynamo.utils import counters
     from blast_compile.ops import triton_mlp
+
+    monkeypatch.setattr(triton_mlp, "BACKWARD_PRE_CONFIGS", [pre_cfg])
 
     p = make(70, 75, gated=gated, bias=True, dtype=torch.float32, block=(16, 16))
     ws = ("w1", "w3", "w2") if gated else ("w1", "w2")
@@ -859,6 +882,40 @@ def test_gpu_grouped_tiles(m, bm, group, force, monkeypatch):
     force(monkeypatch, bm=bm, group=group)
     check_forward(m, 200, 520, True, True, "silu", torch.bfloat16, (64, 64), "cuda", sparsity=0.7, dead_rows=True)
     check_backward(m, 200, 520, True, True, "silu", torch.bfloat16, (64, 64), "cuda", declare=True, sparsity=0.7)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("tied,block,m", [(True, (64, 64), 1000), (False, (64, 64), 3000), (True, (32, 64), 515)])
+def test_gpu_dw_grouped(tied, block, m, monkeypatch):
+    """Every dW config with G live blocks of a block row per program (``SDDMM_CONFIGS``' 5th element),
+    forced in turn, against the one-block config of the same step (same accumulation order: equal to
+    bf16's last bit), with NaN-filled fresh buffers: tied (dual) and untied, ragged hidden (704), an M
+    split (3000 rows, few blocks) and none. (The one-block kernels are checked against the reference
+    elsewhere; over 3000 bf16 rows the reference's own rounding sits at that tolerance's edge.)"""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
+    monkeypatch.setattr(triton_mlp, "SDDMM_MIN_ROWS", 256 if m == 3000 else 1 << 20)  # split over M or not
+    monkeypatch.setattr(triton_mlp, "torch", _NanEmpty())
+    p = make(256, 704, gated=True, bias=False, dtype=torch.bfloat16, block=block, device="cuda", tied=tied,
+             dead_rows=True, sparsity=0.6)
+    for name, (bo, bi) in (("w1", block), ("w3", block), ("w2", block[::-1])):
+        mk = p["w1"]._blast_mask[0] if (name == "w3" and tied) else _block_mask(p[name], bo, bi)
+        masks.declare_mask(p[name], mk, (bo, bi))
+    x, dy = (torch.randn(m, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    plan = plan_for(x, p, "silu", block)
+    for cfg in [c for c in triton_mlp.SDDMM_CONFIGS if triton_mlp._dw_cfg(c)[4] > 1]:
+        got = []
+        for c in (cfg[:3] + (0,), cfg):
+            monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [c])
+            plan.cache.clear()
+            got.append(triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7))
+        for k in ("w1", "w3", "w2"):
+            assert got[1][k].isfinite().all(), (cfg, k)
+            torch.testing.assert_close(got[1][k], got[0][k], rtol=1e-2, atol=1e-2, msg=lambda e: f"{cfg} {k}: {e}")
+    for name in ("w1", "w3", "w2"):
+        masks.clear_mask(p[name])
 
 
 @gpu

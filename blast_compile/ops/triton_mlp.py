@@ -162,6 +162,22 @@ def _cfg(cfg):
     return (*cfg, 0)[:5]
 
 
+# ... each also with a and u loaded before the dh loop (6th element 1: template LOAD_PRE 2) where holding
+# them costs <= 64 registers a thread (_pre_fits): at 64-wide blocks the loop is ~6 short steps and
+# the loads after it wait on HBM with nothing else to do. H200, 8B 90 % 64x64, M = 8192: 694 -> 544 µs.
+# 7th element: a register cap (ptxas maxnreg) for [64, 64] tiles: the kernel is latency-bound, and 96
+# registers (some spilled) let 5 programs share an SM instead of 3: 544 -> 513 µs (168 and 128: no gain).
+BACKWARD_PRE_CONFIGS = (BACKWARD_PRE_CONFIGS + [(*_cfg(c), 1) for c in BACKWARD_PRE_CONFIGS]
+                        + [(64, 4, 2, 3, 8, 1, 96), (64, 4, 2, 3, 16, 1, 96), (64, 4, 2, 3, 8, 0, 96)])
+
+
+def _pre_fits(cfg, bh, gated):
+    """Whether a LOAD_PRE config is worth tuning at hidden blocks of bh (see above)."""
+    early, cap = (*cfg[5:], 0, 0)[:2]
+    return ((not early or cfg[0] * bh * (1 + gated) <= 64 * 2 * 32 * cfg[1])
+            and (not cap or cfg[0] * bh <= 64 * 64))
+
+
 def _for_m(configs, m):
     """The configs worth timing at M rows: a group holding every M tile is the launch order, so such a
     grouped config would only repeat its launch-order twin (never empty: a forced list stays)."""
@@ -958,9 +974,25 @@ DW_FILL = int(os.environ.get("BLAST_DW_FILL", "2"))
 # (M rows per step, warps, stages, tma): tma 1 loads the tiles by TMA (as PREFILL_TMA)
 # (8 warps with 32/64-row steps: at 128x128 blocks the 128-row steps overflow shared memory and 4 warps
 # spill two [128, 128] fp32 accumulators; H200, 8B 90 %: dW 665 -> 426 µs, MLP fwd+bwd 3.25x -> 4.33x)
+# 5th element G: G live blocks of a block row per program (template ``sddmm``; pointer loads, tma 0).
+# At 64x64 blocks a one-block program is L2-bound: each step loads as many activation bytes as it
+# multiplies by (~43 FLOP/B dual); G = 2 / 4 share the dout tile over 2 / 4 blocks (64 / 85 FLOP/B).
+# Tuned only where G * BI <= 256 and the fp32 accumulators fit in 128 registers a thread (_sddmm_fits).
 SDDMM_CONFIGS = [(64, 4, 3, 0), (128, 8, 3, 0), (64, 4, 4, 0), (32, 4, 3, 0), (64, 4, 2, 0),
                  (64, 4, 3, 1), (64, 4, 4, 1), (128, 8, 3, 1), (128, 4, 3, 1),
-                 (64, 8, 3, 0), (64, 8, 3, 1), (64, 8, 2, 1), (32, 8, 3, 1)]
+                 (64, 8, 3, 0), (64, 8, 3, 1), (64, 8, 2, 1), (32, 8, 3, 1),
+                 (64, 4, 3, 0, 2), (64, 8, 3, 0, 2), (128, 8, 3, 0, 2), (64, 4, 2, 0, 2), (64, 4, 4, 0, 2),
+                 (128, 4, 2, 0, 2), (32, 4, 3, 0, 2), (64, 8, 3, 0, 4), (64, 4, 3, 0, 4), (32, 4, 3, 0, 4)]
+
+
+def _dw_cfg(cfg):
+    """(BM, warps, stages, tma, G) of a dW config (persisted 3- and 4-tuples predate tma and G)."""
+    return (*cfg[:3], cfg[3] if len(cfg) > 3 else 0, cfg[4] if len(cfg) > 4 else 1)
+
+
+def _sddmm_fits(cfg, bo, bi, dual):
+    _, nw, _, _, g = _dw_cfg(cfg)
+    return g == 1 or (g * bi <= 256 and (1 + dual) * bo * bi * g <= 128 * 32 * nw)
 
 
 def _n_sm(device) -> int:
@@ -969,12 +1001,12 @@ def _n_sm(device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype, memo=None):
-    """dW = dout^T @ inp on the live blocks ``mask_rc`` for each dout in ``douts`` (one or two
+def _sddmm(mod, sig, douts, inp, live, bo, bi, shape, dtype, memo=None):
+    """dW = dout^T @ inp on the live blocks ``live`` (``_LiveBlocks``) for each dout in ``douts`` (one or two
     sharing the mask: gate and up); zeros elsewhere, written by the same kernel (``DW_FILL``). M is
     split over programs when there are too few live blocks to fill the GPU (deterministic two-pass
     reduction). ``memo``: see ``_choose``."""
-    rows, cols, dead_r, dead_c = mask_rc
+    rows, dead_r, dead_c = live.rows, live.dead_r, live.dead_c
     nnz = rows.numel()
     fill = DW_FILL and nnz > 0
     outs = [(torch.empty if fill else torch.zeros)(shape, device=inp.device, dtype=dtype) for _ in douts]
@@ -995,36 +1027,70 @@ def _sddmm(mod, sig, douts, inp, mask_rc, bo, bi, shape, dtype, memo=None):
     tma_ok = _tma_ok(inp, *douts)
 
     def run(cfg):
-        bm, nw, ns, tma = (*cfg, 0)[:4]  # (a persisted 3-tuple from before the TMA variant)
-        tma = bool(tma) and tma_ok
+        bm, nw, ns, tma, g = _dw_cfg(cfg)
+        tma = bool(tma) and tma_ok and g == 1
+        g_rows, g_cols = live.grouped(g)
+        n_grp = g_rows.numel()
         split, m_per = split_of(bm)
-        part = (torch.empty(split * len(douts) * nnz * bo * bi, device=inp.device, dtype=torch.float32)
+        part = (torch.empty(split * len(douts) * n_grp * bo * bi * g, device=inp.device, dtype=torch.float32)
                 if split > 1 else inp)
         descs = _descs(tma, (douts[0], (bm, bo)), (douts[-1], (bm, bo)), (inp, (bm, bi)))
-        mod.sddmm[(nnz, split)](douts[0], douts[-1], douts[0].stride(0), inp, inp.stride(0), outs[0], o2,
-                                outs[0].stride(0), part, m, m_per, shape[0], shape[1], rows, cols, nnz, *descs,
-                                dead_r, dead_c, dead_r.numel(), DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual,
-                                SPLIT=split > 1, num_warps=nw, num_stages=ns, TMA=tma, FILL=DW_FILL if dead_r.numel() else 0)
+        mod.sddmm[(n_grp, split)](douts[0], douts[-1], douts[0].stride(0), inp, inp.stride(0), outs[0], o2,
+                                  outs[0].stride(0), part, m, m_per, shape[0], shape[1], g_rows, g_cols, n_grp,
+                                  *descs, dead_r, dead_c, dead_r.numel(), DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual,
+                                  SPLIT=split > 1, num_warps=nw, num_stages=ns, TMA=tma,
+                                  FILL=DW_FILL if dead_r.numel() else 0, G=g)
         if split > 1:
             rs = min(16, bo)
-            mod.sddmm_reduce[(nnz, len(douts), bo // rs)](part, outs[0], o2, outs[0].stride(0), shape[0], shape[1],
-                                                          rows, cols, nnz, split, DTYPE=DT, BO=bo, BI=bi, RS=rs,
-                                                          DUAL=dual, num_warps=4)
+            mod.sddmm_reduce[(n_grp, len(douts), bo // rs)](part, outs[0], o2, outs[0].stride(0), shape[0],
+                                                            shape[1], g_rows, g_cols, n_grp, split, DTYPE=DT, BO=bo,
+                                                            BI=bi, RS=rs, DUAL=dual, G=g, num_warps=4)
+
+    def configs():
+        return [c for c in _with_tma(SDDMM_CONFIGS, 1, tma_ok) if _sddmm_fits(c, bo, bi, dual)] or SDDMM_CONFIGS
 
     # the M split depends on the live-block count: part of the key
-    cfg = _choose("dw2" if dual else "dw", sig, m, lambda: _with_tma(SDDMM_CONFIGS, 1, tma_ok), run,
-                  shape=(*shape, nnz), memo=memo)
+    cfg = _choose("dw2" if dual else "dw", sig, m, configs, run, shape=(*shape, nnz), memo=memo)
     run(cfg)
-    if split_of(cfg[0])[0] > 1:
+    if split_of(cfg[0])[0] > 1:  # (an M split does not depend on G)
         counters["blast"]["dw_split_m"] += 1
     return outs
 
 
+class _LiveBlocks:
+    """dW's blocks of one weight: live (rows, cols; row-major) and dead (dead_r, dead_c), int32, and
+    the live ones in groups of G per block row (``grouped``, built once per G)."""
+
+    def __init__(self, rows, cols, dead_r, dead_c):
+        self.rows, self.cols, self.dead_r, self.dead_c = rows, cols, dead_r, dead_c
+        self._groups = {1: (rows, cols)}
+
+    def grouped(self, g):
+        """(group rows [n], group cols [n * g]): each block row's live columns in runs of g, a short
+        run padded with its first column (``sddmm`` G: the padding recomputes and rewrites that block)."""
+        got = self._groups.get(g)
+        if got is None:
+            got = self._groups[g] = outside_graph_pool(lambda: _col_groups(self.rows, self.cols, g), self.rows.device)
+        return got
+
+
+def _col_groups(rows, cols, g):
+    n = rows.numel()
+    i = torch.arange(n, device=rows.device)
+    first = torch.ones(n, dtype=torch.bool, device=rows.device)
+    first[1:] = rows[1:] != rows[:-1]
+    pos = i - torch.cummax(torch.where(first, i, 0), 0).values  # place in its block row
+    new = pos % g == 0
+    gid = torch.cumsum(new.long(), 0) - 1
+    g_cols = cols[new].repeat_interleave(g).view(-1, g).clone()
+    g_cols[gid, pos % g] = cols
+    return rows[new].contiguous(), g_cols.reshape(-1).contiguous()
+
+
 def _mask_rc(plan, k, mask):
-    """(rows, cols, dead rows, dead cols) int32 of weight k (0 gate, 1 up, 2 down): its declared-live
-    blocks whose hidden block is live in the plan, and all the others. On the others dW is exactly
-    zero (h is provably zero there, or nothing reads it: dh is zero), and the backward kernel writes
-    dA/dU/h only on live blocks."""
+    """``_LiveBlocks`` of weight k (0 gate, 1 up, 2 down): its declared-live blocks whose hidden block
+    is live in the plan, and all the others. On the others dW is exactly zero (h is provably zero
+    there, or nothing reads it: dh is zero), and the backward kernel writes dA/dU/h only on live blocks."""
     key = ("dw_rc", k, id(mask), version(mask))
     rc = plan.cache.get(key)
     if rc is None:
@@ -1034,7 +1100,7 @@ def _mask_rc(plan, k, mask):
             live[p.hidden_live.to(mask.device).long()] = True
             on = mask & (live[None, :] if k == 2 else live[:, None])
             nz, dead = on.nonzero(), (~on).nonzero()
-            return tuple(t.to(torch.int32).contiguous() for t in (nz[:, 0], nz[:, 1], dead[:, 0], dead[:, 1]))
+            return _LiveBlocks(*(t.to(torch.int32).contiguous() for t in (nz[:, 0], nz[:, 1], dead[:, 0], dead[:, 1])))
 
         # kept with the plan: made outside any CUDA-graph pool (see plans.outside_graph_pool)
         rc = plan.cache[key] = outside_graph_pool(build, mask.device)
@@ -1119,9 +1185,14 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
                 DTYPE=_tl_dtype(mod, x2d.dtype), BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
                 num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0, GROUP=grp,
-                LOAD_PRE=load_pre)
+                LOAD_PRE=(1 + (len(cfg) > 5 and cfg[5])) if load_pre else 0,
+                **({"maxnreg": cfg[6]} if len(cfg) > 6 and cfg[6] else {}))
 
-        kind, configs = ("hidden_bwd_pre", BACKWARD_PRE_CONFIGS) if load_pre else ("hidden_bwd", BACKWARD_CONFIGS)
+        if load_pre:
+            kind = "hidden_bwd_pre"
+            configs = [c for c in BACKWARD_PRE_CONFIGS if _pre_fits(c, p.bh, gated)] or BACKWARD_PRE_CONFIGS
+        else:
+            kind, configs = "hidden_bwd", BACKWARD_CONFIGS
         run(_choose(kind, sig, m, lambda: _candidates(configs, BACKWARD_TMA, tma_ok, m), run,
                     shape=(d_in, H, d_out, int(store_h)), memo=plan.cache))  # (writing H or not: tuned apart)
     grads = {}
