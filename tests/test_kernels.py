@@ -888,8 +888,8 @@ def test_gpu_grouped_tiles(m, bm, group, force, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tied,block,m", [(True, (64, 64), 1000), (False, (64, 64), 3000), (True, (32, 64), 515)])
 def test_gpu_dw_grouped(tied, block, m, monkeypatch):
-    """Every dW config with G live blocks of a block row per program (``SDDMM_CONFIGS``' 5th element),
-    forced in turn, against the one-block config of the same step (same accumulation order: equal to
+    """Every dW config with G live blocks of a block row per program (``SDDMM_CONFIGS``' 5th element, and
+    G = 4, which no config lists), forced in turn, against the one-block config of the same step (same accumulation order: equal to
     bf16's last bit), with NaN-filled fresh buffers: tied (dual) and untied, ragged hidden (704), an M
     split (3000 rows, few blocks) and none. (The one-block kernels are checked against the reference
     elsewhere; over 3000 bf16 rows the reference's own rounding sits at that tolerance's edge.)"""
@@ -905,7 +905,7 @@ def test_gpu_dw_grouped(tied, block, m, monkeypatch):
         masks.declare_mask(p[name], mk, (bo, bi))
     x, dy = (torch.randn(m, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     plan = plan_for(x, p, "silu", block)
-    for cfg in [c for c in triton_mlp.SDDMM_CONFIGS if triton_mlp._dw_cfg(c)[4] > 1]:
+    for cfg in [c for c in triton_mlp.SDDMM_CONFIGS if triton_mlp._dw_cfg(c)[4] > 1] + [(64, 8, 3, 0, 4)]:
         got = []
         for c in (cfg[:3] + (0,), cfg):
             monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [c])

@@ -152,8 +152,9 @@ DX_CONFIGS = _grouped([(128, 8, 2, 3), (128, 8, 3, 3), (128, 4, 2, 3), (256, 8, 
                        (64, 4, 3, 3), (64, 4, 2, 3), (128, 8, 1, 3), (128, 4, 1, 3), (64, 4, 1, 3), (256, 8, 1, 3)])
 # backward kernel 1 reading the forward's pre-activations (LOAD_PRE): one fp32 accumulator (dh), so the
 # larger tiles and one-stage pairs of the down projection's list fit
+# (256-row tiles lost at 64x64 and 128x128 blocks, 845-1206 µs vs 463-513: round 17, not tried)
 BACKWARD_PRE_CONFIGS = _grouped([(128, 4, 3, 3), (128, 8, 3, 3), (128, 4, 2, 3), (64, 4, 3, 3), (64, 4, 2, 3),
-                                 (256, 8, 2, 3), (128, 4, 1, 3), (64, 4, 1, 3), (64, 4, 3, 0), (128, 8, 3, 0)])
+                                 (128, 4, 1, 3), (64, 4, 1, 3), (64, 4, 3, 0), (128, 8, 3, 0)])
 
 
 def _cfg(cfg):
@@ -172,9 +173,12 @@ BACKWARD_PRE_CONFIGS = (BACKWARD_PRE_CONFIGS + [(*_cfg(c), 1) for c in BACKWARD_
 
 
 def _pre_fits(cfg, bh, gated):
-    """Whether a LOAD_PRE config is worth tuning at hidden blocks of bh (see above)."""
+    """Whether a LOAD_PRE config is worth tuning at hidden blocks of bh (see above). Never where the
+    epilogue's three fp32 [BM, bh] tiles (dh, a, u) alone overflow 255 registers a thread: those spill
+    kilobytes (offline ptxas, round 16) and ran 2-3x slower (round 17: (128, 4, *) at 128x128)."""
     early, cap = (*cfg[5:], 0, 0)[:2]
-    return ((not early or cfg[0] * bh * (1 + gated) <= 64 * 2 * 32 * cfg[1])
+    return (3 * cfg[0] * bh <= 255 * 32 * cfg[1]
+            and (not early or cfg[0] * bh * (1 + gated) <= 64 * 2 * 32 * cfg[1])
             and (not cap or cfg[0] * bh <= 64 * 64))
 
 
@@ -976,13 +980,15 @@ DW_FILL = int(os.environ.get("BLAST_DW_FILL", "2"))
 # spill two [128, 128] fp32 accumulators; H200, 8B 90 %: dW 665 -> 426 µs, MLP fwd+bwd 3.25x -> 4.33x)
 # 5th element G: G live blocks of a block row per program (template ``sddmm``; pointer loads, tma 0).
 # At 64x64 blocks a one-block program is L2-bound: each step loads as many activation bytes as it
-# multiplies by (~43 FLOP/B dual); G = 2 / 4 share the dout tile over 2 / 4 blocks (64 / 85 FLOP/B).
-# Tuned only where G * BI <= 256 and the fp32 accumulators fit in 128 registers a thread (_sddmm_fits).
+# multiplies by (~43 FLOP/B dual); G = 2 shares the dout tile over 2 blocks (64 FLOP/B). H200, 8B 90 %,
+# M = 8192: dual 424 -> 377 µs, single 299 -> 256. G = 4 (85 FLOP/B) needs 8 warps for its accumulators
+# and lost (319-744 µs; the kernel takes it, no config lists it). Tuned only where G * BI <= 256 and the
+# fp32 accumulators fit in 128 registers a thread (_sddmm_fits).
 SDDMM_CONFIGS = [(64, 4, 3, 0), (128, 8, 3, 0), (64, 4, 4, 0), (32, 4, 3, 0), (64, 4, 2, 0),
                  (64, 4, 3, 1), (64, 4, 4, 1), (128, 8, 3, 1), (128, 4, 3, 1),
                  (64, 8, 3, 0), (64, 8, 3, 1), (64, 8, 2, 1), (32, 8, 3, 1),
                  (64, 4, 3, 0, 2), (64, 8, 3, 0, 2), (128, 8, 3, 0, 2), (64, 4, 2, 0, 2), (64, 4, 4, 0, 2),
-                 (128, 4, 2, 0, 2), (32, 4, 3, 0, 2), (64, 8, 3, 0, 4), (64, 4, 3, 0, 4), (32, 4, 3, 0, 4)]
+                 (128, 4, 2, 0, 2), (32, 4, 3, 0, 2)]
 
 
 def _dw_cfg(cfg):
