@@ -31,7 +31,7 @@ class FakeJIT:
     def run(self, *args, grid, warmup, **kw):
         self.n_compiled += 1
         vals = list(args) + [kw.get(p.name, p.default) for p in self.params[len(args):]]
-        self.log.append(("jit", self.n_compiled, tuple(grid), tuple(vals)))
+        self.log.append(("jit", self.n_compiled, tuple(grid), tuple(vals), warmup))
         return FakeCompiled(self.log, self.n_compiled)
 
     def __getitem__(self, grid):
@@ -105,6 +105,51 @@ def test_unknown_argument_types_and_hooks_always_take_the_jit(on, monkeypatch):
     for _ in range(2):
         k[(1,)](torch.zeros(1), 1, torch.zeros(1), BLOCK=4)
     assert [e[0] for e in fake.log] == ["jit"] * 4
+
+
+def test_compile_only_compiles_and_launches_nothing(on, monkeypatch):
+    """Inside ``compile_only`` a launch asks the JIT to compile (warmup) and keeps nothing for direct
+    launches; outside it, and in other threads meanwhile, launches run as before."""
+    import threading
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    fake = FakeJIT()
+    k = launch.Kernel(fake)
+    x, y = torch.zeros(8), torch.zeros(8)
+    seen = []
+    with launch.compile_only():
+        k[(3,)](x, 5, y, BLOCK=4)
+        t = threading.Thread(target=lambda: seen.append(getattr(launch._THREAD, "compile_only", False)))
+        t.start()
+        t.join()
+    k[(3,)](x, 5, y, BLOCK=4)
+    assert [(e[0], e[4]) for e in fake.log] == [("jit", True), ("jit", False)]
+    assert seen == [False]
+
+
+def test_tuner_precompiles_candidates_on_threads(monkeypatch):
+    """``triton_mlp._precompile``: every candidate once, on worker threads, with launches compile-only;
+    a candidate that fails is left for the timing loop; one thread (or one config): nothing."""
+    import threading
+    from blast_compile.ops import triton_mlp
+
+    calls = []
+
+    def run(cfg):
+        calls.append((cfg, threading.current_thread().name, launch._THREAD.compile_only))
+        if cfg == 3:
+            raise RuntimeError("does not compile")
+
+    monkeypatch.setattr(triton_mlp, "COMPILE_THREADS", 4)
+    triton_mlp._precompile([1, 2, 3, 4, 5], run)
+    assert sorted(c for c, _, _ in calls) == [1, 2, 3, 4, 5]
+    assert all(name.startswith("blast-compile") and only for _, name, only in calls)
+    assert not getattr(launch._THREAD, "compile_only", False)
+    calls.clear()
+    triton_mlp._precompile([1], run)
+    monkeypatch.setattr(triton_mlp, "COMPILE_THREADS", 1)
+    triton_mlp._precompile([1, 2], run)
+    assert calls == []
 
 
 def test_off_switch(monkeypatch):

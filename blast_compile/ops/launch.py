@@ -15,11 +15,16 @@ Triton specializes on, for the argument types we pass: every int by value (Trito
 ``launch_pdl``...), and the device. Any other argument type (a TMA descriptor), an active launch
 hook (a profiler), the interpreter, or a Triton whose compiled kernel lacks the launcher we call:
 the JIT launch, always. ``BLAST_FAST_LAUNCH=0`` turns the direct path off.
+
+``compile_only()``: launches in this thread compile (or find) their kernel and do not run it
+(``triton_mlp._precompile``: the tuner compiles its candidates on several threads at once).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 
 import torch
 import triton
@@ -48,6 +53,19 @@ def _hooks_idle() -> bool:
 
 def _driver():
     return triton.runtime.driver.active
+
+
+_THREAD = threading.local()
+
+
+@contextlib.contextmanager
+def compile_only():
+    """Launches in this thread only compile their kernel (the interpreter compiles nothing: no-ops)."""
+    _THREAD.compile_only = True
+    try:
+        yield
+    finally:
+        _THREAD.compile_only = False
 
 
 class _Unsupported(Exception):
@@ -86,6 +104,10 @@ class Kernel:
         return lambda *args, **kw: self.launch(grid, args, kw)
 
     def launch(self, grid, args, kw):
+        if getattr(_THREAD, "compile_only", False):
+            if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+                self.fn.run(*args, grid=grid, warmup=True, **kw)
+            return
         if not (_enabled() and self.names is not None and _hooks_idle()):
             return self.fn[grid](*args, **kw)
         try:

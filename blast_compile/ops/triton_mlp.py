@@ -57,6 +57,7 @@ or, for declared masks, on the live blocks only (``sddmm``).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -68,7 +69,7 @@ from torch._dynamo.utils import counters
 
 from .. import codegen
 from ..formats import cdiv
-from . import gather, launch
+from . import gather, launch, plans
 from .activations import in_dtype
 from .plans import outside_graph_pool, version, warn_once
 
@@ -492,6 +493,42 @@ def _memo_key(*parts):
     return (*parts, codegen.get_kernel_dir(), codegen.lookup_config)
 
 
+# threads compiling a tuner's candidates at once (BLAST_COMPILE_THREADS; 1: one by one, as they are timed)
+COMPILE_THREADS = int(os.environ.get("BLAST_COMPILE_THREADS", str(min(16, os.cpu_count() or 1))))
+
+
+def _precompile(configs, run):
+    """Compile every candidate config of a kernel on several threads before they are timed one by one:
+    tuning a new shape is mostly compiling (~1 s a config, 20-40 configs a kernel, six kernels), and
+    Triton's compiler passes and ptxas run outside the GIL (two threads on two cores: 1.6x). The
+    threads run ``run(cfg)`` with ``launch.compile_only`` (nothing executes); a config that does not
+    compile is left to fail again where it is timed."""
+    n = min(COMPILE_THREADS, len(configs))
+    if n <= 1:
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    cuda = torch.cuda.is_available()
+    # the caller's device and stream (torch work in ``run``, such as a scratch reset, stays in its order)
+    where = (torch.cuda.current_device(), torch.cuda.current_stream()) if cuda else None
+    on_worker = getattr(plans._ON_WORKER, "on", False)  # (so outside_graph_pool does not wait on itself)
+
+    def one(cfg):
+        plans._ON_WORKER.on = on_worker
+        try:
+            with contextlib.ExitStack() as ctx:
+                if where is not None:
+                    ctx.enter_context(torch.cuda.device(where[0]))
+                    ctx.enter_context(torch.cuda.stream(where[1]))
+                ctx.enter_context(launch.compile_only())
+                run(cfg)
+        except Exception as e:
+            log.debug("blast: precompiling %s failed: %r", cfg, e)
+
+    with ThreadPoolExecutor(n, thread_name_prefix="blast-compile") as ex:
+        list(ex.map(one, configs))
+
+
 def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
     """Launch config for (kernel, signature, shape, M bucket): persisted table, else tune now (CUDA
     only). Timed by CUDA-graph replay: a Triton launch with ~35 arguments costs ~20-50 µs of host
@@ -521,6 +558,7 @@ def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
         configs = configs()
     if len(configs) == 1 or not _may_tune():
         return configs[0]
+    _precompile(configs, run)
     times = []
     for c in configs:
         try:
