@@ -153,7 +153,7 @@ DX_CONFIGS = _grouped([(128, 8, 2, 3), (128, 8, 3, 3), (128, 4, 2, 3), (256, 8, 
                        (64, 4, 3, 3), (64, 4, 2, 3), (128, 8, 1, 3), (128, 4, 1, 3), (64, 4, 1, 3), (256, 8, 1, 3)])
 # backward kernel 1 reading the forward's pre-activations (LOAD_PRE): one fp32 accumulator (dh), so the
 # larger tiles and one-stage pairs of the down projection's list fit
-# (256-row tiles lost at 64x64 and 128x128 blocks, 845-1206 µs vs 463-513: round 17, not tried)
+# (256-row tiles, tried until round 17, lost at 64x64 and 128x128 blocks: 845-1206 µs vs 463-513)
 BACKWARD_PRE_CONFIGS = _grouped([(128, 4, 3, 3), (128, 8, 3, 3), (128, 4, 2, 3), (64, 4, 3, 3), (64, 4, 2, 3),
                                  (128, 4, 1, 3), (64, 4, 1, 3), (64, 4, 3, 0), (128, 8, 3, 0)])
 
