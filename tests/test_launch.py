@@ -152,6 +152,22 @@ def test_tuner_precompiles_candidates_on_threads(monkeypatch):
     assert calls == []
 
 
+def test_precompile_on_the_plan_worker_does_not_wait_on_it(monkeypatch):
+    """Tuning can run on the one plan worker (``plans.outside_graph_pool``: a compiled model's warm-up); the
+    compile threads then build plan tables themselves, as that worker would, instead of queueing work for
+    it while it waits for them (a deadlock)."""
+    from blast_compile.ops import plans, triton_mlp
+
+    seen = []
+    monkeypatch.setattr(triton_mlp, "COMPILE_THREADS", 3)
+    plans._ON_WORKER.on = True
+    try:
+        triton_mlp._precompile([1, 2, 3], lambda cfg: seen.append(getattr(plans._ON_WORKER, "on", False)))
+    finally:
+        plans._ON_WORKER.on = False
+    assert seen == [True, True, True]
+
+
 def test_off_switch(monkeypatch):
     monkeypatch.setitem(launch._ON, "on", False)
     fake = FakeJIT()
