@@ -173,11 +173,16 @@ BACKWARD_PRE_CONFIGS = (BACKWARD_PRE_CONFIGS + [(*_cfg(c), 1) for c in BACKWARD_
                         + [(64, 4, 2, 3, 8, 1, 96), (64, 4, 2, 3, 16, 1, 96), (64, 4, 2, 3, 8, 0, 96)])
 
 
+def _pre_cfg(cfg):
+    """(early, register cap) of a LOAD_PRE config: its 6th and 7th elements, 0 where absent."""
+    return (*cfg[5:], 0, 0)[:2]
+
+
 def _pre_fits(cfg, bh, gated):
     """Whether a LOAD_PRE config is worth tuning at hidden blocks of bh (see above). Never where the
     epilogue's three fp32 [BM, bh] tiles (dh, a, u) alone overflow 255 registers a thread: those spill
     kilobytes (offline ptxas, round 16) and ran 2-3x slower (round 17: (128, 4, *) at 128x128)."""
-    early, cap = (*cfg[5:], 0, 0)[:2]
+    early, cap = _pre_cfg(cfg)
     return (3 * cfg[0] * bh <= 255 * 32 * cfg[1]
             and (not early or cfg[0] * bh * (1 + gated) <= 64 * 2 * 32 * cfg[1])
             and (not cap or cfg[0] * bh <= 64 * 64))
@@ -1217,6 +1222,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
 
         def run(cfg):
             bm, nw, ns, var, grp = _cfg(cfg)
+            early, cap = _pre_cfg(cfg)
             tma = var == BACKWARD_TMA and tma_ok
             descs = _descs(tma, (x2d, (bm, p.bd)), (k1, (p.bh, p.bd)), (k3_, (p.bh, p.bd)), (dy2d, (bm, p.bd)),
                            (k2, (p.bd, p.bh)))
@@ -1229,15 +1235,15 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
                 DTYPE=_tl_dtype(mod, x2d.dtype), BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
                 num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0, GROUP=grp,
-                LOAD_PRE=(1 + (len(cfg) > 5 and cfg[5])) if load_pre else 0,
-                **({"maxnreg": cfg[6]} if len(cfg) > 6 and cfg[6] else {}))
+                LOAD_PRE=(1 + bool(early)) if load_pre else 0, **({"maxnreg": cap} if cap else {}))
 
-        if load_pre:
-            kind = "hidden_bwd_pre"
-            configs = [c for c in BACKWARD_PRE_CONFIGS if _pre_fits(c, p.bh, gated)] or BACKWARD_PRE_CONFIGS
-        else:
-            kind, configs = "hidden_bwd", BACKWARD_CONFIGS
-        run(_choose(kind, sig, m, lambda: _candidates(configs, BACKWARD_TMA, tma_ok, m), run,
+        def configs():  # (only when neither the plan's memo nor the table has the answer: not per call)
+            if not load_pre:
+                return _candidates(BACKWARD_CONFIGS, BACKWARD_TMA, tma_ok, m)
+            pre = [c for c in BACKWARD_PRE_CONFIGS if _pre_fits(c, p.bh, gated)] or BACKWARD_PRE_CONFIGS
+            return _candidates(pre, BACKWARD_TMA, tma_ok, m)
+
+        run(_choose("hidden_bwd_pre" if load_pre else "hidden_bwd", sig, m, configs, run,
                     shape=(d_in, H, d_out, int(store_h)), memo=plan.cache))  # (writing H or not: tuned apart)
     grads = {}
     if needs[0]:
