@@ -4,12 +4,14 @@ Masks are declared (what the sparsifier does), so dW is computed on live blocks 
 For each shape: dense under ``torch.compile`` (Inductor, cuBLAS) and blast under
 ``torch.compile(backend="blast")``, timed two ways in one run:
 
-* ``*_ms``: CUDA-event time per iteration over back-to-back iterations (the host may run
-  ahead: this is what a training loop sees when the host is not the bottleneck);
+* ``*_ms``: CUDA-event time per iteration over back-to-back iterations, the median of five windows (the
+  host may run ahead: this is what a training loop sees when the host is not the bottleneck);
 * ``*_sync_ms``: median of single iterations each followed by a synchronize (host time
   included: shows Python/dispatch overhead at small shapes).
 
-``--profile`` adds a torch.profiler table of the blast case's CUDA kernels (first shape).
+Modes: torch.compile's (``default``, ``reduce-overhead``: CUDA graph trees, which copy non-static inputs
+into the graph each step) and ``graph``: default-mode code captured whole into one CUDA graph, i.e. the
+MLP's kernels alone. ``--profile`` adds a torch.profiler table of the blast case's CUDA kernels (first shape).
 
     python bench/train_mlp.py --out bench/results            # on the GPU machine
 """
@@ -47,27 +49,49 @@ def sparsify_(mlp, sparsity, block, seed=0):
     declare_mask(mlp.down_proj.weight, md.to(dev), (block, block))
 
 
-def timed(fn, iters):
-    for _ in range(3):
+def timed(fn, iters, windows=5):
+    """(stream ms, synchronized ms) per call. Stream time is the median over ``windows`` windows of ``iters``
+    back-to-back calls, after a warm-up window: one slow window (a host stall, the first calls after tuning)
+    moves a mean but not the median (round 17 saw a process's first row 0.5-1 ms slow)."""
+    for _ in range(max(3, iters)):
         fn()
     torch.cuda.synchronize()
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    e0.record()
-    for _ in range(iters):
-        fn()
-    e1.record()
-    torch.cuda.synchronize()
-    stream_ms = e0.elapsed_time(e1) / iters
+    per = []
+    for _ in range(windows):
+        e0.record()
+        for _ in range(iters):
+            fn()
+        e1.record()
+        torch.cuda.synchronize()
+        per.append(e0.elapsed_time(e1) / iters)
     ts = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         ts.append(time.perf_counter() - t0)
-    return stream_ms, 1e3 * statistics.median(ts)
+    return statistics.median(per), 1e3 * statistics.median(ts)
 
 
-def case(d, h, m, sparsity, block, iters, mode=None, profile=False, save="auto"):
+def graphed(fn):
+    """``fn`` captured once into a CUDA graph (after a warm-up on a side stream that tunes and compiles):
+    replays run its kernels and nothing else. Mode "graph" measures the MLP's own kernels: reduce-overhead's
+    graph trees also copy the non-static inputs (x, and the incoming gradient dy: 94 us a step at 8B, on both
+    sides), which inside a whole model are intermediates and are not copied."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def case(d, h, m, sparsity, block, iters, mode=None, profile=False, save="auto", ncu=False):
     dev, dt = torch.device("cuda"), torch.bfloat16
     row = {"d": d, "hidden": h, "M": m, "sparsity": sparsity, "block": block, "mode": mode or "default",
            "save_hidden": save}
@@ -77,7 +101,8 @@ def case(d, h, m, sparsity, block, iters, mode=None, profile=False, save="auto")
         if name == "blast":
             sparsify_(mlp, sparsity, block)
         torch._dynamo.reset()
-        f = (blast_compiled(mlp, mode, save) if name == "blast" else torch.compile(mlp, mode=mode))
+        cmode = None if mode == "graph" else mode  # "graph": default-mode code captured by ``graphed``
+        f = (blast_compiled(mlp, cmode, save) if name == "blast" else torch.compile(mlp, mode=cmode))
         x = torch.randn(m, d, device=dev, dtype=dt, requires_grad=True)
         dy = torch.randn(m, d, device=dev, dtype=dt)
 
@@ -91,10 +116,21 @@ def case(d, h, m, sparsity, block, iters, mode=None, profile=False, save="auto")
             with torch.no_grad():
                 f(x)
 
+        runs = {}
         for fn, label in ((fwd_bwd, "fwd_bwd"), (fwd, "fwd")):
-            row[f"{name}_{label}_ms"], row[f"{name}_{label}_sync_ms"] = timed(fn, iters)
-        if name == "blast" and profile:
-            row["profile"] = kernel_table(fwd_bwd)
+            runs[label] = run = graphed(fn) if mode == "graph" else fn
+            row[f"{name}_{label}_ms"], row[f"{name}_{label}_sync_ms"] = timed(run, iters)
+        if name == "blast" and ncu:  # one fwd+bwd for ``ncu --profile-from-start off`` to read
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStart()
+            fwd_bwd()
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaProfilerStop()
+        if name == "blast" and profile:  # (in mode "graph": the kernels as the graph replays them)
+            row["profile"] = kernel_table(runs["fwd_bwd"])
+            row["timeline"] = timeline(runs["fwd_bwd"])
+        if name == "dense" and profile:
+            row["dense_timeline"] = timeline(runs["fwd_bwd"])
             row["host_profile"] = host_table(fwd_bwd)
     for label in ("fwd_bwd", "fwd"):
         row[f"speedup_{label}"] = row[f"dense_{label}_ms"] / row[f"blast_{label}_ms"]
@@ -118,6 +154,44 @@ def kernel_table(fn, iters=10):
             rows.append({"name": e.key[:90], "us_per_iter": dev_us / iters, "calls_per_iter": e.count / iters})
     rows.sort(key=lambda r: -r["us_per_iter"])
     return rows[:25]
+
+
+def timeline(fn, iters=10):
+    """Where a call's GPU time goes between kernels: from a profiler trace of ``iters`` calls, the span
+    (first kernel start to last kernel end), the kernels' busy time (union of their intervals) and the
+    idle gaps between consecutive kernels, by (previous, next) kernel, per call (us)."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        ev = json.load(open(f.name))["traceEvents"]
+    ks = sorted((e["ts"], e["ts"] + e["dur"], e["name"][:40]) for e in ev
+                if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy") and e.get("ph") == "X")
+    return _idle(ks, iters) if ks else {}
+
+
+def _idle(ks, iters):
+    """``timeline``'s sums over sorted (start, end, name) intervals of ``iters`` calls."""
+    busy, end, gaps = 0.0, ks[0][0], {}
+    for (s0, e0, n0), (s1, e1, n1) in zip(ks, ks[1:] + [(None, None, None)]):
+        busy += max(0.0, e0 - max(s0, end))
+        end = max(end, e0)
+        if s1 is not None and s1 > end:
+            k = f"{n0} -> {n1}"
+            gaps[k] = gaps.get(k, 0.0) + (s1 - end) / iters
+    span = (end - ks[0][0]) / iters
+    top = sorted(gaps.items(), key=lambda kv: -kv[1])[:12]
+    return {"span_us": span, "busy_us": busy / iters, "idle_us": span - busy / iters,
+            "gaps_us": [{"between": k, "us_per_call": v} for k, v in top]}
 
 
 def host_table(fn, iters=50, top=20):
@@ -197,8 +271,11 @@ def main():
     ap.add_argument("--sparsity", default="0.9,0.95")
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--modes", default="default,reduce-overhead", help="torch.compile modes (both sides)")
+    ap.add_argument("--modes", default="default,reduce-overhead",
+                    help="torch.compile modes (both sides); 'graph': default mode captured whole (no input copies)")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--ncu", action="store_true", help="wrap one blast fwd+bwd (first shape) in cudaProfilerStart/"
+                    "Stop, for ncu --profile-from-start off")
     ap.add_argument("--save", default="auto", help="comma list of auto|all|h|none: BlastOptions.save_hidden")
     ap.add_argument("--step", action="store_true", help="also a whole 34M-model training step per mode")
     ap.add_argument("--out", default="bench/results")
@@ -212,7 +289,7 @@ def main():
             for m in (int(v) for v in args.m.split(",")):
                 for sp, save in ((float(v), sv) for v in args.sparsity.split(",") for sv in args.save.split(",")):
                     row = case(d, h, m, sp, args.block, args.iters, None if mode == "default" else mode,
-                               profile=args.profile and first, save=save)
+                               profile=args.profile and first, save=save, ncu=args.ncu and first)
                     first = False
                     row["shape"] = s
                     res["rows"].append(row)
@@ -222,11 +299,20 @@ def main():
                           f"{row['blast_fwd_ms']:.3f} ({row['speedup_fwd']:.2f}x)", flush=True)
                     for k in row.get("profile", []):
                         print(f"    {k['us_per_iter']:8.1f} us  x{k['calls_per_iter']:.0f}  {k['name']}")
+                    for side in ("dense_timeline", "timeline"):
+                        tl_ = row.get(side)
+                        if not tl_:
+                            continue
+                        who = "dense" if side.startswith("dense") else "blast"
+                        print(f"    {who} per call: span {tl_['span_us']:.0f} us, kernels busy {tl_['busy_us']:.0f}, "
+                              f"idle {tl_['idle_us']:.0f}")
+                        for g in tl_["gaps_us"][:6]:
+                            print(f"      idle {g['us_per_call']:7.1f} us  {g['between']}")
                     for k in row.get("host_profile", []):
                         print(f"    host {k['own_us_per_iter']:7.1f} us own {k['cum_us_per_iter']:7.1f} cum "
                               f"x{k['calls_per_iter']:.1f}  {k['fn']}")
     if args.step:
-        for mode in args.modes.split(","):
+        for mode in (m for m in args.modes.split(",") if m != "graph"):  # a whole step is not captured
             for sp, save in ((float(v), sv) for v in args.sparsity.split(",") for sv in args.save.split(",")):
                 row = step_case(None if mode == "default" else mode, sp, args.block, args.iters,
                                 profile=args.profile and mode == "reduce-overhead", save=save)
