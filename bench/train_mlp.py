@@ -18,6 +18,7 @@ MLP's kernels alone. ``--profile`` adds a torch.profiler table of the blast case
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -28,25 +29,41 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._results import run_meta, write_json  # noqa: E402
-from blast_compile.formats import expand_mask  # noqa: E402
+from blast_compile.formats import cdiv, expand_mask  # noqa: E402
 from blast_compile.masks import declare_mask  # noqa: E402
-from blast_compile.testing import SwiGLU, zero_blocks_  # noqa: E402
+from blast_compile.testing import SwiGLU, random_block_mask  # noqa: E402
 
 SHAPES = {"34m": (512, 2816), "1b": (2048, 8192), "8b": (4096, 14336)}
 
 
-def sparsify_(mlp, sparsity, block, seed=0):
-    """Random block masks, gate and up tied (the sparsifier's default), declared on the weights."""
+def block_mask(rows, cols, sparsity, g, kind="random"):
+    """A [rows, cols] block mask. "random": round(sparsity * rows * cols) dead blocks anywhere (as before
+    round 18); "balanced": k = round((1 - sparsity) * cols) live blocks in every row (the sparsifier's
+    ``balanced=True``: the in-projection's trip count is then a compile-time constant); "ragged": as many
+    live blocks as "balanced", placed anywhere (its like-for-like comparison)."""
+    if kind == "random":
+        return random_block_mask(rows, cols, sparsity, g)
+    k = max(1, round((1 - sparsity) * cols))
+    if kind == "ragged":
+        return random_block_mask(rows, cols, 1 - k / cols, g)
+    m = torch.zeros(rows, cols, dtype=torch.bool)
+    return m.scatter_(1, torch.rand(rows, cols, generator=g).argsort(1)[:, :k], True)
+
+
+def sparsify_(mlp, sparsity, block, seed=0, kind="random"):
+    """Block masks (``block_mask``), gate and up tied (the sparsifier's default), declared on the weights."""
     g = torch.Generator().manual_seed(seed)
-    mk = zero_blocks_(mlp.gate_proj.weight.data, sparsity, (block, block), g)
-    with torch.no_grad():
-        w = mlp.up_proj.weight
-        w.mul_(expand_mask(mk, block, block, w.shape).to(w.device, w.dtype))
-    md = zero_blocks_(mlp.down_proj.weight.data, sparsity, (block, block), g)
     dev = mlp.gate_proj.weight.device
-    declare_mask(mlp.gate_proj.weight, mk.to(dev), (block, block))
-    declare_mask(mlp.up_proj.weight, mk.to(dev), (block, block))
-    declare_mask(mlp.down_proj.weight, md.to(dev), (block, block))
+    masks = {}
+    for name in ("gate_proj", "down_proj"):
+        w = getattr(mlp, name).weight
+        masks[name] = block_mask(cdiv(w.shape[0], block), cdiv(w.shape[1], block), sparsity, g, kind)
+    masks["up_proj"] = masks["gate_proj"]
+    with torch.no_grad():
+        for name, mk in masks.items():
+            w = getattr(mlp, name).weight
+            w.mul_(expand_mask(mk, block, block, w.shape).to(w.device, w.dtype))
+            declare_mask(w, mk.to(dev), (block, block))
 
 
 def timed(fn, iters, windows=5):
@@ -91,15 +108,15 @@ def graphed(fn):
     return g.replay
 
 
-def case(d, h, m, sparsity, block, iters, mode=None, profile=False, save="auto", ncu=False):
+def case(d, h, m, sparsity, block, iters, mode=None, profile=False, save="auto", ncu=False, masks="random"):
     dev, dt = torch.device("cuda"), torch.bfloat16
     row = {"d": d, "hidden": h, "M": m, "sparsity": sparsity, "block": block, "mode": mode or "default",
-           "save_hidden": save}
+           "save_hidden": save, "masks": masks}
     for name in ("dense", "blast"):
         torch.manual_seed(0)
         mlp = SwiGLU(d, h).to(dev, dt)
         if name == "blast":
-            sparsify_(mlp, sparsity, block)
+            sparsify_(mlp, sparsity, block, kind=masks)
         torch._dynamo.reset()
         cmode = None if mode == "graph" else mode  # "graph": default-mode code captured by ``graphed``
         f = (blast_compiled(mlp, cmode, save) if name == "blast" else torch.compile(mlp, mode=cmode))
@@ -214,7 +231,7 @@ def host_table(fn, iters=50, top=20):
     return rows[:top]
 
 
-def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, save="auto"):
+def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, save="auto", masks="random"):
     """A whole training step of the examples' 34M Llama (fp32 params, bf16 autocast, fused AdamW,
     grad clipping), dense vs blast at ``sparsity`` (random block masks, declared), same mode."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
@@ -222,13 +239,13 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
 
     dev = torch.device("cuda")
     row = {"what": "train_step_34m", "mode": mode or "default", "sparsity": sparsity, "batch": batch, "seq": seq,
-           "save_hidden": save}
+           "save_hidden": save, "masks": masks}
     for name in ("dense", "blast"):
         torch.manual_seed(0)
         model = Llama(Config.preset("34m", 4096)).to(dev)
         if name == "blast":
             for i, layer in enumerate(model.layers):
-                sparsify_(layer.mlp, sparsity, block, seed=i)
+                sparsify_(layer.mlp, sparsity, block, seed=i, kind=masks)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         torch._dynamo.reset()
         run = blast_compiled(model, mode, save) if name == "blast" else torch.compile(model, mode=mode)
@@ -277,23 +294,26 @@ def main():
     ap.add_argument("--ncu", action="store_true", help="wrap one blast fwd+bwd (first shape) in cudaProfilerStart/"
                     "Stop, for ncu --profile-from-start off")
     ap.add_argument("--save", default="auto", help="comma list of auto|all|h|none: BlastOptions.save_hidden")
+    ap.add_argument("--masks", default="random", help="comma list of random|balanced|ragged (``block_mask``)")
     ap.add_argument("--step", action="store_true", help="also a whole 34M-model training step per mode")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
     args = ap.parse_args()
     res = run_meta(rows=[])
     first = True
+    settings = list(itertools.product((float(v) for v in args.sparsity.split(",")), args.save.split(","),
+                                      args.masks.split(",")))
     for mode in args.modes.split(","):
         for s in args.shapes.split(","):
             d, h = SHAPES[s]
             for m in (int(v) for v in args.m.split(",")):
-                for sp, save in ((float(v), sv) for v in args.sparsity.split(",") for sv in args.save.split(",")):
+                for sp, save, mk in settings:
                     row = case(d, h, m, sp, args.block, args.iters, None if mode == "default" else mode,
-                               profile=args.profile and first, save=save, ncu=args.ncu and first)
+                               profile=args.profile and first, save=save, ncu=args.ncu and first, masks=mk)
                     first = False
                     row["shape"] = s
                     res["rows"].append(row)
-                    print(f"[{mode}] {s:4s} M={m:5d} {sp:.0%} save={save}: fwd+bwd dense {row['dense_fwd_bwd_ms']:.3f} blast "
+                    print(f"[{mode}] {s:4s} M={m:5d} {sp:.0%} save={save} masks={mk}: fwd+bwd dense {row['dense_fwd_bwd_ms']:.3f} blast "
                           f"{row['blast_fwd_bwd_ms']:.3f} ms ({row['speedup_fwd_bwd']:.2f}x; sync'd "
                           f"{row['speedup_fwd_bwd_sync']:.2f}x) | fwd dense {row['dense_fwd_ms']:.3f} blast "
                           f"{row['blast_fwd_ms']:.3f} ({row['speedup_fwd']:.2f}x)", flush=True)
@@ -313,11 +333,11 @@ def main():
                               f"x{k['calls_per_iter']:.1f}  {k['fn']}")
     if args.step:
         for mode in (m for m in args.modes.split(",") if m != "graph"):  # a whole step is not captured
-            for sp, save in ((float(v), sv) for v in args.sparsity.split(",") for sv in args.save.split(",")):
+            for sp, save, mk in settings:
                 row = step_case(None if mode == "default" else mode, sp, args.block, args.iters,
-                                profile=args.profile and mode == "reduce-overhead", save=save)
+                                profile=args.profile and mode == "reduce-overhead", save=save, masks=mk)
                 res["rows"].append(row)
-                print(f"[{mode}] 34M training step {sp:.0%} save={save}: dense {row['dense_step_ms']:.2f} ms, blast "
+                print(f"[{mode}] 34M training step {sp:.0%} save={save} masks={mk}: dense {row['dense_step_ms']:.2f} ms, blast "
                       f"{row['blast_step_ms']:.2f} ms ({row['speedup_step']:.2f}x; {row['blast_tok_s'] / 1e6:.2f}M tok/s)",
                       flush=True)
                 for side in ("dense_profile", "profile"):
