@@ -36,6 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from blast_compile import distributed as bd  # noqa: E402
+from blast_compile.ops import triton_mlp  # noqa: E402
 from blast_compile.testing import SwiGLU, sparsify_mlps_  # noqa: E402
 
 
@@ -199,15 +200,7 @@ def time_decode(model, cfg, device, dtype, steps, compile_backend=None):
         if device != "cuda":
             return out
         try:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                for _ in range(2):
-                    step(x, pos)
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                step(x, pos)
+            g = triton_mlp.capture([lambda: step(x, pos)], warm=2)
             sync(device)
             t0 = time.perf_counter()
             for i in range(steps):

@@ -430,9 +430,9 @@ def _may_tune() -> bool:
     return not (_interpret() or os.environ.get("BLAST_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing())
 
 
-def graph_time(fns, reps=5, warm=1):
-    """Median µs per call of ``fns`` (a cycle of calls) replayed as one CUDA graph, after ``warm``
-    eager passes on a side stream (compiles, tunes, builds plan state outside the graph's pool)."""
+def capture(fns, warm=1):
+    """``fns`` (called in order) captured as one CUDA graph, after ``warm`` eager passes on a side
+    stream (compiles, tunes, builds plan state outside the graph's pool)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -445,6 +445,12 @@ def graph_time(fns, reps=5, warm=1):
     with torch.cuda.graph(g):
         for f in fns:
             f()
+    return g
+
+
+def graph_time(fns, reps=5, warm=1):
+    """Median µs per call of ``fns`` (a cycle of calls) replayed as one CUDA graph (``capture``)."""
+    g = capture(fns, warm)
     g.replay()
     torch.cuda.synchronize()
     ts = []
