@@ -1137,7 +1137,7 @@ def _col_groups(rows, cols, g):
     pos = i - torch.cummax(torch.where(first, i, 0), 0).values  # place in its block row
     new = pos % g == 0
     gid = torch.cumsum(new.long(), 0) - 1
-    g_cols = cols[new].repeat_interleave(g).view(-1, g).clone()
+    g_cols = cols[new].repeat_interleave(g).view(-1, g)  # (a new tensor: written in place below)
     g_cols[gid, pos % g] = cols
     return rows[new].contiguous(), g_cols.reshape(-1).contiguous()
 
