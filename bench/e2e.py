@@ -67,13 +67,21 @@ def median_seconds(fn, device, reps, warmup=2):
     return sorted(ts)[len(ts) // 2]
 
 
-def gen_tps(model, ids, new, compile_cfg, device, reps):
+def gen_tps(model, ids, new, compile_cfg, device, reps, forward=None):
+    """Tokens/s of HF ``generate`` with a static cache: compiled through ``compile_cfg`` (HF's own path), or
+    ``forward`` (``torch.compile(model.forward, ...)`` put in place of ``model.forward``, HF's compile off)."""
     from transformers import GenerationConfig
 
     gc = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, cache_implementation="static",
                           pad_token_id=0, compile_config=compile_cfg, disable_compile=compile_cfg is None)
     out = []
-    t = median_seconds(lambda: out.append(model.generate(ids, generation_config=gc)), device, reps)
+    orig = model.forward
+    if forward is not None:
+        model.forward = forward
+    try:
+        t = median_seconds(lambda: out.append(model.generate(ids, generation_config=gc)), device, reps)
+    finally:
+        model.forward = orig
     return ids.shape[0] * new / t, out[-1]
 
 
@@ -118,6 +126,10 @@ def main():
     p.add_argument("--mode", default="reduce-overhead")
     p.add_argument("--small", action="store_true")
     p.add_argument("--lean-only", action="store_true", help="skip the HF generate rows")
+    p.add_argument("--forward-compile", action="store_true",
+                   help="also generate with model.forward = torch.compile(model.forward, ...)")
+    p.add_argument("--skip-lean", action="store_true", help="skip the bare decode loop rows")
+    p.add_argument("--tag", default="", help="suffix of the JSON file name")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
     from transformers import CompileConfig
@@ -135,14 +147,17 @@ def main():
         layers=args.layers, sparsity=args.sparsity,
         block=args.block, mlp_weights_sparsified=n, mode=args.mode, decode={}, prefill={},
     )
+    mode = None if args.mode == "default" else args.mode
     variants = {
         "eager": None,
-        "inductor": CompileConfig(backend="inductor", mode=args.mode),
-        "blast": CompileConfig(backend="blast", mode=args.mode),
+        "inductor": CompileConfig(backend="inductor", mode=mode),
+        "blast": CompileConfig(backend="blast", mode=mode),
     }
     for cc in variants.values():
         if cc is not None:
             cc._compile_all_devices = True  # HF compiles only on CUDA unless told (CPU smoke runs)
+    if args.forward_compile:  # the other way HF's docs give: model.forward = torch.compile(model.forward, ...)
+        variants.update({f"{b}_forward": b for b in ("inductor", "blast")})
     from torch._dynamo.utils import counters
     for b in ([] if args.lean_only else [int(v) for v in args.batches.split(",")]):
         ids = torch.randint(0, cfg.vocab_size, (b, args.prompt), device=device)
@@ -150,12 +165,17 @@ def main():
         for name, cc in variants.items():
             torch._dynamo.reset()
             try:
-                tps, outs[name] = gen_tps(model, ids, args.new, cc, device, args.reps)
+                if isinstance(cc, str):
+                    tps, outs[name] = gen_tps(model, ids, args.new, None, device, args.reps,
+                                              forward=torch.compile(model.forward, backend=cc, mode=mode))
+                else:
+                    tps, outs[name] = gen_tps(model, ids, args.new, cc, device, args.reps)
                 res["decode"].setdefault(f"batch{b}", {})[name] = tps
             except Exception as e:  # report, don't hide
                 res["decode"].setdefault(f"batch{b}", {})[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
-            if name == "blast":
-                res["decode"][f"batch{b}"]["blast_mlps_fused"] = counters["blast"]["mlp_fused"]
+            if name.startswith("blast"):
+                res["decode"][f"batch{b}"][f"{name}_mlps_fused"] = counters["blast"]["mlp_fused"]
+                res["decode"][f"batch{b}"][f"{name}_mlps_lowered"] = counters["blast"]["lowered"]
                 counters.clear()
             print(f"decode batch {b} {name}: {res['decode'][f'batch{b}'][name]}", flush=True)
         if "blast" in outs and "inductor" in outs:
@@ -165,13 +185,13 @@ def main():
     # the bare loop under --mode and, as a second table, in default mode (no CUDA graphs: host-bound,
     # H200 round 11: blast 0.42-0.48x Inductor -- each fused MLP call spends ~0.2-0.3 ms in Python)
     for key, mode in (("lean_decode", args.mode), ("lean_decode_default", None)):
-        if key == "lean_decode_default" and args.mode in (None, "default"):
+        if args.skip_lean or (key == "lean_decode_default" and args.mode in (None, "default")):
             continue
         res[key] = {}
         for b in [int(v) for v in args.batches.split(",")]:
             for name in ("inductor", "blast"):
                 torch._dynamo.reset()
-                fn = torch.compile(model, backend=name, mode=mode)
+                fn = torch.compile(model, backend=name, mode=None if mode == "default" else mode)
                 try:
                     res[key].setdefault(f"batch{b}", {})[name] = lean_decode_tps(
                         model, fn, cfg, b, args.prompt, args.new, device, args.reps)
@@ -185,6 +205,8 @@ def main():
     res["prefill_graphs"] = {}
     for key, names, mode in (("prefill", ("eager", "inductor", "blast"), None),
                              ("prefill_graphs", ("inductor", "blast"), args.mode)):
+        if key == "prefill_graphs" and args.mode in (None, "default"):
+            continue
         for name in names:
             torch._dynamo.reset()
             fn = model if name == "eager" else torch.compile(model, backend=name, mode=mode)
@@ -197,7 +219,7 @@ def main():
                 res[key]["blast_plans_built"] = counters["blast"]["plans_built"]
             print(f"prefill {args.prefill} {name}{f' ({mode})' if mode else ''}: {res[key][name]} ms", flush=True)
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"e2e_{res['date'].replace(':', '')}.json")
+    path = os.path.join(args.out, f"e2e_{res['date'].replace(':', '')}{args.tag}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps(res, indent=1))

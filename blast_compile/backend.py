@@ -154,35 +154,94 @@ def rewrite(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions):
     return new, cands
 
 
+def _guard_weights(cands: List[Candidate]) -> None:
+    """Make Dynamo guard on the identity of every MLP weight the passes looked at: its graph holds a decision
+    about *these* weights (fused with their pattern, or dense), and without such a guard a second model of the
+    same class would reuse it (Dynamo's cache keys on code and guards, not on weight values). A new set of
+    weights recompiles, and gets its own decision."""
+    tc = torch._guards.TracingContext.try_get()
+    if tc is None:
+        return
+    from torch._dynamo.guards import GuardBuilder
+
+    for c in cands:
+        for src in getattr(c, "_sources", ()):
+            if src is not None:
+                tc.guards_context.dynamo_guards.add(src.make_guard(GuardBuilder.ID_MATCH))
+
+
+def _warn_fallback(what: str, e: Exception, then: str):
+    counters["blast"]["fallback"] += 1
+    msg = f"blast: internal error while {what} ({type(e).__name__}: {e}); {then}"
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    log.warning(msg, exc_info=True)
+
+
+def _lower(new_gm, example_inputs, opts):
+    """``(fallback, watches)``: the opaque graph kept for the guard, and one Watch per lowered MLP."""
+    if not (opts.lower and _fused_nodes(new_gm)):
+        return None, []
+    from .passes.lower import lower
+    from .passes.match import Context
+
+    fallback = _copy_graph_module(new_gm)
+    watches = lower(new_gm, Context(new_gm, example_inputs), torch._guards.detect_fake_mode(example_inputs))
+    return fallback, watches
+
+
 def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None, options: Optional[dict] = None):
-    """torch.compile backend: fuse block-sparse MLPs, then compile with Inductor."""
+    """torch.compile backend: fuse block-sparse MLPs, lower them into Inductor's code, compile with Inductor."""
     opts, inductor_opts = _split_options(options)
     counters["blast"]["graphs"] += 1
+    fallback, watches = None, []
     try:
         new_gm, cands = rewrite(gm, example_inputs, opts)
+        _guard_weights(cands)
+        try:
+            fallback, watches = _lower(new_gm, example_inputs, opts)
+        except Exception as e:
+            if opts.strict:
+                raise
+            _warn_fallback("lowering fused MLPs into Inductor", e, "they run as opaque ops (slower host path)")
+            fallback, watches = None, []
+            new_gm, cands = rewrite(gm, example_inputs, opts)  # (lowering may have left new_gm half done)
         code = new_gm.code
         _trace_artifact(new_gm, cands)
         _record(GraphReport(cands, code))
         n = sum(c.decision == "fused" for c in cands)
-        log.info("blast: %d of %d MLP candidates fused in graph %d", n, len(cands), counters["blast"]["graphs"])
+        log.info("blast: %d of %d MLP candidates fused in graph %d (%d lowered)", n, len(cands),
+                 counters["blast"]["graphs"], len(watches))
         log.debug("blast: rewritten graph\n%s", code)
     except Exception as e:
         if opts.strict:
             raise
-        counters["blast"]["fallback"] += 1
-        msg = f"blast: internal error while rewriting ({type(e).__name__}: {e}); compiling this graph with plain Inductor"
-        warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        log.warning(msg, exc_info=True)
+        _warn_fallback("rewriting", e, "compiling this graph with plain Inductor")
         _record(GraphReport([], gm.code, error=repr(e)))
         new_gm = gm
-    if not opts.inductor:
+    if opts.inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = _inductor_patches(mode, inductor_opts) or None
+
+        def compile_(g):
+            return compile_fx(g, example_inputs, config_patches=patches)
+    else:
         from torch._dynamo.backends.registry import lookup_backend
 
-        return lookup_backend("aot_eager")(new_gm, example_inputs)
-    from torch._inductor.compile_fx import compile_fx
+        def compile_(g):
+            return lookup_backend("aot_eager")(g, example_inputs)
+    if not watches:
+        return compile_(new_gm)
+    from .guard import GraphGuard
 
-    patches = _inductor_patches(mode, inductor_opts)
-    return compile_fx(new_gm, example_inputs, config_patches=patches or None)
+    try:
+        compiled = compile_(new_gm)
+    except Exception as e:
+        if opts.strict:
+            raise
+        _warn_fallback("compiling the lowered MLPs", e, "they run as opaque ops (slower host path)")
+        return compile_(fallback)
+    return GraphGuard(compiled, fallback, watches)
 
 
 __all__ = ["blast", "rewrite", "REPORTS", "GraphReport"]

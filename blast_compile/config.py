@@ -30,6 +30,9 @@ class BlastOptions:
     # a gated MLP, 2 plain); True ("auto"): "all" where recomputing them costs more than writing and
     # reading them (passes/rewrite.py, SAVE_PRE_MIN_K), else "h"; False: nothing (least memory, slowest)
     save_hidden: Union[bool, str] = True
+    # CUDA: fused MLPs become Triton kernels that Inductor launches from its own code (passes/lower.py);
+    # False: the opaque op, which runs Python per call (the old path, for comparison)
+    lower: bool = True
 
     @classmethod
     def from_options(cls, options: Optional[dict]) -> "BlastOptions":

@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 import torch
 
 _DECLARED: "dict[int, weakref.ref]" = {}
+# bumped by every declare_mask / clear_mask: a compiled graph's guard re-checks its masks when it moves
+EPOCH = [0]
 
 
 def _storage_key(t: torch.Tensor) -> int:
@@ -23,9 +25,11 @@ def declare_mask(param: torch.Tensor, mask: torch.Tensor, block: Tuple[int, int]
     param._blast_mask = (mask, tuple(block))
     param._blast_mask_views = {}
     _DECLARED[_storage_key(param)] = weakref.ref(param)
+    EPOCH[0] += 1
 
 
 def clear_mask(param: torch.Tensor) -> None:
+    EPOCH[0] += 1
     _DECLARED.pop(_storage_key(param), None)
     for attr in ("_blast_mask", "_blast_mask_views"):
         if hasattr(param, attr):

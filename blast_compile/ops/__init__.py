@@ -2,3 +2,4 @@
 inference), gather (torch), triton_mlp (CUDA)."""
 from . import sparse_mlp  # noqa: F401  registers torch.ops.blast.sparse_mlp
 from . import packed_mlp  # noqa: F401  registers torch.ops.blast.packed_mlp (compressed MLPs)
+from . import lowered  # noqa: F401  registers torch.ops.blast.mlp, mlp_train, mlp_backward (lowered into Inductor)

@@ -85,6 +85,37 @@ def _fingerprint(args):
     return tuple(out)
 
 
+# launch options Inductor cannot pass through ``wrap_triton`` (speed only: the result is the same)
+_NOT_TRACEABLE = ("launch_pdl", "maxnreg")
+
+# Inside a lowered op's body (``ops/lowered.py``) the launchers run on the fake or functional tensors
+# of a trace: every launch goes through ``wrap_triton`` (Inductor then emits it in its own output code),
+# every table comes from the op's inputs, every config from what the compile-time warm-up chose.
+# ``lowered()`` holds there and in the compile-time warm-up that precedes the trace (real launches, the
+# same choices: see ``triton_mlp``), ``traced()`` only in the trace itself.
+_TRACE = threading.local()
+
+
+def traced() -> bool:
+    return getattr(_TRACE, "mode", None) == "trace"
+
+
+def lowered() -> bool:
+    return getattr(_TRACE, "mode", None) is not None
+
+
+@contextlib.contextmanager
+def lowering(mode="trace"):
+    """``mode``: "trace" (launch through ``wrap_triton``), "warm" (launch now, choose as a trace would),
+    None (the eager op)."""
+    prev = getattr(_TRACE, "mode", None)
+    _TRACE.mode = mode
+    try:
+        yield
+    finally:
+        _TRACE.mode = prev
+
+
 class Kernel:
     """A ``@triton.jit`` function whose ``[grid](...)`` launches skip the JIT's binder once seen."""
 
@@ -104,6 +135,15 @@ class Kernel:
         return lambda *args, **kw: self.launch(grid, args, kw)
 
     def launch(self, grid, args, kw):
+        if lowered():  # a lowered op (or its warm-up, which must time what the trace will launch)
+            kw = {k: v for k, v in kw.items() if k not in _NOT_TRACEABLE}
+            if traced():  # Inductor emits this launch in its own code
+                from torch.library import wrap_triton
+
+                # (its analysis of the kernel wants every parameter given: defaults too)
+                given = set(self.names[:len(args)]) | set(kw)
+                kw.update({n: v for n, v in self.defaults.items() if n not in given})
+                return wrap_triton(self.fn)[tuple(grid)](*args, **kw)
         if getattr(_THREAD, "compile_only", False):
             if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
                 self.fn.run(*args, grid=grid, warmup=True, **kw)

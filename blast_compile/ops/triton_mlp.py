@@ -71,7 +71,8 @@ from .. import codegen
 from ..formats import cdiv
 from . import gather, launch, plans
 from .activations import in_dtype
-from .plans import outside_graph_pool, version, warn_once
+from .launch import lowered, traced  # (lowered ops: see launch.traced)
+from .plans import outside_graph_pool as _pool, version, warn_once
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -191,7 +192,7 @@ def _pre_fits(cfg, bh, gated):
 def _for_m(configs, m):
     """The configs worth timing at M rows: a group holding every M tile is the launch order, so such a
     grouped config would only repeat its launch-order twin (never empty: a forced list stays)."""
-    return [c for c in configs if _cfg(c)[4] < cdiv(m, c[0])] or configs
+    return [c for c in configs if _cfg(c)[4] < cdiv(_hint(m), c[0])] or configs
 
 
 def _candidates(configs, var, tma_ok, m):
@@ -219,6 +220,22 @@ DECODE_FLAT = os.environ.get("BLAST_DECODE_FLAT", "1") != "0"
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def outside_graph_pool(fn, device):
+    """``plans.outside_graph_pool``; while tracing, plan state can only come from the op's inputs."""
+    if traced():
+        raise RuntimeError("blast: a lowered op needs plan state its compile-time warm-up did not build")
+    return _pool(fn, device)
+
+
+def _hint(v) -> int:
+    """A concrete size: a symbolic one's example value (dynamic M while tracing). Used for tuning keys and
+    other choices that only change speed, never the result, so that they add no guard on M."""
+    if isinstance(v, torch.SymInt):
+        h = v.node.hint
+        return int(h) if h is not None else 1 << 12
+    return int(v)
 
 
 # --- per-plan tables ----------------------------------------------------------------------------
@@ -393,7 +410,9 @@ def _hopper(index) -> bool:
 def _tma_ok(*ts) -> bool:
     """Every tensor can be read through a TMA descriptor: Hopper or newer (or the interpreter), one
     16-bit dtype, unit inner stride, 16-byte aligned base and rows, packed blocks contiguous."""
-    if not TMA or TensorDescriptor is None:
+    if not TMA or TensorDescriptor is None or lowered():
+        # (a lowered op's trace cannot carry host-side descriptors: wrap_triton would keep the trace's
+        # fake tensors in them; its warm-up tunes without them too)
         return False
     t0 = ts[0]
     if not (_hopper(t0.device.index or 0) if t0.device.type == "cuda" else _interpret()):
@@ -427,7 +446,8 @@ def _with_tma(configs, var, ok):
 # --- tuning ---------------------------------------------------------------------------------------
 
 def _may_tune() -> bool:
-    return not (_interpret() or os.environ.get("BLAST_TUNE", "1") == "0" or torch.cuda.is_current_stream_capturing())
+    return not (_interpret() or traced() or os.environ.get("BLAST_TUNE", "1") == "0"
+                or torch.cuda.is_current_stream_capturing())
 
 
 def capture(fns, warm=1):
@@ -491,7 +511,7 @@ def _device_name(index=None) -> str:
 def tuning_key(kind, sig, m, shape=()) -> str:
     """Key of a tuned launch config: kernel kind, signature, layer dims, M bucket, GPU name."""
     dims = "x".join(str(int(d)) for d in shape)
-    return f"{kind}|{sig.digest()}|{dims}|m{codegen.m_bucket(m)}|{_device_name()}"
+    return f"{kind}|{sig.digest()}|{dims}|m{codegen.m_bucket(_hint(m))}|{_device_name()}"
 
 
 # a list to collect every timing the tuner takes, as (key, config, µs) (bench/tiles.py); None: off
@@ -554,7 +574,7 @@ def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
     a function returning it, called only when neither the memo nor the table has the answer."""
     mk = None
     if memo is not None:
-        mk = _memo_key("chosen", kind, id(sig), codegen.m_bucket(m), shape)
+        mk = _memo_key("chosen", kind, id(sig), codegen.m_bucket(_hint(m)), shape)
         cfg = memo.get(mk)
         if cfg is not None:
             return cfg
@@ -567,6 +587,8 @@ def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
         return cfg
     if callable(configs):
         configs = configs()
+    if traced() and len(configs) > 1:  # (the warm-up tunes before the trace: a miss here is a bug, not a crash)
+        log.warning("blast: no tuned config for %s while tracing; using %s", key, configs[0])
     if len(configs) == 1 or not _may_tune():
         return configs[0]
     _precompile(configs, run)
@@ -736,7 +758,7 @@ def _count_eager_decode(plan, x2d):
     """Decode without CUDA graphs is host-bound: a call's Python and two launches (~0.1-0.3 ms of
     host time on the H200 machine) outlast its kernels (~10-20 µs), and the dense model it replaces
     launches cuBLAS cheaper. Say so once, after enough calls that it is not a graph warm-up."""
-    if not x2d.is_cuda or torch.cuda.is_current_stream_capturing():
+    if not x2d.is_cuda or lowered() or torch.cuda.is_current_stream_capturing():
         return
     n = plan.cache["eager_decode"] = plan.cache.get("eager_decode", 0) + 1
     if n == EAGER_DECODE_WARN:
@@ -759,8 +781,8 @@ def _pdl_supported(index) -> bool:
 
 def _pdl_ok(device) -> bool:
     """Programmatic dependent launch on ``device`` (BLAST_PDL=0 turns it off)."""
-    if device.type != "cuda" or _interpret() or os.environ.get("BLAST_PDL", "1") == "0":
-        return False
+    if device.type != "cuda" or _interpret() or lowered() or os.environ.get("BLAST_PDL", "1") == "0":
+        return False  # (Inductor launches a lowered op's kernels: it has no programmatic dependent launch)
     return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -780,6 +802,8 @@ def _decode(args):
     ``torch.use_deterministic_algorithms(True)`` always the sliced path: the others add fp32 partial
     sums with atomics, in any order. ``args``: ``_decode_sliced``'s."""
     mode = os.environ.get("BLAST_DECODE", "")
+    if lowered():  # split-K keeps scratch between calls: a lowered op has no state of its own
+        return _decode_sliced(*args)
     if torch.are_deterministic_algorithms_enabled():
         if mode in ("splitk", "onekernel"):
             warn_once(("deterministic", mode), f"blast: BLAST_DECODE={mode} ignored under "
@@ -876,7 +900,8 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     without split-K: no atomics, no scratch to re-zero, no counters. ``mlp_hidden`` writes H (bf16,
     as eager rounds it) and per-slice NaN/Inf row flags of x; ``bsmm`` reads them."""
     p = plan.pattern
-    bm = max(16, triton.next_power_of_2(m))
+    # one M tile holds every row (a symbolic M <= 32 guards on M <= 16 at most)
+    bm = 16 if m <= 16 else 32
     n_sl = cdiv(d_in, 64)
     flag = torch.empty(n_sl, bm, device=x2d.device, dtype=torch.int32)
     h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
@@ -1075,8 +1100,10 @@ def _sddmm(mod, sig, douts, inp, live, bo, bi, shape, dtype, memo=None):
     DT = _tl_dtype(mod, dtype)
 
     def split_of(bm):
-        split = max(1, min(cdiv(m, SDDMM_MIN_ROWS), cdiv(2 * _n_sm(inp.device), nnz)))
+        split = max(1, min(cdiv(_hint(m), SDDMM_MIN_ROWS), cdiv(2 * _n_sm(inp.device), nnz)))
         m_per = cdiv(cdiv(m, split), bm) * bm
+        if isinstance(m, torch.SymInt):  # (as many programs for every M: split * m_per >= M still holds)
+            return split, m_per
         return cdiv(m, m_per), m_per
 
     tma_ok = _tma_ok(inp, *douts)

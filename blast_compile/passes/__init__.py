@@ -46,6 +46,8 @@ def run_passes(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions) -> 
     candidates, fused, replaced = [], 0, {}
     for m in find_mlps(gm):
         c = describe(m, ctx)
+        # the decision belongs to these weights: the backend guards on their identity (backend._guard_weights)
+        c._sources = [ctx.source(lin.weight) for lin in m.linears]
         counters["blast"]["mlp_candidates"] += 1
         refused = refusal(m, ctx)
         if refused is not None:

@@ -183,6 +183,12 @@ class Context:
         name = _source_name(source)
         return "_parameters[" in name or "_buffers[" in name
 
+    def source(self, node: Node):
+        """Dynamo's source of graph input ``node`` (e.g. ``L['self']._modules['fc1']._parameters['weight']``)."""
+        if node is None or node.op != "placeholder":
+            return None
+        return getattr(node.meta.get("grapharg"), "source", None) or getattr(node, "_dynamo_source", None)
+
     def owner(self, node: Node) -> Optional[str]:
         """Name of the module holding parameter/buffer ``node`` (None when provenance is lost)."""
         if node.op == "get_attr":

@@ -1,0 +1,137 @@
+"""What a compiled graph with lowered MLPs assumes about its weights, checked before each of its calls.
+
+A lowered MLP (``passes/lower.py``) reads the live blocks of the pattern it was compiled for, straight
+out of the weights: new *values* are always seen, but a block that comes alive after compile would be
+skipped. Dynamo guards on shapes and dtypes, not on values, so the backend wraps the compiled graph in
+a :class:`GraphGuard`: per call it asks one :class:`~blast_compile.ops.watch.Snapshot` whether any fused
+weight or declared mask may have changed (version counters, storage identity, fused-optimizer steps,
+``declare_mask``) -- a few hundred ns per tensor, no device work. Only when something moved does it look
+at the weights (:meth:`Watch.valid`, a host sync): a pattern that only lost blocks keeps the compiled
+graph (the kernels read zeros), declared masks that did not change keep it without reading the weights
+(the MLP means ``W * mask``); anything else switches the graph to ``fallback`` -- the same graph with the
+opaque ``blast::sparse_mlp`` nodes, run eagerly, which re-derives patterns at every call -- until the
+weights fit the compiled pattern again. Recompiling (``torch.compiler.reset()``) lowers the new pattern.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Callable, List, Sequence
+
+import torch
+from torch._dynamo.utils import counters
+
+from . import masks as _masks
+from .formats import _mlp_masks, build_pattern
+from .ops.watch import Snapshot, watch
+
+log = logging.getLogger("blast_compile.guard")
+
+
+class Watch:
+    """One lowered MLP: how its weights are read (a parameter and the views the rewrite put on it) and the
+    pattern it was compiled for."""
+
+    def __init__(self, name, plan, weights: Sequence, activation, has_b1, has_b3):
+        self.name, self.plan, self.activation = name, plan, activation
+        self.has_b1, self.has_b3 = has_b1, has_b3
+        self.weights = list(weights)  # [(parameter, [(view fn, args), ...]) or None] for w1, w3, w2
+        for w in self.weights:
+            if w is not None:
+                watch(w[0])
+
+    def params(self) -> List[torch.Tensor]:
+        return [w[0] for w in self.weights if w is not None]
+
+    def masks(self) -> List[torch.Tensor]:
+        return [m[0] for m in (_masks.declared_mask(p) for p in self.params()) if m is not None]
+
+    def current(self):
+        """The tensors the op reads now: each parameter through its views."""
+        out = []
+        for w in self.weights:
+            if w is None:
+                out.append(None)
+                continue
+            t, chain = w
+            for fn, args in chain:
+                t = fn(t, *args)
+            out.append(t)
+        return out
+
+    def valid(self) -> bool:
+        """The weights (and declared masks) still fit the compiled pattern (host sync)."""
+        from .ops.sparse_mlp import _declared_block_mask
+
+        p = self.plan.pattern
+        w1, w3, w2 = self.current()
+        decl = [_declared_block_mask(w1, p.bh, p.bd), _declared_block_mask(w3, p.bh, p.bd) if w3 is not None else None,
+                _declared_block_mask(w2, p.bd, p.bh)]
+        for a, b in zip(self.plan.dw_masks, decl):  # dW's live lists were built from these
+            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b.to(a.device))):
+                return False
+        present = [d for d, w in zip(decl, (w1, w3, w2)) if w is not None]
+        if all(d is not None for d in present):
+            m_in, m_dn = (decl[0] if w3 is None else decl[0] | decl[1]), decl[2]
+        else:
+            m_in, m_dn = _mlp_masks(w1, w3, w2, p.bh, p.bd)
+            for i, d in enumerate(decl):
+                if d is not None:
+                    m_in, m_dn = (m_in | d, m_dn) if i < 2 else (m_in, m_dn | d)
+        new = build_pattern(m_in, m_dn, p.bh, p.bd, activation=self.activation, gated=w3 is not None,
+                            has_b1=self.has_b1, has_b3=self.has_b3)
+        return not bool((new.mask_in & ~p.mask_in).any() or (new.mask_dn & ~p.mask_dn).any())
+
+
+class GraphGuard:
+    """The compiled graph, run only while every ``Watch`` is valid; else ``fallback`` (see the module doc)."""
+
+    def __init__(self, compiled: Callable, fallback: Callable, watches: List[Watch]):
+        self.compiled, self.fallback, self.watches = compiled, fallback, watches
+        # Dynamo calls us as it would call ``compiled``: with one list of inputs (that the callee may clear) if
+        # it is boxed, else with the inputs
+        self._boxed_call = getattr(compiled, "_boxed_call", False)
+        self.ok = True
+        self._take()
+
+    def _take(self):
+        self.epoch = _masks.EPOCH[0]
+        self.tensors = []
+        for w in self.watches:
+            w.taken_masks = w.masks()
+            w.mask_snap = Snapshot(w.taken_masks)
+            self.tensors += [*w.params(), *w.taken_masks]
+        self.snap = Snapshot(self.tensors)
+
+    def __call__(self, *args):
+        if self.epoch != _masks.EPOCH[0] or self.snap.changed(self.tensors):
+            self._revalidate()
+        if self.ok:
+            return self.compiled(*args)
+        counters["blast"]["graph_fallback_calls"] += 1
+        if self._boxed_call:
+            inputs = list(args[0])
+            args[0].clear()
+            return self.fallback(*inputs)
+        return self.fallback(*args)
+
+    def _revalidate(self):
+        counters["blast"]["graph_revalidated"] += 1
+        ok = all(_same_declared_masks(w) or w.valid() for w in self.watches)
+        if self.ok and not ok:
+            counters["blast"]["pattern_changed"] += 1
+            msg = ("blast: weights of a compiled MLP no longer fit the block pattern it was compiled for (new live "
+                   "blocks or new masks); its graph now runs through the fused op's host path, which follows the "
+                   "weights at every call (correct, slower). Recompile to fuse the new pattern: torch.compiler.reset()")
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        self.ok = ok
+        self._take()
+
+
+def _same_declared_masks(w: Watch) -> bool:
+    """Every weight of ``w`` declares a mask, and they are the masks of the last check, unmoved: the MLP means
+    ``W * mask`` with the compiled masks, whatever the weights hold (no device work)."""
+    now = w.masks()
+    return (len(now) == len(w.params()) and len(now) == len(w.taken_masks)
+            and all(a is b for a, b in zip(now, w.taken_masks)) and not w.mask_snap.changed(now))

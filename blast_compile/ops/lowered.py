@@ -1,0 +1,236 @@
+"""Fused MLPs lowered into Inductor's own code: ``blast::mlp``, ``blast::mlp_train``, ``blast::mlp_backward``.
+
+``blast::sparse_mlp`` (``sparse_mlp.py``) is opaque to Inductor: every call runs its Python (plan and
+version checks, config lookups, two ~40-argument launches), 0.2-0.3 ms of host time for kernels that run
+10-50 µs. These ops are ``torch.library.triton_op``s instead: while AOTAutograd traces the graph, their
+bodies run on fake tensors, every kernel launch goes through ``wrap_triton``, and Inductor emits the
+launches in its output code next to its own kernels -- no Python per call, CUDA graphs and AOTInductor
+included.
+
+A trace has no weight values and no time to tune, so everything that depends on them is settled
+before it, at compile time (``passes/lower.py``): the pattern's plan is built from the real weights,
+the op body runs once on them (the *warm-up*: real launches, the same choices a trace makes -- see
+``launch.lowering``), which tunes every kernel it launches and builds every device table it reads.
+Those tables (``plan.cache``'s tensors) become graph buffers passed to the op as ``tables``; inside the
+trace, :meth:`Lowered.plan_for` swaps them into a copy of the plan, so the launchers read the trace's
+tensors where they read the plan's. Staleness is the backend's business (``guard.py``): these ops
+assume the pattern they were compiled for.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from . import gather
+from .activations import dense_mlp, in_dtype
+from .plans import as_output
+
+
+@dataclasses.dataclass
+class Lowered:
+    """A plan and the device tensors in it, in the order the op receives them as ``tables``."""
+
+    plan: object
+    tensors: List[Tensor]
+    index: Dict[int, int]  # id(tensor) -> position in ``tensors``
+
+    def plan_for(self, tables) -> object:
+        """The plan, or (``tables`` not its own tensors: a trace) a copy reading ``tables`` instead."""
+        if len(tables) == len(self.tensors) and all(a is b for a, b in zip(tables, self.tensors)):
+            return self.plan
+        if len(tables) != len(self.tensors):
+            raise RuntimeError(f"blast: lowered op got {len(tables)} tables, its plan has {len(self.tensors)}")
+
+        def swap(t):
+            return tables[self.index[id(t)]]
+
+        plan = copy.copy(self.plan)
+        plan.cache = _map(self.plan.cache, swap)
+        return plan
+
+
+LOWERED: Dict[str, Lowered] = {}
+
+
+def _map(obj, fn):
+    """``obj`` with every tensor inside it (dicts, tuples, lists, plan records) replaced by ``fn(t)``."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map(v, fn) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(_map(v, fn) for v in obj)
+    if isinstance(obj, _records()):
+        new = copy.copy(obj)
+        for name in _fields(obj):
+            setattr(new, name, _map(getattr(obj, name), fn))
+        return new
+    return obj
+
+
+def _records():
+    """The plan records with tensors inside (imported late: ``import blast_compile`` does not load Triton)."""
+    from . import triton_mlp
+
+    return triton_mlp._Static, triton_mlp._LiveBlocks
+
+
+def _fields(obj):
+    return getattr(type(obj), "__slots__", None) or list(vars(obj))
+
+
+def _tensors(obj, path, out):
+    """(path, tensor) of every tensor in ``obj``, first occurrence only, in a stable order."""
+    if isinstance(obj, Tensor):
+        if all(t is not obj for _, t in out):
+            out.append((path, obj))
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            _tensors(v, f"{path}[{k!r}]", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _tensors(v, f"{path}[{i}]", out)
+    elif isinstance(obj, _records()):
+        for name in _fields(obj):
+            _tensors(getattr(obj, name), f"{path}.{name}", out)
+    return out
+
+
+def register(plan, pattern_key: str) -> Tuple[str, List[Tensor]]:
+    """Register a warmed-up plan; returns its name (an op argument) and its tensors (the op's ``tables``).
+
+    The name is the pattern key plus a digest of what the tables hold (paths, shapes, dtypes), so a graph
+    cached by Inductor or AOTAutograd in another process can only be reused with tables laid out alike."""
+    found = _tensors(plan.cache, "cache", [])
+    h = hashlib.sha1(repr([(p, tuple(t.shape), str(t.dtype)) for p, t in found]).encode()).hexdigest()[:12]
+    name = f"{pattern_key}.{h}"
+    tensors = [t for _, t in found]
+    LOWERED[name] = Lowered(plan, tensors, {id(t): i for i, t in enumerate(tensors)})
+    return name, tensors
+
+
+def _entry(name):
+    ent = LOWERED.get(name)
+    if ent is None:
+        raise RuntimeError(f"blast: no lowered plan {name!r} in this process (the graph was compiled elsewhere "
+                           "and traced here without its compile-time warm-up)")
+    return ent
+
+
+def _mode():
+    """A trace when wrap_triton is on (fake or functional tensors); the op's eager kernel turns it off."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    return "trace" if is_wrap_triton_enabled() else "warm"
+
+
+def forward(x, w1, b1, w3, b3, w2, b2, tables, plan, activation, compute_dtype=None, keep=0):
+    """``(y, S)``: the op's output and (``keep``) what the backward reads, S as ``triton_mlp.forward`` keeps it."""
+    from . import launch
+
+    ent = _entry(plan)
+    with launch.lowering(_mode()):
+        return run_forward(ent.plan_for(tables), x, w1, b1, w3, b3, w2, b2, activation, compute_dtype, keep)
+
+
+def run_forward(p, x, w1, b1, w3, b3, w2, b2, activation, compute_dtype=None, keep=0):
+    """``forward`` on a plan (the compile-time warm-up calls it directly, under ``launch.lowering("warm")``)."""
+    from . import launch, triton_mlp
+
+    x, b1, b3, b2 = in_dtype(compute_dtype, x, b1, b3, b2)
+    lead, d_out = x.shape[:-1], w2.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])
+    if p.dense or x2d.shape[0] == 0:
+        return dense_mlp(x, *in_dtype(compute_dtype, w1, b1, w3, b3, w2, b2), activation), None
+    out = triton_mlp.forward(x2d, w1, b1, w3, b3, w2, b2, p, activation, keep)
+    y, s = out if keep else (out, None)
+    shape = (*lead, d_out)
+    return (y.view(shape) if launch.traced() else as_output(y.contiguous(), shape)), s
+
+
+def backward(dy, x, w1, b1, w3, b3, w2, b2, tables, plan, activation, needs, compute_dtype=None, saved=None):
+    """Gradients ``[dx, dw1, db1, dw3, db3, dw2, db2]`` (``sparse_mlp.sparse_mlp_backward``'s meaning)."""
+    from . import launch
+
+    ent = _entry(plan)
+    with launch.lowering(_mode()):
+        return run_backward(ent.plan_for(tables), dy, x, w1, b1, w3, b3, w2, b2, activation, needs, compute_dtype,
+                            saved)
+
+
+def run_backward(p, dy, x, w1, b1, w3, b3, w2, b2, activation, needs, compute_dtype=None, saved=None):
+    from . import triton_mlp
+
+    orig = (x, w1, b1, w3, b3, w2, b2)
+    x, b1, b3, b2, dy = in_dtype(compute_dtype, x, b1, b3, b2, dy)
+    x2d = x.reshape(-1, x.shape[-1])
+    dy2d = dy.reshape(-1, dy.shape[-1])
+    if p.dense or x2d.shape[0] == 0:
+        g = gather.dense_backward(dy2d, x2d, *in_dtype(compute_dtype, w1, b1, w3, b3, w2, b2), activation, needs,
+                                  p.dw_masks, p.pattern.bh, p.pattern.bd)
+    else:
+        s2d = saved.reshape(saved.shape[0], -1, saved.shape[-1]) if saved is not None and saved.numel() else None
+        g = triton_mlp.backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, p, activation, needs, s2d)
+    out = []
+    for i, k in enumerate(("x", "w1", "b1", "w3", "b3", "w2", "b2")):
+        t = g.get(k)
+        out.append(x.new_empty(0) if t is None else (t.reshape(orig[0].shape) if i == 0 else t).to(orig[i].dtype))
+    return out
+
+
+@triton_op("blast::mlp", mutates_args=())
+def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor], w2: Tensor,
+        b2: Optional[Tensor], tables: List[Tensor], plan: str, activation: str,
+        compute_dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``down(act(gate(x)) [* up(x)])`` through the live blocks of the compiled pattern ``plan``."""
+    return forward(x, w1, b1, w3, b3, w2, b2, tables, plan, activation, compute_dtype)[0]
+
+
+@triton_op("blast::mlp_train", mutates_args=())
+def mlp_train(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor], w2: Tensor,
+              b2: Optional[Tensor], tables: List[Tensor], plan: str, activation: str,
+              compute_dtype: Optional[torch.dtype] = None, save: int = 2) -> Tuple[Tensor, Tensor]:
+    """``blast::mlp`` that also returns what its backward reads instead of recomputing (``save``: 1 H,
+    2 H and the pre-activations; see ``sparse_mlp._train``)."""
+    from .triton_mlp import saved_count
+
+    y, s = forward(x, w1, b1, w3, b3, w2, b2, tables, plan, activation, compute_dtype, keep=save)
+    n = saved_count(save, w3 is not None)
+    shape = (n, *x.shape[:-1], w1.shape[0])
+    return y, (y.new_empty(shape) if s is None else s.view(shape))
+
+
+@triton_op("blast::mlp_backward", mutates_args=())
+def mlp_backward(dy: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor],
+                 w2: Tensor, b2: Optional[Tensor], tables: List[Tensor], plan: str, activation: str,
+                 needs: List[bool], compute_dtype: Optional[torch.dtype] = None,
+                 saved: Optional[Tensor] = None) -> List[Tensor]:
+    return backward(dy, x, w1, b1, w3, b3, w2, b2, tables, plan, activation, needs, compute_dtype, saved)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w3, b3, w2, b2, tables, plan, activation, *rest = inputs
+    ctx.save_for_backward(x, w1, b1, w3, b3, w2, b2, output[1] if isinstance(output, tuple) else None, *tables)
+    ctx.args = (plan, activation)
+    ctx.compute_dtype = rest[0] if rest else None
+
+
+def _backward(ctx, dy, ds=None):  # (ds: nothing but this backward reads the saved tensors)
+    x, w1, b1, w3, b3, w2, b2, saved, *tables = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:7]]
+    grads = torch.ops.blast.mlp_backward(dy, x, w1, b1, w3, b3, w2, b2, tables, *ctx.args, needs, ctx.compute_dtype,
+                                         saved)
+    ins = (x, w1, b1, w3, b3, w2, b2)
+    res = [g if (needs[i] and ins[i] is not None) else None for i, g in enumerate(grads)]
+    # (one entry per argument as the op was called: needs_input_grad has that structure, defaults left out)
+    return (*res, [None] * len(tables), *[None] * (len(ctx.needs_input_grad) - 8))
+
+
+mlp.register_autograd(_backward, setup_context=_setup_context)
+mlp_train.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,154 @@
+"""Lower each fused ``blast::sparse_mlp`` node on CUDA to ``blast::mlp`` (``ops/lowered.py``), whose kernels
+Inductor launches from its own code.
+
+For every such node, with the real weights in hand (only the backend has them):
+
+1. build the node's plan from the weights, as the opaque op would at its first call;
+2. warm up: run the lowered op's body once on the real weights and a dummy input of the graph's M
+   (its example value; a dynamic M's hint), and, if the graph will be differentiated, its backward --
+   this tunes every kernel the trace will launch and builds every device table it will read;
+3. register the plan (``lowered.register``), add its tables to the graph as buffers (AOTAutograd lifts
+   them to inputs; in-place changes to them would be seen by the compiled code), and swap the node for
+   ``blast::mlp`` (``blast::mlp_train`` for ``sparse_mlp_train``) reading them.
+
+What the compiled code assumes -- the pattern of the weights at compile time -- is checked before every
+call of the compiled graph by ``guard.GraphGuard`` (``Watch``, one per lowered MLP, made here).
+Counters: ``lowered``, ``lowered_train``, ``lower_skipped_<why>``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import operator
+from typing import List, Optional
+
+import torch
+from torch._dynamo.source import ConstantSource
+from torch._dynamo.utils import counters
+from torch.fx import GraphModule, Node
+
+from ..ops import launch, lowered, sparse_mlp
+from .match import is_dtensor
+from .normalize import example_value
+
+log = logging.getLogger("blast_compile.passes")
+
+_OPAQUE = (torch.ops.blast.sparse_mlp.default, torch.ops.blast.sparse_mlp_train.default)
+_VIEWS = (torch.t, torch.narrow)  # what rewrite puts between a parameter and the fused node
+
+
+def _chain(node, ctx):
+    """``(tensor, [(view fn, args), ...])``: the graph input behind ``node`` and the views the rewrite put on
+    it (``rewrite._view``), or None."""
+    if node is None or not isinstance(node, Node):
+        return None
+    if node.op == "call_function" and node.target in _VIEWS:
+        base = _chain(node.args[0], ctx)
+        return None if base is None else (base[0], base[1] + [(node.target, tuple(node.args[1:]))])
+    t = ctx.value(node)
+    return (t, []) if isinstance(t, torch.Tensor) else None
+
+
+def _real(node, ctx):
+    """The real tensor behind a graph input or a view of one, else None."""
+    c = _chain(node, ctx)
+    if c is None:
+        return None
+    t, views = c
+    for fn, args in views:
+        t = fn(t, *args)
+    return t
+
+
+def _hint(v) -> int:
+    return int(v.node.hint) if isinstance(v, torch.SymInt) else int(v)
+
+
+def _why_not(node, x, ws) -> Optional[str]:
+    if any(w is None or not isinstance(w, torch.Tensor) for w in ws):
+        return "weights"
+    if not isinstance(x, torch.Tensor) or not x.is_cuda or any(not w.is_cuda for w in ws):
+        return "device"
+    if is_dtensor(x) or any(is_dtensor(w) for w in ws):
+        return "dtensor"
+    return None
+
+
+def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:  # noqa: F821
+    """Lower every fused CUDA node of ``gm`` in place; returns one ``guard.Watch`` per lowered node."""
+    from ..guard import Watch
+
+    watches = []
+    n_tab = 0
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _OPAQUE]:
+        (x_n, w1_n, b1_n, w3_n, b3_n, w2_n, b2_n, act, bh, bd, key, max_density, *rest) = node.args
+        cdt = rest[0] if rest else None
+        save = node.kwargs.get("save", 0) if node.target is _OPAQUE[1] else 0
+        w1, b1, w3, b3, w2, b2 = (_real(n, ctx) for n in (w1_n, b1_n, w3_n, b3_n, w2_n, b2_n))
+        xv = example_value(x_n)
+        why = _why_not(node, xv, [w1, w2] + ([w3] if w3_n is not None else []))
+        if why is not None:
+            counters["blast"][f"lower_skipped_{why}"] += 1
+            log.info("blast: %s not lowered (%s): the opaque op runs it", node.name, why)
+            continue
+        # the eager op's plan for these weights, with a cache of its own (the tables the trace reads, only)
+        base = sparse_mlp.resolve(None, w1, b1, w3, b3, w2, b2, act, bh, bd, key, max_density)
+        plan = sparse_mlp._Plan()
+        for f in sparse_mlp._Plan.__slots__:
+            if f != "cache":
+                setattr(plan, f, getattr(base, f))
+        rows = math.prod(_hint(s) for s in xv.shape[:-1])
+        needs = [bool(t is not None and t.requires_grad) for t in (xv, w1, b1, w3, b3, w2, b2)]
+        train = torch.is_grad_enabled() and any(needs)
+        _warm_up(plan, rows, xv, (w1, b1, w3, b3, w2, b2), act, cdt, save, needs if train else None)
+        name, tensors = lowered.register(plan, key)
+        with gm.graph.inserting_before(node):
+            tabs = []
+            for t in tensors:
+                attr = f"_blast_table_{n_tab}"
+                n_tab += 1
+                gm.register_buffer(attr, t, persistent=False)
+                if hasattr(gm, "_param_name_to_source"):  # (AOTAutograd wants a source for every lifted buffer)
+                    gm._param_name_to_source[attr] = ConstantSource(attr)
+                tab = gm.graph.get_attr(attr)
+                if fake_mode is not None:
+                    tab.meta["example_value"] = fake_mode.from_tensor(t, static_shapes=True)
+                tabs.append(tab)
+            args = (x_n, w1_n, b1_n, w3_n, b3_n, w2_n, b2_n, tabs, name, act, cdt)
+            if save:
+                new = gm.graph.call_function(torch.ops.blast.mlp_train.default, args + (save,))
+            else:
+                new = gm.graph.call_function(torch.ops.blast.mlp.default, args)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        counters["blast"]["lowered"] += 1
+        counters["blast"]["lowered_train"] += bool(save) or train
+        watches.append(Watch(name, plan, [_chain(n, ctx) for n in (w1_n, w3_n, w2_n)], act, b1 is not None,
+                             b3 is not None))
+        log.info("blast: lowered %s (%s): %d tables, warm-up at M=%d%s", node.name, name, len(tensors), rows,
+                 " with backward" if train else "")
+    if watches:
+        gm.graph.lint()
+        gm.recompile()
+    return watches
+
+
+def _warm_up(plan, rows, xv, weights, act, cdt, save, needs):
+    """Run the lowered op's body (and backward, ``needs``) once on the real weights: tunes and builds what
+    the trace reads (``launch.lowering("warm")``: real launches, the choices a trace makes)."""
+    from torch._library.triton import set_wrap_triton_enabled
+
+    w1, b1, w3, b3, w2, b2 = weights
+    dt = cdt or xv.dtype
+    x = torch.zeros(rows, xv.shape[-1], device=w1.device, dtype=dt)
+    with set_wrap_triton_enabled(False), launch.lowering("warm"), torch.no_grad():
+        y, s = lowered.run_forward(plan, x, *weights, act, cdt, keep=save)
+        if needs is not None:
+            dy = torch.zeros_like(y)
+            lowered.run_backward(plan, dy, x, *weights, act, needs, cdt, s)
+    if w1.is_cuda:
+        torch.cuda.synchronize(w1.device)
+
+
+__all__ = ["lower"]

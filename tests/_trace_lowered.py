@@ -1,0 +1,165 @@
+"""Trace lowered MLPs on a machine without a GPU (run by tests/test_lowering.py in a subprocess).
+
+Triton's front end only needs a target to turn a kernel into TTIR, which is what AOTAutograd reads to find
+the tensors a user kernel writes; a fake CUDA target stands in for the GPU, the compile-time warm-up builds
+its tables but launches nothing, and the compiled graphs are captured, not run. Prints one JSON line per
+case: what the forward and joint graphs hold.
+"""
+import json
+import os
+import sys
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["BLAST_TUNE"] = "0"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+
+class _FakeDriver:
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def __getattr__(self, name):
+        raise AttributeError(name)
+
+
+triton.runtime.driver.set_active(_FakeDriver())
+
+import torch._dynamo.backends.registry as registry  # noqa: E402
+from torch._dynamo.backends.common import aot_autograd  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+from torch._functorch.partitioners import default_partition  # noqa: E402
+
+import blast_compile  # noqa: E402,F401
+from blast_compile.masks import declare_mask  # noqa: E402
+from blast_compile.ops import launch  # noqa: E402
+from blast_compile.passes import lower as lower_pass  # noqa: E402
+
+lower_pass._why_not = lambda node, x, ws: None  # CPU tensors stand in for CUDA ones
+_launch = launch.Kernel.launch
+launch.Kernel.launch = lambda self, grid, args, kw: _launch(self, grid, args, kw) if launch.traced() else None
+
+GRAPHS = {}
+
+
+class Captured(Exception):
+    pass
+
+
+def _capture(kind):
+    def compiler(gm, inputs):
+        GRAPHS.setdefault(kind, []).append(gm)
+
+        def run(*args):
+            raise Captured()
+
+        return run
+
+    return compiler
+
+
+def _partition(joint, inputs, **kw):
+    GRAPHS.setdefault("joint", []).append(joint)
+    return default_partition(joint, inputs, **kw)
+
+
+_lookup = registry.lookup_backend
+registry.lookup_backend = lambda name: (aot_autograd(fw_compiler=_capture("fw"), bw_compiler=_capture("bw"),
+                                                     partition_fn=_partition) if name == "aot_eager" else _lookup(name))
+
+
+def describe(gm):
+    """Kernels launched (name, grid) and whether any kernel writes a graph input or the graph copies into one."""
+    inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+
+    kernels, writes_input = [], []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
+            k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
+            name = getattr(getattr(k, "fn", k), "__name__", str(k))
+            kernels.append([name, str(n.kwargs["grid"])])
+            for arg in n.kwargs.get("tensors_to_clone", []):
+                if n.kwargs["kwargs"][arg] in inputs:
+                    writes_input.append(f"{name}.{arg}")
+        if n.op == "call_function" and "copy_" in str(n.target) and n.args[0] in inputs:
+            writes_input.append(f"copy_ into {n.args[0].name}")
+    return {"kernels": kernels, "writes_input": writes_input,
+            "inputs": len(inputs)}
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, d=64, h=128, gated=True, bias=False, act="silu"):
+        super().__init__()
+        self.g = torch.nn.Linear(d, h, bias=bias)
+        self.u = torch.nn.Linear(d, h, bias=bias) if gated else None
+        self.d = torch.nn.Linear(h, d, bias=bias)
+        self.act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[act]
+
+    def forward(self, x):
+        h = self.act(self.g(x))
+        if self.u is not None:
+            h = h * self.u(x)
+        return x + self.d(h)
+
+
+def sparse_mlp(dtype=torch.float16, declare=False, **kw):
+    torch.manual_seed(0)
+    m = MLP(**kw).to(dtype)
+    with torch.no_grad():
+        for lin in (m.g, m.u):
+            if lin is not None:
+                lin.weight[:, 16:] = 0
+                lin.weight[64:] = 0
+        m.d.weight[:, 64:] = 0
+    if declare:
+        for p in m.parameters():
+            if p.dim() == 2:
+                declare_mask(p, (p.detach().view(p.shape[0] // 16, 16, -1, 16) != 0).any(3).any(1), (16, 16))
+    return m
+
+
+def run(name, m, xs, train=False, autocast=None):
+    counters.clear()
+    GRAPHS.clear()
+    torch._dynamo.reset()
+    cm = torch.compile(m, backend="blast", options={"inductor": False, "block_sizes": (16,), "strict": True})
+    for x in xs:
+        try:
+            with torch.set_grad_enabled(train), torch.autocast("cpu", autocast, enabled=autocast is not None):
+                cm(x.requires_grad_(train))
+        except Captured:
+            pass
+    out = {"case": name, "counters": dict(counters["blast"]), "graphs": len(GRAPHS.get("fw", [])),
+           "fw": [describe(g) for g in GRAPHS.get("fw", [])], "joint": [describe(g) for g in GRAPHS.get("joint", [])]}
+    print(json.dumps(out), flush=True)
+
+
+def main(cases):
+    h = torch.float16
+    if "prefill" in cases:
+        run("prefill", sparse_mlp(), [torch.randn(40, 64, dtype=h)])
+    if "decode" in cases:
+        run("decode", sparse_mlp(bias=True, act="gelu"), [torch.randn(1, 64, dtype=h)])
+    if "dynamic" in cases:
+        run("dynamic", sparse_mlp(), [torch.randn(r, 64, dtype=h) for r in (40, 100, 300, 1000)])
+    if "train" in cases:
+        run("train", sparse_mlp(torch.float32, declare=True), [torch.randn(2, 40, 64)], train=True)
+    if "train_plain" in cases:
+        run("train_plain", sparse_mlp(torch.float32, gated=False, bias=True, act="relu"), [torch.randn(40, 64)],
+            train=True)
+    if "autocast" in cases:
+        run("autocast", sparse_mlp(torch.float32), [torch.randn(40, 64)], autocast=torch.bfloat16)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

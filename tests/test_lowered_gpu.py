@@ -1,0 +1,222 @@
+"""Fused MLPs lowered into Inductor's own code (GPU): same answers as eager, kernels in Inductor's output code,
+no per-MLP Python at run time, and the guard that keeps the compiled pattern honest."""
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._dynamo.utils import counters
+
+import blast_compile  # noqa: F401
+from blast_compile.masks import declare_mask
+from blast_compile.testing import SwiGLU, sparsify_mlps_, zero_blocks_
+from conftest import tol
+
+pytestmark = pytest.mark.gpu
+
+
+class Stack(torch.nn.Module):
+    """Residual MLPs with a norm each: Inductor has its own work around every fused node."""
+
+    def __init__(self, d=128, h=384, n=2, gated=True, bias=False, act="silu"):
+        super().__init__()
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(d) for _ in range(n))
+        self.ups = torch.nn.ModuleList(torch.nn.Linear(d, h, bias=bias) for _ in range(n))
+        self.gates = torch.nn.ModuleList(torch.nn.Linear(d, h, bias=bias) for _ in range(n)) if gated else None
+        self.downs = torch.nn.ModuleList(torch.nn.Linear(h, d, bias=bias) for _ in range(n))
+        self.act = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}[act]
+
+    def forward(self, x):
+        for i in range(len(self.ups)):
+            z = self.norms[i](x)
+            h = self.act(self.gates[i](z)) * self.ups[i](z) if self.gates is not None else self.act(self.ups[i](z))
+            x = x + self.downs[i](h)
+        return x
+
+
+def sparse_stack(dtype=torch.bfloat16, sparsity=0.8, block=32, seed=0, **kw):
+    torch.manual_seed(seed)
+    m = Stack(**kw)
+    g = torch.Generator().manual_seed(seed)
+    for name, p in m.named_parameters():
+        if p.dim() == 2:
+            zero_blocks_(p.data, sparsity, (block, block), g)
+    return m.cuda().to(dtype)
+
+
+def compiled(m, **kw):
+    torch._dynamo.reset()
+    return torch.compile(m, backend="blast", **kw)
+
+
+@pytest.mark.parametrize("gated,bias,act", [(True, False, "silu"), (False, True, "gelu"), (True, True, "relu")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_lowered_matches_eager_every_m(gated, bias, act, dtype):
+    m = sparse_stack(dtype, gated=gated, bias=bias, act=act)
+    cm = compiled(m)
+    with torch.no_grad():
+        for rows in (1, 5, 16, 33, 130, 1000, 7, 1):  # decode and prefill, static then dynamic M
+            x = torch.randn(rows, 128, device="cuda", dtype=dtype)
+            torch.testing.assert_close(cm(x), m(x), **tol(dtype))
+    assert counters["blast"]["lowered"] >= 2
+    assert counters["blast"]["graph_fallback_calls"] == 0
+
+
+def test_output_code_launches_the_kernels_and_no_opaque_op():
+    from torch._inductor.utils import run_and_get_code
+
+    m = sparse_stack()
+    cm = compiled(m)
+    x = torch.randn(64, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, codes = run_and_get_code(cm, x)
+    code = "\n".join(codes)
+    assert "mlp_hidden" in code and "bsmm" in code
+    assert "blast.sparse_mlp" not in code and "blast::sparse_mlp" not in code
+    torch.testing.assert_close(out, m(x), **tol(torch.bfloat16))
+
+
+def test_no_python_per_mlp_call(monkeypatch):
+    """After compile, a call runs no blast op Python: the launchers are not entered at all."""
+    from blast_compile.ops import lowered, triton_mlp
+
+    m = sparse_stack()
+    cm = compiled(m)
+    x = torch.randn(16, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        cm(x)
+        calls = []
+        monkeypatch.setattr(triton_mlp, "forward", lambda *a, **k: calls.append(1))
+        monkeypatch.setattr(lowered, "forward", lambda *a, **k: calls.append(1))
+        y = cm(x)
+    assert not calls
+    torch.testing.assert_close(y, m(x), **tol(torch.bfloat16))
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_cuda_graphs_and_values_stay_fresh(mode):
+    m = sparse_stack()
+    cm = compiled(m, mode=mode)
+    x = torch.randn(8, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(cm(x).clone(), m(x), **tol(torch.bfloat16))
+        m.ups[0].weight.mul_(0.5)  # same pattern, new values: read fresh, no fallback
+        torch.testing.assert_close(cm(x).clone(), m(x), **tol(torch.bfloat16))
+    assert counters["blast"]["graph_fallback_calls"] == 0
+
+
+def test_revived_block_falls_back_correctly_and_recovers():
+    m = sparse_stack()
+    cm = compiled(m)
+    x = torch.randn(40, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        cm(x)
+        w = m.ups[0].weight
+        both = torch.stack([w, m.gates[0].weight])  # a block dead in gate and up (the kernels read their union)
+        dead = (both.view(2, 12, 32, 4, 32) == 0).all(4).all(2).all(0).nonzero()[0]
+        keep = w[dead[0] * 32, dead[1] * 32].clone()
+        w[dead[0] * 32, dead[1] * 32] = 1.0  # a dead block comes alive
+        with pytest.warns(RuntimeWarning, match="no longer fit"):
+            y = cm(x)
+        torch.testing.assert_close(y, m(x), **tol(torch.bfloat16))
+        assert counters["blast"]["graph_fallback_calls"] == 1
+        w[dead[0] * 32, dead[1] * 32] = keep  # back inside the compiled pattern: the compiled graph again
+        torch.testing.assert_close(cm(x), m(x), **tol(torch.bfloat16))
+        assert counters["blast"]["graph_fallback_calls"] == 1
+
+
+def test_data_rebinding_and_fused_optimizer_are_seen():
+    m = sparse_stack(torch.float32)
+    cm = compiled(m)
+    x = torch.randn(40, 128, device="cuda")
+    with torch.no_grad():
+        cm(x)
+        m.ups[0].weight.data = torch.randn_like(m.ups[0].weight)  # dense now: must not run the old pattern
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+    m2 = sparse_stack(torch.float32, seed=1)
+    cm2 = compiled(m2)
+    opt = torch.optim.Adam(m2.parameters(), lr=1e-2, fused=True)
+    for _ in range(2):
+        opt.zero_grad()
+        cm2(x).square().mean().backward()
+        opt.step()  # (dense gradients: dead blocks come alive, the guard must notice)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(cm2(x), m2(x), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("declare", [False, True])
+def test_training_gradients_match_eager(declare):
+    m = sparse_stack(torch.float32)
+    if declare:
+        for p in m.parameters():
+            if p.dim() == 2:
+                declare_mask(p, (p.detach().view(p.shape[0] // 32, 32, p.shape[1] // 32, 32) != 0).any(3).any(1),
+                             (32, 32))
+    ref = sparse_stack(torch.float32)
+    cm = compiled(m)
+    x = torch.randn(3, 50, 128, device="cuda", requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    cm(x).square().mean().backward()
+    ref(xr).square().mean().backward()
+    torch.testing.assert_close(x.grad, xr.grad, **tol(torch.float32))
+    for (n, p), pr in zip(m.named_parameters(), ref.parameters()):
+        g = pr.grad
+        if declare and p.dim() == 2:
+            g = g * (p.detach() != 0)  # W * mask: no gradient on dead blocks
+        torch.testing.assert_close(p.grad, g, **tol(torch.float32), msg=n)
+    assert counters["blast"]["lowered_train"] >= 2
+
+
+def test_autocast_fp32_masters():
+    m = sparse_stack(torch.float32)
+    cm = compiled(m)
+    x = torch.randn(64, 128, device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        y = cm(x)
+        r = m(x)
+    torch.testing.assert_close(y.float(), r.float(), **tol(torch.bfloat16))
+
+
+def test_second_model_of_the_same_class_gets_its_own_decision():
+    torch._dynamo.reset()
+    dense = Stack().cuda().to(torch.bfloat16)
+    sparse = sparse_stack()
+    x = torch.randn(16, 128, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(dense, backend="blast")(x), dense(x), **tol(torch.bfloat16))
+        assert counters["blast"]["lowered"] == 0
+        torch.testing.assert_close(torch.compile(sparse, backend="blast")(x), sparse(x), **tol(torch.bfloat16))
+    assert counters["blast"]["lowered"] >= 2
+
+
+def test_llama_model_lowered_logits_match():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=512)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).cuda().to(torch.bfloat16).eval()
+    sparsify_mlps_(model, 0.9, block=64)
+    ids = torch.randint(0, 512, (2, 37), device="cuda")
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend="blast")
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids).logits, model(ids).logits, atol=5e-2, rtol=5e-2)
+    assert counters["blast"]["lowered"] == 2
+
+
+def test_swiglu_module_decode_sizes():
+    m = SwiGLU(256, 512)
+    with torch.no_grad():
+        for lin in (m.gate_proj, m.up_proj, m.down_proj):
+            zero_blocks_(lin.weight, 0.9, (64, 64))
+    m = m.cuda().half()
+    cm = compiled(m)
+    with torch.no_grad():
+        for rows in (1, 2, 3, 8, 17, 31):
+            x = torch.randn(rows, 256, device="cuda", dtype=torch.half)
+            torch.testing.assert_close(cm(x), m(x), **tol(torch.float16))

@@ -1,0 +1,168 @@
+"""Lowered MLPs on CPU: how they trace (tests/_trace_lowered.py, in a subprocess with a fake CUDA target) and the
+guard that keeps a compiled pattern honest (the compiled graph stubbed out: its kernels need a GPU)."""
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from blast_compile.formats import pattern_from_weights
+from blast_compile.guard import GraphGuard, Watch
+from blast_compile.masks import clear_mask, declare_mask
+from blast_compile.testing import zero_blocks_
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def traces():
+    cases = ["prefill", "decode", "dynamic", "train", "train_plain", "autocast"]
+    out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
+    lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
+    assert len(lines) == len(cases), out.stdout[-2000:] + out.stderr[-4000:]
+    return {c["case"]: c for c in lines}
+
+
+def kernels(graph):
+    return [k for k, _ in graph["kernels"]]
+
+
+@pytest.mark.parametrize("case", ["prefill", "decode", "dynamic", "train", "train_plain", "autocast"])
+def test_lowered_kernels_write_only_their_outputs(traces, case):
+    """Every kernel writes tensors the graph allocated: no weight, table or input is cloned or copied back
+    (AOTAutograd's analysis of the kernels' TTIR found exactly what they store to)."""
+    t = traces[case]
+    assert t["counters"]["lowered"] >= 1
+    for g in t["fw"] + t["joint"]:
+        assert g["writes_input"] == []
+
+
+def test_prefill_and_decode_are_two_launches(traces):
+    for case in ("prefill", "decode"):
+        assert kernels(traces[case]["fw"][0]) == ["mlp_hidden", "bsmm"]
+
+
+def test_dynamic_m_compiles_once_for_prefill(traces):
+    """Four prefill sizes: a static graph, then one dynamic graph for the other three (no guard on M's value)."""
+    t = traces["dynamic"]
+    assert t["counters"]["graphs"] == 2
+    assert "neg" in t["fw"][1]["kernels"][0][1] or "s" in t["fw"][1]["kernels"][0][1]  # a symbolic grid
+
+
+def test_training_backward_is_lowered(traces):
+    joint = kernels(traces["train"]["joint"][0])
+    assert joint[:2] == ["mlp_hidden", "bsmm"]
+    assert "mlp_hidden_bwd" in joint and joint.count("bsmm") == 2 and "sddmm" in joint  # declared masks: dW on blocks
+    plain = kernels(traces["train_plain"]["joint"][0])
+    assert "mlp_hidden_bwd" in plain and "sddmm" not in plain  # no declared mask: dW is dense (a matmul)
+    assert traces["train"]["counters"]["lowered_train"] == 1
+
+
+def test_autocast_packs_master_weights_in_the_graph(traces):
+    assert kernels(traces["autocast"]["fw"][0]).count("pack_blocks") == 3
+
+
+# --- the guard ---------------------------------------------------------------------------------------
+
+
+class Calls:
+    def __init__(self):
+        self.n = 0
+
+    def __call__(self, *args):
+        self.n += 1
+        return args
+
+
+def make_guard(declare=False, bias=False):
+    torch.manual_seed(0)
+    w1, w3, w2 = (torch.nn.Parameter(torch.randn(*s)) for s in ((64, 32), (64, 32), (32, 64)))
+    g = torch.Generator().manual_seed(0)
+    for w in (w1, w3, w2):
+        zero_blocks_(w.data, 0.6, (16, 16), g)
+    if declare:
+        for w in (w1, w3, w2):
+            declare_mask(w, (w.detach().view(w.shape[0] // 16, 16, -1, 16) != 0).any(3).any(1), (16, 16))
+
+    class Plan:
+        pass
+
+    plan = Plan()
+    plan.pattern = pattern_from_weights(w1, w3, w2, 16, 16, activation="silu", has_b1=bias, has_b3=bias)
+    plan.dw_masks = [None] * 3
+    if declare:
+        from blast_compile.ops.sparse_mlp import _declared_block_mask
+
+        plan.dw_masks = [_declared_block_mask(w, *b) for w, b in ((w1, (16, 16)), (w3, (16, 16)), (w2, (16, 16)))]
+    watch = Watch("p", plan, [(w1, []), (w3, []), (w2, [])], "silu", bias, bias)
+    compiled, fallback = Calls(), Calls()
+    return GraphGuard(compiled, fallback, [watch]), compiled, fallback, (w1, w3, w2)
+
+
+def dead_block(w):
+    return (w.detach().view(w.shape[0] // 16, 16, -1, 16) == 0).all(3).all(1).nonzero()[0].tolist()
+
+
+def test_guard_new_values_in_the_pattern_keep_the_compiled_graph():
+    guard, compiled, fallback, (w1, w3, w2) = make_guard()
+    guard(1)
+    with torch.no_grad():
+        w1.mul_(2.0)  # in place, same pattern
+    guard(1)
+    assert (compiled.n, fallback.n) == (2, 0)
+    assert counters["blast"]["graph_revalidated"] == 1
+
+
+def test_guard_revived_block_runs_the_fallback_until_it_fits_again():
+    guard, compiled, fallback, (w1, w3, w2) = make_guard()
+    r, c = dead_block(w2)
+    with torch.no_grad():
+        w2[r * 16, c * 16] = 1.0
+    with pytest.warns(RuntimeWarning, match="no longer fit"):
+        guard(1)
+    guard(1)
+    assert (compiled.n, fallback.n) == (0, 2)
+    with torch.no_grad():
+        w2[r * 16, c * 16] = 0.0
+    guard(1)
+    assert (compiled.n, fallback.n) == (1, 2)
+
+
+def test_guard_blocks_that_die_keep_the_compiled_graph():
+    guard, compiled, fallback, (w1, w3, w2) = make_guard()
+    with torch.no_grad():
+        w1.zero_()
+    guard(1)
+    assert (compiled.n, fallback.n) == (1, 0)
+
+
+def test_guard_sees_data_rebinding():
+    guard, compiled, fallback, (w1, w3, w2) = make_guard()
+    guard(1)
+    w2.data = torch.randn_like(w2)  # moves neither the version counter nor the parameter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard(1)
+    assert fallback.n == 1
+
+
+def test_guard_declared_masks_values_do_not_matter_masks_do():
+    guard, compiled, fallback, (w1, w3, w2) = make_guard(declare=True)
+    with torch.no_grad():
+        w2.add_(1.0)  # W * mask: values outside the mask mean nothing; no look at the weights needed
+    guard(1)
+    assert (compiled.n, fallback.n) == (1, 0)
+    m = w2._blast_mask[0].clone()
+    r, c = (~m).nonzero()[0].tolist()
+    m[r, c] = True
+    declare_mask(w2, m, (16, 16))  # a new mask: dW's live lists no longer match
+    with pytest.warns(RuntimeWarning):
+        guard(1)
+    assert fallback.n == 1
+    for w in (w1, w3, w2):
+        clear_mask(w)
