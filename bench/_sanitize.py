@@ -3,15 +3,15 @@ import os, sys, torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 os.environ.setdefault("BLAST_TUNE", "0")
 from test_kernels import check_forward, check_backward  # noqa: E402
+from blast_compile.ops import triton_mlp  # noqa: E402
 
 for mode in ("sliced", "splitk"):  # both decode paths
-    os.environ["BLAST_DECODE"] = mode
+    triton_mlp.DECODE_PATH = mode
     check_forward(3, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7)
-from blast_compile.ops import triton_mlp  # noqa: E402
 for cfg in ((2, 1, 2, 2), (1, 1, 2, 0)):  # split-K's M=1 GEMV: flat tables with padding; early or not
     triton_mlp.DECODE_GEMV_CONFIGS = [cfg]
     check_forward(1, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7)
-os.environ["BLAST_DECODE"] = ""
+triton_mlp.DECODE_PATH = ""
 check_forward(70, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7)
 check_backward(70, 192, 448, True, True, "silu", torch.bfloat16, (64, 32), "cuda", declare=True, sparsity=0.7)
 # the wide prefill/backward variants (128-wide gate|up dots, 2-block steps), fp32 masters packed by pack_blocks

@@ -199,6 +199,10 @@ def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = Non
         _guard_weights(cands)
         try:
             fallback, watches = _lower(new_gm, example_inputs, opts)
+            lowered = {w.name.split(".")[0] for w in watches}
+            for c in cands:
+                if c.decision == "fused" and c.pattern_key in lowered:
+                    c.kernel += "; lowered: Inductor launches it"
         except Exception as e:
             if opts.strict:
                 raise

@@ -45,7 +45,7 @@ def force_splitk(monkeypatch, **configs):
     ``GEMV_MAX_M=0``): no tuning, no persisted choice, so the first config is the one launched."""
     from blast_compile.ops import triton_mlp
 
-    monkeypatch.setenv("BLAST_DECODE", "splitk")
+    monkeypatch.setattr(triton_mlp, "DECODE_PATH", "splitk")
     monkeypatch.setenv("BLAST_TUNE", "0")
     monkeypatch.setattr(triton_mlp.codegen, "lookup_config", lambda key: None)
     for name, value in configs.items():

@@ -599,13 +599,13 @@ def test_interp_decode_repeat():
 
 
 @interp
-@pytest.mark.parametrize("gemv,flat", [(0, True), (1, True), (1, False)])
-def test_interp_decode_splitk(gemv, flat, monkeypatch):
-    """Split-K decode (tensor-core tiles or, at M = 1, the GEMV; flat or CSR chunk tables), ragged
-    blocks, dead block rows, NaN rows: right every call and its scratch re-zeroed."""
+@pytest.mark.parametrize("gemv", [0, 1])
+def test_interp_decode_splitk(gemv, monkeypatch):
+    """Split-K decode (tensor-core tiles or, at M = 1, the GEMV), ragged blocks, dead block rows, NaN rows:
+    right every call and its scratch re-zeroed."""
     from blast_compile.ops import triton_mlp
 
-    force_splitk(monkeypatch, GEMV_MAX_M=gemv, DECODE_FLAT=flat)
+    force_splitk(monkeypatch, GEMV_MAX_M=gemv)
     check_decode_repeat("cpu", torch.float32, 40, 80, (32, 16), (1, 3, 1), 3, bitwise=False, sparsity=0.5)
     check_nonfinite(1, "cpu", torch.float32, (16, 16))
     x, p, plan, y = check_forward(1, 37, 75, True, True, "silu", torch.float32, (16, 16), "cpu")  # packed weights
@@ -613,24 +613,16 @@ def test_interp_decode_splitk(gemv, flat, monkeypatch):
     y2 = triton_mlp.forward_packed(x, pk.p1, p["b1"], pk.p3, p["b3"], pk.p2, p["b2"], plan, "silu")
     torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
     packed = [t for k, t in plan.cache.items() if isinstance(k, tuple) and k[:2] == ("offsets", True)]
-    assert packed and any(isinstance(k, tuple) and k[0] == "flat_in" for k in packed[0]) == flat
-
-
-@interp
-@pytest.mark.parametrize("m", [1, 3])
-def test_interp_decode_onekernel(m, monkeypatch):
-    """``BLAST_DECODE=onekernel`` (the cross-check decode) runs and matches eager."""
-    monkeypatch.setenv("BLAST_DECODE", "onekernel")
-    check_forward(m, 72, 88, True, True, "silu", torch.float16, (16, 16), "cpu", dead_rows=True)
+    assert packed and any(isinstance(k, tuple) and k[0] == "flat_in" for k in packed[0])
 
 
 @interp
 def test_interp_deterministic_decode_is_sliced(monkeypatch, caplog):
     """torch.use_deterministic_algorithms(True): decode takes the sliced path (no atomics) even when
-    BLAST_DECODE asks for split-K, says so once, and repeats bitwise."""
+    DECODE_PATH asks for split-K, says so once, and repeats bitwise."""
     from blast_compile.ops import plans, triton_mlp
 
-    monkeypatch.setenv("BLAST_DECODE", "splitk")
+    monkeypatch.setattr(triton_mlp, "DECODE_PATH", "splitk")
     plans._WARNED.discard(("deterministic", "splitk"))
     torch.use_deterministic_algorithms(True)
     try:
@@ -1001,7 +993,7 @@ def test_gpu_cuda_graph_replay(m, path, monkeypatch):
     before waiting)."""
     from blast_compile.ops import triton_mlp
 
-    monkeypatch.setenv("BLAST_DECODE", path)
+    monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)
     x, p, plan, _ = check_forward(m, 256, 640, True, False, "silu", torch.bfloat16, (64, 64), "cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -1046,7 +1038,7 @@ def test_gpu_decode_alternating_m():
 @pytest.mark.parametrize("path", ["splitk", "sliced"])
 def test_gpu_decode_repeat_ragged_bias(dtype, path, monkeypatch):
     """Round 2's failing case (biases, (64, 32) blocks, 200 -> 520), called 60 times on one plan."""
-    monkeypatch.setenv("BLAST_DECODE", path)
+    monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)
     check_decode_repeat("cuda", dtype, 200, 520, (64, 32), (1, 16, 3, 32, 7), 60, bitwise=path == "sliced",
                         sparsity=0.7)
 
@@ -1068,7 +1060,7 @@ def test_gpu_decode_splitk_configs(gemv, cfg, monkeypatch):
 @pytest.mark.parametrize("path", ["splitk", "sliced"])
 def test_gpu_forward_decode_seeds(seed, path, monkeypatch):
     """Decode with biases on ragged (64, 32) blocks over several random patterns (fresh weights each)."""
-    monkeypatch.setenv("BLAST_DECODE", path)
+    monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)
     for m in (1, 16):
         check_forward(m, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7, seed=100 + seed)
 

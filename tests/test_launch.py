@@ -112,7 +112,7 @@ def test_compile_only_compiles_and_launches_nothing(on, monkeypatch):
     launches; outside it, and in other threads meanwhile, launches run as before."""
     import threading
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(launch, "INTERPRET", False)
     fake = FakeJIT()
     k = launch.Kernel(fake)
     x, y = torch.zeros(8), torch.zeros(8)
@@ -180,14 +180,14 @@ def test_off_switch(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("path", ["sliced", "splitk"])
 def test_gpu_direct_launches_match_jit_launches(path, monkeypatch):
-    """The op on CUDA with direct launches: same results as with ``BLAST_FAST_LAUNCH=0``, bitwise on the
+    """The op on CUDA with direct launches: same results as with Triton's JIT launches, bitwise on the
     deterministic (sliced) path, across M = 1 (an int Triton turns into a constant), other M, and an x
     that is not 16-byte aligned (a view at an odd offset)."""
     from blast_compile.ops import triton_mlp
     from blast_compile.ops.sparse_mlp import resolve
     from blast_compile.testing import SwiGLU, sparsify_mlps_
 
-    monkeypatch.setenv("BLAST_DECODE", path)
+    monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)
     monkeypatch.setenv("BLAST_TUNE", "0")
     torch.manual_seed(0)
     mlp = SwiGLU(256, 512).cuda().half()

@@ -125,14 +125,12 @@ def signature(pattern, activation, gated, has_b1, has_b3, dtype, aligned=True) -
 
 
 def render(sig: Signature) -> str:
-    spec = dict(BH=sig.bh, BD=sig.bd, GATED=sig.gated, HAS_B1=sig.has_b1, HAS_B3=sig.has_b3,
-                ALIGNED=sig.aligned, NNZ=sig.nnz_in)
     comment = (f"block {sig.bh}x{sig.bd}, activation {sig.activation}, {'gated' if sig.gated else 'plain'}, "
                f"b1={sig.has_b1} b3={sig.has_b3}, {sig.dtype}, aligned={sig.aligned}, "
                + (f"uniform {sig.nnz_in} live in-blocks per hidden row (constexpr trip count)"
                   if sig.nnz_in >= 0 else "ragged rows (trip count read from in_rowptr)"))
     return _template_bytes().decode().format(
-        spec_comment=comment, spec_dict=repr(spec), act_name=sig.activation,
+        spec_comment=comment, act_name=sig.activation,
         act_body=ACT_BODIES[sig.activation], act_grad_body=ACT_GRAD_BODIES[sig.activation], trip="NNZ" if sig.nnz_in >= 0 else "n",
     )
 

@@ -14,7 +14,7 @@ Triton specializes on, for the argument types we pass: every int by value (Trito
 (alignment), ``None``/bools/floats by value, every keyword (constexprs, ``num_warps``,
 ``launch_pdl``...), and the device. Any other argument type (a TMA descriptor), an active launch
 hook (a profiler), the interpreter, or a Triton whose compiled kernel lacks the launcher we call:
-the JIT launch, always. ``BLAST_FAST_LAUNCH=0`` turns the direct path off.
+the JIT launch, always. ``_ON["on"] = False`` turns the direct path off (tests).
 
 ``compile_only()``: launches in this thread compile (or find) their kernel and do not run it
 (``triton_mlp._precompile``: the tuner compiles its candidates on several threads at once).
@@ -35,11 +35,14 @@ _MAX_ENTRIES = 4096  # fingerprints kept per kernel (ints by value: M varies at 
 _ON = {"on": None}
 
 
+# Triton's interpreter (TRITON_INTERPRET=1 when Triton was imported: its @jit then builds interpreted functions)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def _enabled() -> bool:
     on = _ON["on"]
     if on is None:
-        on = _ON["on"] = (os.environ.get("BLAST_FAST_LAUNCH", "1") != "0"
-                          and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
+        on = _ON["on"] = not INTERPRET
     return on
 
 
@@ -145,7 +148,7 @@ class Kernel:
                 kw.update({n: v for n, v in self.defaults.items() if n not in given})
                 return wrap_triton(self.fn)[tuple(grid)](*args, **kw)
         if getattr(_THREAD, "compile_only", False):
-            if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            if not INTERPRET:
                 self.fn.run(*args, grid=grid, warmup=True, **kw)
             return
         if not (_enabled() and self.names is not None and _hooks_idle()):

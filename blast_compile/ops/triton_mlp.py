@@ -26,11 +26,11 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
     index load, not two.
 
   Kernel 2 can be a programmatic dependent launch that L2-prefetches its own W2 rows before it
-  waits for kernel 1 (the weights do not depend on it; ``BLAST_PREFETCH=0``: off): always on the
+  waits for kernel 1 (the weights do not depend on it): always on the
   sliced path; tuned per shape and M on split-K, where it sometimes costs (its waiting programs
   hold SM slots kernel 1 could use).
 
-  ``BLAST_DECODE=sliced|splitk`` forces one, ``onekernel`` the older one-program-per-hidden-block
+  ``DECODE_PATH = "sliced" | "splitk"`` forces one
   ``mlp_decode`` (a cross-check);
 * prefill: ``mlp_hidden`` (gate and up in one program, act and product in the
   epilogue) writes H, then ``bsmm`` computes ``Y = H W2^T`` CSR by output
@@ -38,7 +38,7 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
   are 16-byte aligned, every prefill and backward kernel also has a TMA variant (tiles
   through host-side tensor descriptors: no per-element address math or masks, ragged
   edges zero-filled by the descriptor bounds) that the tuner weighs against the pointer
-  variants (``PREFILL_TMA``, ``BACKWARD_TMA``; ``BLAST_TMA=0``: off).
+  variants (``PREFILL_TMA``, ``BACKWARD_TMA``; ``TMA = False``: off).
 
 Per plan (``plan.cache``) we keep the device index tables: the CSR/CSC lists,
 long-rows-first orders, and per-weight block offset tables (element offset of
@@ -86,8 +86,6 @@ log = logging.getLogger("blast_compile.ops")
 HANDLES_NONFINITE = True
 
 # small tuning spaces; the first entry is the untuned default
-# one-kernel decode (BLAST_DECODE=onekernel): (BM, num_warps, num_stages)
-DECODE1_CONFIGS = [(16, 4, 3), (16, 4, 2), (16, 4, 4), (16, 8, 4), (16, 2, 3)]
 # split-K decode: (in-blocks per program, down blocks per program, num_warps, early), early: kernel 2
 # 0 launched after kernel 1, 1 launched early (PDL), 2 early and prefetching its W2 into L2
 # (H200, round 4: small chunks on few warps win at M=1 and 16 alike: more programs = more blocks in
@@ -102,12 +100,6 @@ DECODE_CONFIGS = [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1,
 # (the winners of a 12-config sweep over 21 signatures; 16-row slices won almost everywhere)
 DECODE_SLICE_CONFIGS = [(16, 4, 4, 2), (16, 1, 4, 3), (16, 2, 4, 2), (16, 4, 8, 2), (32, 4, 4, 2), (16, 8, 4, 2),
                         (32, 1, 4, 3), (16, 4, 4, 3)]
-# finishers read the fp32 output scratch with relaxed atomic exchanges after the counter's acquire
-# and a CTA barrier (BLAST_DECODE_READ=acquire: one acquire per element, round 3's slower version)
-DECODE_RELAXED_READ = os.environ.get("BLAST_DECODE_READ", "relaxed") != "acquire"
-# the decode's second kernel, launched early by PDL, prefetches its W2 rows into L2 before it waits
-# for the first (BLAST_PREFETCH=0: off)
-DECODE_PREFETCH = os.environ.get("BLAST_PREFETCH", "1") != "0"
 # prefill: (BM, num_warps, num_stages, wide); wide: one 128-wide gate|up dot per step, and two live
 # blocks (or dA|dU) per down/dX step -- K = 128 (template: _in_proj_wide, _bsmm_step_wide)
 # (1-2 stages: at small d most hidden blocks have one live in-block, so a program is one step and
@@ -135,8 +127,8 @@ BACKWARD_CONFIGS = [(64, 4, 3, 0), (64, 4, 2, 0), (128, 8, 3, 0), (64, 8, 3, 0),
 # shares a few M tiles of activations in L2 instead of reading every M tile's. Measured per kernel
 # by ``bench/tiles.py`` (grouped and launch-order timings of one config side by side). H200, 8B 90 %,
 # M = 8192, best config each: down 321 -> 246 µs, dX 738 -> 531, backward kernel 1 1177 -> 1026,
-# in-projection 472 -> 463. BLAST_GROUP_ROWS: another group size (0: no grouped configs).
-GROUP_ROWS = int(os.environ.get("BLAST_GROUP_ROWS", "512"))
+# in-projection 472 -> 463.
+GROUP_ROWS = 512
 
 
 def _grouped(configs):
@@ -201,25 +193,28 @@ def _candidates(configs, var, tma_ok, m):
     return _for_m(_with_tma(configs, var, tma_ok), m)
 
 
-# BLAST_TMA=0: never the TMA variants
-TMA = os.environ.get("BLAST_TMA", "1") != "0"
+# False: never the TMA variants (comparisons, tests)
+TMA = True
 
 # split-K decode with M <= this uses a multiply-reduce GEMV (BM = 1 at M = 1) instead of tensor-core
 # dots on 16 rows (0: never). H200, round 9, M=1: 8B 90 % 19.8 -> 18.0 µs, 1B 90 % 16.5 -> 11.4 (the
 # dots' [16, 64] accumulators and operand tiles cost 130+ registers for one live row; round 1's 3-D
 # GEMV was slower than the dots, 59 vs 24 µs)
-GEMV_MAX_M = int(os.environ.get("BLAST_GEMV_M", "1"))
+GEMV_MAX_M = 1
 # ... and its configs (as DECODE_CONFIGS; round 9's sweep at 8B 90 %: one block per program on 2 warps
 # 18.1 µs, 2-4 blocks or 4-8 warps 21-30 µs)
 DECODE_GEMV_CONFIGS = [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1, 1, 0), (1, 1, 4, 2),
                        (2, 1, 4, 2), (2, 1, 2, 1)]
-# split-K kernel 1 reads per-chunk column/offset tables (one dependent load ahead of the weights,
-# not two; BLAST_DECODE_FLAT=0: the CSR start/count tables)
-DECODE_FLAT = os.environ.get("BLAST_DECODE_FLAT", "1") != "0"
 
 
 def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return launch.INTERPRET
+
+
+# decode path: "" (the faster of sliced and split-K, timed once per shape), "sliced" or "splitk" (tests,
+# comparisons); PDL: programmatic dependent launch where the GPU has it (False: never)
+DECODE_PATH = ""
+PDL = True
 
 
 def outside_graph_pool(fn, device):
@@ -780,8 +775,8 @@ def _pdl_supported(index) -> bool:
 
 
 def _pdl_ok(device) -> bool:
-    """Programmatic dependent launch on ``device`` (BLAST_PDL=0 turns it off)."""
-    if device.type != "cuda" or _interpret() or lowered() or os.environ.get("BLAST_PDL", "1") == "0":
+    """Programmatic dependent launch on ``device`` (``PDL = False`` turns it off)."""
+    if device.type != "cuda" or _interpret() or lowered() or not PDL:
         return False  # (Inductor launches a lowered op's kernels: it has no programmatic dependent launch)
     return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
 
@@ -789,7 +784,7 @@ def _pdl_ok(device) -> bool:
 def _prefetch_lines(w, s_in, bi, pdl):
     """(PF, PF_LINE) for a decode kernel 2 that prefetches rows of ``w``'s blocks: 128-byte lines
     per block row and elements per line; (0, 64) = no prefetch (no PDL, or rows not contiguous)."""
-    if not (pdl and DECODE_PREFETCH and s_in == 1):
+    if not (pdl and s_in == 1):
         return 0, 64
     line = 128 // w.element_size()
     return triton.next_power_of_2(cdiv(bi, line)), line
@@ -798,20 +793,17 @@ def _prefetch_lines(w, s_in, bi, pdl):
 def _decode(args):
     """Decode (M <= ``codegen.DECODE_MAX_M``): the sliced path or split-K, whichever was faster for
     this (signature, shape, live-block count, M bucket) when first timed (CUDA graphs; persisted like
-    the configs). ``BLAST_DECODE=sliced|splitk|onekernel`` forces one. Under
-    ``torch.use_deterministic_algorithms(True)`` always the sliced path: the others add fp32 partial
-    sums with atomics, in any order. ``args``: ``_decode_sliced``'s."""
-    mode = os.environ.get("BLAST_DECODE", "")
+    the configs). ``DECODE_PATH`` forces one. Under ``torch.use_deterministic_algorithms(True)`` always the
+    sliced path: split-K adds fp32 partial sums with atomics, in any order. ``args``: ``_decode_sliced``'s."""
+    mode = DECODE_PATH
     if lowered():  # split-K keeps scratch between calls: a lowered op has no state of its own
         return _decode_sliced(*args)
     if torch.are_deterministic_algorithms_enabled():
-        if mode in ("splitk", "onekernel"):
-            warn_once(("deterministic", mode), f"blast: BLAST_DECODE={mode} ignored under "
+        if mode == "splitk":
+            warn_once(("deterministic", mode), "blast: DECODE_PATH='splitk' ignored under "
                       "torch.use_deterministic_algorithms(True): its atomics are not deterministic; "
                       "using the sliced decode")
         return _decode_sliced(*args)
-    if mode == "onekernel":
-        return _decode_onekernel(*args)
     paths = {"sliced": _decode_sliced, "splitk": _decode_splitk}
     if mode in paths:
         return paths[mode](*args)
@@ -851,7 +843,6 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
     dot = m > GEMV_MAX_M
     bm = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
-    flat = DECODE_FLAT
     bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
     dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT)
     b2_ = b2 if b2 is not None else y32
@@ -865,13 +856,13 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         pf, line = _prefetch_lines(w2, s2[1], p.bh, early and mode > 1)  # ... and prefetching W2
         try:
             if first:
-                cols, o1, o3 = _flat_in(ix, off, off3, ch, ci, p.n_in) if flat else (ix["in_cols"], off["in1"], off3)
+                cols, o1, o3 = _flat_in(ix, off, off3, ch, ci, p.n_in)
                 mod.mlp_decode_in[(ch["n_in"] + ch["n_empty"],)](
                     x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
                     w1, o1, s1[0], s1[1], w3_, o3, s3[0], s3[1],
                     cols, *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
                     flag, 1 if ch["n_dn"] else 0,
-                    CH=ci, HAS_B=b2 is not None, PDL=early, FLAT=flat, num_warps=nw, **dec)
+                    CH=ci, HAS_B=b2 is not None, PDL=early, num_warps=nw, **dec)
             if ch["n_dn"]:
                 mod.mlp_decode_dn[(ch["n_dn"],)](
                     gu, gu.stride(0), y32, y32.stride(0), y, y.stride(0), x2d, x2d.stride(0),
@@ -879,7 +870,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                     w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], ix["dn_rowptr"],
                     *ch["dn"], ch["dn_tot"], colcnt, outcnt, flag, done, p.n_out - ch["n_empty"],
                     CH=cd, HAS_B1=common["HAS_B1"], HAS_B3=common["HAS_B3"], HAS_B=b2 is not None,
-                    RELAXED=DECODE_RELAXED_READ, PDL=early, PF=pf, PF_LINE=line,
+                    PDL=early, PF=pf, PF_LINE=line,
                     num_warps=nw, **dec, **(dict(launch_pdl=True) if early else {}))
         except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
             for t in scratch:
@@ -941,31 +932,6 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     run_y(_choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
                   memo=plan.cache))
     return y
-
-
-def _decode_onekernel(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
-                      b3_, common, n_live):
-    """Fallback decode (``BLAST_DECODE=onekernel``): one program per live hidden block, memset,
-    cast and NaN rows in torch. ~2x slower than split-K on H200; kept to cross-check it."""
-    y32 = torch.empty(m, d_out, device=x2d.device, dtype=torch.float32)
-
-    def run1(cfg):
-        bm, nw, ns = cfg
-        bm = max(bm, triton.next_power_of_2(m))
-        y32.zero_()
-        if n_live:
-            mod.mlp_decode[(n_live, cdiv(m, bm))](
-                x2d, x2d.stride(0), y32, y32.stride(0), m, d_in, d_hidden, d_out,
-                w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
-                ix["in_rowptr"], ix["in_cols"], ix["live"],
-                w2, off["dn_csc"], s2[0], s2[1], ix["dn_colptr"], ix["dn_rows"],
-                BM=bm, num_warps=nw, num_stages=ns, **common)
-
-    run1(_choose("decode", sig, m, DECODE1_CONFIGS, run1, shape=(d_in, d_hidden, d_out)))
-    if b2 is not None:
-        y32 += b2.float()
-    y32.masked_fill_(~torch.isfinite(x2d).all(1, keepdim=True), float("nan"))  # eager's NaN rows
-    return y32.to(x2d.dtype)
 
 
 def _live_copies(plan, mod, dtype, w1, w3, w2):
@@ -1046,9 +1012,8 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
 
 SDDMM_MIN_ROWS = 256  # an M split of dW is at least this many rows
 # the dW kernel writes the zeros of the dead blocks too (template ``sddmm``, FILL: 1 before its products,
-# 2 a few rows per step); BLAST_DW_FILL=0: a torch.zeros pass before it (H200, 8B 90 %: three fills of
-# 117 MB, 106 µs a step; FILL 1 saved 21 µs of them)
-DW_FILL = int(os.environ.get("BLAST_DW_FILL", "2"))
+# 2 a few rows per step); 0: a torch.zeros pass before it (tests compare them; 2 is the fastest: NOTES_KERNELS.md)
+DW_FILL = 2
 # (M rows per step, warps, stages, tma): tma 1 loads the tiles by TMA (as PREFILL_TMA)
 # (8 warps with 32/64-row steps: at 128x128 blocks the 128-row steps overflow shared memory and 4 warps
 # spill two [128, 128] fp32 accumulators; H200, 8B 90 %: dW 665 -> 426 µs, MLP fwd+bwd 3.25x -> 4.33x)
