@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._results import run_meta, write_json  # noqa: E402
 from bench.tiles import setup  # noqa: E402
-from blast_compile.ops import launch, triton_mlp  # noqa: E402
+from blast_compile.ops import launch, triton_mlp, tune  # noqa: E402
 from blast_compile.ops.sparse_mlp import sparse_mlp  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def case(shape, m, calls, top, rounds=5):
             triton_mlp.TMA = tma
             ref = fns["op"]()  # tunes, builds the plan's tables
             torch.cuda.synchronize()
-            res[f"gpu_tma{int(tma)}"] = triton_mlp.graph_time([fns["forward"]] * 8)
+            res[f"gpu_tma{int(tma)}"] = tune.graph_time([fns["forward"]] * 8)
             torch.testing.assert_close(fns["forward"](), ref)
         got = {}
         for _ in range(rounds):  # interleaved: the machine's host speed drifts by up to 2x over minutes

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from blast_compile.formats import block_bytes, cdiv, dense_flops, expand_mask  # noqa: E402
-from blast_compile.ops import triton_mlp  # noqa: E402
+from blast_compile.ops import triton_mlp, tune  # noqa: E402
 from blast_compile.ops.activations import ACTIVATIONS, dense_mlp  # noqa: E402
 from blast_compile.ops.sparse_mlp import resolve  # noqa: E402
 from blast_compile.testing import random_block_mask  # noqa: E402
@@ -68,7 +68,7 @@ def make_weights(shape, sparsity, block, dtype, seed):
 
 def graph_time(fns, reps=20):
     """Median µs per call of ``fns`` (a cycle of calls) replayed as one CUDA graph."""
-    return triton_mlp.graph_time(fns, reps=reps, warm=2)
+    return tune.graph_time(fns, reps=reps, warm=2)
 
 
 def bench_time(fns):

@@ -3,7 +3,7 @@
 For each shape and M, one SwiGLU MLP with random tied block masks (declared, as the sparsifier
 does) runs ``triton_mlp.forward`` (keeping for the backward what ``--keep`` says: by default H and the
 pre-activations, the training path at 8B 90 %) and ``triton_mlp.backward`` once with tuning on; the tuner's
-own timings (``triton_mlp.TUNE_RECORD``: CUDA-graph replays, L2 not flushed) are grouped by kernel
+own timings (``tune.TUNE_RECORD``: CUDA-graph replays, L2 not flushed) are grouped by kernel
 kind, and the best narrow (wide=0) and wide (wide=1) configs are reported side by side.
 Fresh cache dir per run so that every kind is tuned here.
 
@@ -23,7 +23,7 @@ from bench._results import run_meta, write_json  # noqa: E402
 from bench.train_mlp import SHAPES, sparsify_  # noqa: E402
 from blast_compile.formats import pattern_from_weights  # noqa: E402
 from blast_compile.masks import clear_mask  # noqa: E402
-from blast_compile.ops import triton_mlp  # noqa: E402
+from blast_compile.ops import triton_mlp, tune  # noqa: E402
 from blast_compile.ops.sparse_mlp import resolve  # noqa: E402
 from blast_compile.testing import SwiGLU  # noqa: E402
 
@@ -44,12 +44,12 @@ def setup(shape, m, sparsity, block):
 def sweep(shape, m, sparsity, block, keep=2):
     w1, w3, w2, x, plan = setup(shape, m, sparsity, block)
     dy = torch.randn_like(x)
-    triton_mlp.TUNE_RECORD = rec = []
+    tune.TUNE_RECORD = rec = []
     out = triton_mlp.forward(x, w1, None, w3, None, w2, None, plan, "silu", keep=keep)
     saved = out[1] if keep else None
     triton_mlp.backward(dy, x, w1, None, w3, None, w2, None, plan, "silu", [True, True, False, True, False, True, False],
                         saved)
-    triton_mlp.TUNE_RECORD = None
+    tune.TUNE_RECORD = None
     torch.cuda.synchronize()
     for w in (w1, w3, w2):
         clear_mask(w)

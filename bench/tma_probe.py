@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._results import run_meta, write_json  # noqa: E402
 from bench.tiles import setup  # noqa: E402
 from bench.train_mlp import SHAPES  # noqa: E402
-from blast_compile.ops import triton_mlp  # noqa: E402
+from blast_compile.ops import triton_mlp, tune  # noqa: E402
 
 
 @triton.jit
@@ -85,17 +85,17 @@ def case(shape, m, sparsity, block, timer):
     d, hdim = SHAPES[shape]
     w1, w3, w2, x, plan = setup(shape, m, sparsity, block)
     runs = {}
-    orig = triton_mlp._choose
+    orig = tune._choose
 
     def grab(kind, sig, mm, configs, run, graph="hot", shape=()):
         runs[kind] = (configs, run)
         return orig(kind, sig, mm, configs, run, graph, shape)
 
-    triton_mlp._choose = grab
+    tune._choose = grab
     try:
         y_ref = triton_mlp.forward(x, w1, None, w3, None, w2, None, plan, "silu")
     finally:
-        triton_mlp._choose = orig
+        tune._choose = orig
     torch.cuda.synchronize()
     ix = triton_mlp._index_tables(plan, x.device)
     p = plan.pattern
@@ -179,7 +179,7 @@ def main():
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
     a = ap.parse_args()
-    timer = (lambda fn: triton_mlp._graph_time(fn, cold=False))
+    timer = (lambda fn: tune._graph_time(fn, cold=False))
     rows = []
     for cs in a.cases.split(","):
         s, m, sp = cs.split("@")

@@ -36,7 +36,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from blast_compile import distributed as bd  # noqa: E402
-from blast_compile.ops import triton_mlp  # noqa: E402
+from blast_compile.ops import triton_mlp, tune  # noqa: E402
 from blast_compile.testing import SwiGLU, sparsify_mlps_  # noqa: E402
 
 
@@ -200,7 +200,7 @@ def time_decode(model, cfg, device, dtype, steps, compile_backend=None):
         if device != "cuda":
             return out
         try:
-            g = triton_mlp.capture([lambda: step(x, pos)], warm=2)
+            g = tune.capture([lambda: step(x, pos)], warm=2)
             sync(device)
             t0 = time.perf_counter()
             for i in range(steps):

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench._results import run_meta, write_json  # noqa: E402
 from blast_compile.formats import cdiv, expand_mask  # noqa: E402
 from blast_compile.masks import declare_mask  # noqa: E402
-from blast_compile.ops import triton_mlp  # noqa: E402
+from blast_compile.ops import triton_mlp, tune  # noqa: E402
 from blast_compile.testing import SwiGLU, random_block_mask  # noqa: E402
 
 SHAPES = {"34m": (512, 2816), "1b": (2048, 8192), "8b": (4096, 14336)}
@@ -93,11 +93,11 @@ def timed(fn, iters, windows=5):
 
 
 def graphed(fn):
-    """``fn`` captured once into a CUDA graph (``triton_mlp.capture``, after a warm-up that tunes and
+    """``fn`` captured once into a CUDA graph (``tune.capture``, after a warm-up that tunes and
     compiles): replays run its kernels and nothing else. Mode "graph" measures the MLP's own kernels:
     reduce-overhead's graph trees also copy the non-static inputs (x, and the incoming gradient dy: 94 us a
     step at 8B, on both sides), which inside a whole model are intermediates and are not copied."""
-    return triton_mlp.capture([fn], warm=3).replay
+    return tune.capture([fn], warm=3).replay
 
 
 def case(d, h, m, sparsity, block, iters, mode=None, profile=False, save="auto", ncu=False, masks="random"):

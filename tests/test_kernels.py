@@ -19,7 +19,7 @@ import torch
 
 from blast_compile import codegen, masks
 from blast_compile.formats import cdiv, expand_mask, pattern_from_weights
-from blast_compile.ops import gather
+from blast_compile.ops import gather, triton_mlp, tune
 from blast_compile.ops.activations import dense_mlp
 from blast_compile.ops.sparse_mlp import _packed, resolve
 from blast_compile.testing import SwiGLU, random_block_mask
@@ -476,7 +476,7 @@ def test_interp_launch_state_kept_with_plan(tmp_path, monkeypatch):
     x, p, plan, y = check_forward(40, 72, 88, True, True, "silu", torch.float16, (16, 16), "cpu")
     ((key, st),) = cached(plan, "static").items()
     shape = (72, 88, 72)
-    codegen.store_config(triton_mlp.tuning_key("hidden", st.sig, 40, shape), [32, 4, 2, 1])
+    codegen.store_config(tune.tuning_key("hidden", st.sig, 40, shape), [32, 4, 2, 1])
     torch.testing.assert_close(triton_mlp.forward(x, *args(p), plan, "silu"), y)
     assert cached(plan, "static") == {key: st}
     assert list(cached(plan, "chosen").values()) == [(32, 4, 2, 1)]  # from the table, remembered
@@ -484,7 +484,7 @@ def test_interp_launch_state_kept_with_plan(tmp_path, monkeypatch):
     triton_mlp.forward_packed(x, pk.p1, p["b1"], pk.p3, p["b3"], pk.p2, p["b2"], plan, "silu")
     assert cached(plan, "static") == {key: st}
     codegen.set_kernel_dir(tmp_path / "b")
-    codegen.store_config(triton_mlp.tuning_key("hidden", st.sig, 40, shape), [64, 4, 3, 0])
+    codegen.store_config(tune.tuning_key("hidden", st.sig, 40, shape), [64, 4, 3, 0])
     torch.testing.assert_close(triton_mlp.forward(x, *args(p), plan, "silu"), y)
     assert sorted(cached(plan, "chosen", "hidden").values()) == [(32, 4, 2, 1), (64, 4, 3, 0)]
 
@@ -735,7 +735,7 @@ def test_tuned_configs_are_per_shape(tmp_path, monkeypatch):
     from blast_compile.ops import triton_mlp
 
     codegen.set_kernel_dir(tmp_path)
-    monkeypatch.setattr(triton_mlp, "_may_tune", lambda: True)
+    monkeypatch.setattr(tune, "_may_tune", lambda: True)
     sigs = [codegen.signature(plan_for(torch.zeros(1, 64), make(64, h, gated=True, bias=False, dtype=torch.float32,
                                                                  block=(16, 16)), "silu", (16, 16)).pattern,
                               "silu", True, False, False, torch.float32) for h in (128, 256)]
@@ -748,11 +748,11 @@ def test_tuned_configs_are_per_shape(tmp_path, monkeypatch):
             fn()
             return 0.0 if seen[-1] == best else 1.0
 
-        monkeypatch.setattr(triton_mlp, "_graph_time", fake_time)
-        got = triton_mlp._choose("hidden", sigs[0], 4096, [(64, 4, 3), (128, 8, 3)], seen.append, shape=shape)
+        monkeypatch.setattr(tune, "_graph_time", fake_time)
+        got = tune._choose("hidden", sigs[0], 4096, [(64, 4, 3), (128, 8, 3)], seen.append, shape=shape)
         assert tuple(got) == best, shape
     for shape, best in fastest.items():  # persisted, one entry per shape
-        assert tuple(codegen.lookup_config(triton_mlp.tuning_key("hidden", sigs[0], 4096, shape))) == best
+        assert tuple(codegen.lookup_config(tune.tuning_key("hidden", sigs[0], 4096, shape))) == best
 
 
 def test_config_list_is_built_only_when_tuning(tmp_path, monkeypatch):
@@ -761,8 +761,8 @@ def test_config_list_is_built_only_when_tuning(tmp_path, monkeypatch):
     from blast_compile.ops import triton_mlp
 
     codegen.set_kernel_dir(tmp_path)
-    monkeypatch.setattr(triton_mlp, "_may_tune", lambda: True)
-    monkeypatch.setattr(triton_mlp, "_graph_time", lambda fn, **kw: (fn(), float(seen[-1][0]))[1])
+    monkeypatch.setattr(tune, "_may_tune", lambda: True)
+    monkeypatch.setattr(tune, "_graph_time", lambda fn, **kw: (fn(), float(seen[-1][0]))[1])
     sig = codegen.signature(plan_for(torch.zeros(1, 64), make(64, 128, gated=True, bias=False, dtype=torch.float32,
                                                                block=(16, 16)), "silu", (16, 16)).pattern,
                             "silu", True, False, False, torch.float32)
@@ -773,9 +773,9 @@ def test_config_list_is_built_only_when_tuning(tmp_path, monkeypatch):
         return [(128, 8, 3, 0), (64, 4, 3, 0)]
 
     for _ in range(3):
-        assert tuple(triton_mlp._choose("down", sig, 4096, configs, seen.append, memo=memo)) == (64, 4, 3, 0)
+        assert tuple(tune._choose("down", sig, 4096, configs, seen.append, memo=memo)) == (64, 4, 3, 0)
     assert len(built) == 1  # tuned once; then the memo
-    assert tuple(triton_mlp._choose("down", sig, 4096, configs, seen.append)) == (64, 4, 3, 0)
+    assert tuple(tune._choose("down", sig, 4096, configs, seen.append)) == (64, 4, 3, 0)
     assert len(built) == 1  # no memo: the persisted table
 
 

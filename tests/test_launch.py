@@ -128,10 +128,10 @@ def test_compile_only_compiles_and_launches_nothing(on, monkeypatch):
 
 
 def test_tuner_precompiles_candidates_on_threads(monkeypatch):
-    """``triton_mlp._precompile``: every candidate once, on worker threads, with launches compile-only;
+    """``tune._precompile``: every candidate once, on worker threads, with launches compile-only;
     a candidate that fails is left for the timing loop; one thread (or one config): nothing."""
     import threading
-    from blast_compile.ops import triton_mlp
+    from blast_compile.ops import tune
 
     calls = []
 
@@ -140,15 +140,15 @@ def test_tuner_precompiles_candidates_on_threads(monkeypatch):
         if cfg == 3:
             raise RuntimeError("does not compile")
 
-    monkeypatch.setattr(triton_mlp, "COMPILE_THREADS", 4)
-    triton_mlp._precompile([1, 2, 3, 4, 5], run)
+    monkeypatch.setattr(tune, "COMPILE_THREADS", 4)
+    tune._precompile([1, 2, 3, 4, 5], run)
     assert sorted(c for c, _, _ in calls) == [1, 2, 3, 4, 5]
     assert all(name.startswith("blast-compile") and only for _, name, only in calls)
     assert not getattr(launch._THREAD, "compile_only", False)
     calls.clear()
-    triton_mlp._precompile([1], run)
-    monkeypatch.setattr(triton_mlp, "COMPILE_THREADS", 1)
-    triton_mlp._precompile([1, 2], run)
+    tune._precompile([1], run)
+    monkeypatch.setattr(tune, "COMPILE_THREADS", 1)
+    tune._precompile([1, 2], run)
     assert calls == []
 
 
@@ -156,13 +156,13 @@ def test_precompile_on_the_plan_worker_does_not_wait_on_it(monkeypatch):
     """Tuning can run on the one plan worker (``plans.outside_graph_pool``: a compiled model's warm-up); the
     compile threads then build plan tables themselves, as that worker would, instead of queueing work for
     it while it waits for them (a deadlock)."""
-    from blast_compile.ops import plans, triton_mlp
+    from blast_compile.ops import plans, tune
 
     seen = []
-    monkeypatch.setattr(triton_mlp, "COMPILE_THREADS", 3)
+    monkeypatch.setattr(tune, "COMPILE_THREADS", 3)
     plans._ON_WORKER.on = True
     try:
-        triton_mlp._precompile([1, 2, 3], lambda cfg: seen.append(getattr(plans._ON_WORKER, "on", False)))
+        tune._precompile([1, 2, 3], lambda cfg: seen.append(getattr(plans._ON_WORKER, "on", False)))
     finally:
         plans._ON_WORKER.on = False
     assert seen == [True, True, True]

@@ -57,11 +57,9 @@ or, for declared masks, on the live blocks only (``sddmm``).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
-import os
 
 import torch
 import triton
@@ -69,7 +67,8 @@ from torch._dynamo.utils import counters
 
 from .. import codegen
 from ..formats import cdiv
-from . import gather, launch, plans
+from . import gather, launch, tune
+from .tune import _hint, _interpret
 from .activations import in_dtype
 from .launch import lowered, traced  # (lowered ops: see launch.traced)
 from .plans import outside_graph_pool as _pool, version, warn_once
@@ -207,8 +206,6 @@ DECODE_GEMV_CONFIGS = [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (
                        (2, 1, 4, 2), (2, 1, 2, 1)]
 
 
-def _interpret() -> bool:
-    return launch.INTERPRET
 
 
 # decode path: "" (the faster of sliced and split-K, timed once per shape), "sliced" or "splitk" (tests,
@@ -222,15 +219,6 @@ def outside_graph_pool(fn, device):
     if traced():
         raise RuntimeError("blast: a lowered op needs plan state its compile-time warm-up did not build")
     return _pool(fn, device)
-
-
-def _hint(v) -> int:
-    """A concrete size: a symbolic one's example value (dynamic M while tracing). Used for tuning keys and
-    other choices that only change speed, never the result, so that they add no guard on M."""
-    if isinstance(v, torch.SymInt):
-        h = v.node.hint
-        return int(h) if h is not None else 1 << 12
-    return int(v)
 
 
 # --- per-plan tables ----------------------------------------------------------------------------
@@ -438,172 +426,6 @@ def _with_tma(configs, var, ok):
     return [c for c in configs if c[3] < var or ok] or configs
 
 
-# --- tuning ---------------------------------------------------------------------------------------
-
-def _may_tune() -> bool:
-    return not (_interpret() or traced() or os.environ.get("BLAST_TUNE", "1") == "0"
-                or torch.cuda.is_current_stream_capturing())
-
-
-def capture(fns, warm=1):
-    """``fns`` (called in order) captured as one CUDA graph, after ``warm`` eager passes on a side
-    stream (compiles, tunes, builds plan state outside the graph's pool)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warm):
-            for f in fns:
-                f()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fns:
-            f()
-    return g
-
-
-def graph_time(fns, reps=5, warm=1):
-    """Median µs per call of ``fns`` (a cycle of calls) replayed as one CUDA graph (``capture``)."""
-    g = capture(fns, warm)
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3 / len(fns))
-    del g
-    return sorted(ts)[len(ts) // 2]
-
-
-def _graph_time(fn, calls=8, reps=5, cold=True):
-    """µs per call of ``fn`` for tuning: decode kernels run for a few µs, less than a Python launch,
-    so ``do_bench`` would time the launch. ``cold``: every call follows a write of 2x the L2 (its
-    time, timed alone, is subtracted), so weights stream from HBM as in a model with many layers,
-    not from a hot L2 as in a loop over one layer."""
-    if not cold:
-        return graph_time([fn] * calls, reps=reps)
-    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 0) or (64 << 20)
-    flush = torch.empty(2 * l2, dtype=torch.uint8, device="cuda")  # (only while tuning: freed after)
-    return (graph_time([lambda: (flush.fill_(1), fn())] * calls, reps=reps)
-            - graph_time([lambda: flush.fill_(1)] * calls, reps=reps, warm=0))
-
-
-@functools.lru_cache(maxsize=None)
-def _name_of(index) -> str:
-    return torch.cuda.get_device_name(index) if torch.cuda.is_available() else "cpu"
-
-
-def _device_name(index=None) -> str:
-    """The GPU's name (a tuning-key part; cached: it is on every launch's host path)."""
-    return _name_of(torch.cuda.current_device() if index is None and torch.cuda.is_available() else index)
-
-
-def tuning_key(kind, sig, m, shape=()) -> str:
-    """Key of a tuned launch config: kernel kind, signature, layer dims, M bucket, GPU name."""
-    dims = "x".join(str(int(d)) for d in shape)
-    return f"{kind}|{sig.digest()}|{dims}|m{codegen.m_bucket(_hint(m))}|{_device_name()}"
-
-
-# a list to collect every timing the tuner takes, as (key, config, µs) (bench/tiles.py); None: off
-TUNE_RECORD = None
-
-
-def _memo_key(*parts):
-    """Key of a choice remembered in a plan's cache (``_choose``'s configs, ``_decode``'s path): its
-    parts, the kernel dir and the lookup function (a patched lookup -- tests -- is honoured)."""
-    return (*parts, codegen.get_kernel_dir(), codegen.lookup_config)
-
-
-# threads compiling a tuner's candidates at once (BLAST_COMPILE_THREADS; 1: one by one, as they are timed)
-COMPILE_THREADS = int(os.environ.get("BLAST_COMPILE_THREADS", str(min(16, os.cpu_count() or 1))))
-
-
-def _precompile(configs, run):
-    """Compile every candidate config of a kernel on several threads before they are timed one by one:
-    tuning a new shape is mostly compiling (~1 s a config, 20-40 configs a kernel, six kernels), and
-    Triton's compiler passes and ptxas run outside the GIL (two threads on two cores: 1.6x). The
-    threads run ``run(cfg)`` with ``launch.compile_only`` (nothing executes); a config that does not
-    compile is left to fail again where it is timed."""
-    n = min(COMPILE_THREADS, len(configs))
-    if n <= 1:
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    cuda = torch.cuda.is_available()
-    # the caller's device and stream (torch work in ``run``, such as a scratch reset, stays in its order)
-    where = (torch.cuda.current_device(), torch.cuda.current_stream()) if cuda else None
-    on_worker = getattr(plans._ON_WORKER, "on", False)  # (so outside_graph_pool does not wait on itself)
-
-    def one(cfg):
-        plans._ON_WORKER.on = on_worker
-        try:
-            with contextlib.ExitStack() as ctx:
-                if where is not None:
-                    ctx.enter_context(torch.cuda.device(where[0]))
-                    ctx.enter_context(torch.cuda.stream(where[1]))
-                ctx.enter_context(launch.compile_only())
-                run(cfg)
-        except Exception as e:
-            log.debug("blast: precompiling %s failed: %r", cfg, e)
-
-    with ThreadPoolExecutor(n, thread_name_prefix="blast-compile") as ex:
-        list(ex.map(one, configs))
-
-
-def _choose(kind, sig, m, configs, run, graph="hot", shape=(), memo=None):
-    """Launch config for (kernel, signature, shape, M bucket): persisted table, else tune now (CUDA
-    only). Timed by CUDA-graph replay: a Triton launch with ~35 arguments costs ~20-50 µs of host
-    time, more than many of these kernels run, so back-to-back launches (``do_bench``) would time
-    the host. ``graph="cold"``: L2 flushed between calls (decode: weights stream from HBM);
-    ``"hot"``: not (prefill/backward, like do_bench). The signature is shared by every MLP of a
-    block shape and dtype, so the layer's dims are part of the key.
-
-    ``memo``: a plan's cache, which then remembers what the table or the tuner gave, so that later
-    calls skip the key string (host time: a call without CUDA graphs is host-bound). Its key holds
-    the signature's id (the plan keeps the signature alive): ``_memo_key``. ``configs``: a list, or
-    a function returning it, called only when neither the memo nor the table has the answer."""
-    mk = None
-    if memo is not None:
-        mk = _memo_key("chosen", kind, id(sig), codegen.m_bucket(_hint(m)), shape)
-        cfg = memo.get(mk)
-        if cfg is not None:
-            return cfg
-    key = tuning_key(kind, sig, m, shape)
-    cfg = codegen.lookup_config(key)
-    if cfg is not None:
-        cfg = tuple(cfg)
-        if mk is not None:
-            memo[mk] = cfg
-        return cfg
-    if callable(configs):
-        configs = configs()
-    if traced() and len(configs) > 1:  # (the warm-up tunes before the trace: a miss here is a bug, not a crash)
-        log.warning("blast: no tuned config for %s while tracing; using %s", key, configs[0])
-    if len(configs) == 1 or not _may_tune():
-        return configs[0]
-    _precompile(configs, run)
-    times = []
-    for c in configs:
-        try:
-            t = _graph_time(lambda: run(c), cold=graph == "cold")
-            times.append((t, c))
-            if TUNE_RECORD is not None:
-                TUNE_RECORD.append((key, c, t))
-        except Exception as e:  # a config that does not compile (e.g. too much shared memory)
-            log.debug("blast: config %s failed: %r", c, e)
-    best = min(times)[1] if times else configs[0]
-    codegen.store_config(key, list(best))
-    if mk is not None:
-        memo[mk] = tuple(best)
-    log.info("blast: tuned %s -> %s", key, best)
-    return best
-
-
 # --- forward ---------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -723,7 +545,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
             (*c[:3], c[3] if c[3] >= PREFILL_TMA else 0, *c[4:]) for c in PREFILL_CONFIGS))
         return _candidates(cs, PREFILL_TMA, tma_h, m)
 
-    run_h(_choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out) + ((1,) * (n_saved > 1)),
+    run_h(tune._choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out) + ((1,) * (n_saved > 1)),
                   memo=plan.cache))  # (storing a, u or not: tuned apart)
 
     tma_y = st.tma_dn and _tma_ok(h)
@@ -740,7 +562,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
             NANROW=1, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1), TMA=(1 + packed) if tma else 0,
             GROUP=grp)
 
-    run_y(_choose("down", sig, m, lambda: _candidates(PREFILL_CONFIGS, PREFILL_TMA, tma_y, m), run_y,
+    run_y(tune._choose("down", sig, m, lambda: _candidates(PREFILL_CONFIGS, PREFILL_TMA, tma_y, m), run_y,
                   shape=(d_in, d_hidden, d_out), memo=plan.cache))
     return (y, saved) if keep else y
 
@@ -808,11 +630,11 @@ def _decode(args):
     if mode in paths:
         return paths[mode](*args)
     x2d, _, plan, m, d_in, d_hidden, d_out, sig = args[:8]
-    mk = _memo_key("dec_path", id(sig), codegen.m_bucket(m))
+    mk = tune._memo_key("dec_path", id(sig), codegen.m_bucket(m))
     choice = plan.cache.get(mk)
     if choice is not None:
         return paths[choice](*args)
-    dev = _device_name(x2d.device.index) if x2d.is_cuda else "cpu"
+    dev = tune._device_name(x2d.device.index) if x2d.is_cuda else "cpu"
     # which path wins depends on how much there is to stream (the signature does not say): key by
     # the shape and the live-block count in quarter-octaves
     p = plan.pattern
@@ -820,9 +642,9 @@ def _decode(args):
     key = f"dec_path|{sig.digest()}|{d_in}x{d_hidden}x{d_out}|nnz{nnz}|m{codegen.m_bucket(m)}|{dev}"
     choice = codegen.lookup_config(key)
     if choice is None:
-        if not _may_tune():
+        if not tune._may_tune():
             return _decode_sliced(*args)
-        times = {name: _graph_time(lambda f=f: f(*args)) for name, f in paths.items()}
+        times = {name: tune._graph_time(lambda f=f: f(*args)) for name, f in paths.items()}
         choice = [min(times, key=times.get)]
         codegen.store_config(key, choice)
         log.info("blast: decode path %s -> %s (%s)", key, choice[0],
@@ -880,7 +702,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     kind, configs = ("decode2", DECODE_CONFIGS) if dot else ("decode2g", DECODE_GEMV_CONFIGS)
     if not pdl:  # (no PDL here: the early modes are the same launch)
         configs = list(dict.fromkeys((*c[:3], 0) for c in configs))
-    run(_choose(kind, sig, m, configs, run, graph="cold", shape=(d_in, d_hidden, d_out), memo=plan.cache))
+    run(tune._choose(kind, sig, m, configs, run, graph="cold", shape=(d_in, d_hidden, d_out), memo=plan.cache))
     return y
 
 
@@ -927,9 +749,9 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             **kw)
 
     if n_live:  # (else: nothing to launch, nothing to tune)
-        run_h(_choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph="cold", shape=(d_in, d_hidden, d_out),
+        run_h(tune._choose("dec_h", sig, m, DECODE_SLICE_CONFIGS, run_h, graph="cold", shape=(d_in, d_hidden, d_out),
                       memo=plan.cache))
-    run_y(_choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
+    run_y(tune._choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
                   memo=plan.cache))
     return y
 
@@ -1004,7 +826,7 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
             DUAL=dual, NANROW=0, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1),
             TMA=(3 + packed) if tma else 0, GROUP=grp, TWO_LOOPS=var == TWO_LOOPS)
 
-    run(_choose("dx_dual" if dual else "dx", sig, m,
+    run(tune._choose("dx_dual" if dual else "dx", sig, m,
                 lambda: _candidates(PREFILL_CONFIGS + DX_CONFIGS if dual else PREFILL_CONFIGS, PREFILL_TMA, tma_ok, m),
                 run, shape=(n_in, n_out), memo=memo))
     return out
@@ -1097,7 +919,7 @@ def _sddmm(mod, sig, douts, inp, live, bo, bi, shape, dtype, memo=None):
         return [c for c in _with_tma(SDDMM_CONFIGS, 1, tma_ok) if _sddmm_fits(c, bo, bi, dual)] or SDDMM_CONFIGS
 
     # the M split depends on the live-block count: part of the key
-    cfg = _choose("dw2" if dual else "dw", sig, m, configs, run, shape=(*shape, nnz), memo=memo)
+    cfg = tune._choose("dw2" if dual else "dw", sig, m, configs, run, shape=(*shape, nnz), memo=memo)
     run(cfg)
     if split_of(cfg[0])[0] > 1:  # (an M split does not depend on G)
         counters["blast"]["dw_split_m"] += 1
@@ -1241,7 +1063,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
             pre = [c for c in BACKWARD_PRE_CONFIGS if _pre_fits(c, p.bh, gated)] or BACKWARD_PRE_CONFIGS
             return _candidates(pre, BACKWARD_TMA, tma_ok, m)
 
-        run(_choose("hidden_bwd_pre" if load_pre else "hidden_bwd", sig, m, configs, run,
+        run(tune._choose("hidden_bwd_pre" if load_pre else "hidden_bwd", sig, m, configs, run,
                     shape=(d_in, H, d_out, int(store_h)), memo=plan.cache))  # (writing H or not: tuned apart)
     grads = {}
     if needs[0]:

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-import operator
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
 from torch._dynamo.source import ConstantSource
@@ -30,6 +29,9 @@ from torch.fx import GraphModule, Node
 from ..ops import launch, lowered, sparse_mlp
 from .match import is_dtensor
 from .normalize import example_value
+
+if TYPE_CHECKING:
+    from ..guard import Watch
 
 log = logging.getLogger("blast_compile.passes")
 
@@ -74,7 +76,7 @@ def _why_not(node, x, ws) -> Optional[str]:
     return None
 
 
-def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:  # noqa: F821
+def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
     """Lower every fused CUDA node of ``gm`` in place; returns one ``guard.Watch`` per lowered node."""
     from ..guard import Watch
 
