@@ -688,6 +688,12 @@ def _restore_mlp_metadata(model: nn.Module) -> None:
 
 def save_pretrained(model: nn.Module, directory: str) -> None:
     """Write ``config.json``, ``model.safetensors`` (compressed) and ``blast.json`` for an HF model."""
+    if getattr(model, "config", None) is None:
+        raise ValueError(f"save_pretrained needs a transformers model (with .config); {type(model).__name__} has "
+                         "none: use save_compressed(model, path) instead")
+    if not any(isinstance(m, BlockSparseLinear) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no compressed layers: call "
+                         "blast_compile.compress.compress_(model) first (for a dense model use model.save_pretrained)")
     os.makedirs(directory, exist_ok=True)
     model.config.architectures = [type(model).__name__]  # as HF's save_pretrained does
     model.config.save_pretrained(directory)
