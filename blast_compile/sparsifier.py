@@ -61,15 +61,16 @@ import torch
 from torch import nn
 
 from . import calibrate as _cal
+from . import layouts
 from . import masks as _masks
 from .formats import cdiv, expand_mask
 
 log = logging.getLogger("blast_compile.sparsifier")
 
-# Module names of MLP projections in common architectures (Llama, GPT-2, OPT/BERT, Mixtral experts).
-_MLP_LEAF = re.compile(r"(^|\.)(gate_proj|up_proj|gate_up_proj|down_proj|fc1|fc2|c_fc|w1|w2|w3|dense_h_to_4h|dense_4h_to_h|fc_in|fc_out)$")
+# Module names of MLP projections (the families of blast_compile.layouts), wherever they appear.
+_MLP_LEAF = re.compile(r"(^|\.)(" + "|".join(sorted(layouts.leaf_names())) + r")$")
 # a fused gate|up projection: rows [0, h) and [h, 2h) are the gate and up weights (Phi-3, GLM)
-_FUSED_GATE_UP = {"gate_up_proj"}
+_FUSED_GATE_UP = layouts.fused_gate_up_names()
 _MLP_PARENT = re.compile(r"(^|\.)(mlp|feed_forward|ffn|intermediate)(\.|$)")
 
 
@@ -227,8 +228,9 @@ class BlastSparsifier:
     # ---------------------------------------------------------------- selection
     def _select(self, layers):
         named = list(self.model.named_modules())
-        if layers is None:
-            return [(n, m) for n, m in named if default_layer_filter(n, m)]
+        if layers is None:  # by name, plus the projections of MLPs the layouts find (BERT's output.dense)
+            found = {q for mlp in layouts.mlp_modules(self.model) for q in mlp.quals.values()}
+            return [(n, m) for n, m in named if default_layer_filter(n, m) or (n in found and _is_2d_weight_module(m))]
         if callable(layers):
             return [(n, m) for n, m in named if _is_2d_weight_module(m) and layers(n, m)]
         want = list(layers)
@@ -250,7 +252,7 @@ class BlastSparsifier:
         """Layers that share one mask: a gated MLP's gate and up projections (the fused op
         reads the union of their masks, so independent masks would cost live blocks)."""
         groups, seen = [], set()
-        pairs = (("gate_proj", "up_proj"), ("w1", "w3"))
+        pairs = layouts.tied_gate_up_paths()
         for n, L in self.layers.items():
             if n in seen:
                 continue
@@ -534,25 +536,29 @@ class BlastSparsifier:
         return dead / max(tot, 1)
 
     def hidden_use(self) -> Dict[str, dict]:
-        """Per MLP (Linear-style names): hidden blocks live in the in-projections (gate/up), in the
+        """Per MLP (found by :mod:`layouts`): hidden blocks live in the in-projections (gate/up), in the
         down projection, and in both; ``orphan_frac`` is the fraction of live blocks whose hidden
         block the other side does not use -- work the fused op drops, i.e. capacity lost."""
-        ins, outs = {"gate_proj", "up_proj", "w1", "w3", "fc1", "dense_h_to_4h", "fc_in"}, \
-            {"down_proj", "w2", "fc2", "dense_4h_to_h", "fc_out"}
-        by_parent = defaultdict(lambda: ([], []))
-        for n, L in self.layers.items():
-            parent, _, leaf = n.rpartition(".")
-            if leaf in ins or leaf in outs:
-                by_parent[parent][0 if leaf in ins else 1].append(L)
+        by_parent = {}
+        for mlp in layouts.mlp_modules(self.model):
+            if mlp.layout.fused_gate_up:  # (its halves share one weight: not split here)
+                continue
+            li = [self.layers[q] for r, q in mlp.quals.items() if r in layouts.IN_ROLES and q in self.layers]
+            lo = [self.layers[q] for r, q in mlp.quals.items() if r in layouts.OUT_ROLES and q in self.layers]
+            by_parent[mlp.name] = (li, lo)
+
+        def oi(L):  # the mask as [out blocks, in blocks] (Conv1D weights are [in, out])
+            return L.mask if L.in_dim == 1 else L.mask.t()
+
         res = {}
         for parent, (li, lo) in by_parent.items():
-            if not li or not lo or any(L.mask.shape[0] != lo[0].mask.shape[1] for L in li):
+            if not li or not lo or any(oi(L).shape[0] != oi(lo[0]).shape[1] for L in li):
                 continue
-            hin = torch.stack([L.mask.any(1) for L in li]).any(0)
-            hout = torch.stack([L.mask.any(0) for L in lo]).any(0)
+            hin = torch.stack([oi(L).any(1) for L in li]).any(0)
+            hout = torch.stack([oi(L).any(0) for L in lo]).any(0)
             both = hin & hout
             live = sum(int(L.mask.sum()) for L in li + lo)
-            used = sum(int(L.mask[both].sum()) for L in li) + sum(int(L.mask[:, both].sum()) for L in lo)
+            used = sum(int(oi(L)[both].sum()) for L in li) + sum(int(oi(L)[:, both].sum()) for L in lo)
             res[parent] = dict(hidden_blocks=int(hin.numel()), live_in=int(hin.sum()), live_down=int(hout.sum()),
                                live_both=int(both.sum()), orphan_frac=1.0 - used / max(1, live))
         return res
