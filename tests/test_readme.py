@@ -39,7 +39,7 @@ def commands():
         if lang != "bash" or skipped:
             continue
         for line in code.splitlines():
-            line = line.split(" #")[0].strip()
+            line = "" if line.lstrip().startswith("#") else line.split(" #")[0].strip()
             for part in (p.strip() for p in line.split("&&")):
                 if part and not part.startswith(("pip install", "python -m pytest")):
                     cmds.append(part)
@@ -76,7 +76,7 @@ def test_readme_python_blocks_run_in_order(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cmd", commands())
+@pytest.mark.parametrize("cmd", commands(), ids=lambda c: c.replace(" ", "_"))
 def test_readme_command_runs(cmd, tmp_path):
     env = dict(os.environ, PATH=BIN + os.pathsep + os.environ.get("PATH", ""), TQDM_DISABLE="1")
     argv = shlex.split(cmd)
