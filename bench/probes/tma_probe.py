@@ -10,7 +10,7 @@ prototypes that load every tile through a host-side ``TensorDescriptor``:
 
 Checks each prototype against the shipped kernel's output. Writes JSON to --out.
 
-    python bench/tma_probe.py --out bench/results
+    python bench/probes/tma_probe.py --out bench/results
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
 from bench._results import run_meta, write_json  # noqa: E402
 from bench.tiles import setup  # noqa: E402

@@ -11,7 +11,7 @@ wall-clock wrappers around its functions and Triton's launch). The same breakdow
 compiled e2e model's default-mode prefill (``--layers``, 0: skip). A cProfile of the calls is kept
 for reference only: it charged ~0.5 ms a call to custom_op's ``backend_impl`` that no timer saw.
 
-    BLAST_CACHE_DIR=$(mktemp -d) python bench/host.py --out bench/results
+    BLAST_CACHE_DIR=$(mktemp -d) python bench/probes/host.py --out bench/results
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
 from bench._results import run_meta, write_json  # noqa: E402
 from bench.tiles import setup  # noqa: E402

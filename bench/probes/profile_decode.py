@@ -1,8 +1,8 @@
 """Decode profile helper (GPU): floors to compare the decode kernels against, and a region for ncu.
 
-    PYTHONPATH=$PWD python bench/profile_decode.py            # graph-timed floors + decode times
+    PYTHONPATH=$PWD python bench/probes/profile_decode.py            # graph-timed floors + decode times
     ncu --clock-control none --profile-from-start off --section SpeedOfLight ... \
-        python bench/profile_decode.py --ncu                  # counters of one decode call per case
+        python bench/probes/profile_decode.py --ncu                  # counters of one decode call per case
 
 Floors (CUDA-graph replays, weights cycled through >= 256 MB as bench/mlp.py): an empty kernel,
 two dependent empty kernels, and a one-launch streaming read of the same live bytes.
@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from mlp import ROTATE_BYTES, _wargs, graph_time, make_weights, SHAPES  # noqa: E402
 

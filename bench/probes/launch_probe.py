@@ -4,7 +4,7 @@ as many arguments as ours (~40: pointers, strides, flags, constexprs) against it
 directly -- and against a 4-argument kernel. Round 11 measured ~60 µs per launch of our decode
 kernels inside the op; this says how much of it a launcher of our own could save.
 
-    python bench/launch_probe.py --out bench/results
+    python bench/probes/launch_probe.py --out bench/results
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
 from bench._results import run_meta, write_json  # noqa: E402
-from bench.host import host_us  # noqa: E402
+from bench.probes.host import host_us  # noqa: E402
 
 CALLS = 2000  # launches timed per row (median)
 

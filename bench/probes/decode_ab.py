@@ -1,7 +1,7 @@
-"""Decode-only A/B (GPU): the decode variants of both paths, no dense/prefill. bench/profile_decode.py
+"""Decode-only A/B (GPU): the decode variants of both paths, no dense/prefill. bench/probes/profile_decode.py
 has the floors.
 
-    PYTHONPATH=$PWD python bench/decode_ab.py [--sweep] [--reps N] [--out DIR]
+    PYTHONPATH=$PWD python bench/probes/decode_ab.py [--sweep] [--reps N] [--out DIR]
 
 For the headline cases (8B/1B, 90/95 %, b64) and M = 1, 16, per path (split-K, sliced): rel. error and
 the time of the tuned config for each variant in ``VARIANTS`` -- split-K: ``tuned`` (the default: tuned
@@ -19,8 +19,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 from _results import run_meta, write_json  # noqa: E402
 from mlp import ROTATE_BYTES, SHAPES, _wargs, graph_time, make_weights  # noqa: E402

@@ -8,7 +8,7 @@ blast-compiled model -- ``aten::empty``, ``cuLaunchKernel``, the generated wrapp
 took 2-3x as long as in the Inductor-compiled model run earlier in the same process, not only the
 fused op. This separates "the op is slow" from "the whole process runs slow after blast".
 
-    for b in inductor blast; do python bench/decode_host.py $b --out bench/results; done
+    for b in inductor blast; do python bench/probes/decode_host.py $b --out bench/results; done
 """
 import argparse
 import os
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository
 
 from bench._results import run_meta, write_json  # noqa: E402
 
