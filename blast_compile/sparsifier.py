@@ -17,11 +17,10 @@ The recipe (what is known to work; BLaST's own text was not available):
   refits the surviving blocks by least squares: :mod:`blast_compile.calibrate`,
   for models whose few massive input channels make magnitude a poor guide). Each layer keeps the same
   fraction of blocks; ``balanced=True`` keeps the same count in every block-row,
-  which lets the fused kernels use constexpr trip counts. Measured (round 18,
-  BENCHMARKS.md / RESULTS.md): no faster than as many blocks placed freely (8B,
-  64x64), and worse perplexity in the 34M pretraining (+7 % at 88.6 %, against
-  +3.4 % unbalanced at 90 %); the per-row count also rounds coarsely on narrow
-  weights (1 of 8 blocks: 87.5 %). Kept as an option, not a recommendation. With ``tie_gate_up``
+  which lets the fused kernels use constexpr trip counts. Measured: no faster than
+  as many blocks placed freely, and worse perplexity (RESULTS.md, "Variants"); the
+  per-row count also rounds coarsely on narrow weights (1 of 8 blocks is 87.5 %).
+  Kept as an option, not a recommendation. With ``tie_gate_up``
   (default) a gated MLP's gate and up projections share one mask, and so do the
   two halves of a fused ``gate_up_proj`` (Phi-3, GLM): the fused op reads the
   union of both, so separate masks would cost live blocks.
@@ -37,8 +36,7 @@ The recipe (what is known to work; BLaST's own text was not available):
   the masks.
 * **hand-off**: once masks are frozen and the model is compiled with
   ``backend="blast"``, the fused op already computes dW only on live blocks, so
-  the per-step upkeep (a multiply per gradient and per weight: ~5% of a 34M
-  model's step) changes nothing. ``hand_off()`` stops it and instead checks every
+  the per-step upkeep (a multiply per gradient and per weight) changes nothing. ``hand_off()`` stops it and instead checks every
   ``check_every`` steps that the dead blocks are still exactly zero; if one is
   not (a backward that did not go through the fused op), it warns, re-masks,
   clears the optimizer state there and resumes the upkeep.
