@@ -30,7 +30,7 @@ from bench._results import write_json  # noqa: E402
 from blast_compile import compress as C  # noqa: E402
 from blast_compile import memory_plan  # noqa: E402
 from blast_compile.formats import cdiv  # noqa: E402
-from blast_compile.testing import MLP_WEIGHT_NAMES  # noqa: E402
+from blast_compile.testing import mlp_weights  # noqa: E402
 
 SMALL = dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=True, head_dim=64)
@@ -67,8 +67,9 @@ def block_orders(model, block, seed=0):
     """One random order of the blocks of every MLP weight (nested masks across sparsities)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
+    mlp = mlp_weights(model)
     for name, p in model.named_parameters():
-        if p.dim() == 2 and MLP_WEIGHT_NAMES.search(name):
+        if p.dim() == 2 and name in mlp:
             nr, nc = cdiv(p.shape[0], block), cdiv(p.shape[1], block)
             out[name] = torch.randperm(nr * nc, generator=g)
     return out

@@ -13,9 +13,9 @@ Columns (bf16, times in µs, median of CUDA-graph replays):
   bsr        torch ``to_sparse_bsr`` weights + F.linear (untuned torch kernels)
   blast      blast_compile.ops.triton_mlp.forward (generated kernels, tuned once)
   stk        stanford-stk ``dds`` (only block-128 cases: stk supports 128x128 blocks only; M padded
-             to a multiple of 128, the padding counted) -- with ``--stk``; stk is not on the GPU image,
-             carry it: ``pip download --no-deps --no-binary :all: stanford-stk`` and put its ``stk``
-             package on PYTHONPATH.
+             to a multiple of 128, the padding counted) -- with ``--stk``: ``pip download --no-deps
+             --no-binary :all: stanford-stk`` and put its ``stk`` package on PYTHONPATH (its wheel's
+             dependencies pin other torch versions).
 
 L2: the H100/H200 L2 (50-60 MB) holds a 90%-sparse MLP's live blocks, so every
 timed graph cycles through enough copies of the weights (>= 256 MB per cycle) that

@@ -15,9 +15,8 @@ again before every mask update, so the statistics follow the pruned, trained mod
   layer-wise least-squares objective of SparseGPT, solved exactly: the rows of one block row share
   their live inputs K, so ``W'[R, K] = W[R, :] G[:, K] (G[K, K] + damp I)^-1`` with ``G = X^T X``.
 
-Measured on SmolLM2-135M, 50% of the MLP blocks one-shot, block 64 (RESULTS.md): magnitude 3.5e6,
-activation scores + refit ~1e3. The cost: an ``[in, in]`` fp64 Gram matrix per sparsified layer and
-one solve of up to ``in`` unknowns per block row at each mask update.
+What each is worth on SmolLM2: RESULTS.md. The cost: an ``[in, in]`` fp64 Gram matrix per sparsified
+layer and one solve of up to ``in`` unknowns per block row at each mask update.
 """
 from __future__ import annotations
 

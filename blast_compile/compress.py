@@ -1,8 +1,7 @@
 """Compressed block-sparse weights: keep only the live blocks of MLP weights, free the rest.
 
-``compress_(model)`` finds the MLPs of a model by module name (gate/up/down,
-fc1/fc2, GPT-2's c_fc/c_proj, w1/w2/w3, dense_h_to_4h/dense_4h_to_h, BERT's
-intermediate.dense/output.dense), detects each MLP's block shape with
+``compress_(model)`` finds the MLPs of a model by module name (the families of
+:mod:`layouts`, except a fused gate|up projection), detects each MLP's block shape with
 :func:`formats.choose_block` and replaces every projection with a
 :class:`BlockSparseLinear`: packed live blocks ``[nnz, bo, bi]`` in CSR order
 over block-rows, ``row_ptr`` / ``col_idx`` (int32) and the bias. The dense
@@ -45,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import layouts
 from .formats import BLOCK_CHOICES, block_mask, build_pattern, cdiv, choose_block
 from .ops import gather
 
@@ -256,21 +256,9 @@ class BlockSparseLinear(nn.Module):
 # ---------------------------------------------------------------------------------------------
 # Finding MLPs
 
-# (role, attribute path) per MLP family; gated first so w1/w3/w2 beats w1/w2.
-MLP_LAYOUTS: Tuple[Tuple[Tuple[str, str], ...], ...] = (
-    (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")),
-    (("gate", "w1"), ("up", "w3"), ("down", "w2")),
-    (("fc1", "fc1"), ("fc2", "fc2")),
-    (("fc1", "c_fc"), ("fc2", "c_proj")),
-    (("fc1", "dense_h_to_4h"), ("fc2", "dense_4h_to_h")),
-    (("fc1", "fc_in"), ("fc2", "fc_out")),
-    (("fc1", "w1"), ("fc2", "w2")),
-    (("fc1", "intermediate.dense"), ("fc2", "output.dense")),  # BERT: siblings under the layer
-)
-
-
-def _is_conv1d(m) -> bool:
-    return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and hasattr(m, "nx")
+# The layouts compress_ packs: every family of the registry except a fused gate|up projection.
+MLP_LAYOUTS = tuple(lay for lay in layouts.LAYOUTS if not lay.fused_gate_up)
+_is_conv1d = layouts.is_conv1d
 
 
 def _dense_kind(m) -> Optional[str]:
@@ -286,13 +274,7 @@ def _dense_weight(m) -> Tensor:
     return m.weight.t() if _is_conv1d(m) else m.weight
 
 
-def _get(root: nn.Module, path: str):
-    m = root
-    for p in path.split("."):
-        m = getattr(m, p, None) if isinstance(m, nn.Module) else None
-        if m is None:
-            return None
-    return m
+_get = layouts.get_path
 
 
 def _set(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -300,25 +282,11 @@ def _set(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def find_mlps(model: nn.Module, *, compressed: bool = False) -> List[Tuple[str, Dict[str, str]]]:
-    """``[(mlp module name, {role: qualified projection name})]`` for every MLP found by name.
-
-    ``compressed=True`` finds MLPs made of :class:`BlockSparseLinear` instead of dense layers.
-    """
-    out, taken = [], set()
-    for name, mod in model.named_modules():
-        for layout in MLP_LAYOUTS:
-            subs = {role: _get(mod, path) for role, path in layout}
-            if any(s is None for s in subs.values()):
-                continue
-            ok = all(isinstance(s, BlockSparseLinear) if compressed else _dense_kind(s) for s in subs.values())
-            quals = {role: f"{name}.{path}" if name else path for role, path in layout}
-            if ok:
-                if not taken & set(quals.values()):
-                    out.append((name, quals))
-                    taken |= set(quals.values())
-                break
-    return out
+def named_mlps(model: nn.Module, *, compressed: bool = False) -> List[Tuple[str, Dict[str, str]]]:
+    """``[(mlp module name, {role: qualified projection name})]`` for every MLP found by name
+    (:mod:`layouts`). ``compressed=True`` finds MLPs made of :class:`BlockSparseLinear` instead."""
+    accept = (lambda s: isinstance(s, BlockSparseLinear)) if compressed else (lambda s: _dense_kind(s) is not None)
+    return [(m.name, m.quals) for m in layouts.mlp_modules(model, MLP_LAYOUTS, accept)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,7 +343,7 @@ def compress_(model: nn.Module, *, min_sparsity: float = 0.5, block_sizes: Seque
     per MLP (share when it costs <= 5% more blocks).
     """
     report = CompressReport([])
-    for mlp_name, quals in find_mlps(model):
+    for mlp_name, quals in named_mlps(model):
         rec = MLPRecord(mlp_name, dict(quals))
         report.mlps.append(rec)
         mods = {r: model.get_submodule(q) for r, q in quals.items()}
@@ -674,7 +642,7 @@ def load_compressed(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
 
 
 def _restore_mlp_metadata(model: nn.Module) -> None:
-    for mlp_name, quals in find_mlps(model, compressed=True):
+    for mlp_name, quals in named_mlps(model, compressed=True):
         mods = {r: model.get_submodule(q) for r, q in quals.items()}
         w1 = mods.get("gate", mods.get("fc1"))
         (model.get_submodule(mlp_name) if mlp_name else model)._blast_mlp = {
@@ -688,6 +656,12 @@ def _restore_mlp_metadata(model: nn.Module) -> None:
 
 def save_pretrained(model: nn.Module, directory: str) -> None:
     """Write ``config.json``, ``model.safetensors`` (compressed) and ``blast.json`` for an HF model."""
+    if getattr(model, "config", None) is None:
+        raise ValueError(f"save_pretrained needs a transformers model (with .config); {type(model).__name__} has "
+                         "none: use save_compressed(model, path) instead")
+    if not any(isinstance(m, BlockSparseLinear) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no compressed layers: call "
+                         "blast_compile.compress.compress_(model) first (for a dense model use model.save_pretrained)")
     os.makedirs(directory, exist_ok=True)
     model.config.architectures = [type(model).__name__]  # as HF's save_pretrained does
     model.config.save_pretrained(directory)
@@ -716,6 +690,6 @@ def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", mo
     return model.eval()
 
 
-__all__ = ["BlockSparseLinear", "block_linear", "compress_", "decompress_", "find_mlps", "packed_mlp",
+__all__ = ["BlockSparseLinear", "block_linear", "compress_", "decompress_", "named_mlps", "packed_mlp",
            "CompressReport", "MLPRecord", "save_compressed", "load_compressed", "save_pretrained",
            "from_pretrained", "params_on_meta", "FORMAT_VERSION"]

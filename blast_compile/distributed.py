@@ -44,6 +44,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.experimental import register_sharding
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, PrepareModuleInput, RowwiseParallel
 
+from . import layouts
 from . import masks as _masks
 from .formats import choose_block, pattern_from_weights
 
@@ -77,20 +78,25 @@ def _sparse_mlp_sharding(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d
 
 
 # --------------------------------------------------------------------------- MLP discovery
-_GATED = ("gate_proj", "up_proj", "down_proj")
-_PLAIN = ("fc1", None, "fc2")
+# The layouts this module shards: nn.Linear projections that are direct children of the MLP module
+# (a fused gate|up weight would split across ranks as [all gate | all up], not per hidden unit).
+TP_LAYOUTS = tuple(lay for lay in layouts.LAYOUTS if not (lay.fused_gate_up or lay.conv1d or lay.nested))
+
+
+def _tp_match(mlp: nn.Module):
+    return layouts.match(mlp, TP_LAYOUTS, accept=lambda m: isinstance(m, nn.Linear))
 
 
 def mlp_projections(mlp: nn.Module) -> Optional[Tuple[nn.Module, Optional[nn.Module], nn.Module]]:
-    """(in/gate, up or None, down) linears of an HF Llama-style or fc1/fc2 MLP, else None."""
-    for names in (_GATED, _PLAIN):
-        mods = [getattr(mlp, n, None) if n else None for n in names]
-        if isinstance(mods[0], nn.Linear) and isinstance(mods[2], nn.Linear) and (names[1] is None or isinstance(mods[1], nn.Linear)):
-            return mods[0], mods[1], mods[2]
-    return None
+    """(in/gate, up or None, down) linears of an MLP module of a :data:`TP_LAYOUTS` family, else None."""
+    found = _tp_match(mlp)
+    if found is None:
+        return None
+    _, subs = found
+    return subs.get("gate", subs.get("fc1")), subs.get("up"), subs.get("down", subs.get("fc2"))
 
 
-def find_mlps(model: nn.Module) -> List[str]:
+def mlp_module_names(model: nn.Module) -> List[str]:
     """Qualified names of every MLP module :func:`mlp_projections` recognizes."""
     return [n for n, m in model.named_modules() if mlp_projections(m) is not None]
 
@@ -186,7 +192,7 @@ def balance_hidden_(mlp: Union[nn.Module, MLPWeights], world_size: int,
     if isinstance(mlp, nn.Module):
         proj = mlp_projections(mlp)
         if proj is None:
-            raise ValueError(f"{type(mlp).__name__} is not a gate/up/down or fc1/fc2 MLP")
+            raise ValueError(f"{type(mlp).__name__} is not an MLP of a TP_LAYOUTS family (gate/up/down, fc1/fc2, ...)")
         g, u, d = proj
         w1, b1, w3, b3, w2 = g.weight, g.bias, (u.weight if u is not None else None), (u.bias if u is not None else None), d.weight
     else:
@@ -268,7 +274,8 @@ class BlastMLPParallel(ParallelStyle):
 
     def _apply(self, module: nn.Module, device_mesh) -> nn.Module:
         if mlp_projections(module) is None:
-            raise ValueError(f"BlastMLPParallel: {type(module).__name__} has no gate/up/down or fc1/fc2 linears")
+            raise ValueError(f"BlastMLPParallel: {type(module).__name__} is not an MLP of a TP_LAYOUTS family "
+                             "(gate/up/down, fc1/fc2, ... linears as direct children)")
         if device_mesh.ndim != 1:
             raise ValueError("BlastMLPParallel needs a 1-D tensor-parallel mesh")
         return distribute_module(module, device_mesh, lambda n, m, mesh: self._partition(n, m, mesh),
@@ -288,15 +295,16 @@ def tp_plan(model: nn.Module, style: str = "blast") -> Dict[str, ParallelStyle]:
     per MLP; the stock plan's graph has no-op ``redistribute`` calls after gate/up.
     """
     plan: Dict[str, ParallelStyle] = {}
-    for name in find_mlps(model):
+    for name in mlp_module_names(model):
         if style == "blast":
             plan[name] = BlastMLPParallel()
             continue
         if style != "torch":
             raise ValueError(f"style must be 'blast' or 'torch', not {style!r}")
         pre = f"{name}." if name else ""
-        g, u, d = mlp_projections(model.get_submodule(name))
-        gn, un, dn = (_GATED if u is not None else _PLAIN)
+        lay, _ = _tp_match(model.get_submodule(name))
+        p = lay.paths
+        gn, un, dn = p.get("gate", p.get("fc1")), p.get("up"), p.get("down", p.get("fc2"))
         plan[name] = PrepareModuleInput(input_layouts=(Replicate(),), desired_input_layouts=(Replicate(),),
                                         use_local_output=False)
         plan[pre + gn] = ColwiseParallel(use_local_output=False)
@@ -319,7 +327,7 @@ def parallelize_blast_mlp(model: nn.Module, tp_mesh, *, balance: bool = True, st
     ws = tp_mesh.size()
     reports: Dict[str, BalanceReport] = {}
     if balance and ws > 1:
-        for name in find_mlps(model):
+        for name in mlp_module_names(model):
             try:
                 reports[name] = balance_hidden_(model.get_submodule(name), ws, block)
             except ValueError as e:
@@ -379,6 +387,6 @@ def fuse_mlp_eager_(mlp: nn.Module, activation: str, *, block: Optional[Tuple[in
 
 
 __all__ = [
-    "BalanceReport", "BlastMLPParallel", "balance_hidden_", "find_mlps", "hidden_block_costs", "is_dtensor",
+    "BalanceReport", "BlastMLPParallel", "balance_hidden_", "mlp_module_names", "hidden_block_costs", "is_dtensor",
     "fuse_mlp_eager_", "local", "lpt_equal_bins", "op_args", "mlp_projections", "parallelize_blast_mlp", "sparse_mlp_call", "tp_plan",
 ]

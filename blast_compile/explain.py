@@ -1,18 +1,26 @@
 """``blast_compile.explain(model, *inputs)``: what the backend would fuse, and why not.
 
-It compiles ``model`` with the blast backend (its own cache entry; the model is
-not changed), runs it once on the inputs, and collects the per-graph reports
-the backend recorded. ``str(report)`` is a table a person can read.
+It runs ``model`` once on the inputs through Dynamo with the blast backend and
+collects the report the backend records for every graph; the model is not
+changed. ``str(report)`` (or ``print(report)``) is a table a person can read;
+``report.graph_code()`` is the rewritten graphs' code.
+
+Dynamo keeps compiled graphs per code object and backend, so an earlier
+``torch.compile(model, backend="blast")`` (or an earlier ``explain``) would be
+reused and the backend never run again. Each call therefore traces through a
+code object of its own and with a backend function of its own: it always sees
+every MLP, and it leaves the user's compiled entries as they were.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
-from typing import List
+import shutil
+import types
+from typing import List, Optional
 
 import torch
 
-from . import backend as _backend
 from .config import Candidate
 
 
@@ -26,7 +34,9 @@ class ExplainReport:
     def fused(self) -> List[Candidate]:
         return [c for c in self.candidates if c.decision == "fused"]
 
-    def table(self) -> str:
+    def table(self, width: Optional[int] = None) -> str:
+        """The per-MLP table, as wide as its content needs, at most ``width`` columns
+        (default: the terminal's width, or 200 when the output is not a terminal)."""
         from rich.console import Console
         from rich.table import Table
 
@@ -45,27 +55,72 @@ class ExplainReport:
                 c.reason,
                 (c.kernel + (f"\n{c.kernel_source}" if c.kernel_source else "")) or "-",
             )
+        width = width or shutil.get_terminal_size((200, 24)).columns
         buf = io.StringIO()
-        Console(file=buf, width=160, force_terminal=False, color_system=None).print(t)
+        Console(file=buf, width=width, force_terminal=False, color_system=None).print(t)
         out = buf.getvalue()
         for e in self.errors:
             out += f"\ninternal error (graph fell back to Inductor): {e}\n"
         return out
 
+    @classmethod
+    def from_reports(cls, reports, model=None) -> "ExplainReport":
+        """From the backend's per-graph reports; module names as ``model.named_modules()`` spells them."""
+        names = _module_names(model) if model is not None else set()
+        cands = [c for r in reports for c in r.candidates]
+        for c in cands:
+            c.module = _relative(c.module, names)
+        return cls(candidates=cands, graphs=[r.code for r in reports], errors=[r.error for r in reports if r.error])
+
+    def graph_code(self) -> str:
+        """The rewritten graphs' code (one ``blast::sparse_mlp`` node per fused MLP)."""
+        return "\n".join(f"--- rewritten graph {i} ---\n{g}" for i, g in enumerate(self.graphs))
+
     def __str__(self) -> str:
-        code = "\n".join(f"--- rewritten graph {i} ---\n{g}" for i, g in enumerate(self.graphs))
-        return self.table() + "\n" + code
+        return self.table()
 
 
-def explain(model, *example_inputs, options=None, **compile_kwargs) -> ExplainReport:
-    """Compile ``model`` with the blast backend, run it once, and report every MLP candidate."""
-    start = len(_backend.REPORTS)
-    compiled = torch.compile(model, backend=_backend.blast, options=options, **compile_kwargs)
+def _call(model, *args, **kwargs):
+    return model(*args, **kwargs)
+
+
+def _module_names(model) -> set:
+    try:
+        return {n for n, _ in model.named_modules()}
+    except Exception:
+        return set()
+
+
+def _relative(name: str, names: set) -> str:
+    """The candidate's module name as ``model.named_modules()`` spells it (Dynamo's source
+    may carry a leading component for the object the trace started from)."""
+    if not names or name in names or name == "<root>":
+        return name
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if ".".join(parts[i:]) in names:
+            return ".".join(parts[i:])
+    return name
+
+
+def explain(model, *example_inputs, options=None, mode=None, **kwargs) -> ExplainReport:
+    """Run ``model(*example_inputs, **kwargs)`` once through the blast backend and report every MLP
+    candidate, whatever was compiled before. ``options`` / ``mode`` as for ``torch.compile``."""
+    from . import backend as _backend
+
+    opts = dict(options or {})
+    opts.setdefault("inductor", False)  # the report is the point: skip Inductor's codegen
+    reports = []
+
+    def explain_backend(gm, inputs):  # a new function per call: no cached entry matches it
+        start = len(_backend.REPORTS)
+        out = _backend.blast(gm, inputs, mode=mode, options=opts)
+        reports.extend(_backend.REPORTS[start:])
+        return out
+
+    # a code object of our own: Dynamo's cache for it starts empty and goes away with it
+    fn = types.FunctionType(_call.__code__.replace(), _call.__globals__, "blast_explain")
+    compiled = torch.compile(fn, backend=explain_backend)
     with torch.no_grad():
-        compiled(*example_inputs)
-    reps = _backend.REPORTS[start:]
-    return ExplainReport(
-        candidates=[c for r in reps for c in r.candidates],
-        graphs=[r.code for r in reps],
-        errors=[r.error for r in reps if r.error],
-    )
+        compiled(model, *example_inputs, **kwargs)
+    return ExplainReport.from_reports(reports, model)

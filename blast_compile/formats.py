@@ -162,6 +162,10 @@ class MLPPattern:
     mask_in: torch.Tensor  # bool [n_h, n_in]
     mask_dn: torch.Tensor  # bool [n_out, n_h]
     key: str  # hash of (block shape, masks): equal keys => identical pattern
+    # live blocks as the weights hold them (any non-zero element; gate|up: their union), before
+    # build_pattern drops hidden blocks that cannot contribute: the count sp.summary() shows too
+    live_in: int = -1
+    live_dn: int = -1
 
     @property
     def nnz_in(self) -> int:
@@ -191,11 +195,15 @@ class MLPPattern:
         return MLPPattern(**kw)
 
     def summary(self) -> str:
-        return (
-            f"block {self.bh}x{self.bd}, in {self.nnz_in}/{self.mask_in.numel()} live, "
-            f"down {self.nnz_dn}/{self.mask_dn.numel()} live, "
-            f"{self.hidden_live.numel()}/{self.n_h} hidden blocks used"
-        )
+        """Live blocks per weight (counted as ``BlastSparsifier.summary`` counts them), then what
+        the kernels read once hidden blocks that cannot contribute are dropped."""
+        live_in = self.live_in if self.live_in >= 0 else self.nnz_in
+        live_dn = self.live_dn if self.live_dn >= 0 else self.nnz_dn
+        s = (f"block {self.bh}x{self.bd}, in {live_in}/{self.mask_in.numel()} live, "
+             f"down {live_dn}/{self.mask_dn.numel()} live, {self.hidden_live.numel()}/{self.n_h} hidden blocks used")
+        if (live_in, live_dn) != (self.nnz_in, self.nnz_dn):
+            s += f"; kernels read {self.nnz_in} + {self.nnz_dn} blocks"
+        return s
 
 
 def _csr(mask: torch.Tensor):
@@ -261,7 +269,7 @@ def build_pattern(
         dn_colptr=dn_colptr, dn_rows=dn_rows,
         dn_rowptr=dn_rowptr, dn_cols=dn_cols,
         hidden_live=hidden_live, mask_in=m_in, mask_dn=m_dn,
-        key=pattern_key(bh, bd, m_in, m_dn),
+        key=pattern_key(bh, bd, m_in, m_dn), live_in=int(mask_in.sum()), live_dn=int(mask_dn.sum()),
     )
 
 

@@ -169,12 +169,16 @@ def table(plans: Sequence[Plan]):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="blast memory-plan", description=__doc__.split("\n\n")[0])
+    from .cli import fraction, positive_int
+
+    ap = argparse.ArgumentParser(prog="blast memory-plan", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", action="append", choices=sorted(CONFIGS),
                     help="built-in config (repeatable; default: all)")
-    ap.add_argument("--sparsity", type=float, action="append", help="MLP block sparsity, e.g. 0.9 (repeatable)")
-    ap.add_argument("--block", type=int, default=64)
-    ap.add_argument("--dtype-bytes", type=int, default=2)
+    ap.add_argument("--sparsity", type=fraction(lo_open=False), action="append",
+                    help="MLP block sparsity in [0, 1), e.g. 0.9 (repeatable; default: 0.5, 0.9, 0.95)")
+    ap.add_argument("--block", type=positive_int, default=64, help="block size (square)")
+    ap.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per weight (2: bf16)")
     ap.add_argument("--gpu-gb", type=float, default=80, help="GiB per GPU")
     ap.add_argument("--usable", type=float, default=1.0, help="fraction of GPU memory for weights + KV")
     ap.add_argument("--kv-tokens", type=int, default=0, help="KV cache tokens (batch x context)")

@@ -17,11 +17,10 @@ The recipe (what is known to work; BLaST's own text was not available):
   refits the surviving blocks by least squares: :mod:`blast_compile.calibrate`,
   for models whose few massive input channels make magnitude a poor guide). Each layer keeps the same
   fraction of blocks; ``balanced=True`` keeps the same count in every block-row,
-  which lets the fused kernels use constexpr trip counts. Measured (round 18,
-  BENCHMARKS.md / RESULTS.md): no faster than as many blocks placed freely (8B,
-  64x64), and worse perplexity in the 34M pretraining (+7 % at 88.6 %, against
-  +3.4 % unbalanced at 90 %); the per-row count also rounds coarsely on narrow
-  weights (1 of 8 blocks: 87.5 %). Kept as an option, not a recommendation. With ``tie_gate_up``
+  which lets the fused kernels use constexpr trip counts. Measured: no faster than
+  as many blocks placed freely, and worse perplexity (RESULTS.md, "Variants"); the
+  per-row count also rounds coarsely on narrow weights (1 of 8 blocks is 87.5 %).
+  Kept as an option, not a recommendation. With ``tie_gate_up``
   (default) a gated MLP's gate and up projections share one mask, and so do the
   two halves of a fused ``gate_up_proj`` (Phi-3, GLM): the fused op reads the
   union of both, so separate masks would cost live blocks.
@@ -37,8 +36,7 @@ The recipe (what is known to work; BLaST's own text was not available):
   the masks.
 * **hand-off**: once masks are frozen and the model is compiled with
   ``backend="blast"``, the fused op already computes dW only on live blocks, so
-  the per-step upkeep (a multiply per gradient and per weight: ~5% of a 34M
-  model's step) changes nothing. ``hand_off()`` stops it and instead checks every
+  the per-step upkeep (a multiply per gradient and per weight) changes nothing. ``hand_off()`` stops it and instead checks every
   ``check_every`` steps that the dead blocks are still exactly zero; if one is
   not (a backward that did not go through the fused op), it warns, re-masks,
   clears the optimizer state there and resumes the upkeep.
@@ -61,15 +59,16 @@ import torch
 from torch import nn
 
 from . import calibrate as _cal
+from . import layouts
 from . import masks as _masks
 from .formats import cdiv, expand_mask
 
 log = logging.getLogger("blast_compile.sparsifier")
 
-# Module names of MLP projections in common architectures (Llama, GPT-2, OPT/BERT, Mixtral experts).
-_MLP_LEAF = re.compile(r"(^|\.)(gate_proj|up_proj|gate_up_proj|down_proj|fc1|fc2|c_fc|w1|w2|w3|dense_h_to_4h|dense_4h_to_h|fc_in|fc_out)$")
+# Module names of MLP projections (the families of blast_compile.layouts), wherever they appear.
+_MLP_LEAF = re.compile(r"(^|\.)(" + "|".join(sorted(layouts.leaf_names())) + r")$")
 # a fused gate|up projection: rows [0, h) and [h, 2h) are the gate and up weights (Phi-3, GLM)
-_FUSED_GATE_UP = {"gate_up_proj"}
+_FUSED_GATE_UP = layouts.fused_gate_up_names()
 _MLP_PARENT = re.compile(r"(^|\.)(mlp|feed_forward|ffn|intermediate)(\.|$)")
 
 
@@ -227,8 +226,9 @@ class BlastSparsifier:
     # ---------------------------------------------------------------- selection
     def _select(self, layers):
         named = list(self.model.named_modules())
-        if layers is None:
-            return [(n, m) for n, m in named if default_layer_filter(n, m)]
+        if layers is None:  # by name, plus the projections of MLPs the layouts find (BERT's output.dense)
+            found = {q for mlp in layouts.mlp_modules(self.model) for q in mlp.quals.values()}
+            return [(n, m) for n, m in named if default_layer_filter(n, m) or (n in found and _is_2d_weight_module(m))]
         if callable(layers):
             return [(n, m) for n, m in named if _is_2d_weight_module(m) and layers(n, m)]
         want = list(layers)
@@ -250,7 +250,7 @@ class BlastSparsifier:
         """Layers that share one mask: a gated MLP's gate and up projections (the fused op
         reads the union of their masks, so independent masks would cost live blocks)."""
         groups, seen = [], set()
-        pairs = (("gate_proj", "up_proj"), ("w1", "w3"))
+        pairs = layouts.tied_gate_up_paths()
         for n, L in self.layers.items():
             if n in seen:
                 continue
@@ -534,25 +534,29 @@ class BlastSparsifier:
         return dead / max(tot, 1)
 
     def hidden_use(self) -> Dict[str, dict]:
-        """Per MLP (Linear-style names): hidden blocks live in the in-projections (gate/up), in the
+        """Per MLP (found by :mod:`layouts`): hidden blocks live in the in-projections (gate/up), in the
         down projection, and in both; ``orphan_frac`` is the fraction of live blocks whose hidden
         block the other side does not use -- work the fused op drops, i.e. capacity lost."""
-        ins, outs = {"gate_proj", "up_proj", "w1", "w3", "fc1", "dense_h_to_4h", "fc_in"}, \
-            {"down_proj", "w2", "fc2", "dense_4h_to_h", "fc_out"}
-        by_parent = defaultdict(lambda: ([], []))
-        for n, L in self.layers.items():
-            parent, _, leaf = n.rpartition(".")
-            if leaf in ins or leaf in outs:
-                by_parent[parent][0 if leaf in ins else 1].append(L)
+        by_parent = {}
+        for mlp in layouts.mlp_modules(self.model):
+            if mlp.layout.fused_gate_up:  # (its halves share one weight: not split here)
+                continue
+            li = [self.layers[q] for r, q in mlp.quals.items() if r in layouts.IN_ROLES and q in self.layers]
+            lo = [self.layers[q] for r, q in mlp.quals.items() if r in layouts.OUT_ROLES and q in self.layers]
+            by_parent[mlp.name] = (li, lo)
+
+        def oi(L):  # the mask as [out blocks, in blocks] (Conv1D weights are [in, out])
+            return L.mask if L.in_dim == 1 else L.mask.t()
+
         res = {}
         for parent, (li, lo) in by_parent.items():
-            if not li or not lo or any(L.mask.shape[0] != lo[0].mask.shape[1] for L in li):
+            if not li or not lo or any(oi(L).shape[0] != oi(lo[0]).shape[1] for L in li):
                 continue
-            hin = torch.stack([L.mask.any(1) for L in li]).any(0)
-            hout = torch.stack([L.mask.any(0) for L in lo]).any(0)
+            hin = torch.stack([oi(L).any(1) for L in li]).any(0)
+            hout = torch.stack([oi(L).any(0) for L in lo]).any(0)
             both = hin & hout
             live = sum(int(L.mask.sum()) for L in li + lo)
-            used = sum(int(L.mask[both].sum()) for L in li) + sum(int(L.mask[:, both].sum()) for L in lo)
+            used = sum(int(oi(L)[both].sum()) for L in li) + sum(int(oi(L)[:, both].sum()) for L in lo)
             res[parent] = dict(hidden_blocks=int(hin.numel()), live_in=int(hin.sum()), live_down=int(hout.sum()),
                                live_both=int(both.sum()), orphan_frac=1.0 - used / max(1, live))
         return res
@@ -644,27 +648,40 @@ class BlastSparsifier:
             self._load_masks({k: f.get_tensor(k) for k in f.keys()})
 
     def plot_masks(self, path: str, max_layers: int = 36):
-        """One image per layer: live blocks white, dead black."""
+        """One panel per layer: live blocks white, dead black (legend in the figure), one square per
+        block whatever the weight's shape. Writes ``path`` (any format matplotlib saves); returns it."""
+        import matplotlib.pyplot as plt
+
+        fig = self._mask_figure(max_layers)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def _mask_figure(self, max_layers: int = 36):
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
 
         items = list(self.layers.items())[:max_layers]
         n = len(items)
         cols = min(6, n)
         rows = cdiv(n, cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows), squeeze=False)
-        for ax in axes.flat:
+        fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.4 * rows + 0.6), squeeze=False)
+        for ax in axes.flat[n:]:
             ax.axis("off")
         for ax, (name, L) in zip(axes.flat, items):
-            ax.imshow(L.mask.cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+            ax.set_xticks([]), ax.set_yticks([])  # (the frame stays: live blocks are white like the page)
+            # aspect "equal": a 16x4 block grid stays 16 by 4 squares, not a stretched landscape
+            ax.imshow(L.mask.cpu().numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect="equal")
             ax.set_title(f"{name}\n{1 - L.mask.float().mean():.0%} sparse", fontsize=7)
         fig.suptitle(f"block masks ({self.block_size}x{self.block_size}), step {self.step_count}")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        fig.legend(handles=[Patch(facecolor="white", edgecolor="black", label="live block"),
+                            Patch(facecolor="black", edgecolor="black", label="dead (zero) block")],
+                   loc="lower center", ncol=2, frameon=False, fontsize=8)
+        fig.tight_layout(rect=(0, 0.05, 1, 1))
+        return fig
 
 
 __all__ = ["BlastSparsifier", "cubic_sparsity", "default_layer_filter"]

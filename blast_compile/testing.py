@@ -1,18 +1,16 @@
 """Helpers to make block-sparse weights for demos, tests and benchmarks."""
 from __future__ import annotations
 
-import re
-from typing import Iterable, Optional
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
+from . import layouts
 from .formats import cdiv, expand_mask
 
-# Module-name suffixes of MLP projections in common architectures.
-MLP_WEIGHT_NAMES = re.compile(
-    r"(gate_proj|up_proj|down_proj|fc1|fc2|c_fc|mlp\.c_proj|w1|w2|w3|dense_h_to_4h|dense_4h_to_h|"
-    r"intermediate\.dense|(?<!attention\.)output\.dense|mlp\.fc_in|mlp\.fc_out)\.weight$"
-)
+def mlp_weights(model: torch.nn.Module) -> Dict[str, Tuple[str, str]]:
+    """``{weight name: (MLP module name, role)}`` for the projections of every MLP :mod:`layouts` finds."""
+    return {f"{q}.weight": (mlp.name, role) for mlp in layouts.mlp_modules(model) for role, q in mlp.quals.items()}
 
 
 class SwiGLU(torch.nn.Module):
@@ -51,26 +49,31 @@ def zero_blocks_(w: torch.Tensor, sparsity: float, block=(64, 64), generator=Non
 @torch.no_grad()
 def sparsify_mlps_(model: torch.nn.Module, sparsity: float, block: int = 64, seed: int = 0,
                    names: Iterable[str] = ()) -> int:
-    """Zero random blocks of every MLP weight (by name) of ``model``; returns how many weights.
+    """Zero random blocks of every MLP weight of ``model`` (found by :mod:`layouts`, plus the weights
+    named in ``names``); returns how many weights.
 
     Gate and up projections of one MLP get the same mask, as the BLaST sparsifier
-    gives them (the fused kernel reads the union of the two).
+    gives them (the fused kernel reads the union of the two); so do the two halves
+    of a fused gate|up weight.
     """
     g = torch.Generator().manual_seed(seed)
+    roles = mlp_weights(model)
+    extra = set(names)
     count = 0
-    gate_masks = {}
+    gate_masks = {}  # MLP name -> (shape, mask) of its gate
     for name, p in model.named_parameters():
-        if p.dim() == 2 and (MLP_WEIGHT_NAMES.search(name) or name in set(names)):
-            prefix = name.rsplit(".", 2)[0]
-            tied = _TIED.get(name.rsplit(".", 2)[-2])
-            if tied and (prefix, tied) in gate_masks and gate_masks[prefix, tied][0] == p.shape:
-                m = gate_masks[prefix, tied][1]
-                p.mul_(expand_mask(m, block, block, p.shape).to(p.dtype).to(p.device))
-            else:
-                m = zero_blocks_(p, sparsity, (block, block), g)
-            gate_masks[prefix, name.rsplit(".", 2)[-2]] = (p.shape, m)
-            count += 1
+        if p.dim() != 2 or not (name in roles or name in extra):
+            continue
+        mlp, role = roles.get(name, (None, None))
+        if role == "up" and mlp in gate_masks and gate_masks[mlp][0] == p.shape:
+            p.mul_(expand_mask(gate_masks[mlp][1], block, block, p.shape).to(p.dtype).to(p.device))
+        elif role == "gate_up" and p.shape[0] % (2 * block) == 0:
+            half = p.shape[0] // 2
+            m = zero_blocks_(p[:half], sparsity, (block, block), g)
+            p[half:].mul_(expand_mask(m, block, block, p[half:].shape).to(p.dtype).to(p.device))
+        else:
+            m = zero_blocks_(p, sparsity, (block, block), g)
+            if role == "gate":
+                gate_masks[mlp] = (p.shape, m)
+        count += 1
     return count
-
-
-_TIED = {"up_proj": "gate_proj", "w3": "w1"}

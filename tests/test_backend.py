@@ -266,7 +266,48 @@ def test_explain_reports_fused_and_dense_with_reasons():
     dense = [c for c in rep.candidates if c.decision == "dense"][0]
     assert "min_sparsity" in dense.reason
     text = str(rep)
-    assert "sparse_mlp" in text and "fused" in text and "dense" in text
+    assert "fused" in text and "dense" in text and "sparse_mlp" not in text  # the table only
+    assert "sparse_mlp" in rep.graph_code()
+
+
+def test_explain_after_compile_and_twice_reports_every_mlp():
+    """Dynamo reuses a compiled graph: explain must still see the MLPs after the user's own
+    compile, and on a second call, and leave the user's compiled model working."""
+    torch._dynamo.reset()
+    m = torch.nn.Sequential(sparse_block(0.9), sparse_block(0.9, seed=3)).eval()
+    x = torch.randn(3, 64)
+    cmodel = torch.compile(m, backend="blast")
+    with torch.no_grad():
+        ref = cmodel(x)
+    for _ in range(2):
+        rep = blast_compile.explain(m, x)
+        assert len(rep.candidates) == 2 and len(rep.fused) == 2, rep
+        assert sorted(c.module for c in rep.candidates) == ["0.mlp", "1.mlp"]  # as named_modules() spells them
+    with torch.no_grad():
+        torch.testing.assert_close(cmodel(x), ref)
+
+
+def test_explain_counts_live_blocks_as_the_sparsifier_does():
+    """One count of live blocks: the explain table's "in a/b live" is the weights' live blocks, what
+    BlastSparsifier.summary() shows, even where the kernels skip some (unused hidden blocks)."""
+    from blast_compile.sparsifier import BlastSparsifier
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = SwiGLU(64, 256)
+    sp = BlastSparsifier(m, target_sparsity=0.9, block_size=16, schedule="constant")  # prunes at once
+    live = {n.rpartition(".")[2]: d["live"] for n, d in sp.layer_sparsity().items()}
+    (c,) = blast_compile.explain(m, torch.randn(2, 64)).candidates
+    assert f"in {live['gate_proj']}/64 live" in c.reason and f"down {live['down_proj']}/64 live" in c.reason, c.reason
+    assert f"{live['gate_proj']}/64" in sp.summary()
+
+
+def test_explain_table_width_follows_content():
+    torch._dynamo.reset()
+    rep = blast_compile.explain(sparse_block(0.9), torch.randn(3, 64))
+    widths = {len(line) for line in rep.table(width=400).splitlines() if line.strip()}
+    assert max(widths) < 300  # as wide as the rows need, not the allowed width
+    assert max(len(line) for line in rep.table(width=100).splitlines()) <= 100
 
 
 def test_hf_llama_every_mlp_fused_logits_match():

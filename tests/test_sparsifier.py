@@ -1,5 +1,6 @@
 """BlastSparsifier: schedule, masks, optimizer interplay, persistence, the fused op following masks."""
 import math
+import os
 
 import pytest
 import torch
@@ -657,3 +658,23 @@ def test_calibrate_runs_at_construction_and_before_every_mask_update():
     updates = sum(bool(sp.step()) for _ in range(8))
     assert updates == 4 and len(calls) == 1 + updates
     assert sp.sparsity() == pytest.approx(0.5, abs=0.01)
+
+
+def test_plot_masks_has_a_legend_and_square_blocks(tmp_path):
+    """White is live (said in a legend), and a tall 16x4 block grid is drawn 16 by 4 squares."""
+    pytest.importorskip("matplotlib")
+    m = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    sp = BlastSparsifier(m, target_sparsity=0.5, block_size=16, schedule="constant", layers=["0", "2"])
+    fig = sp._mask_figure()
+    fig.canvas.draw()  # (aspect is applied at draw time)
+    labels = [t.get_text() for leg in fig.legends for t in leg.get_texts()]
+    assert labels == ["live block", "dead (zero) block"]
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert [im.get_array().shape for im in images] == [(16, 4), (4, 16)]
+    for im in images:
+        assert im.axes.get_aspect() == 1.0
+        bb = im.axes.get_window_extent()
+        rows, cols = im.get_array().shape
+        assert bb.height / rows == pytest.approx(bb.width / cols, rel=0.02)  # square blocks on the page
+    path = sp.plot_masks(str(tmp_path / "masks.png"))
+    assert os.path.getsize(path) > 1000

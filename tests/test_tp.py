@@ -147,7 +147,7 @@ def test_balance_permutes_declared_masks():
 
 def test_tp_plan_names():
     m = make_model("llama")
-    assert bd.find_mlps(m) == ["mlp"]
+    assert bd.mlp_module_names(m) == ["mlp"]
     plan = bd.tp_plan(m, style="torch")
     assert set(plan) == {"mlp", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     assert isinstance(bd.tp_plan(make_model("fc"))["mlp"], bd.BlastMLPParallel)
