@@ -60,34 +60,8 @@ _NONPERSISTENT = "__nonpersistent__."
 
 
 def _rows_of(row_ptr: Tensor, nnz: int) -> Tensor:
-    """Block-row of each packed block (int64), without a host sync (``output_size``)."""
-    n = row_ptr.numel() - 1
-    counts = (row_ptr[1:] - row_ptr[:-1]).long()
-    return torch.repeat_interleave(torch.arange(n, device=row_ptr.device), counts, output_size=nnz)
-
-
-def _bsmm(x2d: Tensor, blocks: Tensor, rows: Tensor, cols: Tensor, n_out_blocks: int) -> Tensor:
-    """fp32 ``[M, n_out_blocks*bo]``: ``x @ W^T`` with W given by its packed blocks.
-
-    CPU: :func:`gather.bsmm`. Other devices: the same gather + bmm + index_add, but the
-    blocks stay in their dtype (bmm accumulates in fp32 on GPU), so there is no fp32
-    copy of the weights -- that copy would eat the memory we are saving.
-    """
-    if x2d.device.type == "cpu" or x2d.dtype == torch.float64:
-        return gather.bsmm(x2d, blocks, rows, cols, n_out_blocks)
-    m = x2d.shape[0]
-    nnz, bo, bi = blocks.shape
-    y = torch.zeros(m, n_out_blocks, bo, device=x2d.device, dtype=torch.float32)
-    if nnz == 0 or m == 0:
-        return y.reshape(m, -1)
-    xb = x2d.reshape(m, -1, bi)
-    rows_l, cols_l = rows.long(), cols.long()
-    wt = blocks.to(x2d.dtype).transpose(1, 2)
-    step = max(1, _CHUNK_ELEMS // max(1, nnz * (bi + bo)))
-    for s in range(0, m, step):
-        xg = xb[s : s + step, cols_l].transpose(0, 1)  # [nnz, mc, bi]
-        y[s : s + step].index_add_(1, rows_l, torch.bmm(xg, wt).transpose(0, 1).float())
-    return y.reshape(m, -1)
+    """Block-row of each packed block (int64), without a host sync."""
+    return gather.rows_of(row_ptr, nnz)
 
 
 def _pad_last(t: Tensor, n: int) -> Tensor:
@@ -102,10 +76,10 @@ def block_linear(x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Tensor, bi
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = _pad_last(x.reshape(-1, k), cdiv(k, bi) * bi)
     rows = _rows_of(row_ptr, nnz)
-    y = _bsmm(x2d, blocks, rows, col_idx, row_ptr.numel() - 1)[:, :out_features]
+    y = gather.bsmm(x2d, blocks, rows, col_idx, row_ptr.numel() - 1)[:, :out_features]
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype).reshape(*lead, out_features)
+    return y.to(x.dtype).contiguous().reshape(*lead, out_features)  # (contiguous, as the fake says)
 
 
 @block_linear.register_fake
@@ -130,7 +104,7 @@ def _block_linear_backward(ctx, dy):
     x2d = _pad_last(x.reshape(-1, k), n_cols * bi)
     dx = dblocks = dbias = None
     if ctx.needs_input_grad[0]:
-        dx = _bsmm(dy2d, blocks.transpose(1, 2), col_idx, rows, n_cols)[:, :k].to(x.dtype).reshape(x.shape)
+        dx = gather.bsmm(dy2d, blocks.transpose(1, 2), col_idx, rows, n_cols)[:, :k].to(x.dtype).reshape(x.shape)
     if ctx.needs_input_grad[1]:
         m = x2d.shape[0]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -462,20 +436,14 @@ def decompress_(model: nn.Module) -> int:
 # Fusing a compressed MLP
 
 
-def _select(pos: Tensor, rows: Tensor, cols: Tensor, blocks: Tensor) -> Tensor:
-    """Blocks at (rows, cols) in that order; a block the layer does not hold is zero."""
-    idx = pos[rows.long(), cols.long()]
-    if idx.numel() == blocks.shape[0] and bool((idx == torch.arange(idx.numel(), device=idx.device)).all()):
-        return blocks  # the common case: same order, no copy
-    log.info("blast compress: re-packing %d blocks into pattern order (copy)", idx.numel())
-    padded = torch.cat([blocks, blocks.new_zeros(1, *blocks.shape[1:])])
-    return padded[torch.where(idx < 0, blocks.shape[0], idx)]
-
-
-def _pos_table(mod: BlockSparseLinear) -> Tensor:
-    pos = torch.full(mod.grid, -1, dtype=torch.long, device=mod.col_idx.device)
-    pos[_rows_of(mod.row_ptr, mod.nnz), mod.col_idx.long()] = torch.arange(mod.nnz, device=pos.device)
-    return pos
+def _select(mod: BlockSparseLinear, rows: Tensor, cols: Tensor) -> Tensor:
+    """``mod``'s blocks at (rows, cols) in that order; a block the layer does not hold is zero."""
+    pos = gather.pos_table(_rows_of(mod.row_ptr, mod.nnz), mod.col_idx, *mod.grid)
+    sel = gather.select_blocks(pos, rows, cols, mod.blocks)
+    if sel is None:
+        return mod.blocks  # the common case: same order, no copy
+    log.info("blast compress: re-packing %d blocks into pattern order (copy)", sel.shape[0])
+    return sel
 
 
 def packed_mlp(w1: BlockSparseLinear, w3: Optional[BlockSparseLinear], w2: BlockSparseLinear, activation: str):
@@ -494,9 +462,9 @@ def packed_mlp(w1: BlockSparseLinear, w3: Optional[BlockSparseLinear], w2: Block
     in_rows = gather.rows_of(pat.in_rowptr).to(dev)
     dn_rows = gather.rows_of(pat.dn_rowptr).to(dev)
     in_cols, dn_cols = pat.in_cols.to(dev), pat.dn_cols.to(dev)
-    p1 = _select(_pos_table(w1), in_rows, in_cols, w1.blocks)
-    p3 = _select(_pos_table(w3), in_rows, in_cols, w3.blocks) if w3 is not None else None
-    p2 = _select(_pos_table(w2), dn_rows, dn_cols, w2.blocks)
+    p1 = _select(w1, in_rows, in_cols)
+    p3 = _select(w3, in_rows, in_cols) if w3 is not None else None
+    p2 = _select(w2, dn_rows, dn_cols)
     return pat, p1, w1.bias, p3, (w3.bias if w3 is not None else None), p2, w2.bias
 
 
