@@ -2,9 +2,10 @@
 
 A plan (live-block indices, kernel tables, scratch) is derived from a layer's tensors and
 reused while those tensors are unchanged. Plans are keyed by the op's pattern key plus the
-tensors' identities (storage address, offset, shape, strides, device), and each one keeps
-weak references to the tensors it came from: once they are gone, a new tensor at the same
-address (with a fresh version counter) is not the same layer, and the plan is dropped.
+tensors' identities (storage address, offset, shape, strides, device); a :class:`.watch.Snapshot`
+kept with each plan says whether its tensors may have changed since (version counters, storage
+identity that survives address reuse, fused-optimizer steps), and each plan keeps weak references
+to the tensors it came from: once they are gone the plan is dropped.
 """
 import logging
 import threading
@@ -32,9 +33,12 @@ def register_weights(*ts) -> None:
     them. At run time the op may get an *alias* instead (Inductor hands a view of a graph input --
     GPT-2's ``torch.t(W)``, a fused gate|up weight's ``narrow`` -- as a fresh ``reinterpret_tensor``
     each call, with a version counter of its own that in-place changes of the parameter never
-    move); ``owner`` maps it back."""
+    move); ``owner`` maps it back. They are watched for fused-optimizer steps (:func:`.watch.watch`)."""
+    from .watch import watch
+
     for t in ts:
         if isinstance(t, Tensor) and t.device.type != "meta":
+            watch(t)
             try:
                 refs_ = _OWNERS.setdefault(t.untyped_storage().data_ptr(), [])
             except (RuntimeError, NotImplementedError):  # fake tensors, subclasses
@@ -126,11 +130,15 @@ _CACHES: "weakref.WeakSet[PlanCache]" = weakref.WeakSet()
 def refresh() -> None:
     """Forget every fused MLP's plan: the next call re-derives its live blocks from the weights.
 
-    Needed only after writes PyTorch's version counters do not see -- through ``w.data``
-    (``w.data.copy_(new)``, ``w.data[...] = v``), which shares the storage but not the version
-    counter. Writes to ``w`` itself (optimizer steps, ``load_state_dict``, ``copy_`` under
-    ``no_grad``) are seen without it. Under CUDA graphs the replayed kernels keep the pattern
-    they were recorded with (re-record: ``torch._dynamo.reset()`` and compile again)."""
+    Needed only after writes through another tensor that shares a weight's storage but not its
+    version counter: ``w.data`` (``w.data.copy_(new)``, ``w.data[...] = v``), a flat buffer the
+    parameters were rebound into and that is then written in place, a ``torch.from_numpy`` / DLPack
+    alias; and after in-place writes to inference tensors (no version counter). Seen without it:
+    writes to ``w`` itself (optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``), fused
+    optimizer steps (``fused=True``; counted by an optimizer step hook, :mod:`.watch`), and
+    rebinding ``w.data = t`` / ``vector_to_parameters`` (a new storage). Under CUDA graphs the
+    replayed kernels keep the pattern they were recorded with (re-record: ``torch._dynamo.reset()``
+    and compile again)."""
     for cache in list(_CACHES):
         cache.clear()
 
