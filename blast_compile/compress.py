@@ -518,9 +518,15 @@ def save_compressed(model: nn.Module, path: str) -> None:
         "modules": json.dumps(modules),
         "aliases": json.dumps(aliases),
         "sha256": json.dumps({k: _sha256(v) for k, v in tensors.items()}),
+        # the checksums cover bytes; the header's dtype says how to read them: kept apart, checked on load
+        "dtypes": json.dumps({k: _dtype_name(v.dtype) for k, v in tensors.items()}),
         "config": json.dumps(_config_dict(model), default=str),
     }
     save_file(tensors, path, metadata=meta)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
 
 
 @contextlib.contextmanager
@@ -565,6 +571,16 @@ def _read(path: str, device) -> Tuple[Dict[str, Tensor], dict]:
     bad = [k for k, t in tensors.items() if _sha256(t) != sums[k]]
     if bad:
         raise ValueError(f"{path}: checksum mismatch in {len(bad)} tensor(s), e.g. {bad[:3]}: the file is corrupted")
+    if "dtypes" in meta:  # (files written before it was recorded: load_compressed's structural checks only)
+        try:
+            dtypes = json.loads(meta["dtypes"])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: damaged metadata ({e})") from e
+        wrong = [f"{k} is {_dtype_name(t.dtype)}, saved as {dtypes.get(k)}" for k, t in tensors.items()
+                 if dtypes.get(k) != _dtype_name(t.dtype)]
+        if wrong:
+            raise ValueError(f"{path}: tensor dtype in the header differs from the one saved (file damaged or edited): "
+                             + "; ".join(wrong[:3]))
     return {k: t.to(device) for k, t in tensors.items()}, parsed
 
 
@@ -623,6 +639,9 @@ def load_compressed(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
              if tuple(expected[k].shape) != tuple(tensors[k].shape)]
     if wrong:
         raise ValueError("file does not match the model: " + "; ".join(wrong[:5]))
+    wrong = _dtype_mismatches(model, expected, tensors)
+    if wrong:
+        raise ValueError("file does not match the model (dtype): " + "; ".join(wrong[:5]))
     made = {}  # tied weights: one Parameter per stored tensor
     for key, t in tensors.items():
         name = key[len(_NONPERSISTENT):] if key.startswith(_NONPERSISTENT) else key
@@ -630,7 +649,10 @@ def load_compressed(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
         mod = model.get_submodule(mod_name)
         if leaf in mod._parameters:
             if id(t) not in made:
-                made[id(t)] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+                try:
+                    made[id(t)] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+                except RuntimeError as e:  # (e.g. an integer tensor that should require grad)
+                    raise ValueError(f"{path}: {key} cannot be a parameter of the model ({e})") from e
             mod._parameters[leaf] = made[id(t)]
         else:
             mod._buffers[leaf] = t
@@ -639,6 +661,29 @@ def load_compressed(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
             m.validate()
     _restore_mlp_metadata(model)
     return model
+
+
+def _dtype_mismatches(model: nn.Module, expected: Dict[str, Tensor], tensors: Dict[str, Tensor]) -> List[str]:
+    """What the model's tensors say about the file's dtypes (files without recorded dtypes get only this):
+    a float tensor stays float (any float dtype: a model saved in bf16 loads into an fp32 skeleton), other
+    dtypes match exactly, block indices are int32, and a compressed layer's bias has its blocks' dtype."""
+    out = []
+    for k, want in expected.items():
+        got = tensors[k].dtype
+        if want.is_floating_point() != got.is_floating_point or (not got.is_floating_point and want.dtype != got):
+            out.append(f"{k} is {_dtype_name(got)}, the model has {_dtype_name(want.dtype)}")
+    for name, m in model.named_modules():
+        if not isinstance(m, BlockSparseLinear):
+            continue
+        pre = f"{name}." if name else ""
+        for leaf in ("row_ptr", "col_idx"):
+            t = tensors.get(pre + leaf)
+            if t is not None and t.dtype != torch.int32:
+                out.append(f"{pre}{leaf} is {_dtype_name(t.dtype)}, block indices are int32")
+        blk, b = tensors.get(pre + "blocks"), tensors.get(pre + "bias")
+        if blk is not None and b is not None and blk.dtype != b.dtype:
+            out.append(f"{pre}bias is {_dtype_name(b.dtype)}, its blocks {_dtype_name(blk.dtype)}")
+    return out
 
 
 def _restore_mlp_metadata(model: nn.Module) -> None:
@@ -670,10 +715,20 @@ def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", mo
     """Load a directory written by :func:`save_pretrained` (class from ``config.architectures``)."""
     import transformers
 
-    with open(os.path.join(directory, "blast.json")) as f:
-        info = json.load(f)
-    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory}/blast.json: unsupported format {info.get('format')} v{info.get('format_version')}")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such directory (a compressed model saved by save_pretrained)")
+    path = os.path.join(directory, "blast.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no blast.json, so not a compressed model directory written by "
+                                "blast_compile.compress.save_pretrained")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format {info.get('format') if isinstance(info, dict) else info!r} "
+                         f"v{info.get('format_version') if isinstance(info, dict) else '?'}")
     cfg = transformers.AutoConfig.from_pretrained(directory)
     if model_cls is None:
         arch = (cfg.architectures or [None])[0]
@@ -681,6 +736,10 @@ def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", mo
         if model_cls is None:
             raise ValueError(f"{directory}: cannot tell the model class (architectures={cfg.architectures})")
     model = load_compressed(lambda: model_cls(cfg), os.path.join(directory, "model.safetensors"), device)
+    have = {n: {"block": list(m.block), "nnz": m.nnz, "grid": list(m.grid), "role": m.blast_role}
+            for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
+    if info.get("layers") != have:
+        raise ValueError(f"{path} does not describe model.safetensors' compressed layers (files from two saves?)")
     return model.eval()
 
 
