@@ -173,6 +173,17 @@ def test_snapshot_sees_versions_storages_layouts_and_fused_steps():
     assert not snap.changed([p, None, q])  # (q is not watched: a fused step on it is not counted)
     torch.optim.SGD([p], lr=0.1, fused=True).step()
     assert snap.changed([p, None, q])
+    # layout=False (the op's plans: their key holds the layout) still sees versions, storages, steps
+    p.data = base[:64].view(8, 8)
+    lean = Snapshot([p], layout=False)
+    p.data = base[64:128].view(8, 8)
+    assert not lean.changed([p]) and snap.changed([p, None, q])
+    p.data = torch.randn(8, 8)
+    assert lean.changed([p])
+    lean.update([p])
+    with torch.no_grad():
+        p.mul_(2)
+    assert lean.changed([p])
 
 
 def test_snapshot_survives_address_reuse():

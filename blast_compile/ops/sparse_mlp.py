@@ -4,8 +4,8 @@ Meaning: ``down(act(gate(x)) [* up(x)])`` with the dense weights as given, i.e.
 exactly what eager computes. The op receives the *dense* weight tensors and
 reads only their live blocks, so a weight updated in place is read fresh. What
 can go stale is the pattern (which blocks are live); it is re-derived whenever a
-weight's ``_version`` counter moves (an O(1) check per call), so the op is
-never wrong:
+weight may have changed (an O(1) check per call, :class:`.watch.Snapshot`: version
+counters, storages, fused-optimizer steps), so the op is never wrong:
 
 * the compile-time pattern is identified by ``pattern_key`` (a hash of block
   shape and masks). It is an op argument, so Inductor/AOTAutograd caches can
@@ -18,6 +18,9 @@ never wrong:
 Inputs with NaN/Inf: eager's dense product spreads them across the whole row
 (``0 * inf = nan``); on CPU such rows are recomputed densely, on CUDA rows with
 a non-finite input are poisoned with NaN (what eager gives for those rows).
+Weights or biases with NaN/Inf (seen when the plan is built) run dense: the pattern
+skips hidden units whose output is provably zero or unused, and eager multiplies a
+NaN there by zero (NaN).
 
 Autocast: the rewrite passes the ambient autocast dtype (``compute_dtype``); the op then computes
 like the autocast linears it replaces -- inputs in that dtype, output in it, gradients returned in
@@ -143,7 +146,11 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
             counters["blast"]["pattern_revalidated"] += 1
             return plan
         plan = _Plan()
-        plan.snap, plan.mask_snap, plan.mask_blocks = Snapshot(seen), Snapshot(mask_ts), mask_blocks
+        # (layout=False for the weights: the cache key holds their offsets, shapes and strides, owners
+        # answer for versions, storages and fused steps; the biases are not in the key)
+        plan.snap = Snapshot(seen, layout=(False, False, False, True, True, True))
+        plan.mask_snap = Snapshot(mask_ts)
+        plan.mask_blocks = mask_blocks
         plan.masked, plan.finite = masked, finite
         plan.raw_masks = (m_in, m_dn)
         plan.refs = refs(*own)

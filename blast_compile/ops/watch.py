@@ -17,7 +17,7 @@ Still unseen: writes through another tensor that shares the storage but not the 
 from __future__ import annotations
 
 import weakref
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -113,14 +113,19 @@ class Snapshot:
     may have changed since, ``update(ts)`` looks again.
 
     Per tensor: version counter, storage identity (``_cdata``, its StorageImpl held by a weak ref so the
-    address cannot be reused meanwhile), storage offset, shape, strides, and the
-    fused-optimizer steps counted on its storage. Inference tensors (no version counter) answer only
-    for identity and layout: in-place writes to them need ``blast_compile.refresh()``.
+    address cannot be reused meanwhile), storage offset, shape, strides, and the fused-optimizer steps
+    counted on its storage. ``layout=False`` (or one bool per tensor) leaves out offset, shape and
+    strides, for a caller that keys on them itself (the ops' plan caches: a third less per tensor).
+    Inference tensors (no version counter) answer only for identity and layout: in-place writes to them
+    need ``blast_compile.refresh()``.
     """
 
-    __slots__ = ("_state", "_refs", "_epoch")
+    __slots__ = ("_state", "_refs", "_epoch", "_layout")
 
-    def __init__(self, ts: Sequence[Optional[Tensor]]):
+    def __init__(self, ts: Sequence[Optional[Tensor]], layout: Union[bool, Sequence[bool]] = True):
+        self._layout = tuple(layout) if not isinstance(layout, bool) else (layout,) * len(ts)
+        if len(self._layout) != len(ts):
+            raise ValueError("Snapshot: one layout flag per tensor")
         self.update(ts)
 
     def update(self, ts: Sequence[Optional[Tensor]]) -> None:
@@ -132,10 +137,10 @@ class Snapshot:
             try:
                 st = t.untyped_storage()
                 refs.append(StorageWeakRef(st))
-                cd = st._cdata
+                cd, off = st._cdata, t.storage_offset()
             except (RuntimeError, NotImplementedError, AttributeError):  # no storage: identity by object
-                cd = ("id", weakref.ref(t))
-            state.append((_version(t), cd, t.storage_offset(), t.shape, t.stride(), _STEPS.get(cd, 0)))
+                cd, off = ("id", weakref.ref(t)), 0
+            state.append((_version(t), cd, off, t.shape, t.stride(), _STEPS.get(cd, 0)))
         self._state = state
         self._refs = refs
         self._epoch = _EPOCH
@@ -144,20 +149,20 @@ class Snapshot:
         state = self._state
         if len(ts) != len(state):
             return True
-        for t, s in zip(ts, state):
+        for t, s, layout in zip(ts, state, self._layout):
             if s is None:
                 if t is not None:
                     return True
                 continue
             if t is None:
                 return True
-            ver, cd, off, shape, stride, _ = s
-            try:  # (one chain: this runs per tensor per call)
-                if (t._version != ver or t.untyped_storage()._cdata != cd or t.storage_offset() != off
-                        or t.shape != shape or t.stride() != stride):
+            try:  # (one chain of reads: this runs per tensor per call)
+                if t._version != s[0] or t.untyped_storage()._cdata != s[1]:
+                    return True
+                if layout and (t.storage_offset() != s[2] or t.shape != s[3] or t.stride() != s[4]):
                     return True
             except (RuntimeError, NotImplementedError):  # an inference tensor, a tensor without a storage
-                if _slow_changed(t, s):
+                if _slow_changed(t, s, layout):
                     return True
         if self._epoch != _EPOCH:  # some fused step since: were any of ours stepped?
             if any(s is not None and _STEPS.get(s[1], 0) != s[5] for s in state):
@@ -166,13 +171,15 @@ class Snapshot:
         return False
 
 
-def _slow_changed(t: Tensor, s) -> bool:
+def _slow_changed(t: Tensor, s, layout: bool) -> bool:
     ver, cd, off, shape, stride, _ = s
     if _version(t) != ver:
         return True
     if isinstance(cd, tuple):
-        return cd[1]() is not t or t.shape != shape or t.stride() != stride
-    return _cdata(t) != cd or t.storage_offset() != off or t.shape != shape or t.stride() != stride
+        same = cd[1]() is t
+    else:
+        same = _cdata(t) == cd and (not layout or t.storage_offset() == off)
+    return not same or (layout and (t.shape != shape or t.stride() != stride))
 
 
 __all__ = ["watch", "steps", "Snapshot", "install"]
