@@ -615,3 +615,24 @@ def test_bad_option_raises_from_torch_compile_instead_of_falling_back():
     with pytest.raises(Exception, match="blast option block_sizes"):
         torch.compile(m, backend="blast", options={"block_sizes": [8]})(torch.randn(2, 64))
     assert counters["blast"]["fallback"] == 0
+
+
+def test_a_mask_re_declared_unchanged_is_looked_at_once():
+    """Re-declaring the same masks (new tensors, same blocks) refreshes the plan in place, once: not a look
+    at the weights (and a host sync) at every later call."""
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(64, 32), torch.randn(32, 64)
+    m1, m2 = random_block_mask(4, 2, 0.5), random_block_mask(2, 4, 0.5)
+    w1 *= expand_mask(m1, 16, 16, w1.shape)
+    w2 *= expand_mask(m2, 16, 16, w2.shape)
+    x = torch.randn(3, 32)
+    try:
+        masks.declare_mask(w1, m1, (16, 16)), masks.declare_mask(w2, m2, (16, 16))
+        op(x, w1, None, None, None, w2, None, "relu", (16, 16, "k"))
+        masks.declare_mask(w1, m1.clone(), (16, 16)), masks.declare_mask(w2, m2.clone(), (16, 16))
+        for _ in range(3):
+            y, _ = op(x, w1, None, None, None, w2, None, "relu", (16, 16, "k"))
+        torch.testing.assert_close(y, dense_mlp(x, w1, None, None, None, w2, None, "relu"))
+        assert counters["blast"]["plans_built"] == 1 and counters["blast"]["pattern_revalidated"] == 1
+    finally:
+        masks.clear_mask(w1), masks.clear_mask(w2)

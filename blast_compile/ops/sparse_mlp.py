@@ -139,9 +139,11 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
                         m_dn = m_dn | dm
         finite = _all_finite((w1, w3, w2, b1, b3, b2))
         if plan is not None and plan.finite == finite and _same_masks(plan, m_in, m_dn, decl_b, dw_fix):
-            # values moved (an optimizer step, a copy_) but no block changed liveness:
-            # keep the indices, refresh the packed (CPU) copy of the blocks.
+            # values moved (an optimizer step, a copy_; a mask re-declared as it was) but no block changed
+            # liveness: keep the indices, refresh the packed (CPU) copy of the blocks.
             plan.snap.update(seen)
+            plan.mask_snap.update(mask_ts)
+            plan.mask_blocks = mask_blocks
             plan.packed = None
             counters["blast"]["pattern_revalidated"] += 1
             return plan
