@@ -636,3 +636,64 @@ def test_a_mask_re_declared_unchanged_is_looked_at_once():
         assert counters["blast"]["plans_built"] == 1 and counters["blast"]["pattern_revalidated"] == 1
     finally:
         masks.clear_mask(w1), masks.clear_mask(w2)
+
+
+def test_rebound_weights_seen_through_inductors_aliases():
+    """GPT-2's Conv1D weights reach the op as per-call aliases (``torch.t(W)`` -> ``reinterpret_tensor``) with a
+    version counter of their own, mapped back to the parameter by its storage. After ``W.data = t`` (a new
+    storage) the map must still find the parameter: else each call's alias is a new layer (a plan built per
+    call) and in-place steps on the parameter are seen only by that accident."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    class GPT2MLP(nn.Module):
+        def __init__(self, d=64, h=128):
+            super().__init__()
+            self.c_fc, self.c_proj = Conv1D(h, d), Conv1D(d, h)
+
+        def forward(self, x):
+            return self.c_proj(torch.relu(self.c_fc(x)))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = GPT2MLP()
+    with torch.no_grad():
+        m.c_fc.weight[:, 64:] = 0  # [in, out]: hidden units 64.. dead
+        m.c_proj.weight[64:] = 0
+    cm = torch.compile(m, backend="blast")
+    x = torch.randn(4, 64)
+    ws = [m.c_fc.weight, m.c_proj.weight]
+    opt = torch.optim.SGD(ws, lr=0.5)  # (not fused: moves the weights' version counters, not their aliases')
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+        for p in ws:
+            p.data = p.detach().clone()  # rebound: a new storage, same values
+        torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+    built = counters["blast"]["plans_built"]
+    for step in range(3):
+        m(torch.randn(4, 64)).square().mean().backward()
+        for p in ws:
+            p.grad *= p != 0  # the pattern stays: a step only revalidates it
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            torch.testing.assert_close(cm(x), m(x), **tol(torch.float32), msg=f"step {step}")
+            torch.testing.assert_close(cm(x), m(x), **tol(torch.float32), msg=f"step {step}, again")
+    assert counters["blast"]["plans_built"] == built and counters["blast"]["pattern_revalidated"] == 3
+    assert counters["blast"]["mlp_fused"] == 1
+
+
+def test_owner_map_follows_rebinding_without_growing():
+    from blast_compile.ops import plans
+
+    w = nn.Parameter(torch.randn(32, 16))
+    plans.register_weights(w)
+    n = len(plans._OWNERS)
+    for _ in range(20):
+        w.data = torch.randn(32, 16)
+        # an alias without a base, as Inductor's reinterpret_tensor
+        alias = torch.empty(0).set_(w.untyped_storage(), w.storage_offset(), w.shape, w.stride())
+        assert plans.owner(alias, search=True) is w
+    assert len(plans._OWNERS) <= n + 1
+    stranger = torch.randn(32, 16)
+    assert plans.owner(stranger, search=True) is stranger

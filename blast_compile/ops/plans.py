@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def ident(t: Optional[Tensor]):
@@ -26,6 +27,9 @@ def ident(t: Optional[Tensor]):
 
 # storage address -> weakrefs of the parameters the backend fused (``register_weights``)
 _OWNERS: "dict[int, list]" = {}
+# every registered parameter -> the address it is registered at (to find it again after ``p.data = t``
+# moved it to another storage)
+_REGISTERED = WeakIdKeyDictionary()
 
 
 def register_weights(*ts) -> None:
@@ -40,10 +44,17 @@ def register_weights(*ts) -> None:
         if isinstance(t, Tensor) and t.device.type != "meta":
             watch(t)
             try:
-                refs_ = _OWNERS.setdefault(t.untyped_storage().data_ptr(), [])
+                ptr = t.untyped_storage().data_ptr()
             except (RuntimeError, NotImplementedError):  # fake tensors, subclasses
                 continue
+            old = _REGISTERED.get(t)
+            if old is not None and old != ptr and old in _OWNERS:  # (rebound: off its old address)
+                _OWNERS[old] = [r for r in _OWNERS[old] if r() is not None and r() is not t]
+                if not _OWNERS[old]:
+                    del _OWNERS[old]
+            refs_ = _OWNERS.setdefault(ptr, [])
             refs_[:] = [r for r in refs_ if r() is not None and r() is not t] + [weakref.ref(t)]
+            _REGISTERED[t] = ptr
 
 
 def _span(t: Tensor):
@@ -52,28 +63,45 @@ def _span(t: Tensor):
     return t.storage_offset(), last
 
 
-def owner(t: Optional[Tensor]):
+def _covers(p: Tensor, t: Tensor) -> bool:
+    """``p``'s storage span holds ``t``'s elements (same storage assumed)."""
+    if p.dtype != t.dtype or p.device != t.device or not p.numel():
+        return False
+    lo, hi = _span(t) if t.numel() else (t.storage_offset(), t.storage_offset())
+    plo, phi = _span(p)
+    return plo <= lo and hi <= phi
+
+
+def owner(t: Optional[Tensor], search: bool = False):
     """The tensor whose version counter and lifetime stand for ``t``: the registered parameter whose
-    storage span holds ``t``'s elements (``t`` an alias of it), else the base of a view, else ``t``."""
+    storage span holds ``t``'s elements (``t`` an alias of it), else the base of a view, else ``t``.
+    ``search``: also look through every registered parameter for one rebound (``p.data = t``) to
+    ``t``'s storage since it was registered, and register it at its new address."""
     if t is None:
         return None
     try:
-        cands = _OWNERS.get(t.untyped_storage().data_ptr())
+        st = t.untyped_storage()
+        ptr, cd = st.data_ptr(), st._cdata
     except (RuntimeError, NotImplementedError):
-        cands = None
+        return t._base if t._base is not None else t
+    cands = _OWNERS.get(ptr)
     if cands:
         ps = [r() for r in cands]
         if any(p is t for p in ps):  # the parameter itself (the usual case)
             return t
         if any(p is None for p in ps):  # (a fused parameter died: forget it)
             cands[:] = [r for r, p in zip(cands, ps) if p is not None]
-        lo, hi = _span(t) if t.numel() else (t.storage_offset(), t.storage_offset())
-        for p in ps:
-            if p is not None and p.dtype == t.dtype and p.device == t.device and p.numel():
-                plo, phi = _span(p)
-                if plo <= lo and hi <= phi:
-                    return p
-    return t._base if t._base is not None else t
+        for p in ps:  # (a parameter rebound since has another storage: another tensor took its address)
+            if p is not None and p.untyped_storage()._cdata == cd and _covers(p, t):
+                return p
+    if t._base is not None:
+        return t._base
+    if search and not isinstance(t, torch.nn.Parameter):
+        for p in list(_REGISTERED.keys()):
+            if p.untyped_storage()._cdata == cd and _covers(p, t):
+                register_weights(p)
+                return p
+    return t
 
 
 def version(t: Optional[Tensor]):

@@ -98,7 +98,7 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
     sk = (pattern_key, ident(w1), ident(w3), ident(w2), b1 is not None, b3 is not None)
     ws = (w1, w3, w2)
     # an alias (Inductor's per-call view of a parameter) answers for neither versions nor lifetime
-    own = [owner(t) for t in ws]
+    own = [owner(t, search=True) for t in ws]
     seen = (*own, owner(b1), owner(b3), owner(b2))
     decl = [_masks.declared_mask(t) for t in ws]
     mask_ts = [d[0] if d is not None else None for d in decl]
