@@ -332,17 +332,22 @@ def test_training_under_a_fixed_mask_recovers():
     assert sum(losses[-5:]) < 0.1 * sum(losses[:5]), (losses[:5], losses[-5:])
 
 
-def test_hand_off_keeps_blocks_dead_through_the_fused_op():
+@pytest.mark.parametrize("fused_opt", [False, True], ids=["adamw", "adamw_fused"])
+def test_hand_off_keeps_blocks_dead_through_the_fused_op(fused_opt):
     """After hand_off() the fused op's live-block dW alone keeps dead blocks (and AdamW state) zero:
-    no hooks, no re-masking, and the periodic check finds nothing to restore."""
+    no hooks, no re-masking, and the periodic check finds nothing to restore. A fused AdamW (HF Trainer's
+    default) moves no version counter: the op must still compute with the stepped weights."""
     torch.manual_seed(0)
     mlp = GatedMLP(DIM, HID)
-    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-2, weight_decay=0.1, fused=fused_opt)
     sp = BlastSparsifier(mlp, target_sparsity=0.75, block_size=B, end_step=6, update_every=1, freeze_last=0.5,
                          optimizer=opt, layers=["gate_proj", "up_proj", "down_proj"])
 
     def step(fn):
-        fn(torch.randn(16, DIM)).square().mean().backward()
+        x = torch.randn(16, DIM)
+        y = fn(x)
+        torch.testing.assert_close(y, mlp(x), **tol(torch.float32))  # W * mask = W: dead blocks are zero
+        y.square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sp.step()
