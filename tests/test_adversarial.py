@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._dynamo.utils import counters
 
-import blast_compile
 from blast_compile import compress as C
 from blast_compile import masks
 from blast_compile import config
@@ -643,7 +642,7 @@ def test_rebound_weights_seen_through_inductors_aliases():
     version counter of their own, mapped back to the parameter by its storage. After ``W.data = t`` (a new
     storage) the map must still find the parameter: else each call's alias is a new layer (a plan built per
     call) and in-place steps on the parameter are seen only by that accident."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.pytorch_utils import Conv1D
 
     class GPT2MLP(nn.Module):

@@ -570,6 +570,8 @@ def identify_structure(out: Node, pre: Node) -> Tuple[Optional[str], str]:
         form = _canonical(out, pre)
     except _NotPointwise as e:
         return None, f"not an elementwise function of the pre-activation ({e})"
+    except RecursionError:
+        return None, "its op graph is too deep to read"
     for name, forms in _SPELLINGS.items():
         if any(_close(form, f) for f in forms):
             return name, ""
