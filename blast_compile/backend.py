@@ -22,7 +22,7 @@ from typing import List, Optional
 import torch
 from torch._dynamo.utils import counters
 
-from .config import BlastOptions, Candidate
+from .config import BlastOptions, Candidate, split_options
 
 log = logging.getLogger("blast_compile.backend")
 
@@ -66,24 +66,6 @@ def _inductor_patches(mode: Optional[str], extra: dict) -> dict:
         patches.update(torch._inductor.list_mode_options(mode))
     patches.update(extra)
     return patches
-
-
-def _split_options(options: Optional[dict]):
-    """Blast options vs Inductor config patches (any other key must be an Inductor option)."""
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(BlastOptions)}
-    options = dict(options or {})
-    ours = {k: v for k, v in options.items() if k in names}
-    rest = {k: v for k, v in options.items() if k not in names}
-    from torch._inductor import config as inductor_config
-
-    bad = [k for k in rest if not hasattr(inductor_config, k.split(".")[0])]
-    if bad:
-        raise ValueError(
-            f"unknown option(s) {bad}: blast options are {sorted(names)}, anything else must be an Inductor config key"
-        )
-    return BlastOptions.from_options(ours), rest
 
 
 def _fused_nodes(gm):
@@ -191,7 +173,7 @@ def _lower(new_gm, example_inputs, opts):
 
 def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None, options: Optional[dict] = None):
     """torch.compile backend: fuse block-sparse MLPs, lower them into Inductor's code, compile with Inductor."""
-    opts, inductor_opts = _split_options(options)
+    opts, inductor_opts = split_options(options)
     counters["blast"]["graphs"] += 1
     fallback, watches = None, []
     try:

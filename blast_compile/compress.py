@@ -60,34 +60,8 @@ _NONPERSISTENT = "__nonpersistent__."
 
 
 def _rows_of(row_ptr: Tensor, nnz: int) -> Tensor:
-    """Block-row of each packed block (int64), without a host sync (``output_size``)."""
-    n = row_ptr.numel() - 1
-    counts = (row_ptr[1:] - row_ptr[:-1]).long()
-    return torch.repeat_interleave(torch.arange(n, device=row_ptr.device), counts, output_size=nnz)
-
-
-def _bsmm(x2d: Tensor, blocks: Tensor, rows: Tensor, cols: Tensor, n_out_blocks: int) -> Tensor:
-    """fp32 ``[M, n_out_blocks*bo]``: ``x @ W^T`` with W given by its packed blocks.
-
-    CPU: :func:`gather.bsmm`. Other devices: the same gather + bmm + index_add, but the
-    blocks stay in their dtype (bmm accumulates in fp32 on GPU), so there is no fp32
-    copy of the weights -- that copy would eat the memory we are saving.
-    """
-    if x2d.device.type == "cpu" or x2d.dtype == torch.float64:
-        return gather.bsmm(x2d, blocks, rows, cols, n_out_blocks)
-    m = x2d.shape[0]
-    nnz, bo, bi = blocks.shape
-    y = torch.zeros(m, n_out_blocks, bo, device=x2d.device, dtype=torch.float32)
-    if nnz == 0 or m == 0:
-        return y.reshape(m, -1)
-    xb = x2d.reshape(m, -1, bi)
-    rows_l, cols_l = rows.long(), cols.long()
-    wt = blocks.to(x2d.dtype).transpose(1, 2)
-    step = max(1, _CHUNK_ELEMS // max(1, nnz * (bi + bo)))
-    for s in range(0, m, step):
-        xg = xb[s : s + step, cols_l].transpose(0, 1)  # [nnz, mc, bi]
-        y[s : s + step].index_add_(1, rows_l, torch.bmm(xg, wt).transpose(0, 1).float())
-    return y.reshape(m, -1)
+    """Block-row of each packed block (int64), without a host sync."""
+    return gather.rows_of(row_ptr, nnz)
 
 
 def _pad_last(t: Tensor, n: int) -> Tensor:
@@ -102,10 +76,10 @@ def block_linear(x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Tensor, bi
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = _pad_last(x.reshape(-1, k), cdiv(k, bi) * bi)
     rows = _rows_of(row_ptr, nnz)
-    y = _bsmm(x2d, blocks, rows, col_idx, row_ptr.numel() - 1)[:, :out_features]
+    y = gather.bsmm(x2d, blocks, rows, col_idx, row_ptr.numel() - 1)[:, :out_features]
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype).reshape(*lead, out_features)
+    return y.to(x.dtype).contiguous().reshape(*lead, out_features)  # (contiguous, as the fake says)
 
 
 @block_linear.register_fake
@@ -130,7 +104,7 @@ def _block_linear_backward(ctx, dy):
     x2d = _pad_last(x.reshape(-1, k), n_cols * bi)
     dx = dblocks = dbias = None
     if ctx.needs_input_grad[0]:
-        dx = _bsmm(dy2d, blocks.transpose(1, 2), col_idx, rows, n_cols)[:, :k].to(x.dtype).reshape(x.shape)
+        dx = gather.bsmm(dy2d, blocks.transpose(1, 2), col_idx, rows, n_cols)[:, :k].to(x.dtype).reshape(x.shape)
     if ctx.needs_input_grad[1]:
         m = x2d.shape[0]
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -430,20 +404,14 @@ def decompress_(model: nn.Module) -> int:
 # Fusing a compressed MLP
 
 
-def _select(pos: Tensor, rows: Tensor, cols: Tensor, blocks: Tensor) -> Tensor:
-    """Blocks at (rows, cols) in that order; a block the layer does not hold is zero."""
-    idx = pos[rows.long(), cols.long()]
-    if idx.numel() == blocks.shape[0] and bool((idx == torch.arange(idx.numel(), device=idx.device)).all()):
-        return blocks  # the common case: same order, no copy
-    log.info("blast compress: re-packing %d blocks into pattern order (copy)", idx.numel())
-    padded = torch.cat([blocks, blocks.new_zeros(1, *blocks.shape[1:])])
-    return padded[torch.where(idx < 0, blocks.shape[0], idx)]
-
-
-def _pos_table(mod: BlockSparseLinear) -> Tensor:
-    pos = torch.full(mod.grid, -1, dtype=torch.long, device=mod.col_idx.device)
-    pos[_rows_of(mod.row_ptr, mod.nnz), mod.col_idx.long()] = torch.arange(mod.nnz, device=pos.device)
-    return pos
+def _select(mod: BlockSparseLinear, rows: Tensor, cols: Tensor) -> Tensor:
+    """``mod``'s blocks at (rows, cols) in that order; a block the layer does not hold is zero."""
+    pos = gather.pos_table(_rows_of(mod.row_ptr, mod.nnz), mod.col_idx, *mod.grid)
+    sel = gather.select_blocks(pos, rows, cols, mod.blocks)
+    if sel is None:
+        return mod.blocks  # the common case: same order, no copy
+    log.info("blast compress: re-packing %d blocks into pattern order (copy)", sel.shape[0])
+    return sel
 
 
 def packed_mlp(w1: BlockSparseLinear, w3: Optional[BlockSparseLinear], w2: BlockSparseLinear, activation: str):
@@ -462,9 +430,9 @@ def packed_mlp(w1: BlockSparseLinear, w3: Optional[BlockSparseLinear], w2: Block
     in_rows = gather.rows_of(pat.in_rowptr).to(dev)
     dn_rows = gather.rows_of(pat.dn_rowptr).to(dev)
     in_cols, dn_cols = pat.in_cols.to(dev), pat.dn_cols.to(dev)
-    p1 = _select(_pos_table(w1), in_rows, in_cols, w1.blocks)
-    p3 = _select(_pos_table(w3), in_rows, in_cols, w3.blocks) if w3 is not None else None
-    p2 = _select(_pos_table(w2), dn_rows, dn_cols, w2.blocks)
+    p1 = _select(w1, in_rows, in_cols)
+    p3 = _select(w3, in_rows, in_cols) if w3 is not None else None
+    p2 = _select(w2, dn_rows, dn_cols)
     return pat, p1, w1.bias, p3, (w3.bias if w3 is not None else None), p2, w2.bias
 
 
@@ -518,9 +486,15 @@ def save_compressed(model: nn.Module, path: str) -> None:
         "modules": json.dumps(modules),
         "aliases": json.dumps(aliases),
         "sha256": json.dumps({k: _sha256(v) for k, v in tensors.items()}),
+        # the checksums cover bytes; the header's dtype says how to read them: kept apart, checked on load
+        "dtypes": json.dumps({k: _dtype_name(v.dtype) for k, v in tensors.items()}),
         "config": json.dumps(_config_dict(model), default=str),
     }
     save_file(tensors, path, metadata=meta)
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
 
 
 @contextlib.contextmanager
@@ -565,6 +539,16 @@ def _read(path: str, device) -> Tuple[Dict[str, Tensor], dict]:
     bad = [k for k, t in tensors.items() if _sha256(t) != sums[k]]
     if bad:
         raise ValueError(f"{path}: checksum mismatch in {len(bad)} tensor(s), e.g. {bad[:3]}: the file is corrupted")
+    if "dtypes" in meta:  # (files written before it was recorded: load_compressed's structural checks only)
+        try:
+            dtypes = json.loads(meta["dtypes"])
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: damaged metadata ({e})") from e
+        wrong = [f"{k} is {_dtype_name(t.dtype)}, saved as {dtypes.get(k)}" for k, t in tensors.items()
+                 if dtypes.get(k) != _dtype_name(t.dtype)]
+        if wrong:
+            raise ValueError(f"{path}: tensor dtype in the header differs from the one saved (file damaged or edited): "
+                             + "; ".join(wrong[:3]))
     return {k: t.to(device) for k, t in tensors.items()}, parsed
 
 
@@ -623,6 +607,9 @@ def load_compressed(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
              if tuple(expected[k].shape) != tuple(tensors[k].shape)]
     if wrong:
         raise ValueError("file does not match the model: " + "; ".join(wrong[:5]))
+    wrong = _dtype_mismatches(model, expected, tensors)
+    if wrong:
+        raise ValueError("file does not match the model (dtype): " + "; ".join(wrong[:5]))
     made = {}  # tied weights: one Parameter per stored tensor
     for key, t in tensors.items():
         name = key[len(_NONPERSISTENT):] if key.startswith(_NONPERSISTENT) else key
@@ -630,7 +617,10 @@ def load_compressed(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
         mod = model.get_submodule(mod_name)
         if leaf in mod._parameters:
             if id(t) not in made:
-                made[id(t)] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+                try:
+                    made[id(t)] = nn.Parameter(t, requires_grad=mod._parameters[leaf].requires_grad)
+                except RuntimeError as e:  # (e.g. an integer tensor that should require grad)
+                    raise ValueError(f"{path}: {key} cannot be a parameter of the model ({e})") from e
             mod._parameters[leaf] = made[id(t)]
         else:
             mod._buffers[leaf] = t
@@ -639,6 +629,29 @@ def load_compressed(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
             m.validate()
     _restore_mlp_metadata(model)
     return model
+
+
+def _dtype_mismatches(model: nn.Module, expected: Dict[str, Tensor], tensors: Dict[str, Tensor]) -> List[str]:
+    """What the model's tensors say about the file's dtypes (files without recorded dtypes get only this):
+    a float tensor stays float (any float dtype: a model saved in bf16 loads into an fp32 skeleton), other
+    dtypes match exactly, block indices are int32, and a compressed layer's bias has its blocks' dtype."""
+    out = []
+    for k, want in expected.items():
+        got = tensors[k].dtype
+        if want.is_floating_point() != got.is_floating_point or (not got.is_floating_point and want.dtype != got):
+            out.append(f"{k} is {_dtype_name(got)}, the model has {_dtype_name(want.dtype)}")
+    for name, m in model.named_modules():
+        if not isinstance(m, BlockSparseLinear):
+            continue
+        pre = f"{name}." if name else ""
+        for leaf in ("row_ptr", "col_idx"):
+            t = tensors.get(pre + leaf)
+            if t is not None and t.dtype != torch.int32:
+                out.append(f"{pre}{leaf} is {_dtype_name(t.dtype)}, block indices are int32")
+        blk, b = tensors.get(pre + "blocks"), tensors.get(pre + "bias")
+        if blk is not None and b is not None and blk.dtype != b.dtype:
+            out.append(f"{pre}bias is {_dtype_name(b.dtype)}, its blocks {_dtype_name(blk.dtype)}")
+    return out
 
 
 def _restore_mlp_metadata(model: nn.Module) -> None:
@@ -676,10 +689,20 @@ def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", mo
     """Load a directory written by :func:`save_pretrained` (class from ``config.architectures``)."""
     import transformers
 
-    with open(os.path.join(directory, "blast.json")) as f:
-        info = json.load(f)
-    if info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{directory}/blast.json: unsupported format {info.get('format')} v{info.get('format_version')}")
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"{directory}: no such directory (a compressed model saved by save_pretrained)")
+    path = os.path.join(directory, "blast.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory}: no blast.json, so not a compressed model directory written by "
+                                "blast_compile.compress.save_pretrained")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(info, dict) or info.get("format") != FORMAT or info.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: unsupported format {info.get('format') if isinstance(info, dict) else info!r} "
+                         f"v{info.get('format_version') if isinstance(info, dict) else '?'}")
     cfg = transformers.AutoConfig.from_pretrained(directory)
     if model_cls is None:
         arch = (cfg.architectures or [None])[0]
@@ -687,6 +710,10 @@ def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", mo
         if model_cls is None:
             raise ValueError(f"{directory}: cannot tell the model class (architectures={cfg.architectures})")
     model = load_compressed(lambda: model_cls(cfg), os.path.join(directory, "model.safetensors"), device)
+    have = {n: {"block": list(m.block), "nnz": m.nnz, "grid": list(m.grid), "role": m.blast_role}
+            for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
+    if info.get("layers") != have:
+        raise ValueError(f"{path} does not describe model.safetensors' compressed layers (files from two saves?)")
     return model.eval()
 
 

@@ -3,8 +3,10 @@ and the per-MLP record every pass fills in (what ``explain`` prints)."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import os
-from typing import Optional, Tuple, Union
+from typing import Mapping, Optional, Tuple, Union
 
 
 def default_cache_dir() -> str:
@@ -35,20 +37,14 @@ class BlastOptions:
     lower: bool = True
 
     @classmethod
-    def from_options(cls, options: Optional[dict]) -> "BlastOptions":
-        options = dict(options or {})
+    def from_options(cls, options: Optional[Mapping]) -> "BlastOptions":
+        """Validated options: a bad value is a ValueError naming the option and what it may be."""
+        options = _as_dict(options)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(options) - names
         if unknown:
             raise ValueError(f"unknown blast option(s) {sorted(unknown)}; known: {sorted(names)}")
-        if "block_sizes" in options:
-            bs = options["block_sizes"]
-            options["block_sizes"] = (bs,) if isinstance(bs, int) else tuple(bs)
-        o = cls(**options)
-        if not 0.0 <= o.min_sparsity <= 1.0:
-            raise ValueError("min_sparsity must be in [0, 1]")
-        if o.save_hidden not in _SAVE_LEVELS:
-            raise ValueError(f"save_hidden must be True ('auto'), False, 'all' or 'h', not {o.save_hidden!r}")
+        o = cls(**{k: _CHECKS[k](v) for k, v in options.items()})
         if o.kernel_dir is None:
             o.kernel_dir = os.path.join(default_cache_dir(), "kernels")
         return o
@@ -57,6 +53,98 @@ class BlastOptions:
     def save_level(self) -> Optional[int]:
         """``blast::sparse_mlp_train``'s ``save``: 0 none, 1 H, 2 H and the pre-activations; None: auto."""
         return _SAVE_LEVELS[self.save_hidden]
+
+
+def _bad(name: str, value, allowed: str):
+    return ValueError(f"blast option {name} must be {allowed}, not {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _block_sizes(v) -> Tuple[int, ...]:
+    from .formats import BLOCK_CHOICES
+
+    allowed = f"a block size or a non-empty list of them, each one of {', '.join(map(str, BLOCK_CHOICES))}"
+    seq = (v,) if _is_int(v) else tuple(v) if isinstance(v, (list, tuple)) else None
+    if not seq or not all(_is_int(b) and b in BLOCK_CHOICES for b in seq):
+        raise _bad("block_sizes", v, allowed)
+    return tuple(dict.fromkeys(int(b) for b in seq))
+
+
+def _fraction(name: str):
+    def check(v) -> float:
+        if not (_is_real(v) and 0.0 <= v <= 1.0):
+            raise _bad(name, v, "a number in [0, 1]")
+        return float(v)
+
+    return check
+
+
+def _flag(name: str):
+    def check(v) -> bool:
+        if not isinstance(v, bool):  # ("false" is truthy: no guessing)
+            raise _bad(name, v, "True or False")
+        return v
+
+    return check
+
+
+def _kernel_dir(v) -> Optional[str]:
+    if v is None:
+        return None
+    if not isinstance(v, (str, os.PathLike)) or not os.fspath(v):
+        raise _bad("kernel_dir", v, "a directory path (str or os.PathLike) or None")
+    return os.fspath(v)
+
+
+def _save_hidden(v):
+    if not (isinstance(v, bool) or (isinstance(v, str) and v in _SAVE_LEVELS)):
+        raise _bad("save_hidden", v, "True ('auto'), False, 'all' or 'h'")
+    return v
+
+
+_CHECKS = {
+    "block_sizes": _block_sizes,
+    "min_sparsity": _fraction("min_sparsity"),
+    "strict": _flag("strict"),
+    "kernel_dir": _kernel_dir,
+    "max_runtime_density": _fraction("max_runtime_density"),
+    "inductor": _flag("inductor"),
+    "save_hidden": _save_hidden,
+}
+
+
+def _as_dict(options) -> dict:
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise TypeError(f"blast: options must be a dict of option names to values, not {options!r}")
+    return dict(options)
+
+
+def split_options(options: Optional[Mapping]) -> Tuple[BlastOptions, dict]:
+    """``torch.compile(..., options=...)`` -> (validated blast options, Inductor config patches).
+
+    Any key that is not a blast option must be an Inductor config key. Raised here, before any graph is
+    touched, so that a bad option is the user's error and never an internal one that falls back."""
+    options = _as_dict(options)
+    names = {f.name for f in dataclasses.fields(BlastOptions)}
+    ours = {k: v for k, v in options.items() if k in names}
+    rest = {k: v for k, v in options.items() if k not in names}
+    from torch._inductor import config as inductor_config
+
+    bad = [k for k in rest if not hasattr(inductor_config, k.split(".")[0])]
+    if bad:
+        raise ValueError(
+            f"unknown option(s) {bad}: blast options are {sorted(names)}, anything else must be an Inductor config key"
+        )
+    return BlastOptions.from_options(ours), rest
 
 
 @dataclasses.dataclass

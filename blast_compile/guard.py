@@ -32,24 +32,25 @@ class Watch:
     """One lowered MLP: how its weights are read (a parameter and the views the rewrite put on it) and the
     pattern it was compiled for."""
 
-    def __init__(self, name, plan, weights: Sequence, activation, has_b1, has_b3):
+    def __init__(self, name, plan, weights: Sequence, activation, biases: Sequence = (None, None, None)):
         self.name, self.plan, self.activation = name, plan, activation
-        self.has_b1, self.has_b3 = has_b1, has_b3
         self.weights = list(weights)  # [(parameter, [(view fn, args), ...]) or None] for w1, w3, w2
-        for w in self.weights:
+        self.biases = list(biases)  # the same for b1, b3, b2
+        self.has_b1, self.has_b3 = self.biases[0] is not None, self.biases[1] is not None
+        for w in self.weights + self.biases:
             if w is not None:
                 watch(w[0])
 
     def params(self) -> List[torch.Tensor]:
-        return [w[0] for w in self.weights if w is not None]
+        return [w[0] for w in self.weights + self.biases if w is not None]
 
     def masks(self) -> List[torch.Tensor]:
         return [m[0] for m in (_masks.declared_mask(p) for p in self.params()) if m is not None]
 
-    def current(self):
-        """The tensors the op reads now: each parameter through its views."""
+    def current(self, chains=None):
+        """The tensors the op reads now (its weights, or ``chains``): each parameter through its views."""
         out = []
-        for w in self.weights:
+        for w in self.weights if chains is None else chains:
             if w is None:
                 out.append(None)
                 continue
@@ -60,18 +61,21 @@ class Watch:
         return out
 
     def valid(self) -> bool:
-        """The weights (and declared masks) still fit the compiled pattern (host sync)."""
-        from .ops.sparse_mlp import _declared_block_mask
+        """The weights (and declared masks) still fit the compiled pattern, and hold no NaN/Inf the pattern
+        could skip (host syncs; the same reading of the weights as ``sparse_mlp.resolve``)."""
+        from .ops.sparse_mlp import _all_finite, _declared_block_mask
 
-        p = self.plan.pattern
+        p, plan = self.plan.pattern, self.plan
         w1, w3, w2 = self.current()
-        decl = [_declared_block_mask(w1, p.bh, p.bd), _declared_block_mask(w3, p.bh, p.bd) if w3 is not None else None,
-                _declared_block_mask(w2, p.bd, p.bh)]
-        for a, b in zip(self.plan.dw_masks, decl):  # dW's live lists were built from these
+        fixes = [_declared_block_mask(w, *((p.bd, p.bh) if i == 2 else (p.bh, p.bd))) if w is not None
+                 else (None, None) for i, w in enumerate((w1, w3, w2))]
+        decl, fix = [f[0] for f in fixes], [f[1] for f in fixes]
+        for a, b in zip(plan.dw_masks + plan.dw_fix, decl + fix):  # dW's live lists were built from these
             if (a is None) != (b is None) or (a is not None and not torch.equal(a, b.to(a.device))):
                 return False
-        present = [d for d, w in zip(decl, (w1, w3, w2)) if w is not None]
-        if all(d is not None for d in present):
+        if not _all_finite((w1, w3, w2, *self.current(self.biases))):
+            return False  # (a NaN in a skipped hidden unit would vanish: the fallback computes densely)
+        if plan.masked:
             m_in, m_dn = (decl[0] if w3 is None else decl[0] | decl[1]), decl[2]
         else:
             m_in, m_dn = _mlp_masks(w1, w3, w2, p.bh, p.bd)
@@ -99,9 +103,9 @@ class GraphGuard:
         self.tensors = []
         for w in self.watches:
             w.taken_masks = w.masks()
-            w.mask_snap = Snapshot(w.taken_masks)
+            w.mask_snap = Snapshot(w.taken_masks, layout=False)
             self.tensors += [*w.params(), *w.taken_masks]
-        self.snap = Snapshot(self.tensors)
+        self.snap = Snapshot(self.tensors, layout=False)  # (Dynamo guards the weights' layout itself)
 
     def __call__(self, *args):
         if self.epoch != _masks.EPOCH[0] or self.snap.changed(self.tensors):
@@ -131,7 +135,8 @@ class GraphGuard:
 
 def _same_declared_masks(w: Watch) -> bool:
     """Every weight of ``w`` declares a mask, and they are the masks of the last check, unmoved: the MLP means
-    ``W * mask`` with the compiled masks, whatever the weights hold (no device work)."""
+    ``W * mask`` with the compiled masks, whatever the weights hold (no device work; NaN/Inf in the weights
+    then go unseen, as in ``sparse_mlp.resolve``: README)."""
     now = w.masks()
-    return (len(now) == len(w.params()) and len(now) == len(w.taken_masks)
+    return (w.plan.masked and len(now) == len(w.taken_masks)
             and all(a is b for a, b in zip(now, w.taken_masks)) and not w.mask_snap.changed(now))

@@ -61,7 +61,7 @@ from torch import nn
 from . import calibrate as _cal
 from . import layouts
 from . import masks as _masks
-from .formats import cdiv, expand_mask
+from .formats import BLOCK_CHOICES, cdiv, expand_mask
 
 log = logging.getLogger("blast_compile.sparsifier")
 
@@ -181,6 +181,11 @@ class BlastSparsifier:
             end_step = start_step
         if not 0.0 <= freeze_last < 1.0:
             raise ValueError("freeze_last is a fraction in [0, 1)")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_CHOICES:
+            # The fused op computes dW on whole blocks of the size the backend picks from BLOCK_CHOICES:
+            # masks in other units (24) would leave declared-dead parts inside live fused blocks.
+            raise ValueError(f"block_size must be one of {', '.join(map(str, BLOCK_CHOICES))} (the block sizes the "
+                             f"blast backend fuses), not {block_size!r}")
         self.model = model
         self.target_sparsity = float(target_sparsity)
         self.initial_sparsity = float(initial_sparsity)

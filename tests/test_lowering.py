@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 from blast_compile.formats import pattern_from_weights
 from blast_compile.guard import GraphGuard, Watch
 from blast_compile.masks import clear_mask, declare_mask
+from blast_compile.ops.sparse_mlp import resolve
 from blast_compile.testing import zero_blocks_
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -79,7 +80,7 @@ class Calls:
         return args
 
 
-def make_guard(declare=False, bias=False):
+def make_guard(declare=False):
     torch.manual_seed(0)
     w1, w3, w2 = (torch.nn.Parameter(torch.randn(*s)) for s in ((64, 32), (64, 32), (32, 64)))
     g = torch.Generator().manual_seed(0)
@@ -88,18 +89,9 @@ def make_guard(declare=False, bias=False):
     if declare:
         for w in (w1, w3, w2):
             declare_mask(w, (w.detach().view(w.shape[0] // 16, 16, -1, 16) != 0).any(3).any(1), (16, 16))
-
-    class Plan:
-        pass
-
-    plan = Plan()
-    plan.pattern = pattern_from_weights(w1, w3, w2, 16, 16, activation="silu", has_b1=bias, has_b3=bias)
-    plan.dw_masks = [None] * 3
-    if declare:
-        from blast_compile.ops.sparse_mlp import _declared_block_mask
-
-        plan.dw_masks = [_declared_block_mask(w, *b) for w, b in ((w1, (16, 16)), (w3, (16, 16)), (w2, (16, 16)))]
-    watch = Watch("p", plan, [(w1, []), (w3, []), (w2, [])], "silu", bias, bias)
+    key = pattern_from_weights(w1, w3, w2, 16, 16, activation="silu", has_b1=False, has_b3=False).key
+    plan = resolve(None, w1, None, w3, None, w2, None, "silu", 16, 16, key, 0.75)  # (as passes/lower.py does)
+    watch = Watch("p", plan, [(w1, []), (w3, []), (w2, [])], "silu")
     compiled, fallback = Calls(), Calls()
     return GraphGuard(compiled, fallback, [watch]), compiled, fallback, (w1, w3, w2)
 
@@ -139,6 +131,17 @@ def test_guard_blocks_that_die_keep_the_compiled_graph():
         w1.zero_()
     guard(1)
     assert (compiled.n, fallback.n) == (1, 0)
+
+
+def test_guard_nan_in_a_weight_runs_the_fallback():
+    """A NaN where the pattern skips a hidden unit would vanish from the kernels' result: eager spreads it."""
+    guard, compiled, fallback, (w1, w3, w2) = make_guard()
+    with torch.no_grad():
+        w1[0, 0] = float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard(1)
+    assert fallback.n == 1
 
 
 def test_guard_sees_data_rebinding():

@@ -13,11 +13,12 @@ from blast_compile.sparsifier import BlastSparsifier, cubic_sparsity, default_la
 
 from conftest import tol
 
-B = 8
+B = 16  # (a block size the backend fuses: the sparsifier accepts no other)
+DIM, HID = 64, 128  # (4 x 8 blocks of B)
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, d=32, h=64):
+    def __init__(self, d=DIM, h=HID):
         super().__init__()
         self.gate_proj = nn.Linear(d, h, bias=False)
         self.up_proj = nn.Linear(d, h, bias=False)
@@ -28,7 +29,7 @@ class GatedMLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d=32, h=64):
+    def __init__(self, d=DIM, h=HID):
         super().__init__()
         self.q_proj = nn.Linear(d, d)  # attention-like: must not be sparsified
         self.mlp = GatedMLP(d, h)
@@ -48,7 +49,7 @@ def make(seed=0, **kw):
 
 def train(model, opt, sp, steps, check=None):
     for _ in range(steps):
-        x = torch.randn(16, 32)
+        x = torch.randn(16, DIM)
         model(x).square().mean().backward()
         opt.step()
         if check:
@@ -86,7 +87,7 @@ def test_cubic_schedule_and_mask_sparsity():
     assert sp.ramp_end == 30
     seen = []
     for t in range(1, steps + 1):
-        x = torch.randn(16, 32)
+        x = torch.randn(16, DIM)
         model(x).square().mean().backward()
         opt.step()
         opt.zero_grad()
@@ -135,7 +136,7 @@ def test_optimizer_never_revives_a_pruned_block(make_opt):
     opt = make_opt(model.parameters())
     # warm up dense so momentum / Adam moments are non-zero everywhere
     for _ in range(3):
-        model(torch.randn(16, 32)).square().mean().backward()
+        model(torch.randn(16, DIM)).square().mean().backward()
         opt.step()
         opt.zero_grad()
     sp = BlastSparsifier(model, target_sparsity=0.6, block_size=B, end_step=10, update_every=2, optimizer=opt,
@@ -167,7 +168,7 @@ def test_save_load_masks_round_trip(tmp_path):
     _, _, sp3 = make(seed=2, target_sparsity=0.8, end_step=8)
     sp3.load_state_dict(sd)
     assert sp3.step_count == sp.step_count and all(torch.equal(sp3.layers[n].mask, L.mask) for n, L in sp.layers.items())
-    _, _, sp4 = make(seed=2, target_sparsity=0.8, end_step=8, block_size=16)
+    _, _, sp4 = make(seed=2, target_sparsity=0.8, end_step=8, block_size=2 * B)
     with pytest.raises(ValueError):
         sp4.load_masks(path)
 
@@ -217,7 +218,7 @@ def test_declared_masks_follow_updates_and_finalize_clears_them():
 def test_fused_op_follows_mask_changes():
     """The op re-derives its pattern when the sparsifier changes masks; dW is zero on dead blocks."""
     torch.manual_seed(0)
-    mlp = GatedMLP(32, 64)
+    mlp = GatedMLP(DIM, HID)
     opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
     sp = BlastSparsifier(mlp, target_sparsity=0.75, initial_sparsity=0.3, block_size=B, end_step=4, update_every=1,
                          freeze_last=0.0, optimizer=opt, layers=["gate_proj", "up_proj", "down_proj"])
@@ -228,7 +229,7 @@ def test_fused_op_follows_mask_changes():
 
     keys = set()
     for _ in range(4):
-        x = torch.randn(5, 32, requires_grad=True)
+        x = torch.randn(5, DIM, requires_grad=True)
         y = fused(x)
         torch.testing.assert_close(y, mlp(x), **tol(torch.float32))
         y.square().sum().backward()
@@ -289,7 +290,7 @@ def test_mask_update_leaves_live_blocks_optimizer_state_untouched():
     sp = BlastSparsifier(model, target_sparsity=0.5, block_size=B, end_step=4, update_every=2, optimizer=opt,
                          freeze_last=0.0)
     for t in range(1, 5):
-        model(torch.randn(16, 32)).square().mean().backward()
+        model(torch.randn(16, DIM)).square().mean().backward()
         opt.step()
         opt.zero_grad()
         before = {n: ({k: v.clone() for k, v in opt.state[L.param].items() if torch.is_tensor(v) and v.dim() == 2},
@@ -312,7 +313,7 @@ def test_training_under_a_fixed_mask_recovers():
     import copy
 
     torch.manual_seed(0)
-    student = nn.Sequential(Block(), Block())
+    student = nn.Sequential(Block(32, 64), Block(32, 64))
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     sp = BlastSparsifier(student, target_sparsity=0.5, block_size=B, schedule="constant", optimizer=opt)
     teacher = copy.deepcopy(student)
@@ -332,17 +333,22 @@ def test_training_under_a_fixed_mask_recovers():
     assert sum(losses[-5:]) < 0.1 * sum(losses[:5]), (losses[:5], losses[-5:])
 
 
-def test_hand_off_keeps_blocks_dead_through_the_fused_op():
+@pytest.mark.parametrize("fused_opt", [False, True], ids=["adamw", "adamw_fused"])
+def test_hand_off_keeps_blocks_dead_through_the_fused_op(fused_opt):
     """After hand_off() the fused op's live-block dW alone keeps dead blocks (and AdamW state) zero:
-    no hooks, no re-masking, and the periodic check finds nothing to restore."""
+    no hooks, no re-masking, and the periodic check finds nothing to restore. A fused AdamW (HF Trainer's
+    default) moves no version counter: the op must still compute with the stepped weights."""
     torch.manual_seed(0)
-    mlp = GatedMLP(32, 64)
-    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-2, weight_decay=0.1)
+    mlp = GatedMLP(DIM, HID)
+    opt = torch.optim.AdamW(mlp.parameters(), lr=1e-2, weight_decay=0.1, fused=fused_opt)
     sp = BlastSparsifier(mlp, target_sparsity=0.75, block_size=B, end_step=6, update_every=1, freeze_last=0.5,
                          optimizer=opt, layers=["gate_proj", "up_proj", "down_proj"])
 
     def step(fn):
-        fn(torch.randn(16, 32)).square().mean().backward()
+        x = torch.randn(16, DIM)
+        y = fn(x)
+        torch.testing.assert_close(y, mlp(x), **tol(torch.float32))  # W * mask = W: dead blocks are zero
+        y.square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sp.step()
@@ -402,7 +408,7 @@ def test_hidden_use_counts_orphan_blocks():
     """hidden_use(): hidden blocks live on each side of an MLP and the live blocks whose hidden
     block the other side leaves dead (hand-built masks: the numbers are known)."""
     _, _, sp = make(target_sparsity=0.5, end_step=10)
-    H, D = 64 // B, 32 // B
+    H, D = HID // B, DIM // B
     g = torch.zeros(H, D, dtype=torch.bool)
     g[0, :] = g[1, 0] = g[2, 1] = True  # hidden blocks 0, 1, 2 live in gate/up (D + 2 blocks each)
     dn = torch.zeros(D, H, dtype=torch.bool)

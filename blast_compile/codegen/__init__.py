@@ -40,8 +40,9 @@ _KERNEL_DIR: Optional[str] = None
 _TUNING: Optional[dict] = None
 
 ACT_BODIES = {
-    "relu": "    return tl.maximum(a, 0.0)",
-    "relu2": "    r = tl.maximum(a, 0.0)\n    return r * r",
+    # (where(a <= 0, 0, a), not maximum: a NaN stays NaN, as in eager)
+    "relu": "    return tl.where(a <= 0.0, 0.0, a)",
+    "relu2": "    r = tl.where(a <= 0.0, 0.0, a)\n    return r * r",
     "gelu": "    return 0.5 * a * (1.0 + tl.math.erf(a * 0.7071067811865476))",
     # tanh(z) = 2 sigmoid(2z) - 1 (tl has no tanh on every supported version)
     "gelu_tanh": "    t = 2.0 * tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a)) - 1.0\n"
@@ -50,8 +51,9 @@ ACT_BODIES = {
 }
 # d act(a) / da in fp32 (the backward kernel recomputes it; eager's formulas, activations.act_grad)
 ACT_GRAD_BODIES = {
-    "relu": "    return tl.where(a > 0.0, 1.0, 0.0)",
-    "relu2": "    return 2.0 * tl.maximum(a, 0.0)",
+    # (eager's threshold_backward passes the gradient where not a <= 0: at a NaN too)
+    "relu": "    return tl.where(a <= 0.0, 0.0, 1.0)",
+    "relu2": "    return tl.where(a <= 0.0, 0.0, 2.0 * a)",
     "gelu": "    return 0.5 * (1.0 + tl.math.erf(a * 0.7071067811865476)) + a * tl.exp(-0.5 * a * a) * 0.3989422804014327",
     "gelu_tanh": "    t = 2.0 * tl.sigmoid(1.5957691216057308 * (a + 0.044715 * a * a * a)) - 1.0\n"
                  "    return 0.5 * (1.0 + t) + 0.5 * a * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * a * a)",

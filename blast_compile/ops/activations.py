@@ -25,7 +25,9 @@ ACTIVATIONS = {
 
 
 def act_grad(name: str, a: torch.Tensor) -> torch.Tensor:
-    """d act(a) / da, in a's dtype (computed in fp32 for half inputs)."""
+    """d act(a) / da, in a's dtype (computed in fp32 for half inputs): the formulas the Triton backward
+    kernels use (codegen.ACT_GRAD_BODIES). The CPU path takes eager's own backward ops instead
+    (:func:`act_backward`), which differ where ``a`` is not finite."""
     af = a.float() if a.dtype in (torch.float16, torch.bfloat16) else a
     if name == "relu":
         g = (af > 0).float()
@@ -45,11 +47,31 @@ def act_grad(name: str, a: torch.Tensor) -> torch.Tensor:
     return g.to(a.dtype)
 
 
+def act_backward(name: str, dh: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``dL/da`` from ``dL/dh`` for ``h = act(a)`` with the ops eager's autograd runs for ``ACTIVATIONS[name]``,
+    so that it agrees everywhere, NaN and Inf included: ReLU's backward is a ``where`` (eager passes the
+    gradient through at a NaN pre-activation, and gives 0, not ``inf * 0``, where ``a <= 0``)."""
+    aten = torch.ops.aten
+    if name == "relu":
+        return aten.threshold_backward(dh, F.relu(a), 0)
+    if name == "relu2":  # square(relu(a)): pow's backward, then relu's
+        r = F.relu(a)
+        return aten.threshold_backward(dh * (2 * r), r, 0)
+    if name == "silu":
+        return aten.silu_backward(dh, a)
+    if name == "gelu":
+        return aten.gelu_backward(dh, a)
+    if name == "gelu_tanh":
+        return aten.gelu_backward(dh, a, approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}")
+
+
 def hidden_grads(dh, a, u, activation: str):
-    """``(dL/da, dL/du)`` from ``dL/dh`` for ``h = act(a) [* u]`` (``du`` is None when not gated)."""
+    """``(dL/da, dL/du)`` from ``dL/dh`` for ``h = act(a) [* u]`` (``du`` is None when not gated), as eager
+    computes them (the product's backward, then the activation's)."""
     if u is None:
-        return dh * act_grad(activation, a), None
-    return dh * u * act_grad(activation, a), dh * ACTIVATIONS[activation](a)
+        return act_backward(activation, dh, a), None
+    return act_backward(activation, dh * u, a), dh * ACTIVATIONS[activation](a)
 
 
 def in_dtype(dtype, *ts):

@@ -9,6 +9,8 @@ packed blocks against the matching slices of the input, scattered into the
 output with ``index_add_``. Work is chunked over rows to bound the gathered
 temporaries.
 """
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -33,32 +35,54 @@ def pack_blocks(w: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, bo: int
     return wb[rows.long(), :, cols.long(), :]
 
 
-def rows_of(ptr: torch.Tensor) -> torch.Tensor:
+def rows_of(ptr: torch.Tensor, nnz: Optional[int] = None) -> torch.Tensor:
+    """Block-row (int64) of each block of a CSR pointer; ``nnz`` given: no host sync (``output_size``)."""
     counts = (ptr[1:] - ptr[:-1]).long()
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=ptr.device), counts, output_size=nnz)
+
+
+def pos_table(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, n_cols: int) -> torch.Tensor:
+    """long ``[n_rows, n_cols]``: the packed index of block (r, c), -1 where the layer holds none."""
+    pos = torch.full((n_rows, n_cols), -1, dtype=torch.long, device=cols.device)
+    pos[rows.long(), cols.long()] = torch.arange(cols.numel(), device=cols.device)
+    return pos
+
+
+def select_blocks(pos: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                  blocks: torch.Tensor) -> Optional[torch.Tensor]:
+    """``blocks`` (``[nnz, bo, bi]``, indexed by ``pos``) at (rows, cols) in that order, zero where the layer
+    holds no block; None when that is ``blocks`` as stored (the common case: no copy)."""
+    idx = pos[rows.long(), cols.long()]
+    if idx.numel() == blocks.shape[0] and bool((idx == torch.arange(idx.numel(), device=idx.device)).all()):
+        return None
+    padded = torch.cat([blocks.detach(), blocks.new_zeros(1, *blocks.shape[1:])])
+    return padded[torch.where(idx < 0, blocks.shape[0], idx).to(blocks.device)]
 
 
 def bsmm(x: torch.Tensor, packed: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, n_out_blocks: int) -> torch.Tensor:
-    """``y[M, n_out_blocks*bo] = x @ W^T`` with ``W`` given by its live packed blocks.
+    """``y[M, n_out_blocks*bo] = x @ W^T`` (fp32; fp64 for fp64 ``x``) with ``W`` given by its live packed blocks.
 
     ``x`` is ``[M, n_in_blocks*bi]`` (already padded). Block z maps input
-    block ``cols[z]`` to output block ``rows[z]``.
+    block ``cols[z]`` to output block ``rows[z]``. On CPU the products run in the accumulation dtype;
+    elsewhere in ``x.dtype`` (the GPU's bmm accumulates in fp32), so the blocks are not copied to fp32
+    -- that copy would eat the memory compression saves.
     """
     m = x.shape[0]
     nnz, bo, bi = packed.shape
-    y = x.new_zeros(m, n_out_blocks, bo, dtype=torch.float32 if x.dtype != torch.float64 else x.dtype)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    y = x.new_zeros(m, n_out_blocks, bo, dtype=acc)
     if nnz == 0 or m == 0:
-        return y.reshape(m, -1)
+        return y.reshape(m, n_out_blocks * bo)  # (no -1: it cannot be inferred from 0 elements)
+    cdt = acc if x.device.type == "cpu" else x.dtype
     xb = x.reshape(m, -1, bi)
     rows_l, cols_l = rows.long(), cols.long()
-    acc = y.dtype
-    pk = packed.to(acc).transpose(1, 2)  # [nnz, bi, bo]
+    pk = packed.to(cdt).transpose(1, 2)  # [nnz, bi, bo]
     step = max(1, _CHUNK_ELEMS // max(1, nnz * (bi + bo)))
     for s in range(0, m, step):
-        xg = xb[s : s + step, cols_l].to(acc).transpose(0, 1)  # [nnz, mc, bi]
+        xg = xb[s : s + step, cols_l].to(cdt).transpose(0, 1)  # [nnz, mc, bi]
         prod = torch.bmm(xg, pk)  # [nnz, mc, bo]
-        y[s : s + step].index_add_(1, rows_l, prod.transpose(0, 1))
-    return y.reshape(m, -1)
+        y[s : s + step].index_add_(1, rows_l, prod.transpose(0, 1).to(acc))
+    return y.reshape(m, n_out_blocks * bo)
 
 
 class PackedMLP:

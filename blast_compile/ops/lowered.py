@@ -177,10 +177,14 @@ def run_backward(p, dy, x, w1, b1, w3, b3, w2, b2, activation, needs, compute_dt
     else:
         s2d = saved.reshape(saved.shape[0], -1, saved.shape[-1]) if saved is not None and saved.numel() else None
         g = triton_mlp.backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, p, activation, needs, s2d)
+    for k, fix in zip(("w1", "w3", "w2"), p.cache.get("dw_fix", p.dw_fix)):
+        if fix is not None and g.get(k) is not None:  # a fused block holds declared-dead parts: dW is zero there
+            g[k] = torch.where(fix, g[k], 0)
     out = []
     for i, k in enumerate(("x", "w1", "b1", "w3", "b3", "w2", "b2")):
         t = g.get(k)
-        out.append(x.new_empty(0) if t is None else (t.reshape(orig[0].shape) if i == 0 else t).to(orig[i].dtype))
+        out.append(x.new_empty(0) if t is None
+                   else (t.reshape(orig[0].shape) if i == 0 else t).to(orig[i].dtype).contiguous())
     return out
 
 

@@ -11,9 +11,12 @@ accumulates in fp32 and returns ``x.dtype``; the activation runs in
 
 The op receives the stored tensors themselves (no copy at compile time) and
 derives the :class:`~blast_compile.formats.MLPPattern` the fused kernels want
-from the index tensors, once per (pattern key, tensor identities, ``_version``
-counters): an index or block tensor changed in place is noticed by an O(1)
-check per call and the plan is rebuilt, so the op is never stale.
+from the index tensors, once per (pattern key, tensor identities) and while a
+:class:`~.watch.Snapshot` of them holds (version counters, storages, fused
+optimizer steps): an index or block tensor changed in place is noticed by an O(1)
+check per call and the plan is rebuilt, so the op is never stale. Blocks or biases
+holding NaN/Inf run as the unfused ``block_linear`` chain (a hidden block the
+pattern drops would drop them, where the chain multiplies them by zero).
 ``pattern_key`` (a hash of the index tensors, :func:`pattern_key`) is an op
 argument, so Inductor/AOTAutograd caches never reuse a graph across patterns.
 
@@ -39,7 +42,10 @@ from torch._dynamo.utils import counters
 
 from ..formats import build_pattern, cdiv
 from . import gather
-from .plans import PlanCache, ident as _ident, outside_graph_pool, refs, version, warm_kernels
+from .activations import ACTIVATIONS
+from .sparse_mlp import _all_finite
+from .plans import PlanCache, as_output, ident as _ident, outside_graph_pool, refs, warm_kernels
+from .watch import Snapshot, watch
 
 log = logging.getLogger("blast_compile.ops")
 
@@ -68,7 +74,7 @@ class _PackedPlan:
     cached plan never keeps a deleted model's weights alive).
     """
 
-    __slots__ = ("index_versions", "block_versions", "pattern", "dev_pattern", "cache", "sel", "copies",
+    __slots__ = ("index_snap", "block_snap", "finite", "pattern", "dev_pattern", "cache", "sel", "copies",
                  "in_rows", "dn_rows_r", "key", "refs")
 
 
@@ -88,10 +94,6 @@ def blocks_in_order(plan: _PackedPlan, blocks1, blocks3, blocks2) -> _Blocks:
                    plan.in_rows, plan.dn_rows_r)
 
 
-def _versions(*ts):
-    return tuple(version(t) for t in ts)
-
-
 def _mask_and_pos(row_ptr: Tensor, col_idx: Tensor, n_rows: int, n_cols: int, what: str):
     """(bool mask [n_rows, n_cols], long pos table: packed index of each block or -1), on CPU."""
     ptr, cols = row_ptr.detach().cpu().long(), col_idx.detach().cpu().long()
@@ -100,19 +102,8 @@ def _mask_and_pos(row_ptr: Tensor, col_idx: Tensor, n_rows: int, n_cols: int, wh
         raise ValueError(f"blast::packed_mlp: {what} row_ptr is not a CSR pointer over {n_rows} block-rows")
     if nnz and (int(cols.min()) < 0 or int(cols.max()) >= n_cols):
         raise ValueError(f"blast::packed_mlp: {what} col_idx out of range [0, {n_cols})")
-    rows = gather.rows_of(ptr)
-    pos = torch.full((n_rows, n_cols), -1, dtype=torch.long)
-    pos[rows, cols] = torch.arange(nnz)
+    pos = gather.pos_table(gather.rows_of(ptr), cols, n_rows, n_cols)
     return pos >= 0, pos
-
-
-def _select(pos: Tensor, rows: Tensor, cols: Tensor, blocks: Tensor) -> Optional[Tensor]:
-    """``blocks`` at (rows, cols) in that order (zero where the layer holds no block); None: already in order."""
-    idx = pos[rows.long(), cols.long()]
-    if idx.numel() == blocks.shape[0] and bool((idx == torch.arange(idx.numel())).all()):
-        return None
-    padded = torch.cat([blocks.detach(), blocks.new_zeros(1, *blocks.shape[1:])])
-    return padded[torch.where(idx < 0, blocks.shape[0], idx).to(blocks.device)]
 
 
 def resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2, b2,
@@ -123,20 +114,24 @@ def resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, bl
     blocks = (blocks1, blocks3, blocks2)
     sk = (key, *(_ident(t) for t in index + blocks), b1 is not None, b3 is not None, d_in, d_hidden, d_out,
           activation)
-    iv, bv = _versions(*index), _versions(*blocks)
+    values = (*blocks, b1, b3, b2)
     plan = _PLANS.get(sk)
-    if plan is not None and plan.index_versions == iv and plan.block_versions == bv:
+    if plan is not None and not plan.index_snap.changed(index) and not plan.block_snap.changed(values):
         return plan
+
     def refresh(plan):
-        if plan is None or plan.index_versions != iv:
+        if plan is None or plan.index_snap.changed(index):
             plan = _build(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2,
                           col_idx2, activation, block_h, block_d, d_in, d_hidden, d_out, key)
-            plan.index_versions = iv
+            plan.index_snap = Snapshot(index)
             plan.refs = refs(*index, *blocks)
+            for t in (*index, *values):  # count fused-optimizer steps on them from now on
+                watch(t)
         else:
             counters["blast"]["packed_blocks_refreshed"] += 1
         _select_blocks(plan, blocks1, blocks3, blocks2)
-        plan.block_versions = bv
+        plan.finite = _all_finite(values)
+        plan.block_snap = Snapshot(values)
         return plan
 
     # long-lived device state: not in a CUDA-graph pool (see sparse_mlp.outside_graph_pool)
@@ -179,9 +174,9 @@ def _build(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blo
 def _select_blocks(plan: _PackedPlan, blocks1, blocks3, blocks2) -> None:
     pos1, pos3, pos2, in_rows, dn_rows = plan.sel
     p = plan.pattern
-    plan.copies = (_select(pos1, in_rows, p.in_cols, blocks1),
-                   _select(pos3, in_rows, p.in_cols, blocks3) if blocks3 is not None else None,
-                   _select(pos2, dn_rows, p.dn_cols, blocks2))
+    plan.copies = (gather.select_blocks(pos1, in_rows, p.in_cols, blocks1),
+                   gather.select_blocks(pos3, in_rows, p.in_cols, blocks3) if blocks3 is not None else None,
+                   gather.select_blocks(pos2, dn_rows, p.dn_cols, blocks2))
 
 
 def _triton_forward(x2d, plan: _PackedPlan, blk: _Blocks, b1, b3, b2, activation, d_out):
@@ -213,12 +208,28 @@ def packed_mlp(
                    activation, block_h, block_d, d_in, d_hidden, d_out, pattern_key)
     if x2d.shape[0] == 0:
         return x.new_empty((*lead, d_out))
-    blk = blocks_in_order(plan, blocks1, blocks3, blocks2)
-    if x.device.type == "cuda":
-        y = _triton_forward(x2d, plan, blk, b1, b3, b2, activation, d_out)
+    if not plan.finite:
+        y = _unfused(x2d, blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2,
+                     col_idx2, b2, activation, d_hidden, d_out)
     else:
-        y = gather.forward(x2d, plan.dev_pattern, blk, b1, b3, b2, activation, d_out)
-    return y.reshape(*lead, d_out)
+        blk = blocks_in_order(plan, blocks1, blocks3, blocks2)
+        if x.device.type == "cuda":
+            y = _triton_forward(x2d, plan, blk, b1, b3, b2, activation, d_out)
+        else:
+            y = gather.forward(x2d, plan.dev_pattern, blk, b1, b3, b2, activation, d_out)
+    # contiguous, as the fake says (without b2, y is a slice of the output padded to whole blocks)
+    return as_output(y.contiguous(), (*lead, d_out))
+
+
+def _unfused(x2d, blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2, b2,
+             activation, d_hidden, d_out):
+    """The compressed MLP's eager meaning, ``block_linear -> act [* block_linear] -> block_linear``."""
+    from ..compress import block_linear
+
+    h = ACTIVATIONS[activation](block_linear(x2d, blocks1, row_ptr1, col_idx1, b1, d_hidden))
+    if blocks3 is not None:
+        h = h * block_linear(x2d, blocks3, row_ptr3, col_idx3, b3, d_hidden)
+    return block_linear(h, blocks2, row_ptr2, col_idx2, b2, d_out)
 
 
 @packed_mlp.register_fake

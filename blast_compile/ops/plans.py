@@ -2,9 +2,10 @@
 
 A plan (live-block indices, kernel tables, scratch) is derived from a layer's tensors and
 reused while those tensors are unchanged. Plans are keyed by the op's pattern key plus the
-tensors' identities (storage address, offset, shape, strides, device), and each one keeps
-weak references to the tensors it came from: once they are gone, a new tensor at the same
-address (with a fresh version counter) is not the same layer, and the plan is dropped.
+tensors' identities (storage address, offset, shape, strides, device); a :class:`.watch.Snapshot`
+kept with each plan says whether its tensors may have changed since (version counters, storage
+identity that survives address reuse, fused-optimizer steps), and each plan keeps weak references
+to the tensors it came from: once they are gone the plan is dropped.
 """
 import logging
 import threading
@@ -15,6 +16,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def ident(t: Optional[Tensor]):
@@ -25,6 +27,9 @@ def ident(t: Optional[Tensor]):
 
 # storage address -> weakrefs of the parameters the backend fused (``register_weights``)
 _OWNERS: "dict[int, list]" = {}
+# every registered parameter -> the address it is registered at (to find it again after ``p.data = t``
+# moved it to another storage)
+_REGISTERED = WeakIdKeyDictionary()
 
 
 def register_weights(*ts) -> None:
@@ -32,14 +37,24 @@ def register_weights(*ts) -> None:
     them. At run time the op may get an *alias* instead (Inductor hands a view of a graph input --
     GPT-2's ``torch.t(W)``, a fused gate|up weight's ``narrow`` -- as a fresh ``reinterpret_tensor``
     each call, with a version counter of its own that in-place changes of the parameter never
-    move); ``owner`` maps it back."""
+    move); ``owner`` maps it back. They are watched for fused-optimizer steps (:func:`.watch.watch`)."""
+    from .watch import watch
+
     for t in ts:
         if isinstance(t, Tensor) and t.device.type != "meta":
+            watch(t)
             try:
-                refs_ = _OWNERS.setdefault(t.untyped_storage().data_ptr(), [])
+                ptr = t.untyped_storage().data_ptr()
             except (RuntimeError, NotImplementedError):  # fake tensors, subclasses
                 continue
+            old = _REGISTERED.get(t)
+            if old is not None and old != ptr and old in _OWNERS:  # (rebound: off its old address)
+                _OWNERS[old] = [r for r in _OWNERS[old] if r() is not None and r() is not t]
+                if not _OWNERS[old]:
+                    del _OWNERS[old]
+            refs_ = _OWNERS.setdefault(ptr, [])
             refs_[:] = [r for r in refs_ if r() is not None and r() is not t] + [weakref.ref(t)]
+            _REGISTERED[t] = ptr
 
 
 def _span(t: Tensor):
@@ -48,28 +63,45 @@ def _span(t: Tensor):
     return t.storage_offset(), last
 
 
-def owner(t: Optional[Tensor]):
+def _covers(p: Tensor, t: Tensor) -> bool:
+    """``p``'s storage span holds ``t``'s elements (same storage assumed)."""
+    if p.dtype != t.dtype or p.device != t.device or not p.numel():
+        return False
+    lo, hi = _span(t) if t.numel() else (t.storage_offset(), t.storage_offset())
+    plo, phi = _span(p)
+    return plo <= lo and hi <= phi
+
+
+def owner(t: Optional[Tensor], search: bool = False):
     """The tensor whose version counter and lifetime stand for ``t``: the registered parameter whose
-    storage span holds ``t``'s elements (``t`` an alias of it), else the base of a view, else ``t``."""
+    storage span holds ``t``'s elements (``t`` an alias of it), else the base of a view, else ``t``.
+    ``search``: also look through every registered parameter for one rebound (``p.data = t``) to
+    ``t``'s storage since it was registered, and register it at its new address."""
     if t is None:
         return None
     try:
-        cands = _OWNERS.get(t.untyped_storage().data_ptr())
+        st = t.untyped_storage()
+        ptr, cd = st.data_ptr(), st._cdata
     except (RuntimeError, NotImplementedError):
-        cands = None
+        return t._base if t._base is not None else t
+    cands = _OWNERS.get(ptr)
     if cands:
         ps = [r() for r in cands]
         if any(p is t for p in ps):  # the parameter itself (the usual case)
             return t
         if any(p is None for p in ps):  # (a fused parameter died: forget it)
             cands[:] = [r for r, p in zip(cands, ps) if p is not None]
-        lo, hi = _span(t) if t.numel() else (t.storage_offset(), t.storage_offset())
-        for p in ps:
-            if p is not None and p.dtype == t.dtype and p.device == t.device and p.numel():
-                plo, phi = _span(p)
-                if plo <= lo and hi <= phi:
-                    return p
-    return t._base if t._base is not None else t
+        for p in ps:  # (a parameter rebound since has another storage: another tensor took its address)
+            if p is not None and p.untyped_storage()._cdata == cd and _covers(p, t):
+                return p
+    if t._base is not None:
+        return t._base
+    if search and not isinstance(t, torch.nn.Parameter):
+        for p in list(_REGISTERED.keys()):
+            if p.untyped_storage()._cdata == cd and _covers(p, t):
+                register_weights(p)
+                return p
+    return t
 
 
 def version(t: Optional[Tensor]):
@@ -126,11 +158,15 @@ _CACHES: "weakref.WeakSet[PlanCache]" = weakref.WeakSet()
 def refresh() -> None:
     """Forget every fused MLP's plan: the next call re-derives its live blocks from the weights.
 
-    Needed only after writes PyTorch's version counters do not see -- through ``w.data``
-    (``w.data.copy_(new)``, ``w.data[...] = v``), which shares the storage but not the version
-    counter. Writes to ``w`` itself (optimizer steps, ``load_state_dict``, ``copy_`` under
-    ``no_grad``) are seen without it. Under CUDA graphs the replayed kernels keep the pattern
-    they were recorded with (re-record: ``torch._dynamo.reset()`` and compile again)."""
+    Needed only after writes through another tensor that shares a weight's storage but not its
+    version counter: ``w.data`` (``w.data.copy_(new)``, ``w.data[...] = v``), a flat buffer the
+    parameters were rebound into and that is then written in place, a ``torch.from_numpy`` / DLPack
+    alias; and after in-place writes to inference tensors (no version counter). Seen without it:
+    writes to ``w`` itself (optimizer steps, ``load_state_dict``, ``copy_`` under ``no_grad``), fused
+    optimizer steps (``fused=True``; counted by an optimizer step hook, :mod:`.watch`), and
+    rebinding ``w.data = t`` / ``vector_to_parameters`` (a new storage). Under CUDA graphs the
+    replayed kernels keep the pattern they were recorded with (re-record: ``torch._dynamo.reset()``
+    and compile again)."""
     for cache in list(_CACHES):
         cache.clear()
 

@@ -4,8 +4,8 @@ Meaning: ``down(act(gate(x)) [* up(x)])`` with the dense weights as given, i.e.
 exactly what eager computes. The op receives the *dense* weight tensors and
 reads only their live blocks, so a weight updated in place is read fresh. What
 can go stale is the pattern (which blocks are live); it is re-derived whenever a
-weight's ``_version`` counter moves (an O(1) check per call), so the op is
-never wrong:
+weight may have changed (an O(1) check per call, :class:`.watch.Snapshot`: version
+counters, storages, fused-optimizer steps), so the op is never wrong:
 
 * the compile-time pattern is identified by ``pattern_key`` (a hash of block
   shape and masks). It is an op argument, so Inductor/AOTAutograd caches can
@@ -18,6 +18,9 @@ never wrong:
 Inputs with NaN/Inf: eager's dense product spreads them across the whole row
 (``0 * inf = nan``); on CPU such rows are recomputed densely, on CUDA rows with
 a non-finite input are poisoned with NaN (what eager gives for those rows).
+Weights or biases with NaN/Inf (seen when the plan is built) run dense: the pattern
+skips hidden units whose output is provably zero or unused, and eager multiplies a
+NaN there by zero (NaN).
 
 Autocast: the rewrite passes the ambient autocast dtype (``compute_dtype``); the op then computes
 like the autocast linears it replaces -- inputs in that dtype, output in it, gradients returned in
@@ -48,7 +51,8 @@ from torch._dynamo.utils import counters
 from .. import masks as _masks
 from ..formats import block_mask, build_pattern, expand_mask, _mlp_masks
 from . import gather
-from .plans import PlanCache, as_output, ident, outside_graph_pool, owner, refs, version, warm_kernels, warn_once
+from .plans import PlanCache, as_output, ident, outside_graph_pool, owner, refs, warm_kernels, warn_once
+from .watch import Snapshot, watch
 from .activations import dense_mlp, in_dtype
 
 log = logging.getLogger("blast_compile.ops")
@@ -57,39 +61,56 @@ _PLANS = PlanCache()  # (pattern key, weight identities) -> _Plan
 
 
 class _Plan:
-    __slots__ = ("versions", "pattern", "packed", "dense", "dev_pattern", "dw_masks", "cache", "raw_masks", "refs")
+    __slots__ = ("snap", "mask_snap", "mask_blocks", "masked", "finite", "pattern", "packed", "dense", "dev_pattern",
+                 "dw_masks", "dw_fix", "cache", "raw_masks", "refs")
 
     def __init__(self):
         self.cache = {}
 
 
 def _declared_block_mask(w, bo, bi):
-    """A declared mask re-expressed at the MLP's block shape (bool [O/bo, I/bi]), or None."""
+    """``(block mask, fix)``: ``w``'s declared mask re-expressed at the MLP's block shape (bool
+    ``[O/bo, I/bi]``; None if no mask is declared), and where that is not exact -- a fused block
+    holding declared-dead parts (declared at 32x32, fused at 64x64) -- the declared element mask, by
+    which dW is masked (dW of ``W * mask`` is zero on dead entries), else None."""
     d = _masks.declared_mask(w)
     if d is None:
-        return None
+        return None, None
     m, (mo, mi) = d
+    m = m.to(w.device, torch.bool)
     if (mo, mi) == (bo, bi):
-        return m.to(w.device, torch.bool)
-    return block_mask(expand_mask(m.to(w.device, torch.bool), mo, mi, w.shape), bo, bi)
+        return m, None
+    elem = expand_mask(m, mo, mi, w.shape)
+    bm = block_mask(elem, bo, bi)
+    return bm, (None if torch.equal(expand_mask(bm, bo, bi, w.shape), elem) else elem)
+
+
+def _all_finite(ts) -> bool:
+    """No NaN/Inf in any of ``ts`` (one host sync). A non-finite weight in a hidden unit the pattern skips
+    would vanish from the fused result, while eager spreads it (``0 * nan``): such plans run dense."""
+    flags = [torch.isfinite(t).all() for t in ts if t is not None and t.numel()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density) -> _Plan:
-    """The live-block plan for these weights, re-derived only when a version counter moved."""
+    """The live-block plan for these weights, re-derived only when they may have changed
+    (:class:`~.watch.Snapshot`: version counters, storages, fused-optimizer steps)."""
     sk = (pattern_key, ident(w1), ident(w3), ident(w2), b1 is not None, b3 is not None)
-    ws = [t for t in (w1, w3, w2) if t is not None]
+    ws = (w1, w3, w2)
     # an alias (Inductor's per-call view of a parameter) answers for neither versions nor lifetime
-    own = [owner(t) for t in ws]
-    vers = (tuple(version(t) for t in own), tuple(_masks.mask_version(t) for t in ws))
-    all_declared = all(v is not None for v in vers[1])
+    own = [owner(t, search=True) for t in ws]
+    seen = (*own, owner(b1), owner(b3), owner(b2))
+    decl = [_masks.declared_mask(t) for t in ws]
+    mask_ts = [d[0] if d is not None else None for d in decl]
+    mask_blocks = tuple(d[1] if d is not None else None for d in decl)
     plan = _PLANS.get(sk)
-    if plan is not None:
-        if plan.versions == vers:
+    if plan is not None and plan.mask_blocks == mask_blocks and not plan.mask_snap.changed(mask_ts):
+        if not plan.snap.changed(seen):
             return plan
-        if all_declared and plan.versions[1] == vers[1]:
-            # Every weight has a declared mask (it means W * mask) and no mask moved:
-            # new values (an optimizer step) need no look at the weights, no host sync.
-            plan.versions = vers
+        if plan.masked and plan.finite:
+            # Every weight means W * (its declared mask) and no mask moved: new values (an optimizer
+            # step) need no look at the weights, no host sync -- nor a check for NaN (README).
+            plan.snap.update(seen)
             plan.packed = None
             counters["blast"]["masked_weight_update"] += 1
             return plan
@@ -97,46 +118,64 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
 
     def build():
         plan = old
-        decl = [_declared_block_mask(w1, block_h, block_d), _declared_block_mask(w3, block_h, block_d) if w3 is not None else None,
-                _declared_block_mask(w2, block_d, block_h)]
-        if all_declared:
+        fixes = [_declared_block_mask(w, *((block_d, block_h) if i == 2 else (block_h, block_d))) if w is not None
+                 else (None, None) for i, w in enumerate(ws)]
+        decl_b = [f[0] for f in fixes]
+        dw_fix = [f[1] for f in fixes]
+        # every weight declared, each mask exact at the MLP's blocks: the layer is W * mask
+        masked = all(d is not None for d, w in zip(decl_b, ws) if w is not None) and all(f is None for f in dw_fix)
+        if masked:
             # W * mask: the pattern is the masks, whatever the weights hold outside them
-            m_in = decl[0] if w3 is None else decl[0] | decl[1]
-            m_dn = decl[2]
+            m_in = decl_b[0] if w3 is None else decl_b[0] | decl_b[1]
+            m_dn = decl_b[2]
         else:
             m_in, m_dn = _mlp_masks(w1, w3, w2, block_h, block_d)
             # forward pattern = every block that holds a non-zero, plus every declared-live block
-            for i, dm in enumerate(decl):
+            for i, dm in enumerate(decl_b):
                 if dm is not None:
                     if i < 2:
                         m_in = m_in | dm
                     else:
                         m_dn = m_dn | dm
-        if plan is not None and _same_masks(plan, m_in, m_dn, decl):
-            # values moved (an optimizer step, a copy_) but no block changed liveness:
-            # keep the indices, refresh the packed (CPU) copy of the blocks.
-            plan.versions = vers
+        finite = _all_finite((w1, w3, w2, b1, b3, b2))
+        if plan is not None and plan.finite == finite and _same_masks(plan, m_in, m_dn, decl_b, dw_fix):
+            # values moved (an optimizer step, a copy_; a mask re-declared as it was) but no block changed
+            # liveness: keep the indices, refresh the packed (CPU) copy of the blocks.
+            plan.snap.update(seen)
+            plan.mask_snap.update(mask_ts)
+            plan.mask_blocks = mask_blocks
             plan.packed = None
             counters["blast"]["pattern_revalidated"] += 1
             return plan
-        prev_masks = (m_in, m_dn)
         plan = _Plan()
-        plan.versions = vers
-        plan.raw_masks = prev_masks
+        # (layout=False for the weights: the cache key holds their offsets, shapes and strides, owners
+        # answer for versions, storages and fused steps; the biases are not in the key)
+        plan.snap = Snapshot(seen, layout=(False, False, False, True, True, True))
+        plan.mask_snap = Snapshot(mask_ts)
+        plan.mask_blocks = mask_blocks
+        plan.masked, plan.finite = masked, finite
+        plan.raw_masks = (m_in, m_dn)
         plan.refs = refs(*own)
+        for t in (*own, *mask_ts):  # count fused-optimizer steps on them from now on
+            watch(t)
         counters["blast"]["plans_built"] += 1
         pat = build_pattern(m_in, m_dn, block_h, block_d, activation=activation, gated=w3 is not None,
                             has_b1=b1 is not None, has_b3=b3 is not None)
         plan.pattern = pat
-        plan.dw_masks = decl
-        plan.dense = pat.density > max_density
+        plan.dw_masks = decl_b
+        plan.dw_fix = dw_fix
+        plan.dense = pat.density > max_density or not finite
         plan.packed = None
         plan.dev_pattern = pat.to(w1.device) if w1.device.type != "cpu" else pat
         if pat.key != pattern_key:
             counters["blast"]["pattern_changed"] += 1
             log.info("blast: pattern %s changed to %s (%s)%s", pattern_key, pat.key, pat.summary(),
                      "; running dense" if plan.dense else "; re-indexed")
-        if plan.dense:
+        if not finite:
+            counters["blast"]["dense_nonfinite_weights"] += 1
+            warn_once(("nonfinite", pattern_key), f"blast: weights of MLP {pattern_key} hold NaN/Inf; computing it "
+                      "densely (as eager does: a skipped hidden unit would drop them)")
+        elif plan.dense:
             warn_once(("dense", pattern_key), f"blast: weights of MLP {pattern_key} are now {pat.density:.0%} dense; computing it densely")
         return plan
 
@@ -147,12 +186,12 @@ def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key
     return plan
 
 
-def _same_masks(plan, m_in, m_dn, decl) -> bool:
+def _same_masks(plan, m_in, m_dn, decl, fix) -> bool:
     """True when the live blocks (and declared masks) are what the plan was built from."""
     old_in, old_dn = plan.raw_masks
     if not (torch.equal(old_in, m_in) and torch.equal(old_dn, m_dn)):
         return False
-    for a, b in zip(plan.dw_masks, decl):
+    for a, b in zip(plan.dw_masks + plan.dw_fix, decl + fix):
         if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
             return False
     return True
@@ -312,13 +351,18 @@ def sparse_mlp_backward(
         else:
             g = gather.backward(dy2d, x2d, plan.dev_pattern, _packed(plan, w1, w3, w2, orig_w), w1, b1, w3, b3, w2,
                                 b2, activation, needs, plan.dw_masks)
+    for k, fix in zip(("w1", "w3", "w2"), plan.dw_fix):
+        if fix is not None and g.get(k) is not None:  # a fused block holds declared-dead parts: dW is zero there
+            g[k] = torch.where(fix, g[k], 0)
     grads = [g.get(k) for k in ("x", "w1", "b1", "w3", "b3", "w2", "b2")]
     out = []
     for i, g in enumerate(grads):
         if g is None:
             out.append(x.new_empty(0))
         else:
-            out.append((g.reshape(x.shape) if i == 0 else g).to(orig[i].dtype))
+            # contiguous, as the fake says (dX of a d_in padded to whole blocks is a slice otherwise, and
+            # Inductor asserts the strides)
+            out.append((g.reshape(x.shape) if i == 0 else g).to(orig[i].dtype).contiguous())
     return out
 
 

@@ -3,7 +3,7 @@
 Read in pipeline order:
 
 1. :mod:`.normalize` - which nodes are a linear, a row view, an activation
-   (tables of spellings; activations identified by value);
+   (tables of spellings; activations identified by the structure of their op graph);
 2. :mod:`.match` - ``linear -> act -> linear`` and ``down(act(gate(x)) * up(x))``
    anchored at every linear, then :data:`.match.CHECKS` (reasons to stay dense);
 3. :mod:`.decide` - the real weights -> block shape, sparsity, fused or dense;

@@ -102,6 +102,7 @@ def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
         rows = math.prod(_hint(s) for s in xv.shape[:-1])
         needs = [bool(t is not None and t.requires_grad) for t in (xv, w1, b1, w3, b3, w2, b2)]
         train = torch.is_grad_enabled() and any(needs)
+        plan.cache["dw_fix"] = plan.dw_fix  # (read by the backward: a trace must get them as tables)
         _warm_up(plan, rows, xv, (w1, b1, w3, b3, w2, b2), act, cdt, save, needs if train else None)
         name, tensors = lowered.register(plan, key)
         with gm.graph.inserting_before(node):
@@ -126,8 +127,8 @@ def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
         gm.graph.erase_node(node)
         counters["blast"]["lowered"] += 1
         counters["blast"]["lowered_train"] += bool(save) or train
-        watches.append(Watch(name, plan, [_chain(n, ctx) for n in (w1_n, w3_n, w2_n)], act, b1 is not None,
-                             b3 is not None))
+        watches.append(Watch(name, plan, [_chain(n, ctx) for n in (w1_n, w3_n, w2_n)], act,
+                             [_chain(n, ctx) for n in (b1_n, b3_n, b2_n)]))
         log.info("blast: lowered %s (%s): %d tables, warm-up at M=%d%s", node.name, name, len(tensors), rows,
                  " with backward" if train else "")
     if watches:

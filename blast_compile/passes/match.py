@@ -246,7 +246,7 @@ def check_autocast(m, ctx):
 
 def check_activation(m, ctx):
     if m.act.name is None:
-        return "activation", f"activation ({m.act.ops}) is not one of {', '.join(ACTIVATIONS)}"
+        return "activation", f"activation ({m.act.ops}) is not one of {', '.join(ACTIVATIONS)}: {m.act.why}"
 
 
 def check_private(m, ctx):
