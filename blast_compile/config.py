@@ -117,6 +117,7 @@ _CHECKS = {
     "max_runtime_density": _fraction("max_runtime_density"),
     "inductor": _flag("inductor"),
     "save_hidden": _save_hidden,
+    "lower": _flag("lower"),
 }
 
 

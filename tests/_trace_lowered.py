@@ -93,8 +93,10 @@ def describe(gm):
                     writes_input.append(f"{name}.{arg}")
         if n.op == "call_function" and "copy_" in str(n.target) and n.args[0] in inputs:
             writes_input.append(f"copy_ into {n.args[0].name}")
-    return {"kernels": kernels, "writes_input": writes_input,
-            "inputs": len(inputs)}
+    # copies functionalization adds around a kernel that writes views, or gets one tensor twice
+    copies = sorted(str(n.target).split(".")[-2] for n in gm.graph.nodes if n.op == "call_function"
+                    and any(k in str(n.target) for k in ("scatter", "copy", "clone")))
+    return {"kernels": kernels, "writes_input": writes_input, "copies": copies, "inputs": len(inputs)}
 
 
 class MLP(torch.nn.Module):

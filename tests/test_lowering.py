@@ -43,6 +43,15 @@ def test_lowered_kernels_write_only_their_outputs(traces, case):
         assert g["writes_input"] == []
 
 
+@pytest.mark.parametrize("case", ["prefill", "decode", "dynamic", "train", "train_plain", "autocast"])
+def test_lowered_graphs_hold_no_copies(traces, case):
+    """No scatter/copy/clone around the kernels: each writes whole tensors of its own (a kernel writing views
+    of one buffer, or given one tensor for two pointers, made Inductor copy [M, hidden] tensors per call).
+    Only the autocast case casts x (once, in the graph, where Inductor fuses it)."""
+    for g in traces[case]["fw"] + traces[case]["joint"]:
+        assert g["copies"] == (["_to_copy"] if case == "autocast" and g in traces[case]["fw"] else [])
+
+
 def test_prefill_and_decode_are_two_launches(traces):
     for case in ("prefill", "decode"):
         assert kernels(traces[case]["fw"][0]) == ["mlp_hidden", "bsmm"]

@@ -507,11 +507,13 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     st = _static(plan, w1, w3, w2, b1, b3, packed, activation, x2d.dtype)
     sig, mod, ix, off, s1, s2, s3, off3, common, n_live = (st.sig, st.mod, st.ix, st.off, st.s1, st.s2, st.s3, st.off3,
                                                           st.common, st.n_live)
-    w3_, b1_, b3_ = (w3 if gated else w1), b1 if b1 is not None else x2d, b3 if b3 is not None else x2d
+    # pointer arguments a kernel does not read are None, not a stand-in tensor: in a lowered op every tensor
+    # argument is an input of Inductor's kernel call, and a tensor passed twice gets copied
+    w3_, off3_ = (w3, off3) if gated else (None, None)
     DT = common["DTYPE"]
     if decode:
         _count_eager_decode(plan, x2d)
-        args = (x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_, b3_,
+        args = (x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3_, b1, b3,
                 common, n_live)
         return _decode(args)
 
@@ -519,10 +521,13 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     if not n_live:  # no hidden kernel to flag them
         flag.copy_(~torch.isfinite(x2d).all(1))
     n_saved = saved_count(keep, gated)
-    saved = torch.empty(max(n_saved, 1), m, d_hidden, device=x2d.device, dtype=x2d.dtype)
+    if lowered():  # one tensor each: a kernel writing views of one buffer would be copied around (functionalized)
+        saved = [torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype) for _ in range(max(n_saved, 1))]
+    else:  # one [n, M, H] tensor, the opaque training op's second output
+        saved = torch.empty(max(n_saved, 1), m, d_hidden, device=x2d.device, dtype=x2d.dtype)
     h = saved[0]
-    pre_a = saved[1] if n_saved > 1 else h
-    pre_u = saved[2] if n_saved > 2 else pre_a
+    pre_a = saved[1] if n_saved > 1 else None
+    pre_u = saved[2] if n_saved > 2 else None
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
 
     tma_h = st.tma_in and _tma_ok(x2d)
@@ -530,11 +535,11 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     def run_h(cfg):
         bm, nw, ns, var, grp = _cfg(cfg)
         tma = var >= PREFILL_TMA and tma_h
-        descs = _descs(tma, (x2d, (bm, p.bd)), (w1, (p.bh, p.bd)), (w3_, (p.bh, p.bd)))
+        descs = _descs(tma, (x2d, (bm, p.bd)), (w1, (p.bh, p.bd)), (w3 if gated else w1, (p.bh, p.bd)))
         if n_live:
             mod.mlp_hidden[(cdiv(m, bm), n_live)](
                 x2d, x2d.stride(0), h, h.stride(0), pre_a, pre_u, flag, m, d_in, d_hidden,
-                w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
+                w1, off["in1"], s1[0], s1[1], b1, w3_, off3_, s3[0], s3[1], b3,
                 ix["in_rowptr"], ix["in_cols"], ix["order_h"], *descs,
                 BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=n_saved > 1, SCAN=1,
                 WIDE=min(var, 1) and gated,
@@ -555,16 +560,16 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
         tma = var >= PREFILL_TMA and tma_y
         hd, wd = _descs(tma, (h, (bm, p.bh)), (w2, (p.bd, p.bh)))
         mod.bsmm[(cdiv(m, bm), p.n_out)](
-            h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, 0, m, d_hidden, d_out,
-            w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
-            ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], hd, hd, wd, wd,
+            h, h.stride(0), None, y, y.stride(0), b2, flag, 0, m, d_hidden, d_out,
+            w2, off["dn_csr"], s2[0], s2[1], None, None, s2[0], s2[1],
+            ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], hd, None, wd, None,
             DTYPE=DT, BO=p.bd, BI=p.bh, BS=p.bd, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
             NANROW=1, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1), TMA=(1 + packed) if tma else 0,
             GROUP=grp)
 
     run_y(tune._choose("down", sig, m, lambda: _candidates(PREFILL_CONFIGS, PREFILL_TMA, tma_y, m), run_y,
                   shape=(d_in, d_hidden, d_out), memo=plan.cache))
-    return (y, saved) if keep else y
+    return (y, saved[:n_saved] if isinstance(saved, list) else saved) if keep else y
 
 
 # decode calls of one MLP outside CUDA-graph capture before we say that decode runs without graphs
@@ -660,6 +665,8 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     p = plan.pattern
     gated = common["GATED"]
     DT = common["DTYPE"]
+    w3_, off3 = (w3_, off3) if gated else (w1, off["in1"])
+    b1_, b3_ = (x2d if b is None else b for b in (b1_, b3_))
     scratch = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
     gu, y32, colcnt, outcnt, flag, done = scratch
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
@@ -729,7 +736,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         bs, ch, nw, ns = cfg
         bs = min(bs, p.bh)
         mod.mlp_hidden[(1, n_live * (p.bh // bs))](
-            x2d, x2d.stride(0), h, h.stride(0), h, h, flag, m, d_in, d_hidden,
+            x2d, x2d.stride(0), h, h.stride(0), None, None, flag, m, d_in, d_hidden,
             w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
             ix["in_rowptr"], ix["in_cols"], ix["order_h"], None, None, None,
             BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
@@ -741,8 +748,8 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         bs = min(bs, p.bd)
         kw = dict(launch_pdl=True) if (pdl and n_live) else {}
         mod.bsmm[(1, p.n_out * (p.bd // bs))](
-            h, h.stride(0), h, y, y.stride(0), b2 if b2 is not None else h, flag, n_sl, m, d_hidden, d_out,
-            w2, off["dn_csr"], s2[0], s2[1], w2, off["dn_csr"], s2[0], s2[1],
+            h, h.stride(0), None, y, y.stride(0), b2, flag, n_sl, m, d_hidden, d_out,
+            w2, off["dn_csr"], s2[0], s2[1], None, None, s2[0], s2[1],
             ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], None, None, None, None,
             DTYPE=common["DTYPE"], BO=p.bd, BI=p.bh, BS=bs, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
             NANROW=2, CH=ch, PDL=pdl and bool(n_live), PF=pf, PF_LINE=line, BM=bm, num_warps=nw, num_stages=ns,
@@ -819,9 +826,12 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
         bm, nw, ns, var, grp = _cfg(cfg)
         tma = var >= PREFILL_TMA and tma_ok
         descs = _descs(tma, (x, (bm, bi)), (x2, (bm, bi)), (w, (bi, bo)), (wb, (bi, bo)))
+        if not dual:  # (the second operand's pointers are not read: None, see _forward)
+            descs = (descs[0], None, descs[2], None)
         mod.bsmm[(cdiv(m, bm), n_out_blocks)](
-            x, x.stride(0), x2, out, out.stride(0), x, x, 0, m, n_in, n_out,
-            w, off, sw[0], sw[1], wb, offb, swb[0], swb[1], rowptr, idx, order, *descs,
+            x, x.stride(0), x2 if dual else None, out, out.stride(0), None, None, 0, m, n_in, n_out,
+            w, off, sw[0], sw[1], wb if dual else None, offb if dual else None, swb[0], swb[1], rowptr, idx, order,
+            *descs,
             DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=sig.aligned, HAS_B=False,
             DUAL=dual, NANROW=0, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1),
             TMA=(3 + packed) if tma else 0, GROUP=grp, TWO_LOOPS=var == TWO_LOOPS)
@@ -883,7 +893,7 @@ def _sddmm(mod, sig, douts, inp, live, bo, bi, shape, dtype, memo=None):
     douts = [d.contiguous() for d in douts]
     m = inp.shape[0]
     dual = len(douts) == 2
-    o2 = outs[1] if dual else outs[0]
+    o2 = outs[1] if dual else None  # (pointers a kernel does not read are None: see _forward)
     DT = _tl_dtype(mod, dtype)
 
     def split_of(bm):
@@ -902,9 +912,12 @@ def _sddmm(mod, sig, douts, inp, live, bo, bi, shape, dtype, memo=None):
         n_grp = g_rows.numel()
         split, m_per = split_of(bm)
         part = (torch.empty(split * len(douts) * n_grp * bo * bi * g, device=inp.device, dtype=torch.float32)
-                if split > 1 else inp)
+                if split > 1 else None)
         descs = _descs(tma, (douts[0], (bm, bo)), (douts[-1], (bm, bo)), (inp, (bm, bi)))
-        mod.sddmm[(n_grp, split)](douts[0], douts[-1], douts[0].stride(0), inp, inp.stride(0), outs[0], o2,
+        if not dual:
+            descs = (descs[0], None, descs[2])
+        mod.sddmm[(n_grp, split)](douts[0], douts[1] if dual else None, douts[0].stride(0), inp, inp.stride(0),
+                                  outs[0], o2,
                                   outs[0].stride(0), part, m, m_per, shape[0], shape[1], g_rows, g_cols, n_grp,
                                   *descs, dead_r, dead_c, dead_r.numel(), DTYPE=DT, BM=bm, BO=bo, BI=bi, DUAL=dual,
                                   SPLIT=split > 1, num_warps=nw, num_stages=ns, TMA=tma,
@@ -1017,14 +1030,16 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
     # dead columns must read as zero (dA, dU are zero there)
     new = torch.zeros if (needs[2] and b1 is not None) or (needs[4] and b3 is not None) else torch.empty
     da = new(m, H, device=x2d.device, dtype=x2d.dtype)
-    du = new(m, H, device=x2d.device, dtype=x2d.dtype) if gated else da
-    if saved is not None and (saved.dim() != 3 or saved.shape[1:] != (m, H) or saved.dtype != x2d.dtype
-                              or saved.shape[0] not in (1, saved_count(2, gated)) or not saved.is_contiguous()):
-        saved = None  # not what the forward's kernels wrote: recompute it here
-    h_saved = saved[0] if saved is not None else None
-    load_pre = saved is not None and saved.shape[0] > 1
-    pre_a = saved[1] if load_pre else da
-    pre_u = saved[2] if load_pre and gated else pre_a
+    du = new(m, H, device=x2d.device, dtype=x2d.dtype) if gated else None
+    # (pointers a kernel does not read are None: see _forward)
+    parts = None if saved is None else list(saved) if isinstance(saved, (list, tuple)) else list(saved.unbind(0))
+    if parts is not None and (len(parts) not in (1, saved_count(2, gated)) or any(
+            t is None or t.shape != (m, H) or t.dtype != x2d.dtype or not t.is_contiguous() for t in parts)):
+        parts = None  # not what the forward's kernels wrote: recompute it here
+    h_saved = parts[0] if parts is not None else None
+    load_pre = parts is not None and len(parts) > 1
+    pre_a = parts[1] if load_pre else None
+    pre_u = parts[2] if load_pre and gated else None
     if load_pre:
         counters["blast"]["saved_pre_used"] += 1
     sparse_dw2 = needs[5] and dw_masks[2] is not None  # (the sddmm of dW2 reads H)
@@ -1034,7 +1049,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
         if sparse_dw2:
             counters["blast"]["saved_hidden_used"] += 1
     else:
-        h = torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else da
+        h = torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else None
     n_live = ix["live"].numel()
     if n_live:
         k3_ = k3 if gated else k1
@@ -1047,9 +1062,9 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
             descs = _descs(tma, (x2d, (bm, p.bd)), (k1, (p.bh, p.bd)), (k3_, (p.bh, p.bd)), (dy2d, (bm, p.bd)),
                            (k2, (p.bd, p.bh)))
             mod.mlp_hidden_bwd[(cdiv(m, bm), n_live)](
-                x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h, pre_a, pre_u, da.stride(0), m, d_in, H, d_out,
-                k1, off["in1"], s1[0], s1[1], b1 if b1 is not None else x2d, k3 if gated else k1,
-                off["in3"] if gated else off["in1"], s3[0], s3[1], b3 if b3 is not None else x2d,
+                x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h if store_h else None, pre_a, pre_u, da.stride(0),
+                m, d_in, H, d_out, k1, off["in1"], s1[0], s1[1], b1, k3, off["in3"] if gated else None, s3[0], s3[1],
+                b3,
                 k2, off["dn_csc"], s2[1], s2[0],
                 ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"], *descs,
                 DTYPE=_tl_dtype(mod, x2d.dtype), BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
