@@ -26,7 +26,7 @@ from mlp import SHAPES, make_weights, timed  # noqa: E402
 
 from blast_compile.ops import triton_mlp  # noqa: E402
 from blast_compile.ops.activations import ACTIVATIONS, dense_mlp  # noqa: E402
-from blast_compile.ops.sparse_mlp import resolve  # noqa: E402
+from blast_compile.ops.sparse_mlp import weights_plan  # noqa: E402
 
 
 def bsr_mlp(bs, x, act):
@@ -62,7 +62,7 @@ def main():
     d, h, act, gated = SHAPES[args.shape]
     w1, w3, w2 = make_weights(args.shape, args.sparsity, args.block, dtype, seed=1)
     wargs = (w1, None, w3, None, w2, None)
-    plan = resolve(torch.empty(1, d, device="cuda", dtype=dtype), *wargs, act, args.block, args.block, "", 1.0)
+    plan = weights_plan(torch.empty(1, d, device="cuda", dtype=dtype), *wargs, act, args.block, args.block, "", 1.0)
     bs = tuple(None if t is None else t.to_sparse_bsr((args.block, args.block)) for t in (w1, w3, w2))
     res = run_meta(shape=args.shape, sparsity=args.sparsity, block=args.block, rows=[])
     for m in (int(v) for v in args.m.split(",")):

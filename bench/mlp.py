@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from blast_compile.formats import block_bytes, cdiv, dense_flops, expand_mask  # noqa: E402
 from blast_compile.ops import triton_mlp, tune  # noqa: E402
 from blast_compile.ops.activations import ACTIVATIONS, dense_mlp  # noqa: E402
-from blast_compile.ops.sparse_mlp import resolve  # noqa: E402
+from blast_compile.ops.sparse_mlp import weights_plan  # noqa: E402
 from blast_compile.testing import random_block_mask  # noqa: E402
 
 SHAPES = {  # name: (d_model, hidden, activation, gated)
@@ -111,7 +111,7 @@ def run_case(shape, sparsity, block, ms, dtype, dense_cache, bw, flops, do_bsr=T
     itemsize = torch.finfo(dtype).bits // 8
     w1, w3, w2 = make_weights(shape, sparsity, block, dtype, seed=1)
     dense_bytes = (w1.numel() * (2 if gated else 1) + w2.numel()) * itemsize
-    plan0 = resolve(torch.empty(1, d, device="cuda", dtype=dtype), w1, None, w3, None, w2, None, act, block, block, "", 1.0)
+    plan0 = weights_plan(torch.empty(1, d, device="cuda", dtype=dtype), w1, None, w3, None, w2, None, act, block, block, "", 1.0)
     live_bytes = block_bytes(plan0.pattern, itemsize, gated)
     n_sp = max(2, min(24, cdiv(ROTATE_BYTES, live_bytes)))
     n_de = max(2, min(8, cdiv(ROTATE_BYTES, dense_bytes)))
@@ -119,7 +119,7 @@ def run_case(shape, sparsity, block, ms, dtype, dense_cache, bw, flops, do_bsr=T
     # the real pattern key (not ""), and every weight set stays alive while its plan is used: no plan
     # can be reused for another case's tensors at a freed address
     key = plan0.pattern.key
-    plans = [resolve(torch.empty(1, d, device="cuda", dtype=dtype), a, None, c, None, b, None, act, block, block, key, 1.0)
+    plans = [weights_plan(torch.empty(1, d, device="cuda", dtype=dtype), a, None, c, None, b, None, act, block, block, key, 1.0)
              for a, c, b in sets]
     assert all(p.pattern.key == key for p in plans)
     rows = []

@@ -24,7 +24,7 @@ from bench.train_mlp import SHAPES, sparsify_  # noqa: E402
 from blast_compile.formats import pattern_from_weights  # noqa: E402
 from blast_compile.masks import clear_mask  # noqa: E402
 from blast_compile.ops import triton_mlp, tune  # noqa: E402
-from blast_compile.ops.sparse_mlp import resolve  # noqa: E402
+from blast_compile.ops.sparse_mlp import weights_plan  # noqa: E402
 from blast_compile.testing import SwiGLU  # noqa: E402
 
 
@@ -38,7 +38,7 @@ def setup(shape, m, sparsity, block):
     w1, w3, w2 = mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight
     x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
     pat = pattern_from_weights(w1, w3, w2, block, block, activation="silu", has_b1=False, has_b3=False)
-    return w1, w3, w2, x, resolve(x, w1, None, w3, None, w2, None, "silu", block, block, pat.key, 1.0)
+    return w1, w3, w2, x, weights_plan(x, w1, None, w3, None, w2, None, "silu", block, block, pat.key, 1.0)
 
 
 def sweep(shape, m, sparsity, block, keep=2):

@@ -120,7 +120,7 @@ def _record(report: GraphReport):
     del REPORTS[:-_MAX_REPORTS]
 
 
-def rewrite(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions):
+def rewrite_graph(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions):
     """Run the passes on a copy of ``gm``; returns (new_gm, candidates)."""
     from . import codegen
     from .passes import run_passes
@@ -177,7 +177,7 @@ def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = Non
     counters["blast"]["graphs"] += 1
     fallback, watches = None, []
     try:
-        new_gm, cands = rewrite(gm, example_inputs, opts)
+        new_gm, cands = rewrite_graph(gm, example_inputs, opts)
         _guard_weights(cands)
         try:
             fallback, watches = _lower(new_gm, example_inputs, opts)
@@ -190,7 +190,7 @@ def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = Non
                 raise
             _warn_fallback("lowering fused MLPs into Inductor", e, "they run as opaque ops (slower host path)")
             fallback, watches = None, []
-            new_gm, cands = rewrite(gm, example_inputs, opts)  # (lowering may have left new_gm half done)
+            new_gm, cands = rewrite_graph(gm, example_inputs, opts)  # (lowering may have left new_gm half done)
         code = new_gm.code
         _trace_artifact(new_gm, cands)
         _record(GraphReport(cands, code))
@@ -230,4 +230,4 @@ def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = Non
     return GraphGuard(compiled, fallback, watches)
 
 
-__all__ = ["blast", "rewrite", "REPORTS", "GraphReport"]
+__all__ = ["blast", "rewrite_graph", "REPORTS", "GraphReport"]

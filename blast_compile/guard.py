@@ -62,7 +62,7 @@ class Watch:
 
     def valid(self) -> bool:
         """The weights (and declared masks) still fit the compiled pattern, and hold no NaN/Inf the pattern
-        could skip (host syncs; the same reading of the weights as ``sparse_mlp.resolve``)."""
+        could skip (host syncs; the same reading of the weights as ``sparse_mlp.weights_plan``)."""
         from .ops.sparse_mlp import _all_finite, _declared_block_mask
 
         p, plan = self.plan.pattern, self.plan
@@ -136,7 +136,7 @@ class GraphGuard:
 def _same_declared_masks(w: Watch) -> bool:
     """Every weight of ``w`` declares a mask, and they are the masks of the last check, unmoved: the MLP means
     ``W * mask`` with the compiled masks, whatever the weights hold (no device work; NaN/Inf in the weights
-    then go unseen, as in ``sparse_mlp.resolve``: README)."""
+    then go unseen, as in ``sparse_mlp.weights_plan``: README)."""
     now = w.masks()
     return (w.plan.masked and len(now) == len(w.taken_masks)
             and all(a is b for a, b in zip(now, w.taken_masks)) and not w.mask_snap.changed(now))

@@ -207,7 +207,7 @@ def test_plan_matches_compress_packed_mlp():
         pat, p1, _, p3, _, p2, _ = C.packed_mlp(g, u, d, "silu")
         idx = (g.row_ptr, g.col_idx, u.row_ptr, u.col_idx, d.row_ptr, d.col_idx)
         key = P.pattern_key(16, 16, 64, 192, 64, idx)
-        plan = P.resolve(g.blocks, g.row_ptr, g.col_idx, None, u.blocks, u.row_ptr, u.col_idx, None, d.blocks,
+        plan = P.packed_plan(g.blocks, g.row_ptr, g.col_idx, None, u.blocks, u.row_ptr, u.col_idx, None, d.blocks,
                          d.row_ptr, d.col_idx, None, "silu", 16, 16, 64, 192, 64, key)
         blk = P.blocks_in_order(plan, g.blocks, u.blocks, d.blocks)
         assert plan.pattern.key == pat.key
@@ -247,7 +247,7 @@ def test_interp_triton_forward_packed(arch):
     layer = lambda m: (m.blocks, m.row_ptr, m.col_idx, m.bias) if m is not None else (None,) * 4  # noqa: E731
     idx = [t for m in (w1, w3, w2) for t in layer(m)[1:3]]
     key = P.pattern_key(*w1.block, w1.in_features, w1.out_features, w2.out_features, idx)
-    plan = P.resolve(*layer(w1), *layer(w3), *layer(w2), act, *w1.block, w1.in_features, w1.out_features,
+    plan = P.packed_plan(*layer(w1), *layer(w3), *layer(w2), act, *w1.block, w1.in_features, w1.out_features,
                      w2.out_features, key)
     for m in (3, 37):  # decode and prefill paths
         x = torch.randn(m, w1.in_features)

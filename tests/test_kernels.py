@@ -21,7 +21,7 @@ from blast_compile import codegen, masks
 from blast_compile.formats import cdiv, expand_mask, pattern_from_weights
 from blast_compile.ops import gather, triton_mlp, tune
 from blast_compile.ops.activations import dense_mlp
-from blast_compile.ops.sparse_mlp import _packed, resolve
+from blast_compile.ops.sparse_mlp import _packed, weights_plan
 from blast_compile.testing import SwiGLU, random_block_mask
 from conftest import force_splitk, tol
 
@@ -64,7 +64,7 @@ def make(d, h, *, gated, bias, dtype, block, sparsity=0.6, seed=0, device="cpu",
 def plan_for(x, p, act, block):
     pat = pattern_from_weights(p["w1"], p["w3"], p["w2"], *block, activation=act,
                                has_b1=p["b1"] is not None, has_b3=p["b3"] is not None)
-    return resolve(x, p["w1"], p["b1"], p["w3"], p["b3"], p["w2"], p["b2"], act, *block, pat.key, 1.0)
+    return weights_plan(x, p["w1"], p["b1"], p["w3"], p["b3"], p["w2"], p["b2"], act, *block, pat.key, 1.0)
 
 
 def args(p):
@@ -639,6 +639,26 @@ def test_interp_deterministic_decode_is_sliced(monkeypatch, caplog):
 @pytest.mark.parametrize("m", [3, 37])
 def test_interp_nonfinite_rows(m):
     check_nonfinite(m, "cpu", torch.float32, (16, 16))
+
+
+@interp
+@pytest.mark.parametrize("act,gated", [("relu", False), ("silu", True)])
+def test_interp_backward_nonfinite_rows_like_eager(act, gated):
+    """A NaN in a row of x: every gradient is eager's, NaN where eager's dense products spread it (dX's whole
+    row, dW and the biases' gradients through the NaN hidden row), through the kernels' own backward."""
+    from blast_compile.ops import triton_mlp
+
+    p = make(48, 80, gated=gated, bias=True, dtype=torch.float32, block=(16, 16))
+    x = torch.randn(5, 48)
+    x[1, 5] = float("nan")
+    dy = torch.randn(5, 48)
+    g = triton_mlp.backward(dy, x, *args(p), plan_for(x, p, act, (16, 16)), act, [True] * 7)
+    ps = {k: (v.detach().clone().requires_grad_() if v is not None else None) for k, v in p.items()}
+    xr = x.clone().requires_grad_()
+    dense_mlp(xr, *args(ps), act).backward(dy)
+    for k, ref in (("x", xr), *((k, ps[k]) for k in ("w1", "b1", "w3", "b3", "w2", "b2"))):
+        if ref is not None:
+            torch.testing.assert_close(g[k], ref.grad, equal_nan=True, rtol=1e-4, atol=1e-4, msg=k)
 
 
 def test_interpreter_suite(tmp_path):

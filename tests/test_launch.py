@@ -184,7 +184,7 @@ def test_gpu_direct_launches_match_jit_launches(path, monkeypatch):
     deterministic (sliced) path, across M = 1 (an int Triton turns into a constant), other M, and an x
     that is not 16-byte aligned (a view at an odd offset)."""
     from blast_compile.ops import triton_mlp
-    from blast_compile.ops.sparse_mlp import resolve
+    from blast_compile.ops.sparse_mlp import weights_plan
     from blast_compile.testing import SwiGLU, sparsify_mlps_
 
     monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)
@@ -200,7 +200,7 @@ def test_gpu_direct_launches_match_jit_launches(path, monkeypatch):
         got = []
         for m, off in ((1, 0), (5, 0), (1, 1), (16, 1), (40, 0), (40, 1), (1, 0)):
             x = buf[off: off + m * 256].view(m, 256)
-            plan = resolve(x, w1, None, w3, None, w2, None, "silu", 64, 64, "", 1.0)
+            plan = weights_plan(x, w1, None, w3, None, w2, None, "silu", 64, 64, "", 1.0)
             y = triton_mlp.forward(x, w1, None, w3, None, w2, None, plan, "silu")
             torch.testing.assert_close(y, mlp(x), **tol(torch.float16))
             got.append(y)

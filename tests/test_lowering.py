@@ -13,7 +13,7 @@ from torch._dynamo.utils import counters
 from blast_compile.formats import pattern_from_weights
 from blast_compile.guard import GraphGuard, Watch
 from blast_compile.masks import clear_mask, declare_mask
-from blast_compile.ops.sparse_mlp import resolve
+from blast_compile.ops.sparse_mlp import weights_plan
 from blast_compile.testing import zero_blocks_
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,9 +47,11 @@ def test_lowered_kernels_write_only_their_outputs(traces, case):
 def test_lowered_graphs_hold_no_copies(traces, case):
     """No scatter/copy/clone around the kernels: each writes whole tensors of its own (a kernel writing views
     of one buffer, or given one tensor for two pointers, made Inductor copy [M, hidden] tensors per call).
-    Only the autocast case casts x (once, in the graph, where Inductor fuses it)."""
-    for g in traces[case]["fw"] + traces[case]["joint"]:
-        assert g["copies"] == (["_to_copy"] if case == "autocast" and g in traces[case]["fw"] else [])
+    Casts only: autocast's x (once, in the graph, where Inductor fuses it) and the backward's per-row NaN flag."""
+    for g in traces[case]["fw"]:
+        assert g["copies"] == (["_to_copy"] if case == "autocast" else [])
+    for g in traces[case]["joint"]:
+        assert g["copies"] == ["_to_copy"]
 
 
 def test_prefill_and_decode_are_two_launches(traces):
@@ -99,7 +101,7 @@ def make_guard(declare=False):
         for w in (w1, w3, w2):
             declare_mask(w, (w.detach().view(w.shape[0] // 16, 16, -1, 16) != 0).any(3).any(1), (16, 16))
     key = pattern_from_weights(w1, w3, w2, 16, 16, activation="silu", has_b1=False, has_b3=False).key
-    plan = resolve(None, w1, None, w3, None, w2, None, "silu", 16, 16, key, 0.75)  # (as passes/lower.py does)
+    plan = weights_plan(None, w1, None, w3, None, w2, None, "silu", 16, 16, key, 0.75)  # (as passes/lower.py does)
     watch = Watch("p", plan, [(w1, []), (w3, []), (w2, [])], "silu")
     compiled, fallback = Calls(), Calls()
     return GraphGuard(compiled, fallback, [watch]), compiled, fallback, (w1, w3, w2)

@@ -238,8 +238,8 @@ def test_fused_op_follows_mask_changes():
         opt.step()
         opt.zero_grad()
         sp.step()
-        from blast_compile.ops.sparse_mlp import resolve
-        plan = resolve(x, mlp.gate_proj.weight, None, mlp.up_proj.weight, None, mlp.down_proj.weight, None, "silu",
+        from blast_compile.ops.sparse_mlp import weights_plan
+        plan = weights_plan(x, mlp.gate_proj.weight, None, mlp.up_proj.weight, None, mlp.down_proj.weight, None, "silu",
                        B, B, "test", 0.99)
         keys.add(plan.pattern.key)
         assert not plan.dense

@@ -254,7 +254,7 @@ def _check_compiled(rank, mesh):
     m = make_model("llama")
     ref = copy.deepcopy(m)
     bd.parallelize_blast_mlp(m, mesh, block=(16, 16))
-    from blast_compile.backend import rewrite
+    from blast_compile.backend import rewrite_graph as rewrite
     from blast_compile.config import BlastOptions
     from torch._dynamo.backends.debugging import aot_eager
 

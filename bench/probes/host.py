@@ -112,7 +112,7 @@ class Timers:
         from blast_compile.ops import sparse_mlp as sm
 
         self.acc, self.on, self._undo = {}, False, []
-        for mod, name in ((sm, "resolve"), (sm, "_cuda_forward"), (triton_mlp, "_forward"), (triton_mlp, "_choose"),
+        for mod, name in ((sm, "weights_plan"), (sm, "_cuda_forward"), (triton_mlp, "_forward"), (triton_mlp, "_choose"),
                           (triton_mlp, "_descs"), (triton_mlp, "_tma_ok"), (triton_mlp, "_decode"),
                           (jit.JITFunction, "run"), (launch.Kernel, "launch"), (torch, "zeros"), (torch, "empty")):
             self._wrap(mod, name)

@@ -1,10 +1,10 @@
 """Launching the generated Triton kernels with less host time.
 
-``kernel[grid](*args, **kw)`` costs 50-70 µs of host time for our ~40-argument kernels (H200
-machine, Triton 3.6, ``bench/launch_probe.py``): Triton's binder specializes every argument, builds a
-cache key, looks the compiled kernel up and makes launch metadata, and only then calls the compiled
-kernel's C launcher, which alone costs ~15 µs. Without CUDA graphs a fused MLP call is host-bound
-(two launches at decode), so that difference is the op's largest host cost.
+``kernel[grid](*args, **kw)`` spends most of its host time before the launch itself for our ~40-argument
+kernels (``bench/probes/launch_probe.py``): Triton's binder specializes every argument, builds a cache key,
+looks the compiled kernel up and makes launch metadata, and only then calls the compiled kernel's C
+launcher. Without CUDA graphs the opaque op's call is host-bound (two launches at decode), so that is its
+largest host cost. (A lowered op's launches are Inductor's, from its own code; see ``lowering``.)
 
 ``Kernel(fn)[grid](*args, **kw)`` launches the same kernel. The first launch for each *fingerprint*
 goes through Triton's JIT, which compiles or finds the kernel and returns it; later launches with the

@@ -38,7 +38,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch._dynamo.utils import counters
+from .._counters import counters
 
 from ..formats import build_pattern, cdiv
 from . import gather
@@ -106,7 +106,7 @@ def _mask_and_pos(row_ptr: Tensor, col_idx: Tensor, n_rows: int, n_cols: int, wh
     return pos >= 0, pos
 
 
-def resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2, b2,
+def packed_plan(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2, b2,
             activation: str, block_h: int, block_d: int, d_in: int, d_hidden: int, d_out: int,
             key: str) -> _PackedPlan:
     """The plan for these tensors: rebuilt when an index changed, re-selected when blocks changed."""
@@ -204,7 +204,7 @@ def packed_mlp(
     """``block_linear(act(block_linear(x, W1)) [* block_linear(x, W3)], W2)`` in one node."""
     lead, d_in = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(-1, d_in)
-    plan = resolve(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2, b2,
+    plan = packed_plan(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2, col_idx2, b2,
                    activation, block_h, block_d, d_in, d_hidden, d_out, pattern_key)
     if x2d.shape[0] == 0:
         return x.new_empty((*lead, d_out))
@@ -252,4 +252,4 @@ def _backward(ctx, dy):
 packed_mlp.register_autograd(_backward, setup_context=_setup_context)
 
 
-__all__ = ["packed_mlp", "pattern_key", "resolve", "blocks_in_order"]
+__all__ = ["packed_mlp", "pattern_key", "packed_plan", "blocks_in_order"]

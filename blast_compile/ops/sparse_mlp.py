@@ -34,8 +34,7 @@ means a dense matrix) or on live blocks only, when the sparsifier declared a mas
 :mod:`..masks`). Training on CUDA the rewrite emits ``blast::sparse_mlp_train`` instead: the same
 forward, also returning what the backward would otherwise recompute (``BlastOptions.save_hidden``):
 ``save=1`` the hidden activations H its kernels write anyway (one ``rows x hidden`` tensor per MLP;
-dW2 reads it instead of the backward kernel writing it again, H200 8B 90 %: that kernel
-1000 -> 858 µs); ``save=2`` (the op's default; the rewrite picks per MLP) also the pre-activations
+dW2 reads it instead of the backward kernel writing it again); ``save=2`` (the op's default; the rewrite picks per MLP) also the pre-activations
 a [and u], so the backward's first kernel does not recompute the two in-projections (three tensors
 for a gated MLP; dense autograd keeps more).
 """
@@ -46,7 +45,7 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor
-from torch._dynamo.utils import counters
+from .._counters import counters
 
 from .. import masks as _masks
 from ..formats import block_mask, build_pattern, expand_mask, _mlp_masks
@@ -92,7 +91,7 @@ def _all_finite(ts) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density) -> _Plan:
+def weights_plan(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density) -> _Plan:
     """The live-block plan for these weights, re-derived only when they may have changed
     (:class:`~.watch.Snapshot`: version counters, storages, fused-optimizer steps)."""
     sk = (pattern_key, ident(w1), ident(w3), ident(w2), b1 is not None, b3 is not None)
@@ -224,7 +223,7 @@ def _forward(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_ke
     when ``keep`` and they ran, else None."""
     d_out = w2.shape[0]
     # the plan (pattern, declared masks, version checks) belongs to the parameters themselves
-    plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
+    plan = weights_plan(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
     orig_w = (w1, w3, w2)
     x, b1, b3, b2 = in_dtype(compute_dtype, x, b1, b3, b2)
     lead = x.shape[:-1]
@@ -331,7 +330,7 @@ def sparse_mlp_backward(
     """Gradients ``[dx, dw1, db1, dw3, db3, dw2, db2]``; an unneeded one is an empty tensor.
     Under autocast (``compute_dtype``) they are computed in it and returned in each input's dtype.
     ``saved``: ``sparse_mlp_train``'s second output (the CUDA kernels read it instead of recomputing)."""
-    plan = resolve(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
+    plan = weights_plan(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density)
     orig = (x, w1, b1, w3, b3, w2, b2)
     orig_w = (w1, w3, w2)
     x, b1, b3, b2, dy = in_dtype(compute_dtype, x, b1, b3, b2, dy)

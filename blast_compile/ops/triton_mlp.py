@@ -87,16 +87,15 @@ HANDLES_NONFINITE = True
 # small tuning spaces; the first entry is the untuned default
 # split-K decode: (in-blocks per program, down blocks per program, num_warps, early), early: kernel 2
 # 0 launched after kernel 1, 1 launched early (PDL), 2 early and prefetching its W2 into L2
-# (H200, round 4: small chunks on few warps win at M=1 and 16 alike: more programs = more blocks in
-# flight and shorter serial tails; chunks of 8 were 1.5-2x slower. Round 9: whether PDL / the
-# prefetch pay depends on the shape and M -- PDL 2-3 µs slower at 1B M=1, 1.3 µs faster at 8B --
-# so they are tuned too; 4-block chunks spilled registers)
+# (small chunks on few warps win: more programs = more blocks in flight and shorter serial tails; whether
+# PDL and the prefetch pay depends on the shape and M, so they are tuned too; 4-block chunks spill registers.
+# Measurements: NOTES_KERNELS.md, docs/history.md)
 DECODE_CONFIGS = [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1, 1, 1), (1, 1, 1, 0),
                   (2, 1, 2, 1), (2, 2, 2, 1)]
 # sliced decode: (rows per program BS, blocks per unrolled step CH, num_warps, num_stages), tuned
 # separately for both kernels
-# (H200: num_stages 1 was 1.5-2x slower than 2 -- Triton's pipeliner issues the next step's loads early)
-# (the winners of a 12-config sweep over 21 signatures; 16-row slices won almost everywhere)
+# (2 stages, not 1: Triton's pipeliner then issues the next step's loads early; the list is the winners of a
+# sweep over many signatures, where 16-row slices won almost everywhere)
 DECODE_SLICE_CONFIGS = [(16, 4, 4, 2), (16, 1, 4, 3), (16, 2, 4, 2), (16, 4, 8, 2), (32, 4, 4, 2), (16, 8, 4, 2),
                         (32, 1, 4, 3), (16, 4, 4, 3)]
 # prefill: (BM, num_warps, num_stages, wide); wide: one 128-wide gate|up dot per step, and two live
@@ -104,8 +103,7 @@ DECODE_SLICE_CONFIGS = [(16, 4, 4, 2), (16, 1, 4, 3), (16, 2, 4, 2), (16, 4, 8, 
 # (1-2 stages: at small d most hidden blocks have one live in-block, so a program is one step and
 # the pipeline's shared memory only caps how many programs share an SM)
 # variant PREFILL_TMA: every tile loaded by TMA (Hopper+, 16-bit, 16-byte aligned rows; else the
-# wide variant runs instead). H200 probe (bench/tma_probe.py), 8B 90 % M=4096: hidden 277 -> 208 µs,
-# down 145 -> 138; TMA tiles like 128 rows on 4 warps
+# wide variant runs instead; bench/probes/tma_probe.py measured it: TMA tiles like 128 rows on 4 warps)
 PREFILL_TMA = 2
 PREFILL_CONFIGS = [(64, 4, 3, 0), (128, 8, 3, 0), (64, 4, 4, 0), (128, 4, 3, 0), (128, 8, 4, 0), (256, 8, 3, 0),
                    (64, 4, 2, 0), (64, 4, 3, 1), (128, 8, 3, 1), (128, 4, 3, 1), (128, 8, 4, 1), (256, 8, 2, 1),
@@ -124,9 +122,8 @@ BACKWARD_CONFIGS = [(64, 4, 3, 0), (64, 4, 2, 0), (128, 8, 3, 0), (64, 8, 3, 0),
 # Every prefill/backward config with wide or TMA tiles is also tuned with its programs grouped
 # (5th element: M tiles per group, GROUP_ROWS rows; template ``_tile``): a wave of programs then
 # shares a few M tiles of activations in L2 instead of reading every M tile's. Measured per kernel
-# by ``bench/tiles.py`` (grouped and launch-order timings of one config side by side). H200, 8B 90 %,
-# M = 8192, best config each: down 321 -> 246 µs, dX 738 -> 531, backward kernel 1 1177 -> 1026,
-# in-projection 472 -> 463.
+# by ``bench/tiles.py`` (grouped and launch-order timings of one config side by side): it pays most for
+# the down projection, dX and backward kernel 1 at large M (NOTES_KERNELS.md).
 GROUP_ROWS = 512
 
 
@@ -145,7 +142,7 @@ DX_CONFIGS = _grouped([(128, 8, 2, 3), (128, 8, 3, 3), (128, 4, 2, 3), (256, 8, 
                        (64, 4, 3, 3), (64, 4, 2, 3), (128, 8, 1, 3), (128, 4, 1, 3), (64, 4, 1, 3), (256, 8, 1, 3)])
 # backward kernel 1 reading the forward's pre-activations (LOAD_PRE): one fp32 accumulator (dh), so the
 # larger tiles and one-stage pairs of the down projection's list fit
-# (256-row tiles, tried until round 17, lost at 64x64 and 128x128 blocks: 845-1206 µs vs 463-513)
+# (256-row tiles lost at 64x64 and 128x128 blocks: docs/history.md)
 BACKWARD_PRE_CONFIGS = _grouped([(128, 4, 3, 3), (128, 8, 3, 3), (128, 4, 2, 3), (64, 4, 3, 3), (64, 4, 2, 3),
                                  (128, 4, 1, 3), (64, 4, 1, 3), (64, 4, 3, 0), (128, 8, 3, 0)])
 
@@ -158,9 +155,10 @@ def _cfg(cfg):
 
 # ... each also with a and u loaded before the dh loop (6th element 1: template LOAD_PRE 2) where holding
 # them costs <= 64 registers a thread (_pre_fits): at 64-wide blocks the loop is ~6 short steps and
-# the loads after it wait on HBM with nothing else to do. H200, 8B 90 % 64x64, M = 8192: 694 -> 544 µs.
+# the loads after it wait on HBM with nothing else to do.
 # 7th element: a register cap (ptxas maxnreg) for [64, 64] tiles: the kernel is latency-bound, and 96
-# registers (some spilled) let 5 programs share an SM instead of 3: 544 -> 513 µs (168 and 128: no gain).
+# registers (some spilled) let 5 programs share an SM instead of 3 (168 and 128 gained nothing). Lowered ops
+# drop the cap (Inductor cannot pass it): their warm-up tunes without it too.
 BACKWARD_PRE_CONFIGS = (BACKWARD_PRE_CONFIGS + [(*_cfg(c), 1) for c in BACKWARD_PRE_CONFIGS]
                         + [(64, 4, 2, 3, 8, 1, 96), (64, 4, 2, 3, 16, 1, 96), (64, 4, 2, 3, 8, 0, 96)])
 
@@ -173,7 +171,7 @@ def _pre_cfg(cfg):
 def _pre_fits(cfg, bh, gated):
     """Whether a LOAD_PRE config is worth tuning at hidden blocks of bh (see above). Never where the
     epilogue's three fp32 [BM, bh] tiles (dh, a, u) alone overflow 255 registers a thread: those spill
-    kilobytes (offline ptxas, round 16) and ran 2-3x slower (round 17: (128, 4, *) at 128x128)."""
+    kilobytes (offline ptxas) and ran 2-3x slower (NOTES_KERNELS.md)."""
     early, cap = _pre_cfg(cfg)
     return (3 * cfg[0] * bh <= 255 * 32 * cfg[1]
             and (not early or cfg[0] * bh * (1 + gated) <= 64 * 2 * 32 * cfg[1])
@@ -188,7 +186,7 @@ def _for_m(configs, m):
 
 def _candidates(configs, var, tma_ok, m):
     """What the tuner times for a prefill/backward kernel at M rows: ``_with_tma``, then ``_for_m``.
-    (Passed to ``_choose`` inside a lambda: building it costs ~9 µs, on every call otherwise.)"""
+    (Passed to ``_choose`` inside a lambda: it is built only on a tuning miss, never per call.)"""
     return _for_m(_with_tma(configs, var, tma_ok), m)
 
 
@@ -196,12 +194,10 @@ def _candidates(configs, var, tma_ok, m):
 TMA = True
 
 # split-K decode with M <= this uses a multiply-reduce GEMV (BM = 1 at M = 1) instead of tensor-core
-# dots on 16 rows (0: never). H200, round 9, M=1: 8B 90 % 19.8 -> 18.0 µs, 1B 90 % 16.5 -> 11.4 (the
-# dots' [16, 64] accumulators and operand tiles cost 130+ registers for one live row; round 1's 3-D
-# GEMV was slower than the dots, 59 vs 24 µs)
+# dots on 16 rows (0: never): the dots' [16, 64] accumulators and operand tiles cost 130+ registers for
+# one live row (a 3-D GEMV was slower than the dots: docs/history.md)
 GEMV_MAX_M = 1
-# ... and its configs (as DECODE_CONFIGS; round 9's sweep at 8B 90 %: one block per program on 2 warps
-# 18.1 µs, 2-4 blocks or 4-8 warps 21-30 µs)
+# ... and its configs (as DECODE_CONFIGS; one block per program on 2 warps won the sweep)
 DECODE_GEMV_CONFIGS = [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1, 1, 0), (1, 1, 4, 2),
                        (2, 1, 4, 2), (2, 1, 2, 1)]
 
@@ -577,16 +573,17 @@ EAGER_DECODE_WARN = 256
 
 
 def _count_eager_decode(plan, x2d):
-    """Decode without CUDA graphs is host-bound: a call's Python and two launches (~0.1-0.3 ms of
-    host time on the H200 machine) outlast its kernels (~10-20 µs), and the dense model it replaces
-    launches cuBLAS cheaper. Say so once, after enough calls that it is not a graph warm-up."""
+    """The opaque op's decode without CUDA graphs is host-bound: a call's Python and two launches outlast its
+    kernels, and the dense model it replaces launches cuBLAS cheaper. Say so once, after enough calls that it
+    is not a graph warm-up. (A lowered op has no Python per call: it never gets here.)"""
     if not x2d.is_cuda or lowered() or torch.cuda.is_current_stream_capturing():
         return
     n = plan.cache["eager_decode"] = plan.cache.get("eager_decode", 0) + 1
     if n == EAGER_DECODE_WARN:
-        warn_once("eager_decode", "blast: decode-sized calls (M <= 16) of a fused MLP are running without CUDA "
-                  "graphs; each spends more time in Python and launches than in its kernels, so decode can be "
-                  "slower than the dense model. Compile with mode='reduce-overhead' for decode.")
+        warn_once("eager_decode", "blast: decode-sized calls (M <= 16) of the opaque fused op are running "
+                  "without CUDA graphs; each spends more time in Python and launches than in its kernels, so "
+                  "decode can be slower than the dense model. On CUDA with Inductor (the default) fused MLPs are "
+                  "lowered and launch no Python; else compile with mode='reduce-overhead' for decode.")
 
 
 @functools.lru_cache(maxsize=None)
@@ -811,9 +808,9 @@ def forward_packed(x2d, p1, b1, p3, b3, p2, b2, plan, activation, d_out=None):
 # --- backward ---------------------------------------------------------------------------------------
 
 def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_blocks, bo, bi, n_in, n_out,
-          out_dtype, packed, memo=None):
+          out_dtype, packed, memo=None, flag=None):
     """out = X W^T (+ X2 W2^T) through live blocks (backward: dX), config tuned per signature, shape and M
-    (``memo``: the plan's cache, see ``_choose``)."""
+    (``memo``: the plan's cache, see ``_choose``); rows with ``flag`` set come out NaN."""
     m = x.shape[0]
     out = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
     x2 = x if x2 is None else x2
@@ -829,11 +826,11 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
         if not dual:  # (the second operand's pointers are not read: None, see _forward)
             descs = (descs[0], None, descs[2], None)
         mod.bsmm[(cdiv(m, bm), n_out_blocks)](
-            x, x.stride(0), x2 if dual else None, out, out.stride(0), None, None, 0, m, n_in, n_out,
+            x, x.stride(0), x2 if dual else None, out, out.stride(0), None, flag, 0, m, n_in, n_out,
             w, off, sw[0], sw[1], wb if dual else None, offb if dual else None, swb[0], swb[1], rowptr, idx, order,
             *descs,
             DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=sig.aligned, HAS_B=False,
-            DUAL=dual, NANROW=0, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1),
+            DUAL=dual, NANROW=int(flag is not None), BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1),
             TMA=(3 + packed) if tma else 0, GROUP=grp, TWO_LOOPS=var == TWO_LOOPS)
 
     run(tune._choose("dx_dual" if dual else "dx", sig, m,
@@ -848,13 +845,12 @@ SDDMM_MIN_ROWS = 256  # an M split of dW is at least this many rows
 DW_FILL = 2
 # (M rows per step, warps, stages, tma): tma 1 loads the tiles by TMA (as PREFILL_TMA)
 # (8 warps with 32/64-row steps: at 128x128 blocks the 128-row steps overflow shared memory and 4 warps
-# spill two [128, 128] fp32 accumulators; H200, 8B 90 %: dW 665 -> 426 µs, MLP fwd+bwd 3.25x -> 4.33x)
+# spill two [128, 128] fp32 accumulators)
 # 5th element G: G live blocks of a block row per program (template ``sddmm``; pointer loads, tma 0).
 # At 64x64 blocks a one-block program is L2-bound: each step loads as many activation bytes as it
-# multiplies by (~43 FLOP/B dual); G = 2 shares the dout tile over 2 blocks (64 FLOP/B). H200, 8B 90 %,
-# M = 8192: dual 424 -> 377 µs, single 299 -> 256. G = 4 (85 FLOP/B) needs 8 warps for its accumulators
-# and lost (319-744 µs; the kernel takes it, no config lists it). Tuned only where G * BI <= 256 and the
-# fp32 accumulators fit in 128 registers a thread (_sddmm_fits).
+# multiplies by (~43 FLOP/B dual); G = 2 shares the dout tile over 2 blocks (64 FLOP/B). G = 4 (85 FLOP/B)
+# needs 8 warps for its accumulators and lost (the kernel takes it, no config lists it). Tuned only where
+# G * BI <= 256 and the fp32 accumulators fit in 128 registers a thread (_sddmm_fits).
 SDDMM_CONFIGS = [(64, 4, 3, 0), (128, 8, 3, 0), (64, 4, 4, 0), (32, 4, 3, 0), (64, 4, 2, 0),
                  (64, 4, 3, 1), (64, 4, 4, 1), (128, 8, 3, 1), (128, 4, 3, 1),
                  (64, 8, 3, 0), (64, 8, 3, 1), (64, 8, 2, 1), (32, 8, 3, 1),
@@ -1006,8 +1002,8 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
     Three launches on live blocks: ``mlp_hidden_bwd`` (recompute a/u, dh through W2, dA/dU/h),
     ``bsmm`` (dX through the transposed in-projection) and ``sddmm`` (dW, gate and up together
     when their masks are tied). A weight without a declared mask has a dense dW (computed densely).
-    ``saved``: what ``forward(keep=...)`` kept: with H, kernel 1 does not write H again (H200, 8B 90 %
-    128x128 blocks: 982 -> 838 µs); with the pre-activations too, it reads them instead of recomputing
+    ``saved``: what ``forward(keep=...)`` kept (one [n, M, H] tensor, or a list of [M, H] ones): with H,
+    kernel 1 does not write H again; with the pre-activations too, it reads them instead of recomputing
     (``LOAD_PRE``). Anything else than what the forward's kernels write is ignored (recomputed).
     """
     p = plan.pattern
@@ -1051,6 +1047,13 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
     else:
         h = torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else None
     n_live = ix["live"].numel()
+    # Rows of x holding a NaN/Inf (one pass over x, no host sync). Eager's dense products make every pre-activation
+    # of such a row NaN; kernel 1 makes the live ones NaN and the rest follows from them, except where eager's NaN
+    # comes from a product with a dead block's zeros (dX's columns, the bias gradients of hidden units the
+    # pattern drops): those are set here. Plain ReLU passes dH through at NaN (threshold_backward): its dA stays
+    # finite, and so do dX and db1.
+    flag = (~torch.isfinite(x2d).all(1)).to(torch.int32)
+    da_nan = gated or activation != "relu"
     if n_live:
         k3_ = k3 if gated else k1
         tma_ok = _tma_ok(x2d, dy2d, k1, k3_, k2)
@@ -1066,7 +1069,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
                 m, d_in, H, d_out, k1, off["in1"], s1[0], s1[1], b1, k3, off["in3"] if gated else None, s3[0], s3[1],
                 b3,
                 k2, off["dn_csc"], s2[1], s2[0],
-                ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"], *descs,
+                ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"], *descs, flag,
                 DTYPE=_tl_dtype(mod, x2d.dtype), BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
                 num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0, GROUP=grp,
@@ -1085,7 +1088,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
         grads["x"] = _bsmm(mod, sig, da, du if gated else None, k1, off["in_csc1"], (s1[1], s1[0]),
                            k3 if gated else k1, off["in_csc3"] if gated else off["in_csc1"], (s3[1], s3[0]) if gated else (s1[1], s1[0]),
                            ix["in_colptr"], ix["in_csc_rows"], ix["all_in"], p.n_in, p.bd, p.bh, H, d_in, x2d.dtype,
-                           packed, memo=plan.cache)
+                           packed, memo=plan.cache, flag=flag if da_nan else None)
     dense_dw = any(needs[i] and dw_masks[k] is None for i, k in ((1, 0), (3, 1), (5, 2)) if (i != 3 or gated))
     if dense_dw:
         # a weight without a declared mask has a dense gradient (also on its zero blocks),
@@ -1113,7 +1116,12 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
                 grads[name] = (dense(dout_f, x2d, w1) if dw_masks[k] is None
                                else _sddmm(mod, sig, [dout], x2d, _mask_rc(plan, k, dw_masks[k]), p.bh, p.bd, w1.shape,
                                            w1.dtype, memo=plan.cache)[0])
-    grads["b1"] = da.sum(0).to(dy2d.dtype) if (needs[2] and b1 is not None) else None
+    any_bad = flag.any()
+
+    def bias_grad(d):  # (a NaN row makes eager's whole sum NaN, the dropped hidden units' included)
+        return torch.where(any_bad, float("nan"), d.sum(0).to(dy2d.dtype))
+
+    grads["b1"] = (bias_grad(da) if da_nan else da.sum(0).to(dy2d.dtype)) if (needs[2] and b1 is not None) else None
     if gated:
-        grads["b3"] = du.sum(0).to(dy2d.dtype) if (needs[4] and b3 is not None) else None
+        grads["b3"] = bias_grad(du) if (needs[4] and b3 is not None) else None
     return grads

@@ -35,7 +35,7 @@ from ..config import BlastOptions, Candidate
 from ..ops.plans import register_weights
 from .decide import decide, decide_packed, describe
 from .match import Context, find_mlps, refusal
-from .rewrite import rewrite, rewrite_packed
+from .rewrite import fuse_mlp, fuse_packed_mlp
 
 log = logging.getLogger("blast_compile.passes")
 
@@ -59,10 +59,10 @@ def run_passes(gm: torch.fx.GraphModule, example_inputs, opts: BlastOptions) -> 
             tag, pattern = decide(m, ctx, opts, c)
         if pattern is not None:
             if m.packed:
-                rewrite_packed(gm, m, pattern, replaced)
+                fuse_packed_mlp(gm, m, pattern, replaced)
                 counters["blast"]["mlp_fused_packed"] += 1
             else:
-                node = rewrite(gm, m, pattern, opts, replaced)
+                node = fuse_mlp(gm, m, pattern, opts, replaced)
                 save = node.kwargs.get("save", 0)
                 if save:  # (training on CUDA: what the forward keeps for the backward, save_hidden)
                     c.reason += "; forward keeps " + ("H, pre-activations" if save == 2 else "H") + " for backward"

@@ -26,7 +26,7 @@ from torch._dynamo.source import ConstantSource
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule, Node
 
-from ..ops import launch, lowered, sparse_mlp
+from ..ops import launch, lowered, sparse_mlp  # (lowered: registers blast::mlp, mlp_train, mlp_backward)
 from .match import is_dtensor
 from .normalize import example_value
 
@@ -94,7 +94,7 @@ def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
             log.info("blast: %s not lowered (%s): the opaque op runs it", node.name, why)
             continue
         # the eager op's plan for these weights, with a cache of its own (the tables the trace reads, only)
-        base = sparse_mlp.resolve(None, w1, b1, w3, b3, w2, b2, act, bh, bd, key, max_density)
+        base = sparse_mlp.weights_plan(None, w1, b1, w3, b3, w2, b2, act, bh, bd, key, max_density)
         plan = sparse_mlp._Plan()
         for f in sparse_mlp._Plan.__slots__:
             if f != "cache":

@@ -80,9 +80,8 @@ def _training_on_cuda(m: MLPMatch) -> bool:
 
 # save_hidden=True ("auto") keeps the pre-activations too where the backward's recompute of them
 # is heavier than writing and reading them: the in-projection's mean live width per live hidden
-# block (K) at least this. H200, M = 8192, 90 %: 8B MLP (K = 410) fwd+bwd 2.56 -> 2.30 ms at 128x128
-# blocks, 2.95 -> 2.89 at 64x64 (CUDA graphs); the 34M model's (K ~ 90) whole step 3.64 -> 4.29 ms.
-# Only these points were measured; 256 sits between them (not swept).
+# block (K) at least this. Keeping them paid for the 8B MLP (K = 410) and cost the 34M model (K ~ 90);
+# 256 sits between the two measured points, not swept (docs/history.md, round 14).
 SAVE_PRE_MIN_K = 256
 
 
@@ -94,7 +93,7 @@ def save_level(opts: BlastOptions, pattern: MLPPattern) -> int:
     return 2 if live.numel() and float(live.float().mean()) * pattern.bd >= SAVE_PRE_MIN_K else 1
 
 
-def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOptions, replaced: dict) -> Node:
+def fuse_mlp(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOptions, replaced: dict) -> Node:
     """Swap ``m`` for the fused node; returns it. The caller lints and recompiles.
 
     ``replaced`` maps earlier MLPs' outputs to their fused nodes: an MLP's input may
@@ -132,7 +131,7 @@ def rewrite(gm: GraphModule, m: MLPMatch, pattern: MLPPattern, opts: BlastOption
     return fused
 
 
-def rewrite_packed(gm: GraphModule, m: MLPMatch, key: str, replaced: dict) -> Node:
+def fuse_packed_mlp(gm: GraphModule, m: MLPMatch, key: str, replaced: dict) -> Node:
     """Swap a compressed MLP for one ``blast::packed_mlp`` node reading the stored tensors."""
     graph = gm.graph
     out = m.down.node
