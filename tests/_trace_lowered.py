@@ -44,7 +44,11 @@ from blast_compile.masks import declare_mask  # noqa: E402
 from blast_compile.ops import launch  # noqa: E402
 from blast_compile.passes import lower as lower_pass  # noqa: E402
 
-lower_pass._why_not = lambda node, x, ws: None  # CPU tensors stand in for CUDA ones
+from blast_compile.passes import rewrite as rewrite_pass  # noqa: E402
+
+lower_pass._why_not = lambda x, ws: None  # CPU tensors stand in for CUDA ones
+# ... also for the training op (forward keeps H [and the pre-activations] for the backward), CUDA-only otherwise
+rewrite_pass._training_on_cuda = lambda m: torch.is_grad_enabled()
 _launch = launch.Kernel.launch
 launch.Kernel.launch = lambda self, grid, args, kw: _launch(self, grid, args, kw) if launch.traced() else None
 
@@ -130,11 +134,12 @@ def sparse_mlp(dtype=torch.float16, declare=False, **kw):
     return m
 
 
-def run(name, m, xs, train=False, autocast=None):
+def run(name, m, xs, train=False, autocast=None, save_hidden=True):
     counters.clear()
     GRAPHS.clear()
     torch._dynamo.reset()
-    cm = torch.compile(m, backend="blast", options={"inductor": False, "block_sizes": (16,), "strict": True})
+    cm = torch.compile(m, backend="blast", options={"inductor": False, "block_sizes": (16,), "strict": True,
+                                                    "save_hidden": save_hidden})
     for x in xs:
         try:
             with torch.set_grad_enabled(train), torch.autocast("cpu", autocast, enabled=autocast is not None):
@@ -156,6 +161,8 @@ def main(cases):
         run("dynamic", sparse_mlp(), [torch.randn(r, 64, dtype=h) for r in (40, 100, 300, 1000)])
     if "train" in cases:
         run("train", sparse_mlp(torch.float32, declare=True), [torch.randn(2, 40, 64)], train=True)
+    if "train_pre" in cases:  # the forward keeps the pre-activations too (save_hidden="all")
+        run("train_pre", sparse_mlp(torch.float32), [torch.randn(2, 40, 64)], train=True, save_hidden="all")
     if "train_plain" in cases:
         run("train_plain", sparse_mlp(torch.float32, gated=False, bias=True, act="relu"), [torch.randn(40, 64)],
             train=True)

@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def traces():
-    cases = ["prefill", "decode", "dynamic", "train", "train_plain", "autocast"]
+    cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast"]
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
@@ -33,7 +33,7 @@ def kernels(graph):
     return [k for k, _ in graph["kernels"]]
 
 
-@pytest.mark.parametrize("case", ["prefill", "decode", "dynamic", "train", "train_plain", "autocast"])
+@pytest.mark.parametrize("case", ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast"])
 def test_lowered_kernels_write_only_their_outputs(traces, case):
     """Every kernel writes tensors the graph allocated: no weight, table or input is cloned or copied back
     (AOTAutograd's analysis of the kernels' TTIR found exactly what they store to)."""
@@ -43,7 +43,7 @@ def test_lowered_kernels_write_only_their_outputs(traces, case):
         assert g["writes_input"] == []
 
 
-@pytest.mark.parametrize("case", ["prefill", "decode", "dynamic", "train", "train_plain", "autocast"])
+@pytest.mark.parametrize("case", ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast"])
 def test_lowered_graphs_hold_no_copies(traces, case):
     """No scatter/copy/clone around the kernels: each writes whole tensors of its own (a kernel writing views
     of one buffer, or given one tensor for two pointers, made Inductor copy [M, hidden] tensors per call).
@@ -73,6 +73,8 @@ def test_training_backward_is_lowered(traces):
     plain = kernels(traces["train_plain"]["joint"][0])
     assert "mlp_hidden_bwd" in plain and "sddmm" not in plain  # no declared mask: dW is dense (a matmul)
     assert traces["train"]["counters"]["lowered_train"] == 1
+    # the training op: its forward keeps H (and with save_hidden="all" the pre-activations) for the backward
+    assert traces["train"]["counters"]["save_hidden"] == 1 and traces["train_pre"]["counters"]["save_preacts"] == 1
 
 
 def test_autocast_packs_master_weights_in_the_graph(traces):

@@ -175,7 +175,7 @@ def run_backward(p, dy, x, w1, b1, w3, b3, w2, b2, activation, needs, compute_dt
         g = gather.dense_backward(dy2d, x2d, *in_dtype(compute_dtype, w1, b1, w3, b3, w2, b2), activation, needs,
                                   p.dw_masks, p.pattern.bh, p.pattern.bd)
     else:
-        s2d = saved.reshape(saved.shape[0], -1, saved.shape[-1]) if saved is not None and saved.numel() else None
+        s2d = [t.reshape(-1, t.shape[-1]) for t in saved] if saved else None
         g = triton_mlp.backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, p, activation, needs, s2d)
     for k, fix in zip(("w1", "w3", "w2"), p.cache.get("dw_fix", p.dw_fix)):
         if fix is not None and g.get(k) is not None:  # a fused block holds declared-dead parts: dW is zero there
@@ -199,37 +199,40 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: O
 @triton_op("blast::mlp_train", mutates_args=())
 def mlp_train(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor], w2: Tensor,
               b2: Optional[Tensor], tables: List[Tensor], plan: str, activation: str,
-              compute_dtype: Optional[torch.dtype] = None, save: int = 2) -> Tuple[Tensor, Tensor]:
+              compute_dtype: Optional[torch.dtype] = None, save: int = 2) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """``blast::mlp`` that also returns what its backward reads instead of recomputing (``save``: 1 H,
-    2 H and the pre-activations; see ``sparse_mlp._train``)."""
-    from .triton_mlp import saved_count
-
+    2 H and the pre-activations a [and u]; see ``sparse_mlp._train``): ``(y, h, a, u)``, each ``[*rows,
+    hidden]``, an empty tensor where nothing is kept. Separate tensors, not one stacked: kernels writing views of
+    one buffer would make Inductor copy it around them."""
     y, s = forward(x, w1, b1, w3, b3, w2, b2, tables, plan, activation, compute_dtype, keep=save)
-    n = saved_count(save, w3 is not None)
-    shape = (n, *x.shape[:-1], w1.shape[0])
-    return y, (y.new_empty(shape) if s is None else s.view(shape))
+    shape = (*x.shape[:-1], w1.shape[0])
+    parts = [t.view(shape) for t in (s or ())]
+    return (y, *parts, *[y.new_empty(0) for _ in range(3 - len(parts))])
 
 
 @triton_op("blast::mlp_backward", mutates_args=())
 def mlp_backward(dy: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor],
-                 w2: Tensor, b2: Optional[Tensor], tables: List[Tensor], plan: str, activation: str,
-                 needs: List[bool], compute_dtype: Optional[torch.dtype] = None,
-                 saved: Optional[Tensor] = None) -> List[Tensor]:
-    return backward(dy, x, w1, b1, w3, b3, w2, b2, tables, plan, activation, needs, compute_dtype, saved)
+                 w2: Tensor, b2: Optional[Tensor], tables: List[Tensor], saved: List[Tensor], plan: str,
+                 activation: str, needs: List[bool], compute_dtype: Optional[torch.dtype] = None) -> List[Tensor]:
+    """``saved``: ``mlp_train``'s h [, a [, u]] (what its forward kept; empty: recompute)."""
+    return backward(dy, x, w1, b1, w3, b3, w2, b2, tables, plan, activation, needs, compute_dtype, saved or None)
 
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w3, b3, w2, b2, tables, plan, activation, *rest = inputs
-    ctx.save_for_backward(x, w1, b1, w3, b3, w2, b2, output[1] if isinstance(output, tuple) else None, *tables)
+    kept = [t for t in output[1:] if t.numel()] if isinstance(output, tuple) else []
+    ctx.n_kept = len(kept)
+    ctx.save_for_backward(x, w1, b1, w3, b3, w2, b2, *kept, *tables)
     ctx.args = (plan, activation)
     ctx.compute_dtype = rest[0] if rest else None
 
 
-def _backward(ctx, dy, ds=None):  # (ds: nothing but this backward reads the saved tensors)
-    x, w1, b1, w3, b3, w2, b2, saved, *tables = ctx.saved_tensors
+def _backward(ctx, dy, *ds):  # (ds: nothing but this backward reads the kept tensors)
+    x, w1, b1, w3, b3, w2, b2, *rest = ctx.saved_tensors
+    kept, tables = rest[:ctx.n_kept], rest[ctx.n_kept:]
     needs = [bool(n) for n in ctx.needs_input_grad[:7]]
-    grads = torch.ops.blast.mlp_backward(dy, x, w1, b1, w3, b3, w2, b2, tables, *ctx.args, needs, ctx.compute_dtype,
-                                         saved)
+    grads = torch.ops.blast.mlp_backward(dy, x, w1, b1, w3, b3, w2, b2, tables, kept, *ctx.args, needs,
+                                         ctx.compute_dtype)
     ins = (x, w1, b1, w3, b3, w2, b2)
     res = [g if (needs[i] and ins[i] is not None) else None for i, g in enumerate(grads)]
     # (one entry per argument as the op was called: needs_input_grad has that structure, defaults left out)

@@ -27,6 +27,7 @@ from torch._dynamo.utils import counters
 from torch.fx import GraphModule, Node
 
 from ..ops import launch, lowered, sparse_mlp  # (lowered: registers blast::mlp, mlp_train, mlp_backward)
+from ..ops.tune import _hint
 from .match import is_dtensor
 from .normalize import example_value
 
@@ -62,11 +63,7 @@ def _real(node, ctx):
     return t
 
 
-def _hint(v) -> int:
-    return int(v.node.hint) if isinstance(v, torch.SymInt) else int(v)
-
-
-def _why_not(node, x, ws) -> Optional[str]:
+def _why_not(x, ws) -> Optional[str]:
     if any(w is None or not isinstance(w, torch.Tensor) for w in ws):
         return "weights"
     if not isinstance(x, torch.Tensor) or not x.is_cuda or any(not w.is_cuda for w in ws):
@@ -88,7 +85,7 @@ def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
         save = node.kwargs.get("save", 0) if node.target is _OPAQUE[1] else 0
         w1, b1, w3, b3, w2, b2 = (_real(n, ctx) for n in (w1_n, b1_n, w3_n, b3_n, w2_n, b2_n))
         xv = example_value(x_n)
-        why = _why_not(node, xv, [w1, w2] + ([w3] if w3_n is not None else []))
+        why = _why_not(xv, [w1, w2] + ([w3] if w3_n is not None else []))
         if why is not None:
             counters["blast"][f"lower_skipped_{why}"] += 1
             log.info("blast: %s not lowered (%s): the opaque op runs it", node.name, why)
