@@ -73,7 +73,10 @@ class Watch:
         for a, b in zip(plan.dw_masks + plan.dw_fix, decl + fix):  # dW's live lists were built from these
             if (a is None) != (b is None) or (a is not None and not torch.equal(a, b.to(a.device))):
                 return False
-        if not _all_finite((w1, w3, w2, *self.current(self.biases))):
+        biases = self.current(self.biases)
+        if any(t is not None and t.data_ptr() % 16 for t in (w1, w3, w2, *biases)):
+            return False  # (rebound to a misaligned view: the compiled kernels assume the 16-byte alignment they saw)
+        if not _all_finite((w1, w3, w2, *biases)):
             return False  # (a NaN in a skipped hidden unit would vanish: the fallback computes densely)
         if plan.masked:
             m_in, m_dn = (decl[0] if w3 is None else decl[0] | decl[1]), decl[2]
@@ -124,9 +127,10 @@ class GraphGuard:
         ok = all(_same_declared_masks(w) or w.valid() for w in self.watches)
         if self.ok and not ok:
             counters["blast"]["pattern_changed"] += 1
-            msg = ("blast: weights of a compiled MLP no longer fit the block pattern it was compiled for (new live "
-                   "blocks or new masks); its graph now runs through the fused op's host path, which follows the "
-                   "weights at every call (correct, slower). Recompile to fuse the new pattern: torch.compiler.reset()")
+            msg = ("blast: weights of a compiled MLP no longer fit what its kernels were compiled for (new live "
+                   "blocks, new masks, NaN/Inf, or rebound to a misaligned view); its graph now runs through the "
+                   "fused op's host path, which follows the weights at every call (correct, slower). Recompile to "
+                   "fuse the new weights: torch.compiler.reset()")
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
         self.ok = ok

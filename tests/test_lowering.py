@@ -167,6 +167,17 @@ def test_guard_sees_data_rebinding():
     assert fallback.n == 1
 
 
+def test_guard_misaligned_rebinding_runs_the_fallback():
+    """Inductor compiled the kernels for the weights' alignment; a weight rebound into a flat buffer at an odd
+    offset (``vector_to_parameters`` of odd-sized tensors) must not reach them."""
+    guard, compiled, fallback, (w1, w3, w2) = make_guard()
+    buf = torch.zeros(w2.numel() + 1)
+    buf[1:] = w2.detach().flatten()
+    w2.data = buf[1:].view_as(w2)  # same values, same pattern, 4 bytes off
+    guard(1)
+    assert (compiled.n, fallback.n) == (0, 1)
+
+
 def test_guard_declared_masks_values_do_not_matter_masks_do():
     guard, compiled, fallback, (w1, w3, w2) = make_guard(declare=True)
     with torch.no_grad():
