@@ -22,7 +22,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from . import masks as _masks
-from .formats import _mlp_masks, build_pattern
+from .formats import build_pattern
 from .ops.watch import Snapshot, watch
 
 log = logging.getLogger("blast_compile.guard")
@@ -62,14 +62,12 @@ class Watch:
 
     def valid(self) -> bool:
         """The weights (and declared masks) still fit the compiled pattern, and hold no NaN/Inf the pattern
-        could skip (host syncs; the same reading of the weights as ``sparse_mlp.weights_plan``)."""
-        from .ops.sparse_mlp import _all_finite, _declared_block_mask
+        could skip (host syncs; the weights read as ``sparse_mlp.weights_plan`` reads them)."""
+        from .ops.sparse_mlp import _all_finite, live_masks
 
         p, plan = self.plan.pattern, self.plan
         w1, w3, w2 = self.current()
-        fixes = [_declared_block_mask(w, *((p.bd, p.bh) if i == 2 else (p.bh, p.bd))) if w is not None
-                 else (None, None) for i, w in enumerate((w1, w3, w2))]
-        decl, fix = [f[0] for f in fixes], [f[1] for f in fixes]
+        m_in, m_dn, decl, fix, _ = live_masks(w1, w3, w2, p.bh, p.bd)
         for a, b in zip(plan.dw_masks + plan.dw_fix, decl + fix):  # dW's live lists were built from these
             if (a is None) != (b is None) or (a is not None and not torch.equal(a, b.to(a.device))):
                 return False
@@ -78,13 +76,6 @@ class Watch:
             return False  # (rebound to a misaligned view: the compiled kernels assume the 16-byte alignment they saw)
         if not _all_finite((w1, w3, w2, *biases)):
             return False  # (a NaN in a skipped hidden unit would vanish: the fallback computes densely)
-        if plan.masked:
-            m_in, m_dn = (decl[0] if w3 is None else decl[0] | decl[1]), decl[2]
-        else:
-            m_in, m_dn = _mlp_masks(w1, w3, w2, p.bh, p.bd)
-            for i, d in enumerate(decl):
-                if d is not None:
-                    m_in, m_dn = (m_in | d, m_dn) if i < 2 else (m_in, m_dn | d)
         new = build_pattern(m_in, m_dn, p.bh, p.bd, activation=self.activation, gated=w3 is not None,
                             has_b1=self.has_b1, has_b3=self.has_b3)
         return not bool((new.mask_in & ~p.mask_in).any() or (new.mask_dn & ~p.mask_dn).any())

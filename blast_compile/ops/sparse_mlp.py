@@ -84,6 +84,28 @@ def _declared_block_mask(w, bo, bi):
     return bm, (None if torch.equal(expand_mask(bm, bo, bi, w.shape), elem) else elem)
 
 
+def live_masks(w1, w3, w2, block_h, block_d):
+    """``(m_in, m_dn, declared, dw_fix, masked)``: the MLP's live blocks (block masks of the in-projection and the
+    down projection), each weight's declared mask at the MLP's blocks and its fix (``_declared_block_mask``), and
+    whether the layer is ``W * mask`` (every weight declared, each mask exact at the blocks): then the masks are
+    the pattern, whatever the weights hold outside them; else every block holding a non-zero, plus every
+    declared-live block."""
+    fixes = [_declared_block_mask(w, *((block_d, block_h) if i == 2 else (block_h, block_d))) if w is not None
+             else (None, None) for i, w in enumerate((w1, w3, w2))]
+    decl, dw_fix = [f[0] for f in fixes], [f[1] for f in fixes]
+    masked = all(d is not None for d, w in zip(decl, (w1, w3, w2)) if w is not None) and all(f is None for f in dw_fix)
+    if masked:
+        return (decl[0] if w3 is None else decl[0] | decl[1]), decl[2], decl, dw_fix, True
+    m_in, m_dn = _mlp_masks(w1, w3, w2, block_h, block_d)
+    for i, dm in enumerate(decl):
+        if dm is not None:
+            if i < 2:
+                m_in = m_in | dm
+            else:
+                m_dn = m_dn | dm
+    return m_in, m_dn, decl, dw_fix, False
+
+
 def _all_finite(ts) -> bool:
     """No NaN/Inf in any of ``ts`` (one host sync). A non-finite weight in a hidden unit the pattern skips
     would vanish from the fused result, while eager spreads it (``0 * nan``): such plans run dense."""
@@ -117,25 +139,7 @@ def weights_plan(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, patter
 
     def build():
         plan = old
-        fixes = [_declared_block_mask(w, *((block_d, block_h) if i == 2 else (block_h, block_d))) if w is not None
-                 else (None, None) for i, w in enumerate(ws)]
-        decl_b = [f[0] for f in fixes]
-        dw_fix = [f[1] for f in fixes]
-        # every weight declared, each mask exact at the MLP's blocks: the layer is W * mask
-        masked = all(d is not None for d, w in zip(decl_b, ws) if w is not None) and all(f is None for f in dw_fix)
-        if masked:
-            # W * mask: the pattern is the masks, whatever the weights hold outside them
-            m_in = decl_b[0] if w3 is None else decl_b[0] | decl_b[1]
-            m_dn = decl_b[2]
-        else:
-            m_in, m_dn = _mlp_masks(w1, w3, w2, block_h, block_d)
-            # forward pattern = every block that holds a non-zero, plus every declared-live block
-            for i, dm in enumerate(decl_b):
-                if dm is not None:
-                    if i < 2:
-                        m_in = m_in | dm
-                    else:
-                        m_dn = m_dn | dm
+        m_in, m_dn, decl_b, dw_fix, masked = live_masks(w1, w3, w2, block_h, block_d)
         finite = _all_finite((w1, w3, w2, b1, b3, b2))
         if plan is not None and plan.finite == finite and _same_masks(plan, m_in, m_dn, decl_b, dw_fix):
             # values moved (an optimizer step, a copy_; a mask re-declared as it was) but no block changed
