@@ -7,7 +7,9 @@ shape and M, in one process:
 * ``eager``: the dense model, no compile (the x-baseline);
 * ``inductor`` / ``inductor_ro``: the dense model under ``torch.compile`` default / ``mode="reduce-overhead"``;
 * ``blast`` / ``blast_ro``: ``backend="blast"`` (fused MLPs lowered into Inductor's code) default / reduce-overhead;
-* ``blast_opaque``: ``backend="blast", options={"lower": False}`` (the opaque op with Python per call).
+* ``blast_opaque``: ``backend="blast", options={"lower": False}`` (the opaque op with Python per call);
+* ``blast_aoti`` / ``inductor_aoti``: AOTInductor packages (``blast_compile.export.aoti_package`` / plain
+  ``torch.export``), loaded with ``aoti_load_package`` (static shapes).
 
 µs per MLP: CUDA events around a window of back-to-back calls (a host-bound call shows as its host time),
 median of windows. Host µs per MLP: the Python call alone (launches are asynchronous), after a sync, median.
@@ -100,7 +102,25 @@ MODES = {
     "blast": dict(backend="blast"),
     "blast_ro": dict(backend="blast", mode="reduce-overhead"),
     "blast_opaque": dict(backend="blast", options={"lower": False}),
+    "blast_aoti": "aoti",  # blast_compile.export.aoti_package, loaded with aoti_load_package
+    "inductor_aoti": "aoti",  # the dense model through plain torch.export + AOTInductor
 }
+
+
+def aoti(model, x, mode):
+    """An AOTInductor package of ``model`` for inputs shaped like ``x``, loaded back (static shapes)."""
+    import tempfile
+
+    path = os.path.join(tempfile.mkdtemp(), f"{mode}.pt2")
+    if mode == "blast_aoti":
+        from blast_compile.export import aoti_package
+
+        aoti_package(model, (x,), path)
+    else:
+        with torch.no_grad():
+            ep = torch.export.export(model, (x,))
+        torch._inductor.aoti_compile_and_package(ep, package_path=path)
+    return torch._inductor.aoti_load_package(path)
 
 
 def main():
@@ -142,7 +162,10 @@ def main():
                 row = dict(shape=shape, m=m, mode=mode)
                 try:
                     kw = MODES[mode]
-                    fn = model if kw is None else torch.compile(model, dynamic=False, **kw)
+                    if kw == "aoti":
+                        fn = aoti(model, x, mode)
+                    else:
+                        fn = model if kw is None else torch.compile(model, dynamic=False, **kw)
                     with torch.no_grad():
                         t0 = time.perf_counter()
                         y = fn(x)

@@ -25,7 +25,7 @@ logging.getLogger("blast_compile").addHandler(logging.NullHandler())
 
 # name -> module that defines it, imported on first access (PEP 562)
 _LAZY_ATTRS = {"blast": "backend"}
-_SUBMODULES = {"backend", "calibrate", "cli", "compress", "config", "distributed", "explain", "formats", "layouts",
+_SUBMODULES = {"backend", "calibrate", "cli", "compress", "config", "distributed", "explain", "export", "formats", "layouts",
                "masks", "memory_plan", "ops", "passes", "codegen", "sparsifier", "testing"}
 
 

@@ -47,6 +47,7 @@ from blast_compile.passes import lower as lower_pass  # noqa: E402
 from blast_compile.passes import rewrite as rewrite_pass  # noqa: E402
 
 lower_pass._why_not = lambda x, ws: None  # CPU tensors stand in for CUDA ones
+blast_compile.export._lowers = lambda flat: True
 # ... also for the training op (forward keeps H [and the pre-activations] for the backward), CUDA-only otherwise
 rewrite_pass._training_on_cuda = lambda m: torch.is_grad_enabled()
 _launch = launch.Kernel.launch
@@ -151,6 +152,21 @@ def run(name, m, xs, train=False, autocast=None, save_hidden=True):
     print(json.dumps(out), flush=True)
 
 
+def run_export(name, m, x, dynamic):
+    """``blast_compile.export.export``: what the ExportedProgram holds, and what it computes (on CPU the lowered
+    kernels launch nothing, so only the graph is checked here; tests/test_lowered_gpu.py runs it)."""
+    counters.clear()
+    torch._dynamo.reset()
+    dyn = ({0: torch.export.Dim("rows", min=2, max=4096)},) if dynamic else None
+    ep = blast_compile.export.export(m, (x,), dynamic_shapes=dyn, options={"block_sizes": (16,), "strict": True})
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]
+    sig = ep.graph_signature
+    print(json.dumps({"case": name, "counters": dict(counters["blast"]), "targets": targets,
+                      "constants": sorted(sig.lifted_tensor_constants) + sorted(sig.buffers),
+                      "params": len(sig.parameters), "rows": str(ep.graph_module.graph.find_nodes(
+                          op="placeholder")[-1].meta["val"].shape[0])}), flush=True)
+
+
 def main(cases):
     h = torch.float16
     if "prefill" in cases:
@@ -166,6 +182,10 @@ def main(cases):
     if "train_plain" in cases:
         run("train_plain", sparse_mlp(torch.float32, gated=False, bias=True, act="relu"), [torch.randn(40, 64)],
             train=True)
+    if "export" in cases:
+        run_export("export", sparse_mlp(), torch.randn(40, 64, dtype=h), dynamic=False)
+    if "export_dynamic" in cases:
+        run_export("export_dynamic", sparse_mlp(bias=True, act="gelu"), torch.randn(40, 64, dtype=h), dynamic=True)
     if "autocast" in cases:
         run("autocast", sparse_mlp(torch.float32), [torch.randn(40, 64)], autocast=torch.bfloat16)
 

@@ -21,12 +21,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def traces():
-    cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast"]
+    cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast", "export",
+             "export_dynamic"]
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
     assert len(lines) == len(cases), out.stdout[-2000:] + out.stderr[-4000:]
     return {c["case"]: c for c in lines}
+
+
+@pytest.mark.parametrize("case", ["export", "export_dynamic"])
+def test_export_holds_the_lowered_op_and_its_tables(traces, case):
+    """blast_compile.export: the ExportedProgram calls blast::mlp (kept whole for AOTInductor), never the
+    opaque op, with the index tables as constants of the program; a dynamic row range stays one symbol."""
+    t = traces[case]
+    assert t["targets"].count("blast.mlp.default") == 1 and not [x for x in t["targets"] if "sparse_mlp" in x]
+    assert t["counters"]["lowered"] == 1 and t["counters"]["exported"] == 1
+    assert any(c.startswith("_blast_table_") for c in t["constants"])
+    assert (t["rows"] == "40") != (case == "export_dynamic"), t["rows"]
 
 
 def kernels(graph):

@@ -119,6 +119,32 @@ def lowering(mode="trace"):
         _TRACE.mode = prev
 
 
+@contextlib.contextmanager
+def one_graph_for_all_rows():
+    """``torch.export``: one graph serves every M of the exported range, and a choice made by comparing a
+    symbolic M would be a guard the export cannot keep. Inside, M picks the decode kernels only where the whole
+    range is decode-sized; the prefill kernels are right at any M."""
+    prev = getattr(_TRACE, "one_graph", False)
+    _TRACE.one_graph = True
+    try:
+        yield
+    finally:
+        _TRACE.one_graph = prev
+
+
+def one_graph() -> bool:
+    return getattr(_TRACE, "one_graph", False)
+
+
+def rows_at_most(m, k) -> bool:
+    """``m <= k``, without a guard on a symbolic ``m`` inside ``one_graph_for_all_rows``."""
+    if isinstance(m, torch.SymInt) and one_graph():
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        return statically_known_true(m <= k)
+    return m <= k
+
+
 class Kernel:
     """A ``@triton.jit`` function whose ``[grid](...)`` launches skip the JIT's binder once seen."""
 

@@ -70,7 +70,7 @@ from ..formats import cdiv
 from . import gather, launch, tune
 from .tune import _hint, _interpret
 from .activations import in_dtype
-from .launch import lowered, traced  # (lowered ops: see launch.traced)
+from .launch import lowered, rows_at_most, traced  # (lowered ops: see launch.traced)
 from .plans import outside_graph_pool as _pool, version, warn_once
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
@@ -494,7 +494,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     at any M, and ``(y, S)`` back, S ``[saved_count, M, d_hidden]``: H, then a [and u] for keep 2
     (written on live hidden blocks only)."""
     x2d = x2d if x2d.stride(-1) == 1 else x2d.contiguous()
-    decode = x2d.shape[0] <= codegen.DECODE_MAX_M and not keep
+    decode = not keep and rows_at_most(x2d.shape[0], codegen.DECODE_MAX_M)
     if decode:
         w1, w3, w2 = in_dtype(x2d.dtype, w1, w3, w2)
     p = plan.pattern
@@ -718,7 +718,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     as eager rounds it) and per-slice NaN/Inf row flags of x; ``bsmm`` reads them."""
     p = plan.pattern
     # one M tile holds every row (a symbolic M <= 32 guards on M <= 16 at most)
-    bm = 16 if m <= 16 else 32
+    bm = 16 if rows_at_most(m, 16) else 32
     n_sl = cdiv(d_in, 64)
     flag = torch.empty(n_sl, bm, device=x2d.device, dtype=torch.int32)
     h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)

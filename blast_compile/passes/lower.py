@@ -26,6 +26,7 @@ from torch._dynamo.source import ConstantSource
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule, Node
 
+from .. import codegen
 from ..ops import launch, lowered, sparse_mlp  # (lowered: registers blast::mlp, mlp_train, mlp_backward)
 from ..ops.tune import _hint
 from .match import is_dtensor
@@ -97,6 +98,9 @@ def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
             if f != "cache":
                 setattr(plan, f, getattr(base, f))
         rows = math.prod(_hint(s) for s in xv.shape[:-1])
+        if launch.one_graph() and rows <= codegen.DECODE_MAX_M and not launch.rows_at_most(
+                math.prod(xv.shape[:-1]), codegen.DECODE_MAX_M):
+            rows = codegen.DECODE_MAX_M + 1  # (an exported range past decode: the trace will pick prefill)
         needs = [bool(t is not None and t.requires_grad) for t in (xv, w1, b1, w3, b3, w2, b2)]
         train = torch.is_grad_enabled() and any(needs)
         plan.cache["dw_fix"] = plan.dw_fix  # (read by the backward: a trace must get them as tables)
@@ -141,7 +145,7 @@ def _warm_up(plan, rows, xv, weights, act, cdt, save, needs):
 
     w1, b1, w3, b3, w2, b2 = weights
     dt = cdt or xv.dtype
-    x = torch.zeros(rows, xv.shape[-1], device=w1.device, dtype=dt)
+    x = torch.zeros(rows, _hint(xv.shape[-1]), device=w1.device, dtype=dt)
     with set_wrap_triton_enabled(False), launch.lowering("warm"), torch.no_grad():
         y, s = lowered.run_forward(plan, x, *weights, act, cdt, keep=save)
         if needs is not None:
