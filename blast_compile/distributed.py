@@ -25,6 +25,12 @@ Three pieces:
   local shards and returns ``Partial``. b2 is requested as ``Partial`` so DTensor
   keeps it on one rank's sum only (it would be added world_size times otherwise).
 
+Training: ``blast::sparse_mlp_train`` and ``blast::sparse_mlp_backward`` have rules too (the backward's
+gradients come out sharded like the weights, dX ``Partial``), and declared masks follow the weights to
+their local shards (:func:`shard_declared_mask`), so TP gradients are the single-device ones.
+Compressed models are sharded by :mod:`blast_compile.tp_compressed` instead (packed blocks are not
+DTensor shards).
+
 What the fusion pass must do with DTensor weights (see TP_NOTES.md): example
 inputs of weight placeholders are ``DTensor`` Parameters (``isinstance(w,
 nn.Parameter)`` holds, ``type(w) is nn.Parameter`` does not) and some example

@@ -267,16 +267,16 @@ def _gpu_entry(rank, ws, port):
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cuda", (ws,))
-        ref = _llama().to(torch.bfloat16)
+        ref = _llama().to(torch.bfloat16).cuda()
         ids = _ids().cuda()
         base = torch.cuda.memory_allocated()
         m = copy.deepcopy(ref)
-        T.shard_compressed_(m, mesh, device="cuda")
+        T.shard_compressed_(m, mesh)  # (the unsharded copy's MLP and attention tensors are freed)
         held = torch.cuda.memory_allocated() - base
         assert _theoretical_mlp_bytes(ref, m, ws) / T.weight_bytes(m)["mlp"] >= 0.95
         assert T.weight_bytes(m)["total"] <= held <= T.weight_bytes(m)["total"] * 1.02 + 2**16, held
         with torch.no_grad():
-            want = ref.cuda()(ids).logits
+            want = ref(ids).logits
             torch.testing.assert_close(m(ids).logits, want, rtol=3e-2, atol=3e-2)
             y = torch.compile(m, backend="blast")(ids).logits
         torch.testing.assert_close(y, want, rtol=3e-2, atol=3e-2)
