@@ -4,6 +4,10 @@ weights, MLPs 90% block-sparse) on 1 vs 2 GPUs, dense vs blast.
 gpt-fast-style model (static KV cache, CUDA-graph capturable): attention q/k/v
 ColwiseParallel + o RowwiseParallel (stock styles), MLP BlastMLPParallel with
 hidden-block balancing (one all-reduce per MLP; "blast-nobal": contiguous split).
+"compressed" (issue 28): the MLPs compressed (packed live blocks, dense weights freed) and sharded with
+``tp_compressed.shard_compressed_`` (each rank keeps its own hidden blocks' packed blocks, one
+``blast::packed_mlp`` + all-reduce per MLP), attention as above; ``local_mlp_bytes`` per rank is the
+memory it holds. Against "dense" (the dense TP baseline) it is the issue's decode comparison.
 MLP sparsity is skewed along the hidden dim (``--skew``, 1 = uniform random). "blast" makes each MLP one
 ``blast::sparse_mlp`` call on its local shards (``fuse_mlp_eager_``: no compiler,
 so the number does not depend on the pass). With ``--compile`` the step is also
@@ -37,7 +41,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from blast_compile import distributed as bd  # noqa: E402
 from blast_compile.ops import triton_mlp, tune  # noqa: E402
+from blast_compile.compress import compress_  # noqa: E402
 from blast_compile.testing import SwiGLU, sparsify_mlps_  # noqa: E402
+from blast_compile.tp_compressed import fuse_packed_eager_, shard_compressed_  # noqa: E402
 
 
 def rope(x, cos, sin):  # x [B, T, H, hd]
@@ -149,22 +155,38 @@ def build(args, device, dtype, ws, mode, mesh, fuse=True):
     else:
         sparsify_mlps_(model, args.sparsity, block=args.block)
     info = {}
+    compressed = mode.startswith("compressed")
+    if compressed:  # packed live blocks only (the dense MLP weights are freed)
+        compress_(model, block_sizes=(args.block,))
     if ws > 1:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-        contiguous = max(bd.BalanceReport._imb(_live_per_rank(l.mlp, ws, args.block)) for l in model.layers)
-        reps = bd.parallelize_blast_mlp(model, mesh, block=(args.block, args.block), balance=not mode.endswith("-nobal"))
-        # max over layers of (max / mean live MLP blocks per rank)
-        info["imbalance_contiguous"] = contiguous
-        info["imbalance_used"] = max((r.imbalance_after for r in reps.values()), default=contiguous)
+        contiguous = None if compressed else max(
+            bd.BalanceReport._imb(_live_per_rank(l.mlp, ws, args.block)) for l in model.layers)
+        if compressed:  # each rank keeps its own hidden blocks' packed blocks (plain tensors + all-reduce)
+            rep = shard_compressed_(model, mesh, balance=not mode.endswith("-nobal"), attention=False)
+            loads = [sum(m["blocks_per_rank"][r] for m in rep.mlps.values()) for r in range(ws)]
+            info["stored_blocks_per_rank"] = loads
+        else:
+            reps = bd.parallelize_blast_mlp(model, mesh, block=(args.block, args.block),
+                                            balance=not mode.endswith("-nobal"))
+            # max over layers of (max / mean live MLP blocks per rank)
+            info["imbalance_contiguous"] = contiguous
+            info["imbalance_used"] = max((r.imbalance_after for r in reps.values()), default=contiguous)
         attn = {f"layers.{i}.attn.{p}": ColwiseParallel() for i in range(cfg["layers"]) for p in ("q_proj", "k_proj", "v_proj")}
         attn.update({f"layers.{i}.attn.o_proj": RowwiseParallel() for i in range(cfg["layers"])})
         parallelize_module(model, mesh, attn)
     if mode.startswith("blast") and fuse:  # compiled rows leave the fusion to the blast pass
         for l in model.layers:
             bd.fuse_mlp_eager_(l.mlp, "silu", block=(args.block, args.block))
+    if compressed and fuse:  # one blast::packed_mlp per rank's MLP shard
+        for l in model.layers:
+            fuse_packed_eager_(l.mlp, "silu")
     model.setup_cache(dtype, device)
     info["local_param_bytes"] = sum(bd.local(p).numel() * bd.local(p).element_size() for p in model.parameters())
+    # MLP weights this rank holds (dense shards, or packed blocks + index)
+    info["local_mlp_bytes"] = sum(bd.local(t).numel() * bd.local(t).element_size() for l in model.layers
+                                  for t in list(l.mlp.parameters()) + list(l.mlp.buffers()))
     return model, cfg, info
 
 
@@ -223,7 +245,7 @@ def main():
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--max-len", type=int, default=512)
     ap.add_argument("--small", action="store_true")
-    ap.add_argument("--modes", default="dense,blast,blast-nobal")
+    ap.add_argument("--modes", default="dense,blast,blast-nobal,compressed")
     ap.add_argument("--skew", type=float, default=2.0, help="hidden-block liveness skew (1: uniform random)")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd steps (slow to build)")
     args = ap.parse_args()
@@ -247,7 +269,7 @@ def main():
         for mode in args.modes.split(","):
             if n == 1 and mode.endswith("-nobal"):
                 continue
-            for backend in [None] + (["blast" if mode.startswith("blast") else "inductor"] if args.compile else []):
+            for backend in [None] + (["inductor" if mode == "dense" else "blast"] if args.compile else []):
                 row = dict(gpus=n, mode=mode, compiled=backend)
                 if n == 1 and rank != 0:  # single-GPU rows run on rank 0 only
                     barrier()

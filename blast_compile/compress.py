@@ -474,13 +474,23 @@ def _state_tensors(model: nn.Module) -> Tuple[Dict[str, Tensor], Dict[str, str]]
 
 def save_compressed(model: nn.Module, path: str) -> None:
     """Write all tensors of a (compressed) model to one safetensors file with checks in its metadata."""
+    tensors, aliases = _state_tensors(model)
+    modules = {n: module_spec(m) for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
+    write_compressed(tensors, aliases, modules, _config_dict(model), path)
+
+
+def module_spec(m: "BlockSparseLinear") -> dict:
+    """What the file's metadata says about one compressed layer."""
+    return {"in": m.in_features, "out": m.out_features, "block": list(m.block), "nnz": m.nnz,
+            "bias": m.bias is not None, "role": m.blast_role,
+            "mlp_block": list(m.blast_block) if m.blast_block else None, "orig": m.orig}
+
+
+def write_compressed(tensors: Dict[str, Tensor], aliases: Dict[str, str], modules: Dict[str, dict],
+                     config: Optional[dict], path: str) -> None:
+    """Write CPU ``tensors`` and the checks of :func:`save_compressed` (shared with ``tp_checkpoint``)."""
     from safetensors.torch import save_file
 
-    tensors, aliases = _state_tensors(model)
-    modules = {n: {"in": m.in_features, "out": m.out_features, "block": list(m.block), "nnz": m.nnz,
-                   "bias": m.bias is not None, "role": m.blast_role,
-                   "mlp_block": list(m.blast_block) if m.blast_block else None, "orig": m.orig}
-               for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
     meta = {
         "format": FORMAT, "format_version": str(FORMAT_VERSION),
         "modules": json.dumps(modules),
@@ -488,7 +498,7 @@ def save_compressed(model: nn.Module, path: str) -> None:
         "sha256": json.dumps({k: _sha256(v) for k, v in tensors.items()}),
         # the checksums cover bytes; the header's dtype says how to read them: kept apart, checked on load
         "dtypes": json.dumps({k: _dtype_name(v.dtype) for k, v in tensors.items()}),
-        "config": json.dumps(_config_dict(model), default=str),
+        "config": json.dumps(config, default=str),
     }
     save_file(tensors, path, metadata=meta)
 
@@ -525,14 +535,7 @@ def _read(path: str, device) -> Tuple[Dict[str, Tensor], dict]:
         tensors = load_file(path, device="cpu")
     except Exception as e:  # truncated / garbled header
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a blast compressed file (format={meta.get('format')!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ValueError(f"{path}: format version {meta.get('format_version')} unsupported (expected {FORMAT_VERSION})")
-    try:
-        parsed = {k: json.loads(meta[k]) for k in ("modules", "aliases", "sha256", "config")}
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: damaged metadata ({e})") from e
+    parsed = parse_metadata(path, meta)
     sums = parsed["sha256"]
     if set(sums) != set(tensors):
         raise ValueError(f"{path}: tensor list does not match its checksums (file damaged)")
@@ -550,6 +553,19 @@ def _read(path: str, device) -> Tuple[Dict[str, Tensor], dict]:
             raise ValueError(f"{path}: tensor dtype in the header differs from the one saved (file damaged or edited): "
                              + "; ".join(wrong[:3]))
     return {k: t.to(device) for k, t in tensors.items()}, parsed
+
+
+def parse_metadata(path: str, meta: dict) -> dict:
+    """The file's checks (modules, aliases, sha256, config) from its header metadata; ValueError if it is not
+    a blast compressed file of this format version."""
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a blast compressed file (format={meta.get('format')!r})")
+    if meta.get("format_version") != str(FORMAT_VERSION):
+        raise ValueError(f"{path}: format version {meta.get('format_version')} unsupported (expected {FORMAT_VERSION})")
+    try:
+        return {k: json.loads(meta[k]) for k in ("modules", "aliases", "sha256", "config")}
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: damaged metadata ({e})") from e
 
 
 def _check_config(saved: Optional[dict], model: nn.Module) -> None:
@@ -579,18 +595,7 @@ def load_compressed(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
         with params_on_meta():
             model = model_or_factory()
     _check_config(meta["config"], model)
-    for name, spec in meta["modules"].items():
-        old = _get(model, name)
-        kind = _dense_kind(old) if old is not None else None
-        if kind is None:
-            raise ValueError(f"model has no Linear/Conv1D at {name!r} (the file's compressed layer)")
-        w = _dense_weight(old)
-        if (w.shape[1], w.shape[0]) != (spec["in"], spec["out"]) or (old.bias is not None) != spec["bias"]:
-            raise ValueError(f"{name}: model layer is {w.shape[0]}x{w.shape[1]} (bias={old.bias is not None}), "
-                             f"file has {spec['out']}x{spec['in']} (bias={spec['bias']})")
-        new = BlockSparseLinear(spec["in"], spec["out"], tuple(spec["block"]), spec["nnz"], spec["bias"],
-                                device="meta", role=spec["role"], mlp_block=spec["mlp_block"], orig=spec["orig"])
-        _set(model, name, new)
+    swap_in_compressed(model, meta["modules"])
     for key, src in meta["aliases"].items():
         if src not in tensors:
             raise ValueError(f"{path}: alias {key} -> {src} points to a missing tensor")
@@ -629,6 +634,23 @@ def load_compressed(model_or_factory: Union[nn.Module, Callable[[], nn.Module]],
             m.validate()
     _restore_mlp_metadata(model)
     return model
+
+
+def swap_in_compressed(model: nn.Module, modules: Dict[str, dict]) -> None:
+    """Replace the Linear/Conv1D layers a file compressed by empty (meta) :class:`BlockSparseLinear` of the
+    file's shapes; ValueError where the model's layer does not match."""
+    for name, spec in modules.items():
+        old = _get(model, name)
+        kind = _dense_kind(old) if old is not None else None
+        if kind is None:
+            raise ValueError(f"model has no Linear/Conv1D at {name!r} (the file's compressed layer)")
+        w = _dense_weight(old)
+        if (w.shape[1], w.shape[0]) != (spec["in"], spec["out"]) or (old.bias is not None) != spec["bias"]:
+            raise ValueError(f"{name}: model layer is {w.shape[0]}x{w.shape[1]} (bias={old.bias is not None}), "
+                             f"file has {spec['out']}x{spec['in']} (bias={spec['bias']})")
+        new = BlockSparseLinear(spec["in"], spec["out"], tuple(spec["block"]), spec["nnz"], spec["bias"],
+                                device="meta", role=spec["role"], mlp_block=spec["mlp_block"], orig=spec["orig"])
+        _set(model, name, new)
 
 
 def _dtype_mismatches(model: nn.Module, expected: Dict[str, Tensor], tensors: Dict[str, Tensor]) -> List[str]:
@@ -679,14 +701,22 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     model.config.architectures = [type(model).__name__]  # as HF's save_pretrained does
     model.config.save_pretrained(directory)
     save_compressed(model, os.path.join(directory, "model.safetensors"))
-    layers = {n: {"block": list(m.block), "nnz": m.nnz, "grid": list(m.grid), "role": m.blast_role}
-              for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
+    write_blast_json(directory, {n: module_spec(m) for n, m in model.named_modules()
+                                 if isinstance(m, BlockSparseLinear)})
+
+
+def write_blast_json(directory: str, specs: Dict[str, dict]) -> None:
     with open(os.path.join(directory, "blast.json"), "w") as f:
-        json.dump({"format": FORMAT, "format_version": FORMAT_VERSION, "layers": layers}, f, indent=1)
+        json.dump({"format": FORMAT, "format_version": FORMAT_VERSION, "layers": layers_info(specs)}, f, indent=1)
 
 
-def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", model_cls=None) -> nn.Module:
-    """Load a directory written by :func:`save_pretrained` (class from ``config.architectures``)."""
+def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", model_cls=None, *, tp=None,
+                    **tp_options) -> nn.Module:
+    """Load a directory written by :func:`save_pretrained` (class from ``config.architectures``).
+
+    ``tp``: a 1-D DeviceMesh or ProcessGroup: load straight into tensor-parallel shards, each rank
+    reading only its own blocks (:func:`blast_compile.tp_checkpoint.load_sharded`; ``tp_options``
+    go there: ``balance``, ``attention``)."""
     import transformers
 
     if not os.path.isdir(directory):
@@ -709,12 +739,27 @@ def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", mo
         model_cls = getattr(transformers, arch, None) if arch else None
         if model_cls is None:
             raise ValueError(f"{directory}: cannot tell the model class (architectures={cfg.architectures})")
+    if tp is not None:  # each rank reads its own blocks only
+        from .tp_checkpoint import load_sharded
+
+        model = load_sharded(lambda: model_cls(cfg), os.path.join(directory, "model.safetensors"), tp, device,
+                             **tp_options)
+        check_layers(path, info, model._blast_global_specs)
+        return model.eval()
     model = load_compressed(lambda: model_cls(cfg), os.path.join(directory, "model.safetensors"), device)
-    have = {n: {"block": list(m.block), "nnz": m.nnz, "grid": list(m.grid), "role": m.blast_role}
-            for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)}
-    if info.get("layers") != have:
-        raise ValueError(f"{path} does not describe model.safetensors' compressed layers (files from two saves?)")
+    check_layers(path, info, {n: module_spec(m) for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)})
     return model.eval()
+
+
+def layers_info(specs: Dict[str, dict]) -> Dict[str, dict]:
+    """``blast.json``'s ``layers`` entry from layer specs (:func:`module_spec`)."""
+    return {n: {"block": list(s["block"]), "nnz": s["nnz"], "role": s["role"],
+                "grid": [cdiv(s["out"], s["block"][0]), cdiv(s["in"], s["block"][1])]} for n, s in specs.items()}
+
+
+def check_layers(path: str, info: dict, specs: Dict[str, dict]) -> None:
+    if info.get("layers") != layers_info(specs):
+        raise ValueError(f"{path} does not describe model.safetensors' compressed layers (files from two saves?)")
 
 
 __all__ = ["BlockSparseLinear", "block_linear", "compress_", "decompress_", "named_mlps", "packed_mlp",

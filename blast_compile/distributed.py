@@ -25,6 +25,12 @@ Three pieces:
   local shards and returns ``Partial``. b2 is requested as ``Partial`` so DTensor
   keeps it on one rank's sum only (it would be added world_size times otherwise).
 
+Training: ``blast::sparse_mlp_train`` and ``blast::sparse_mlp_backward`` have rules too (the backward's
+gradients come out sharded like the weights, dX ``Partial``), and declared masks follow the weights to
+their local shards (:func:`shard_declared_mask`), so TP gradients are the single-device ones.
+Compressed models are sharded by :mod:`blast_compile.tp_compressed` instead (packed blocks are not
+DTensor shards).
+
 What the fusion pass must do with DTensor weights (see TP_NOTES.md): example
 inputs of weight placeholders are ``DTensor`` Parameters (``isinstance(w,
 nn.Parameter)`` holds, ``type(w) is nn.Parameter`` does not) and some example
@@ -75,6 +81,65 @@ def _sparse_mlp_sharding(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d
     # Data parallel over rows of x with replicated weights.
     dp = ([Shard(0)], [Shard(0), *rep[1][1:]])
     return [tp, rep, dp] if x.ndim > 1 else [tp, rep]
+
+
+@register_sharding(torch.ops.blast.sparse_mlp_train.default)
+def _sparse_mlp_train_sharding(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key, max_density,
+                               *rest):
+    """The training forward: ``sparse_mlp``'s placements, plus its second output (what the backward reads,
+    ``[n, *rows, hidden]``) sharded along the hidden units like the weights' rows."""
+    tp, rep, *dp = _sparse_mlp_sharding(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_key,
+                                        max_density, *rest)
+    # saved is [n, *x.shape[:-1], hidden]: TP shards its last dim, DP its rows (dim 1)
+    out = [([tp[0][0], Shard(x.ndim)], tp[1]), ([Replicate(), Replicate()], rep[1])]
+    return out + [([Shard(0), Shard(1)], d[1]) for d in dp]
+
+
+def _sparse_mlp_backward_strategy(op_schema):
+    """DTensor strategy of ``blast::sparse_mlp_backward`` (its output is a list, which ``register_sharding``
+    cannot describe): the rank computes the gradients of its own hidden units.
+
+    TP: dy and x ``Replicate``, w1/b1/w3/b3 ``Shard(0)``, w2 ``Shard(1)``, b2 ``Replicate`` -> dx ``Partial``
+    (each rank's hidden units contribute a part), dW1/dB1/dW3/dB3 ``Shard(0)``, dW2 ``Shard(1)``, dB2
+    ``Replicate`` (every rank sums the whole replicated dy). The grad of b2 must be whole on every rank: the
+    forward asked for b2 as ``Partial`` below autograd, so autograd's b2 is the replicated parameter.
+    Fallback: everything replicated. Unneeded gradients are empty tensors (``Replicate``)."""
+    from torch.distributed.tensor._ops.utils import expand_to_full_mesh_op_strategy
+
+    def spec(a):  # an OpStrategy (a DTensor argument) -> its spec; anything else as is
+        return a.strategies[0].output_spec if hasattr(a, "strategies") else a
+
+    args = [spec(a) for a in op_schema.args_schema]
+    dy, x, w1, b1, w3, b3, w2, b2 = args[:8]
+    needs = args[13]
+    saved = args[15] if len(args) > 15 else spec(op_schema.kwargs_schema.get("saved"))
+    R = Replicate()
+    grads_of = (x, w1, b1, w3, b3, w2, b2)
+    # (needs[i] and an input to differentiate) -> a real gradient; else the op returns an empty tensor
+    real = [bool(needs[i]) and grads_of[i] is not None for i in range(7)]
+    tp_out = [Partial(), Shard(0), Shard(0), Shard(0), Shard(0), Shard(1), R]
+    tp_in = [R, R, Shard(0), Shard(0), Shard(0), Shard(0), Shard(1), R]
+    rows = []
+    for outs, ins, sv in ((tp_out, tp_in, Shard(saved.ndim - 1) if saved is not None else None), ([R] * 7, [R] * 8, R)):
+        row = [pl if real[i] else R for i, pl in enumerate(outs)]
+        row += [pl if t is not None else None for t, pl in zip((dy, x, w1, b1, w3, b3, w2, b2), ins)]
+        if saved is not None:
+            row.append(sv)
+        rows.append(row)
+    return expand_to_full_mesh_op_strategy(op_schema.get_mesh_from_args(), op_schema, rows, input_index=7)
+
+
+def _register_backward_strategy():
+    from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+
+    op = torch.ops.blast.sparse_mlp_backward.default
+    # static from `activation` on (strings, ints, the needs list): they change the result placements
+    static = next(i for i, a in enumerate(op._schema.arguments) if a.name == "activation")
+    DTensor._op_dispatcher.sharding_propagator.register_op_strategy(
+        op, _sparse_mlp_backward_strategy, RuntimeSchemaInfo(static, needs_pytree=True))
+
+
+_register_backward_strategy()
 
 
 # --------------------------------------------------------------------------- MLP discovery
@@ -229,6 +294,27 @@ def balance_hidden_(mlp: Union[nn.Module, MLPWeights], world_size: int,
     return rep
 
 
+def shard_declared_mask(full: Tensor, sharded, placement, mesh) -> None:
+    """Carry ``full``'s declared mask (the sparsifier's ``W * mask``) over to this rank's local shard.
+
+    Declared masks are found by storage, and a DTensor's local shard is new storage: without this, TP
+    training would compute dense dW (not the single-device gradient). ``placement`` is ``Shard(0)``
+    (rows) or ``Shard(1)`` (columns); a shard that does not hold whole mask blocks raises ValueError."""
+    d = _masks.declared_mask(full)
+    if d is None or not isinstance(placement, Shard):
+        return
+    m, (bo, bi) = d
+    loc = sharded._local_tensor
+    dim, blk = placement.dim, (bo, bi)[placement.dim]
+    n, ws = full.shape[dim], mesh.size()
+    if n % ws or (n // ws) % blk:
+        raise ValueError(f"declared mask blocks {(bo, bi)} do not tile a {ws}-way shard of dim {dim} ({n}): "
+                         "TP gradients would not be the masked ones")
+    per = n // ws // blk
+    r = mesh.get_local_rank()
+    _masks.declare_mask(loc, m.narrow(dim, r * per, per).clone(), (bo, bi))
+
+
 # --------------------------------------------------------------------------- parallel styles
 class BlastMLPParallel(ParallelStyle):
     """Tensor-parallel style for a whole MLP module (gate/up/down or fc1/fc2).
@@ -258,7 +344,10 @@ class BlastMLPParallel(ParallelStyle):
                 p = getattr(m, pname, None)
                 if p is not None and not is_dtensor(p):
                     dt = distribute_tensor(p, mesh, [pl], src_data_rank=getattr(self, "src_data_rank", 0))
-                    m.register_parameter(pname, nn.Parameter(dt, requires_grad=p.requires_grad))
+                    new = nn.Parameter(dt, requires_grad=p.requires_grad)
+                    m.register_parameter(pname, new)
+                    if pname == "weight":
+                        shard_declared_mask(p, new, pl, mesh)
 
     def _input_fn(self, mod, inputs, mesh):
         x = inputs[0]
@@ -387,6 +476,6 @@ def fuse_mlp_eager_(mlp: nn.Module, activation: str, *, block: Optional[Tuple[in
 
 
 __all__ = [
-    "BalanceReport", "BlastMLPParallel", "balance_hidden_", "mlp_module_names", "hidden_block_costs", "is_dtensor",
+    "BalanceReport", "BlastMLPParallel", "balance_hidden_", "shard_declared_mask", "mlp_module_names", "hidden_block_costs", "is_dtensor",
     "fuse_mlp_eager_", "local", "lpt_equal_bins", "op_args", "mlp_projections", "parallelize_blast_mlp", "sparse_mlp_call", "tp_plan",
 ]

@@ -8,7 +8,15 @@ block and an int32 ``row_ptr`` of ``n_block_rows + 1``. Everything else
 cache for ``kv_tokens`` tokens (``batch * context``) and a fixed activation
 overhead.
 
-    blast memory-plan --model llama-3.1-405b --sparsity 0.9 [--gpu-gb 80]
+    blast memory-plan --model llama-3.1-405b --sparsity 0.9 [--gpu-gb 80] [--tp 4]
+
+Tensor parallel (what :mod:`blast_compile.tp_compressed` builds and :func:`tp_rank_bytes` counts
+tensor by tensor, so ``tp_compressed.weight_bytes`` of the sharded model measures the same numbers):
+each MLP's live blocks are split over the ranks by hidden blocks (gate/up rows, down columns, every
+rank its own ``row_ptr``), attention ``q/k/v/o`` by heads, and embeddings, lm_head and norms are
+replicated on every rank. A TP size must divide the KV heads and the hidden blocks; ``gpus_tp``
+is the smallest such size whose ranks fit (weights per rank + KV cache / ranks + overhead), which
+can be more than ``gpus_sparse`` (total bytes / GPU size, as if everything split perfectly).
 """
 from __future__ import annotations
 
@@ -54,6 +62,10 @@ class Plan:
     usable: float
     gpus_dense: int
     gpus_sparse: int
+    tp: int = 1  # the TP size the per-rank numbers are for (gpus_tp unless asked for)
+    rank_bytes: int = 0  # weights per rank at ``tp`` (mean over ranks; the sum over ranks is exact)
+    tp_total_bytes: int = 0  # weights summed over the ``tp`` ranks (replicated tensors counted per rank)
+    gpus_tp: int = 0  # smallest runnable TP size whose ranks fit; 0: none up to 64
 
     @property
     def saved_bytes(self) -> int:
@@ -66,7 +78,7 @@ class Plan:
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d.update(saved_bytes=self.saved_bytes, reduction=self.reduction)
+        d.update(saved_bytes=self.saved_bytes, reduction=self.reduction, assumes=ASSUMES)
         return d
 
 
@@ -83,19 +95,53 @@ def mlp_matrix_sparse_bytes(rows: int, cols: int, sparsity: float, block: int, d
     return live * block * block * dtype_bytes, 4 * live + 4 * (nr + 1)
 
 
+def tp_rank_bytes(config, sparsity: float, tp: int, block: int = 64, dtype_bytes: int = 2,
+                  gated: bool = True) -> int:
+    """Weight bytes summed over ``tp`` ranks of the model ``tp_compressed`` shards (MLP live blocks and
+    attention split, every rank its own MLP ``row_ptr``, embeddings/lm_head/norms replicated)."""
+    d, h, n_layers = (_get(config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers"))
+    n_heads = _get(config, "num_attention_heads")
+    n_kv = _get(config, "num_key_value_heads") or n_heads
+    head_dim = _get(config, "head_dim") or d // n_heads
+    attn = (d * n_heads * head_dim * 2 + d * n_kv * head_dim * 2) * dtype_bytes
+    if _get(config, "attention_bias", False):
+        attn += (n_heads * head_dim + 2 * n_kv * head_dim + d) * dtype_bytes  # q/k/v split, o's on rank 0
+    n_in = 2 if gated else 1
+    mlp = 0
+    for rows, cols in [(h, d)] * n_in + [(d, h)]:
+        b, i = mlp_matrix_sparse_bytes(rows, cols, sparsity, block, dtype_bytes)
+        nr = cdiv(rows, block)
+        mlp += b + i - 4 * (nr + 1)  # blocks and col_idx split; row_ptr per rank below
+        mlp += 4 * (nr + tp) if rows == h else 4 * tp * (nr + 1)  # hidden rows split / every rank all rows
+    if _get(config, "mlp_bias", False):
+        mlp += (n_in * h + d) * dtype_bytes  # in-projection biases split, down's on rank 0
+    vocab = _get(config, "vocab_size")
+    tied = bool(_get(config, "tie_word_embeddings", False))
+    replicated = (vocab * d * (1 if tied else 2) + (2 * n_layers + 1) * d) * dtype_bytes
+    return n_layers * (attn + mlp) + tp * replicated
+
+
+def tp_sizes(config, block: int = 64, limit: int = 64):
+    """TP sizes ``tp_compressed`` can run: dividing the KV heads and the MLP's hidden blocks."""
+    n_kv = _get(config, "num_key_value_heads") or _get(config, "num_attention_heads")
+    n_hb = _get(config, "intermediate_size") // block
+    return [t for t in range(1, limit + 1) if n_kv % t == 0 and n_hb % t == 0]
+
+
 def _gpus(total: int, gpu_gb: float, usable: float) -> int:
     return max(1, math.ceil(total / (gpu_gb * GiB * usable)))
 
 
 def plan(config: Union[str, dict, object], sparsity: float, block: int = 64, dtype_bytes: int = 2,
          gpu_gb: float = 80, *, usable: float = 1.0, kv_tokens: int = 0, kv_dtype_bytes: Optional[int] = None,
-         overhead_gb: float = 0.0, gated: Optional[bool] = None) -> Plan:
+         overhead_gb: float = 0.0, gated: Optional[bool] = None, tp: Optional[int] = None) -> Plan:
     """Weight memory of a Llama-style decoder, dense vs MLP block-sparse.
 
     ``config``: a name from :data:`CONFIGS`, a dict or an HF config. ``gpu_gb`` is in GiB
     (an "80 GB" H100 has 80 GiB); ``usable`` the fraction of it weights + KV + overhead may
     take. ``gated`` (SwiGLU, 3 MLP matrices) defaults to True unless ``hidden_act`` says
-    GELU/ReLU without a gate is meant (pass it explicitly for non-Llama models).
+    GELU/ReLU without a gate is meant (pass it explicitly for non-Llama models). ``tp``: the TP
+    size of the per-rank numbers (default: ``gpus_tp``, the smallest runnable one that fits).
     """
     name = config if isinstance(config, str) else (_get(config, "name_or_path") or _get(config, "model_type") or "custom")
     if isinstance(config, str):
@@ -137,6 +183,14 @@ def plan(config: Union[str, dict, object], sparsity: float, block: int = 64, dty
     kvb = kv_dtype_bytes or dtype_bytes
     kv = 2 * n_layers * n_kv * head_dim * kv_tokens * kvb
     over = int(overhead_gb * GiB)
+    cap = gpu_gb * GiB * usable
+
+    def fits(t):
+        return math.ceil(tp_rank_bytes(config, sparsity, t, block, dtype_bytes, gated) / t) + kv / t + over <= cap
+
+    gpus_tp = next((t for t in tp_sizes(config, block) if fits(t)), 0)
+    t = tp or gpus_tp or 1
+    tp_total = tp_rank_bytes(config, sparsity, t, block, dtype_bytes, gated)
     return Plan(
         model=str(name), sparsity=sparsity, block=block, dtype_bytes=dtype_bytes, params=params,
         mlp_params=n_layers * mlp_w, dense_bytes=dense_bytes, mlp_dense_bytes=mlp_dense,
@@ -144,7 +198,15 @@ def plan(config: Union[str, dict, object], sparsity: float, block: int = 64, dty
         overhead_bytes=over, gpu_gb=gpu_gb, usable=usable,
         gpus_dense=_gpus(dense_bytes + kv + over, gpu_gb, usable),
         gpus_sparse=_gpus(sparse_bytes + kv + over, gpu_gb, usable),
+        tp=t, rank_bytes=math.ceil(tp_total / t), tp_total_bytes=tp_total, gpus_tp=gpus_tp,
     )
+
+
+ASSUMES = ("Assumes: MLP live blocks split over the TP ranks by hidden blocks (balanced; measured within ~1-2% "
+           "per rank), attention split by heads, embeddings/lm_head/norms replicated on every rank; KV cache = "
+           "--kv-tokens tokens (batch x context) split by KV heads (default 0: not counted); activations and "
+           "workspace = --overhead-gb per GPU (default 0: not counted); a TP size divides the KV heads and the "
+           "hidden blocks.")
 
 
 def _gib(b: int) -> str:
@@ -159,12 +221,14 @@ def table(plans: Sequence[Plan]):
                     f"{p0.gpu_gb:g} GiB GPUs (usable {p0.usable:.0%})")
     t.add_column("model", no_wrap=True)
     for c in ("sparsity", "params", "MLP share", "dense", "block-sparse", "index", "saved",
-              "KV + overhead", "GPUs dense", "GPUs sparse"):
+              "KV + overhead", "GPUs dense", "GPUs sparse", "TP GPUs", "GiB/rank"):
         t.add_column(c, justify="right")
     for p in plans:
         t.add_row(p.model, f"{p.sparsity:.0%}", f"{p.params / 1e9:.2f} B", f"{p.mlp_params / p.params:.0%}",
                   _gib(p.dense_bytes), _gib(p.sparse_bytes), f"{p.index_bytes / 2**20:,.1f} MiB", f"{p.reduction:.1%}",
-                  _gib(p.kv_bytes + p.overhead_bytes), str(p.gpus_dense), str(p.gpus_sparse))
+                  _gib(p.kv_bytes + p.overhead_bytes), str(p.gpus_dense), str(p.gpus_sparse),
+                  str(p.gpus_tp or "-"), f"{p.rank_bytes / GiB:,.1f} (tp {p.tp})")
+    t.caption = ASSUMES
     return t
 
 
@@ -183,10 +247,12 @@ def main(argv=None) -> int:
     ap.add_argument("--usable", type=float, default=1.0, help="fraction of GPU memory for weights + KV")
     ap.add_argument("--kv-tokens", type=int, default=0, help="KV cache tokens (batch x context)")
     ap.add_argument("--overhead-gb", type=float, default=0.0, help="activation/workspace overhead, GiB")
+    ap.add_argument("--tp", type=positive_int, default=None,
+                    help="TP size of the weights/rank column (default: the smallest that fits)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = ap.parse_args(argv)
     plans = [plan(m, s, a.block, a.dtype_bytes, a.gpu_gb, usable=a.usable, kv_tokens=a.kv_tokens,
-                  overhead_gb=a.overhead_gb)
+                  overhead_gb=a.overhead_gb, tp=a.tp)
              for m in (a.model or list(CONFIGS)) for s in (a.sparsity or [0.5, 0.9, 0.95])]
     if a.json:
         import json
@@ -199,4 +265,5 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["CONFIGS", "Plan", "plan", "main", "table", "mlp_matrix_sparse_bytes"]
+__all__ = ["CONFIGS", "Plan", "plan", "main", "table", "mlp_matrix_sparse_bytes", "tp_rank_bytes", "tp_sizes",
+           "ASSUMES"]
