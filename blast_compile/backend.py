@@ -161,9 +161,10 @@ def _warn_fallback(what: str, e: Exception, then: str):
 
 def _lower(new_gm, example_inputs, opts):
     """``(fallback, watches)``: the opaque graph kept for the guard, and one Watch per lowered MLP."""
-    if not (opts.lower and _fused_nodes(new_gm)):
+    from .passes.lower import lower, lowerable
+
+    if not (opts.lower and lowerable(new_gm)):
         return None, []
-    from .passes.lower import lower
     from .passes.match import Context
 
     fallback = _copy_graph_module(new_gm)

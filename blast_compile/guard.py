@@ -49,16 +49,7 @@ class Watch:
 
     def current(self, chains=None):
         """The tensors the op reads now (its weights, or ``chains``): each parameter through its views."""
-        out = []
-        for w in self.weights if chains is None else chains:
-            if w is None:
-                out.append(None)
-                continue
-            t, chain = w
-            for fn, args in chain:
-                t = fn(t, *args)
-            out.append(t)
-        return out
+        return _current(self.weights if chains is None else chains)
 
     def valid(self) -> bool:
         """The weights (and declared masks) still fit the compiled pattern, and hold no NaN/Inf the pattern
@@ -72,13 +63,66 @@ class Watch:
             if (a is None) != (b is None) or (a is not None and not torch.equal(a, b.to(a.device))):
                 return False
         biases = self.current(self.biases)
-        if any(t is not None and t.data_ptr() % 16 for t in (w1, w3, w2, *biases)):
+        if _misaligned((w1, w3, w2, *biases)):
             return False  # (rebound to a misaligned view: the compiled kernels assume the 16-byte alignment they saw)
         if not _all_finite((w1, w3, w2, *biases)):
             return False  # (a NaN in a skipped hidden unit would vanish: the fallback computes densely)
         new = build_pattern(m_in, m_dn, p.bh, p.bd, activation=self.activation, gated=w3 is not None,
                             has_b1=self.has_b1, has_b3=self.has_b3)
         return not bool((new.mask_in & ~p.mask_in).any() or (new.mask_dn & ~p.mask_dn).any())
+
+
+def _current(chains):
+    out = []
+    for w in chains:
+        if w is None:
+            out.append(None)
+            continue
+        t, chain = w
+        for fn, args in chain:
+            t = fn(t, *args)
+        out.append(t)
+    return out
+
+
+def _misaligned(ts) -> bool:
+    return any(t is not None and t.data_ptr() % 16 for t in ts)
+
+
+class PackedWatch:
+    """One lowered compressed MLP (``blast::mlp_packed``). Its pattern is its index tensors (``row_ptr``,
+    ``col_idx``): compared with copies taken at compile time whenever anything moved. Its blocks and biases are
+    read at every call, so new values are seen; NaN/Inf in them switch to the opaque op, which then runs the
+    unfused chain (``packed_mlp``). ``copied``: per weight, whether the kernels read a re-packed copy of its
+    blocks taken at compile time -- any change to those blocks then leaves the compiled graph for good."""
+
+    def __init__(self, name, plan, values: Sequence, index: Sequence, copied: Sequence[bool] = (False,) * 3):
+        self.name, self.plan = name, plan
+        self.values = list(values)  # chains of blocks1, blocks3, blocks2, b1, b3, b2
+        self.index = list(index)  # chains of row_ptr1, col_idx1, row_ptr3, col_idx3, row_ptr2, col_idx2
+        self.compiled = [None if t is None else t.detach().cpu().clone() for t in _current(self.index)]
+        self.copied = [c for c, k in zip(self.values[:3], copied) if k and c is not None]
+        self.copied_snap = Snapshot([c[0] for c in self.copied])
+        for c in self.values + self.index:
+            if c is not None:
+                watch(c[0])
+
+    def params(self) -> List[torch.Tensor]:
+        return [c[0] for c in self.values + self.index if c is not None]
+
+    def masks(self) -> List[torch.Tensor]:
+        return []
+
+    def valid(self) -> bool:
+        from .ops.sparse_mlp import _all_finite
+
+        for a, b in zip(self.compiled, _current(self.index)):
+            if (a is None) != (b is None) or (a is not None and (a.shape != b.shape or not torch.equal(a, b.cpu()))):
+                return False
+        if self.copied_snap.changed([c[0] for c in self.copied]):
+            return False
+        vals = _current(self.values)
+        return not _misaligned(vals) and _all_finite(vals)
 
 
 class GraphGuard:
@@ -133,5 +177,5 @@ def _same_declared_masks(w: Watch) -> bool:
     ``W * mask`` with the compiled masks, whatever the weights hold (no device work; NaN/Inf in the weights
     then go unseen, as in ``sparse_mlp.weights_plan``: README)."""
     now = w.masks()
-    return (w.plan.masked and len(now) == len(w.taken_masks)
+    return (getattr(w.plan, "masked", False) and len(now) == len(w.taken_masks)
             and all(a is b for a, b in zip(now, w.taken_masks)) and not w.mask_snap.changed(now))

@@ -182,6 +182,15 @@ def main(cases):
     if "train_plain" in cases:
         run("train_plain", sparse_mlp(torch.float32, gated=False, bias=True, act="relu"), [torch.randn(40, 64)],
             train=True)
+    if "packed" in cases:  # a compressed MLP (blast::packed_mlp), inference
+        from blast_compile import compress
+        from blast_compile.testing import SwiGLU, sparsify_mlps_
+
+        torch.manual_seed(0)
+        m = SwiGLU(64, 128).to(h)
+        sparsify_mlps_(m, 0.75, block=16)
+        assert len(compress.compress_(m, block_sizes=(16,)).compressed) == 1
+        run("packed", m.eval(), [torch.randn(40, 64, dtype=h), torch.randn(3, 64, dtype=h)])
     if "export" in cases:
         run_export("export", sparse_mlp(), torch.randn(40, 64, dtype=h), dynamic=False)
     if "export_dynamic" in cases:

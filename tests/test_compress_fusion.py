@@ -256,6 +256,36 @@ def test_interp_triton_forward_packed(arch):
         torch.testing.assert_close(y, mlp(x), **tol(torch.float32))
 
 
+@pytest.mark.skipif(not INTERP, reason="runs in a child process under TRITON_INTERPRET=1 (test_triton_path_interpreted)")
+@pytest.mark.parametrize("arch", ["plain", "llama"])
+@torch.no_grad()
+def test_interp_lowered_packed_matches_the_chain(arch):
+    """blast::mlp_packed's body as the compile-time warm-up runs it (passes/lower._lower_packed): the plan's
+    re-packed copies, where the stored order is not the pattern's, read from the plan's cache (graph tables)."""
+    import copy as _copy
+
+    from blast_compile.ops import launch, lowered
+
+    _, model, _, _ = _compressed(arch)
+    mlp = next(m for m in model.modules() if hasattr(m, "_blast_mlp"))
+    r = {k: model.get_submodule(q) for k, q in mlp._blast_mlp["roles"].items()}
+    w1, w3, w2 = r.get("gate", r.get("fc1")), r.get("up"), r.get("down", r.get("fc2"))
+    act = "silu" if w3 is not None else "relu"
+    layer = lambda m: (m.blocks, m.row_ptr, m.col_idx, m.bias) if m is not None else (None,) * 4  # noqa: E731
+    idx = [t for m in (w1, w3, w2) for t in layer(m)[1:3]]
+    key = P.pattern_key(*w1.block, w1.in_features, w1.out_features, w2.out_features, idx)
+    base = P.packed_plan(*layer(w1), *layer(w3), *layer(w2), act, *w1.block, w1.in_features, w1.out_features,
+                         w2.out_features, key)
+    plan = _copy.copy(base)
+    plan.cache = {"d_hidden": w1.out_features, "d_out": w2.out_features, "blocks": list(base.copies)}
+    for m in (3, 37):
+        x = torch.randn(m, w1.in_features)
+        with launch.lowering("warm"):
+            y = lowered.run_packed(plan, x, w1.blocks, w1.bias, layer(w3)[0], layer(w3)[3], w2.blocks, w2.bias, act,
+                                   w2.out_features)
+        torch.testing.assert_close(y, mlp(x), **tol(torch.float32))
+
+
 def test_triton_path_interpreted(tmp_path):
     if INTERP:
         pytest.skip("already in the interpreter child")
@@ -263,7 +293,7 @@ def test_triton_path_interpreted(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "interp_",
                         os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "2 passed" in r.stdout, r.stdout[-2000:]
+    assert "4 passed" in r.stdout, r.stdout[-2000:]
 
 
 @gpu
@@ -279,5 +309,6 @@ def test_gpu_compressed_llama_compiles(dtype):
         eager, ref = model(ids), dense(ids)
     torch._dynamo.reset()
     assert counters["blast"]["mlp_fused_packed"] == n
+    assert counters["blast"]["lowered_packed"] == n  # (Inductor launches the kernels: no Python per call)
     torch.testing.assert_close(out, eager, **tol(dtype))
     torch.testing.assert_close(out.float(), ref.float(), rtol=5e-2, atol=5e-2)  # dense: other summation order

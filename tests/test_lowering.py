@@ -22,12 +22,54 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def traces():
     cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast", "export",
-             "export_dynamic"]
+             "export_dynamic", "packed"]
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
     assert len(lines) == len(cases), out.stdout[-2000:] + out.stderr[-4000:]
     return {c["case"]: c for c in lines}
+
+
+def test_compressed_mlp_is_lowered(traces):
+    """blast::packed_mlp (a compressed model) becomes blast::mlp_packed: two launches in the graph, no copies."""
+    t = traces["packed"]
+    assert t["counters"]["lowered_packed"] == t["counters"]["mlp_fused_packed"] == 2, t["counters"]
+    for g in t["fw"]:
+        assert kernels(g) == ["mlp_hidden", "bsmm"] and not g["copies"] and not g["writes_input"], g
+
+
+def _packed_watch(copied):
+    from blast_compile.guard import PackedWatch
+
+    torch.manual_seed(0)
+    blocks = [torch.randn(3, 16, 16), torch.randn(2, 16, 16)]
+    index = [torch.tensor([0, 2, 3]), torch.tensor([0, 1, 0]), torch.tensor([0, 1, 2]), torch.tensor([1, 0])]
+    w = PackedWatch("p", None, [(blocks[0], []), None, (blocks[1], []), None, None, None],
+                    [(index[0], []), (index[1], []), None, None, (index[2], []), (index[3], [])],
+                    copied=[copied, False, False])
+    return w, blocks, index
+
+
+def test_packed_watch_new_values_keep_the_graph_a_new_index_does_not():
+    w, blocks, index = _packed_watch(copied=False)
+    assert w.valid()
+    blocks[0].mul_(2)  # read where stored: new values are seen
+    assert w.valid()
+    blocks[1][0, 0, 0] = float("nan")
+    assert not w.valid()
+    blocks[1][0, 0, 0] = 0.0
+    assert w.valid()
+    index[1][2] = 1  # another pattern
+    assert not w.valid()
+
+
+def test_packed_watch_copied_blocks_must_not_change():
+    w, blocks, _ = _packed_watch(copied=True)
+    assert w.valid()
+    blocks[1].mul_(2)  # (not copied)
+    assert w.valid()
+    blocks[0].mul_(2)  # the kernels read a copy taken at compile time
+    assert not w.valid()
 
 
 @pytest.mark.parametrize("case", ["export", "export_dynamic"])

@@ -1,4 +1,5 @@
-"""Fused MLPs lowered into Inductor's own code: ``blast::mlp``, ``blast::mlp_train``, ``blast::mlp_backward``.
+"""Fused MLPs lowered into Inductor's own code: ``blast::mlp``, ``blast::mlp_train``, ``blast::mlp_backward``, and
+``blast::mlp_packed`` for compressed MLPs.
 
 ``blast::sparse_mlp`` (``sparse_mlp.py``) is opaque to Inductor: every call runs its Python (plan and
 version checks, config lookups, two ~40-argument launches), 0.2-0.3 ms of host time for kernels that run
@@ -241,3 +242,31 @@ def _backward(ctx, dy, *ds):  # (ds: nothing but this backward reads the kept te
 
 mlp.register_autograd(_backward, setup_context=_setup_context)
 mlp_train.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- compressed MLPs: blast::packed_mlp lowered -----------------------------------------------------------
+
+def run_packed(p, x, p1, b1, p3, b3, p2, b2, activation, d_out):
+    """A compressed MLP's live blocks through the prefill / decode kernels: the stored blocks, or where they are
+    not in the pattern's order the plan's re-packed copy (``cache["blocks"]``, tables of the graph)."""
+    from . import launch, triton_mlp
+
+    c1, c3, c2 = p.cache.get("blocks", (None, None, None))
+    p1, p3, p2 = (s if c is None else c for s, c in ((p1, c1), (p3, c3), (p2, c2)))
+    x2d = x.reshape(-1, x.shape[-1])
+    shape = (*x.shape[:-1], d_out)
+    if x2d.shape[0] == 0:
+        return x.new_empty(shape)
+    y = triton_mlp.forward_packed(x2d, p1, b1, p3, b3, p2, b2, p, activation, d_out)
+    return y.view(shape) if launch.traced() else as_output(y.contiguous(), shape)
+
+
+@triton_op("blast::mlp_packed", mutates_args=())
+def mlp_packed(x: Tensor, p1: Tensor, b1: Optional[Tensor], p3: Optional[Tensor], b3: Optional[Tensor], p2: Tensor,
+               b2: Optional[Tensor], tables: List[Tensor], plan: str, activation: str, d_out: int) -> Tensor:
+    """``blast::packed_mlp`` (a compressed MLP, inference only) through the compiled pattern ``plan``."""
+    from . import launch
+
+    ent = _entry(plan)
+    with launch.lowering(_mode()):
+        return run_packed(ent.plan_for(tables), x, p1, b1, p3, b3, p2, b2, activation, d_out)

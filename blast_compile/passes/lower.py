@@ -17,6 +17,7 @@ Counters: ``lowered``, ``lowered_train``, ``lower_skipped_<why>``.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from typing import TYPE_CHECKING, List, Optional
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("blast_compile.passes")
 
 _OPAQUE = (torch.ops.blast.sparse_mlp.default, torch.ops.blast.sparse_mlp_train.default)
+_PACKED = torch.ops.blast.packed_mlp.default
 _VIEWS = (torch.t, torch.narrow)  # what rewrite puts between a parameter and the fused node
 
 
@@ -74,12 +76,41 @@ def _why_not(x, ws) -> Optional[str]:
     return None
 
 
+def lowerable(gm: GraphModule) -> bool:
+    return any(n.op == "call_function" and (n.target in _OPAQUE or n.target is _PACKED) for n in gm.graph.nodes)
+
+
+class _Tables:
+    """Adds a lowered plan's tables to the graph as buffers (AOTAutograd lifts them to inputs)."""
+
+    def __init__(self, gm, fake_mode):
+        self.gm, self.fake_mode, self.n = gm, fake_mode, 0
+
+    def nodes(self, tensors):
+        tabs = []
+        for t in tensors:
+            attr = f"_blast_table_{self.n}"
+            self.n += 1
+            self.gm.register_buffer(attr, t, persistent=False)
+            if hasattr(self.gm, "_param_name_to_source"):  # (AOTAutograd wants a source for every lifted buffer)
+                self.gm._param_name_to_source[attr] = ConstantSource(attr)
+            tab = self.gm.graph.get_attr(attr)
+            if self.fake_mode is not None:
+                tab.meta["example_value"] = self.fake_mode.from_tensor(t, static_shapes=True)
+            tabs.append(tab)
+        return tabs
+
+
 def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
     """Lower every fused CUDA node of ``gm`` in place; returns one ``guard.Watch`` per lowered node."""
     from ..guard import Watch
 
     watches = []
-    n_tab = 0
+    tables = _Tables(gm, fake_mode)
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is _PACKED]:
+        w = _lower_packed(gm, node, ctx, tables)
+        if w is not None:
+            watches.append(w)
     for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _OPAQUE]:
         (x_n, w1_n, b1_n, w3_n, b3_n, w2_n, b2_n, act, bh, bd, key, max_density, *rest) = node.args
         cdt = rest[0] if rest else None
@@ -107,17 +138,7 @@ def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
         _warm_up(plan, rows, xv, (w1, b1, w3, b3, w2, b2), act, cdt, save, needs if train else None)
         name, tensors = lowered.register(plan, key)
         with gm.graph.inserting_before(node):
-            tabs = []
-            for t in tensors:
-                attr = f"_blast_table_{n_tab}"
-                n_tab += 1
-                gm.register_buffer(attr, t, persistent=False)
-                if hasattr(gm, "_param_name_to_source"):  # (AOTAutograd wants a source for every lifted buffer)
-                    gm._param_name_to_source[attr] = ConstantSource(attr)
-                tab = gm.graph.get_attr(attr)
-                if fake_mode is not None:
-                    tab.meta["example_value"] = fake_mode.from_tensor(t, static_shapes=True)
-                tabs.append(tab)
+            tabs = tables.nodes(tensors)
             args = (x_n, w1_n, b1_n, w3_n, b3_n, w2_n, b2_n, tabs, name, act, cdt)
             if save:
                 new = gm.graph.call_function(torch.ops.blast.mlp_train.default, args + (save,))
@@ -136,6 +157,59 @@ def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
         gm.graph.lint()
         gm.recompile()
     return watches
+
+
+def _lower_packed(gm, node, ctx, tables) -> Optional["Watch"]:
+    """A compressed MLP (``blast::packed_mlp``) -> ``blast::mlp_packed``. Blocks stored in the pattern's order are
+    read where they are stored; a layer whose blocks needed re-packing (a hidden block the pattern drops, gate
+    and up indexed apart) reads the plan's re-packed copy, a table -- then a change of its blocks' values sends
+    the graph to the opaque op (``guard.PackedWatch``)."""
+    from ..guard import PackedWatch
+    from ..ops import packed_mlp
+
+    (x_n, bl1_n, rp1_n, ci1_n, b1_n, bl3_n, rp3_n, ci3_n, b3_n, bl2_n, rp2_n, ci2_n, b2_n, act, bh, bd, d_hidden,
+     d_out, key) = node.args
+    ins = [_real(n, ctx) for n in (bl1_n, rp1_n, ci1_n, b1_n, bl3_n, rp3_n, ci3_n, b3_n, bl2_n, rp2_n, ci2_n, b2_n)]
+    bl1, rp1, ci1, b1, bl3, rp3, ci3, b3, bl2, rp2, ci2, b2 = ins
+    xv = example_value(x_n)
+    why = _why_not(xv, [bl1, bl2] + ([bl3] if bl3_n is not None else []))
+    if why is None and (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ins)):
+        why = "grad"  # (inference only: the opaque op raises a clear error on backward)
+    if why is None:
+        base = packed_mlp.packed_plan(bl1, rp1, ci1, b1, bl3, rp3, ci3, b3, bl2, rp2, ci2, b2, act, bh, bd,
+                                      _hint(xv.shape[-1]), d_hidden, d_out, key)
+        if not base.finite:
+            why = "nonfinite"
+    if why is not None:
+        counters["blast"][f"lower_skipped_{why}"] += 1
+        log.info("blast: %s not lowered (%s): the opaque op runs it", node.name, why)
+        return None
+    plan = copy.copy(base)
+    plan.cache = {"d_hidden": d_hidden, "d_out": d_out, "blocks": list(base.copies)}
+    rows = math.prod(_hint(s) for s in xv.shape[:-1])
+    if launch.one_graph() and rows <= codegen.DECODE_MAX_M and not launch.rows_at_most(
+            math.prod(xv.shape[:-1]), codegen.DECODE_MAX_M):
+        rows = codegen.DECODE_MAX_M + 1
+    from torch._library.triton import set_wrap_triton_enabled
+
+    x = torch.zeros(rows, _hint(xv.shape[-1]), device=bl1.device, dtype=xv.dtype)
+    with set_wrap_triton_enabled(False), launch.lowering("warm"), torch.no_grad():
+        lowered.run_packed(plan, x, bl1, b1, bl3, b3, bl2, b2, act, d_out)
+    if bl1.is_cuda:
+        torch.cuda.synchronize(bl1.device)
+    name, tensors = lowered.register(plan, key)
+    with gm.graph.inserting_before(node):
+        args = (x_n, bl1_n, b1_n, bl3_n, b3_n, bl2_n, b2_n, tables.nodes(tensors), name, act, d_out)
+        new = gm.graph.call_function(torch.ops.blast.mlp_packed.default, args)
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    counters["blast"]["lowered"] += 1
+    counters["blast"]["lowered_packed"] += 1
+    log.info("blast: lowered compressed %s (%s): %d tables, warm-up at M=%d", node.name, name, len(tensors), rows)
+    return PackedWatch(name, plan, [_chain(n, ctx) for n in (bl1_n, bl3_n, bl2_n, b1_n, b3_n, b2_n)],
+                       [_chain(n, ctx) for n in (rp1_n, ci1_n, rp3_n, ci3_n, rp2_n, ci2_n)],
+                       copied=[c is not None for c in base.copies])
 
 
 def _warm_up(plan, rows, xv, weights, act, cdt, save, needs):
