@@ -247,3 +247,26 @@ def test_guard_declared_masks_values_do_not_matter_masks_do():
     assert fallback.n == 1
     for w in (w1, w3, w2):
         clear_mask(w)
+
+
+def test_export_on_cpu_keeps_the_dense_graph_and_the_model_signature():
+    """On CPU there is nothing AOTInductor could call for a fused MLP (its CPU op is Python): the exported program
+    is the dense model's, with the model's own arguments, and computes what the model does."""
+    from torch._dynamo.utils import counters
+
+    from blast_compile.export import export
+    from blast_compile.testing import SwiGLU, sparsify_mlps_
+
+    torch.manual_seed(0)
+    m = SwiGLU(64, 128).eval()
+    sparsify_mlps_(m, 0.75, block=16)
+    x = torch.randn(5, 64)
+    counters.clear()
+    ep = export(m, (x,))
+    assert counters["blast"]["export_cpu_dense"] == 1
+    assert not [n for n in ep.graph.nodes if "blast" in str(n.target)]
+    x2 = torch.randn(5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x2), m(x2))
+    with pytest.raises(ValueError, match="Inductor config"):
+        export(m, (x,), options={"max_autotune": True})
