@@ -38,12 +38,11 @@ def _capture(model, args, kwargs, dynamic_shapes):
     with torch.no_grad():
         gm, _guards = torch._dynamo.export(model, dynamic_shapes=dynamic_shapes, assume_static_by_default=True)(
             *args, **kwargs)
-    flat = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-    return gm, flat
+    return gm, torch.utils._pytree.tree_leaves((args, kwargs))  # (the graph's inputs, in its order)
 
 
 def _lowers(flat) -> bool:
-    return any(t.is_cuda for t in flat)
+    return any(isinstance(t, torch.Tensor) and t.is_cuda for t in flat)
 
 
 def fuse(model, args: Tuple, kwargs: Optional[Mapping] = None, *, dynamic_shapes=None, options=None):
