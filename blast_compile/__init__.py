@@ -26,7 +26,7 @@ logging.getLogger("blast_compile").addHandler(logging.NullHandler())
 # name -> module that defines it, imported on first access (PEP 562)
 _LAZY_ATTRS = {"blast": "backend"}
 _SUBMODULES = {"backend", "calibrate", "cli", "compress", "config", "distributed", "explain", "formats", "layouts",
-               "masks", "memory_plan", "ops", "passes", "codegen", "sparsifier", "testing"}
+               "masks", "memory_plan", "ops", "passes", "codegen", "sparsifier", "sparsify", "testing"}
 
 
 def __getattr__(name):
