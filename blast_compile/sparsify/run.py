@@ -229,7 +229,8 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
                 meter.stop()
                 phase, since = "sparse", 0
                 if compile_sparse:  # masks are final: from here the fused block-sparse op pays (fwd and bwd)
-                    run_fn = _compile(Objective(model, o.distill_weight), "blast", mode, o)
+                    run_fn = _compile(Objective(model, o.distill_weight), "blast",
+                                      "default" if mode == "none" else mode, o)
                     sp.hand_off()  # (the fused op keeps dead blocks and their optimizer state at zero; checked)
                     log.info("step %d: masks frozen, training through backend='blast' (%s)", step, mode)
             update = sp is not None and sp.is_update_step(sp.step_count + 1)
@@ -304,13 +305,15 @@ def _finish(o, model, tokenizer, sp, evals, state, meter, info) -> dict:
            "steps": info["steps"], "tokens_trained": info["tokens_trained"], "train_s": info["train_s"],
            "tok_s": meter.tok_s(), "ppl_pretrained": state["ppl_pretrained"], "curve": state["curve"],
            "losses": state["losses"], "distill": o.distill_weight}
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = True  # (off for training; the saved model generates with its cache)
     if sp is not None:
         sp.finalize()
-        per = sp.layer_sparsity()
-        rep.update(achieved_sparsity=sp.sparsity(), live_by_layer=live_by_layer(per), sparsified=sorted(sp.layers),
-                   mask_step_timing=sp.timing_summary(), upkeep_restored=sp.upkeep_restored,
-                   orphan_frac=statistics.mean(u["orphan_frac"] for u in sp.hidden_use().values())
-                   if sp.hidden_use() else None)
+        use = sp.hidden_use()
+        rep.update(achieved_sparsity=sp.sparsity(), live_by_layer=live_by_layer(sp.layer_sparsity()),
+                   sparsified=sorted(sp.layers), mask_step_timing=sp.timing_summary(),
+                   upkeep_restored=sp.upkeep_restored,
+                   orphan_frac=statistics.mean(u["orphan_frac"] for u in use.values()) if use else None)
     rep["ppl_final_eager"] = {k: perplexity(model, v, o.seq, o.batch, dev, amp) for k, v in evals.items()}
     rep["ppl_final"] = dict(rep["ppl_final_eager"])
     if sp is not None and o.bench_mlp:
