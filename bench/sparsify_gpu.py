@@ -114,6 +114,12 @@ def runs(args, model_dir, res):
     """`blast sparsify` per sparsity, --parallel at a time (their compiles overlap the others' GPU work)."""
     os.makedirs(args.runs_dir, exist_ok=True)
     todo = [float(v) for v in args.runs.split(",")]
+    if not args.parallel:
+        import torch
+
+        gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 40
+        args.parallel = max(1, min(4, int(gb // 20)))
+    res["parallel"] = args.parallel
     procs = {}
     res["runs"] = {}
     while todo or procs:
@@ -132,7 +138,8 @@ def runs(args, model_dir, res):
             cmd += ["--dense-baseline"] if s == 0 else ["--sparsity", str(s)]
             cmd += ["--no-bench-mlp"] if s != max(float(v) for v in args.runs.split(",")) else []
             cmd += args.extra.split() if args.extra else []
-            env = dict(os.environ, BLAST_CACHE_DIR=os.path.join(out + "_cache"), PYTHONUNBUFFERED="1")
+            env = dict(os.environ, BLAST_CACHE_DIR=os.path.join(out + "_cache"), PYTHONUNBUFFERED="1",
+                       PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
             if args.parallel > 1:
                 env["BLAST_TUNE"] = "0"  # (tuning under shared GPU time would pick configs from noise)
             os.makedirs(out, exist_ok=True)
@@ -213,8 +220,6 @@ def speed(args, model_dir, res):
         raise RuntimeError("the speed stage needs a CUDA GPU")
     res["speed"] = {"device": torch.cuda.get_device_name(), "batch": args.batch, "seq": args.seq, "rows": {}}
     torch.backends.cuda.matmul.allow_tf32 = True
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 49152, (args.batch, args.seq + 1), generator=g).cuda()
     sides = [(0.0, m) for m in args.modes.split(",")]
     sides += [(float(s), m) for s in args.speed_sparsity.split(",") for m in args.modes.split(",")]
     for s, mode in sides:
@@ -227,6 +232,8 @@ def speed(args, model_dir, res):
             counters.clear()
             model = load_model(model_dir).cuda().train()
             model.config.use_cache = False
+            g = torch.Generator().manual_seed(0)  # (the same batch for every side)
+            x = torch.randint(0, model.config.vocab_size, (args.batch, args.seq + 1), generator=g).cuda()
             sp = None
             if s > 0:
                 masks = os.path.join(args.runs_dir, run_name(s), "masks.safetensors")
@@ -365,7 +372,8 @@ def main():
     ap.add_argument("--tokens", default="10M", help="training tokens per run (the same for every run)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--parallel", type=int, default=4, help="runs at once on the one GPU")
+    ap.add_argument("--parallel", type=int, default=0,
+                    help="runs at once on the one GPU (0: one per ~20 GB of GPU memory, at most 4: 3 on an H100)")
     ap.add_argument("--checkpoint-every", default="2.5M")
     ap.add_argument("--extra", default="", help="more `blast sparsify` options for every run")
     ap.add_argument("--minutes", type=float, default=8.8, help="wall-clock budget of this call")

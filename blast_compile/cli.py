@@ -159,7 +159,7 @@ def sparsify(args, parser) -> int:
         lg.setLevel(level)
     if rep["status"] == "stopped":
         print(f"stopped after {rep['tokens_trained']:,} tokens; checkpoint {rep['checkpoint']} (--resume continues)")
-        return 0
+        return 130 if rep.get("interrupted") else 0
     print(sps.render(rep))
     return 0
 

@@ -9,12 +9,15 @@ and the sparsifier hands its upkeep off. Everything that defines the run is coun
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
 import math
 import os
+import signal
 import statistics
+import threading
 import time
 from typing import Dict, Optional
 
@@ -121,6 +124,28 @@ class Meter:
         return {k: n / s for k, (s, n) in self.totals.items() if s > 0 and n > 0}
 
 
+@contextlib.contextmanager
+def _interruptible():
+    """Ctrl-C (SIGINT) asks the loop to stop at the end of the current step, with a checkpoint (a step cut
+    in half would leave weights, optimizer and masks out of step); a second Ctrl-C stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    flag = []
+
+    def handler(signum, frame):
+        if flag:
+            raise KeyboardInterrupt
+        flag.append(signum)
+        log.warning("interrupted: stopping after this step with a checkpoint (Ctrl-C again: at once)")
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(flag)
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_ids: Optional[torch.Tensor] = None,
         evals: Optional[Dict[str, torch.Tensor]] = None) -> dict:
     """Run ``o``; returns the report (also written to ``o.out``/report.json). ``model``/``tokenizer``/
@@ -222,8 +247,7 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
     bar = tqdm(total=steps * tps, initial=state["step"] * tps, unit="tok", unit_scale=True, desc=label,
                disable=not o.progress, mininterval=1.0, smoothing=0.05)
     t_loop = time.perf_counter()
-    step = state["step"]
-    try:
+    with _interruptible() as interrupted:
         for step in range(state["step"], steps):
             if sp is not None and phase == "ramp" and sp.frozen:
                 meter.stop()
@@ -265,16 +289,13 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
                 (bar.write if o.progress else log.info)(f"{(step + 1) * tps:,} tokens: held-out ppl "
                                                         + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
             done = (step + 1) * tps
-            if o.stop_at and done >= o.stop_at and step + 1 < steps:
+            if step + 1 < steps and ((o.stop_at and done >= o.stop_at) or interrupted()):
                 save_checkpoint(step + 1)
                 bar.close()
-                return {"status": "stopped", "step": step + 1, "tokens_trained": done, "checkpoint": path}
+                return {"status": "stopped", "step": step + 1, "tokens_trained": done, "checkpoint": path,
+                        "interrupted": interrupted()}
             if done // every > step * tps // every and step + 1 < steps:
                 save_checkpoint(step + 1)
-    except KeyboardInterrupt:
-        if path:
-            save_checkpoint(step)
-        raise
     meter.stop()
     bar.close()
     train_s = state["train_s"] + time.perf_counter() - t_loop
