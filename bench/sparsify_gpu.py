@@ -6,13 +6,18 @@ What travels (made here by ``bash bench/sparsify_carry.sh``, all under git-ignor
     .carry/smollm2.gguf.partaa, .carry/smollm2.gguf.partab   the 93.8 MiB GGUF in two parts (48 + 45.8 MiB)
     .carry/SmolLM2-135M-Instruct_tokens.safetensors         the Bible sets in SmolLM2's tokenizer (1.9 MiB)
     .whl/gguf-*.whl                                          transformers reads GGUF through it (not on the GPU image)
-The working tree travels with at most 64 MiB a call, so the GGUF needs two calls while the machine stays warm:
+The working tree travels with at most 64 MiB a call, so the GGUF needs two calls while the machine stays warm
+(ignored files left in the checkout stay there between calls; the machine goes back ~30 s after a call):
 
-    call 1 (carry .carry/smollm2.gguf.partaa .carry/SmolLM2-135M-Instruct_tokens.safetensors .whl):
-        python3 bench/sparsify_gpu.py --stages speed --model random --out $OUT 2>&1 | tee $OUT/log.txt
-        (speed needs no trained weights: a random SmolLM2-shaped model with magnitude masks; ~4 min)
-    call 2 (carry .carry/smollm2.gguf.partab), within ~30 s of call 1's end:
-        python3 bench/sparsify_gpu.py --stages runs,curve,reload --out $OUT 2>&1 | tee $OUT/log.txt
+    call 1, carry [".carry/smollm2.gguf.partaa", ".carry/SmolLM2-135M-Instruct_tokens.safetensors", ".whl"]:
+        export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; python3 bench/sparsify_gpu.py --stages speed --model random \
+            --out $OUT 2>&1 | tee $OUT/log.txt
+        (training tokens/s needs no trained weights: a random SmolLM2-shaped model with magnitude masks)
+    call 2, right after, carry [".carry/smollm2.gguf.partab"]:
+        export PYTHONPATH=$PWD PYTHONUNBUFFERED=1; python3 bench/sparsify_gpu.py --stages runs,curve,reload \
+            --tokens 10M --out $OUT 2>&1 | tee $OUT/log.txt
+    (optional) call 3, the same command again: runs cut at the deadline resume from their checkpoints and finished
+        ones are kept, so --tokens 20M takes call 2 + call 3; --stages speed there measures with the trained masks.
 
 The GGUF is joined and dequantized once into .carry/smollm2_hf/ (kept between warm calls). Runs write into
 .carry/sps_runs/<name>/ and resume from their checkpoints (``--resume``), so a call cut short continues in the
@@ -51,7 +56,7 @@ def left(args) -> float:
 # ------------------------------------------------------------------ the model
 def _gguf_importable():
     try:
-        import gguf  # noqa: F401
+        import gguf  # noqa: F401  (only whether it imports)
     except ImportError:
         whl = glob.glob(os.path.join(ROOT, ".whl", "gguf-*.whl"))
         if not whl:
@@ -88,7 +93,8 @@ def prepare_model(args) -> str:
         parts = sorted(glob.glob(os.path.join(CARRY, "smollm2.gguf.part*")))
         size = sum(os.path.getsize(p) for p in parts)
         if size != GGUF_BYTES:
-            raise SystemExit(f"GGUF parts {[os.path.basename(p) for p in parts]} hold {size:,} bytes, not {GGUF_BYTES:,}: "
+            raise SystemExit(f"GGUF parts {[os.path.basename(p) for p in parts]} hold {size:,} bytes, "
+                             f"not {GGUF_BYTES:,}: "
                              "a part is missing (the machine went cold between the two calls? carry part aa again)")
         with open(gguf, "wb") as out:
             for p in parts:
@@ -139,6 +145,7 @@ def runs(args, model_dir, res):
             cmd += ["--no-bench-mlp"] if s != max(float(v) for v in args.runs.split(",")) else []
             cmd += args.extra.split() if args.extra else []
             env = dict(os.environ, BLAST_CACHE_DIR=os.path.join(out + "_cache"), PYTHONUNBUFFERED="1",
+                       PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                        PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
             if args.parallel > 1:
                 env["BLAST_TUNE"] = "0"  # (tuning under shared GPU time would pick configs from noise)
@@ -274,7 +281,7 @@ def speed(args, model_dir, res):
                                          "upkeep_restored": sp.upkeep_restored if sp else None}
             log(f"speed {key}: {ms:.2f} ms/step, {args.batch * args.seq / ms * 1e3:,.0f} tok/s "
                 f"(loss {first:.4f} vs eager {eager:.4f}; {counters['blast']['mlp_fused']} MLPs fused)")
-            del model, opt, fn, sp
+            model = opt = fn = sp = None  # (free before the next side)
             torch.cuda.empty_cache()
         except Exception as e:  # noqa: BLE001
             res["speed"]["rows"][key] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]}
@@ -397,7 +404,8 @@ def main():
         import torch
         import triton
 
-        res["env"] = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)", "torch": torch.__version__, "triton": triton.__version__}
+        res["env"] = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none (CPU)",
+                      "torch": torch.__version__, "triton": triton.__version__}
         log(res["env"])
         stages = args.stages.split(",")
         model_dir = prepare_model(args) if {"speed", "runs"} & set(stages) else None

@@ -160,7 +160,8 @@ def main():
     t0 = time.perf_counter()
     model, tok, (tr, ev_web, ev_kjv) = load_model(args)
     train_ids = tokens_of(tok, tr)
-    evals = {"web_heldout": tokens_of(tok, ev_web, args.eval_tokens), "kjv_heldout": tokens_of(tok, ev_kjv, args.eval_tokens)}
+    evals = {"web_heldout": tokens_of(tok, ev_web, args.eval_tokens),
+             "kjv_heldout": tokens_of(tok, ev_kjv, args.eval_tokens)}
     log(f"loaded in {time.perf_counter() - t0:.0f}s; train {train_ids.numel():,} tokens; eval "
         + ", ".join(f"{k} {v.numel()}" for k, v in evals.items()))
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}

@@ -53,7 +53,7 @@ def model_tokens(model, web, kjv, out, train_kjv=False):
     """The Bible sets in ``model``'s tokenizer (uint16 where the vocabulary fits: half the bytes to carry)."""
     import torch
 
-    from blast_compile.sparsify.data import _encode, load_tokenizer
+    from blast_compile.sparsify.data import encode_text, load_tokenizer
 
     tok = load_tokenizer(model)
     if tok is None:
@@ -62,7 +62,7 @@ def model_tokens(model, web, kjv, out, train_kjv=False):
     kjv_train, ev_kjv = bible.split_books(kjv)
     sets = {"train": train + ("\n\n" + kjv_train if train_kjv else ""), "eval": ev, "eval_kjv": ev_kjv}
     dtype = torch.int32 if len(tok) > 65535 else torch.uint16
-    t = {k: _encode(tok, v).to(dtype) for k, v in sets.items()}
+    t = {k: encode_text(tok, v).to(dtype) for k, v in sets.items()}
     name = os.path.splitext(os.path.basename(os.path.normpath(model)))[0].split(".")[0]
     path = os.path.join(out, f"{name}_tokens.safetensors")
     from safetensors.torch import save_file

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -99,7 +99,7 @@ def _read_tokens(arg: str, path: str) -> Dict[str, torch.Tensor]:
     return {k: v.long() for k, v in t.items()}
 
 
-def _encode(tok, text: str) -> torch.Tensor:
+def encode_text(tok, text: str) -> torch.Tensor:
     ids: List[int] = []
     for i in range(0, len(text), 200_000):  # (chunks: tokenizers are fast, not streaming)
         ids.extend(tok(text[i:i + 200_000], add_special_tokens=False)["input_ids"])
@@ -125,21 +125,22 @@ def load_data(o: Options, tokenizer, vocab_size: int) -> Tuple[torch.Tensor, Dic
             if not o.eval:
                 evals.update(t)
         else:
-            train.append(_encode(need_tok("TEXT", p), _read_text("TEXT", p)))
+            train.append(encode_text(need_tok("TEXT", p), _read_text("TEXT", p)))
     for p in o.eval:
         if p.endswith(".safetensors"):
             t = _read_tokens("--eval", p)
             t.pop("train", None)
             evals.update(t or {})
         else:
-            evals[os.path.splitext(os.path.basename(p))[0]] = _encode(need_tok("--eval", p), _read_text("--eval", p))
+            evals[os.path.splitext(os.path.basename(p))[0]] = encode_text(need_tok("--eval", p), _read_text("--eval", p))
     ids = torch.cat(train) if train else torch.zeros(0, dtype=torch.long)
     if not evals:  # hold out the tail of the training text
         n = int(ids.numel() * o.eval_fraction)
         ids, evals = ids[: ids.numel() - n], {"heldout": ids[ids.numel() - n:]}
     if o.eval_tokens:
         evals = {k: v[: o.eval_tokens] for k, v in evals.items()}
-    for name, arg, t in [("training text", "TEXT", ids)] + [(f"held-out set {k!r}", "--eval", v) for k, v in evals.items()]:
+    sets = [("training text", "TEXT", ids)] + [(f"held-out set {k!r}", "--eval", v) for k, v in evals.items()]
+    for name, arg, t in sets:
         if t.numel() < o.seq + 1:
             raise SparsifyError(arg, f"the {name} has {t.numel()} tokens, fewer than one window of --seq {o.seq} + 1")
         if int(t.max()) >= vocab_size or int(t.min()) < 0:
@@ -162,4 +163,5 @@ def batch_starts(n_tokens: int, seq: int, batch: int, steps: int, seed: int) -> 
     return torch.randint(0, n_tokens - seq, (steps, batch), generator=g)  # (a window is seq + 1 tokens)
 
 
-__all__ = ["load_model", "load_tokenizer", "mlp_layers", "check_model", "load_data", "windows", "batch_starts"]
+__all__ = ["load_model", "load_tokenizer", "mlp_layers", "check_model", "load_data", "encode_text", "windows",
+           "batch_starts"]

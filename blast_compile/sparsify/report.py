@@ -100,7 +100,8 @@ def render(report: dict, max_layers: int = 12) -> str:
             cols = [c for c in layers[0][1] if c not in ("live", "blocks", "live_frac")]
             for c in ("layer", *cols, "live"):
                 t.add_column(c, justify="right")
-            shown = layers if len(layers) <= max_layers else layers[: max_layers // 2] + [None] + layers[-max_layers // 2:]
+            half = max_layers // 2
+            shown = layers if len(layers) <= max_layers else layers[:half] + [None] + layers[-half:]
             for r in shown:
                 if r is None:
                     t.add_row("...", *[""] * (len(cols) + 1))
@@ -137,7 +138,8 @@ def plot_curves(reports: Sequence[dict], png: str, js: Optional[str] = None) -> 
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.2), squeeze=False)
     for r in sorted(reports, key=lambda r: r["target_sparsity"] or 0.0):
         label = "dense fine-tune" if r["dense_baseline"] else f"{r['target_sparsity']:.0%} sparse"
-        data["runs"].append({"label": label, "sparsity": r["target_sparsity"], "tokens": [p["tokens"] for p in r["curve"]],
+        data["runs"].append({"label": label, "sparsity": r["target_sparsity"],
+                             "tokens": [p["tokens"] for p in r["curve"]],
                              "ppl": {s: [p["ppl"].get(s) for p in r["curve"]] for s in sets}})
         for ax, s in zip(axes[0], sets):
             pts = [(p["tokens"], p["ppl"][s]) for p in r["curve"] if s in p["ppl"]]

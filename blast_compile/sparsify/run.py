@@ -310,7 +310,8 @@ def _read_report(path: str) -> dict:
             rep = json.load(f)
         rep["curve"], rep["dense_baseline"], rep["target_sparsity"]  # noqa: B018  (the keys the curve needs)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SparsifyError("--compare", f"{path} is not a report.json of blast sparsify ({type(e).__name__}: {e})") from None
+        raise SparsifyError("--compare", f"{path} is not a report.json of blast sparsify "
+                                         f"({type(e).__name__}: {e})") from None
     return rep
 
 
@@ -345,7 +346,8 @@ def _finish(o, model, tokenizer, sp, evals, state, meter, info) -> dict:
             rows = tuple(o.bench_rows) or ((1, min(o.batch * o.seq, 4096)) if dev.type == "cuda"
                                            else (min(o.batch * o.seq, 256),))
             try:
-                rep["mlp_bench"] = bench_mlp(model, mlp, rows, dev, torch.bfloat16 if dev.type == "cuda" else torch.float32)
+                dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+                rep["mlp_bench"] = bench_mlp(model, mlp, rows, dev, dt)
             except Exception as e:  # noqa: BLE001  (a timing is not worth losing the trained model)
                 log.warning("MLP timing failed: %s: %s", type(e).__name__, e)
                 rep["mlp_bench"] = {"error": f"{type(e).__name__}: {e}"}
