@@ -126,7 +126,7 @@ def runs(args, model_dir, res):
         gb = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 40
         args.parallel = max(1, min(4, int(gb // 20)))
     res["parallel"] = args.parallel
-    procs = {}
+    procs, stopping = {}, {}
     res["runs"] = {}
     while todo or procs:
         while todo and len(procs) < args.parallel:
@@ -155,13 +155,14 @@ def runs(args, model_dir, res):
             procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT), f, time.time())
         time.sleep(2)
         for name, (p, f, t) in list(procs.items()):
-            if p.poll() is None and left(args) < args.reserve * 60:
-                log(f"deadline: interrupting {name} (it saves a checkpoint; --resume continues)")
+            if p.poll() is None and left(args) < args.reserve * 60 and name not in stopping:
+                log(f"deadline: interrupting {name} (it stops after its step with a checkpoint; --resume continues)")
                 p.send_signal(signal.SIGINT)
-                try:
-                    p.wait(120)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+                stopping[name] = time.time()
+            elif p.poll() is None and name in stopping and time.time() - stopping[name] > 60:
+                log(f"{name} did not stop within 60 s of the interrupt (compiling?): killed; its last checkpoint stays")
+                p.kill()
+                p.wait()
             if p.poll() is not None:
                 f.close()
                 del procs[name]

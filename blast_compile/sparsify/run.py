@@ -268,7 +268,12 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
             x, y = w[:, :-1], w[:, 1:]
             with torch.autocast(dev.type, torch.bfloat16, enabled=amp):
                 t_logits = teacher_fn(x) if teacher_fn is not None else None
+                if phase == "sparse" and since == 0 and compile_sparse:  # the fused model must compute what eager does
+                    with torch.no_grad():
+                        state["blast_vs_eager_lm"] = [float(objective(x, y)[1])]
                 loss, lm = run_fn(x, y, t_logits)
+                if len(state.get("blast_vs_eager_lm", ())) == 1:
+                    state["blast_vs_eager_lm"].append(float(lm))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -326,7 +331,9 @@ def _finish(o, model, tokenizer, sp, evals, state, meter, info) -> dict:
            "torch": torch.__version__, "compile": info["mode"], "compile_sparse": info["compile_sparse"],
            "steps": info["steps"], "tokens_trained": info["tokens_trained"], "train_s": info["train_s"],
            "tok_s": meter.tok_s(), "ppl_pretrained": state["ppl_pretrained"], "curve": state["curve"],
-           "losses": state["losses"], "distill": o.distill_weight}
+           "losses": state["losses"], "distill": o.distill_weight,
+           # first step through backend="blast": its LM loss against eager on the same batch and weights
+           "blast_vs_eager_lm": state.get("blast_vs_eager_lm")}
     if getattr(model, "config", None) is not None:
         model.config.use_cache = True  # (off for training; the saved model generates with its cache)
     if sp is not None:
