@@ -25,8 +25,9 @@ logging.getLogger("blast_compile").addHandler(logging.NullHandler())
 
 # name -> module that defines it, imported on first access (PEP 562)
 _LAZY_ATTRS = {"blast": "backend"}
-_SUBMODULES = {"backend", "calibrate", "cli", "compress", "config", "distributed", "explain", "export", "formats", "layouts",
-               "masks", "memory_plan", "ops", "passes", "codegen", "sparsifier", "testing"}
+_SUBMODULES = {"backend", "calibrate", "cli", "compress", "config", "distributed", "explain", "export", "formats",
+               "layouts", "masks", "memory_plan", "ops", "passes", "codegen", "sparsifier", "sparsify", "testing",
+               "tp_checkpoint", "tp_compressed"}
 
 
 def __getattr__(name):

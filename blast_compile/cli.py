@@ -1,4 +1,4 @@
-"""``blast`` console script: ``blast demo`` (the main job) and ``blast memory-plan``."""
+"""``blast`` console script: ``blast demo`` (the main job), ``blast sparsify`` and ``blast memory-plan``."""
 from __future__ import annotations
 
 import argparse
@@ -139,9 +139,34 @@ def demo(args) -> int:
     return 0
 
 
+def sparsify(args, parser) -> int:
+    """``blast sparsify``: bad input is a usage error naming the argument (exit 2), before any training."""
+    import logging
+
+    from . import sparsify as sps
+
+    lg = logging.getLogger("blast_compile.sparsify")
+    h = logging.StreamHandler()  # (this call's stderr; removed after it)
+    h.setFormatter(logging.Formatter("%(message)s"))
+    lg.addHandler(h)
+    level, lg.level = lg.level, logging.INFO
+    try:
+        rep = sps.run(sps.from_args(args))
+    except sps.SparsifyError as e:
+        parser.exit(2, f"blast sparsify: error: {e}\n")
+    finally:
+        lg.removeHandler(h)
+        lg.setLevel(level)
+    if rep["status"] == "stopped":
+        print(f"stopped after {rep['tokens_trained']:,} tokens; checkpoint {rep['checkpoint']} (--resume continues)")
+        return 130 if rep.get("interrupted") else 0
+    print(sps.render(rep))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blast", description="blast-compile: block-sparse MLPs as a torch.compile backend.")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,memory-plan}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,sparsify,memory-plan}")
     d = sub.add_parser(
         "demo", help="compile a block-sparse Llama-style model with backend='blast'",
         description="Build a small random Llama-style model, zero a fraction of its MLP weight blocks, compile it "
@@ -154,6 +179,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--block", type=positive_int, default=64, help="block size (square) of the zeroed blocks")
     d.add_argument("--tokens", type=positive_int, default=128, help="prompt length of the prefill row")
     d.add_argument("--reps", type=positive_int, default=10, help="timed rounds per row")
+    from .sparsify.options import add_arguments
+
+    s = sub.add_parser(
+        "sparsify", help="pretrained causal LM + text -> block-sparse model (BLaST), with a held-out report",
+        description="Fine-tune a pretrained causal LM (transformers directory or .gguf) on text while pruning its "
+                    "MLP weight blocks (calibrated scores, refit, distillation from the dense model, a cubic ramp "
+                    "by tokens), then save the block-sparse model (blast_compile.compress) and masks and report "
+                    "held-out perplexity dense vs sparse, live blocks per layer and the fused MLP's speed.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(s)
     sub.add_parser("memory-plan", help="weight memory and GPU count, dense vs block-sparse "
                                        "(blast memory-plan --help for its options)", add_help=False)
     return p
@@ -162,10 +197,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = _parser()
     args, rest = p.parse_known_args(argv)
+    if args.cmd in ("demo", "sparsify") and rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "demo":
-        if rest:
-            p.error(f"unrecognized arguments: {' '.join(rest)}")
         return demo(args)
+    if args.cmd == "sparsify":
+        return sparsify(args, p)
     from . import memory_plan
 
     return memory_plan.main(rest)

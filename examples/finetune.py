@@ -14,6 +14,10 @@ sparsity (cubic, block 64, gate/up masks tied) and freezes the masks for the
 last half. Perplexity is measured on held-out WEB books and on the same books
 in the KJV (a translation the model was not fine-tuned on).
 
+Each run goes through ``blast_compile.sparsify.run``, the loop of ``blast sparsify`` (which is the command
+for one model and one sparsity, with saving, resuming and the GPU path); this script keeps the side-by-side
+comparison of several sparsities on a CPU budget.
+
 On CPU only the MLP weights are trained by default (``--train all`` trains
 everything): the frozen tied embedding/LM head (49152 x 576) would otherwise
 dominate the step time.
@@ -22,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -33,7 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 import bible  # noqa: E402  (examples/bible.py)
-from blast_compile.sparsifier import BlastSparsifier, default_layer_filter  # noqa: E402
+from blast_compile import sparsify  # noqa: E402
+from blast_compile.sparsify import Options, distill_loss, perplexity  # noqa: E402,F401  (distill_loss: re-exported)
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -84,97 +88,34 @@ def tokens_of(tok, text, limit=None):
     return ids[:limit] if limit else ids
 
 
-@torch.no_grad()
-def perplexity(model, ids, seq, batch):
-    model.eval()
-    x, y = bible.eval_windows(ids, seq)
-    tot, n = 0.0, 0
-    for i in range(0, x.shape[0], batch):
-        logits = model(input_ids=x[i:i + batch]).logits
-        tot += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y[i:i + batch].flatten(),
-                                                       reduction="sum"))
-        n += y[i:i + batch].numel()
-    model.train()
-    return math.exp(tot / max(n, 1))
-
-
-def distill_loss(student_logits, teacher_logits):
-    """KL(teacher || student) per token, in fp32: the dense model's whole next-token distribution is a
-    richer target than the one observed token, and a pruned model has to relearn exactly that."""
-    t = torch.log_softmax(teacher_logits.flatten(0, 1).float(), -1)
-    s = torch.log_softmax(student_logits.flatten(0, 1).float(), -1)
-    return torch.nn.functional.kl_div(s, t, log_target=True, reduction="batchmean")
-
-
-def run_one(sparsity, model, base_sd, train_ids, evals, args, teacher=None, sparse_lr=None):
-    """One fine-tune from the pretrained weights. ``teacher`` (sparse runs with --distill): the frozen
-    pretrained model; the loss adds --distill x its KL to the student's next-token distribution.
-    ``sparse_lr``: this sparse run's learning rate (0 or None: --lr)."""
+def run_one(sparsity, model, base_sd, train_ids, evals, args, sparse_lr=None):
+    """One fine-tune from the pretrained weights, through ``blast_compile.sparsify.run`` (the code path of
+    ``blast sparsify``): the same windows for every run, the sparsifier ramping the MLP blocks, with
+    --distill the dense pretrained model as teacher. ``sparse_lr``: this sparse run's lr (0 or None: --lr)."""
     model.load_state_dict(base_sd)
-    for n, p in model.named_parameters():
-        p.requires_grad_(args.train == "all" or ".mlp." in n)
-    params = [p for p in model.parameters() if p.requires_grad]
     lr = args.lr if sparsity == 0 else (sparse_lr or args.lr)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sp = None
-    if sparsity > 0:
-        skip = {int(v) for v in args.skip_layers.split(",") if v != ""}
-
-        def keep(name, mod):  # the default MLP weights, minus the MLPs of --skip-layers
-            return default_layer_filter(name, mod) and not any(f"layers.{i}." in name for i in skip)
-
-        def calibrate():  # the first training tokens, in windows of --seq (the fine-tune samples them too)
-            n = min(args.calib_tokens, train_ids.numel()) // args.seq * args.seq
-            for w in train_ids[:n].reshape(-1, args.seq).split(args.batch):
-                model(input_ids=w)
-
-        calib = args.score == "activation" or args.reconstruct
-        sp = BlastSparsifier(model, target_sparsity=sparsity, block_size=args.block, end_step=args.steps,
-                             freeze_last=args.freeze_last, update_every=args.update_every, optimizer=opt,
-                             score=args.score, regrow=args.regrow, layers=keep, reconstruct=args.reconstruct,
-                             calibrate=calibrate if calib else None)
-    gen = torch.Generator().manual_seed(args.seed)  # same windows for every run
-    losses = []
-    t0 = time.perf_counter()
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(range(args.steps), desc=f"s={sparsity:.2f}", mininterval=5, disable=args.no_bar)
-    except ImportError:
-        bar = range(args.steps)
-    for step in bar:
-        ix = torch.randint(0, train_ids.numel() - args.seq - 1, (args.batch,), generator=gen)
-        w = train_ids[ix[:, None] + torch.arange(args.seq + 1)]
-        out = model(input_ids=w[:, :-1])
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), w[:, 1:].flatten())
-        losses.append(float(loss.detach()))  # (the LM loss, comparable across runs with and without KD)
-        if teacher is not None and sparsity > 0:
-            with torch.no_grad():
-                t_logits = teacher(input_ids=w[:, :-1]).logits
-            loss = loss + args.distill * distill_loss(out.logits, t_logits)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        for g in opt.param_groups:  # short warmup, then constant
-            g["lr"] = lr * min(1.0, (step + 1) / 5)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if sp is not None:
-            sp.step()
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses[-1]:.3f}", sp=f"{sp.sparsity():.2f}" if sp else "0")
-    train_s = time.perf_counter() - t0
+    steps, tps = args.steps, args.batch * args.seq
+    ramp = round((1 - args.freeze_last) * steps)
+    updates = max(1, ramp // args.update_every) if args.update_every else max(1, min(ramp, 100))
+    o = Options(sparsity=None if sparsity == 0 else sparsity, dense_baseline=sparsity == 0, tokens=steps * tps,
+                seq=args.seq, batch=args.batch, lr=lr, schedule="constant", warmup=min(0.5, 5 / steps),
+                block=args.block, freeze_last=args.freeze_last, mask_updates=updates, score=args.score,
+                refit=args.reconstruct, calib_tokens=args.calib_tokens, distill=args.distill if sparsity > 0 else 0.0,
+                regrow=args.regrow, skip_layers=tuple(int(v) for v in args.skip_layers.split(",") if v != ""),
+                train=args.train, compile="none", eval_points=1, bench_mlp=False, seed=args.seed,
+                progress=not args.no_bar)
+    rep = sparsify.run(o, model=model, train_ids=train_ids, evals=evals)
+    losses = [v for _, v in rep["losses"]]
     res = {"sparsity": sparsity, "lr": lr, "score": args.score, "reconstruct": args.reconstruct,
-           "distill": args.distill if sparsity > 0 else 0.0, "steps": args.steps, "batch": args.batch, "seq": args.seq,
-           "train_tokens": args.steps * args.batch * args.seq, "train_s": train_s,
-           "loss_first5": sum(losses[:5]) / max(1, len(losses[:5])), "loss_last5": sum(losses[-5:]) / max(1, len(losses[-5:]))}
-    if sp is not None:
-        sp.finalize()
-        res["achieved_sparsity"] = sp.sparsity()
-        res["sparsified"] = sorted(sp.layers)
-        res["mask_step_timing"] = sp.timing_summary()
-        log(sp.summary(max_rows=6))
-    for name, ids in evals.items():
-        res[f"ppl_{name}"] = perplexity(model, ids, args.seq, args.eval_batch)
+           "distill": rep["distill"], "steps": steps, "batch": args.batch, "seq": args.seq,
+           "train_tokens": rep["tokens_trained"], "train_s": rep["train_s"],
+           # (the LM loss of the logged steps, every sparsify.run.LOG_EVERY-th)
+           "loss_first5": sum(losses[:5]) / max(1, len(losses[:5])),
+           "loss_last5": sum(losses[-5:]) / max(1, len(losses[-5:]))}
+    if sparsity > 0:
+        res.update(achieved_sparsity=rep["achieved_sparsity"], sparsified=rep["sparsified"],
+                   mask_step_timing=rep["mask_step_timing"], live_by_layer=rep["live_by_layer"])
+    res.update({f"ppl_{k}": v for k, v in rep["ppl_final"].items()})
     return res
 
 
@@ -205,7 +146,6 @@ def main():
     ap.add_argument("--skip-layers", default="", help="comma list of decoder layers whose MLP stays dense "
                                                        "(e.g. 0: the first layer's MLP is the most fragile to prune)")
     ap.add_argument("--eval-tokens", type=int, default=4096, help="tokens per eval set")
-    ap.add_argument("--eval-batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
@@ -220,24 +160,20 @@ def main():
     t0 = time.perf_counter()
     model, tok, (tr, ev_web, ev_kjv) = load_model(args)
     train_ids = tokens_of(tok, tr)
-    evals = {"web_heldout": tokens_of(tok, ev_web, args.eval_tokens), "kjv_heldout": tokens_of(tok, ev_kjv, args.eval_tokens)}
+    evals = {"web_heldout": tokens_of(tok, ev_web, args.eval_tokens),
+             "kjv_heldout": tokens_of(tok, ev_kjv, args.eval_tokens)}
     log(f"loaded in {time.perf_counter() - t0:.0f}s; train {train_ids.numel():,} tokens; eval "
         + ", ".join(f"{k} {v.numel()}" for k, v in evals.items()))
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
-    results = {"args": vars(args), "pretrained": {f"ppl_{k}": perplexity(model, v, args.seq, args.eval_batch)
+    results = {"args": vars(args), "pretrained": {f"ppl_{k}": perplexity(model, v, args.seq, args.batch, "cpu", False)
                                                   for k, v in evals.items()}, "runs": []}
     log("pretrained:", json.dumps(results["pretrained"]))
-    teacher = None
-    if args.distill > 0:  # a frozen copy of the pretrained model
-        import copy
-
-        teacher = copy.deepcopy(model).eval().requires_grad_(False)
     sparsities = [float(v) for v in args.sparsity.split(",")]
     lrs = [float(v) for v in args.sparse_lr.split(",")]
     if len(lrs) not in (1, len(sparsities)):
         sys.exit(f"--sparse-lr: one value, or one per --sparsity entry ({len(sparsities)})")
     for s, slr in zip(sparsities, lrs * len(sparsities) if len(lrs) == 1 else lrs):
-        r = run_one(s, model, base_sd, train_ids, evals, args, teacher, slr)
+        r = run_one(s, model, base_sd, train_ids, evals, args, slr)
         results["runs"].append(r)
         log(json.dumps({k: r[k] for k in r if not isinstance(r[k], dict)}))
         with open(os.path.join(args.out, "finetune.json"), "w") as f:

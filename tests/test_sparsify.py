@@ -1,0 +1,198 @@
+"""`blast sparsify` on a tiny random Llama (CPU, seconds): the command end to end, a reload in a fresh process,
+the report's numbers against that reload, bad input refused before training, resume equal to an uninterrupted run."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from blast_compile import cli  # noqa: E402
+from blast_compile.sparsify import Options, SparsifyError, run  # noqa: E402
+from blast_compile.sparsify.run import lr_at  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 320
+SMALL = {"--tokens": "2048", "--seq": "32", "--batch": "4", "--block": "16", "--eval-points": "2"}
+
+
+def _flags(**over):
+    """SMALL's options with ``over`` (``--name``: value; None drops it) and --no-progress."""
+    d = dict(SMALL, **{k if k.startswith("-") else "--" + k.replace("_", "-"): v for k, v in over.items()})
+    return [t for k, v in d.items() if v is not None for t in (k, v)] + ["--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny Llama directory with a byte-level BPE tokenizer, raw text, and a token file (train + 2 held-out)."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    d = tmp_path_factory.mktemp("sparsify")
+    text = open(os.path.join(ROOT, "examples", "bible.py"), encoding="utf-8").read() * 2
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=VOCAB, show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                                   tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model_dir = str(d / "tiny")
+    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(model_dir)
+    ids = torch.tensor(tok.encode(text).ids, dtype=torch.int32)
+    save_file({"train": ids[:-1200], "eval": ids[-1200:-600], "eval_b": ids[-600:]}, str(d / "tok.safetensors"))
+    (d / "raw.txt").write_text(text[: len(text) // 2], encoding="utf-8")
+    return {"dir": d, "model": model_dir, "tokens": str(d / "tok.safetensors"), "raw": str(d / "raw.txt")}
+
+
+def _opts(files, out, **kw):
+    base = dict(model=files["model"], data=[files["tokens"]], out=str(out), tokens=2048, seq=32, batch=4, block=16,
+                sparsity=0.5, eval_points=2, bench_mlp=False, progress=False)
+    base.update(kw)
+    return Options(**base)
+
+
+def test_command_end_to_end_and_reload_in_a_fresh_process(files, tmp_path):
+    """Dense baseline (library) then `blast sparsify` (the command, raw text + a token file, curve against the
+    baseline); the saved model reloads in a fresh process, computes what eager computes with its dense weights,
+    and gives the reported perplexity."""
+    dense = run(_opts(files, tmp_path / "dense", dense_baseline=True, sparsity=None))
+    assert dense["target_sparsity"] is None and dense["distill"] == 0.0
+    assert transformers.AutoModelForCausalLM.from_pretrained(dense["saved"]) is not None
+    out = tmp_path / "s50"
+    p = subprocess.run([sys.executable, "-m", "blast_compile.cli", "sparsify", files["model"], files["raw"],
+                        files["tokens"], "--out", str(out), "--sparsity", "0.5", *_flags(), "--curve",
+                        "--compare", str(tmp_path / "dense" / "report.json"), "--bench-rows", "64"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "held-out perplexity" in p.stdout and "on cpu" in p.stdout and "CPU" in p.stdout
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["status"] == "done" and rep["tokens_trained"] == 2048 and rep["distill"] == 1.0
+    assert rep["achieved_sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert all(e["live_frac"] == pytest.approx(0.5, abs=0.05) for e in rep["live_by_layer"].values())
+    assert sorted(rep["live_by_layer"]) == ["0", "1"]
+    assert [c["tokens"] for c in rep["curve"]] == [0, 1024, 2048]
+    assert rep["curve"][0]["ppl"] == rep["ppl_pretrained"] and set(rep["ppl_final"]) == {"eval", "eval_b"}
+    assert rep["curve"][-1]["ppl"] == rep["ppl_final_eager"]  # (the last point is the finished model)
+    for k, v in rep["ppl_final"].items():
+        assert math.isfinite(v) and v == pytest.approx(rep["ppl_final_eager"][k], rel=1e-4)
+    b = rep["mlp_bench"]
+    assert b["device"] == "cpu" and b["fused"] and b["rows"]["64"]["blast_us"] > 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert [r["label"] for r in curve["runs"]] == ["dense fine-tune", "50% sparse"]
+    assert (out / "curve.png").stat().st_size > 1000 and (out / "masks.safetensors").exists()
+    assert not (out / "checkpoint.safetensors").exists()
+
+    code = (
+        "import json, sys, torch, transformers\n"
+        "from safetensors.torch import load_file\n"
+        "from blast_compile import compress\n"
+        "from blast_compile.sparsify import perplexity\n"
+        "m = compress.from_pretrained(sys.argv[1])\n"
+        "assert any(isinstance(x, compress.BlockSparseLinear) for x in m.modules())\n"
+        "assert transformers.AutoTokenizer.from_pretrained(sys.argv[1]) is not None\n"
+        "ids = load_file(sys.argv[2])\n"
+        "ppl = {k: perplexity(m, ids[k].long(), 32, 4, 'cpu', False) for k in ('eval', 'eval_b')}\n"
+        "x = ids['eval'][:64].long().reshape(2, 32)\n"
+        "with torch.no_grad():\n"
+        "    y = m(input_ids=x).logits\n"
+        "    compress.decompress_(m)\n"
+        "    torch.testing.assert_close(y, m(input_ids=x).logits, rtol=1e-4, atol=1e-4)\n"
+        "print(json.dumps(ppl))\n"
+    )
+    q = subprocess.run([sys.executable, "-c", code, str(out / "model"), files["tokens"]], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert q.returncode == 0, q.stderr[-3000:]
+    reloaded = json.loads(q.stdout.strip().splitlines()[-1])
+    for k, v in reloaded.items():
+        assert v == pytest.approx(rep["ppl_final"][k], rel=1e-6)
+
+
+def test_resume_continues_exactly_where_it_stopped(files, tmp_path):
+    from blast_compile import compress
+
+    a = run(_opts(files, tmp_path / "a"))
+    b = run(_opts(files, tmp_path / "b", stop_at=1024))
+    assert b["status"] == "stopped" and os.path.exists(b["checkpoint"])
+    with pytest.raises(SparsifyError, match="--resume.*sparsity=0.5 .now 0.7"):
+        run(_opts(files, tmp_path / "b", resume=True, sparsity=0.7))
+    b = run(_opts(files, tmp_path / "b", resume=True))
+    assert b["curve"] == a["curve"] and b["ppl_final"] == a["ppl_final"]
+    sa = compress.from_pretrained(a["saved"]).state_dict()
+    sb = compress.from_pretrained(b["saved"]).state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sb[k], sa[k], rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def no_mlp_model(tmp_path_factory):
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, num_local_experts=2)
+    d = str(tmp_path_factory.mktemp("mixtral"))
+    transformers.MixtralForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("case, extra, arg, msg", [
+    ("sparsity>1", {"--sparsity": "1.5"}, "--sparsity", "1.5 is outside (0, 1)"),
+    ("sparsity 0", {"--sparsity": "0"}, "--sparsity", "--dense-baseline"),
+    ("dense+sparsity", {"--dense-baseline": "", "--sparsity": "0.5"}, "--sparsity", "prunes nothing"),
+    ("block", {"--block": "24"}, "--block", "24 is not one of 16, 32, 64, 128"),
+    ("tokens", {"--tokens": "lots"}, "--tokens", "'lots' is not a token count"),
+    ("tiny budget", {"--tokens": "10"}, "--tokens", "less than one step"),
+    ("seq", {"--seq": "0"}, "--seq", "0 must be an integer >= 2"),
+    ("score", {"--score": "random"}, "--score", "'random' is not one of"),
+    ("compile", {"--compile": "fast"}, "--compile", "'fast' is not one of"),
+    ("freeze", {"--freeze-last": "1"}, "--freeze-last", "outside [0, 1)"),
+    ("skip", {"--skip-layers": "7"}, "--skip-layers", "the model has 2 decoder layers"),
+    ("seq>positions", {"--seq": "256", "--tokens": "4096"}, "--seq", "longer than the model's 128 positions"),
+    ("missing text", {"@": "missing"}, "TEXT", "cannot read"),
+    ("binary text", {"@": "binary"}, "TEXT", "is not UTF-8 text"),
+    ("token ids", {"@": "bigids"}, "TEXT", "vocabulary 320"),
+    ("no MLP", {"@": "mixtral"}, "MODEL", "no MLP the sparsifier knows"),
+    ("no model", {"@": "nomodel"}, "MODEL", "no such file or directory"),
+])
+def test_bad_input_is_a_usage_error_before_training(files, no_mlp_model, tmp_path, capsys, case, extra, arg, msg):
+    from safetensors.torch import save_file
+
+    model, data = files["model"], [files["tokens"]]
+    extra = dict(extra)
+    what = extra.pop("@", None)
+    if what:
+        if what == "missing":
+            data = [str(tmp_path / "nope.txt")]
+        elif what == "binary":
+            (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00text")
+            data = [str(tmp_path / "bin.txt")]
+        elif what == "bigids":
+            save_file({"train": torch.arange(1000, dtype=torch.int32)}, str(tmp_path / "big.safetensors"))
+            data = [str(tmp_path / "big.safetensors")]
+        elif what == "mixtral":
+            model = no_mlp_model
+        else:
+            model = str(tmp_path / "no_model")
+    out = tmp_path / "out"
+    flag = extra.pop("--dense-baseline", None) is not None
+    argv = ["sparsify", model, *data, "--out", str(out), *_flags(**extra)] + ["--dense-baseline"] * flag
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert arg in err and msg in err and "Traceback" not in err, err
+    assert not (out / "report.json").exists() and not (out / "checkpoint.safetensors").exists()
+
+
+def test_learning_rate_schedule_by_fraction_of_the_budget():
+    o = Options(lr=1.0, warmup=0.1, min_lr=0.1, tokens=100, seq=1, batch=1)
+    lrs = [lr_at(s, 100, o) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(50, 100, Options(lr=2.0, warmup=0.1, schedule="constant")) == 2.0
