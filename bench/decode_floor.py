@@ -87,6 +87,8 @@ def main():
     ap.add_argument("--sparsity", default="0.9,0.95")
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--per", default="1,2,4", help="blocks per program of the floor kernel (the best is kept)")
+    ap.add_argument("--paths", default=",sliced,splitk,fused",
+                    help="decode paths timed (triton_mlp.DECODE_PATH; '' = the tuner's choice)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     from bench._results import run_meta, write_json
@@ -116,24 +118,41 @@ def main():
                 best = t if best is None else min(best, t)
             for m in (int(v) for v in args.ms.split(",")):
                 xs = [torch.randn(m, d, device="cuda", dtype=dtype) for _ in sets]
-                plans = [weights_plan(None, a, None, c, None, b, None, act, 64, 64, "floor", 1.0) for a, c, b in sets]
-                blast = graph_time([lambda s=s, p=p, x=x: triton_mlp.forward(x, *_wargs(s), p, act)
-                                    for s, p, x in zip(sets, plans, xs)])
                 dense = graph_time([lambda s=s, x=x: dense_mlp(x, *_wargs(s), act) for s, x in zip(sets, xs)])
+                paths = {}
+                for path in args.paths.split(","):
+                    triton_mlp.DECODE_PATH = path
+                    try:  # (fresh plans per path: a plan remembers the path it chose)
+                        plans = [weights_plan(None, a, None, c, None, b, None, act, 64, 64, f"floor{path}", 1.0)
+                                 for a, c, b in sets]
+                        y = triton_mlp.forward(xs[0], *_wargs(sets[0]), plans[0], act)
+                        ref = dense_mlp(xs[0], *_wargs(sets[0]), act)
+                        torch.testing.assert_close(y, ref, rtol=3e-2, atol=3e-2)
+                        paths[path or "auto"] = graph_time([lambda s=s, p=p, x=x: triton_mlp.forward(x, *_wargs(s), p, act)
+                                                            for s, p, x in zip(sets, plans, xs)])
+                    except Exception as e:  # report, don't hide
+                        paths[path or "auto"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    finally:
+                        triton_mlp.DECODE_PATH = ""
+                times = [v for v in paths.values() if isinstance(v, float)]
+                blast = min(times) if times else float("nan")
                 row = dict(shape=shape, sparsity=sp, m=m, live_mb=live_bytes / 1e6, floor_us=best, blast_us=blast,
-                           dense_us=dense, blast_vs_floor=blast / best, floor_gbs=live_bytes / best / 1e3,
-                           speedup_vs_dense=dense / blast)
+                           paths_us=paths, dense_us=dense, blast_vs_floor=blast / best,
+                           floor_gbs=live_bytes / best / 1e3, speedup_vs_dense=dense / blast)
                 res["rows"].append(row)
                 print(row, flush=True)
-            del sets, plans
+            del sets
             torch.cuda.empty_cache()
     path = write_json(args.out, "decode_floor.json", res)
     print(f"\n{res.get('device')}, torch {res.get('torch')}, triton {res.get('triton')}, {res.get('date')}\n")
-    print("| shape | sparsity | M | live MB | floor µs | blast µs | blast / floor | dense µs | blast vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| shape | sparsity | M | live MB | floor µs | blast µs (best path) | blast / floor | dense µs | blast vs dense |"
+          " per path µs |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
+        per = ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} error" for k, v in r["paths_us"].items())
         print(f"| {r['shape']} | {r['sparsity']:.0%} | {r['m']} | {r['live_mb']:.1f} | {r['floor_us']:.1f} | "
-              f"{r['blast_us']:.1f} | {r['blast_vs_floor']:.2f}x | {r['dense_us']:.1f} | {r['speedup_vs_dense']:.2f}x |")
+              f"{r['blast_us']:.1f} | {r['blast_vs_floor']:.2f}x | {r['dense_us']:.1f} | {r['speedup_vs_dense']:.2f}x |"
+              f" {per} |")
     return path
 
 

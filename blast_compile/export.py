@@ -24,7 +24,7 @@ On CPU a package holds the dense graph: the fused CPU op is Python, which AOTInd
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional, Tuple
+from typing import Mapping, Optional, Tuple
 
 import torch
 

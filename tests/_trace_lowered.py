@@ -182,6 +182,14 @@ def main(cases):
     if "train_plain" in cases:
         run("train_plain", sparse_mlp(torch.float32, gated=False, bias=True, act="relu"), [torch.randn(40, 64)],
             train=True)
+    if "decode_fused" in cases:  # the one-launch decode (DECODE_PATH "fused"), compiled to TTIR for sm_90
+        from blast_compile.ops import triton_mlp
+
+        triton_mlp.DECODE_PATH = "fused"
+        try:
+            run("decode_fused", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
+        finally:
+            triton_mlp.DECODE_PATH = ""
     if "packed" in cases:  # a compressed MLP (blast::packed_mlp), inference
         from blast_compile import compress
         from blast_compile.testing import SwiGLU, sparsify_mlps_

@@ -591,6 +591,7 @@ def check_decode_repeat(device, dtype, d, h, block, ms, reps, bitwise=True, **kw
         if not bitwise:
             scratch = [v for k, v in plan.cache.items() if isinstance(k, tuple) and k[0] == "dec_scratch"]
             assert scratch and all(int(t.count_nonzero()) == 0 for ts in scratch for t in ts), f"call {i} (m={m})"
+    return plan
 
 
 @interp
@@ -614,6 +615,27 @@ def test_interp_decode_splitk(gemv, monkeypatch):
     torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
     packed = [t for k, t in plan.cache.items() if isinstance(k, tuple) and k[:2] == ("offsets", True)]
     assert packed and any(isinstance(k, tuple) and k[0] == "flat_in" for k in packed[0])
+
+
+@interp
+def test_interp_decode_fused(monkeypatch):
+    """The one-launch decode (``mlp_decode_fused``; the interpreter runs its two phases as two launches): right
+    every call and bitwise repeatable, ragged blocks, dead block rows, NaN rows, plain and gated, dense and packed
+    weights, at the M = 16/17 tile border."""
+    from blast_compile.ops import triton_mlp
+
+    monkeypatch.setattr(triton_mlp, "DECODE_PATH", "fused")
+    plan = check_decode_repeat("cpu", torch.float32, 40, 80, (32, 16), (3, 1, 17, 3), 5, sparsity=0.5)
+    # its barrier counter exists (the fused path ran: nothing else makes one) and is zero at rest
+    assert [int(v.item()) for k, v in plan.cache.items() if isinstance(k, tuple) and k[0] == "dec_bar"] == [0]
+    check_nonfinite(1, "cpu", torch.float32, (16, 16))
+    check_nonfinite(20, "cpu", torch.float32, (16, 16))
+    check_forward(5, 48, 96, False, True, "relu", torch.float32, (16, 16), "cpu")
+    check_forward(32, 48, 96, True, False, "gelu", torch.float16, (16, 32), "cpu")
+    x, p, plan, y = check_forward(2, 37, 75, True, True, "silu", torch.float32, (16, 16), "cpu")
+    pk = gather.PackedMLP(plan.dev_pattern, p["w1"], p["w3"], p["w2"])
+    y2 = triton_mlp.forward_packed(x, pk.p1, p["b1"], pk.p3, p["b3"], pk.p2, p["b2"], plan, "silu")
+    torch.testing.assert_close(y2, y, rtol=1e-5, atol=1e-5)
 
 
 @interp
@@ -1006,7 +1028,8 @@ def test_gpu_eight_warp_configs_128_blocks(dw, bwd, monkeypatch):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,path", [(1, "sliced"), (16, "sliced"), (1, "splitk"), (16, "splitk"), (200, "")])
+@pytest.mark.parametrize("m,path", [(1, "sliced"), (16, "sliced"), (1, "splitk"), (16, "splitk"), (1, "fused"),
+                                    (16, "fused"), (200, "")])
 def test_gpu_cuda_graph_replay(m, path, monkeypatch):
     """No host syncs after the first call: the forward captures into a CUDA graph and replays fresh
     inputs (both decode paths; their kernel 2 is a programmatic dependent launch that prefetches W2
@@ -1055,12 +1078,16 @@ def test_gpu_decode_alternating_m():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("path", ["splitk", "sliced"])
+@pytest.mark.parametrize("path", ["splitk", "sliced", "fused"])
 def test_gpu_decode_repeat_ragged_bias(dtype, path, monkeypatch):
-    """Round 2's failing case (biases, (64, 32) blocks, 200 -> 520), called 60 times on one plan."""
+    """Round 2's failing case (biases, (64, 32) blocks, 200 -> 520), called 60 times on one plan; the fused
+    decode's grid-barrier counter is back to zero after every call."""
     monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)
-    check_decode_repeat("cuda", dtype, 200, 520, (64, 32), (1, 16, 3, 32, 7), 60, bitwise=path == "sliced",
-                        sparsity=0.7)
+    plan = check_decode_repeat("cuda", dtype, 200, 520, (64, 32), (1, 16, 3, 32, 7), 60, bitwise=path != "splitk",
+                               sparsity=0.7)
+    if path == "fused":
+        bars = [v for k, v in plan.cache.items() if isinstance(k, tuple) and k[0] == "dec_bar"]
+        assert bars and all(int(b.item()) == 0 for b in bars)
 
 
 @gpu
@@ -1077,7 +1104,7 @@ def test_gpu_decode_splitk_configs(gemv, cfg, monkeypatch):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", range(8))
-@pytest.mark.parametrize("path", ["splitk", "sliced"])
+@pytest.mark.parametrize("path", ["splitk", "sliced", "fused"])
 def test_gpu_forward_decode_seeds(seed, path, monkeypatch):
     """Decode with biases on ragged (64, 32) blocks over several random patterns (fresh weights each)."""
     monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)

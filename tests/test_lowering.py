@@ -22,12 +22,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def traces():
     cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast", "export",
-             "export_dynamic", "packed"]
+             "export_dynamic", "packed", "decode_fused"]
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
     assert len(lines) == len(cases), out.stdout[-2000:] + out.stderr[-4000:]
     return {c["case"]: c for c in lines}
+
+
+def test_fused_decode_is_one_launch(traces):
+    """DECODE_PATH "fused": the lowered decode is one launch of mlp_decode_fused (its counter a fresh zeroed
+    tensor per call, not a graph input it writes), and the kernel compiles for sm_90."""
+    t = traces["decode_fused"]
+    (g,) = t["fw"]
+    assert kernels(g) == ["mlp_decode_fused"] and not g["writes_input"] and not g["copies"], g
 
 
 def test_compressed_mlp_is_lowered(traces):

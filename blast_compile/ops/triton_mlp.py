@@ -620,6 +620,8 @@ def _decode(args):
     the configs). ``DECODE_PATH`` forces one. Under ``torch.use_deterministic_algorithms(True)`` always the
     sliced path: split-K adds fp32 partial sums with atomics, in any order. ``args``: ``_decode_sliced``'s."""
     mode = DECODE_PATH
+    if mode == "fused":  # (deterministic; no state between calls when lowered)
+        return _decode_fused(*args)
     if lowered():  # split-K keeps scratch between calls: a lowered op has no state of its own
         return _decode_sliced(*args)
     if torch.are_deterministic_algorithms_enabled():
@@ -757,6 +759,59 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                       memo=plan.cache))
     run_y(tune._choose("dec_y", sig, m, DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
                   memo=plan.cache))
+    return y
+
+
+# one-launch decode: (BS1 rows per phase-1 item, BS2 rows per phase-2 item, CH blocks per unrolled step, num_warps,
+# num_stages). Not timed against the two-launch paths yet (``DECODE_PATH = "fused"`` selects it): its grid barrier
+# has not run on a GPU (bench/decode_floor.py --paths)
+DECODE_FUSED_CONFIGS = [(16, 16, 4, 4, 2), (16, 16, 2, 4, 2), (16, 16, 4, 8, 2), (32, 16, 4, 4, 2), (16, 32, 4, 8, 2),
+                        (16, 16, 1, 4, 3)]
+
+
+def _grid_counter(plan, device):
+    """The fused decode's barrier counter, zero at rest: the plan's own on the eager path; a lowered op
+    allocates one per call (a graph input written by a kernel would be cloned around it anyway)."""
+    if lowered():
+        return torch.zeros(1, device=device, dtype=torch.int32)
+    key = ("dec_bar", device.index)
+    bar = plan.cache.get(key)
+    if bar is None:
+        bar = plan.cache[key] = _pool(lambda: torch.zeros(1, device=device, dtype=torch.int32), device)
+    return bar
+
+
+def _decode_fused(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
+                  b3_, common, n_live):
+    """Decode in one launch (``mlp_decode_fused``): both phases of the sliced path in a persistent grid of at most
+    one program per SM, a grid barrier between them. Two programs of one plan must not run at once on two
+    streams (they would share the counter), as for split-K."""
+    p = plan.pattern
+    bm = 16 if rows_at_most(m, 16) else 32
+    n_sl = cdiv(d_in, 64)
+    flag = torch.empty(n_sl, bm, device=x2d.device, dtype=torch.int32)
+    h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
+    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+    bar = _grid_counter(plan, x2d.device)
+    interp = _interpret()
+
+    def run(cfg):
+        bs1, bs2, ch, nw, ns = cfg
+        bs1, bs2 = min(bs1, p.bh), min(bs2, p.bd)
+        items = max(n_live * (p.bh // bs1), p.n_out * (p.bd // bs2), n_sl)
+        grid = (min(_n_sm(x2d.device), items),)
+        for phase in ((1, 2) if interp else (0,)):
+            mod.mlp_decode_fused[grid](
+                x2d, x2d.stride(0), h, h.stride(0), y, y.stride(0), flag, n_sl, bar, m, d_in, d_hidden, d_out,
+                w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
+                ix["in_rowptr"], ix["in_cols"], ix["order_h"], n_live,
+                w2, off["dn_csr"], s2[0], s2[1], b2, ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], p.n_out,
+                DTYPE=common["DTYPE"], BM=bm, BH=p.bh, BD=p.bd, BS1=bs1, BS2=bs2, CH=ch, NNZ=common["NNZ"],
+                ALIGNED=sig.aligned, GATED=common["GATED"], HAS_B1=common["HAS_B1"], HAS_B3=common["HAS_B3"],
+                HAS_B=b2 is not None, PHASE=phase, num_warps=nw, num_stages=ns)
+
+    run(tune._choose("dec_fused", sig, m, DECODE_FUSED_CONFIGS, run, graph="cold", shape=(d_in, d_hidden, d_out),
+                     memo=plan.cache))
     return y
 
 
