@@ -30,8 +30,9 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
   sliced path; tuned per shape and M on split-K, where it sometimes costs (its waiting programs
   hold SM slots kernel 1 could use).
 
-  ``DECODE_PATH = "sliced" | "splitk"`` forces one
-  ``mlp_decode`` (a cross-check);
+  ``DECODE_PATH = "sliced" | "splitk"`` forces one. ``DECODE_PATH = "fused"``: the one-launch decode
+  (``_decode_fused``, ``mlp_decode_fused``): the sliced path's two phases in a persistent grid of at most one
+  program per SM with a grid barrier between them; opt-in until it has been timed on a GPU;
 * prefill: ``mlp_hidden`` (gate and up in one program, act and product in the
   epilogue) writes H, then ``bsmm`` computes ``Y = H W2^T`` CSR by output
   block-row; both grids visit long rows first. On Hopper+ with 16-bit tensors whose rows
