@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.mlp import ROTATE_BYTES, SHAPES, _wargs, graph_time, make_weights  # noqa: E402
 from blast_compile.formats import cdiv  # noqa: E402
-from blast_compile.ops import triton_mlp  # noqa: E402
+from blast_compile.ops import configs, triton_mlp  # noqa: E402
 from blast_compile.ops.activations import dense_mlp  # noqa: E402
 from blast_compile.ops.sparse_mlp import weights_plan  # noqa: E402
 
@@ -88,7 +88,7 @@ def main():
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--per", default="1,2,4", help="blocks per program of the floor kernel (the best is kept)")
     ap.add_argument("--paths", default=",sliced,splitk,fused",
-                    help="decode paths timed (triton_mlp.DECODE_PATH; '' = the tuner's choice)")
+                    help="decode paths timed (configs.DECODE_PATH; '' = the tuner's choice)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     from bench._results import run_meta, write_json
@@ -121,7 +121,7 @@ def main():
                 dense = graph_time([lambda s=s, x=x: dense_mlp(x, *_wargs(s), act) for s, x in zip(sets, xs)])
                 paths = {}
                 for path in args.paths.split(","):
-                    triton_mlp.DECODE_PATH = path
+                    configs.DECODE_PATH = path
                     try:  # (fresh plans per path: a plan remembers the path it chose)
                         plans = [weights_plan(None, a, None, c, None, b, None, act, 64, 64, f"floor{path}", 1.0)
                                  for a, c, b in sets]
@@ -133,7 +133,7 @@ def main():
                     except Exception as e:  # report, don't hide
                         paths[path or "auto"] = f"{type(e).__name__}: {str(e)[:200]}"
                     finally:
-                        triton_mlp.DECODE_PATH = ""
+                        configs.DECODE_PATH = ""
                 times = [v for v in paths.values() if isinstance(v, float)]
                 blast = min(times) if times else float("nan")
                 row = dict(shape=shape, sparsity=sp, m=m, live_mb=live_bytes / 1e6, floor_us=best, blast_us=blast,

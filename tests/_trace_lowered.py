@@ -41,7 +41,7 @@ from torch._functorch.partitioners import default_partition  # noqa: E402
 
 import blast_compile  # noqa: E402,F401
 from blast_compile.masks import declare_mask  # noqa: E402
-from blast_compile.ops import launch  # noqa: E402
+from blast_compile.ops import configs, launch  # noqa: E402
 from blast_compile.passes import lower as lower_pass  # noqa: E402
 
 from blast_compile.passes import rewrite as rewrite_pass  # noqa: E402
@@ -183,13 +183,11 @@ def main(cases):
         run("train_plain", sparse_mlp(torch.float32, gated=False, bias=True, act="relu"), [torch.randn(40, 64)],
             train=True)
     if "decode_fused" in cases:  # the one-launch decode (DECODE_PATH "fused"), compiled to TTIR for sm_90
-        from blast_compile.ops import triton_mlp
-
-        triton_mlp.DECODE_PATH = "fused"
+        configs.DECODE_PATH = "fused"
         try:
             run("decode_fused", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
         finally:
-            triton_mlp.DECODE_PATH = ""
+            configs.DECODE_PATH = ""
     if "packed" in cases:  # a compressed MLP (blast::packed_mlp), inference
         from blast_compile import compress
         from blast_compile.testing import SwiGLU, sparsify_mlps_

@@ -43,10 +43,11 @@ def tol(dtype):
 def force_splitk(monkeypatch, **configs):
     """Split-K decode with exactly the given launch config lists (e.g. ``DECODE_GEMV_CONFIGS=[cfg]``,
     ``GEMV_MAX_M=0``): no tuning, no persisted choice, so the first config is the one launched."""
-    from blast_compile.ops import triton_mlp
+    from blast_compile import codegen
+    from blast_compile.ops import configs as C
 
-    monkeypatch.setattr(triton_mlp, "DECODE_PATH", "splitk")
+    monkeypatch.setattr(C, "DECODE_PATH", "splitk")
     monkeypatch.setenv("BLAST_TUNE", "0")
-    monkeypatch.setattr(triton_mlp.codegen, "lookup_config", lambda key: None)
+    monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
     for name, value in configs.items():
-        monkeypatch.setattr(triton_mlp, name, value)
+        monkeypatch.setattr(C, name, value)

@@ -19,7 +19,7 @@ import torch
 
 from blast_compile import codegen, masks
 from blast_compile.formats import cdiv, expand_mask, pattern_from_weights
-from blast_compile.ops import gather, triton_mlp, tune
+from blast_compile.ops import backward as backward_ops, configs, decode as decode_ops, gather, tables, triton_mlp, tune
 from blast_compile.ops.activations import dense_mlp
 from blast_compile.ops.sparse_mlp import _packed, weights_plan
 from blast_compile.testing import SwiGLU, random_block_mask
@@ -72,7 +72,6 @@ def args(p):
 
 
 def check_forward(m, d, h, gated, bias, act, dtype, block, device, **kw):
-    from blast_compile.ops import triton_mlp
 
     p = make(d, h, gated=gated, bias=bias, dtype=dtype, block=block, device=device, **kw)
     x = torch.randn(m, d, dtype=dtype, device=device)
@@ -86,8 +85,6 @@ def check_forward(m, d, h, gated, bias, act, dtype, block, device, **kw):
 def check_backward(m, d, h, gated, bias, act, dtype, block, device, declare=False, **kw):
     """Every gradient vs the gather kernel (the reference semantics of blast::sparse_mlp_backward).
     With ``tied`` masks gate and up declare one mask object (dW of both in one launch)."""
-    from blast_compile.ops import triton_mlp
-
     p = make(d, h, gated=gated, bias=bias, dtype=dtype, block=block, device=device, **kw)
     if declare:
         for name, (bo, bi) in (("w1", block), ("w3", block), ("w2", block[::-1])):
@@ -161,7 +158,6 @@ def test_interp_empty_rows_cols_and_transposed(m):
 @interp
 @pytest.mark.parametrize("m,gated", [(3, True), (35, False)])
 def test_interp_packed(m, gated):
-    from blast_compile.ops import triton_mlp
 
     x, p, plan, y = check_forward(m, 37, 75, gated, True, "silu", torch.float32, (16, 16), "cpu")
     pk = gather.PackedMLP(plan.dev_pattern, p["w1"], p["w3"], p["w2"])
@@ -184,11 +180,9 @@ def force_wide(monkeypatch, bm=32, dh_wide=True, group=0):
     """Run the prefill/backward kernels with the wide variants (tuning is off in tests: the first
     config is the one launched); ``dh_wide``: backward's dh steps too (wide level 2); ``group``: M
     tiles per group of programs (0: launch order)."""
-    from blast_compile.ops import triton_mlp
-
     g = (group,) if group else ()
-    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, 4, 3, 1, *g)])
-    monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [(bm, 4, 3, 2 if dh_wide else 1, *g)])
+    monkeypatch.setattr(configs, "PREFILL_CONFIGS", [(bm, 4, 3, 1, *g)])
+    monkeypatch.setattr(configs, "BACKWARD_CONFIGS", [(bm, 4, 3, 2 if dh_wide else 1, *g)])
 
 
 @interp
@@ -211,13 +205,11 @@ def test_interp_wide_tiles(m, gated, bias, act, dtype, block, declare, dh_wide, 
 def force_tma(monkeypatch, bm=32, nw=4, group=0, two_loops=False):
     """Run the prefill/backward kernels with their TMA variants (first config, tuning off);
     ``two_loops``: dX's dA and dU halves in two loops (variant TWO_LOOPS; plain TMA elsewhere)."""
-    from blast_compile.ops import triton_mlp
-
     g = (group,) if group else ()
-    var = triton_mlp.TWO_LOOPS if two_loops else triton_mlp.PREFILL_TMA
-    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, nw, 3, var, *g)])
-    monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [(bm, nw, 3, triton_mlp.BACKWARD_TMA, *g)])
-    monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [(bm, nw, 3, 1)])
+    var = configs.TWO_LOOPS if two_loops else configs.PREFILL_TMA
+    monkeypatch.setattr(configs, "PREFILL_CONFIGS", [(bm, nw, 3, var, *g)])
+    monkeypatch.setattr(configs, "BACKWARD_CONFIGS", [(bm, nw, 3, configs.BACKWARD_TMA, *g)])
+    monkeypatch.setattr(configs, "SDDMM_CONFIGS", [(bm, nw, 3, 1)])
 
 
 @interp
@@ -252,13 +244,11 @@ def test_interp_dw_fill(tied, split, block, fill, monkeypatch):
     """dW's dead blocks are zeroed by the sddmm programs themselves (FILL 1: before the products, 2: 16
     rows a step, the rest after), round robin: every block of every dW written, with NaN-filled fresh
     buffers; tied (dual) and untied, one M split and several, blocks zeroed in 1, 2 and 4 steps."""
-    from blast_compile.ops import triton_mlp
-
-    monkeypatch.setattr(triton_mlp, "torch", _NanEmpty())
-    monkeypatch.setattr(triton_mlp, "DW_FILL", fill)
-    monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [(16, 4, 3, 0)])  # 5 steps over 70 rows
+    monkeypatch.setattr(backward_ops, "torch", _NanEmpty())
+    monkeypatch.setattr(configs, "DW_FILL", fill)
+    monkeypatch.setattr(configs, "SDDMM_CONFIGS", [(16, 4, 3, 0)])  # 5 steps over 70 rows
     if split:
-        monkeypatch.setattr(triton_mlp, "SDDMM_MIN_ROWS", 16)
+        monkeypatch.setattr(configs, "SDDMM_MIN_ROWS", 16)
     check_backward(70, 72, 88 if block[0] == 16 else 200, True, False, "silu", torch.float32, block, "cpu",
                    declare=True, tied=tied, sparsity=0.7, dead_rows=True)
 
@@ -271,12 +261,10 @@ def test_interp_dw_grouped(tied, split, block, g, monkeypatch):
     """dW with G live blocks of a block row per program (``sddmm`` G): rows whose live count is not a
     multiple of G (the padding repeats a block), ragged last blocks (88 = 5.5 x 16), tied (dual) and
     untied, one M split and several (the reduction scatters a group), NaN-filled fresh buffers."""
-    from blast_compile.ops import triton_mlp
-
-    monkeypatch.setattr(triton_mlp, "torch", _NanEmpty())
-    monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [(16, 4, 3, 0, g)])
+    monkeypatch.setattr(backward_ops, "torch", _NanEmpty())
+    monkeypatch.setattr(configs, "SDDMM_CONFIGS", [(16, 4, 3, 0, g)])
     if split:
-        monkeypatch.setattr(triton_mlp, "SDDMM_MIN_ROWS", 16)
+        monkeypatch.setattr(configs, "SDDMM_MIN_ROWS", 16)
     check_backward(70, 72, 88, True, False, "silu", torch.float32, block, "cpu", declare=True, tied=tied,
                    sparsity=0.5, dead_rows=True)
 
@@ -285,10 +273,8 @@ def test_interp_dw_grouped(tied, split, block, g, monkeypatch):
 def test_interp_backward_choices_memoized(monkeypatch):
     """Every backward launch (kernel 1, dX, dW) remembers its table answer in the plan's cache: a
     second backward looks no config up (the lookup builds a key string per launch: host time)."""
-    from blast_compile.ops import triton_mlp
-
-    first = {"hidden_bwd": triton_mlp.BACKWARD_CONFIGS[0], "dx_dual": triton_mlp.PREFILL_CONFIGS[0],
-             "dw2": triton_mlp.SDDMM_CONFIGS[0], "dw": triton_mlp.SDDMM_CONFIGS[0]}
+    first = {"hidden_bwd": configs.BACKWARD_CONFIGS[0], "dx_dual": configs.PREFILL_CONFIGS[0],
+             "dw2": configs.SDDMM_CONFIGS[0], "dw": configs.SDDMM_CONFIGS[0]}
     looked = []
 
     def lookup(key):  # a persisted table holding the first config of every kind
@@ -325,9 +311,8 @@ def test_interp_backward_reads_forward_h(m, gated, pre_cfg, monkeypatch):
     loads them after its dh loop, or before it (6th element; template LOAD_PRE 2), with a register cap
     (7th)."""
     from torch._dynamo.utils import counters
-    from blast_compile.ops import triton_mlp
 
-    monkeypatch.setattr(triton_mlp, "BACKWARD_PRE_CONFIGS", [pre_cfg])
+    monkeypatch.setattr(configs, "BACKWARD_PRE_CONFIGS", [pre_cfg])
 
     p = make(70, 75, gated=gated, bias=True, dtype=torch.float32, block=(16, 16))
     ws = ("w1", "w3", "w2") if gated else ("w1", "w2")
@@ -357,8 +342,6 @@ def test_interp_backward_reads_forward_h(m, gated, pre_cfg, monkeypatch):
 @interp
 def test_interp_kernel1_tuned_apart_with_and_without_h(monkeypatch):
     """Backward kernel 1 writing H (dW2 wanted, no H from the forward) or not: two tuning keys."""
-    from blast_compile.ops import triton_mlp
-
     keys = []
     monkeypatch.setattr(codegen, "lookup_config", lambda key: keys.append(key) or None)
     p = make(70, 75, gated=True, bias=False, dtype=torch.float32, block=(16, 16))
@@ -375,28 +358,25 @@ def test_interp_kernel1_tuned_apart_with_and_without_h(monkeypatch):
 
 
 def test_grouped_configs_only_where_they_change_the_order():
-    from blast_compile.ops import triton_mlp
 
     cfgs = [(64, 4, 3, 1), (64, 4, 3, 1, 8), (128, 4, 3, 2, 4)]
-    assert triton_mlp._for_m(cfgs, 512) == [(64, 4, 3, 1)]  # 8 and 4 tiles: grouping is the launch order
-    assert triton_mlp._for_m(cfgs, 513) == cfgs
-    assert triton_mlp._for_m(cfgs[1:], 64) == cfgs[1:]  # (never empty)
-    assert triton_mlp._cfg((64, 4, 3, 1)) == (64, 4, 3, 1, 0)
-    assert all(len(c) == 4 or c[4] * c[0] == triton_mlp.GROUP_ROWS for c in triton_mlp.PREFILL_CONFIGS)
+    assert configs._for_m(cfgs, 512) == [(64, 4, 3, 1)]  # 8 and 4 tiles: grouping is the launch order
+    assert configs._for_m(cfgs, 513) == cfgs
+    assert configs._for_m(cfgs[1:], 64) == cfgs[1:]  # (never empty)
+    assert configs._cfg((64, 4, 3, 1)) == (64, 4, 3, 1, 0)
+    assert all(len(c) == 4 or c[4] * c[0] == configs.GROUP_ROWS for c in configs.PREFILL_CONFIGS)
 
 
 def _count_tma(monkeypatch):
     """Counts launches with TMA on, per kernel name (a forced TMA config falls back silently)."""
-    from blast_compile.ops import triton_mlp
-
     seen = {}
-    real = triton_mlp._desc
+    real = tables._desc
 
     def spy(t, block):
         seen[tuple(block)] = seen.get(tuple(block), 0) + 1
         return real(t, block)
 
-    monkeypatch.setattr(triton_mlp, "_desc", spy)
+    monkeypatch.setattr(tables, "_desc", spy)
     return seen
 
 
@@ -432,8 +412,6 @@ def test_interp_dx_two_loops(gated, bias, block, monkeypatch):
 def test_interp_tma_packed_and_fallback(monkeypatch):
     """TMA on packed [nnz, bo, bi] weights (block row = element offset // bi); fp32 and rows that are
     not 16-byte aligned (d = 37 halves) fall back to the pointer kernels with the same results."""
-    from blast_compile.ops import triton_mlp
-
     force_tma(monkeypatch)
     seen = _count_tma(monkeypatch)
     x, p, plan, y = check_forward(40, 72, 88, True, True, "silu", torch.float16, (16, 16), "cpu")
@@ -466,8 +444,6 @@ def test_interp_fused_gate_up_views(tma, monkeypatch):
 def test_interp_launch_state_kept_with_plan(tmp_path, monkeypatch):
     """A call's host path reuses the plan's launch state (``_Static``) and its memo of chosen configs;
     packed copies (made per call) are never kept, and a memo from another kernel dir is not used."""
-    from blast_compile.ops import triton_mlp
-
     def cached(plan, *head):
         return {k: v for k, v in plan.cache.items() if isinstance(k, tuple) and k[:len(head)] == head}
 
@@ -498,8 +474,6 @@ def test_interp_fp32_master_weights_half_compute(m, declare, d, h, tma, monkeypa
     live blocks (``pack_blocks``; ragged edge blocks zero padded); dW comes out fp32, equal to the
     fp16 computation's. ``tma``: the packed copies read through TMA (d = 37: rows not 16-byte
     aligned, the pointer kernels run)."""
-    from blast_compile.ops import triton_mlp
-
     if tma:
         force_tma(monkeypatch)
 
@@ -534,11 +508,9 @@ def test_interp_backward_tied_dead_split(m, bias, split, monkeypatch):
     """Tied gate/up masks (one dual dW launch), a hidden block dropped because its down column is
     dead while its declared gate/up rows are live (dW must be exactly zero there), and dW's M split
     over programs with the two-pass reduction."""
-    from blast_compile.ops import triton_mlp
-
     if split:
-        monkeypatch.setattr(triton_mlp, "SDDMM_MIN_ROWS", 8)
-        monkeypatch.setattr(triton_mlp, "_n_sm", lambda dev: 64)
+        monkeypatch.setattr(configs, "SDDMM_MIN_ROWS", 8)
+        monkeypatch.setattr(backward_ops, "_n_sm", lambda dev: 64)
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -550,8 +522,6 @@ def test_interp_backward_tied_dead_split(m, bias, split, monkeypatch):
 
 def check_nonfinite(m, device, dtype, block, **kw):
     """Rows of x with NaN/Inf come out all-NaN (eager's dense product); other rows are unaffected."""
-    from blast_compile.ops import triton_mlp
-
     assert triton_mlp.HANDLES_NONFINITE
     x, p, plan, y = check_forward(m, 40 if device == "cpu" else 256, 80 if device == "cpu" else 640, True, True,
                                   "silu", dtype, block, device, **kw)
@@ -574,8 +544,6 @@ def check_decode_repeat(device, dtype, d, h, block, ms, reps, bitwise=True, **kw
     have no live down block): each one right, and the same input gives the same bits again (no
     atomics, no state carried between calls). ``bitwise=False`` (split-K: fp32 atomics add in
     any order): instead every scratch tensor and counter is back to zero after each call."""
-    from blast_compile.ops import triton_mlp
-
     p = make(d, h, gated=True, bias=True, dtype=dtype, block=block, device=device, dead_rows=True, **kw)
     plan = plan_for(torch.zeros(1, d, dtype=dtype, device=device), p, "silu", block)
     assert (plan.pattern.dn_rowptr[1:] == plan.pattern.dn_rowptr[:-1]).any()  # an empty output block row
@@ -604,8 +572,6 @@ def test_interp_decode_repeat():
 def test_interp_decode_splitk(gemv, monkeypatch):
     """Split-K decode (tensor-core tiles or, at M = 1, the GEMV), ragged blocks, dead block rows, NaN rows:
     right every call and its scratch re-zeroed."""
-    from blast_compile.ops import triton_mlp
-
     force_splitk(monkeypatch, GEMV_MAX_M=gemv)
     check_decode_repeat("cpu", torch.float32, 40, 80, (32, 16), (1, 3, 1), 3, bitwise=False, sparsity=0.5)
     check_nonfinite(1, "cpu", torch.float32, (16, 16))
@@ -622,9 +588,7 @@ def test_interp_decode_fused(monkeypatch):
     """The one-launch decode (``mlp_decode_fused``; the interpreter runs its two phases as two launches): right
     every call and bitwise repeatable, ragged blocks, dead block rows, NaN rows, plain and gated, dense and packed
     weights, at the M = 16/17 tile border."""
-    from blast_compile.ops import triton_mlp
-
-    monkeypatch.setattr(triton_mlp, "DECODE_PATH", "fused")
+    monkeypatch.setattr(configs, "DECODE_PATH", "fused")
     plan = check_decode_repeat("cpu", torch.float32, 40, 80, (32, 16), (3, 1, 17, 3), 5, sparsity=0.5)
     # its barrier counter exists (the fused path ran: nothing else makes one) and is zero at rest
     assert [int(v.item()) for k, v in plan.cache.items() if isinstance(k, tuple) and k[0] == "dec_bar"] == [0]
@@ -644,7 +608,7 @@ def test_interp_deterministic_decode_is_sliced(monkeypatch, caplog):
     DECODE_PATH asks for split-K, says so once, and repeats bitwise."""
     from blast_compile.ops import plans, triton_mlp
 
-    monkeypatch.setattr(triton_mlp, "DECODE_PATH", "splitk")
+    monkeypatch.setattr(configs, "DECODE_PATH", "splitk")
     plans._WARNED.discard(("deterministic", "splitk"))
     torch.use_deterministic_algorithms(True)
     try:
@@ -668,8 +632,6 @@ def test_interp_nonfinite_rows(m):
 def test_interp_backward_nonfinite_rows_like_eager(act, gated):
     """A NaN in a row of x: every gradient is eager's, NaN where eager's dense products spread it (dX's whole
     row, dW and the biases' gradients through the NaN hidden row), through the kernels' own backward."""
-    from blast_compile.ops import triton_mlp
-
     p = make(48, 80, gated=gated, bias=True, dtype=torch.float32, block=(16, 16))
     x = torch.randn(5, 48)
     x[1, 5] = float("nan")
@@ -742,21 +704,21 @@ def test_decode_without_cuda_graphs_warns_once(monkeypatch, caplog):
     says so, once; calls made while a graph is being captured do not count."""
     import types
 
-    from blast_compile.ops import plans, triton_mlp
+    from blast_compile.ops import plans
 
     monkeypatch.setattr(plans, "_WARNED", set())
     capturing = [True]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     plan, x = types.SimpleNamespace(cache={}), types.SimpleNamespace(is_cuda=True)
-    for _ in range(2 * triton_mlp.EAGER_DECODE_WARN):  # a long capture: nothing counted
-        triton_mlp._count_eager_decode(plan, x)
+    for _ in range(2 * configs.EAGER_DECODE_WARN):  # a long capture: nothing counted
+        decode_ops._count_eager_decode(plan, x)
     capturing[0] = False
     with caplog.at_level("WARNING", logger="blast_compile.ops"):
-        for _ in range(triton_mlp.EAGER_DECODE_WARN - 1):
-            triton_mlp._count_eager_decode(plan, x)
+        for _ in range(configs.EAGER_DECODE_WARN - 1):
+            decode_ops._count_eager_decode(plan, x)
         assert "reduce-overhead" not in caplog.text
-        for _ in range(2 * triton_mlp.EAGER_DECODE_WARN):
-            triton_mlp._count_eager_decode(plan, x)
+        for _ in range(2 * configs.EAGER_DECODE_WARN):
+            decode_ops._count_eager_decode(plan, x)
     assert caplog.text.count("mode='reduce-overhead'") == 1
 
 
@@ -774,8 +736,6 @@ def test_tuning_table_persists(tmp_path):
 def test_tuned_configs_are_per_shape(tmp_path, monkeypatch):
     """Two MLP shapes with one kernel signature (same block, dtype, activation) get their own tuned
     configs: the first shape tuned must not set the config of the other (it did before round 6)."""
-    from blast_compile.ops import triton_mlp
-
     codegen.set_kernel_dir(tmp_path)
     monkeypatch.setattr(tune, "_may_tune", lambda: True)
     sigs = [codegen.signature(plan_for(torch.zeros(1, 64), make(64, h, gated=True, bias=False, dtype=torch.float32,
@@ -800,8 +760,6 @@ def test_tuned_configs_are_per_shape(tmp_path, monkeypatch):
 def test_config_list_is_built_only_when_tuning(tmp_path, monkeypatch):
     """``_choose`` takes the candidate configs as a function (building the prefill list costs ~9 µs
     per launch): called on a miss, never once the plan's memo or the table answers."""
-    from blast_compile.ops import triton_mlp
-
     codegen.set_kernel_dir(tmp_path)
     monkeypatch.setattr(tune, "_may_tune", lambda: True)
     monkeypatch.setattr(tune, "_graph_time", lambda fn, **kw: (fn(), float(seen[-1][0]))[1])
@@ -852,7 +810,6 @@ def test_gpu_blocks_transposed_and_dead(block, m):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [4, 257])
 def test_gpu_packed(m):
-    from blast_compile.ops import triton_mlp
 
     x, p, plan, y = check_forward(m, 256, 640, True, True, "silu", torch.bfloat16, (64, 64), "cuda")
     pk = gather.PackedMLP(plan.pattern, p["w1"].cpu(), p["w3"].cpu(), p["w2"].cpu())
@@ -893,8 +850,6 @@ def test_gpu_wide_tiles(m, gated, bias, block, bm, dh_wide, monkeypatch):
 def test_gpu_tma_tiles(m, gated, bias, block, dtype, bm, nw, monkeypatch):
     """TMA prefill/backward variants on the GPU, ragged dims (200 = 3.1 blocks of 64), dead rows,
     packed weights; the tuner may pick them, tests run untuned."""
-    from blast_compile.ops import triton_mlp
-
     force_tma(monkeypatch, bm, nw)
     seen = _count_tma(monkeypatch)
     act = "silu" if gated else "gelu_tanh"
@@ -927,11 +882,9 @@ def test_gpu_dw_grouped(tied, block, m, monkeypatch):
     bf16's last bit), with NaN-filled fresh buffers: tied (dual) and untied, ragged hidden (704), an M
     split (3000 rows, few blocks) and none. (The one-block kernels are checked against the reference
     elsewhere; over 3000 bf16 rows the reference's own rounding sits at that tolerance's edge.)"""
-    from blast_compile.ops import triton_mlp
-
     monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
-    monkeypatch.setattr(triton_mlp, "SDDMM_MIN_ROWS", 256 if m == 3000 else 1 << 20)  # split over M or not
-    monkeypatch.setattr(triton_mlp, "torch", _NanEmpty())
+    monkeypatch.setattr(configs, "SDDMM_MIN_ROWS", 256 if m == 3000 else 1 << 20)  # split over M or not
+    monkeypatch.setattr(backward_ops, "torch", _NanEmpty())
     p = make(256, 704, gated=True, bias=False, dtype=torch.bfloat16, block=block, device="cuda", tied=tied,
              dead_rows=True, sparsity=0.6)
     for name, (bo, bi) in (("w1", block), ("w3", block), ("w2", block[::-1])):
@@ -939,10 +892,10 @@ def test_gpu_dw_grouped(tied, block, m, monkeypatch):
         masks.declare_mask(p[name], mk, (bo, bi))
     x, dy = (torch.randn(m, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     plan = plan_for(x, p, "silu", block)
-    for cfg in [c for c in triton_mlp.SDDMM_CONFIGS if triton_mlp._dw_cfg(c)[4] > 1] + [(64, 8, 3, 0, 4)]:
+    for cfg in [c for c in configs.SDDMM_CONFIGS if configs._dw_cfg(c)[4] > 1] + [(64, 8, 3, 0, 4)]:
         got = []
         for c in (cfg[:3] + (0,), cfg):
-            monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [c])
+            monkeypatch.setattr(configs, "SDDMM_CONFIGS", [c])
             plan.cache.clear()
             got.append(triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7))
         for k in ("w1", "w3", "w2"):
@@ -958,8 +911,6 @@ def test_gpu_dw_grouped(tied, block, m, monkeypatch):
 def test_gpu_kernel1_reads_saved_preacts(gated, block, m, monkeypatch):
     """Backward kernel 1 reading the forward's pre-activations (``LOAD_PRE``), each config of its list
     forced in turn (ragged hidden 704, dead rows, biases): the same gradients as recomputing them."""
-    from blast_compile.ops import triton_mlp
-
     monkeypatch.setenv("BLAST_TUNE", "0")
     monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
     act = "silu" if gated else "gelu_tanh"
@@ -972,8 +923,8 @@ def test_gpu_kernel1_reads_saved_preacts(gated, block, m, monkeypatch):
     x, dy = (torch.randn(m, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     plan = plan_for(x, p, act, block)
     want = triton_mlp.backward(dy, x, *args(p), plan, act, [True] * 7)
-    for cfg in list(triton_mlp.BACKWARD_PRE_CONFIGS):
-        monkeypatch.setattr(triton_mlp, "BACKWARD_PRE_CONFIGS", [cfg])
+    for cfg in list(configs.BACKWARD_PRE_CONFIGS):
+        monkeypatch.setattr(configs, "BACKWARD_PRE_CONFIGS", [cfg])
         plan.cache.clear()
         _, s = triton_mlp.forward(x, *args(p), plan, act, keep=2)
         got = triton_mlp.backward(dy, x, *args(p), plan, act, [True] * 7, s)
@@ -993,9 +944,7 @@ def test_gpu_dx_two_loops(m, block, dtype, bm, nw, monkeypatch):
     """dX's two-loop TMA variant (the tuner may pick it; forced here) at the block sizes it is for,
     ragged hidden size (704 = 5.5 blocks of 128), tied masks, dead rows. Only dX is forced (kernel 1 and
     dW keep their first configs: 256-row tiles are not among theirs)."""
-    from blast_compile.ops import triton_mlp
-
-    monkeypatch.setattr(triton_mlp, "PREFILL_CONFIGS", [(bm, nw, 3, triton_mlp.TWO_LOOPS)])
+    monkeypatch.setattr(configs, "PREFILL_CONFIGS", [(bm, nw, 3, configs.TWO_LOOPS)])
     seen = _count_tma(monkeypatch)
     check_backward(m, 256, 704, True, False, "silu", dtype, block, "cuda", declare=True, tied=True,
                    dead_rows=True, sparsity=0.7)
@@ -1018,10 +967,8 @@ def test_gpu_backward_tied_dead_split(m, bias, block):
 def test_gpu_eight_warp_configs_128_blocks(dw, bwd, monkeypatch):
     """The 8-warp dW and backward-kernel-1 configs added for 128x128 blocks (the tuner may pick them;
     tests run untuned: forced), tied masks, ragged hidden size (704 = 5.5 blocks)."""
-    from blast_compile.ops import triton_mlp
-
-    monkeypatch.setattr(triton_mlp, "SDDMM_CONFIGS", [dw])
-    monkeypatch.setattr(triton_mlp, "BACKWARD_CONFIGS", [bwd])
+    monkeypatch.setattr(configs, "SDDMM_CONFIGS", [dw])
+    monkeypatch.setattr(configs, "BACKWARD_CONFIGS", [bwd])
     check_backward(1000, 256, 704, True, False, "silu", torch.bfloat16, (128, 128), "cuda", declare=True, tied=True,
                    sparsity=0.5)
 
@@ -1034,9 +981,7 @@ def test_gpu_cuda_graph_replay(m, path, monkeypatch):
     """No host syncs after the first call: the forward captures into a CUDA graph and replays fresh
     inputs (both decode paths; their kernel 2 is a programmatic dependent launch that prefetches W2
     before waiting)."""
-    from blast_compile.ops import triton_mlp
-
-    monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)
+    monkeypatch.setattr(configs, "DECODE_PATH", path)
     x, p, plan, _ = check_forward(m, 256, 640, True, False, "silu", torch.bfloat16, (64, 64), "cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -1066,8 +1011,6 @@ def test_gpu_nonfinite_rows(m):
 @pytest.mark.gpu
 def test_gpu_decode_alternating_m():
     """Alternate M (decode and the M=32/33 border) on one plan, every call exact."""
-    from blast_compile.ops import triton_mlp
-
     x, p, plan, _ = check_forward(16, 256, 640, True, True, "silu", torch.bfloat16, (64, 32), "cuda")
     for m in (1, 7, 32, 2, 16, 33, 3):
         xm = torch.randn(m, 256, device="cuda", dtype=torch.bfloat16)
@@ -1082,7 +1025,7 @@ def test_gpu_decode_alternating_m():
 def test_gpu_decode_repeat_ragged_bias(dtype, path, monkeypatch):
     """Round 2's failing case (biases, (64, 32) blocks, 200 -> 520), called 60 times on one plan; the fused
     decode's grid-barrier counter is back to zero after every call."""
-    monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)
+    monkeypatch.setattr(configs, "DECODE_PATH", path)
     plan = check_decode_repeat("cuda", dtype, 200, 520, (64, 32), (1, 16, 3, 32, 7), 60, bitwise=path != "splitk",
                                sparsity=0.7)
     if path == "fused":
@@ -1107,7 +1050,7 @@ def test_gpu_decode_splitk_configs(gemv, cfg, monkeypatch):
 @pytest.mark.parametrize("path", ["splitk", "sliced", "fused"])
 def test_gpu_forward_decode_seeds(seed, path, monkeypatch):
     """Decode with biases on ragged (64, 32) blocks over several random patterns (fresh weights each)."""
-    monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)
+    monkeypatch.setattr(configs, "DECODE_PATH", path)
     for m in (1, 16):
         check_forward(m, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7, seed=100 + seed)
 

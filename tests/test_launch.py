@@ -183,11 +183,11 @@ def test_gpu_direct_launches_match_jit_launches(path, monkeypatch):
     """The op on CUDA with direct launches: same results as with Triton's JIT launches, bitwise on the
     deterministic (sliced) path, across M = 1 (an int Triton turns into a constant), other M, and an x
     that is not 16-byte aligned (a view at an odd offset)."""
-    from blast_compile.ops import triton_mlp
+    from blast_compile.ops import configs, triton_mlp
     from blast_compile.ops.sparse_mlp import weights_plan
     from blast_compile.testing import SwiGLU, sparsify_mlps_
 
-    monkeypatch.setattr(triton_mlp, "DECODE_PATH", path)
+    monkeypatch.setattr(configs, "DECODE_PATH", path)
     monkeypatch.setenv("BLAST_TUNE", "0")
     torch.manual_seed(0)
     mlp = SwiGLU(256, 512).cuda().half()

@@ -282,9 +282,9 @@ def test_cpp_wrapper_runs_the_lowered_kernels():
 def test_lowered_fused_decode_matches_eager(monkeypatch):
     """DECODE_PATH "fused": the one-launch decode inside Inductor's code (its barrier counter a fresh zeroed
     tensor per call), every decode M, then prefill, against eager."""
-    from blast_compile.ops import triton_mlp
+    from blast_compile.ops import configs
 
-    monkeypatch.setattr(triton_mlp, "DECODE_PATH", "fused")
+    monkeypatch.setattr(configs, "DECODE_PATH", "fused")
     m = sparse_stack(torch.bfloat16, bias=True)
     cm = compiled(m)
     with torch.no_grad():

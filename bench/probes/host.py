@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from bench._results import run_meta, write_json  # noqa: E402
 from bench.tiles import setup  # noqa: E402
-from blast_compile.ops import launch, triton_mlp, tune  # noqa: E402
+from blast_compile.ops import configs, launch, triton_mlp, tune  # noqa: E402
 from blast_compile.ops.sparse_mlp import sparse_mlp  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def case(shape, m, calls, top, rounds=5):
     res = {}
     with torch.no_grad():
         for tma in (True, False):
-            triton_mlp.TMA = tma
+            configs.TMA = tma
             ref = fns["op"]()  # tunes, builds the plan's tables
             torch.cuda.synchronize()
             res[f"gpu_tma{int(tma)}"] = tune.graph_time([fns["forward"]] * 8)
@@ -79,14 +79,14 @@ def case(shape, m, calls, top, rounds=5):
         got = {}
         for _ in range(rounds):  # interleaved: the machine's host speed drifts by up to 2x over minutes
             for tma in (True, False):
-                triton_mlp.TMA = tma
+                configs.TMA = tma
                 for fast in (True, False):  # direct launches (ops/launch.py) or Triton's JIT launch
                     launch._ON["on"] = fast
                     for name, fn in fns.items():
                         key = f"{name}_tma{int(tma)}{'' if fast else '_jit'}"
                         got.setdefault(key, []).append(host_us(fn, calls))
         res.update({k: sorted(v)[len(v) // 2] for k, v in got.items()})
-        triton_mlp.TMA = True
+        configs.TMA = True
         launch._ON["on"] = None
         prof = profile(fns["op"], calls, top)
         tm = Timers()
@@ -95,7 +95,7 @@ def case(shape, m, calls, top, rounds=5):
         finally:
             tm.undo()
         print(f"M={m} op host breakdown (µs per call, calls):", res["breakdown"], flush=True)
-    triton_mlp.TMA = True
+    configs.TMA = True
     print(f"{shape} M={m}: " + ", ".join(f"{k} {v:.0f}" for k, v in res.items() if k != "breakdown"), flush=True)
     print(prof, flush=True)
     return dict(shape=shape, M=m, **res, profile=prof)

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from bench._results import run_meta, write_json  # noqa: E402
 from bench.tiles import setup  # noqa: E402
 from bench.train_mlp import SHAPES  # noqa: E402
-from blast_compile.ops import triton_mlp, tune  # noqa: E402
+from blast_compile.ops import tables, triton_mlp, tune  # noqa: E402
 
 
 @triton.jit
@@ -97,7 +97,7 @@ def case(shape, m, sparsity, block, timer):
     finally:
         tune._choose = orig
     torch.cuda.synchronize()
-    ix = triton_mlp._index_tables(plan, x.device)
+    ix = tables._index_tables(plan, x.device)
     p = plan.pattern
     bh = bd = block
     live_in, live_dn = int(p.nnz_in), int(p.nnz_dn)

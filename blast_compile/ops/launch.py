@@ -17,7 +17,7 @@ hook (a profiler), the interpreter, or a Triton whose compiled kernel lacks the 
 the JIT launch, always. ``_ON["on"] = False`` turns the direct path off (tests).
 
 ``compile_only()``: launches in this thread compile (or find) their kernel and do not run it
-(``triton_mlp._precompile``: the tuner compiles its candidates on several threads at once).
+(``tune._precompile``: the tuner compiles its candidates on several threads at once).
 """
 from __future__ import annotations
 

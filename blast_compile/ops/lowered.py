@@ -77,9 +77,10 @@ def _map(obj, fn):
 
 def _records():
     """The plan records with tensors inside (imported late: ``import blast_compile`` does not load Triton)."""
-    from . import triton_mlp
+    from .backward import _LiveBlocks
+    from .tables import _Static
 
-    return triton_mlp._Static, triton_mlp._LiveBlocks
+    return _Static, _LiveBlocks
 
 
 def _fields(obj):

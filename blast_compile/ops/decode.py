@@ -1,0 +1,341 @@
+"""Decode launchers (M <= ``codegen.DECODE_MAX_M``): the sliced path, split-K, and the one-launch fused path;
+``_decode`` picks one (see ``triton_mlp``'s docstring for how each works and when it wins).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+
+import torch
+import triton
+
+from .. import codegen
+from ..formats import cdiv
+from . import configs as C
+from . import tune
+from .tune import _interpret
+from .launch import lowered, rows_at_most  # (lowered ops: see launch.traced)
+from .plans import outside_graph_pool as _pool, warn_once
+
+log = logging.getLogger("blast_compile.ops")
+
+from .tables import outside_graph_pool, _n_sm
+
+
+def _split(ptr, items, ch):
+    """Work chunks of <= ch consecutive CSR entries for each of ``items`` (rows): (item, start, n)."""
+    cnt = (ptr[1:] - ptr[:-1]).long()[items]
+    nch = (cnt + ch - 1) // ch
+    item = torch.repeat_interleave(items, nch)
+    first = torch.repeat_interleave(torch.cumsum(nch, 0) - nch, nch)
+    start = ptr.long()[item] + (torch.arange(int(nch.sum())) - first) * ch
+    n = torch.minimum(torch.full_like(start, ch), ptr.long()[item + 1] - start)
+    return item, start, n
+
+
+def _chunks(plan, ch_in, ch_dn, device):
+    """Decode work lists (built on the host from the CPU pattern, once per chunk size).
+
+    ``in``/``dn``: (item, start, n) per chunk; ``dn_tot``: how many chunks its hidden column
+    has (the column's completion count); ``empty``: output blocks no live down block touches.
+    """
+    key = ("chunks", ch_in, ch_dn)
+    t = plan.cache.get(key)
+    if t is None:  # (first use of these chunk sizes may come inside a CUDA-graph warm-up)
+        t = plan.cache[key] = outside_graph_pool(lambda: _build_chunks(plan, ch_in, ch_dn, device), device)
+    return t
+
+
+def _build_chunks(plan, ch_in, ch_dn, device):
+    p = plan.pattern
+    t = {}
+    for name, ptr, items, ch in (("in", p.in_rowptr, p.hidden_live.long(), ch_in),
+                                 ("dn", p.dn_colptr, torch.arange(p.n_h), ch_dn)):
+        item, start, n = _split(ptr, items, ch)
+        t[name] = (item.to(device, torch.int32), start.to(device, torch.int32), n.to(device, torch.int32))
+        t["n_" + name] = int(item.numel())
+        if name == "dn":
+            per_col = torch.bincount(item, minlength=p.n_h)
+            t["dn_tot"] = per_col[item].to(device, torch.int32)
+    empty = ((p.dn_rowptr[1:] - p.dn_rowptr[:-1]) == 0).nonzero().flatten()
+    t["empty"] = empty.to(device, torch.int32) if empty.numel() else torch.zeros(1, device=device, dtype=torch.int32)
+    t["n_empty"] = int(empty.numel())
+    return t
+
+
+def _flat_in(ix, off, off3, ch, ci, n_in):
+    """Split-K kernel 1's per-chunk [n_chunks, ci] column / W1 / W3 offset tables (FLAT; padding: column
+    ``n_in``, out of range). Built on the device once per chunk size, kept with the offset tables."""
+    key = ("flat_in", ci)
+    t = off.get(key)
+    if t is None:
+        _, start, n = ch["in"]
+
+        def build():
+            k = torch.arange(ci, device=start.device)
+            ok = k[None, :] < n[:, None]
+            idx = torch.where(ok, start[:, None].long() + k[None, :], 0)
+
+            def tab(src, pad):
+                return torch.where(ok, src[idx], pad).flatten().contiguous()
+
+            return tab(ix["in_cols"], n_in), tab(off["in1"], 0), tab(off3, 0)
+
+        t = off[key] = outside_graph_pool(build, start.device)
+    return t
+
+
+def _decode_scratch(plan, device, gated, d_hidden, d_out):
+    """Persistent fp32 scratch (G|U, Y), int32 completion counters (per hidden block column, per
+    output block), the per-row NaN/Inf flag of x and the finisher count: all zero between calls
+    (the decode kernels leave them so)."""
+    key = ("dec_scratch", str(device), gated, d_hidden, d_out)
+    t = plan.cache.get(key)
+    if t is None:
+        mm = codegen.DECODE_MAX_M
+        p = plan.pattern
+        t = (torch.zeros(mm, (2 if gated else 1) * d_hidden, device=device, dtype=torch.float32),
+             torch.zeros(mm, d_out, device=device, dtype=torch.float32),
+             torch.zeros(max(1, p.n_h), device=device, dtype=torch.int32),
+             torch.zeros(max(1, p.n_out), device=device, dtype=torch.int32),
+             torch.zeros(mm, device=device, dtype=torch.int32),
+             torch.zeros(1, device=device, dtype=torch.int32))
+        plan.cache[key] = t
+    return t
+
+
+def _count_eager_decode(plan, x2d):
+    """The opaque op's decode without CUDA graphs is host-bound: a call's Python and two launches outlast its
+    kernels, and the dense model it replaces launches cuBLAS cheaper. Say so once, after enough calls that it
+    is not a graph warm-up. (A lowered op has no Python per call: it never gets here.)"""
+    if not x2d.is_cuda or lowered() or torch.cuda.is_current_stream_capturing():
+        return
+    n = plan.cache["eager_decode"] = plan.cache.get("eager_decode", 0) + 1
+    if n == C.EAGER_DECODE_WARN:
+        warn_once("eager_decode", "blast: decode-sized calls (M <= 16) of the opaque fused op are running "
+                  "without CUDA graphs; each spends more time in Python and launches than in its kernels, so "
+                  "decode can be slower than the dense model. On CUDA with Inductor (the default) fused MLPs are "
+                  "lowered and launch no Python; else compile with mode='reduce-overhead' for decode.")
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_supported(index) -> bool:
+    """Hopper or newer and a Triton with ``gdc_wait`` and ``launch_pdl`` (cached: every decode call asks)."""
+    try:
+        import triton.language.extra.cuda as tl_cuda
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return (hasattr(tl_cuda, "gdc_wait") and "launch_pdl" in CUDAOptions.__dataclass_fields__
+            and torch.cuda.get_device_capability(index)[0] >= 9)
+
+
+def _pdl_ok(device) -> bool:
+    """Programmatic dependent launch on ``device`` (``PDL = False`` turns it off)."""
+    if device.type != "cuda" or _interpret() or lowered() or not C.PDL:
+        return False  # (Inductor launches a lowered op's kernels: it has no programmatic dependent launch)
+    return _pdl_supported(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _prefetch_lines(w, s_in, bi, pdl):
+    """(PF, PF_LINE) for a decode kernel 2 that prefetches rows of ``w``'s blocks: 128-byte lines
+    per block row and elements per line; (0, 64) = no prefetch (no PDL, or rows not contiguous)."""
+    if not (pdl and s_in == 1):
+        return 0, 64
+    line = 128 // w.element_size()
+    return triton.next_power_of_2(cdiv(bi, line)), line
+
+
+def _decode(args):
+    """Decode (M <= ``codegen.DECODE_MAX_M``): the sliced path or split-K, whichever was faster for
+    this (signature, shape, live-block count, M bucket) when first timed (CUDA graphs; persisted like
+    the configs). ``DECODE_PATH`` forces one. Under ``torch.use_deterministic_algorithms(True)`` always the
+    sliced path: split-K adds fp32 partial sums with atomics, in any order. ``args``: ``_decode_sliced``'s."""
+    mode = C.DECODE_PATH
+    if mode == "fused":  # (deterministic; no state between calls when lowered)
+        return _decode_fused(*args)
+    if lowered():  # split-K keeps scratch between calls: a lowered op has no state of its own
+        return _decode_sliced(*args)
+    if torch.are_deterministic_algorithms_enabled():
+        if mode == "splitk":
+            warn_once(("deterministic", mode), "blast: DECODE_PATH='splitk' ignored under "
+                      "torch.use_deterministic_algorithms(True): its atomics are not deterministic; "
+                      "using the sliced decode")
+        return _decode_sliced(*args)
+    paths = {"sliced": _decode_sliced, "splitk": _decode_splitk}
+    if mode in paths:
+        return paths[mode](*args)
+    x2d, _, plan, m, d_in, d_hidden, d_out, sig = args[:8]
+    mk = tune._memo_key("dec_path", id(sig), codegen.m_bucket(m))
+    choice = plan.cache.get(mk)
+    if choice is not None:
+        return paths[choice](*args)
+    dev = tune._device_name(x2d.device.index) if x2d.is_cuda else "cpu"
+    # which path wins depends on how much there is to stream (the signature does not say): key by
+    # the shape and the live-block count in quarter-octaves
+    p = plan.pattern
+    nnz = round(4 * math.log2(max(1, p.nnz_in + p.nnz_dn)))
+    key = f"dec_path|{sig.digest()}|{d_in}x{d_hidden}x{d_out}|nnz{nnz}|m{codegen.m_bucket(m)}|{dev}"
+    choice = codegen.lookup_config(key)
+    if choice is None:
+        if not tune._may_tune():
+            return _decode_sliced(*args)
+        times = {name: tune._graph_time(lambda f=f: f(*args)) for name, f in paths.items()}
+        choice = [min(times, key=times.get)]
+        codegen.store_config(key, choice)
+        log.info("blast: decode path %s -> %s (%s)", key, choice[0],
+                 ", ".join(f"{k} {v:.1f} us" for k, v in times.items()))
+    plan.cache[mk] = choice[0]
+    return paths[choice[0]](*args)
+
+
+def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
+                   b3_, common, n_live):
+    """Split-K decode: ``mlp_decode_in`` + ``mlp_decode_dn`` with fp32 atomics into plan scratch and
+    completion counters (module docstring)."""
+    p = plan.pattern
+    gated = common["GATED"]
+    DT = common["DTYPE"]
+    w3_, off3 = (w3_, off3) if gated else (w1, off["in1"])
+    b1_, b3_ = (x2d if b is None else b for b in (b1_, b3_))
+    scratch = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
+    gu, y32, colcnt, outcnt, flag, done = scratch
+    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+    dot = m > C.GEMV_MAX_M
+    bm = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
+    bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
+    dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT)
+    b2_ = b2 if b2 is not None else y32
+    pdl = _pdl_ok(x2d.device)
+
+    def run(cfg):
+        ci, cd, nw, mode = cfg
+        ch = _chunks(plan, ci, cd, x2d.device)
+        first = bool(ch["n_in"] + ch["n_empty"])
+        early = pdl and mode > 0 and first and bool(ch["n_dn"])  # kernel 2 launched early
+        pf, line = _prefetch_lines(w2, s2[1], p.bh, early and mode > 1)  # ... and prefetching W2
+        try:
+            if first:
+                cols, o1, o3 = _flat_in(ix, off, off3, ch, ci, p.n_in)
+                mod.mlp_decode_in[(ch["n_in"] + ch["n_empty"],)](
+                    x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
+                    w1, o1, s1[0], s1[1], w3_, o3, s3[0], s3[1],
+                    cols, *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
+                    flag, 1 if ch["n_dn"] else 0,
+                    CH=ci, HAS_B=b2 is not None, PDL=early, num_warps=nw, **dec)
+            if ch["n_dn"]:
+                mod.mlp_decode_dn[(ch["n_dn"],)](
+                    gu, gu.stride(0), y32, y32.stride(0), y, y.stride(0), x2d, x2d.stride(0),
+                    m, d_in, d_hidden, d_out, b1_, b3_, b2_,
+                    w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], ix["dn_rowptr"],
+                    *ch["dn"], ch["dn_tot"], colcnt, outcnt, flag, done, p.n_out - ch["n_empty"],
+                    CH=cd, HAS_B1=common["HAS_B1"], HAS_B3=common["HAS_B3"], HAS_B=b2 is not None,
+                    PDL=early, PF=pf, PF_LINE=line,
+                    num_warps=nw, **dec, **(dict(launch_pdl=True) if early else {}))
+        except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
+            for t in scratch:
+                t.zero_()
+            raise
+
+    kind, configs = ("decode2", C.DECODE_CONFIGS) if dot else ("decode2g", C.DECODE_GEMV_CONFIGS)
+    if not pdl:  # (no PDL here: the early modes are the same launch)
+        configs = list(dict.fromkeys((*c[:3], 0) for c in configs))
+    run(tune._choose(kind, sig, m, configs, run, graph="cold", shape=(d_in, d_hidden, d_out), memo=plan.cache))
+    return y
+
+
+def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
+                   b3_, common, n_live):
+    """Decode: the prefill kernels with one M tile (BM = 16 or 32 rows) and each weight block's rows
+    split over BH/BS (BD/BS) programs, so thousands of small programs keep weight bytes in flight
+    without split-K: no atomics, no scratch to re-zero, no counters. ``mlp_hidden`` writes H (bf16,
+    as eager rounds it) and per-slice NaN/Inf row flags of x; ``bsmm`` reads them."""
+    p = plan.pattern
+    # one M tile holds every row (a symbolic M <= 32 guards on M <= 16 at most)
+    bm = 16 if rows_at_most(m, 16) else 32
+    n_sl = cdiv(d_in, 64)
+    flag = torch.empty(n_sl, bm, device=x2d.device, dtype=torch.int32)
+    h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
+    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+    if not n_live:  # no hidden kernel to write the flags
+        flag.zero_()
+        flag[0, :m] = (~torch.isfinite(x2d).all(1)).to(torch.int32)
+
+    pdl = _pdl_ok(x2d.device)
+
+    def run_h(cfg):
+        bs, ch, nw, ns = cfg
+        bs = min(bs, p.bh)
+        mod.mlp_hidden[(1, n_live * (p.bh // bs))](
+            x2d, x2d.stride(0), h, h.stride(0), None, None, flag, m, d_in, d_hidden,
+            w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
+            ix["in_rowptr"], ix["in_cols"], ix["order_h"], None, None, None,
+            BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
+
+    pf, line = _prefetch_lines(w2, s2[1], p.bh, pdl and bool(n_live))
+
+    def run_y(cfg):
+        bs, ch, nw, ns = cfg
+        bs = min(bs, p.bd)
+        kw = dict(launch_pdl=True) if (pdl and n_live) else {}
+        mod.bsmm[(1, p.n_out * (p.bd // bs))](
+            h, h.stride(0), None, y, y.stride(0), b2, flag, n_sl, m, d_hidden, d_out,
+            w2, off["dn_csr"], s2[0], s2[1], None, None, s2[0], s2[1],
+            ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], None, None, None, None,
+            DTYPE=common["DTYPE"], BO=p.bd, BI=p.bh, BS=bs, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
+            NANROW=2, CH=ch, PDL=pdl and bool(n_live), PF=pf, PF_LINE=line, BM=bm, num_warps=nw, num_stages=ns,
+            **kw)
+
+    if n_live:  # (else: nothing to launch, nothing to tune)
+        run_h(tune._choose("dec_h", sig, m, C.DECODE_SLICE_CONFIGS, run_h, graph="cold", shape=(d_in, d_hidden, d_out),
+                      memo=plan.cache))
+    run_y(tune._choose("dec_y", sig, m, C.DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
+                  memo=plan.cache))
+    return y
+
+
+def _grid_counter(plan, device):
+    """The fused decode's barrier counter, zero at rest: the plan's own on the eager path; a lowered op
+    allocates one per call (a graph input written by a kernel would be cloned around it anyway)."""
+    if lowered():
+        return torch.zeros(1, device=device, dtype=torch.int32)
+    key = ("dec_bar", device.index)
+    bar = plan.cache.get(key)
+    if bar is None:
+        bar = plan.cache[key] = _pool(lambda: torch.zeros(1, device=device, dtype=torch.int32), device)
+    return bar
+
+
+def _decode_fused(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
+                  b3_, common, n_live):
+    """Decode in one launch (``mlp_decode_fused``): both phases of the sliced path in a persistent grid of at most
+    one program per SM, a grid barrier between them. Two programs of one plan must not run at once on two
+    streams (they would share the counter), as for split-K."""
+    p = plan.pattern
+    bm = 16 if rows_at_most(m, 16) else 32
+    n_sl = cdiv(d_in, 64)
+    flag = torch.empty(n_sl, bm, device=x2d.device, dtype=torch.int32)
+    h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
+    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+    bar = _grid_counter(plan, x2d.device)
+    interp = _interpret()
+
+    def run(cfg):
+        bs1, bs2, ch, nw, ns = cfg
+        bs1, bs2 = min(bs1, p.bh), min(bs2, p.bd)
+        items = max(n_live * (p.bh // bs1), p.n_out * (p.bd // bs2), n_sl)
+        grid = (min(_n_sm(x2d.device), items),)
+        for phase in ((1, 2) if interp else (0,)):
+            mod.mlp_decode_fused[grid](
+                x2d, x2d.stride(0), h, h.stride(0), y, y.stride(0), flag, n_sl, bar, m, d_in, d_hidden, d_out,
+                w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
+                ix["in_rowptr"], ix["in_cols"], ix["order_h"], n_live,
+                w2, off["dn_csr"], s2[0], s2[1], b2, ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], p.n_out,
+                DTYPE=common["DTYPE"], BM=bm, BH=p.bh, BD=p.bd, BS1=bs1, BS2=bs2, CH=ch, NNZ=common["NNZ"],
+                ALIGNED=sig.aligned, GATED=common["GATED"], HAS_B1=common["HAS_B1"], HAS_B3=common["HAS_B3"],
+                HAS_B=b2 is not None, PHASE=phase, num_warps=nw, num_stages=ns)
+
+    run(tune._choose("dec_fused", sig, m, C.DECODE_FUSED_CONFIGS, run, graph="cold", shape=(d_in, d_hidden, d_out),
+                     memo=plan.cache))
+    return y
