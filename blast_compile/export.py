@@ -67,7 +67,8 @@ def fuse(model, args: Tuple, kwargs: Optional[Mapping] = None, *, dynamic_shapes
             from .passes.match import Context
 
             lower(new, Context(new, flat), None)
-            left = [n for n in new.graph.nodes if n.op == "call_function" and str(n.target).startswith("blast.sparse")]
+            left = [n for n in new.graph.nodes if n.op == "call_function"
+                    and str(n.target).startswith(("blast.sparse_mlp", "blast.packed_mlp"))]
             if left:  # (an opaque op in a package would need Python at run time)
                 raise RuntimeError(f"blast export: {[n.name for n in left]} could not be lowered; see the log")
     new.graph._codegen = gm.graph._codegen  # Dynamo's pytree signature: the model's own arguments
