@@ -1,5 +1,5 @@
 """Lower each fused ``blast::sparse_mlp`` node on CUDA to ``blast::mlp`` (``ops/lowered.py``), whose kernels
-Inductor launches from its own code.
+Inductor launches from its own code (a compressed MLP's ``blast::packed_mlp``: ``blast::mlp_packed``).
 
 For every such node, with the real weights in hand (only the backend has them):
 
@@ -13,7 +13,7 @@ For every such node, with the real weights in hand (only the backend has them):
 
 What the compiled code assumes -- the pattern of the weights at compile time -- is checked before every
 call of the compiled graph by ``guard.GraphGuard`` (``Watch``, one per lowered MLP, made here).
-Counters: ``lowered``, ``lowered_train``, ``lower_skipped_<why>``.
+Counters: ``lowered``, ``lowered_train``, ``lowered_packed``, ``lower_skipped_<why>``.
 """
 from __future__ import annotations
 
@@ -128,10 +128,7 @@ def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
         for f in sparse_mlp._Plan.__slots__:
             if f != "cache":
                 setattr(plan, f, getattr(base, f))
-        rows = math.prod(_hint(s) for s in xv.shape[:-1])
-        if launch.one_graph() and rows <= codegen.DECODE_MAX_M and not launch.rows_at_most(
-                math.prod(xv.shape[:-1]), codegen.DECODE_MAX_M):
-            rows = codegen.DECODE_MAX_M + 1  # (an exported range past decode: the trace will pick prefill)
+        rows = _warm_rows(xv)
         needs = [bool(t is not None and t.requires_grad) for t in (xv, w1, b1, w3, b3, w2, b2)]
         train = torch.is_grad_enabled() and any(needs)
         plan.cache["dw_fix"] = plan.dw_fix  # (read by the backward: a trace must get them as tables)
@@ -186,17 +183,9 @@ def _lower_packed(gm, node, ctx, tables) -> Optional["Watch"]:
         return None
     plan = copy.copy(base)
     plan.cache = {"d_hidden": d_hidden, "d_out": d_out, "blocks": list(base.copies)}
-    rows = math.prod(_hint(s) for s in xv.shape[:-1])
-    if launch.one_graph() and rows <= codegen.DECODE_MAX_M and not launch.rows_at_most(
-            math.prod(xv.shape[:-1]), codegen.DECODE_MAX_M):
-        rows = codegen.DECODE_MAX_M + 1
-    from torch._library.triton import set_wrap_triton_enabled
-
+    rows = _warm_rows(xv)
     x = torch.zeros(rows, _hint(xv.shape[-1]), device=bl1.device, dtype=xv.dtype)
-    with set_wrap_triton_enabled(False), launch.lowering("warm"), torch.no_grad():
-        lowered.run_packed(plan, x, bl1, b1, bl3, b3, bl2, b2, act, d_out)
-    if bl1.is_cuda:
-        torch.cuda.synchronize(bl1.device)
+    _warm(bl1.device, lambda: lowered.run_packed(plan, x, bl1, b1, bl3, b3, bl2, b2, act, d_out))
     name, tensors = lowered.register(plan, key)
     with gm.graph.inserting_before(node):
         args = (x_n, bl1_n, b1_n, bl3_n, b3_n, bl2_n, b2_n, tables.nodes(tensors), name, act, d_out)
@@ -212,21 +201,38 @@ def _lower_packed(gm, node, ctx, tables) -> Optional["Watch"]:
                        copied=[c is not None for c in base.copies])
 
 
-def _warm_up(plan, rows, xv, weights, act, cdt, save, needs):
-    """Run the lowered op's body (and backward, ``needs``) once on the real weights: tunes and builds what
-    the trace reads (``launch.lowering("warm")``: real launches, the choices a trace makes)."""
+def _warm_rows(xv) -> int:
+    """The M the warm-up runs at: the graph's (its hint, if dynamic); past decode where an exported range
+    reaches past it (``launch.one_graph_for_all_rows``: the trace will pick the prefill kernels)."""
+    rows = math.prod(_hint(s) for s in xv.shape[:-1])
+    if launch.one_graph() and rows <= codegen.DECODE_MAX_M and not launch.rows_at_most(
+            math.prod(xv.shape[:-1]), codegen.DECODE_MAX_M):
+        rows = codegen.DECODE_MAX_M + 1
+    return rows
+
+
+def _warm(device, body):
+    """Run a lowered op's body now (``launch.lowering("warm")``: real launches, the choices a trace makes):
+    it tunes and builds what the trace reads."""
     from torch._library.triton import set_wrap_triton_enabled
 
-    w1, b1, w3, b3, w2, b2 = weights
-    dt = cdt or xv.dtype
-    x = torch.zeros(rows, _hint(xv.shape[-1]), device=w1.device, dtype=dt)
     with set_wrap_triton_enabled(False), launch.lowering("warm"), torch.no_grad():
+        body()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _warm_up(plan, rows, xv, weights, act, cdt, save, needs):
+    """Warm up ``blast::mlp`` (and its backward, ``needs``) on the real weights."""
+    w1 = weights[0]
+    x = torch.zeros(rows, _hint(xv.shape[-1]), device=w1.device, dtype=cdt or xv.dtype)
+
+    def body():
         y, s = lowered.run_forward(plan, x, *weights, act, cdt, keep=save)
         if needs is not None:
-            dy = torch.zeros_like(y)
-            lowered.run_backward(plan, dy, x, *weights, act, needs, cdt, s)
-    if w1.is_cuda:
-        torch.cuda.synchronize(w1.device)
+            lowered.run_backward(plan, torch.zeros_like(y), x, *weights, act, needs, cdt, s)
+
+    _warm(w1.device, body)
 
 
 __all__ = ["lower"]
