@@ -245,6 +245,16 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     return y
 
 
+def _sliced_buffers(x2d, m, d_in, d_hidden, d_out):
+    """``(BM, slices, flag, H, Y)`` of a sliced or fused decode: one M tile holds every row (a symbolic M <= 32
+    guards on M <= 16 at most), x's NaN/Inf row flags per 64-column slice, H and Y."""
+    bm = 16 if rows_at_most(m, 16) else 32
+    n_sl = cdiv(d_in, 64)
+    dev = x2d.device
+    return (bm, n_sl, torch.empty(n_sl, bm, device=dev, dtype=torch.int32),
+            torch.empty(m, d_hidden, device=dev, dtype=x2d.dtype), torch.empty(m, d_out, device=dev, dtype=x2d.dtype))
+
+
 def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
                    b3_, common, n_live):
     """Decode: the prefill kernels with one M tile (BM = 16 or 32 rows) and each weight block's rows
@@ -252,12 +262,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     without split-K: no atomics, no scratch to re-zero, no counters. ``mlp_hidden`` writes H (bf16,
     as eager rounds it) and per-slice NaN/Inf row flags of x; ``bsmm`` reads them."""
     p = plan.pattern
-    # one M tile holds every row (a symbolic M <= 32 guards on M <= 16 at most)
-    bm = 16 if rows_at_most(m, 16) else 32
-    n_sl = cdiv(d_in, 64)
-    flag = torch.empty(n_sl, bm, device=x2d.device, dtype=torch.int32)
-    h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
-    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+    bm, n_sl, flag, h, y = _sliced_buffers(x2d, m, d_in, d_hidden, d_out)
     if not n_live:  # no hidden kernel to write the flags
         flag.zero_()
         flag[0, :m] = (~torch.isfinite(x2d).all(1)).to(torch.int32)
@@ -313,11 +318,7 @@ def _decode_fused(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1
     one program per SM, a grid barrier between them. Two programs of one plan must not run at once on two
     streams (they would share the counter), as for split-K."""
     p = plan.pattern
-    bm = 16 if rows_at_most(m, 16) else 32
-    n_sl = cdiv(d_in, 64)
-    flag = torch.empty(n_sl, bm, device=x2d.device, dtype=torch.int32)
-    h = torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype)
-    y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
+    bm, n_sl, flag, h, y = _sliced_buffers(x2d, m, d_in, d_hidden, d_out)
     bar = _grid_counter(plan, x2d.device)
     interp = _interpret()
 
