@@ -201,6 +201,23 @@ def main(cases):
         run_export("export", sparse_mlp(), torch.randn(40, 64, dtype=h), dynamic=False)
     if "export_dynamic" in cases:
         run_export("export_dynamic", sparse_mlp(bias=True, act="gelu"), torch.randn(40, 64, dtype=h), dynamic=True)
+    if "export_hf" in cases:  # a transformers Llama, keyword-free call, dynamic sequence length
+        import transformers
+
+        from blast_compile.testing import sparsify_mlps_
+
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=97,
+                                       max_position_embeddings=64, use_cache=False)
+        torch.manual_seed(0)
+        m = transformers.LlamaForCausalLM(cfg).eval().to(h)
+        sparsify_mlps_(m, 0.75, block=16)
+        counters.clear()
+        torch._dynamo.reset()
+        ep = blast_compile.export.export(m, (torch.randint(0, 97, (2, 9)),), options={"block_sizes": (16,)},
+                                         dynamic_shapes=({1: torch.export.Dim("seq", min=2, max=64)},))
+        print(json.dumps({"case": "export_hf", "counters": dict(counters["blast"]),
+                          "targets": [str(n.target) for n in ep.graph.nodes if n.op == "call_function"]}), flush=True)
     if "autocast" in cases:
         run("autocast", sparse_mlp(torch.float32), [torch.randn(40, 64)], autocast=torch.bfloat16)
 

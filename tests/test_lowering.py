@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def traces():
     cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast", "export",
-             "export_dynamic", "packed", "decode_fused"]
+             "export_dynamic", "export_hf", "packed", "decode_fused"]
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
@@ -36,6 +36,13 @@ def test_fused_decode_is_one_launch(traces):
     t = traces["decode_fused"]
     (g,) = t["fw"]
     assert kernels(g) == ["mlp_decode_fused"] and not g["writes_input"] and not g["copies"], g
+
+
+def test_export_of_a_transformers_model(traces):
+    """A transformers Llama exports with every MLP lowered (dynamic sequence length, logits out)."""
+    t = traces["export_hf"]
+    assert t["targets"].count("blast.mlp.default") == 2 and t["counters"]["lowered"] == 2, t
+    assert not [x for x in t["targets"] if "sparse_mlp" in x]
 
 
 def test_compressed_mlp_is_lowered(traces):
