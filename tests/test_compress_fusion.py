@@ -234,25 +234,34 @@ INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.skipif(not INTERP, reason="runs in a child process under TRITON_INTERPRET=1 (test_triton_path_interpreted)")
-@pytest.mark.parametrize("arch", ["plain", "llama"])
-@torch.no_grad()
-def test_interp_triton_forward_packed(arch):
-    """The CUDA branch (plan -> triton_mlp.forward_packed) on CPU tensors, against the eager chain."""
+def _packed_case(arch):
+    """(the compressed MLP module, its w1, w3, w2 layers, activation, packed_mlp's plan for them)."""
     _, model, _, _ = _compressed(arch)
     mlp = next(m for m in model.modules() if hasattr(m, "_blast_mlp"))
     r = {k: model.get_submodule(q) for k, q in mlp._blast_mlp["roles"].items()}
     w1, w3, w2 = r.get("gate", r.get("fc1")), r.get("up"), r.get("down", r.get("fc2"))
     act = "silu" if w3 is not None else "relu"
-    layer = lambda m: (m.blocks, m.row_ptr, m.col_idx, m.bias) if m is not None else (None,) * 4  # noqa: E731
-    idx = [t for m in (w1, w3, w2) for t in layer(m)[1:3]]
+    idx = [t for m in (w1, w3, w2) for t in _layer(m)[1:3]]
     key = P.pattern_key(*w1.block, w1.in_features, w1.out_features, w2.out_features, idx)
-    plan = P.packed_plan(*layer(w1), *layer(w3), *layer(w2), act, *w1.block, w1.in_features, w1.out_features,
-                     w2.out_features, key)
+    plan = P.packed_plan(*_layer(w1), *_layer(w3), *_layer(w2), act, *w1.block, w1.in_features, w1.out_features,
+                         w2.out_features, key)
+    return mlp, w1, w3, w2, act, plan
+
+
+def _layer(m):
+    return (m.blocks, m.row_ptr, m.col_idx, m.bias) if m is not None else (None,) * 4
+
+
+@pytest.mark.skipif(not INTERP, reason="runs in a child process under TRITON_INTERPRET=1 (test_triton_path_interpreted)")
+@pytest.mark.parametrize("arch", ["plain", "llama"])
+@torch.no_grad()
+def test_interp_triton_forward_packed(arch):
+    """The CUDA branch (plan -> triton_mlp.forward_packed) on CPU tensors, against the eager chain."""
+    mlp, w1, w3, w2, act, plan = _packed_case(arch)
     for m in (3, 37):  # decode and prefill paths
         x = torch.randn(m, w1.in_features)
-        blk = P.blocks_in_order(plan, w1.blocks, layer(w3)[0], w2.blocks)
-        y = P._triton_forward(x, plan, blk, w1.bias, layer(w3)[3], w2.bias, act, w2.out_features)
+        blk = P.blocks_in_order(plan, w1.blocks, _layer(w3)[0], w2.blocks)
+        y = P._triton_forward(x, plan, blk, w1.bias, _layer(w3)[3], w2.bias, act, w2.out_features)
         torch.testing.assert_close(y, mlp(x), **tol(torch.float32))
 
 
@@ -266,22 +275,13 @@ def test_interp_lowered_packed_matches_the_chain(arch):
 
     from blast_compile.ops import launch, lowered
 
-    _, model, _, _ = _compressed(arch)
-    mlp = next(m for m in model.modules() if hasattr(m, "_blast_mlp"))
-    r = {k: model.get_submodule(q) for k, q in mlp._blast_mlp["roles"].items()}
-    w1, w3, w2 = r.get("gate", r.get("fc1")), r.get("up"), r.get("down", r.get("fc2"))
-    act = "silu" if w3 is not None else "relu"
-    layer = lambda m: (m.blocks, m.row_ptr, m.col_idx, m.bias) if m is not None else (None,) * 4  # noqa: E731
-    idx = [t for m in (w1, w3, w2) for t in layer(m)[1:3]]
-    key = P.pattern_key(*w1.block, w1.in_features, w1.out_features, w2.out_features, idx)
-    base = P.packed_plan(*layer(w1), *layer(w3), *layer(w2), act, *w1.block, w1.in_features, w1.out_features,
-                         w2.out_features, key)
+    mlp, w1, w3, w2, act, base = _packed_case(arch)
     plan = _copy.copy(base)
     plan.cache = {"d_hidden": w1.out_features, "d_out": w2.out_features, "blocks": list(base.copies)}
     for m in (3, 37):
         x = torch.randn(m, w1.in_features)
         with launch.lowering("warm"):
-            y = lowered.run_packed(plan, x, w1.blocks, w1.bias, layer(w3)[0], layer(w3)[3], w2.blocks, w2.bias, act,
+            y = lowered.run_packed(plan, x, w1.blocks, w1.bias, _layer(w3)[0], _layer(w3)[3], w2.blocks, w2.bias, act,
                                    w2.out_features)
         torch.testing.assert_close(y, mlp(x), **tol(torch.float32))
 

@@ -108,32 +108,31 @@ def lowered() -> bool:
 
 
 @contextlib.contextmanager
-def lowering(mode="trace"):
-    """``mode``: "trace" (launch through ``wrap_triton``), "warm" (launch now, choose as a trace would),
-    None (the eager op)."""
-    prev = getattr(_TRACE, "mode", None)
-    _TRACE.mode = mode
+def _setting(name, value):
+    """This thread's ``_TRACE.<name>`` is ``value`` inside."""
+    prev = getattr(_TRACE, name, None)
+    setattr(_TRACE, name, value)
     try:
         yield
     finally:
-        _TRACE.mode = prev
+        setattr(_TRACE, name, prev)
 
 
-@contextlib.contextmanager
+def lowering(mode="trace"):
+    """``mode``: "trace" (launch through ``wrap_triton``), "warm" (launch now, choose as a trace would),
+    None (the eager op)."""
+    return _setting("mode", mode)
+
+
 def one_graph_for_all_rows():
     """``torch.export``: one graph serves every M of the exported range, and a choice made by comparing a
     symbolic M would be a guard the export cannot keep. Inside, M picks the decode kernels only where the whole
     range is decode-sized; the prefill kernels are right at any M."""
-    prev = getattr(_TRACE, "one_graph", False)
-    _TRACE.one_graph = True
-    try:
-        yield
-    finally:
-        _TRACE.one_graph = prev
+    return _setting("one_graph", True)
 
 
 def one_graph() -> bool:
-    return getattr(_TRACE, "one_graph", False)
+    return bool(getattr(_TRACE, "one_graph", False))
 
 
 def rows_at_most(m, k) -> bool:
