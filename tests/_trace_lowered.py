@@ -101,7 +101,10 @@ def describe(gm):
     # copies functionalization adds around a kernel that writes views, or gets one tensor twice
     copies = sorted(str(n.target).split(".")[-2] for n in gm.graph.nodes if n.op == "call_function"
                     and any(k in str(n.target) for k in ("scatter", "copy", "clone")))
-    return {"kernels": kernels, "writes_input": writes_input, "copies": copies, "inputs": len(inputs)}
+    # tensors filled before a kernel can write them (each one more launch in Inductor's code)
+    fills = sorted(str(n.target).split(".")[-2] for n in gm.graph.nodes if n.op == "call_function"
+                   and any(k in str(n.target) for k in ("aten.zeros", "aten.full", "aten.fill", "aten.zero_")))
+    return {"kernels": kernels, "writes_input": writes_input, "copies": copies, "fills": fills, "inputs": len(inputs)}
 
 
 class MLP(torch.nn.Module):

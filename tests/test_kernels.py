@@ -520,21 +520,24 @@ def test_interp_backward_tied_dead_split(m, bias, split, monkeypatch):
     assert counters["blast"]["dw_split_m"] == (2 if split else 0)  # gate+up launch and down launch
 
 
-def check_nonfinite(m, device, dtype, block, **kw):
-    """Rows of x with NaN/Inf come out all-NaN (eager's dense product); other rows are unaffected."""
+def check_nonfinite(m, device, dtype, block, d=None, h=None, **kw):
+    """Rows of x with NaN/Inf come out all-NaN (eager's dense product); other rows are unaffected. With d past
+    256 the bad entries sit in different 256-column slices of the prefill's row flags (first, middle, last)."""
     assert triton_mlp.HANDLES_NONFINITE
-    x, p, plan, y = check_forward(m, 40 if device == "cpu" else 256, 80 if device == "cpu" else 640, True, True,
-                                  "silu", dtype, block, device, **kw)
-    r1 = min(1, m - 1)
+    d = d or (40 if device == "cpu" else 256)
+    x, p, plan, y = check_forward(m, d, h or (80 if device == "cpu" else 640), True, True, "silu", dtype, block,
+                                  device, **kw)
+    r1, r2 = min(1, m - 1), m // 2
     x[r1, 3] = float("nan")
     x[m - 1, -1] = float("-inf")
+    x[r2, d // 2] = float("inf")
     y2 = triton_mlp.forward(x, *args(p), plan, "silu")
     bad = torch.zeros(m, dtype=torch.bool, device=device)
-    bad[r1] = bad[m - 1] = True
+    bad[r1] = bad[m - 1] = bad[r2] = True
     assert torch.isnan(y2[bad]).all()
     torch.testing.assert_close(y2[~bad], y[~bad], **tol(dtype))
     assert torch.isnan(dense_mlp(x, *args(p), "silu")[bad]).all()  # what eager gives
-    x[r1, 3], x[m - 1, -1] = 0.5, 0.25
+    x[r1, 3], x[m - 1, -1], x[r2, d // 2] = 0.5, 0.25, 0.125
     y3 = triton_mlp.forward(x, *args(p), plan, "silu")  # no stale flags
     torch.testing.assert_close(y3, dense_mlp(x, *args(p), "silu"), **tol(dtype))
 
@@ -625,6 +628,7 @@ def test_interp_deterministic_decode_is_sliced(monkeypatch, caplog):
 @pytest.mark.parametrize("m", [3, 37])
 def test_interp_nonfinite_rows(m):
     check_nonfinite(m, "cpu", torch.float32, (16, 16))
+    check_nonfinite(m, "cpu", torch.float32, (16, 16), d=600, h=96)  # three 256-column flag slices, ragged
 
 
 @interp
@@ -1005,6 +1009,7 @@ def test_gpu_cuda_graph_replay(m, path, monkeypatch):
 @pytest.mark.parametrize("m", [1, 16, 300])
 def test_gpu_nonfinite_rows(m):
     check_nonfinite(m, "cuda", torch.bfloat16, (64, 64), sparsity=0.7)
+    check_nonfinite(m, "cuda", torch.bfloat16, (64, 64), d=1000, sparsity=0.7)  # four flag slices, ragged
 
 
 @gpu

@@ -123,6 +123,14 @@ def test_lowered_graphs_hold_no_copies(traces, case):
         assert g["copies"] == ["_to_copy"]
 
 
+@pytest.mark.parametrize("case", ["prefill", "decode", "dynamic", "packed"])
+def test_forward_fills_nothing_before_its_kernels(traces, case):
+    """The forward's NaN/Inf row flags are written slice by slice by the kernel that scans x (``_scan_x``): no
+    zeroed buffer, so no fill launch in Inductor's code before the MLP's two kernels."""
+    for g in traces[case]["fw"]:
+        assert g["fills"] == [], g
+
+
 def test_prefill_and_decode_are_two_launches(traces):
     for case in ("prefill", "decode"):
         assert kernels(traces[case]["fw"][0]) == ["mlp_hidden", "bsmm"]

@@ -49,9 +49,12 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
                 common, n_live)
         return _decode(args)
 
-    flag = torch.zeros(m, device=x2d.device, dtype=torch.int32)  # NaN/Inf rows of x (set by mlp_hidden)
-    if not n_live:  # no hidden kernel to flag them
-        flag.copy_(~torch.isfinite(x2d).all(1))
+    # NaN/Inf rows of x, per 256-column slice (mlp_hidden writes every slice: no fill to launch first)
+    n_fl = cdiv(d_in, 256)
+    if n_live:
+        flag = torch.empty(n_fl, m, device=x2d.device, dtype=torch.int32)
+    else:  # no hidden kernel to flag them
+        n_fl, flag = 1, (~torch.isfinite(x2d).all(1)).to(torch.int32)
     n_saved = saved_count(keep, gated)
     if lowered():  # one tensor each: a kernel writing views of one buffer would be copied around (functionalized)
         saved = [torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype) for _ in range(max(n_saved, 1))]
@@ -73,7 +76,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
                 x2d, x2d.stride(0), h, h.stride(0), pre_a, pre_u, flag, m, d_in, d_hidden,
                 w1, off["in1"], s1[0], s1[1], b1, w3_, off3_, s3[0], s3[1], b3,
                 ix["in_rowptr"], ix["in_cols"], ix["order_h"], *descs,
-                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=n_saved > 1, SCAN=1,
+                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=n_saved > 1, SCAN=3,
                 WIDE=min(var, 1) and gated,
                 TMA=(1 + packed) if tma else 0, GROUP=grp, **common)
 
@@ -92,11 +95,11 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
         tma = var >= C.PREFILL_TMA and tma_y
         hd, wd = _descs(tma, (h, (bm, p.bh)), (w2, (p.bd, p.bh)))
         mod.bsmm[(cdiv(m, bm), p.n_out)](
-            h, h.stride(0), None, y, y.stride(0), b2, flag, 0, m, d_hidden, d_out,
+            h, h.stride(0), None, y, y.stride(0), b2, flag, n_fl, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], None, None, s2[0], s2[1],
             ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], hd, None, wd, None,
             DTYPE=DT, BO=p.bd, BI=p.bh, BS=p.bd, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
-            NANROW=1, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1), TMA=(1 + packed) if tma else 0,
+            NANROW=3, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1), TMA=(1 + packed) if tma else 0,
             GROUP=grp)
 
     run_y(tune._choose("down", sig, m, lambda: C._candidates(C.PREFILL_CONFIGS, C.PREFILL_TMA, tma_y, m), run_y,
