@@ -191,7 +191,7 @@ def main(cases):
             run("decode_fused", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
         finally:
             configs.DECODE_PATH = ""
-    if "packed" in cases:  # a compressed MLP (blast::packed_mlp), inference
+    if "packed" in cases:  # a compressed MLP (blast::packed_mlp), inference; compiled, then exported
         from blast_compile import compress
         from blast_compile.testing import SwiGLU, sparsify_mlps_
 
@@ -200,6 +200,7 @@ def main(cases):
         sparsify_mlps_(m, 0.75, block=16)
         assert len(compress.compress_(m, block_sizes=(16,)).compressed) == 1
         run("packed", m.eval(), [torch.randn(40, 64, dtype=h), torch.randn(3, 64, dtype=h)])
+        run_export("export_packed", m, torch.randn(40, 64, dtype=h), dynamic=True)
     if "export" in cases:
         run_export("export", sparse_mlp(), torch.randn(40, 64, dtype=h), dynamic=False)
     if "export_dynamic" in cases:

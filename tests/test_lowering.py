@@ -26,8 +26,9 @@ def traces():
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
-    assert len(lines) == len(cases), out.stdout[-2000:] + out.stderr[-4000:]
-    return {c["case"]: c for c in lines}
+    got = {c["case"]: c for c in lines}
+    assert set(cases) <= set(got), out.stdout[-2000:] + out.stderr[-4000:]
+    return got
 
 
 def test_fused_decode_is_one_launch(traces):
@@ -46,11 +47,14 @@ def test_export_of_a_transformers_model(traces):
 
 
 def test_compressed_mlp_is_lowered(traces):
-    """blast::packed_mlp (a compressed model) becomes blast::mlp_packed: two launches in the graph, no copies."""
+    """blast::packed_mlp (a compressed model) becomes blast::mlp_packed: two launches in the graph, no copies;
+    exported, the program calls blast::mlp_packed and never the opaque op."""
     t = traces["packed"]
     assert t["counters"]["lowered_packed"] == t["counters"]["mlp_fused_packed"] == 2, t["counters"]
     for g in t["fw"]:
         assert kernels(g) == ["mlp_hidden", "bsmm"] and not g["copies"] and not g["writes_input"], g
+    e = traces["export_packed"]
+    assert e["targets"].count("blast.mlp_packed.default") == 1 and not [x for x in e["targets"] if "packed_mlp" in x]
 
 
 def _packed_watch(copied):
