@@ -108,6 +108,11 @@ def _for_m(configs, m):
     return [c for c in configs if _cfg(c)[4] < cdiv(_hint(m), c[0])] or configs
 
 
+def _with_tma(configs, var, ok):
+    """The configs to tune over: without TMA its variants (``var`` and above) would only repeat the wide ones."""
+    return [c for c in configs if c[3] < var or ok] or configs
+
+
 def _candidates(configs, var, tma_ok, m):
     """What the tuner times for a prefill/backward kernel at M rows: ``_with_tma``, then ``_for_m``.
     (Passed to ``_choose`` inside a lambda: it is built only on a tuning miss, never per call.)"""
@@ -125,19 +130,10 @@ GEMV_MAX_M = 1
 DECODE_GEMV_CONFIGS = [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1, 1, 0), (1, 1, 4, 2),
                        (2, 1, 4, 2), (2, 1, 2, 1)]
 
-
-
-
-# decode path: "" (the faster of sliced and split-K, timed once per shape), "sliced" or "splitk" (tests,
+# decode path: "" (the faster of sliced and split-K, timed once per shape), "sliced", "splitk" or "fused" (tests,
 # comparisons); PDL: programmatic dependent launch where the GPU has it (False: never)
 DECODE_PATH = ""
 PDL = True
-
-
-def _with_tma(configs, var, ok):
-    """The configs to tune over: without TMA its variants (``var`` and above) would only repeat the wide ones."""
-    return [c for c in configs if c[3] < var or ok] or configs
-
 
 # decode calls of one MLP outside CUDA-graph capture before we say that decode runs without graphs
 EAGER_DECODE_WARN = 256
