@@ -545,19 +545,25 @@ class FcMLP(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_compiled_compressed_mlp_with_ragged_d_out(bias):
+def check_compiled_compressed_ragged_d_out(bias, device, dtype):
+    """A compressed MLP whose d_out (100) is not a multiple of its block, compiled: eager's answer, fused."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     m = FcMLP(bias=bias).eval()
     with torch.no_grad():
         m.fc1.weight[32:] = 0
         m.fc2.weight[:, 32:] = 0
+    m = m.to(device, dtype)
     assert C.compress_(m).compressed
-    x = torch.randn(4, 100)
+    x = torch.randn(4, 100, device=device, dtype=dtype)
     with torch.no_grad():
-        torch.testing.assert_close(torch.compile(m, backend="blast")(x), m(x), **tol(torch.float32))
+        torch.testing.assert_close(torch.compile(m, backend="blast")(x), m(x), **tol(dtype))
     assert counters["blast"]["mlp_fused_packed"] == 1
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_compiled_compressed_mlp_with_ragged_d_out(bias):
+    check_compiled_compressed_ragged_d_out(bias, "cpu", torch.float32)
 
 
 # --- 10. zero rows ----------------------------------------------------------------------------------------

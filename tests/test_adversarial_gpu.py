@@ -12,7 +12,7 @@ from blast_compile.formats import cdiv, expand_mask
 from blast_compile.ops.activations import dense_mlp
 from blast_compile.testing import random_block_mask
 from conftest import tol
-from test_adversarial import FUSED_OPTS, FUSED_IDS, FcMLP, half_dead_mlp, op
+from test_adversarial import FUSED_OPTS, FUSED_IDS, check_compiled_compressed_ragged_d_out, half_dead_mlp, op
 from test_property import (ACTS, FUSED_OPTS as PROP_OPTS, NAN, _FAST, _chain, _close, _compressed, _key, _op,
                            _packed_args, _poison, _ref, mlps)
 
@@ -167,18 +167,7 @@ def test_gpu_backward_when_the_block_is_wider_than_d_in(d_in, m):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_gpu_compiled_compressed_mlp_with_ragged_d_out(bias):
-    torch._dynamo.reset()
-    torch.manual_seed(0)
-    m = FcMLP(bias=bias).eval()
-    with torch.no_grad():
-        m.fc1.weight[32:] = 0
-        m.fc2.weight[:, 32:] = 0
-    m = m.to(CUDA, F16)
-    assert C.compress_(m).compressed
-    x = torch.randn(4, 100, device=CUDA, dtype=F16)
-    with torch.no_grad():
-        torch.testing.assert_close(torch.compile(m, backend="blast")(x), m(x), **tol(F16))
-    assert counters["blast"]["mlp_fused_packed"] == 1
+    check_compiled_compressed_ragged_d_out(bias, CUDA, F16)
 
 
 @pytest.mark.parametrize("lead", [(0,), (0, 3)])
