@@ -129,10 +129,10 @@ class GraphGuard:
     """The compiled graph, run only while every ``Watch`` is valid; else ``fallback`` (see the module doc)."""
 
     def __init__(self, compiled: Callable, fallback: Callable, watches: List[Watch]):
+        # Dynamo calls a backend's result with the graph's inputs unpacked (``compiled(*args)``). Inductor's
+        # result may still carry ``_boxed_call`` (copied from the boxed function it wraps): not a calling
+        # convention to follow, so neither read nor exposed here
         self.compiled, self.fallback, self.watches = compiled, fallback, watches
-        # Dynamo calls us as it would call ``compiled``: with one list of inputs (that the callee may clear) if
-        # it is boxed, else with the inputs
-        self._boxed_call = getattr(compiled, "_boxed_call", False)
         self.ok = True
         self._take()
 
@@ -151,17 +151,19 @@ class GraphGuard:
         if self.ok:
             return self.compiled(*args)
         counters["blast"]["graph_fallback_calls"] += 1
-        if self._boxed_call:
-            inputs = list(args[0])
-            args[0].clear()
-            return self.fallback(*inputs)
         return self.fallback(*args)
 
     def _revalidate(self):
         counters["blast"]["graph_revalidated"] += 1
-        ok = all(_same_declared_masks(w) or w.valid() for w in self.watches)
+        ok = True
+        for w in self.watches:
+            if _same_declared_masks(w):
+                counters["blast"]["masked_weight_update"] += 1  # (as the opaque op counts its declared-mask path)
+            elif not w.valid():
+                ok = False
+                break
         if self.ok and not ok:
-            counters["blast"]["pattern_changed"] += 1
+            counters["blast"]["graph_pattern_changed"] += 1  # (the opaque op then counts its own pattern_changed)
             msg = ("blast: weights of a compiled MLP no longer fit what its kernels were compiled for (new live "
                    "blocks, new masks, NaN/Inf, or rebound to a misaligned view); its graph now runs through the "
                    "fused op's host path, which follows the weights at every call (correct, slower). Recompile to "

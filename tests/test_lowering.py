@@ -219,6 +219,25 @@ def test_guard_revived_block_runs_the_fallback_until_it_fits_again():
     assert (compiled.n, fallback.n) == (1, 2)
 
 
+def test_guard_passes_the_inputs_as_dynamo_gave_them():
+    """Dynamo calls a backend's result with the inputs unpacked, even when Inductor's result carries
+    ``_boxed_call`` (copied by ``functools.wraps`` from the boxed function inside it, torch 2.11): the fallback
+    gets the same inputs, not a list it was never given (a GPU-only crash before)."""
+    guard, compiled, fallback, (w1, w3, w2) = make_guard()
+    compiled._boxed_call = True
+    guard = GraphGuard(compiled, fallback, guard.watches)
+    assert not hasattr(guard, "_boxed_call")  # (Dynamo must not be told to box)
+    a, b = torch.ones(2), 7
+    assert guard(a, b) == (a, b)
+    r, c = dead_block(w2)
+    with torch.no_grad():
+        w2[r * 16, c * 16] = 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert guard(a, b) == (a, b)
+    assert (compiled.n, fallback.n) == (1, 1)
+
+
 def test_guard_blocks_that_die_keep_the_compiled_graph():
     guard, compiled, fallback, (w1, w3, w2) = make_guard()
     with torch.no_grad():
