@@ -185,10 +185,10 @@ def main(cases):
     if "train_plain" in cases:
         run("train_plain", sparse_mlp(torch.float32, gated=False, bias=True, act="relu"), [torch.randn(40, 64)],
             train=True)
-    if "decode_fused" in cases:  # the one-launch decode (DECODE_PATH "fused"), compiled to TTIR for sm_90
-        configs.DECODE_PATH = "fused"
+    if "decode_splitk" in cases:  # split-K decode lowered (DECODE_PATH "splitk"), compiled to TTIR for sm_90
+        configs.DECODE_PATH = "splitk"
         try:
-            run("decode_fused", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
+            run("decode_splitk", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
         finally:
             configs.DECODE_PATH = ""
     if "packed" in cases:  # a compressed MLP (blast::packed_mlp), inference; compiled, then exported

@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def traces():
     cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast", "export",
-             "export_dynamic", "export_hf", "packed", "decode_fused"]
+             "export_dynamic", "export_hf", "packed", "decode_splitk"]
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
@@ -31,12 +31,13 @@ def traces():
     return got
 
 
-def test_fused_decode_is_one_launch(traces):
-    """DECODE_PATH "fused": the lowered decode is one launch of mlp_decode_fused (its counter a fresh zeroed
-    tensor per call, not a graph input it writes), and the kernel compiles for sm_90."""
-    t = traces["decode_fused"]
-    (g,) = t["fw"]
-    assert kernels(g) == ["mlp_decode_fused"] and not g["writes_input"] and not g["copies"], g
+def test_split_k_decode_lowered_zeroes_its_scratch_with_one_fill(traces):
+    """DECODE_PATH "splitk" in a lowered op: its scratch (fp32 partial sums, counters, flags) is one int32 buffer
+    zeroed per call -- one fill, the two kernels, and nothing of the weights or tables written or copied (the
+    kernels' pointer bitcasts keep AOTAutograd's analysis of what they store to exact)."""
+    (g,) = traces["decode_splitk"]["fw"]
+    assert kernels(g) == ["mlp_decode_in", "mlp_decode_dn"] and g["fills"] == ["zeros"], g
+    assert not g["writes_input"] and not g["copies"], g
 
 
 def test_export_of_a_transformers_model(traces):

@@ -130,20 +130,13 @@ GEMV_MAX_M = 1
 DECODE_GEMV_CONFIGS = [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1, 1, 0), (1, 1, 4, 2),
                        (2, 1, 4, 2), (2, 1, 2, 1)]
 
-# decode path: "" (the faster of sliced and split-K, timed once per shape), "sliced", "splitk" or "fused" (tests,
-# comparisons); PDL: programmatic dependent launch where the GPU has it (False: never)
+# decode path: "" (the faster of sliced and split-K, timed once per shape; a lowered op: sliced), "sliced" or
+# "splitk" (tests, comparisons; a lowered op then zeroes split-K's scratch per call); PDL: programmatic dependent launch where the GPU has it (False: never)
 DECODE_PATH = ""
 PDL = True
 
 # decode calls of one MLP outside CUDA-graph capture before we say that decode runs without graphs
 EAGER_DECODE_WARN = 256
-
-
-# one-launch decode: (BS1 rows per phase-1 item, BS2 rows per phase-2 item, CH blocks per unrolled step, num_warps,
-# num_stages). Not timed against the two-launch paths yet (``DECODE_PATH = "fused"`` selects it): its grid barrier
-# has not run on a GPU (bench/decode_floor.py --paths)
-DECODE_FUSED_CONFIGS = [(16, 16, 4, 4, 2), (16, 16, 2, 4, 2), (16, 16, 4, 8, 2), (32, 16, 4, 4, 2), (16, 32, 4, 8, 2),
-                        (16, 16, 1, 4, 3)]
 
 
 SDDMM_MIN_ROWS = 256  # an M split of dW is at least this many rows

@@ -1,4 +1,4 @@
-"""Decode launchers (M <= ``codegen.DECODE_MAX_M``): the sliced path, split-K, and the one-launch fused path;
+"""Decode launchers (M <= ``codegen.DECODE_MAX_M``): the sliced path and split-K;
 ``_decode`` picks one (see ``triton_mlp``'s docstring for how each works and when it wins).
 """
 from __future__ import annotations
@@ -16,11 +16,11 @@ from . import configs as C
 from . import tune
 from .tune import _interpret
 from .launch import lowered, rows_at_most  # (lowered ops: see launch.traced)
-from .plans import outside_graph_pool as _pool, warn_once
+from .plans import warn_once
 
 log = logging.getLogger("blast_compile.ops")
 
-from .tables import outside_graph_pool, _n_sm
+from .tables import outside_graph_pool
 
 
 def _split(ptr, items, ch):
@@ -86,23 +86,33 @@ def _flat_in(ix, off, off3, ch, ci, n_in):
     return t
 
 
-def _decode_scratch(plan, device, gated, d_hidden, d_out):
-    """Persistent fp32 scratch (G|U, Y), int32 completion counters (per hidden block column, per
-    output block), the per-row NaN/Inf flag of x and the finisher count: all zero between calls
-    (the decode kernels leave them so)."""
+def _decode_scratch(plan, device, gated, d_hidden, d_out, m):
+    """Split-K's scratch ``(buf, offsets)``: fp32 G|U and Y, int32 completion counters (per hidden block column,
+    per output block), the per-row NaN/Inf flag of x and the finisher count, all zero before a call, as parts of
+    one int32 buffer at word ``offsets`` (the kernels read the fp32 parts through a bitcast pointer). A lowered op
+    zeroes a fresh one per call with one fill: it has no state of its own, a graph buffer its kernels wrote
+    would be cloned around them, and views of one would be scattered back. The opaque op keeps one per plan, for
+    ``DECODE_MAX_M`` rows: the kernels leave it zero again."""
+    if lowered():
+        offs, n = _scratch_layout(plan, gated, d_hidden, d_out, m)
+        return torch.zeros(n, device=device, dtype=torch.int32), offs
     key = ("dec_scratch", str(device), gated, d_hidden, d_out)
     t = plan.cache.get(key)
     if t is None:
-        mm = codegen.DECODE_MAX_M
-        p = plan.pattern
-        t = (torch.zeros(mm, (2 if gated else 1) * d_hidden, device=device, dtype=torch.float32),
-             torch.zeros(mm, d_out, device=device, dtype=torch.float32),
-             torch.zeros(max(1, p.n_h), device=device, dtype=torch.int32),
-             torch.zeros(max(1, p.n_out), device=device, dtype=torch.int32),
-             torch.zeros(mm, device=device, dtype=torch.int32),
-             torch.zeros(1, device=device, dtype=torch.int32))
-        plan.cache[key] = t
+        offs, n = _scratch_layout(plan, gated, d_hidden, d_out, codegen.DECODE_MAX_M)
+        t = plan.cache[key] = (torch.zeros(n, device=device, dtype=torch.int32), offs)
     return t
+
+
+def _scratch_layout(plan, gated, d_hidden, d_out, m):
+    """Word offsets of (gu [m, (1|2) H], y32 [m, d_out], colcnt, outcnt, flag [m], done) and the total."""
+    p = plan.pattern
+    sizes = (m * (2 if gated else 1) * d_hidden, m * d_out, max(1, p.n_h), max(1, p.n_out), m, 1)
+    offs, at = [], 0
+    for n in sizes:
+        offs.append(at)
+        at += n
+    return tuple(offs), at
 
 
 def _count_eager_decode(plan, x2d):
@@ -153,10 +163,11 @@ def _decode(args):
     the configs). ``DECODE_PATH`` forces one. Under ``torch.use_deterministic_algorithms(True)`` always the
     sliced path: split-K adds fp32 partial sums with atomics, in any order. ``args``: ``_decode_sliced``'s."""
     mode = C.DECODE_PATH
-    if mode == "fused":  # (deterministic; no state between calls when lowered)
-        return _decode_fused(*args)
-    if lowered():  # split-K keeps scratch between calls: a lowered op has no state of its own
-        return _decode_sliced(*args)
+    if lowered():
+        # split-K then zeroes its scratch per call (one fill launch more; on a GPU not yet weighed against the
+        # sliced path, so only when asked for)
+        return _decode_splitk(*args) if mode == "splitk" and not torch.are_deterministic_algorithms_enabled() \
+            else _decode_sliced(*args)
     if torch.are_deterministic_algorithms_enabled():
         if mode == "splitk":
             warn_once(("deterministic", mode), "blast: DECODE_PATH='splitk' ignored under "
@@ -199,14 +210,14 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     DT = common["DTYPE"]
     w3_, off3 = (w3_, off3) if gated else (w1, off["in1"])
     b1_, b3_ = (x2d if b is None else b for b in (b1_, b3_))
-    scratch = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out)
-    gu, y32, colcnt, outcnt, flag, done = scratch
+    scr, (o_gu, o_y32, o_col, o_out, o_flag, o_done) = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out, m)
+    s_gu, s_y = (2 if gated else 1) * d_hidden, d_out  # (row strides of gu and y32, in words)
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
     dot = m > C.GEMV_MAX_M
     bm = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
     bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
     dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT)
-    b2_ = b2 if b2 is not None else y32
+    b2_ = b2 if b2 is not None else x2d  # (not read without HAS_B)
     pdl = _pdl_ok(x2d.device)
 
     def run(cfg):
@@ -219,23 +230,22 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             if first:
                 cols, o1, o3 = _flat_in(ix, off, off3, ch, ci, p.n_in)
                 mod.mlp_decode_in[(ch["n_in"] + ch["n_empty"],)](
-                    x2d, x2d.stride(0), gu, gu.stride(0), m, d_in, d_hidden,
+                    x2d, x2d.stride(0), scr, o_gu, s_gu, m, d_in, d_hidden,
                     w1, o1, s1[0], s1[1], w3_, o3, s3[0], s3[1],
                     cols, *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
-                    flag, 1 if ch["n_dn"] else 0,
+                    o_flag, 1 if ch["n_dn"] else 0,
                     CH=ci, HAS_B=b2 is not None, PDL=early, num_warps=nw, **dec)
             if ch["n_dn"]:
                 mod.mlp_decode_dn[(ch["n_dn"],)](
-                    gu, gu.stride(0), y32, y32.stride(0), y, y.stride(0), x2d, x2d.stride(0),
+                    scr, o_gu, s_gu, o_y32, s_y, y, y.stride(0), x2d, x2d.stride(0),
                     m, d_in, d_hidden, d_out, b1_, b3_, b2_,
                     w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], ix["dn_rowptr"],
-                    *ch["dn"], ch["dn_tot"], colcnt, outcnt, flag, done, p.n_out - ch["n_empty"],
+                    *ch["dn"], ch["dn_tot"], o_col, o_out, o_flag, o_done, p.n_out - ch["n_empty"],
                     CH=cd, HAS_B1=common["HAS_B1"], HAS_B3=common["HAS_B3"], HAS_B=b2 is not None,
                     PDL=early, PF=pf, PF_LINE=line,
                     num_warps=nw, **dec, **(dict(launch_pdl=True) if early else {}))
         except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
-            for t in scratch:
-                t.zero_()
+            scr.zero_()
             raise
 
     kind, configs = ("decode2", C.DECODE_CONFIGS) if dot else ("decode2g", C.DECODE_GEMV_CONFIGS)
@@ -297,46 +307,4 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                       memo=plan.cache))
     run_y(tune._choose("dec_y", sig, m, C.DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
                   memo=plan.cache))
-    return y
-
-
-def _grid_counter(plan, device):
-    """The fused decode's barrier counter, zero at rest: the plan's own on the eager path; a lowered op
-    allocates one per call (a graph input written by a kernel would be cloned around it anyway)."""
-    if lowered():
-        return torch.zeros(1, device=device, dtype=torch.int32)
-    key = ("dec_bar", device.index)
-    bar = plan.cache.get(key)
-    if bar is None:
-        bar = plan.cache[key] = _pool(lambda: torch.zeros(1, device=device, dtype=torch.int32), device)
-    return bar
-
-
-def _decode_fused(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
-                  b3_, common, n_live):
-    """Decode in one launch (``mlp_decode_fused``): both phases of the sliced path in a persistent grid of at most
-    one program per SM, a grid barrier between them. Two programs of one plan must not run at once on two
-    streams (they would share the counter), as for split-K."""
-    p = plan.pattern
-    bm, n_sl, flag, h, y = _sliced_buffers(x2d, m, d_in, d_hidden, d_out)
-    bar = _grid_counter(plan, x2d.device)
-    interp = _interpret()
-
-    def run(cfg):
-        bs1, bs2, ch, nw, ns = cfg
-        bs1, bs2 = min(bs1, p.bh), min(bs2, p.bd)
-        items = max(n_live * (p.bh // bs1), p.n_out * (p.bd // bs2), n_sl)
-        grid = (min(_n_sm(x2d.device), items),)
-        for phase in ((1, 2) if interp else (0,)):
-            mod.mlp_decode_fused[grid](
-                x2d, x2d.stride(0), h, h.stride(0), y, y.stride(0), flag, n_sl, bar, m, d_in, d_hidden, d_out,
-                w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
-                ix["in_rowptr"], ix["in_cols"], ix["order_h"], n_live,
-                w2, off["dn_csr"], s2[0], s2[1], b2, ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], p.n_out,
-                DTYPE=common["DTYPE"], BM=bm, BH=p.bh, BD=p.bd, BS1=bs1, BS2=bs2, CH=ch, NNZ=common["NNZ"],
-                ALIGNED=sig.aligned, GATED=common["GATED"], HAS_B1=common["HAS_B1"], HAS_B3=common["HAS_B3"],
-                HAS_B=b2 is not None, PHASE=phase, num_warps=nw, num_stages=ns)
-
-    run(tune._choose("dec_fused", sig, m, C.DECODE_FUSED_CONFIGS, run, graph="cold", shape=(d_in, d_hidden, d_out),
-                     memo=plan.cache))
     return y

@@ -21,8 +21,8 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
     live down blocks of a hidden column: h_j from G_j/U_j in registers, atomics into an fp32
     output scratch). Completion counters (``sem="acq_rel"``) let the last chunk of each hidden
     column re-zero G_j/U_j and the last contributor to each output block cast it (+ b2, NaN
-    rows) and re-zero it. Scratch and counters live in ``plan.cache``, so two streams must not
-    run the same plan's split-K decode at once. Not bitwise repeatable (atomics add in any
+    rows) and re-zero it. Scratch and counters live in ``plan.cache`` (a lowered op: a zeroed buffer per
+    call), so two streams must not run the same plan's opaque split-K decode at once. Not bitwise repeatable (atomics add in any
     order; ``torch.use_deterministic_algorithms(True)`` keeps decode on the sliced path). Wins
     on large patterns at M = 1. At M = 1 (``GEMV_MAX_M``) both kernels are
     multiply-reduce GEMVs (``BM = 1``) instead of 16-row tensor-core tiles, and kernel 1
@@ -34,9 +34,11 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
   sliced path; tuned per shape and M on split-K, where it sometimes costs (its waiting programs
   hold SM slots kernel 1 could use).
 
-  ``DECODE_PATH = "sliced" | "splitk"`` forces one. ``DECODE_PATH = "fused"``: the one-launch decode
-  (``_decode_fused``, ``mlp_decode_fused``): the sliced path's two phases in a persistent grid of at most one
-  program per SM with a grid barrier between them; opt-in until it has been timed on a GPU;
+  ``DECODE_PATH = "sliced" | "splitk"`` forces one. A lowered op (``lowered.py``) runs the sliced path unless
+  asked for split-K, whose scratch it then zeroes per call (one fill launch; split-K is the faster path at
+  M = 1 under CUDA graphs, the lowered variant is not yet timed). A one-launch decode (both sliced phases in a
+  persistent grid with a grid barrier) was built and measured 2.2-3x slower than both (BENCHMARKS.md), and
+  removed;
 * prefill: ``mlp_hidden`` (gate and up in one program, act and product in the
   epilogue) writes H, then ``bsmm`` computes ``Y = H W2^T`` CSR by output
   block-row; both grids visit long rows first. On Hopper+ with 16-bit tensors whose rows
