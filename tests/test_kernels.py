@@ -363,8 +363,9 @@ def test_grouped_configs_only_where_they_change_the_order():
     assert configs._for_m(cfgs, 512) == [(64, 4, 3, 1)]  # 8 and 4 tiles: grouping is the launch order
     assert configs._for_m(cfgs, 513) == cfgs
     assert configs._for_m(cfgs[1:], 64) == cfgs[1:]  # (never empty)
-    assert configs._cfg((64, 4, 3, 1)) == (64, 4, 3, 1, 0)
-    assert all(len(c) == 4 or c[4] * c[0] == configs.GROUP_ROWS for c in configs.PREFILL_CONFIGS)
+    assert configs.Tile.of((64, 4, 3, 1)) == configs.Tile(64, 4, 3, variant=1)  # (persisted before ``group``)
+    assert configs.Tile.of((64, 4, 3, 1)).group == 0
+    assert all(c.group in (0, configs.GROUP_ROWS // c.bm) for c in configs.PREFILL_CONFIGS)
 
 
 def _count_tma(monkeypatch):
@@ -896,7 +897,7 @@ def test_gpu_dw_grouped(tied, block, m, monkeypatch):
         masks.declare_mask(p[name], mk, (bo, bi))
     x, dy = (torch.randn(m, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     plan = plan_for(x, p, "silu", block)
-    for cfg in [c for c in configs.SDDMM_CONFIGS if configs._dw_cfg(c)[4] > 1] + [(64, 8, 3, 0, 4)]:
+    for cfg in [c for c in configs.SDDMM_CONFIGS if configs.DwTile.of(c).blocks > 1] + [(64, 8, 3, 0, 4)]:
         got = []
         for c in (cfg[:3] + (0,), cfg):
             monkeypatch.setattr(configs, "SDDMM_CONFIGS", [c])

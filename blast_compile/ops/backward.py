@@ -37,18 +37,18 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
     dual = x2 is not x
 
     def run(cfg):
-        bm, nw, ns, var, grp = C._cfg(cfg)
-        tma = var >= C.PREFILL_TMA and tma_ok
-        descs = _descs(tma, (x, (bm, bi)), (x2, (bm, bi)), (w, (bi, bo)), (wb, (bi, bo)))
+        t = C.Tile.of(cfg)
+        tma = t.variant >= C.PREFILL_TMA and tma_ok
+        descs = _descs(tma, (x, (t.bm, bi)), (x2, (t.bm, bi)), (w, (bi, bo)), (wb, (bi, bo)))
         if not dual:  # (the second operand's pointers are not read: None, see _forward)
             descs = (descs[0], None, descs[2], None)
-        mod.bsmm[(cdiv(m, bm), n_out_blocks)](
+        mod.bsmm[(cdiv(m, t.bm), n_out_blocks)](
             x, x.stride(0), x2 if dual else None, out, out.stride(0), None, flag, 0, m, n_in, n_out,
             w, off, sw[0], sw[1], wb if dual else None, offb if dual else None, swb[0], swb[1], rowptr, idx, order,
             *descs,
             DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=sig.aligned, HAS_B=False,
-            DUAL=dual, NANROW=int(flag is not None), BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1),
-            TMA=(3 + packed) if tma else 0, GROUP=grp, TWO_LOOPS=var == C.TWO_LOOPS)
+            DUAL=dual, NANROW=int(flag is not None), BM=t.bm, num_warps=t.num_warps, num_stages=t.num_stages,
+            WIDE=min(t.variant, 1), TMA=(3 + packed) if tma else 0, GROUP=t.group, TWO_LOOPS=t.variant == C.TWO_LOOPS)
 
     run(tune._choose("dx_dual" if dual else "dx", sig, m,
                 lambda: C._candidates(C.PREFILL_CONFIGS + C.DX_CONFIGS if dual else C.PREFILL_CONFIGS, C.PREFILL_TMA, tma_ok, m),
@@ -84,7 +84,7 @@ def _sddmm(mod, sig, douts, inp, live, bo, bi, shape, dtype, memo=None):
     tma_ok = _tma_ok(inp, *douts)
 
     def run(cfg):
-        bm, nw, ns, tma, g = C._dw_cfg(cfg)
+        bm, nw, ns, tma, g = C.DwTile.of(cfg)  # (g: live blocks of a block row per program)
         tma = bool(tma) and tma_ok and g == 1
         g_rows, g_cols = live.grouped(g)
         n_grp = g_rows.numel()
@@ -107,7 +107,8 @@ def _sddmm(mod, sig, douts, inp, live, bo, bi, shape, dtype, memo=None):
                                                             BI=bi, RS=rs, DUAL=dual, G=g, num_warps=4)
 
     def configs():
-        return [c for c in C._with_tma(C.SDDMM_CONFIGS, 1, tma_ok) if C._sddmm_fits(c, bo, bi, dual)] or C.SDDMM_CONFIGS
+        return [c for c in C.SDDMM_CONFIGS if (tma_ok or not C.DwTile.of(c).tma) and C._sddmm_fits(c, bo, bi, dual)
+                ] or C.SDDMM_CONFIGS
 
     # the M split depends on the live-block count: part of the key
     cfg = tune._choose("dw2" if dual else "dw", sig, m, configs, run, shape=(*shape, nnz), memo=memo)
@@ -241,21 +242,21 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
         tma_ok = _tma_ok(x2d, dy2d, k1, k3_, k2)
 
         def run(cfg):
-            bm, nw, ns, var, grp = C._cfg(cfg)
-            early, cap = C._pre_cfg(cfg)
-            tma = var == C.BACKWARD_TMA and tma_ok
-            descs = _descs(tma, (x2d, (bm, p.bd)), (k1, (p.bh, p.bd)), (k3_, (p.bh, p.bd)), (dy2d, (bm, p.bd)),
+            t = C.Tile.of(cfg)
+            tma = t.variant == C.BACKWARD_TMA and tma_ok
+            descs = _descs(tma, (x2d, (t.bm, p.bd)), (k1, (p.bh, p.bd)), (k3_, (p.bh, p.bd)), (dy2d, (t.bm, p.bd)),
                            (k2, (p.bd, p.bh)))
-            mod.mlp_hidden_bwd[(cdiv(m, bm), n_live)](
+            mod.mlp_hidden_bwd[(cdiv(m, t.bm), n_live)](
                 x2d, x2d.stride(0), dy2d, dy2d.stride(0), da, du, h if store_h else None, pre_a, pre_u, da.stride(0),
                 m, d_in, H, d_out, k1, off["in1"], s1[0], s1[1], b1, k3, off["in3"] if gated else None, s3[0], s3[1],
                 b3,
                 k2, off["dn_csc"], s2[1], s2[0],
                 ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"], *descs, flag,
-                DTYPE=_tl_dtype(mod, x2d.dtype), BM=bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
+                DTYPE=_tl_dtype(mod, x2d.dtype), BM=t.bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
-                num_warps=nw, num_stages=ns, WIDE=min(var, 2), TMA=(1 + packed) if tma else 0, GROUP=grp,
-                LOAD_PRE=(1 + bool(early)) if load_pre else 0, **({"maxnreg": cap} if cap else {}))
+                num_warps=t.num_warps, num_stages=t.num_stages, WIDE=min(t.variant, 2), TMA=(1 + packed) if tma else 0,
+                GROUP=t.group, LOAD_PRE=(1 + bool(t.early)) if load_pre else 0,
+                **({"maxnreg": t.maxnreg} if t.maxnreg else {}))
 
         def configs():  # (only when neither the plan's memo nor the table has the answer: not per call)
             if not load_pre:

@@ -221,7 +221,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     pdl = _pdl_ok(x2d.device)
 
     def run(cfg):
-        ci, cd, nw, mode = cfg
+        ci, cd, nw, mode = C.SplitK.of(cfg)
         ch = _chunks(plan, ci, cd, x2d.device)
         first = bool(ch["n_in"] + ch["n_empty"])
         early = pdl and mode > 0 and first and bool(ch["n_dn"])  # kernel 2 launched early
@@ -250,7 +250,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
 
     kind, configs = ("decode2", C.DECODE_CONFIGS) if dot else ("decode2g", C.DECODE_GEMV_CONFIGS)
     if not pdl:  # (no PDL here: the early modes are the same launch)
-        configs = list(dict.fromkeys((*c[:3], 0) for c in configs))
+        configs = list(dict.fromkeys(C.SplitK.of(c)._replace(early=0) for c in configs))
     run(tune._choose(kind, sig, m, configs, run, graph="cold", shape=(d_in, d_hidden, d_out), memo=plan.cache))
     return y
 
@@ -280,7 +280,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     pdl = _pdl_ok(x2d.device)
 
     def run_h(cfg):
-        bs, ch, nw, ns = cfg
+        bs, ch, nw, ns = C.Slice.of(cfg)
         bs = min(bs, p.bh)
         mod.mlp_hidden[(1, n_live * (p.bh // bs))](
             x2d, x2d.stride(0), h, h.stride(0), None, None, flag, m, d_in, d_hidden,
@@ -291,7 +291,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     pf, line = _prefetch_lines(w2, s2[1], p.bh, pdl and bool(n_live))
 
     def run_y(cfg):
-        bs, ch, nw, ns = cfg
+        bs, ch, nw, ns = C.Slice.of(cfg)
         bs = min(bs, p.bd)
         kw = dict(launch_pdl=True) if (pdl and n_live) else {}
         mod.bsmm[(1, p.n_out * (p.bd // bs))](

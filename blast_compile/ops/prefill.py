@@ -68,21 +68,22 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     tma_h = st.tma_in and _tma_ok(x2d)
 
     def run_h(cfg):
-        bm, nw, ns, var, grp = C._cfg(cfg)
-        tma = var >= C.PREFILL_TMA and tma_h
-        descs = _descs(tma, (x2d, (bm, p.bd)), (w1, (p.bh, p.bd)), (w3 if gated else w1, (p.bh, p.bd)))
+        t = C.Tile.of(cfg)
+        tma = t.variant >= C.PREFILL_TMA and tma_h
+        descs = _descs(tma, (x2d, (t.bm, p.bd)), (w1, (p.bh, p.bd)), (w3 if gated else w1, (p.bh, p.bd)))
         if n_live:
-            mod.mlp_hidden[(cdiv(m, bm), n_live)](
+            mod.mlp_hidden[(cdiv(m, t.bm), n_live)](
                 x2d, x2d.stride(0), h, h.stride(0), pre_a, pre_u, flag, m, d_in, d_hidden,
                 w1, off["in1"], s1[0], s1[1], b1, w3_, off3_, s3[0], s3[1], b3,
                 ix["in_rowptr"], ix["in_cols"], ix["order_h"], *descs,
-                BM=bm, BS=p.bh, num_warps=nw, num_stages=ns, STORE_PRE=n_saved > 1, SCAN=3,
-                WIDE=min(var, 1) and gated,
-                TMA=(1 + packed) if tma else 0, GROUP=grp, **common)
+                BM=t.bm, BS=p.bh, num_warps=t.num_warps, num_stages=t.num_stages, STORE_PRE=n_saved > 1, SCAN=3,
+                WIDE=min(t.variant, 1) and gated,
+                TMA=(1 + packed) if tma else 0, GROUP=t.group, **common)
 
     def h_configs():  # (wide tiles in the in-projection are for the gated kernel: gate|up side by side)
         cs = C.PREFILL_CONFIGS if gated else list(dict.fromkeys(
-            (*c[:3], c[3] if c[3] >= C.PREFILL_TMA else 0, *c[4:]) for c in C.PREFILL_CONFIGS))
+            t._replace(variant=t.variant if t.variant >= C.PREFILL_TMA else 0)
+            for t in map(C.Tile.of, C.PREFILL_CONFIGS)))
         return C._candidates(cs, C.PREFILL_TMA, tma_h, m)
 
     run_h(tune._choose("hidden", sig, m, h_configs, run_h, shape=(d_in, d_hidden, d_out) + ((1,) * (n_saved > 1)),
@@ -91,16 +92,16 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     tma_y = st.tma_dn and _tma_ok(h)
 
     def run_y(cfg):
-        bm, nw, ns, var, grp = C._cfg(cfg)
-        tma = var >= C.PREFILL_TMA and tma_y
-        hd, wd = _descs(tma, (h, (bm, p.bh)), (w2, (p.bd, p.bh)))
-        mod.bsmm[(cdiv(m, bm), p.n_out)](
+        t = C.Tile.of(cfg)
+        tma = t.variant >= C.PREFILL_TMA and tma_y
+        hd, wd = _descs(tma, (h, (t.bm, p.bh)), (w2, (p.bd, p.bh)))
+        mod.bsmm[(cdiv(m, t.bm), p.n_out)](
             h, h.stride(0), None, y, y.stride(0), b2, flag, n_fl, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], None, None, s2[0], s2[1],
             ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], hd, None, wd, None,
             DTYPE=DT, BO=p.bd, BI=p.bh, BS=p.bd, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
-            NANROW=3, BM=bm, num_warps=nw, num_stages=ns, WIDE=min(var, 1), TMA=(1 + packed) if tma else 0,
-            GROUP=grp)
+            NANROW=3, BM=t.bm, num_warps=t.num_warps, num_stages=t.num_stages, WIDE=min(t.variant, 1),
+            TMA=(1 + packed) if tma else 0, GROUP=t.group)
 
     run_y(tune._choose("down", sig, m, lambda: C._candidates(C.PREFILL_CONFIGS, C.PREFILL_TMA, tma_y, m), run_y,
                   shape=(d_in, d_hidden, d_out), memo=plan.cache))
