@@ -8,6 +8,8 @@ shape and M, in one process:
 * ``inductor`` / ``inductor_ro``: the dense model under ``torch.compile`` default / ``mode="reduce-overhead"``;
 * ``blast`` / ``blast_ro``: ``backend="blast"`` (fused MLPs lowered into Inductor's code) default / reduce-overhead;
 * ``blast_opaque``: ``backend="blast", options={"lower": False}`` (the opaque op with Python per call);
+* ``blast_splitk`` / ``blast_splitk_ro``: ``blast`` / ``blast_ro`` with the lowered decode on split-K
+  (``configs.DECODE_PATH = "splitk"``) instead of the sliced path;
 * ``blast_aoti`` / ``inductor_aoti``: AOTInductor packages (``blast_compile.export.aoti_package`` / plain
   ``torch.export``), loaded with ``aoti_load_package`` (static shapes).
 
@@ -102,6 +104,9 @@ MODES = {
     "blast": dict(backend="blast"),
     "blast_ro": dict(backend="blast", mode="reduce-overhead"),
     "blast_opaque": dict(backend="blast", options={"lower": False}),
+    # the lowered decode on split-K (configs.DECODE_PATH; its scratch zeroed per call) instead of sliced
+    "blast_splitk": dict(backend="blast", decode_path="splitk"),
+    "blast_splitk_ro": dict(backend="blast", mode="reduce-overhead", decode_path="splitk"),
     "blast_aoti": "aoti",  # blast_compile.export.aoti_package, loaded with aoti_load_package
     "inductor_aoti": "aoti",  # the dense model through plain torch.export + AOTInductor
 }
@@ -160,8 +165,13 @@ def main():
                 torch._dynamo.reset()
                 counters.clear()
                 row = dict(shape=shape, m=m, mode=mode)
+                from blast_compile.ops import configs
+
                 try:
                     kw = MODES[mode]
+                    if isinstance(kw, dict) and "decode_path" in kw:
+                        kw = dict(kw)
+                        configs.DECODE_PATH = kw.pop("decode_path")
                     if kw == "aoti":
                         fn = aoti(model, x, mode)
                     else:
@@ -182,6 +192,8 @@ def main():
                     row["fused"] = counters["blast"]["mlp_fused"]
                 except Exception as e:  # report, don't hide
                     row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+                finally:
+                    configs.DECODE_PATH = ""
                 res["rows"].append(row)
                 print(row, flush=True)
         del model

@@ -229,7 +229,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
             counters["blast"]["saved_hidden_used"] += 1
     else:
         h = torch.empty(m, H, device=x2d.device, dtype=x2d.dtype) if store_h else None
-    n_live = ix["live"].numel()
+    n_live = ix.live.numel()
     # Rows of x holding a NaN/Inf (one pass over x, no host sync). Eager's dense products make every pre-activation
     # of such a row NaN; kernel 1 makes the live ones NaN and the rest follows from them, except where eager's NaN
     # comes from a product with a dead block's zeros (dX's columns, the bias gradients of hidden units the
@@ -251,7 +251,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
                 m, d_in, H, d_out, k1, off["in1"], s1[0], s1[1], b1, k3, off["in3"] if gated else None, s3[0], s3[1],
                 b3,
                 k2, off["dn_csc"], s2[1], s2[0],
-                ix["in_rowptr"], ix["in_cols"], ix["dn_colptr"], ix["dn_rows"], ix["order_h"], *descs, flag,
+                ix.in_rowptr, ix.in_cols, ix.dn_colptr, ix.dn_rows, ix.order_h, *descs, flag,
                 DTYPE=_tl_dtype(mod, x2d.dtype), BM=t.bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
                 num_warps=t.num_warps, num_stages=t.num_stages, WIDE=min(t.variant, 2), TMA=(1 + packed) if tma else 0,
@@ -270,7 +270,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
     if needs[0]:
         grads["x"] = _bsmm(mod, sig, da, du if gated else None, k1, off["in_csc1"], (s1[1], s1[0]),
                            k3 if gated else k1, off["in_csc3"] if gated else off["in_csc1"], (s3[1], s3[0]) if gated else (s1[1], s1[0]),
-                           ix["in_colptr"], ix["in_csc_rows"], ix["all_in"], p.n_in, p.bd, p.bh, H, d_in, x2d.dtype,
+                           ix.in_colptr, ix.in_csc_rows, ix.all_in, p.n_in, p.bd, p.bh, H, d_in, x2d.dtype,
                            packed, memo=plan.cache, flag=flag if da_nan else None)
     dense_dw = any(needs[i] and dw_masks[k] is None for i, k in ((1, 0), (3, 1), (5, 2)) if (i != 3 or gated))
     if dense_dw:

@@ -80,7 +80,7 @@ def _flat_in(ix, off, off3, ch, ci, n_in):
             def tab(src, pad):
                 return torch.where(ok, src[idx], pad).flatten().contiguous()
 
-            return tab(ix["in_cols"], n_in), tab(off["in1"], 0), tab(off3, 0)
+            return tab(ix.in_cols, n_in), tab(off["in1"], 0), tab(off3, 0)
 
         t = off[key] = outside_graph_pool(build, start.device)
     return t
@@ -239,7 +239,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                 mod.mlp_decode_dn[(ch["n_dn"],)](
                     scr, o_gu, s_gu, o_y32, s_y, y, y.stride(0), x2d, x2d.stride(0),
                     m, d_in, d_hidden, d_out, b1_, b3_, b2_,
-                    w2, off["dn_csc"], s2[0], s2[1], ix["dn_rows"], ix["dn_rowptr"],
+                    w2, off["dn_csc"], s2[0], s2[1], ix.dn_rows, ix.dn_rowptr,
                     *ch["dn"], ch["dn_tot"], o_col, o_out, o_flag, o_done, p.n_out - ch["n_empty"],
                     CH=cd, HAS_B1=common["HAS_B1"], HAS_B3=common["HAS_B3"], HAS_B=b2 is not None,
                     PDL=early, PF=pf, PF_LINE=line,
@@ -285,7 +285,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         mod.mlp_hidden[(1, n_live * (p.bh // bs))](
             x2d, x2d.stride(0), h, h.stride(0), None, None, flag, m, d_in, d_hidden,
             w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
-            ix["in_rowptr"], ix["in_cols"], ix["order_h"], None, None, None,
+            ix.in_rowptr, ix.in_cols, ix.order_h, None, None, None,
             BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
 
     pf, line = _prefetch_lines(w2, s2[1], p.bh, pdl and bool(n_live))
@@ -297,7 +297,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         mod.bsmm[(1, p.n_out * (p.bd // bs))](
             h, h.stride(0), None, y, y.stride(0), b2, flag, n_sl, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], None, None, s2[0], s2[1],
-            ix["dn_rowptr"], ix["dn_cols"], ix["order_o"], None, None, None, None,
+            ix.dn_rowptr, ix.dn_cols, ix.order_o, None, None, None, None,
             DTYPE=common["DTYPE"], BO=p.bd, BI=p.bh, BS=bs, ALIGNED=sig.aligned, HAS_B=b2 is not None, DUAL=False,
             NANROW=2, CH=ch, PDL=pdl and bool(n_live), PF=pf, PF_LINE=line, BM=bm, num_warps=nw, num_stages=ns,
             **kw)

@@ -78,9 +78,9 @@ def _map(obj, fn):
 def _records():
     """The plan records with tensors inside (imported late: ``import blast_compile`` does not load Triton)."""
     from .backward import _LiveBlocks
-    from .tables import _Static
+    from .tables import DeviceTables, _Static
 
-    return _Static, _LiveBlocks
+    return _Static, _LiveBlocks, DeviceTables
 
 
 def _fields(obj):

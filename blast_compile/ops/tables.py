@@ -8,10 +8,12 @@ the first call; later calls do no host syncs, so CUDA graphs can capture them.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
 import torch
+from torch import Tensor
 
 from .. import codegen
 from . import configs as C
@@ -37,43 +39,70 @@ def outside_graph_pool(fn, device):
 
 # --- per-plan tables ----------------------------------------------------------------------------
 
-def _index_tables(plan, device):
-    """Index lists and long-rows-first orders (independent of the weights' strides)."""
+@dataclasses.dataclass(eq=False)
+class DeviceTables:
+    """A pattern's index lists on the device, as the kernels read them (``formats.MLPPattern`` keeps the host
+    copy): int32, except the int64 ones that torch uses as gather indices (``_INT64``). One per plan, built on
+    its first call (no host syncs later, so CUDA graphs can capture the calls)."""
+
+    in_rowptr: Tensor  # CSR of the in-projection: live in-blocks per hidden block row
+    in_cols: Tensor
+    in_rows: Tensor  # hidden block row of each CSR in-block
+    live: Tensor  # the hidden block rows that are computed
+    order_h: Tensor  # ... longest first (the prefill/backward grids visit long rows first)
+    all_h: Tensor  # 0 .. n_h - 1
+    dn_colptr: Tensor  # CSC of the down projection: live blocks per hidden block column
+    dn_rows: Tensor
+    csc_dn_cols: Tensor  # hidden column of each CSC down block
+    csc_dn_pos: Tensor  # CSR position of each CSC down block (packed weights are stored in CSR order)
+    dn_rowptr: Tensor  # CSR of the down projection: live blocks per output block row
+    dn_cols: Tensor
+    dn_rows_r: Tensor  # output row of each CSR down block
+    order_o: Tensor  # output block rows, longest first
+    in_colptr: Tensor  # CSC of the in-projection (for dX)
+    in_csc_rows: Tensor
+    in_csc_cols: Tensor
+    in_csc_pos: Tensor  # CSR position of each CSC in-block
+    all_in: Tensor  # 0 .. n_in - 1
+
+    _INT64 = ("in_rows", "dn_rows_r", "csc_dn_cols", "csc_dn_pos", "in_csc_cols", "in_csc_pos")
+
+    @classmethod
+    def build(cls, p, device) -> "DeviceTables":
+        """From the host pattern ``p`` (a CPU copy: no device syncs while building)."""
+        in_cnt = (p.in_rowptr[1:] - p.in_rowptr[:-1]).long()
+        in_rows = torch.repeat_interleave(torch.arange(p.n_h), in_cnt)
+        live = p.hidden_live.long()
+        order_h = live[torch.argsort(in_cnt[live], descending=True, stable=True)]
+        dn_cnt = (p.dn_rowptr[1:] - p.dn_rowptr[:-1]).long()
+        order_o = torch.argsort(dn_cnt, descending=True, stable=True)
+        dn_rows_r = torch.repeat_interleave(torch.arange(p.n_out), dn_cnt)
+        pos_dn = torch.full((p.n_out, p.n_h), -1, dtype=torch.long)
+        pos_dn[dn_rows_r, p.dn_cols.long()] = torch.arange(p.nnz_dn)
+        csc_dn_cols = torch.repeat_interleave(torch.arange(p.n_h), (p.dn_colptr[1:] - p.dn_colptr[:-1]).long())
+        csc_dn_pos = pos_dn[p.dn_rows.long(), csc_dn_cols]
+        pos_in = torch.full((p.n_h, p.n_in), -1, dtype=torch.long)
+        pos_in[in_rows, p.in_cols.long()] = torch.arange(p.nnz_in)
+        mt = p.mask_in.t()
+        in_colptr = torch.zeros(p.n_in + 1, dtype=torch.long)
+        in_colptr[1:] = torch.cumsum(mt.sum(1), 0)
+        nz = mt.nonzero()
+        in_csc_rows, in_csc_cols = nz[:, 1], nz[:, 0]
+        in_csc_pos = pos_in[in_csc_rows, in_csc_cols]
+        host = dict(
+            in_rowptr=p.in_rowptr, in_cols=p.in_cols, in_rows=in_rows, live=p.hidden_live, order_h=order_h,
+            all_h=torch.arange(p.n_h), dn_colptr=p.dn_colptr, dn_rows=p.dn_rows, csc_dn_cols=csc_dn_cols,
+            csc_dn_pos=csc_dn_pos, dn_rowptr=p.dn_rowptr, dn_cols=p.dn_cols, dn_rows_r=dn_rows_r, order_o=order_o,
+            in_colptr=in_colptr, in_csc_rows=in_csc_rows, in_csc_cols=in_csc_cols, in_csc_pos=in_csc_pos,
+            all_in=torch.arange(p.n_in),
+        )
+        return cls(**{k: v.to(device, torch.int64 if k in cls._INT64 else torch.int32) for k, v in host.items()})
+
+
+def _index_tables(plan, device) -> DeviceTables:
     t = plan.cache.get("index")
-    if t is not None:
-        return t
-    p = plan.pattern  # CPU copy: no device syncs while building
-    in_cnt = (p.in_rowptr[1:] - p.in_rowptr[:-1]).long()
-    in_rows = torch.repeat_interleave(torch.arange(p.n_h), in_cnt)
-    live = p.hidden_live.long()
-    order_h = live[torch.argsort(in_cnt[live], descending=True, stable=True)]
-    dn_cnt = (p.dn_rowptr[1:] - p.dn_rowptr[:-1]).long()
-    order_o = torch.argsort(dn_cnt, descending=True, stable=True)
-    dn_rows_r = torch.repeat_interleave(torch.arange(p.n_out), dn_cnt)  # output row of each CSR down block
-    # CSR position of every block (to address packed weights from CSC order)
-    pos_dn = torch.full((p.n_out, p.n_h), -1, dtype=torch.long)
-    pos_dn[dn_rows_r, p.dn_cols.long()] = torch.arange(p.nnz_dn)
-    csc_dn_cols = torch.repeat_interleave(torch.arange(p.n_h), (p.dn_colptr[1:] - p.dn_colptr[:-1]).long())
-    csc_dn_pos = pos_dn[p.dn_rows.long(), csc_dn_cols]
-    # CSC of the in-projection (for dX)
-    pos_in = torch.full((p.n_h, p.n_in), -1, dtype=torch.long)
-    pos_in[in_rows, p.in_cols.long()] = torch.arange(p.nnz_in)
-    mt = p.mask_in.t()
-    in_colptr = torch.zeros(p.n_in + 1, dtype=torch.long)
-    in_colptr[1:] = torch.cumsum(mt.sum(1), 0)
-    nz = mt.nonzero()
-    in_csc_rows, in_csc_cols = nz[:, 1], nz[:, 0]
-    in_csc_pos = pos_in[in_csc_rows, in_csc_cols]
-    host = dict(
-        in_rowptr=p.in_rowptr, in_cols=p.in_cols, in_rows=in_rows, live=p.hidden_live, order_h=order_h,
-        all_h=torch.arange(p.n_h), dn_colptr=p.dn_colptr, dn_rows=p.dn_rows, csc_dn_cols=csc_dn_cols,
-        csc_dn_pos=csc_dn_pos, dn_rowptr=p.dn_rowptr, dn_cols=p.dn_cols, dn_rows_r=dn_rows_r, order_o=order_o,
-        in_colptr=in_colptr, in_csc_rows=in_csc_rows, in_csc_cols=in_csc_cols, in_csc_pos=in_csc_pos,
-        all_in=torch.arange(p.n_in),
-    )
-    keep64 = {"in_rows", "dn_rows_r", "csc_dn_cols", "csc_dn_pos", "in_csc_cols", "in_csc_pos"}
-    t = {k: v.to(device, torch.int64 if k in keep64 else torch.int32) for k, v in host.items()}
-    plan.cache["index"] = t
+    if t is None:
+        t = plan.cache["index"] = DeviceTables.build(plan.pattern, device)
     return t
 
 
@@ -100,12 +129,12 @@ def _weight_tables(plan, w1, w3, w2, packed):
         if w is None:
             continue
         pk = ar_in if packed else None
-        t["in" + name] = _offsets(ix, ix["in_rows"], ix["in_cols"].long(), bh, bd, w.stride(), pk)
-        t["in_csc" + name] = _offsets(ix, ix["in_csc_rows"], ix["in_csc_cols"], bh, bd, w.stride(),
-                                      ix["in_csc_pos"] if packed else None)
-    t["dn_csc"] = _offsets(ix, ix["dn_rows"].long(), ix["csc_dn_cols"], bd, bh, w2.stride(),
-                           ix["csc_dn_pos"] if packed else None)
-    t["dn_csr"] = _offsets(ix, ix["dn_rows_r"], ix["dn_cols"].long(), bd, bh, w2.stride(), ar_dn if packed else None)
+        t["in" + name] = _offsets(ix, ix.in_rows, ix.in_cols.long(), bh, bd, w.stride(), pk)
+        t["in_csc" + name] = _offsets(ix, ix.in_csc_rows, ix.in_csc_cols, bh, bd, w.stride(),
+                                      ix.in_csc_pos if packed else None)
+    t["dn_csc"] = _offsets(ix, ix.dn_rows.long(), ix.csc_dn_cols, bd, bh, w2.stride(),
+                           ix.csc_dn_pos if packed else None)
+    t["dn_csr"] = _offsets(ix, ix.dn_rows_r, ix.dn_cols.long(), bd, bh, w2.stride(), ar_dn if packed else None)
     plan.cache[key] = t
     return t
 
@@ -203,7 +232,7 @@ def _static(plan, w1, w3, w2, b1, b3, packed, activation, dtype) -> _Static:
     st.off3 = st.off["in3"] if gated else st.off["in1"]
     st.common = dict(DTYPE=_tl_dtype(st.mod, dtype), BH=p.bh, BD=p.bd, NNZ=st.sig.nnz_in, ALIGNED=st.sig.aligned,
                      GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None)
-    st.n_live = st.ix["live"].numel()
+    st.n_live = st.ix.live.numel()
     # the weights' half of _tma_ok (x and H are checked per call)
     st.tma_in = w1.dtype == dtype and _tma_ok(w1, w3 if gated else w1)
     st.tma_dn = w2.dtype == dtype and _tma_ok(w2)
@@ -225,9 +254,9 @@ def _live_copies(plan, mod, dtype, w1, w3, w2):
     ix = _index_tables(plan, w1.device)
     off = _weight_tables(plan, w1, w3, w2, False)
     out = []
-    for w, o, rows, cols, bo, bi in ((w1, off["in1"], ix["in_rows"], ix["in_cols"], p.bh, p.bd),
-                                     (w3, off.get("in3"), ix["in_rows"], ix["in_cols"], p.bh, p.bd),
-                                     (w2, off["dn_csr"], ix["dn_rows_r"], ix["dn_cols"], p.bd, p.bh)):
+    for w, o, rows, cols, bo, bi in ((w1, off["in1"], ix.in_rows, ix.in_cols, p.bh, p.bd),
+                                     (w3, off.get("in3"), ix.in_rows, ix.in_cols, p.bh, p.bd),
+                                     (w2, off["dn_csr"], ix.dn_rows_r, ix.dn_cols, p.bd, p.bh)):
         if w is None:
             out.append(None)
             continue
