@@ -196,3 +196,28 @@ def test_learning_rate_schedule_by_fraction_of_the_budget():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert lr_at(50, 100, Options(lr=2.0, warmup=0.1, schedule="constant")) == 2.0
+
+
+def test_a_model_loaded_from_gguf_is_saved_as_a_plain_model(files, tmp_path):
+    """transformers dequantizes a GGUF file on load but leaves the model marked quantized (``hf_quantizer``,
+    ``config.quantization_config``): it then refuses ``save_pretrained``, so `blast sparsify` of a .gguf could not
+    save its result. ``load_model`` hands back the same weights in an unmarked model (marked here by hand: CI
+    has no GGUF reader), tied embeddings still tied."""
+    from blast_compile.sparsify import data
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(files["model"], dtype=torch.float32)
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        ref = model(ids).logits
+    model.config.quantization_config = {"quant_method": "gguf"}
+    model.hf_quantizer = object()
+    plain = data._unquantized(model)
+    assert plain is not model and getattr(plain, "hf_quantizer", None) is None
+    assert getattr(plain.config, "quantization_config", None) is None
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    plain.save_pretrained(tmp_path / "saved")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ref)
+        torch.testing.assert_close(back(ids).logits, ref)
+    assert data._unquantized(back) is back  # (an unmarked model is returned as it is)

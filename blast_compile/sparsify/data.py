@@ -31,11 +31,38 @@ def load_model(path: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return _from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32)
+        model = _from_pretrained(AutoModelForCausalLM, path, dtype=torch.float32)
     except ImportError as e:  # (GGUF without the gguf package, ...)
         raise SparsifyError("MODEL", f"{path}: {e}") from e
     except (OSError, ValueError, KeyError) as e:
         raise SparsifyError("MODEL", f"{path} could not be loaded as a causal LM ({type(e).__name__}: {e})") from e
+    return _unquantized(model)
+
+
+def _unquantized(model: nn.Module) -> nn.Module:
+    """A GGUF file loads dequantized, but the model stays marked as quantized: transformers then refuses to
+    save it, and its saved config would ask for GGUF again on reload. The same weights in a model built from
+    the config alone."""
+    if getattr(model, "hf_quantizer", None) is None and getattr(model.config, "quantization_config", None) is None:
+        return model
+    cfg = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
+                                            if k != "quantization_config"})
+    plain = type(model)(cfg).to(torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k not in _tied(plain)]:
+        raise SparsifyError("MODEL", f"dequantized weights do not fit {type(model).__name__}: "
+                                     f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return plain.eval() if not model.training else plain
+
+
+def _tied(model: nn.Module) -> set:
+    """Names of parameters that share their tensor with an earlier one (tied embeddings)."""
+    seen, tied = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.add(name)
+        seen.setdefault(id(p), name)
+    return tied
 
 
 def load_tokenizer(path: str):
