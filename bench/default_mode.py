@@ -145,6 +145,8 @@ def main():
     import blast_compile  # noqa: F401
     from torch._dynamo.utils import counters
 
+    from blast_compile.ops import configs
+
     from bench._results import write_json
 
     cuda = torch.cuda.is_available()
@@ -165,8 +167,6 @@ def main():
                 torch._dynamo.reset()
                 counters.clear()
                 row = dict(shape=shape, m=m, mode=mode)
-                from blast_compile.ops import configs
-
                 try:
                     kw = MODES[mode]
                     if isinstance(kw, dict) and "decode_path" in kw:

@@ -107,7 +107,7 @@ def _sddmm(mod, sig, douts, inp, live, bo, bi, shape, dtype, memo=None):
                                                             BI=bi, RS=rs, DUAL=dual, G=g, num_warps=4)
 
     def configs():
-        return [c for c in C.SDDMM_CONFIGS if (tma_ok or not C.DwTile.of(c).tma) and C._sddmm_fits(c, bo, bi, dual)
+        return [c for c in C._with_tma(C.SDDMM_CONFIGS, 1, tma_ok, C.DwTile) if C._sddmm_fits(c, bo, bi, dual)
                 ] or C.SDDMM_CONFIGS
 
     # the M split depends on the live-block count: part of the key

@@ -52,13 +52,13 @@ class DwTile(NamedTuple):
     bm: int  # M rows per step
     num_warps: int
     num_stages: int
-    tma: int = 0  # tiles loaded by TMA
+    variant: int = 0  # 1: tiles loaded by TMA
     blocks: int = 1  # live blocks of a block row per program (G)
     of = classmethod(_of)
 
 
 def _records(cls, configs):
-    return [cls(*c) for c in configs]
+    return [cls.of(c) for c in configs]
 
 
 # small tuning spaces; the first entry is the untuned default
@@ -147,12 +147,13 @@ def _pre_fits(cfg, bh, gated):
 def _for_m(configs, m):
     """The configs worth timing at M rows: a group holding every M tile is the launch order, so such a
     grouped config would only repeat its launch-order twin (never empty: a forced list stays)."""
-    return [c for c in configs if Tile.of(c).group < cdiv(_hint(m), Tile.of(c).bm)] or configs
+    return [c for c in configs if (t := Tile.of(c)).group < cdiv(_hint(m), t.bm)] or configs
 
 
-def _with_tma(configs, var, ok):
-    """The configs to tune over: without TMA its variants (``var`` and above) would only repeat the wide ones."""
-    return [c for c in configs if Tile.of(c).variant < var or ok] or configs
+def _with_tma(configs, var, ok, cls=Tile):
+    """The configs to tune over: without TMA its variants (``var`` and above) would only repeat the wide ones.
+    ``cls``: the configs' record (``Tile``, or ``DwTile`` for dW, whose TMA variant is 1)."""
+    return [c for c in configs if cls.of(c).variant < var or ok] or configs
 
 
 def _candidates(configs, var, tma_ok, m):

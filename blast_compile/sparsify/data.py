@@ -48,21 +48,11 @@ def _unquantized(model: nn.Module) -> nn.Module:
     cfg = model.config.__class__.from_dict({k: v for k, v in model.config.to_dict().items()
                                             if k != "quantization_config"})
     plain = type(model)(cfg).to(torch.float32)
-    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
-    if unexpected or [k for k in missing if k not in _tied(plain)]:
-        raise SparsifyError("MODEL", f"dequantized weights do not fit {type(model).__name__}: "
-                                     f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    try:  # (a state dict holds tied weights under each of their names: strict loading keeps them tied)
+        plain.load_state_dict(model.state_dict())
+    except RuntimeError as e:
+        raise SparsifyError("MODEL", f"dequantized weights do not fit {type(model).__name__}: {e}") from e
     return plain.eval() if not model.training else plain
-
-
-def _tied(model: nn.Module) -> set:
-    """Names of parameters that share their tensor with an earlier one (tied embeddings)."""
-    seen, tied = {}, set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.add(name)
-        seen.setdefault(id(p), name)
-    return tied
 
 
 def load_tokenizer(path: str):
