@@ -199,15 +199,17 @@ def _finished(out: str, tokens: int):
 
 def table(reps: dict) -> str:
     dense = reps.get("dense", {}).get("ppl_final")
-    lines = ["| run | tokens | held-out ppl (each set) | vs dense | achieved | train s | tok/s by phase |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | tokens | kept at (validation ppl) | held-out ppl (each set) | vs dense | achieved | train s | "
+             "tok/s by phase |", "|---|---|---|---|---|---|---|---|"]
     for name, r in reps.items():
         if "ppl_final" not in r:
-            lines.append(f"| {name} | {r.get('status')} | | | | | |")
+            lines.append(f"| {name} | {r.get('status')} | | | | | | |")
             continue
         ppl = ", ".join(f"{k} {v:.3f}" for k, v in r["ppl_final"].items())
         vs = ", ".join(f"{k} {100 * (v / dense[k] - 1):+.1f}%" for k, v in r["ppl_final"].items()) if dense else ""
-        lines.append(f"| {name} | {r['tokens_trained']:,} | {ppl} | {vs} | {r.get('achieved_sparsity', 0):.3f} | "
+        k = r.get("kept") or {}
+        kept = f"{k['tokens']:,} ({k['val']:.3f})" if k.get("val") is not None else "last"
+        lines.append(f"| {name} | {r['tokens_trained']:,} | {kept} | {ppl} | {vs} | {r.get('achieved_sparsity', 0):.3f} | "
                      f"{r['train_s']:.0f} | " + ", ".join(f"{k} {v:,.0f}" for k, v in r["tok_s"].items()) + " |")
     return "\n".join(lines)
 

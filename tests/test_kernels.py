@@ -650,6 +650,89 @@ def test_interp_backward_nonfinite_rows_like_eager(act, gated):
             torch.testing.assert_close(g[k], ref.grad, equal_nan=True, rtol=1e-4, atol=1e-4, msg=k)
 
 
+@interp
+def test_interp_memcheck_catches_an_overrun():
+    """The checker itself: a load one element past a tensor's storage is caught (else the test below could
+    not fail)."""
+    import triton
+    import triton.language as tl
+
+    from memcheck import memcheck
+
+    @triton.jit
+    def copy(src, dst, n, EXTRA: tl.constexpr):
+        i = tl.arange(0, 8)
+        tl.store(dst + i, tl.load(src + i, mask=i < n + EXTRA), mask=i < n)
+
+    src, dst = torch.arange(5, dtype=torch.float32), torch.zeros(5)
+    with memcheck():
+        copy[(1,)](src, dst, 5, EXTRA=0)
+        assert torch.equal(dst, src)
+        with pytest.raises(Exception, match="outside every tensor argument"):
+            copy[(1,)](src, dst, 5, EXTRA=1)
+
+
+MEMCHECK_CASES = 48
+
+
+@interp
+def test_interp_kernels_stay_in_bounds(monkeypatch):
+    """Every kernel's every access inside its arguments (``memcheck``), over random MLPs as the property tests
+    draw them (d_out != d_in, blocks wider than the layer, ragged edges, decode and prefill M, fp16/fp32,
+    with and without biases) and, in each case, a random launch config from every candidate list the tuner
+    weighs, either decode path and each way the forward keeps H for the backward. Seeded: a failure names
+    its case."""
+    import random
+
+    from memcheck import checked, memcheck
+
+    r = random.Random(0)
+    chosen = []
+
+    def choose(kind, sig, m, configs_, run, **kw):  # (what the tuner would time: any of them may be picked)
+        cfg = r.choice(list(configs_() if callable(configs_) else configs_))
+        chosen.append((kind, cfg))
+        return cfg
+
+    monkeypatch.setattr(tune, "_choose", choose)
+    monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
+    n0 = checked[0]
+    for i in range(MEMCHECK_CASES):
+        d, h, d_out = r.randint(1, 80), r.randint(1, 96), r.randint(1, 80)
+        block = (r.choice((16, 32, 64, 128)), r.choice((16, 32, 64, 128)))
+        gated, bias, keep = r.random() < 0.5, r.random() < 0.5, r.choice((0, 1, 2))
+        m, dtype = r.choice((1, 5, 16, 17, 40)), r.choice((torch.float32, torch.float16))
+        act, path = r.choice(("relu", "silu", "gelu_tanh", "relu2")), r.choice(("sliced", "splitk"))
+        monkeypatch.setattr(configs, "DECODE_PATH", path)
+        chosen.clear()
+        g = torch.Generator().manual_seed(i)
+
+        def w(o, k, bo, bi):
+            t = torch.randn(o, k, generator=g, dtype=torch.float64) / k ** 0.5
+            return (t * expand_mask(random_block_mask(cdiv(o, bo), cdiv(k, bi), 0.6, g), bo, bi, t.shape)).to(dtype)
+
+        def b(n):
+            return (torch.randn(n, generator=g, dtype=torch.float64) * 0.1).to(dtype) if bias else None
+
+        p = dict(w1=w(h, d, *block), b1=b(h), w3=w(h, d, *block) if gated else None, b3=b(h) if gated else None,
+                 w2=w(d_out, h, *block[::-1]), b2=b(d_out))
+        x = torch.randn(m, d, generator=g).to(dtype)
+        case = f"case {i}: d={d} h={h} d_out={d_out} block={block} gated={gated} bias={bias} M={m} {dtype} {act} " \
+               f"{path} keep={keep}"
+        with memcheck():
+            try:
+                plan = plan_for(x, p, act, block)
+                y = triton_mlp.forward(x, *args(p), plan, act, keep)
+                y, s = y if keep else (y, None)
+                torch.testing.assert_close(y, dense_mlp(x, *args(p), act), **tol(dtype))
+                s = s.reshape(s.shape[0], -1, s.shape[-1]) if keep else None
+                triton_mlp.backward(torch.randn(m, d_out, generator=g).to(dtype), x, *args(p), plan, act,
+                                    [True] * 7, s)
+            except Exception as e:
+                raise AssertionError(f"{case}; configs {chosen}: {e}") from e
+    assert checked[0] - n0 > 1000  # (the checker saw the launches)
+
+
 def test_interpreter_suite(tmp_path):
     if INTERP:
         pytest.skip("already in the interpreter child")

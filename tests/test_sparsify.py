@@ -153,6 +153,9 @@ def no_mlp_model(tmp_path_factory):
     ("compile", {"--compile": "fast"}, "--compile", "'fast' is not one of"),
     ("freeze", {"--freeze-last": "1"}, "--freeze-last", "outside [0, 1)"),
     ("skip", {"--skip-layers": "7"}, "--skip-layers", "the model has 2 decoder layers"),
+    ("val fraction", {"--val-fraction": "0.7"}, "--val-fraction", "0.7 is outside [0, 0.5)"),
+    ("keep", {"--keep": "worst"}, "--keep", "'worst' is not best or last"),
+    ("keep best, no validation", {"--val-fraction": "0"}, "--keep", "needs a validation split"),
     ("seq>positions", {"--seq": "256", "--tokens": "4096"}, "--seq", "longer than the model's 128 positions"),
     ("missing text", {"@": "missing"}, "TEXT", "cannot read"),
     ("binary text", {"@": "binary"}, "TEXT", "is not UTF-8 text"),
@@ -221,3 +224,26 @@ def test_a_model_loaded_from_gguf_is_saved_as_a_plain_model(files, tmp_path):
         torch.testing.assert_close(plain(ids).logits, ref)
         torch.testing.assert_close(back(ids).logits, ref)
     assert data._unquantized(back) is back  # (an unmarked model is returned as it is)
+
+
+def test_keep_best_saves_the_best_validation_point(files, tmp_path):
+    """A run that overfits (a learning rate far too high for its text) saves the model of its lowest
+    validation perplexity, not its last one: the reported held-out perplexity is that point's, and the
+    validation tokens are the training text's tail, never trained on. ``--keep last`` saves the last."""
+    o = dict(dense_baseline=True, sparsity=None, lr=0.3, warmup=0.0, schedule="constant", eval_points=4)
+    rep = run(_opts(files, tmp_path / "best", **o))
+    vals = [c["val"] for c in rep["curve"]]
+    k = rep["kept"]
+    assert k["which"] == "best" and k["val"] == min(vals)
+    at = next(c for c in rep["curve"] if c["tokens"] == k["tokens"])
+    assert k["tokens"] != rep["curve"][-1]["tokens"], vals  # (else this run does not test the restore)
+    for name, v in rep["ppl_final_eager"].items():
+        assert v == pytest.approx(at["ppl"][name], rel=1e-5)
+    assert not (tmp_path / "best" / "best.safetensors").exists()
+    from blast_compile.sparsify.report import render
+
+    text = render(rep)
+    assert f"kept: {k['tokens']:,} tokens, best validation" in text and "last (not kept)" in text
+    last = run(_opts(files, tmp_path / "last", keep="last", **o))
+    assert last["kept"]["which"] == "last" and last["ppl_final_eager"] == last["curve"][-1]["ppl"]
+    assert [c["val"] for c in last["curve"]] == vals

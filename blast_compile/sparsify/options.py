@@ -56,6 +56,8 @@ class Options:
     compile_sparse: Optional[bool] = None  # hand the frozen-mask phase to backend="blast" (None: when compiling)
     blast_min_sparsity: Optional[float] = None  # backend option min_sparsity (None: the backend's default)
     eval_points: int = 8                  # held-out evaluations over the run (the curve)
+    val_fraction: float = 0.02            # tail of the training tokens kept out of training to choose the model
+    keep: str = "best"                    # the model saved: best (lowest validation ppl at the final masks) or last
     checkpoint_every: int = 0             # tokens between checkpoints (0: a quarter of the budget)
     resume: bool = False
     stop_at: int = 0                      # stop after this many tokens with a checkpoint (0: run to the end)
@@ -69,7 +71,7 @@ class Options:
     # options that define a run: a checkpoint resumes only under the same ones
     RUN_KEYS = ("model", "sparsity", "dense_baseline", "tokens", "seq", "batch", "lr", "schedule", "warmup",
                 "min_lr", "weight_decay", "block", "freeze_last", "mask_updates", "score", "refit", "calib_tokens",
-                "distill", "regrow", "skip_layers", "train", "seed")
+                "distill", "regrow", "skip_layers", "train", "seed", "val_fraction")
 
     @property
     def distill_weight(self) -> float:
@@ -111,6 +113,13 @@ def check(o: Options, files: bool = True) -> None:
         if not (isinstance(v, (int, float)) and lo <= v < hi) or (name == "--eval-fraction" and v == 0):
             raise SparsifyError(name, f"{v!r} is outside [{lo}, {hi})" if name != "--eval-fraction"
                                 else f"{v!r} is outside (0, 0.5)")
+    if not (isinstance(o.val_fraction, (int, float)) and 0 <= o.val_fraction < 0.5):
+        raise SparsifyError("--val-fraction", f"{o.val_fraction!r} is outside [0, 0.5)")
+    if o.keep not in ("best", "last"):
+        raise SparsifyError("--keep", f"{o.keep!r} is not best or last")
+    if o.keep == "best" and o.val_fraction == 0:
+        raise SparsifyError("--keep", "best needs a validation split to choose by: --val-fraction > 0 "
+                                      "(or --keep last)")
     if o.weight_decay < 0:
         raise SparsifyError("--weight-decay", f"{o.weight_decay} must be >= 0")
     if o.distill is not None and not o.distill >= 0:
@@ -250,6 +259,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blast-min-sparsity", type=_number(float), default=None,
                    help="backend option min_sparsity for the frozen-mask phase")
     p.add_argument("--eval-points", type=_number(int), default=d.eval_points, help="held-out evaluations over the run")
+    p.add_argument("--val-fraction", type=_number(float), default=d.val_fraction,
+                   help="tail of the training tokens held out as a validation set: it chooses the saved model "
+                        "(--keep best), never the held-out sets the report measures (0: none)")
+    p.add_argument("--keep", default=d.keep,
+                   help="the model saved and reported: best (lowest validation perplexity among the evaluations "
+                        "with the final masks; a small text is overfit long before a large budget ends) or last")
     p.add_argument("--checkpoint-every", type=_tokens, default=d.checkpoint_every,
                    help="tokens between checkpoints (0: a quarter of the budget)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors if there is one")

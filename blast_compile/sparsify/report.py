@@ -86,13 +86,20 @@ def render(report: dict, max_layers: int = 12) -> str:
     con = Console(width=120)
     with con.capture() as cap:
         kind = "dense baseline" if report["dense_baseline"] else f"{report['target_sparsity']:.0%} block-sparse MLPs"
+        kept = report.get("kept") or {}
+        last = report.get("ppl_last") if kept.get("tokens") != report["tokens_trained"] else None
+        at = f"kept: {kept['tokens']:,} tokens, best validation" if kept.get("which") == "best" else "final"
         t = Table(title=f"held-out perplexity: {kind}, {report['tokens_trained']:,} tokens")
-        for c in ("set", "pretrained", "final", "change"):
+        for c in ("set", "pretrained", at, "change") + (("last (not kept)",) if last else ()):
             t.add_column(c, justify="right")
         for name, p0 in report["ppl_pretrained"].items():
             p1 = report["ppl_final"][name]
-            t.add_row(name, f"{p0:.3f}", f"{p1:.3f}", f"{100 * (p1 / p0 - 1):+.1f}%")
+            t.add_row(name, f"{p0:.3f}", f"{p1:.3f}", f"{100 * (p1 / p0 - 1):+.1f}%",
+                      *((f"{last[name]:.3f}",) if last else ()))
         con.print(t)
+        if report.get("passes") and report["passes"] > 2:
+            con.print(f"the budget was {report['passes']:.1f} passes over {report['train_tokens_available']:,} "
+                      "training tokens")
         if report.get("live_by_layer"):
             t = Table(title=f"live blocks per layer ({report['block']}x{report['block']}), overall sparsity "
                             f"{report['achieved_sparsity']:.1%}")

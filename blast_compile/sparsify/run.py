@@ -33,6 +33,7 @@ from .report import bench_mlp, live_by_layer, perplexity, plot_curves
 log = logging.getLogger("blast_compile.sparsify")
 
 CHECKPOINT = "checkpoint.safetensors"
+BEST = "best.safetensors"  # the weights of the best validation point so far (--keep best)
 WARMUP_STEPS = 3  # steps after a compile left out of tokens/s
 LOG_EVERY = 10  # steps between loss reads (each one waits for the GPU)
 
@@ -146,6 +147,75 @@ def _interruptible():
         signal.signal(signal.SIGINT, old)
 
 
+def split_validation(train_ids: torch.Tensor, o: Options):
+    """(training ids, validation ids or None): the last ``val_fraction`` of the training tokens (at least one
+    window) held out of training. It chooses the kept model; the report's held-out sets never do."""
+    if not o.val_fraction:
+        return train_ids, None
+    n = train_ids.numel()
+    n_val = max(int(n * o.val_fraction), o.seq + 1)
+    if n - n_val < o.seq + 1:
+        raise SparsifyError("--val-fraction", f"the training text has {n:,} tokens: too few for a validation "
+                                              f"split of {n_val:,} and one training window (--val-fraction 0 "
+                                              "--keep last: no validation)")
+    train_ids, val_ids = train_ids[: n - n_val], train_ids[n - n_val:]
+    passes = o.tokens / train_ids.numel()
+    if passes > 2:
+        log.warning("--tokens %s is %.1f passes over the %s training tokens: the model will likely overfit "
+                    "them; %s", f"{o.tokens:,}", passes, f"{train_ids.numel():,}",
+                    "the saved model is the one with the best validation perplexity (--keep best)"
+                    if o.keep == "best" else "with --keep last the saved model is the overfit one")
+    return train_ids, val_ids
+
+
+class Best:
+    """Validation perplexity at each evaluation, and (``--keep best``) the weights of the best point that
+    is eligible (final masks), in OUT/best.safetensors or, without OUT, in memory."""
+
+    def __init__(self, o: Options, model: nn.Module, val_ids, dev, amp):
+        self.o, self.model, self.val_ids, self.dev, self.amp = o, model, val_ids, dev, amp
+        self.path = os.path.join(o.out, BEST) if o.out else None
+        self.mem = None
+
+    def ppl(self) -> Optional[float]:
+        if self.val_ids is None:
+            return None
+        return perplexity(self.model, self.val_ids, self.o.seq, self.o.batch, self.dev, self.amp)
+
+    def offer(self, state: dict, point: dict, final: bool) -> bool:
+        """Keep ``point``'s weights if they are the best eligible so far; True when kept."""
+        if self.o.keep != "best" or point["val"] is None or not final or not math.isfinite(point["val"]):
+            return False
+        if state.get("best") is not None and point["val"] >= state["best"]["val"]:
+            return False
+        import safetensors.torch
+
+        if self.path:
+            safetensors.torch.save_model(self.model, self.path)
+        else:
+            self.mem = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        state["best"] = {"tokens": point["tokens"], "val": point["val"], "ppl": point["ppl"]}
+        return True
+
+    def restore(self, state: dict) -> Optional[dict]:
+        """At the end: the best weights back into the model unless the last point is the best. Returns
+        what the report says about the kept model."""
+        last = state["curve"][-1] if state["curve"] else {}
+        if self.o.keep != "best" or state.get("best") is None:
+            return {"which": "last", "tokens": last.get("tokens"), "val": last.get("val")}
+        b = state["best"]
+        if b["tokens"] != last.get("tokens"):
+            import safetensors.torch
+
+            if self.path:
+                safetensors.torch.load_model(self.model, self.path, device=str(self.dev))
+            else:
+                self.model.load_state_dict(self.mem)
+            log.info("kept the model of %s tokens (validation ppl %.3f; the last point's: %.3f)",
+                     f"{b['tokens']:,}", b["val"], last.get("val", float("nan")))
+        return {"which": "best", "tokens": b["tokens"], "val": b["val"]}
+
+
 def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_ids: Optional[torch.Tensor] = None,
         evals: Optional[Dict[str, torch.Tensor]] = None) -> dict:
     """Run ``o``; returns the report (also written to ``o.out``/report.json). ``model``/``tokenizer``/
@@ -168,6 +238,7 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
         tokenizer = load_tokenizer(o.model)
     if train_ids is None:
         train_ids, evals = load_data(o, tokenizer, model.get_input_embeddings().num_embeddings)
+    train_ids, val_ids = split_validation(train_ids, o)
     if o.out:
         os.makedirs(o.out, exist_ok=True)
     tps = o.batch * o.seq
@@ -206,8 +277,10 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
                              freeze_last=o.freeze_last, update_every=max(1, ramp // o.mask_updates), optimizer=opt,
                              score=o.score, regrow=o.regrow, layers=mlp_layers(model, o.skip_layers),
                              reconstruct=o.refit, calibrate=calibrate if (o.score == "activation" or o.refit) else None)
-    state = {"step": 0, "curve": [], "losses": [], "meter": {}, "train_s": 0.0, "ppl_pretrained": None}
+    state = {"step": 0, "curve": [], "losses": [], "meter": {}, "train_s": 0.0, "ppl_pretrained": None,
+             "best": None}
     path = os.path.join(o.out, CHECKPOINT) if o.out else None
+    best = Best(o, model, val_ids, dev, amp)
     if o.resume and path and os.path.exists(path):
         tensors, meta = ckpt.load(path)
         saved = meta["state"]["options"]
@@ -221,7 +294,9 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
         log.info("--resume: no checkpoint in %s, starting from the pretrained model", o.out)
     if state["ppl_pretrained"] is None:
         state["ppl_pretrained"] = {k: perplexity(model, v, o.seq, o.batch, dev, amp) for k, v in evals.items()}
-        state["curve"].append({"tokens": 0, "ppl": dict(state["ppl_pretrained"]), "sparsity": 0.0})
+        state["curve"].append({"tokens": 0, "ppl": dict(state["ppl_pretrained"]), "sparsity": 0.0,
+                               "val": best.ppl()})
+        best.offer(state, state["curve"][-1], final=dense)  # (fine-tuning may only make a dense model worse)
         log.info("pretrained held-out perplexity: %s",
                  ", ".join(f"{k} {v:.3f}" for k, v in state["ppl_pretrained"].items()))
 
@@ -290,9 +365,15 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
             if (step + 1) * o.eval_points // steps > step * o.eval_points // steps:
                 meter.stop()
                 ppl = {k: perplexity(model, v, o.seq, o.batch, dev, amp) for k, v in evals.items()}
-                state["curve"].append({"tokens": (step + 1) * tps, "ppl": ppl, "sparsity": sp.sparsity() if sp else 0.0})
-                (bar.write if o.progress else log.info)(f"{(step + 1) * tps:,} tokens: held-out ppl "
-                                                        + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
+                point = {"tokens": (step + 1) * tps, "ppl": ppl, "sparsity": sp.sparsity() if sp else 0.0,
+                         "val": best.ppl()}
+                state["curve"].append(point)
+                # only a model with the final masks may be kept (the dense baseline: any)
+                kept = best.offer(state, point, final=sp is None or sp.frozen)
+                (bar.write if o.progress else log.info)(
+                    f"{(step + 1) * tps:,} tokens: held-out ppl " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items())
+                    + (f"; validation {point['val']:.3f}" + (" (best so far: kept)" if kept else "")
+                       if point["val"] is not None else ""))
             done = (step + 1) * tps
             if step + 1 < steps and ((o.stop_at and done >= o.stop_at) or interrupted()):
                 save_checkpoint(step + 1)
@@ -304,9 +385,11 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
     meter.stop()
     bar.close()
     train_s = state["train_s"] + time.perf_counter() - t_loop
+    state["kept"] = best.restore(state)
     return _finish(o, model, tokenizer, sp, evals, state, meter, dict(
         steps=steps, tokens_trained=steps * tps, train_s=train_s, dev=dev, amp=amp, mode=mode,
-        compile_sparse=compile_sparse, t_start=t_start, path=path, compare=compare))
+        compile_sparse=compile_sparse, t_start=t_start, path=path, compare=compare,
+        train_available=int(train_ids.numel()), passes=steps * tps / train_ids.numel()))
 
 
 def _read_report(path: str) -> dict:
@@ -332,6 +415,8 @@ def _finish(o, model, tokenizer, sp, evals, state, meter, info) -> dict:
            "steps": info["steps"], "tokens_trained": info["tokens_trained"], "train_s": info["train_s"],
            "tok_s": meter.tok_s(), "ppl_pretrained": state["ppl_pretrained"], "curve": state["curve"],
            "losses": state["losses"], "distill": o.distill_weight,
+           "kept": state.get("kept"), "ppl_last": state["curve"][-1]["ppl"] if state["curve"] else None,
+           "train_tokens_available": info.get("train_available"), "passes": info.get("passes"),
            # first step through backend="blast": its LM loss against eager on the same batch and weights
            "blast_vs_eager_lm": state.get("blast_vs_eager_lm")}
     if getattr(model, "config", None) is not None:
@@ -381,9 +466,10 @@ def _finish(o, model, tokenizer, sp, evals, state, meter, info) -> dict:
             json.dump(rep, f, indent=1, default=str)
         if o.curve:
             plot_curves([rep, *info["compare"]], os.path.join(o.out, "curve.png"), os.path.join(o.out, "curve.json"))
-        if info["path"] and os.path.exists(info["path"]):
-            os.remove(info["path"])  # (the run is complete: the model and report replace it)
+        for f in (info["path"], os.path.join(o.out, BEST)):
+            if f and os.path.exists(f):
+                os.remove(f)  # (the run is complete: the model and report replace them)
     return rep
 
 
-__all__ = ["run", "Objective", "distill_loss", "lr_at", "Meter", "CHECKPOINT"]
+__all__ = ["run", "Objective", "distill_loss", "lr_at", "Meter", "Best", "split_validation", "CHECKPOINT"]
