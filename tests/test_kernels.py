@@ -739,7 +739,7 @@ def test_interpreter_suite(tmp_path):
     env = dict(os.environ, TRITON_INTERPRET="1", BLAST_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "interp_",
                         os.path.join(ROOT, "tests", "test_kernels.py")],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1], r.stdout[-2000:]
 
