@@ -3,7 +3,7 @@ property tests of test_property.py, small. GPU-only (``@pytest.mark.gpu``)."""
 import pytest
 import torch
 import torch.nn as nn
-from hypothesis import given, settings, strategies as st
+from hypothesis import Phase, given, settings, strategies as st
 from torch._dynamo.utils import counters
 
 from blast_compile import compress as C
@@ -26,6 +26,17 @@ F16 = torch.float16
 def _untuned(monkeypatch):
     """Each example is a new sparsity pattern, so new kernels: compile them, but tune none."""
     monkeypatch.setenv("BLAST_TUNE", "0")
+
+
+# A CUDA fault (an illegal address) kills the process's CUDA context: every later example then fails while it is
+# drawn, shrinking cannot run and hypothesis reports a flaky strategy instead of the example. So the GPU property
+# tests do not shrink, and each example says what it is first (pytest shows it with the failure).
+_GPU_PROP = dict(_FAST, phases=(Phase.explicit, Phase.reuse, Phase.generate), report_multiple_bugs=False)
+
+
+def _say(m, **kw):
+    desc = {k: m[k] for k in ("d", "h", "d_out", "block", "gated", "bias", "zero", "sparsity", "seed", "dtype")}
+    print("example:", desc, kw, flush=True)
 
 
 def _cuda(m, dtype=torch.float32):
@@ -186,10 +197,11 @@ def test_gpu_zero_rows(lead):
 
 # --- the property tests, on the GPU (few examples: every pattern compiles its own kernels) -----------------
 
-@settings(max_examples=12, **_FAST)
+@settings(max_examples=12, **_GPU_PROP)
 @given(m=mlps(device=CUDA, dtypes=(F16,)), act=st.sampled_from(ACTS), rows=st.sampled_from([(0,), (1,), (5,), (2, 3)]),
        poison=st.sampled_from([None, None, NAN]), data=st.data())
 def test_gpu_property_op_values_and_gradients(m, act, rows, poison, data):
+    _say(m, act=act, rows=rows, poison=poison)
     p, block = m["p"], m["block"]
     if poison is not None:
         _poison(data.draw, m, poison)
@@ -205,10 +217,11 @@ def test_gpu_property_op_values_and_gradients(m, act, rows, poison, data):
         _close(a, b, F16, msg=f"gradient {i}")
 
 
-@settings(max_examples=8, **_FAST)
+@settings(max_examples=8, **_GPU_PROP)
 @given(m=mlps(device=CUDA, dtypes=(torch.float32,)), act=st.sampled_from(ACTS), opt=st.sampled_from(sorted(PROP_OPTS)),
        steps=st.integers(1, 3), revive=st.booleans())
 def test_gpu_property_fused_optimizer_steps(m, act, opt, steps, revive):
+    _say(m, act=act, opt=opt, steps=steps, revive=revive)
     p, block = m["p"], m["block"]
     params = {k: torch.nn.Parameter(v) for k, v in p.items() if v is not None}
     p = {k: params.get(k) for k in p}
@@ -224,10 +237,11 @@ def test_gpu_property_fused_optimizer_steps(m, act, opt, steps, revive):
         o.step()
 
 
-@settings(max_examples=8, **_FAST)
+@settings(max_examples=8, **_GPU_PROP)
 @given(m=mlps(device=CUDA, dtypes=(F16,)), act=st.sampled_from(ACTS), rows=st.sampled_from([(0,), (1,), (4,)]),
        poison=st.sampled_from([None, None, NAN]), data=st.data())
 def test_gpu_property_compressed_mlp(m, act, rows, poison, data):
+    _say(m, act=act, rows=rows, poison=poison)
     if poison is not None:
         _poison(data.draw, m, poison)
     lin = _compressed(m, act)

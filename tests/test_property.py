@@ -37,7 +37,8 @@ FUSED_OPTS = {
 @st.composite
 def mlps(draw, device="cpu", dtypes=(torch.float64, torch.float32)):
     """An MLP as the op receives it: shapes, block, weights with dead blocks / rows / columns."""
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
     d = draw(st.integers(1, 80))
     h = draw(st.integers(1, 96))
     d_out = draw(st.integers(1, 80))
@@ -70,7 +71,8 @@ def mlps(draw, device="cpu", dtypes=(torch.float64, torch.float32)):
     elif zero == "none":
         pass
     p = {k: (v.to(dtype=dtype, device=device) if v is not None else None) for k, v in p.items()}
-    return dict(p=p, block=(bh, bd), d=d, h=h, d_out=d_out, units=units, zero=zero, dtype=dtype)
+    return dict(p=p, block=(bh, bd), d=d, h=h, d_out=d_out, units=units, zero=zero, dtype=dtype,
+                seed=seed, sparsity=sparsity, gated=gated, bias=bias)
 
 
 def _key(p, act, block):
