@@ -680,8 +680,9 @@ def test_interp_kernels_stay_in_bounds(monkeypatch):
     """Every kernel's every access inside its arguments (``memcheck``), over random MLPs as the property tests
     draw them (d_out != d_in, blocks wider than the layer, ragged edges, decode and prefill M, fp16/fp32,
     with and without biases) and, in each case, a random launch config from every candidate list the tuner
-    weighs, either decode path and each way the forward keeps H for the backward. Seeded: a failure names
-    its case."""
+    weighs, either decode path and each way the forward keeps H for the backward; outputs and every gradient
+    against eager. ``torch.empty`` hands out NaN (ints: -7) instead of the CPU's usual zeros, so a kernel that
+    reads memory nobody wrote fails here as it would on a GPU. Seeded: a failure names its case."""
     import random
 
     from memcheck import checked, memcheck
@@ -694,6 +695,13 @@ def test_interp_kernels_stay_in_bounds(monkeypatch):
         chosen.append((kind, cfg))
         return cfg
 
+    def garbage(t):
+        return t.fill_(float("nan") if t.is_floating_point() else -7)
+
+    empty, empty_like, new_empty = torch.empty, torch.empty_like, torch.Tensor.new_empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: garbage(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: garbage(empty_like(*a, **k)))
+    monkeypatch.setattr(torch.Tensor, "new_empty", lambda self, *a, **k: garbage(new_empty(self, *a, **k)))
     monkeypatch.setattr(tune, "_choose", choose)
     monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
     n0 = checked[0]
@@ -726,8 +734,17 @@ def test_interp_kernels_stay_in_bounds(monkeypatch):
                 y, s = y if keep else (y, None)
                 torch.testing.assert_close(y, dense_mlp(x, *args(p), act), **tol(dtype))
                 s = s.reshape(s.shape[0], -1, s.shape[-1]) if keep else None
-                triton_mlp.backward(torch.randn(m, d_out, generator=g).to(dtype), x, *args(p), plan, act,
-                                    [True] * 7, s)
+                dy = torch.randn(m, d_out, generator=g).to(dtype)
+                got = triton_mlp.backward(dy, x, *args(p), plan, act, [True] * 7, s)
+                names = [k for k in ("x", "w1", "b1", "w3", "b3", "w2", "b2") if k == "x" or p[k] is not None]
+                ins = [(x if k == "x" else p[k]).detach().clone().requires_grad_(True) for k in names]
+                ref = dict(zip(names, ins))
+                want = torch.autograd.grad(dense_mlp(ref["x"], *(ref.get(k) for k in ("w1", "b1", "w3", "b3", "w2",
+                                                                                      "b2")), act), ins, dy)
+                t = tol(dtype)
+                for k, v in zip(names, want):
+                    torch.testing.assert_close(got[k].float(), v.float(), rtol=t["rtol"], atol=t["atol"] * 4,
+                                               msg=lambda e, k=k: f"d{k}: {e}")
             except Exception as e:
                 raise AssertionError(f"{case}; configs {chosen}: {e}") from e
     assert checked[0] - n0 > 1000  # (the checker saw the launches)
