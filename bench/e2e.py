@@ -164,6 +164,7 @@ def main():
         outs = {}
         for name, cc in variants.items():
             torch._dynamo.reset()
+            counters.clear()
             try:
                 if isinstance(cc, str):
                     tps, outs[name] = gen_tps(model, ids, args.new, None, device, args.reps,
@@ -176,7 +177,9 @@ def main():
             if name.startswith("blast"):
                 res["decode"][f"batch{b}"][f"{name}_mlps_fused"] = counters["blast"]["mlp_fused"]
                 res["decode"][f"batch{b}"][f"{name}_mlps_lowered"] = counters["blast"]["lowered"]
-                counters.clear()
+                # (a graph that fell back to the host path, or recompiled, explains a slow row)
+                res["decode"][f"batch{b}"][f"{name}_blast_counters"] = dict(counters["blast"])
+            res["decode"][f"batch{b}"][f"{name}_dynamo_stats"] = dict(counters["stats"])
             print(f"decode batch {b} {name}: {res['decode'][f'batch{b}'][name]}", flush=True)
         if "blast" in outs and "inductor" in outs:
             # greedy tokens agree for most positions (bf16 ties can flip late tokens)
