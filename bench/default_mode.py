@@ -10,6 +10,8 @@ shape and M, in one process:
 * ``blast_opaque``: ``backend="blast", options={"lower": False}`` (the opaque op with Python per call);
 * ``blast_splitk`` / ``blast_splitk_ro``: ``blast`` / ``blast_ro`` with the lowered decode on split-K
   (``configs.DECODE_PATH = "splitk"``) instead of the sliced path;
+* ``inductor_cpp`` / ``blast_cpp``: ``inductor`` / ``blast`` with ``torch._inductor.config.cpp_wrapper = True``
+  (Inductor's wrapper in C++: its launches, ours included, without Python per kernel);
 * ``blast_aoti`` / ``inductor_aoti``: AOTInductor packages (``blast_compile.export.aoti_package`` / plain
   ``torch.export``), loaded with ``aoti_load_package`` (static shapes).
 
@@ -107,6 +109,9 @@ MODES = {
     # the lowered decode on split-K (configs.DECODE_PATH; its scratch zeroed per call) instead of sliced
     "blast_splitk": dict(backend="blast", decode_path="splitk"),
     "blast_splitk_ro": dict(backend="blast", mode="reduce-overhead", decode_path="splitk"),
+    # Inductor's wrapper code in C++ instead of Python (default mode's host cost is the launches)
+    "inductor_cpp": dict(backend="inductor", cpp_wrapper=True),
+    "blast_cpp": dict(backend="blast", cpp_wrapper=True),
     "blast_aoti": "aoti",  # blast_compile.export.aoti_package, loaded with aoti_load_package
     "inductor_aoti": "aoti",  # the dense model through plain torch.export + AOTInductor
 }
@@ -169,9 +174,10 @@ def main():
                 row = dict(shape=shape, m=m, mode=mode)
                 try:
                     kw = MODES[mode]
-                    if isinstance(kw, dict) and "decode_path" in kw:
+                    if isinstance(kw, dict):
                         kw = dict(kw)
-                        configs.DECODE_PATH = kw.pop("decode_path")
+                        configs.DECODE_PATH = kw.pop("decode_path", "")
+                        torch._inductor.config.cpp_wrapper = kw.pop("cpp_wrapper", False)
                     if kw == "aoti":
                         fn = aoti(model, x, mode)
                     else:
@@ -194,6 +200,7 @@ def main():
                     row["error"] = f"{type(e).__name__}: {str(e)[:400]}"
                 finally:
                     configs.DECODE_PATH = ""
+                    torch._inductor.config.cpp_wrapper = False
                 res["rows"].append(row)
                 print(row, flush=True)
         del model
