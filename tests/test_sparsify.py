@@ -247,3 +247,29 @@ def test_keep_best_saves_the_best_validation_point(files, tmp_path):
     last = run(_opts(files, tmp_path / "last", keep="last", **o))
     assert last["kept"]["which"] == "last" and last["ppl_final_eager"] == last["curve"][-1]["ppl"]
     assert [c["val"] for c in last["curve"]] == vals
+
+
+def test_keep_best_never_restores_weights_of_another_point(tmp_path):
+    """best.safetensors names the point it holds: a run killed after saving a new best but before its next
+    checkpoint resumes with the older best in its state, and keeps the last model rather than restore those
+    weights under the older point's name."""
+    from blast_compile.sparsify.run import Best
+
+    model = torch.nn.Linear(4, 4)
+    best = Best(Options(out=str(tmp_path)), model, None, "cpu", False)
+    state = {"best": None, "curve": []}
+    w = model.weight.detach().clone()
+    point = {"tokens": 100, "val": 2.0, "ppl": {}}
+    assert best.offer(state, point, final=True) and state["best"]["tokens"] == 100
+    assert not best.offer(state, {"tokens": 150, "val": 2.5, "ppl": {}}, final=True)  # (worse: not kept)
+    assert not best.offer(state, {"tokens": 160, "val": float("nan"), "ppl": {}}, final=True)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    state["curve"] = [point, {"tokens": 200, "val": 3.0}]
+    assert best.restore(dict(state)) == {"which": "best", "tokens": 100, "val": 2.0}
+    torch.testing.assert_close(model.weight, w)  # (the kept point's weights are back)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    stale = dict(state, best={"tokens": 50, "val": 1.5, "ppl": {}})  # (the state of an older checkpoint)
+    assert best.restore(stale)["which"] == "last"
+    torch.testing.assert_close(model.weight, w + 1)

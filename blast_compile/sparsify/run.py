@@ -190,8 +190,9 @@ class Best:
             return False
         import safetensors.torch
 
-        if self.path:
-            safetensors.torch.save_model(self.model, self.path)
+        if self.path:  # (the tokens in its metadata: a run killed between this and its next checkpoint resumes
+            # with an older best in its state, and must not restore these weights under that name)
+            safetensors.torch.save_model(self.model, self.path, metadata={"tokens": str(point["tokens"])})
         else:
             self.mem = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         state["best"] = {"tokens": point["tokens"], "val": point["val"], "ppl": point["ppl"]}
@@ -205,9 +206,16 @@ class Best:
             return {"which": "last", "tokens": last.get("tokens"), "val": last.get("val")}
         b = state["best"]
         if b["tokens"] != last.get("tokens"):
+            import safetensors
             import safetensors.torch
 
             if self.path:
+                with safetensors.safe_open(self.path, "pt") as f:
+                    saved = (f.metadata() or {}).get("tokens")
+                if saved != str(b["tokens"]):
+                    log.warning("%s holds the weights of %s tokens, not of the best point (%s tokens): keeping the "
+                                "last model", self.path, saved, f"{b['tokens']:,}")
+                    return {"which": "last", "tokens": last.get("tokens"), "val": last.get("val")}
                 safetensors.torch.load_model(self.model, self.path, device=str(self.dev))
             else:
                 self.model.load_state_dict(self.mem)
