@@ -672,7 +672,7 @@ def test_interp_memcheck_catches_an_overrun():
             copy[(1,)](src, dst, 5, EXTRA=1)
 
 
-MEMCHECK_CASES = 48
+MEMCHECK_CASES = 64
 
 
 @interp
@@ -724,9 +724,17 @@ def test_interp_kernels_stay_in_bounds(monkeypatch):
 
         p = dict(w1=w(h, d, *block), b1=b(h), w3=w(h, d, *block) if gated else None, b3=b(h) if gated else None,
                  w2=w(d_out, h, *block[::-1]), b2=b(d_out))
+        dead = r.choice(("none", "none", "all", "in_rows", "out_cols"))  # (no live hidden block; dead units)
+        units = torch.randperm(h, generator=g)[: max(1, h // 3)]
+        with torch.no_grad():
+            for k in {"all": ("w1", "w3", "w2"), "in_rows": ("w1", "w3"), "out_cols": ()}.get(dead, ()):
+                if p[k] is not None:
+                    p[k].zero_() if dead == "all" else p[k][units].zero_()
+            if dead == "out_cols":
+                p["w2"][:, units] = 0
         x = torch.randn(m, d, generator=g).to(dtype)
         case = f"case {i}: d={d} h={h} d_out={d_out} block={block} gated={gated} bias={bias} M={m} {dtype} {act} " \
-               f"{path} keep={keep}"
+               f"{path} keep={keep} dead={dead}"
         with memcheck():
             try:
                 plan = plan_for(x, p, act, block)
