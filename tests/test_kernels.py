@@ -31,6 +31,19 @@ interp = pytest.mark.skipif(not INTERP, reason="runs in a child process under TR
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture(autouse=True)
+def _memcheck():
+    """Under the interpreter every test's kernels run under ``memcheck``: an access outside the kernel's
+    tensor arguments fails the test that made it."""
+    if not INTERP:
+        yield
+        return
+    from memcheck import memcheck
+
+    with memcheck():
+        yield
+
+
 def make(d, h, *, gated, bias, dtype, block, sparsity=0.6, seed=0, device="cpu", dead_rows=False, transposed_w1=False,
          tied=False, fused_gate_up=False):
     """Random block-sparse MLP weights; ``tied``: gate and up share one block mask (the sparsifier's way);
