@@ -665,12 +665,10 @@ def test_interp_backward_nonfinite_rows_like_eager(act, gated):
 
 @interp
 def test_interp_memcheck_catches_an_overrun():
-    """The checker itself: a load one element past a tensor's storage is caught (else the test below could
-    not fail)."""
+    """The checker itself (``_memcheck`` runs every interpreter test under it): a load one element past a
+    tensor's storage is caught, else no interpreter test could fail that way."""
     import triton
     import triton.language as tl
-
-    from memcheck import memcheck
 
     @triton.jit
     def copy(src, dst, n, EXTRA: tl.constexpr):
@@ -678,11 +676,10 @@ def test_interp_memcheck_catches_an_overrun():
         tl.store(dst + i, tl.load(src + i, mask=i < n + EXTRA), mask=i < n)
 
     src, dst = torch.arange(5, dtype=torch.float32), torch.zeros(5)
-    with memcheck():
-        copy[(1,)](src, dst, 5, EXTRA=0)
-        assert torch.equal(dst, src)
-        with pytest.raises(Exception, match="outside every tensor argument"):
-            copy[(1,)](src, dst, 5, EXTRA=1)
+    copy[(1,)](src, dst, 5, EXTRA=0)
+    assert torch.equal(dst, src)
+    with pytest.raises(Exception, match="outside every tensor argument"):
+        copy[(1,)](src, dst, 5, EXTRA=1)
 
 
 MEMCHECK_CASES = 64
@@ -690,7 +687,7 @@ MEMCHECK_CASES = 64
 
 @interp
 def test_interp_kernels_stay_in_bounds(monkeypatch):
-    """Every kernel's every access inside its arguments (``memcheck``), over random MLPs as the property tests
+    """Every kernel's every access inside its arguments (``_memcheck``), over random MLPs as the property tests
     draw them (d_out != d_in, blocks wider than the layer, ragged edges, decode and prefill M, fp16/fp32,
     with and without biases) and, in each case, a random launch config from every candidate list the tuner
     weighs, either decode path and each way the forward keeps H for the backward; outputs and every gradient
@@ -698,7 +695,7 @@ def test_interp_kernels_stay_in_bounds(monkeypatch):
     reads memory nobody wrote fails here as it would on a GPU. Seeded: a failure names its case."""
     import random
 
-    from memcheck import checked, memcheck
+    from memcheck import checked
 
     r = random.Random(0)
     chosen = []
@@ -748,26 +745,25 @@ def test_interp_kernels_stay_in_bounds(monkeypatch):
         x = torch.randn(m, d, generator=g).to(dtype)
         case = f"case {i}: d={d} h={h} d_out={d_out} block={block} gated={gated} bias={bias} M={m} {dtype} {act} " \
                f"{path} keep={keep} dead={dead}"
-        with memcheck():
-            try:
-                plan = plan_for(x, p, act, block)
-                y = triton_mlp.forward(x, *args(p), plan, act, keep)
-                y, s = y if keep else (y, None)
-                torch.testing.assert_close(y, dense_mlp(x, *args(p), act), **tol(dtype))
-                s = s.reshape(s.shape[0], -1, s.shape[-1]) if keep else None
-                dy = torch.randn(m, d_out, generator=g).to(dtype)
-                got = triton_mlp.backward(dy, x, *args(p), plan, act, [True] * 7, s)
-                names = [k for k in ("x", "w1", "b1", "w3", "b3", "w2", "b2") if k == "x" or p[k] is not None]
-                ins = [(x if k == "x" else p[k]).detach().clone().requires_grad_(True) for k in names]
-                ref = dict(zip(names, ins))
-                want = torch.autograd.grad(dense_mlp(ref["x"], *(ref.get(k) for k in ("w1", "b1", "w3", "b3", "w2",
-                                                                                      "b2")), act), ins, dy)
-                t = tol(dtype)
-                for k, v in zip(names, want):
-                    torch.testing.assert_close(got[k].float(), v.float(), rtol=t["rtol"], atol=t["atol"] * 4,
-                                               msg=lambda e, k=k: f"d{k}: {e}")
-            except Exception as e:
-                raise AssertionError(f"{case}; configs {chosen}: {e}") from e
+        try:
+            plan = plan_for(x, p, act, block)
+            y = triton_mlp.forward(x, *args(p), plan, act, keep)
+            y, s = y if keep else (y, None)
+            torch.testing.assert_close(y, dense_mlp(x, *args(p), act), **tol(dtype))
+            s = s.reshape(s.shape[0], -1, s.shape[-1]) if keep else None
+            dy = torch.randn(m, d_out, generator=g).to(dtype)
+            got = triton_mlp.backward(dy, x, *args(p), plan, act, [True] * 7, s)
+            names = [k for k in ("x", "w1", "b1", "w3", "b3", "w2", "b2") if k == "x" or p[k] is not None]
+            ins = [(x if k == "x" else p[k]).detach().clone().requires_grad_(True) for k in names]
+            ref = dict(zip(names, ins))
+            want = torch.autograd.grad(dense_mlp(ref["x"], *(ref.get(k) for k in ("w1", "b1", "w3", "b3", "w2",
+                                                                                  "b2")), act), ins, dy)
+            t = tol(dtype)
+            for k, v in zip(names, want):
+                torch.testing.assert_close(got[k].float(), v.float(), rtol=t["rtol"], atol=t["atol"] * 4,
+                                           msg=lambda e, k=k: f"d{k}: {e}")
+        except Exception as e:
+            raise AssertionError(f"{case}; configs {chosen}: {e}") from e
     assert checked[0] - n0 > 1000  # (the checker saw the launches)
 
 
