@@ -24,6 +24,7 @@ median of windows. Host µs per MLP: the Python call alone (launches are asynchr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -163,6 +164,8 @@ def main():
     else:
         res = dict(bench="default_mode", device="cpu", torch=torch.__version__)
     res["rows"] = []
+    name = f"default_mode_{'cuda' if cuda else 'cpu'}{args.tag}.json"
+    os.makedirs(args.out, exist_ok=True)
     for shape in args.shapes.split(","):
         model = build(shape, args.layers, args.sparsity, args.block, device, dtype)
         for m in (int(v) for v in args.ms.split(",")):
@@ -203,10 +206,13 @@ def main():
                     torch._inductor.config.cpp_wrapper = False
                 res["rows"].append(row)
                 print(row, flush=True)
+                with open(os.path.join(args.out, name + ".partial"), "w") as f:  # (a call cut short keeps its rows)
+                    json.dump(res, f)
         del model
         if cuda:
             torch.cuda.empty_cache()
-    path = write_json(args.out, f"default_mode_{'cuda' if cuda else 'cpu'}{args.tag}.json", res)
+    path = write_json(args.out, name, res)
+    os.remove(os.path.join(args.out, name + ".partial"))
     table(res)
     return path
 
