@@ -197,20 +197,31 @@ def _finished(out: str, tokens: int):
     return None
 
 
+def _fused(r: dict) -> str:
+    """MLPs the sparse phase's blast graph fused (older reports: from the backend's refusal counters)."""
+    if r.get("dense_baseline"):
+        return "-"
+    if r.get("fused_in_training") is not None:
+        return str(r["fused_in_training"])
+    c = r.get("blast_counters") or {}
+    return f"{c.get('mlp_fused', 0)} (dense: " + ", ".join(f"{k[6:]} {v}" for k, v in c.items() if k.startswith("dense_")) + ")"
+
+
 def table(reps: dict) -> str:
     dense = reps.get("dense", {}).get("ppl_final")
     lines = ["| run | tokens | kept at (validation ppl) | held-out ppl (each set) | vs dense | achieved | train s | "
-             "tok/s by phase |", "|---|---|---|---|---|---|---|---|"]
+             "tok/s by phase | MLPs fused in training |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in reps.items():
         if "ppl_final" not in r:
-            lines.append(f"| {name} | {r.get('status')} | | | | | | |")
+            lines.append(f"| {name} | {r.get('status')} | | | | | | | |")
             continue
         ppl = ", ".join(f"{k} {v:.3f}" for k, v in r["ppl_final"].items())
         vs = ", ".join(f"{k} {100 * (v / dense[k] - 1):+.1f}%" for k, v in r["ppl_final"].items()) if dense else ""
         k = r.get("kept") or {}
         kept = f"{k['tokens']:,} ({k['val']:.3f})" if k.get("val") is not None else "last"
         lines.append(f"| {name} | {r['tokens_trained']:,} | {kept} | {ppl} | {vs} | {r.get('achieved_sparsity', 0):.3f} | "
-                     f"{r['train_s']:.0f} | " + ", ".join(f"{k} {v:,.0f}" for k, v in r["tok_s"].items()) + " |")
+                     f"{r['train_s']:.0f} | " + ", ".join(f"{k} {v:,.0f}" for k, v in r["tok_s"].items())
+                     + f" | {_fused(r)} |")
     return "\n".join(lines)
 
 
@@ -281,6 +292,7 @@ def speed(args, model_dir, res):
             res["speed"]["rows"][key] = {"step_ms": ms, "tok_s": args.batch * args.seq / ms * 1e3,
                                          "compile_and_warmup_s": compile_s, "first_loss": first, "eager_loss": eager,
                                          "mlp_fused": counters["blast"]["mlp_fused"],
+                                         "blast_counters": dict(counters["blast"]),
                                          "upkeep_restored": sp.upkeep_restored if sp else None}
             log(f"speed {key}: {ms:.2f} ms/step, {args.batch * args.seq / ms * 1e3:,.0f} tok/s "
                 f"(loss {first:.4f} vs eager {eager:.4f}; {counters['blast']['mlp_fused']} MLPs fused)")

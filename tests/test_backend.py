@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 from torch._dynamo.utils import counters
 
 import blast_compile
@@ -200,9 +201,29 @@ def test_gpu_ambient_autocast(x_dtype, m):
     check_autocast("cuda", x_dtype, rows=m)
 
 
-def check_autocast(dev, x_dtype, rows):
+class _AutocastOffThenMLP(nn.Module):
+    """Older transformers' Llama rotary embedding: a ``with torch.autocast(..., enabled=False)`` block in the
+    traced code, next to (not around) the MLP."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, enabled=False):
+            r = (x.float() * 0.5).sin()
+        return self.mlp(x + r.to(x.dtype))
+
+
+def test_autocast_block_beside_the_mlp_does_not_keep_it_dense():
+    """An autocast block elsewhere in the graph leaves the MLP on the ambient autocast state: fused, as eager."""
+    check_autocast("cpu", torch.float32, rows=9, wrap=_AutocastOffThenMLP)
+
+
+def check_autocast(dev, x_dtype, rows, wrap=None):
     torch._dynamo.reset()
     m = sparse_block(seed=2).mlp.to(dev)
+    m = wrap(m) if wrap else m
     x = torch.randn(rows, 64, dtype=x_dtype, device=dev, requires_grad=True)
     cm = torch.compile(m, backend="blast")
     outs, grads = [], []

@@ -537,3 +537,32 @@ def test_gpu_tiny_hf_models_compiled(arch):
             torch.testing.assert_close(cm(ids), model(ids).last_hidden_state, **tol(torch.float16))
     assert counters["blast"]["mlp_fused"] == 3 * cfg.num_hidden_layers  # every MLP in each of the 3 graphs
     assert counters["blast"]["plans_built"] == cfg.num_hidden_layers  # one per MLP across 3 graphs and 4 calls
+
+
+def test_autocast_regions_span_enter_to_exit_and_fail_safe_when_unpaired():
+    """The nodes a traced ``with torch.autocast`` block covers; a block cut by a graph break covers the rest
+    of its side of the graph (an exit alone: every node before it; an enter alone: every node after)."""
+    from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
+
+    from blast_compile.passes.match import autocast_regions
+
+    def graph(*ops):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        nodes, ctx = {}, None
+        for op in ops:
+            if op == "enter":
+                ctx = g.call_function(_enter_autocast, ("cpu", None, False, None))
+            elif op == "exit":
+                g.call_function(_exit_autocast, (ctx,) if ctx is not None else ())
+            else:
+                nodes[op] = x = g.call_function(torch.relu, (x,))
+        g.output(x)
+        return torch.fx.GraphModule(torch.nn.Module(), g), nodes
+
+    gm, n = graph("a", "enter", "b", "exit", "c")
+    assert autocast_regions(gm) == {n["b"]}
+    gm, n = graph("a", "exit", "b")
+    assert {n["a"], n["b"]} & autocast_regions(gm) == {n["a"]}
+    gm, n = graph("a", "enter", "b", "c")
+    assert {n["a"], n["b"], n["c"]} & autocast_regions(gm) == {n["b"], n["c"]}

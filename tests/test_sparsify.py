@@ -1,6 +1,7 @@
 """`blast sparsify` on a tiny random Llama (CPU, seconds): the command end to end, a reload in a fresh process,
 the report's numbers against that reload, bad input refused before training, resume equal to an uninterrupted run."""
 import json
+import logging
 import math
 import os
 import subprocess
@@ -273,3 +274,16 @@ def test_keep_best_never_restores_weights_of_another_point(tmp_path):
     stale = dict(state, best={"tokens": 50, "val": 1.5, "ppl": {}})  # (the state of an older checkpoint)
     assert best.restore(stale)["which"] == "last"
     torch.testing.assert_close(model.weight, w + 1)
+
+
+def test_sparse_phase_reports_how_many_mlps_blast_fused(files, tmp_path, caplog):
+    """The frozen-mask phase through backend="blast": the report says how many sparsified MLPs its graph fused,
+    and a run where the backend keeps them dense (here: a sparsity floor above the masks') warns, with the reason."""
+    rep = run(_opts(files, tmp_path / "a", compile_sparse=True, tokens=1024, eval_points=1))
+    assert rep["fused_in_training"] == 2 and rep["blast_vs_eager_lm"][0] == pytest.approx(rep["blast_vs_eager_lm"][1],
+                                                                                            rel=1e-4)
+    with caplog.at_level(logging.WARNING, logger="blast_compile"):
+        rep = run(_opts(files, tmp_path / "b", compile_sparse=True, tokens=1024, eval_points=1, blast_min_sparsity=0.9))
+    assert rep["fused_in_training"] == 0
+    assert any("fused 0 of the 2 sparsified MLPs" in r.message and "low_sparsity x2" in r.message
+               for r in caplog.records), [r.message for r in caplog.records]

@@ -141,11 +141,31 @@ def module_path(m: MLPMatch) -> str:
 
 # --- checks ----------------------------------------------------------------------------
 
-#: Graph calls that make an op's dtype depend on run-time state (dtype per op chosen by autocast).
-def _touches_autocast(node: Node) -> bool:
+def _is_autocast_call(node: Node, which: str) -> bool:
+    """Dynamo's ``_enter_autocast`` / ``_exit_autocast`` call for a ``with torch.autocast(...)`` in the code."""
     t = node.target
     name = getattr(t, "__qualname__", None) or getattr(t, "__name__", None) or str(t)
-    return node.op in ("call_function", "call_method") and "autocast" in str(name).lower()
+    return node.op in ("call_function", "call_method") and which in str(name).lower()
+
+
+def autocast_regions(gm: GraphModule) -> set:
+    """The nodes that run inside a ``with torch.autocast(...)`` block traced into the graph: their dtypes come
+    from that block, not from the ambient state the checks read (Dynamo guards on the ambient one). Graph
+    order is run order, so a block is the span between its enter and exit. An exit with no enter in this
+    graph (the block opened before a graph break) puts every node before it inside; an enter with no exit,
+    every node after it."""
+    inside, depth, seen = set(), 0, []
+    for n in gm.graph.nodes:
+        if _is_autocast_call(n, "enter_autocast"):
+            depth += 1
+        elif _is_autocast_call(n, "exit_autocast"):
+            if depth == 0:
+                inside.update(seen)
+            depth = max(0, depth - 1)
+        elif depth:
+            inside.add(n)
+        seen.append(n)
+    return inside
 
 
 class Context:
@@ -155,7 +175,7 @@ class Context:
         self.gm = gm
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = dict(zip(self.placeholders, example_inputs))
-        self.autocast = any(_touches_autocast(n) for n in gm.graph.nodes)
+        self.in_autocast = autocast_regions(gm)
 
     def value(self, node: Optional[Node]):
         """The real tensor behind a graph input (placeholder or get_attr), else None."""
@@ -240,8 +260,12 @@ def _indices(m: MLPMatch):
 
 
 def check_autocast(m, ctx):
-    if ctx.autocast:
-        return "autocast", "graph uses autocast (op dtypes are chosen at run time)"
+    # (only the MLP's own nodes: a block elsewhere -- e.g. rotary embeddings computed with autocast off --
+    # leaves the MLP on the ambient state, which autocast_dtype reads)
+    inside = [n.name for n in m.nodes + [lin.node for lin in m.linears] if n in ctx.in_autocast]
+    if inside:
+        return "autocast", (f"the MLP runs inside a torch.autocast block of the compiled code ({inside[0]}): "
+                            "its op dtypes come from that block")
 
 
 def check_activation(m, ctx):

@@ -23,6 +23,7 @@ from typing import Dict, Optional
 
 import torch
 from torch import nn
+from torch._dynamo.utils import counters
 
 from .. import layouts
 from . import checkpoint as ckpt
@@ -91,6 +92,19 @@ def _compile(module: nn.Module, backend: str, mode: str, o: Options) -> nn.Modul
             opts["min_sparsity"] = o.blast_min_sparsity
         return torch.compile(module, backend="blast", options=opts or None)
     return torch.compile(module, mode="reduce-overhead" if graphs else None)
+
+
+def _check_fused(sp, state, before):
+    """After the first step through backend="blast": how many sparsified MLPs its graphs fused (``before``: the
+    blast counters when it was compiled). Fewer than were sparsified means the sparse phase trains those at
+    dense speed: say so, with the backend's reasons."""
+    c = {k: v - before.get(k, 0) for k, v in counters["blast"].items()}
+    state["fused_in_training"] = fused = int(c.get("mlp_fused", 0))
+    mlps = len({name.rpartition(".")[0] for name in sp.layers})  # (sp.layers: the MLPs' linears)
+    if fused < mlps:
+        why = ", ".join(f"{k[6:]} x{v}" for k, v in sorted(c.items()) if k.startswith("dense_") and v) or "no MLP matched"
+        log.warning("backend='blast' fused %d of the %d sparsified MLPs (kept dense: %s): those train at dense "
+                    "speed; blast_compile.explain(model, x) shows why", fused, mlps, why)
 
 
 class Meter:
@@ -336,6 +350,7 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
                 meter.stop()
                 phase, since = "sparse", 0
                 if compile_sparse:  # masks are final: from here the fused block-sparse op pays (fwd and bwd)
+                    blast_before = dict(counters["blast"])
                     run_fn = _compile(Objective(model, o.distill_weight), "blast",
                                       "default" if mode == "none" else mode, o)
                     sp.hand_off()  # (the fused op keeps dead blocks and their optimizer state at zero; checked)
@@ -357,6 +372,7 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
                 loss, lm = run_fn(x, y, t_logits)
                 if len(state.get("blast_vs_eager_lm", ())) == 1:
                     state["blast_vs_eager_lm"].append(float(lm))
+                    _check_fused(sp, state, blast_before)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -413,8 +429,6 @@ def _read_report(path: str) -> dict:
 
 def _finish(o, model, tokenizer, sp, evals, state, meter, info) -> dict:
     """Squash the masks, measure, save, report."""
-    from torch._dynamo.utils import counters
-
     dev, amp = info["dev"], info["amp"]
     rep = {"status": "done", "options": o.run_dict(), "dense_baseline": o.dense_baseline,
            "target_sparsity": None if o.dense_baseline else o.sparsity, "block": o.block,
@@ -426,7 +440,7 @@ def _finish(o, model, tokenizer, sp, evals, state, meter, info) -> dict:
            "kept": state.get("kept"), "ppl_last": state["curve"][-1]["ppl"] if state["curve"] else None,
            "train_tokens_available": info.get("train_available"), "passes": info.get("passes"),
            # first step through backend="blast": its LM loss against eager on the same batch and weights
-           "blast_vs_eager_lm": state.get("blast_vs_eager_lm")}
+           "blast_vs_eager_lm": state.get("blast_vs_eager_lm"), "fused_in_training": state.get("fused_in_training")}
     if getattr(model, "config", None) is not None:
         model.config.use_cache = True  # (off for training; the saved model generates with its cache)
     if sp is not None:
