@@ -184,23 +184,6 @@ def test_weight_views_keep_their_plan_and_see_in_place_changes(block, grad, dev)
         assert counters["blast"]["graph_pattern_changed"] == (dev == "cuda")
 
 
-@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_ambient_autocast_fused_op_computes_like_autocast_linears(x_dtype):
-    """fp32 parameters under ``torch.autocast`` (mixed-precision training): the linears run in bf16
-    in eager, so the fused node does too -- bf16 output, fp32 gradients in the parameters' dtype.
-    A bf16 input with fp32 weights is fused too (autocast makes the dtypes agree)."""
-    check_autocast("cpu", x_dtype, rows=15)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
-@pytest.mark.parametrize("x_dtype,m", [(torch.float32, 300), (torch.bfloat16, 300), (torch.float32, 4)])
-def test_gpu_ambient_autocast(x_dtype, m):
-    """The CUDA kernels read fp32 weight blocks and cast them on chip (prefill, backward); decode
-    (m=4) gets cast copies."""
-    check_autocast("cuda", x_dtype, rows=m)
-
-
 class _AutocastOffThenMLP(nn.Module):
     """Older transformers' Llama rotary embedding: a ``with torch.autocast(..., enabled=False)`` block in the
     traced code, next to (not around) the MLP."""
@@ -213,6 +196,24 @@ class _AutocastOffThenMLP(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             r = (x.float() * 0.5).sin()
         return self.mlp(x + r.to(x.dtype))
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_ambient_autocast_fused_op_computes_like_autocast_linears(x_dtype):
+    """fp32 parameters under ``torch.autocast`` (mixed-precision training): the linears run in bf16
+    in eager, so the fused node does too -- bf16 output, fp32 gradients in the parameters' dtype.
+    A bf16 input with fp32 weights is fused too (autocast makes the dtypes agree)."""
+    check_autocast("cpu", x_dtype, rows=15)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+@pytest.mark.parametrize("x_dtype,m,wrap", [(torch.float32, 300, None), (torch.bfloat16, 300, None),
+                                             (torch.float32, 4, None), (torch.float32, 300, _AutocastOffThenMLP)])
+def test_gpu_ambient_autocast(x_dtype, m, wrap):
+    """The CUDA kernels read fp32 weight blocks and cast them on chip (prefill, backward); decode
+    (m=4) gets cast copies. ``wrap``: an autocast-off block beside the MLP (lowered into the same graph)."""
+    check_autocast("cuda", x_dtype, rows=m, wrap=wrap)
 
 
 def test_autocast_block_beside_the_mlp_does_not_keep_it_dense():
