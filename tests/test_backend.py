@@ -184,6 +184,18 @@ def test_weight_views_keep_their_plan_and_see_in_place_changes(block, grad, dev)
         assert counters["blast"]["graph_pattern_changed"] == (dev == "cuda")
 
 
+class _MLPInAutocast(nn.Module):
+    """A compiled training step's usual spelling: ``with torch.autocast(...)`` inside the compiled code."""
+
+    def __init__(self, mlp, enabled=True):
+        super().__init__()
+        self.mlp, self.enabled = mlp, enabled
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, torch.bfloat16, enabled=self.enabled):
+            return self.mlp(x)
+
+
 class _AutocastOffThenMLP(nn.Module):
     """Older transformers' Llama rotary embedding: a ``with torch.autocast(..., enabled=False)`` block in the
     traced code, next to (not around) the MLP."""
@@ -209,11 +221,13 @@ def test_ambient_autocast_fused_op_computes_like_autocast_linears(x_dtype):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
 @pytest.mark.parametrize("x_dtype,m,wrap", [(torch.float32, 300, None), (torch.bfloat16, 300, None),
-                                             (torch.float32, 4, None), (torch.float32, 300, _AutocastOffThenMLP)])
+                                             (torch.float32, 4, None), (torch.float32, 300, _AutocastOffThenMLP),
+                                             (torch.float32, 300, _MLPInAutocast)])
 def test_gpu_ambient_autocast(x_dtype, m, wrap):
     """The CUDA kernels read fp32 weight blocks and cast them on chip (prefill, backward); decode
-    (m=4) gets cast copies. ``wrap``: an autocast-off block beside the MLP (lowered into the same graph)."""
-    check_autocast("cuda", x_dtype, rows=m, wrap=wrap)
+    (m=4) gets cast copies. ``wrap``: an autocast-off block beside the MLP, or the autocast block inside the
+    compiled code instead of around it (both lowered into the same graph)."""
+    check_autocast("cuda", x_dtype, rows=m, wrap=wrap, ambient=wrap is not _MLPInAutocast)
 
 
 def test_autocast_block_beside_the_mlp_does_not_keep_it_dense():
@@ -221,7 +235,34 @@ def test_autocast_block_beside_the_mlp_does_not_keep_it_dense():
     check_autocast("cpu", torch.float32, rows=9, wrap=_AutocastOffThenMLP)
 
 
-def check_autocast(dev, x_dtype, rows, wrap=None):
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_autocast_block_around_the_mlp_in_the_compiled_code(x_dtype):
+    """``with torch.autocast`` inside the compiled code, none outside: the MLP computes in the block's dtype."""
+    check_autocast("cpu", x_dtype, rows=7, wrap=_MLPInAutocast, ambient=False)
+
+
+def test_autocast_off_block_around_the_mlp_under_ambient_autocast():
+    """Ambient bf16 autocast, the MLP inside ``torch.autocast(enabled=False)``: fp32, as eager."""
+    torch._dynamo.reset()
+    m = _MLPInAutocast(sparse_block(seed=2).mlp, enabled=False)
+    x = torch.randn(6, 64, requires_grad=True)
+    outs, grads = [], []
+    for f in (torch.compile(m, backend="blast"), m):
+        with torch.autocast("cpu", torch.bfloat16):
+            y = f(x)
+        y.square().mean().backward()
+        outs.append(y)
+        grads.append([x.grad] + [p.grad for p in m.parameters()])
+        x.grad = None
+        m.zero_grad(set_to_none=True)
+    assert counters["blast"]["mlp_fused"] == 1 and counters["blast"]["x_cast_in_graph"] == 0
+    assert outs[0].dtype == outs[1].dtype == torch.float32
+    torch.testing.assert_close(outs[0], outs[1], **tol(torch.float32))
+    for g, r in zip(grads[0], grads[1]):
+        torch.testing.assert_close(g, r, **tol(torch.float32))
+
+
+def check_autocast(dev, x_dtype, rows, wrap=None, ambient=True):
     torch._dynamo.reset()
     m = sparse_block(seed=2).mlp.to(dev)
     m = wrap(m) if wrap else m
@@ -229,7 +270,7 @@ def check_autocast(dev, x_dtype, rows, wrap=None):
     cm = torch.compile(m, backend="blast")
     outs, grads = [], []
     for f in (cm, m):
-        with torch.autocast(dev, torch.bfloat16):
+        with torch.autocast(dev, torch.bfloat16, enabled=ambient):
             y = f(x)
         y.float().square().mean().backward()
         outs.append(y)

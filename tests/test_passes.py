@@ -352,9 +352,12 @@ class UserWeight(MLP):
 
 
 class Autocast(MLP):
+    """The in-projection inside an autocast block, the out-projection after it: no one state for the MLP."""
+
     def forward(self, x):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
-            return super().forward(x)
+            h = self.act(self.fc1(x))
+        return self.fc2(h)
 
 
 def test_refusals_keep_graph_dense_with_reason():
@@ -539,30 +542,33 @@ def test_gpu_tiny_hf_models_compiled(arch):
     assert counters["blast"]["plans_built"] == cfg.num_hidden_layers  # one per MLP across 3 graphs and 4 calls
 
 
-def test_autocast_regions_span_enter_to_exit_and_fail_safe_when_unpaired():
-    """The nodes a traced ``with torch.autocast`` block covers; a block cut by a graph break covers the rest
-    of its side of the graph (an exit alone: every node before it; an enter alone: every node after)."""
+def test_autocast_blocks_span_enter_to_exit_and_fail_safe_when_unpaired():
+    """The traced ``with torch.autocast`` blocks each node runs inside; before an exit whose enter is not in the
+    graph (a block cut by a graph break) the state is unknown; an enter alone covers the rest."""
     from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 
-    from blast_compile.passes.match import autocast_regions
+    from blast_compile.passes.match import UNKNOWN_BLOCK, autocast_blocks, block_state
 
     def graph(*ops):
         g = torch.fx.Graph()
         x = g.placeholder("x")
-        nodes, ctx = {}, None
+        nodes, enters = {}, []
         for op in ops:
-            if op == "enter":
-                ctx = g.call_function(_enter_autocast, ("cpu", None, False, None))
+            if op.startswith("enter"):
+                enters.append(g.call_function(_enter_autocast, ("cpu", torch.bfloat16, op == "enter_on", None)))
             elif op == "exit":
-                g.call_function(_exit_autocast, (ctx,) if ctx is not None else ())
+                g.call_function(_exit_autocast, (enters.pop(),) if enters else ())
             else:
                 nodes[op] = x = g.call_function(torch.relu, (x,))
         g.output(x)
-        return torch.fx.GraphModule(torch.nn.Module(), g), nodes
+        return autocast_blocks(torch.fx.GraphModule(torch.nn.Module(), g)), nodes
 
-    gm, n = graph("a", "enter", "b", "exit", "c")
-    assert autocast_regions(gm) == {n["b"]}
-    gm, n = graph("a", "exit", "b")
-    assert {n["a"], n["b"]} & autocast_regions(gm) == {n["a"]}
-    gm, n = graph("a", "enter", "b", "c")
-    assert {n["a"], n["b"], n["c"]} & autocast_regions(gm) == {n["b"], n["c"]}
+    blocks, n = graph("a", "enter_on", "b", "enter_off", "c", "exit", "exit", "d")
+    assert set(blocks) == {n["b"], n["c"]} and len(blocks[n["c"]]) == 2
+    assert block_state(blocks[n["b"]], "cpu") == (True, torch.bfloat16)
+    assert block_state(blocks[n["c"]], "cpu") == (False, torch.bfloat16)
+    assert block_state(blocks[n["b"]], "cuda") == (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+    blocks, n = graph("a", "exit", "b")
+    assert blocks[n["a"]] == UNKNOWN_BLOCK and n["b"] not in blocks
+    blocks, n = graph("a", "enter_on", "b", "c")
+    assert {k.name for k in blocks} == {n["b"].name, n["c"].name, "output"}

@@ -38,6 +38,9 @@ class MLPMatch:
     x: Optional[Node]  # what the fused node reads: a view of the input whose rows match the output's
     interior: List[Node]  # nodes that die with the rewrite (besides down.node)
     mul: Optional[Node] = None  # the gated product
+    # (enabled, dtype) of autocast where a ``with torch.autocast`` block of the compiled code sets it for this
+    # MLP (``check_autocast``); None: the ambient state, which Dynamo guards on
+    autocast: Optional[tuple] = None
 
     @property
     def nodes(self) -> List[Node]:
@@ -148,24 +151,42 @@ def _is_autocast_call(node: Node, which: str) -> bool:
     return node.op in ("call_function", "call_method") and which in str(name).lower()
 
 
-def autocast_regions(gm: GraphModule) -> set:
-    """The nodes that run inside a ``with torch.autocast(...)`` block traced into the graph: their dtypes come
-    from that block, not from the ambient state the checks read (Dynamo guards on the ambient one). Graph
-    order is run order, so a block is the span between its enter and exit. An exit with no enter in this
-    graph (the block opened before a graph break) puts every node before it inside; an enter with no exit,
-    every node after it."""
-    inside, depth, seen = set(), 0, []
+UNKNOWN_BLOCK = "unknown"  # before a block's exit whose enter is not in this graph: the state is unknown
+
+
+def autocast_blocks(gm: GraphModule) -> dict:
+    """Node -> the ``with torch.autocast(...)`` blocks traced into the graph that it runs inside (their
+    ``_enter_autocast`` nodes, outermost first); nodes outside every block are absent. Graph order is run order,
+    so a block is the span between its enter and exit. An exit whose enter is not in this graph (the block
+    opened before a graph break) leaves every node before it in an unknown state (``UNKNOWN_BLOCK``); an enter
+    with no exit covers every node after it."""
+    blocks, stack, seen = {}, [], []
     for n in gm.graph.nodes:
         if _is_autocast_call(n, "enter_autocast"):
-            depth += 1
+            stack.append(n)
         elif _is_autocast_call(n, "exit_autocast"):
-            if depth == 0:
-                inside.update(seen)
-            depth = max(0, depth - 1)
-        elif depth:
-            inside.add(n)
+            if stack:
+                stack.pop()
+            else:
+                blocks.update(dict.fromkeys(seen, UNKNOWN_BLOCK))
+        elif stack:
+            blocks[n] = tuple(stack)
         seen.append(n)
-    return inside
+    return blocks
+
+
+def block_state(enters, device: str):
+    """(enabled, dtype) of autocast on ``device`` inside the blocks ``enters`` (outermost first), starting from
+    the ambient state; None where an argument is not a constant of the graph."""
+    enabled, dtype = torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    for e in enters:
+        args = list(e.args) + [None] * 4
+        dev, dt, on = args[0], args[1], args[2]
+        if any(isinstance(a, Node) for a in args[:4]) or not isinstance(dev, str) or not isinstance(on, bool):
+            return None
+        if dev == device:
+            enabled, dtype = on, (dt if dt is not None else dtype)
+    return enabled, dtype
 
 
 class Context:
@@ -175,7 +196,7 @@ class Context:
         self.gm = gm
         self.placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         self.inputs = dict(zip(self.placeholders, example_inputs))
-        self.in_autocast = autocast_regions(gm)
+        self.autocast_blocks = autocast_blocks(gm)
 
     def value(self, node: Optional[Node]):
         """The real tensor behind a graph input (placeholder or get_attr), else None."""
@@ -260,12 +281,23 @@ def _indices(m: MLPMatch):
 
 
 def check_autocast(m, ctx):
-    # (only the MLP's own nodes: a block elsewhere -- e.g. rotary embeddings computed with autocast off --
-    # leaves the MLP on the ambient state, which autocast_dtype reads)
-    inside = [n.name for n in m.nodes + [lin.node for lin in m.linears] if n in ctx.in_autocast]
-    if inside:
-        return "autocast", (f"the MLP runs inside a torch.autocast block of the compiled code ({inside[0]}): "
-                            "its op dtypes come from that block")
+    """An MLP inside ``with torch.autocast`` blocks of the compiled code computes in the state they set (read
+    from the block's constant arguments into ``m.autocast``); blocks elsewhere -- e.g. a rotary embedding
+    computed with autocast off -- leave it on the ambient state. Kept dense: an MLP that straddles a block's
+    edge, or whose block state is unknown (opened before a graph break) or not constant."""
+    nodes = m.nodes + [lin.node for lin in m.linears]
+    stacks = {ctx.autocast_blocks.get(n, ()) for n in nodes}
+    if len(stacks) > 1:
+        return "autocast", "the MLP straddles the edge of a torch.autocast block of the compiled code"
+    (enters,) = stacks
+    if enters == ():
+        return None
+    xv = example_value(m.x)
+    state = block_state(enters, xv.device.type) if enters != UNKNOWN_BLOCK and isinstance(xv, torch.Tensor) else None
+    if state is None:
+        return "autocast", ("the MLP runs inside a torch.autocast block whose state the graph does not pin "
+                            "(opened before a graph break, or set from a run-time value)")
+    m.autocast = state
 
 
 def check_activation(m, ctx):
@@ -362,12 +394,16 @@ def check_shapes(m, ctx):
 
 
 def autocast_dtype(m: "MLPMatch"):
-    """The dtype the MLP's linears run in under the ambient autocast (Dynamo guards on that state,
-    so it holds for this graph), or None. The fused op then casts like ``F.linear`` would."""
+    """The dtype the MLP's linears run in under autocast -- the ambient state (Dynamo guards on it, so it holds
+    for this graph) or the traced block's (``m.autocast``) -- or None. The fused op then casts like ``F.linear``
+    would."""
     xv = example_value(m.x)
-    if not isinstance(xv, torch.Tensor) or not torch.is_autocast_enabled(xv.device.type):
+    if not isinstance(xv, torch.Tensor):
         return None
-    cdt = torch.get_autocast_dtype(xv.device.type)
+    dev = xv.device.type
+    enabled, cdt = m.autocast or (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+    if not enabled:
+        return None
     if xv.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return None  # autocast leaves float64 alone
     return cdt
