@@ -294,6 +294,8 @@ def speed(args, model_dir, res):
             with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
                 eager = float(Objective(model, 0.0)(x[:, :-1], x[:, 1:])[0])
             first = float(step())
+            if s > 0 and not counters["blast"]["mlp_fused"]:  # (a speed of dense MLPs is not blast's)
+                raise RuntimeError(f"backend='blast' fused no MLP: {dict(counters['blast'])}")
             for _ in range(args.speed_warmup):
                 step()
             torch.cuda.synchronize()
