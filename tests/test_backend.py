@@ -243,26 +243,13 @@ def test_autocast_block_around_the_mlp_in_the_compiled_code(x_dtype):
 
 def test_autocast_off_block_around_the_mlp_under_ambient_autocast():
     """Ambient bf16 autocast, the MLP inside ``torch.autocast(enabled=False)``: fp32, as eager."""
-    torch._dynamo.reset()
-    m = _MLPInAutocast(sparse_block(seed=2).mlp, enabled=False)
-    x = torch.randn(6, 64, requires_grad=True)
-    outs, grads = [], []
-    for f in (torch.compile(m, backend="blast"), m):
-        with torch.autocast("cpu", torch.bfloat16):
-            y = f(x)
-        y.square().mean().backward()
-        outs.append(y)
-        grads.append([x.grad] + [p.grad for p in m.parameters()])
-        x.grad = None
-        m.zero_grad(set_to_none=True)
-    assert counters["blast"]["mlp_fused"] == 1 and counters["blast"]["x_cast_in_graph"] == 0
-    assert outs[0].dtype == outs[1].dtype == torch.float32
-    torch.testing.assert_close(outs[0], outs[1], **tol(torch.float32))
-    for g, r in zip(grads[0], grads[1]):
-        torch.testing.assert_close(g, r, **tol(torch.float32))
+    check_autocast("cpu", torch.float32, rows=6, wrap=lambda mlp: _MLPInAutocast(mlp, enabled=False),
+                   compute=torch.float32)
 
 
-def check_autocast(dev, x_dtype, rows, wrap=None, ambient=True):
+def check_autocast(dev, x_dtype, rows, wrap=None, ambient=True, compute=torch.bfloat16):
+    """``wrap(mlp)`` compiled vs eager under ambient bf16 autocast (or none): fused, its output in ``compute``
+    (the dtype the MLP's linears run in), every gradient in its input's dtype."""
     torch._dynamo.reset()
     m = sparse_block(seed=2).mlp.to(dev)
     m = wrap(m) if wrap else m
@@ -278,13 +265,14 @@ def check_autocast(dev, x_dtype, rows, wrap=None, ambient=True):
         x.grad = None
         m.zero_grad(set_to_none=True)
     assert counters["blast"]["mlp_fused"] == 1
-    # an fp32 x is cast in the graph (fusable into its producer), not inside the op
-    assert counters["blast"]["x_cast_in_graph"] == (1 if x_dtype == torch.float32 else 0)
-    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
-    torch.testing.assert_close(outs[0], outs[1], **tol(torch.bfloat16))
+    # an x of another dtype than the compute one is cast in the graph (fusable into its producer), not in the op
+    assert counters["blast"]["x_cast_in_graph"] == (1 if x_dtype != compute else 0)
+    assert outs[0].dtype == outs[1].dtype == compute
+    torch.testing.assert_close(outs[0], outs[1], **tol(compute))
+    gtol = tol(torch.float32) if compute == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     for (n, _), g, r in zip([("x", None)] + list(m.named_parameters()), grads[0], grads[1]):
         assert g.dtype == r.dtype, n
-        torch.testing.assert_close(g, r, rtol=2e-2, atol=2e-2, msg=n)
+        torch.testing.assert_close(g, r, **gtol, msg=n)
 
 
 def test_internal_error_falls_back_to_inductor_with_warning(monkeypatch):
