@@ -216,8 +216,9 @@ class Best:
         """At the end: the best weights back into the model unless the last point is the best. Returns
         what the report says about the kept model."""
         last = state["curve"][-1] if state["curve"] else {}
+        as_last = {"which": "last", "tokens": last.get("tokens"), "val": last.get("val")}
         if self.o.keep != "best" or state.get("best") is None:
-            return {"which": "last", "tokens": last.get("tokens"), "val": last.get("val")}
+            return as_last
         b = state["best"]
         if b["tokens"] != last.get("tokens"):
             import safetensors
@@ -229,7 +230,7 @@ class Best:
                 if saved != str(b["tokens"]):
                     log.warning("%s holds the weights of %s tokens, not of the best point (%s tokens): keeping the "
                                 "last model", self.path, saved, f"{b['tokens']:,}")
-                    return {"which": "last", "tokens": last.get("tokens"), "val": last.get("val")}
+                    return as_last
                 safetensors.torch.load_model(self.model, self.path, device=str(self.dev))
             else:
                 self.model.load_state_dict(self.mem)
