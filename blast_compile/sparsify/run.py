@@ -314,13 +314,13 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
         state = ckpt.restore(tensors, meta, model, opt, sp)
         log.info("resumed from %s at step %d of %d", path, state["step"], steps)
     elif o.resume:
-        log.info("--resume: no checkpoint in %s, starting from the pretrained model", o.out)
+        log.info("--resume: no checkpoint in %s, starting from %s", o.out, o.model or "the given model")
     if state["ppl_pretrained"] is None:
         state["ppl_pretrained"] = {k: perplexity(model, v, o.seq, o.batch, dev, amp) for k, v in evals.items()}
         state["curve"].append({"tokens": 0, "ppl": dict(state["ppl_pretrained"]), "sparsity": 0.0,
                                "val": best.ppl()})
         best.offer(state, state["curve"][-1], final=dense)  # (fine-tuning may only make a dense model worse)
-        log.info("pretrained held-out perplexity: %s",
+        log.info("held-out perplexity before training (%s): %s", o.model or "the given model",
                  ", ".join(f"{k} {v:.3f}" for k, v in state["ppl_pretrained"].items()))
 
     def save_checkpoint(step):
