@@ -13,7 +13,11 @@ again before every mask update, so the statistics follow the pruned, trained mod
 * ``reconstruct=True`` refits the surviving blocks of every block row after each mask update so that
   the layer reproduces, on the calibration inputs, its output from just before the update -- the
   layer-wise least-squares objective of SparseGPT, solved exactly: the rows of one block row share
-  their live inputs K, so ``W'[R, K] = W[R, :] G[:, K] (G[K, K] + damp I)^-1`` with ``G = X^T X``.
+  their live inputs K, so ``W'[R, K] = (W[R, :] G[:, K] + damp W[R, K]) (G[K, K] + damp I)^-1`` with
+  ``G = X^T X``. The ridge pulls towards the current weights, not towards zero: a zero prior shrinks
+  every kept weight by ``G / (G + damp)``, and ``damp`` (a fraction of the mean diagonal) dwarfs the
+  diagonal of the quiet channels when a few massive ones set that mean -- on SmolLM2 a refit that kept
+  every block moved the weights, and one-shot 50% pruning came out worse (RESULTS.md).
 
 What each is worth on SmolLM2: RESULTS.md. The cost: an ``[in, in]`` fp64 Gram matrix per sparsified
 layer and one solve of up to ``in`` unknowns per block row at each mask update.
@@ -98,14 +102,15 @@ def activation_score(w: torch.Tensor, stats: InputStats, in_dim: int) -> torch.T
 def refit_(ws, mask: torch.Tensor, stats: InputStats, block: int, in_dim: int, damp: float = DAMP):
     """Least-squares refit of the blocks live in ``mask`` (bool, per ``block``) of a weight -- or of
     several weights that share ``mask`` and ``stats`` (a gated MLP's gate and up: one system per block
-    row, their right-hand sides side by side) -- against its current output on the collected inputs;
-    dead blocks come out zero. In place."""
+    row, their right-hand sides side by side) -- against its current output on the collected inputs,
+    ridge-regularized towards the current weights; dead blocks come out zero. In place."""
     Ws = [as_out_in(w, in_dim) for w in ([ws] if isinstance(ws, torch.Tensor) else ws)]
     m = as_out_in(mask, in_dim)
     dev = Ws[0].device
     G = stats.gram.to(dev, torch.float64)
     d = G.shape[0]
-    A = G + damp * torch.diagonal(G).mean() * torch.eye(d, dtype=G.dtype, device=dev)
+    lam = damp * torch.diagonal(G).mean()
+    A = G + lam * torch.eye(d, dtype=G.dtype, device=dev)
     W0 = torch.stack([W.to(torch.float64) for W in Ws])  # [n, out, in]
     new = torch.zeros_like(W0)
     cols = torch.arange(d, device=dev)
@@ -114,7 +119,7 @@ def refit_(ws, mask: torch.Tensor, stats: InputStats, block: int, in_dim: int, d
         if K.numel() == 0:
             continue
         R = slice(r * block, min((r + 1) * block, W0.shape[1]))
-        rhs = (W0[:, R] @ G[:, K]).reshape(-1, K.numel())  # [n * rows, |K|]
+        rhs = (W0[:, R] @ G[:, K] + lam * W0[:, R][:, :, K]).reshape(-1, K.numel())  # [n * rows, |K|]
         new[:, R, K] = torch.linalg.solve(A[K][:, K], rhs.T).T.reshape(len(Ws), -1, K.numel())
     for W, n in zip(Ws, new):
         W.copy_(n.to(W.dtype))

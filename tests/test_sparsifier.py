@@ -598,6 +598,31 @@ def test_refit_is_the_least_squares_fit_on_live_blocks():
     torch.testing.assert_close(both[1], one)
 
 
+def test_refit_ridge_pulls_towards_the_weights_not_zero():
+    """With every block kept there is nothing to refit: the weights come back unchanged, whatever the
+    ridge. A zero prior shrank them (W G (G + damp I)^-1), worst on the quiet channels of a layer whose
+    mean input power a few massive channels set -- the case of SmolLM2."""
+    from blast_compile import calibrate as cal
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 64, dtype=torch.float64)
+    x[:, 5] *= 300.0  # one massive channel: damp x mean(diag G) >> the quiet channels' diagonal
+    w = torch.randn(32, 64, dtype=torch.float64)
+    st = cal.InputStats()
+    st.add(x.T @ x, x.shape[0])
+    got = w.clone()
+    cal.refit_(got, torch.ones(2, 4, dtype=torch.bool), st, 16, in_dim=1)
+    torch.testing.assert_close(got, w, rtol=1e-9, atol=1e-9)
+    # with blocks pruned, the refit output error on the calibration inputs is no worse than not refitting
+    mask = torch.tensor([[True, False, True, True], [False, True, True, False]])
+    em = expand_mask(mask, 16, 16, w.shape)
+    fit = w.clone()
+    cal.refit_(fit, mask, st, 16, in_dim=1)
+    assert torch.equal(fit * ~em, torch.zeros_like(fit))
+    err = lambda v: float((x @ (v - w).T).square().sum())  # noqa: E731
+    assert err(fit) < err(w * em)
+
+
 def test_gate_and_up_share_one_gram_matrix():
     """Gate and up see the same input tensor: one x^T x per call, one InputStats kept for both (the
     down projection's own), equal to what each would have recorded alone."""
