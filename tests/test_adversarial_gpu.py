@@ -268,3 +268,46 @@ def test_gpu_property_compressed_mlp(m, act, rows, poison, data):
         r = _chain(x, lin, act)
     _close(y, r, F16)
     assert y.is_contiguous()
+
+
+_OOR_CASE = r'''
+import sys, torch
+sys.path.insert(0, "tests")
+from test_property import _close, _key, _op, _ref
+from blast_compile.formats import cdiv, expand_mask
+g = torch.Generator().manual_seed(765284)
+def w(o, i, bo, bi):
+    t = torch.randn(o, i, generator=g, dtype=torch.float64) / i ** 0.5
+    return t * expand_mask(torch.rand(cdiv(o, bo), cdiv(i, bi), generator=g) >= 0.3, bo, bi, t.shape)
+p = dict(w1=w(71, 34, 32, 128), w3=w(71, 34, 32, 128), w2=w(21, 71, 128, 32), b1=None, b3=None, b2=None)
+p = {k: v.to("cuda", torch.float16) if v is not None else None for k, v in p.items()}
+x = torch.randn(5, 34, device="cuda", dtype=torch.float16)  # (as the run that faulted drew x and dy)
+ins = [x] + [t for t in p.values() if t is not None]
+for t in ins:
+    t.requires_grad_()
+y = _op(x, p, "relu2", (32, 128), _key(p, "relu2", (32, 128)))
+gy = torch.randn_like(y)
+got = torch.autograd.grad(y, ins, gy)
+ref = torch.autograd.grad(_ref(x, p, "relu2"), ins, gy)
+_close(y, _ref(x, p, "relu2"), torch.float16)
+for a, b in zip(got, ref):
+    _close(a, b, torch.float16)
+torch.cuda.synchronize()
+print("OK")
+'''
+
+
+def test_gpu_hidden_bwd_case_of_issue_27():
+    """The case that faulted ("Out-of-range shared or local address" in ``mlp_hidden_bwd``'s dh loop) on two of
+    three H100 hosts, in a fresh process with fresh kernel caches: fp16 gated relu2, d=34 h=71 d_out=21, block
+    (32, 128), M=5, untuned. In a child process: a fault kills the CUDA context of the process it happens in."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, BLAST_TUNE="0", CUDA_LAUNCH_BLOCKING="1",
+               PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _OOR_CASE], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, (r.stdout + r.stderr)[-3000:]

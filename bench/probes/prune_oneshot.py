@@ -1,0 +1,87 @@
+"""One-shot block pruning of a causal LM's MLPs, no training: held-out perplexity after pruning the whole
+model (with and without the least-squares refit), and per decoder layer (only that layer pruned), which
+shows where the pruning damage comes from before any fine-tuning is spent on it. CPU is enough.
+
+    python bench/probes/prune_oneshot.py .carry/smollm2_hf .carry/SmolLM2-135M-Instruct_tokens.safetensors \
+        --sparsity 0.5,0.7 --per-layer 0.5 --out bench/results/prune_oneshot_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from blast_compile.sparsifier import BlastSparsifier  # noqa: E402
+from blast_compile.sparsify.data import load_model, mlp_layers  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("tokens", help=".safetensors with 'train' and 'eval' token ids")
+    ap.add_argument("--sparsity", default="0.5", help="comma list: whole-model one-shot pruning")
+    ap.add_argument("--per-layer", type=float, default=0.0, help="also prune each layer alone at this sparsity")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--eval-tokens", type=int, default=6144)
+    ap.add_argument("--calib-tokens", type=int, default=4096)
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    from safetensors.torch import load_file
+
+    toks = {k: v.long() for k, v in load_file(a.tokens).items()}
+    ev = toks["eval"][: a.eval_tokens // a.seq * a.seq].reshape(-1, a.seq)
+    calib = toks["train"][: max(a.calib_tokens // a.seq, 1) * a.seq].reshape(-1, a.seq)
+    model = load_model(a.model).float().eval()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def ppl():
+        tot = 0.0
+        for xb in ev.split(8):
+            tot += model(input_ids=xb, labels=xb).loss.item() * xb.numel()
+        return math.exp(tot / ev.numel())
+
+    @torch.no_grad()
+    def calibrate():
+        for xb in calib.split(8):
+            model(input_ids=xb, use_cache=False)
+
+    def prune(s, layers, refit):
+        sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
+                             score="activation", reconstruct=refit, calibrate=calibrate, layers=layers, declare=False)
+        sp._update_masks(s)  # (the constructor calibrated: one mask update at the target, as at a ramp's end)
+        sp.apply_masks()
+        return ppl()
+
+    res = {"model": a.model, "seq": a.seq, "eval_tokens": ev.numel(), "calib_tokens": calib.numel(),
+           "block": a.block, "torch": torch.__version__, "dense": ppl(), "whole": {}, "per_layer": {}}
+    print("dense", round(res["dense"], 3), flush=True)
+    all_layers = mlp_layers(model)
+    for s in (float(v) for v in a.sparsity.split(",") if v):
+        for refit in (False, True):
+            t = time.time()
+            p = prune(s, all_layers, refit)
+            model.load_state_dict(base)
+            res["whole"][f"{s} {'refit' if refit else 'no refit'}"] = p
+            print(f"whole model {s:.0%} {'refit' if refit else 'no refit'}: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
+    if a.per_layer:
+        n = len(model.model.layers)
+        for i in range(n):
+            mine = [name for name in all_layers if name.startswith(f"model.layers.{i}.")]
+            res["per_layer"][i] = p = prune(a.per_layer, mine, True)
+            model.load_state_dict(base)
+            print(f"layer {i} alone at {a.per_layer:.0%}: {p:.2f}", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
