@@ -3,7 +3,7 @@ model (with and without the least-squares refit), and per decoder layer (only th
 shows where the pruning damage comes from before any fine-tuning is spent on it. CPU is enough.
 
     python bench/probes/prune_oneshot.py .carry/smollm2_hf .carry/SmolLM2-135M-Instruct_tokens.safetensors \
-        --sparsity 0.5,0.7 --per-layer 0.5 --out bench/results/prune_oneshot_cpu.json
+        --sparsity 0.5,0.7 --per-layer 0.5 --dense-layers "0;0,29" --out bench/results/prune_oneshot_cpu.json
 """
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def main():
     ap.add_argument("tokens", help=".safetensors with 'train' and 'eval' token ids")
     ap.add_argument("--sparsity", default="0.5", help="comma list: whole-model one-shot pruning")
     ap.add_argument("--per-layer", type=float, default=0.0, help="also prune each layer alone at this sparsity")
+    ap.add_argument("--dense-layers", default="", help="';'-separated comma lists, e.g. '0;0,29': whole-model runs "
+                    "(with the refit) keeping these layers dense and the rest pruned harder, to the same overall sparsity")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=6144)
     ap.add_argument("--calib-tokens", type=int, default=4096)
@@ -71,9 +73,17 @@ def main():
             model.load_state_dict(base)
             res["whole"][f"{s} {'refit' if refit else 'no refit'}"] = p
             print(f"whole model {s:.0%} {'refit' if refit else 'no refit'}: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
+    n_layers = len(model.model.layers)
+    for spec in (v for v in a.dense_layers.split(";") if v):
+        skip = [int(i) for i in spec.split(",")]
+        for s in (float(v) for v in a.sparsity.split(",") if v):
+            rest = s * n_layers / (n_layers - len(skip))
+            p = prune(rest, mlp_layers(model, skip), True)
+            model.load_state_dict(base)
+            res["whole"][f"{s} refit, layers {spec} dense (the rest {rest:.3f})"] = p
+            print(f"whole model {s:.0%}, layers {spec} dense, the rest {rest:.1%}: {p:,.2f}", flush=True)
     if a.per_layer:
-        n = len(model.model.layers)
-        for i in range(n):
+        for i in range(n_layers):
             mine = [name for name in all_layers if name.startswith(f"model.layers.{i}.")]
             res["per_layer"][i] = p = prune(a.per_layer, mine, True)
             model.load_state_dict(base)
