@@ -56,37 +56,38 @@ def main():
             model(input_ids=xb, use_cache=False)
 
     def prune(s, layers, refit):
+        """Perplexity with ``layers`` pruned to ``s``; the model is dense again afterwards."""
         sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
                              score="activation", reconstruct=refit, calibrate=calibrate, layers=layers, declare=False)
         sp._update_masks(s)  # (the constructor calibrated: one mask update at the target, as at a ramp's end)
         sp.apply_masks()
-        return ppl()
+        p = ppl()
+        model.load_state_dict(base)
+        return p
 
     res = {"model": a.model, "seq": a.seq, "eval_tokens": ev.numel(), "calib_tokens": calib.numel(),
            "block": a.block, "torch": torch.__version__, "dense": ppl(), "whole": {}, "per_layer": {}}
     print("dense", round(res["dense"], 3), flush=True)
     all_layers = mlp_layers(model)
-    for s in (float(v) for v in a.sparsity.split(",") if v):
+    sparsities = [float(v) for v in a.sparsity.split(",") if v]
+    for s in sparsities:
         for refit in (False, True):
             t = time.time()
             p = prune(s, all_layers, refit)
-            model.load_state_dict(base)
             res["whole"][f"{s} {'refit' if refit else 'no refit'}"] = p
             print(f"whole model {s:.0%} {'refit' if refit else 'no refit'}: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
     n_layers = len(model.model.layers)
     for spec in (v for v in a.dense_layers.split(";") if v):
         skip = [int(i) for i in spec.split(",")]
-        for s in (float(v) for v in a.sparsity.split(",") if v):
+        for s in sparsities:
             rest = s * n_layers / (n_layers - len(skip))
             p = prune(rest, mlp_layers(model, skip), True)
-            model.load_state_dict(base)
             res["whole"][f"{s} refit, layers {spec} dense (the rest {rest:.3f})"] = p
             print(f"whole model {s:.0%}, layers {spec} dense, the rest {rest:.1%}: {p:,.2f}", flush=True)
     if a.per_layer:
         for i in range(n_layers):
             mine = [name for name in all_layers if name.startswith(f"model.layers.{i}.")]
             res["per_layer"][i] = p = prune(a.per_layer, mine, True)
-            model.load_state_dict(base)
             print(f"layer {i} alone at {a.per_layer:.0%}: {p:.2f}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
