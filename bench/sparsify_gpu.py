@@ -307,11 +307,13 @@ def speed(args, model_dir, res):
             b.record()
             torch.cuda.synchronize()
             ms = a.elapsed_time(b) / args.speed_steps
+            kernels = _profile(step) if args.profile else None
             res["speed"]["rows"][key] = {"step_ms": ms, "tok_s": args.batch * args.seq / ms * 1e3,
                                          "compile_and_warmup_s": compile_s, "first_loss": first, "eager_loss": eager,
                                          "mlp_fused": counters["blast"]["mlp_fused"],
                                          "blast_counters": dict(counters["blast"]),
-                                         "upkeep_restored": sp.upkeep_restored if sp else None}
+                                         "upkeep_restored": sp.upkeep_restored if sp else None,
+                                         "kernels": kernels}
             log(f"speed {key}: {ms:.2f} ms/step, {args.batch * args.seq / ms * 1e3:,.0f} tok/s "
                 f"(loss {first:.4f} vs eager {eager:.4f}; {counters['blast']['mlp_fused']} MLPs fused)")
             model = opt = fn = sp = None  # (free before the next side)
@@ -325,6 +327,22 @@ def speed(args, model_dir, res):
             d, b = rows.get(f"dense {mode}"), rows.get(f"blast {float(s):.2f} {mode}")
             if isinstance(d, dict) and isinstance(b, dict) and "tok_s" in d and "tok_s" in b:
                 res["speed"][f"blast {float(s):.2f} vs dense, {mode}"] = b["tok_s"] / d["tok_s"]
+
+
+def _profile(step, steps: int = 2) -> dict:
+    """GPU time per kernel name over `steps` steps (per step), the top 25 and the total: says where a step's time goes."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    ev = [e for e in prof.key_averages() if e.self_device_time_total > 0]
+    ev.sort(key=lambda e: -e.self_device_time_total)
+    total = sum(e.self_device_time_total for e in ev) / steps / 1e3
+    top = [{"name": e.key[:120], "ms": e.self_device_time_total / steps / 1e3, "calls": e.count // steps} for e in ev[:25]]
+    return {"gpu_ms_per_step": total, "kernel_launches_per_step": sum(e.count for e in ev) // steps, "top": top}
 
 
 # ------------------------------------------------------------------ reload (fresh process)
@@ -426,6 +444,7 @@ def main():
     ap.add_argument("--speed-sparsity", default="0.9")
     ap.add_argument("--speed-steps", type=int, default=20)
     ap.add_argument("--speed-warmup", type=int, default=4)
+    ap.add_argument("--profile", action="store_true", help="speed: also record GPU time per kernel (2 steps)")
     ap.add_argument("--reload-runs", default="s90")
     ap.add_argument("--reload-one", help=argparse.SUPPRESS)
     args = ap.parse_args()

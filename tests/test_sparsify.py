@@ -287,3 +287,38 @@ def test_sparse_phase_reports_how_many_mlps_blast_fused(files, tmp_path, caplog)
     assert rep["fused_in_training"] == 0
     assert any("fused 0 of the 2 sparsified MLPs" in r.message and "low_sparsity x2" in r.message
                for r in caplog.records), [r.message for r in caplog.records]
+
+
+def test_a_run_killed_during_the_blast_compile_resumes_from_the_mask_freeze(files, tmp_path, monkeypatch):
+    """Masks freeze, then the slow blast compile starts: a checkpoint comes first, so a run killed during that
+    compile (a time limit) resumes from the freeze, to the uninterrupted run's result."""
+    import contextlib
+    import importlib
+
+    run_mod = importlib.import_module("blast_compile.sparsify.run")  # (the module; the package exports its run())
+    kw = dict(compile_sparse=True, tokens=1024, eval_points=1, checkpoint_every=1024)  # (no periodic one)
+    a = run(_opts(files, tmp_path / "a", **kw))
+    ramp = round((1 - Options.freeze_last) * 1024 // (32 * 4))
+    _compile, seen = run_mod._compile, []
+
+    def killed_in_blast_compile(m, backend, *args):
+        if backend == "blast" and not seen:
+            from safetensors import safe_open
+
+            ck = tmp_path / "b" / run_mod.CHECKPOINT
+            with safe_open(str(ck), "pt") if ck.exists() else contextlib.nullcontext() as f:
+                seen.append(f and json.loads(f.metadata()["state"])["step"])
+            raise KeyboardInterrupt  # (as a kill would: no chance to save anything)
+        return _compile(m, backend, *args)
+
+    monkeypatch.setattr(run_mod, "_compile", killed_in_blast_compile)
+    with pytest.raises(KeyboardInterrupt):
+        run(_opts(files, tmp_path / "b", **kw))
+    assert seen == [ramp]
+    b = run(_opts(files, tmp_path / "b", resume=True, **kw))
+    assert b["fused_in_training"] == 2
+    # (not bit-equal: two uninterrupted runs through the fused op's CPU path already differ in the 7th digit)
+    assert [p["tokens"] for p in b["curve"]] == [p["tokens"] for p in a["curve"]]
+    for pa, pb in zip(a["curve"], b["curve"]):
+        assert pb["ppl"] == pytest.approx(pa["ppl"], rel=1e-5) and pb["val"] == pytest.approx(pa["val"], rel=1e-5)
+    assert b["ppl_final"] == pytest.approx(a["ppl_final"], rel=1e-5)

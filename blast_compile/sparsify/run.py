@@ -344,12 +344,14 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
 
     bar = tqdm(total=steps * tps, initial=state["step"] * tps, unit="tok", unit_scale=True, desc=label,
                disable=not o.progress, mininterval=1.0, smoothing=0.05)
-    t_loop = time.perf_counter()
+    t_loop, start = time.perf_counter(), state["step"]
     with _interruptible() as interrupted:
-        for step in range(state["step"], steps):
+        for step in range(start, steps):
             if sp is not None and phase == "ramp" and sp.frozen:
                 meter.stop()
                 phase, since = "sparse", 0
+                if compile_sparse and step > start:  # (a checkpoint before the slow blast compile: a run killed
+                    save_checkpoint(step)            # during it resumes here, with the ramp's work kept)
                 if compile_sparse:  # masks are final: from here the fused block-sparse op pays (fwd and bwd)
                     blast_before = dict(counters["blast"])
                     run_fn = _compile(Objective(model, o.distill_weight), "blast",
