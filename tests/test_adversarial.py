@@ -702,3 +702,33 @@ def test_owner_map_follows_rebinding_without_growing():
     assert len(plans._OWNERS) <= n + 1
     stranger = torch.randn(32, 16)
     assert plans.owner(stranger, search=True) is stranger
+
+
+@pytest.mark.parametrize("cap, ptxas, fix", [((9, 0), (12, 8), True), ((9, 0), (12, 9), False),
+                                             ((9, 0), (13, 0), False), ((8, 0), (12, 8), False),
+                                             ((9, 0), None, False)])
+def test_issue_27_transposed_b_dots_avoided_only_with_a_faulty_ptxas(cap, ptxas, fix, monkeypatch):
+    """ptxas 12.8 (Triton 3.6's) miscompiles transposed-B wgmma dots on Hopper: only there do the kernels avoid them
+    (they cost speed at narrow blocks), with one warning naming TRITON_PTXAS_PATH."""
+    import warnings
+
+    from blast_compile.codegen import toolchain
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: cap)
+    monkeypatch.setattr(toolchain, "ptxas_version", lambda: ptxas)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert toolchain.tnsp_fix_needed.__wrapped__() is fix
+    assert [str(x.message) for x in w if "TRITON_PTXAS_PATH" in str(x.message)] == (
+        [f"blast: Triton compiles with ptxas 12.8, which miscompiles some Hopper wgmma dots (wrong results or illegal "
+         "memory accesses; blast's kernels avoid the ones known to fail). Point TRITON_PTXAS_PATH at a ptxas >= 12.9 "
+         "(e.g. a CUDA 12.9+ or 13 toolkit's bin/ptxas) to compile with a fixed one."] if fix else [])
+
+
+def test_issue_27_ptxas_version_is_read_from_triton():
+    from blast_compile.codegen import toolchain
+
+    v = toolchain.ptxas_version()
+    assert v is None or (len(v) == 2 and v >= (11, 0))

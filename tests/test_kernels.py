@@ -189,6 +189,26 @@ def test_interp_backward(m, gated, bias, act, dtype, declare):
     check_backward(m, 37, 75, gated, bias, act, dtype, (16, 16), "cpu", declare=declare)
 
 
+@interp
+@pytest.mark.parametrize("force", [None, "wide", "tma"])
+@pytest.mark.parametrize("m,gated,act,dtype,block", [
+    (5, True, "relu2", torch.float16, (32, 128)),  # issue 27's case: the shape ptxas 12.8 miscompiled
+    (37, False, "gelu", torch.float32, (16, 32)),
+])
+def test_interp_backward_without_transposed_b_dots(m, gated, act, dtype, block, force, monkeypatch):
+    """With a ptxas that miscompiles transposed-B wgmma dots (``codegen/toolchain.py``), backward's dh and dX dots
+    run transposed (``DH_T``, ``bsmm`` TR): the same gradients as eager, in every loop variant."""
+    monkeypatch.setattr(codegen.toolchain, "tnsp_fix_needed", lambda: True)
+    if force == "wide":
+        force_wide(monkeypatch)
+    elif force == "tma":
+        force_tma(monkeypatch)
+    check_backward(m, 34 if block == (32, 128) else 70, 71 if block == (32, 128) else 75, gated, True, act, dtype,
+                   block, "cpu", declare=True, sparsity=0.5)
+    fixed = [mod for (sig, _), mod in codegen._BY_SIG.items() if sig.tnsp_fix and sig.bh == block[0]]
+    assert fixed and "DH_T = tl.constexpr(1)" in open(fixed[0].__file__).read()
+
+
 def force_wide(monkeypatch, bm=32, dh_wide=True, group=0):
     """Run the prefill/backward kernels with the wide variants (tuning is off in tests: the first
     config is the one launched); ``dh_wide``: backward's dh steps too (wide level 2); ``group``: M

@@ -30,6 +30,8 @@ from typing import Optional
 
 import torch
 
+from . import toolchain
+
 log = logging.getLogger("blast_compile.codegen")
 
 _TEMPLATE = Path(__file__).with_name("templates") / "mlp_kernels.py.tmpl"
@@ -92,6 +94,7 @@ class Signature:
     aligned: bool  # every block offset and the row strides are multiples of 16 elements
     nnz_in: int = -1  # live in-blocks per live hidden row when uniform (balanced), else -1
     dot_precision: str = "tf32"  # tl.dot's input_precision for fp32 operands: "ieee" | "tf32"
+    tnsp_fix: bool = False  # no transposed-B wgmma dots in the backward (``toolchain.py``)
 
     @property
     def tl_dtype(self) -> str:
@@ -127,7 +130,7 @@ def signature(pattern, activation, gated, has_b1, has_b3, dtype, aligned=True) -
     # fp32 follows torch's own fp32 matmuls (read when the plan is built): TF32 only where they use it
     prec = "tf32" if dt != "float32" or torch.backends.cuda.matmul.allow_tf32 else "ieee"
     return Signature(pattern.bh, pattern.bd, activation, bool(gated), bool(has_b1), bool(has_b3), dt, bool(aligned),
-                     -1 if nnz is None else int(nnz), prec)
+                     -1 if nnz is None else int(nnz), prec, toolchain.tnsp_fix_needed())
 
 
 def render(sig: Signature) -> str:
@@ -138,7 +141,7 @@ def render(sig: Signature) -> str:
     return _template_bytes().decode().format(
         spec_comment=comment, act_name=sig.activation,
         act_body=ACT_BODIES[sig.activation], act_grad_body=ACT_GRAD_BODIES[sig.activation], trip="NNZ" if sig.nnz_in >= 0 else "n",
-        dot_precision=sig.dot_precision,
+        dot_precision=sig.dot_precision, tnsp_fix=int(sig.tnsp_fix),
     )
 
 

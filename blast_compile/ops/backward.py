@@ -48,7 +48,8 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
             *descs,
             DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=sig.aligned, HAS_B=False,
             DUAL=dual, NANROW=int(flag is not None), BM=t.bm, num_warps=t.num_warps, num_stages=t.num_stages,
-            WIDE=min(t.variant, 1), TMA=(3 + packed) if tma else 0, GROUP=t.group, TWO_LOOPS=t.variant == C.TWO_LOOPS)
+            WIDE=min(t.variant, 1), TMA=(3 + packed) if tma else 0, GROUP=t.group, TWO_LOOPS=t.variant == C.TWO_LOOPS,
+            TR=sig.tnsp_fix)
 
     run(tune._choose("dx_dual" if dual else "dx", sig, m,
                 lambda: C._candidates(C.PREFILL_CONFIGS + C.DX_CONFIGS if dual else C.PREFILL_CONFIGS, C.PREFILL_TMA, tma_ok, m),
