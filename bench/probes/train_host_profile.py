@@ -4,6 +4,9 @@ backend="blast" (90% blocks dead, declared masks, bf16 autocast, fused AdamW), p
 The full 30-layer step measured 75.9 ms for blast against 48.0 ms for dense while its kernels took 26.0 ms against
 31.0 ms (bench/results/sparsify_speed_fused_h100/): host-bound. This says per step: wall time, GPU kernel time,
 host-to-device syncs (cudaStreamSynchronize, cudaMemcpy* D2H, cudaEventSynchronize) and the top host ops.
+Side ``blast_static``: the same with Inductor launching the user-defined (blast) kernels through its static CUDA
+launcher (``static_launch_user_defined_triton_kernels``; off by default in torch, and never for PDL launches),
+as Inductor launches its own -- a suspect for the host time, since Triton's launcher costs more per launch.
 
     python bench/probes/train_host_profile.py --layers 4 --out /tmp/out
 """
@@ -25,7 +28,7 @@ def build(layers: int):
     return transformers.LlamaForCausalLM(cfg).cuda().train()
 
 
-def side(blast: bool, args):
+def side(blast: bool, args, static: bool = False):
     from torch._dynamo.utils import counters
 
     from blast_compile.sparsifier import BlastSparsifier
@@ -34,6 +37,7 @@ def side(blast: bool, args):
 
     torch._dynamo.reset()
     counters.clear()
+    torch._inductor.config.static_launch_user_defined_triton_kernels = static
     model = build(args.layers)
     model.config.use_cache = False
     if blast:
@@ -82,16 +86,17 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--sides", default="dense,blast,blast_static")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers}
-    for name, blast in (("dense", False), ("blast", True)):
-        res[name] = r = side(blast, args)
+    for name in args.sides.split(","):
+        res[name] = r = side(name != "dense", args, static=name == "blast_static")
         print(name, {k: r[k] for k in ("compile_and_warmup_s", "host_ms", "wall_ms", "gpu_ms_profiled")},
               r["syncs_per_step"], flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "train_host_profile.json"), "w") as f:
-        json.dump(res, f, indent=1)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "train_host_profile.json"), "w") as f:  # (after each side: a cut run keeps it)
+            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":
