@@ -282,14 +282,7 @@ def speed(args, model_dir, res):
             opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
             fn = _compile(Objective(model, 0.0), "blast" if s > 0 else "inductor", mode, Options())
             t = time.time()
-
-            def step():
-                with torch.autocast("cuda", torch.bfloat16):
-                    loss, _ = fn(x[:, :-1], x[:, 1:])
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                return loss
+            step = train_step(fn, x, opt)
 
             with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
                 eager = float(Objective(model, 0.0)(x[:, :-1], x[:, 1:])[0])
@@ -327,6 +320,21 @@ def speed(args, model_dir, res):
             d, b = rows.get(f"dense {mode}"), rows.get(f"blast {float(s):.2f} {mode}")
             if isinstance(d, dict) and isinstance(b, dict) and "tok_s" in d and "tok_s" in b:
                 res["speed"][f"blast {float(s):.2f} vs dense, {mode}"] = b["tok_s"] / d["tok_s"]
+
+
+def train_step(fn, x, opt):
+    """The speed stage's step: ``fn`` (an ``Objective``) on ``x`` under bf16 autocast, backward, optimizer step."""
+    import torch
+
+    def step():
+        with torch.autocast("cuda", torch.bfloat16):
+            loss, _ = fn(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step
 
 
 def _profile(step, steps: int = 2) -> dict:

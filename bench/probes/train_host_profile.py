@@ -13,11 +13,15 @@ as Inductor launches its own -- a suspect for the host time, since Triton's laun
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
 import transformers
 from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from sparsify_gpu import train_step  # noqa: E402  (bench/: the speed stage's step)
 
 
 def build(layers: int):
@@ -46,13 +50,7 @@ def side(blast: bool, args, static: bool = False):
     x = torch.randint(0, 49152, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0)).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     fn = torch.compile(Objective(model, 0.0), backend="blast" if blast else "inductor")
-
-    def step():
-        with torch.autocast("cuda", torch.bfloat16):
-            loss, _ = fn(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = train_step(fn, x, opt)
 
     t = time.time()
     for _ in range(4):
