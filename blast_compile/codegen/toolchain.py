@@ -5,8 +5,9 @@ transposed in shared memory (``.tnspB``): it builds their B descriptors from a u
 the dot reads the wrong tile (a silently wrong gradient) or outside shared memory ("illegal memory access"). Found
 in backward kernel 1's dh loop and in the dX ``bsmm`` (fp16, 32x128 blocks); the same PTX through ptxas 12.9 is
 right, and on an H100 the GPU test of that case fails with 12.8 and passes with 12.9
-(``bench/probes/issue27_ptxas/REPORT.md``). With such a ptxas the template computes those dots transposed
-(``TNSP_FIX``: same products, same order, no ``.tnspB``), and one warning says how to use a fixed ptxas.
+(``bench/probes/issue27_ptxas/REPORT.md``). With such a ptxas the kernels compute those dots transposed
+(``Signature.tnsp_fix``: the template's ``DH_T`` and ``bsmm``'s ``TR``; same products, same order, no ``.tnspB``;
+an ``mma.sync`` instead of a wgmma below 64 rows per block), and one warning says how to use a fixed ptxas.
 """
 from __future__ import annotations
 
