@@ -136,14 +136,17 @@ class GraphGuard:
         self.ok = True
         self._take()
 
-    def _take(self):
+    def _take(self, same_masks=()):
+        """Snapshot what the graph reads now. ``same_masks``: ids of the watches whose declared masks were just found
+        unchanged -- their mask snapshot stands (a training step moves the weights only)."""
         self.epoch = _masks.EPOCH[0]
         self.tensors = []
         for w in self.watches:
-            w.taken_masks = w.masks()
-            w.mask_snap = Snapshot(w.taken_masks, layout=False)
+            if id(w) not in same_masks:
+                w.taken_masks = w.masks()
+                w.mask_snap = _retake(getattr(w, "mask_snap", None), w.taken_masks)
             self.tensors += [*w.params(), *w.taken_masks]
-        self.snap = Snapshot(self.tensors, layout=False)  # (Dynamo guards the weights' layout itself)
+        self.snap = _retake(getattr(self, "snap", None), self.tensors)  # (Dynamo guards the weights' layout itself)
 
     def __call__(self, *args):
         if self.epoch != _masks.EPOCH[0] or self.snap.changed(self.tensors):
@@ -155,10 +158,11 @@ class GraphGuard:
 
     def _revalidate(self):
         counters["blast"]["graph_revalidated"] += 1
-        ok = True
+        ok, same = True, []
         for w in self.watches:
             if _same_declared_masks(w):
                 counters["blast"]["masked_weight_update"] += 1  # (as the opaque op counts its declared-mask path)
+                same.append(w)
             elif not w.valid():
                 ok = False
                 break
@@ -171,7 +175,15 @@ class GraphGuard:
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
         self.ok = ok
-        self._take()
+        self._take({id(w) for w in same})
+
+
+def _retake(snap, ts) -> Snapshot:
+    """``snap`` updated to ``ts`` (once per training step: an update reuses what did not move), or a new one."""
+    if snap is None or len(snap._layout) != len(ts):
+        return Snapshot(ts, layout=False)
+    snap.update(ts)
+    return snap
 
 
 def _same_declared_masks(w: Watch) -> bool:

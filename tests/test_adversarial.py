@@ -197,6 +197,28 @@ def test_snapshot_survives_address_reuse():
         assert snap.changed([p])
 
 
+def test_snapshot_update_keeps_the_refs_of_storages_that_did_not_move():
+    """A training step re-takes every weight (guard.GraphGuard): an update keeps the weak ref of a storage seen at the
+    same position (the ref held it, so an equal address is the same storage) and takes a new one where it moved --
+    still blind to nothing across 20 rebinds that may reuse the freed address."""
+    from blast_compile.ops.watch import Snapshot
+
+    p, q = nn.Parameter(torch.randn(64, 64)), nn.Parameter(torch.randn(64, 64))
+    snap = Snapshot([p, None, q])
+    ref_p, ref_q = snap._refs[0], snap._refs[2]
+    with torch.no_grad():
+        q.add_(1)
+    assert snap.changed([p, None, q])
+    snap.update([p, None, q])
+    assert snap._refs[0] is ref_p and snap._refs[2] is ref_q and not snap.changed([p, None, q])
+    for _ in range(20):
+        p.data = torch.randn(64, 64)
+        assert snap.changed([p, None, q])
+        snap.update([p, None, q])
+        assert not snap.changed([p, None, q]) and snap._refs[2] is ref_q
+    assert snap._refs[0] is not ref_p
+
+
 def test_optimizer_from_outside_torch_optim_writing_through_data():
     """An optimizer that is not torch.optim's may write without moving ``_version`` (apex, bitsandbytes:
     kernels on raw pointers); its steps are counted like fused ones."""

@@ -126,20 +126,28 @@ class Snapshot:
         self._layout = tuple(layout) if not isinstance(layout, bool) else (layout,) * len(ts)
         if len(self._layout) != len(ts):
             raise ValueError("Snapshot: one layout flag per tensor")
+        self._state = None
         self.update(ts)
 
     def update(self, ts: Sequence[Optional[Tensor]]) -> None:
+        # A storage seen at the same position last time keeps its weak ref: the ref held its StorageImpl, so an
+        # equal _cdata is the same storage (and a training step re-takes every weight: refs are the costly part)
+        old = getattr(self, "_state", None)
+        old = old if old is not None and len(old) == len(ts) else None
         state, refs = [], []
-        for t in ts:
+        for i, t in enumerate(ts):
             if t is None:
                 state.append(None)
+                refs.append(None)
                 continue
             try:
                 st = t.untyped_storage()
-                refs.append(StorageWeakRef(st))
                 cd, off = st._cdata, t.storage_offset()
+                o = old[i] if old is not None else None
+                refs.append(self._refs[i] if o is not None and o[1] == cd else StorageWeakRef(st))
             except (RuntimeError, NotImplementedError, AttributeError):  # no storage: identity by object
                 cd, off = ("id", weakref.ref(t)), 0
+                refs.append(None)
             state.append((_version(t), cd, off, t.shape, t.stride(), _STEPS.get(cd, 0)))
         self._state = state
         self._refs = refs
