@@ -146,6 +146,9 @@ class BlastSparsifier:
     and before every mask update to record the sparsified layers' inputs (``score="activation"``,
     ``reconstruct=True``; :mod:`blast_compile.calibrate`). Let it call the eager model: the
     recording uses forward hooks, which a compiled model would recompile for.
+    ``sequential``: each mask update prunes decoder layer by decoder layer, calling ``calibrate`` again before each
+    (after the first) so that a layer is scored and refit on the inputs the layers pruned before it give it, as
+    SparseGPT does -- one calibration pass per decoder layer and update instead of one per update.
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class BlastSparsifier:
         tie_gate_up: bool = True,
         reconstruct: bool = False,
         calibrate: Optional[Callable[[], object]] = None,
+        sequential: bool = False,
     ):
         if not 0.0 <= target_sparsity < 1.0:
             raise ValueError("target_sparsity must be in [0, 1)")
@@ -199,6 +203,7 @@ class BlastSparsifier:
         self.score = score
         self.reconstruct = bool(reconstruct)
         self.calibrate = calibrate
+        self.sequential = bool(sequential)
         self.regrow = float(regrow) if regrow else 0.0
         self.balanced = bool(balanced)
         self.optimizer = optimizer
@@ -351,17 +356,18 @@ class BlastSparsifier:
                                "`with sparsifier.calibration():` before the first mask update")
         return L.stats
 
-    def _recalibrate(self):
-        """Run the user's ``calibrate`` batches (if any) under ``calibration()``."""
+    def _recalibrate(self, names: Optional[List[str]] = None):
+        """Run the user's ``calibrate`` batches (if any) under ``calibration(names)``."""
         if self.calibrate is not None:
-            with self.calibration():
+            with self.calibration(names):
                 self.calibrate()
 
     @contextlib.contextmanager
-    def calibration(self):
+    def calibration(self, names: Optional[List[str]] = None):
         """``with sparsifier.calibration(): model(batch) ...``: record the sparsified layers' inputs (their
-        Gram matrices) for ``score="activation"`` and ``reconstruct``; they replace earlier ones."""
-        with _cal.collecting({n: L.module for n, L in self.layers.items()}) as stats:
+        Gram matrices) for ``score="activation"`` and ``reconstruct``; they replace earlier ones. ``names``:
+        only those layers'."""
+        with _cal.collecting({n: self.layers[n].module for n in (names or self.layers)}) as stats:
             yield
         for n, st in stats.items():
             if st.gram is not None:
@@ -378,9 +384,28 @@ class BlastSparsifier:
         return (self.tie_gate_up and L.name.rpartition(".")[2] in _FUSED_GATE_UP
                 and L.shape[0] % (2 * self.block_size) == 0)
 
+    def _stages(self) -> List[List[List[str]]]:
+        """The groups by decoder layer (``layers.<i>.`` in their names; any other group alone), in model order."""
+        stages: Dict[str, List[List[str]]] = {}
+        for g in self.groups:
+            m = re.search(r"(^|\.)layers\.(\d+)\.", g[0])
+            stages.setdefault(m.group(0) if m else g[0], []).append(g)
+        return list(stages.values())
+
     @torch.no_grad()
     def _update_masks(self, sparsity: float):
-        for names in self.groups:
+        needs_inputs = self.score == "activation" or self.reconstruct
+        if self.sequential and needs_inputs and sparsity > 0 and self.calibrate is not None:
+            for i, groups in enumerate(self._stages()):
+                if i:  # (the first stage's inputs were just recorded: nothing was pruned before it)
+                    self._recalibrate([n for g in groups for n in g])
+                self._update_groups(groups, sparsity)
+        else:
+            self._update_groups(self.groups, sparsity)
+        self.history.append((self.step_count, sparsity))
+
+    def _update_groups(self, groups, sparsity: float):
+        for names in groups:
             Ls = [self.layers[n] for n in names]
             L0 = Ls[0]
             halves = self._halves(L0)
@@ -417,7 +442,6 @@ class BlastSparsifier:
             for L in Ls:
                 L.score_acc = None
                 L.grad_acc = None
-        self.history.append((self.step_count, sparsity))
 
     @torch.no_grad()
     def apply_masks(self):

@@ -709,3 +709,52 @@ def test_plot_masks_has_a_legend_and_square_blocks(tmp_path):
         assert bb.height / rows == pytest.approx(bb.width / cols, rel=0.02)  # square blocks on the page
     path = sp.plot_masks(str(tmp_path / "masks.png"))
     assert os.path.getsize(path) > 1000
+
+
+class _Decoder(nn.Module):
+    """Residual SwiGLU MLPs named as in transformers (``layers.<i>.mlp.{gate,up,down}_proj``)."""
+
+    def __init__(self, n=3, d=32, h=64):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for _ in range(n):
+            blk = nn.Module()
+            blk.mlp = nn.Module()
+            blk.mlp.gate_proj, blk.mlp.up_proj = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False)
+            blk.mlp.down_proj = nn.Linear(h, d, bias=False)
+            self.layers.append(blk)
+
+    def forward(self, x):
+        for blk in self.layers:
+            m = blk.mlp
+            x = x + m.down_proj(nn.functional.silu(m.gate_proj(x)) * m.up_proj(x))
+        return x
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_sequential_updates_score_each_layer_on_the_pruned_layers_before_it(sequential):
+    """``sequential=True``: one mask update recalibrates before each decoder layer but the first, recording only
+    that layer's inputs, so every gate/up projection ends up scored and refit on the inputs of the model as pruned
+    before it (what a fresh calibration of the final model records); without it, on the unpruned model's."""
+    from blast_compile import calibrate as cal
+
+    torch.manual_seed(0)
+    model = _Decoder()
+    x = torch.randn(4, 24, 32)
+    calls = []
+
+    def calibrate():
+        calls.append(1)
+        model(x)
+
+    sp = BlastSparsifier(model, target_sparsity=0.5, block_size=16, schedule="constant", score="activation",
+                         reconstruct=True, calibrate=calibrate, declare=False, sequential=sequential)
+    assert len(calls) == (1 + 2 if sequential else 1)  # (the constructor: its calibration, then the update)
+    assert 0.45 < sp.sparsity() < 0.55
+    mods = {n: L.module for n, L in sp.layers.items()}
+    with cal.collecting(mods) as fresh:
+        model(x)
+    for i in range(3):
+        name = f"layers.{i}.mlp.gate_proj"
+        same = torch.allclose(sp.layers[name].stats.gram, fresh[name].gram)
+        assert same == (sequential or i == 0), (i, sequential)

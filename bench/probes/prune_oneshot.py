@@ -4,6 +4,11 @@ shows where the pruning damage comes from before any fine-tuning is spent on it.
 
     python bench/probes/prune_oneshot.py .carry/smollm2_hf .carry/SmolLM2-135M-Instruct_tokens.safetensors \
         --sparsity 0.5,0.7 --per-layer 0.5 --dense-layers "0;0,29" --out bench/results/prune_oneshot_cpu.json
+
+``--sequential``: layer by layer, each calibrated on the inputs the layers pruned before it give it (as SparseGPT
+does), at the same uniform sparsity. ``--allocate global,global-rel``: the same overall sparsity of each projection kind (gate/up, down) spread over the
+layers by one threshold on the block scores of all layers (``global``: the activation scores as they are;
+``global-rel``: each layer's scores divided by their sum, so a layer whose score sits in few blocks keeps fewer).
 """
 from __future__ import annotations
 
@@ -29,6 +34,11 @@ def main():
     ap.add_argument("--per-layer", type=float, default=0.0, help="also prune each layer alone at this sparsity")
     ap.add_argument("--dense-layers", default="", help="';'-separated comma lists, e.g. '0;0,29': whole-model runs "
                     "(with the refit) keeping these layers dense and the rest pruned harder, to the same overall sparsity")
+    ap.add_argument("--allocate", default="", help="comma list of global, global-rel: whole-model runs (with the "
+                    "refit) whose per-layer sparsity comes from one threshold over all layers")
+    ap.add_argument("--no-uniform", action="store_true", help="skip the uniform whole-model runs")
+    ap.add_argument("--sequential", action="store_true", help="whole-model runs (refit) pruned layer by layer, "
+                    "each calibrated after the ones before it were pruned")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=6144)
     ap.add_argument("--calib-tokens", type=int, default=4096)
@@ -55,10 +65,15 @@ def main():
         for xb in calib.split(8):
             model(input_ids=xb, use_cache=False)
 
-    def prune(s, layers, refit):
+    def prune(s, layers, refit, allocate=""):
         """Perplexity with ``layers`` pruned to ``s``; the model is dense again afterwards."""
         sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
                              score="activation", reconstruct=refit, calibrate=calibrate, layers=layers, declare=False)
+        if allocate:
+            keep = global_keep(sp, s, allocate == "global-rel")
+            sp._n_keep = lambda L, sparsity, rows=None: keep[L.name]
+            res.setdefault("allocations", {})[f"{s} {allocate}"] = {n: 1 - k / sp.layers[n].mask.numel()
+                                                                     for n, k in keep.items()}
         sp._update_masks(s)  # (the constructor calibrated: one mask update at the target, as at a ramp's end)
         sp.apply_masks()
         p = ppl()
@@ -70,12 +85,31 @@ def main():
     print("dense", round(res["dense"], 3), flush=True)
     all_layers = mlp_layers(model)
     sparsities = [float(v) for v in a.sparsity.split(",") if v]
-    for s in sparsities:
+    for s in ([] if a.no_uniform else sparsities):
         for refit in (False, True):
             t = time.time()
             p = prune(s, all_layers, refit)
             res["whole"][f"{s} {'refit' if refit else 'no refit'}"] = p
             print(f"whole model {s:.0%} {'refit' if refit else 'no refit'}: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
+    if a.sequential:
+        for s in sparsities:
+            t = time.time()
+            for i in range(len(model.model.layers)):
+                mine = [name for name in all_layers if name.startswith(f"model.layers.{i}.")]
+                sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
+                                     score="activation", reconstruct=True, calibrate=calibrate, layers=mine,
+                                     declare=False)  # (its constructor calibrates: on the model pruned so far)
+                sp._update_masks(s)
+                sp.finalize()
+            res["whole"][f"{s} refit, sequential"] = p = ppl()
+            model.load_state_dict(base)
+            print(f"whole model {s:.0%}, sequential: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
+    for how in (v for v in a.allocate.split(",") if v):
+        for s in sparsities:
+            res["whole"][f"{s} refit, {how} allocation"] = p = prune(s, all_layers, True, how)
+            per = res["allocations"][f"{s} {how}"]
+            print(f"whole model {s:.0%}, {how} allocation: {p:,.2f} (layer sparsity {min(per.values()):.2f}-"
+                  f"{max(per.values()):.2f})", flush=True)
     n_layers = len(model.model.layers)
     for spec in (v for v in a.dense_layers.split(";") if v):
         skip = [int(i) for i in spec.split(",")]
@@ -92,6 +126,24 @@ def main():
     if a.out:
         with open(a.out, "w") as f:
             json.dump(res, f, indent=1)
+
+
+@torch.no_grad()
+def global_keep(sp, s: float, relative: bool) -> dict:
+    """Blocks to keep per group (by its first layer's name): per projection kind, the top (1 - s) of the blocks
+    of every layer together, by score (``relative``: each group's scores over their sum)."""
+    kinds = {}
+    for names in sp.groups:
+        score = sum(sp._score(sp.layers[n]) for n in names).float()
+        if relative:
+            score = score / score.sum()
+        kinds.setdefault(names[0].rpartition(".")[2] == "down_proj", []).append((names[0], score))
+    keep = {}
+    for groups in kinds.values():
+        scores = torch.cat([sc.flatten() for _, sc in groups])
+        threshold = scores.topk(max(1, round((1 - s) * scores.numel()))).values.min()
+        keep.update({name: max(1, int((sc >= threshold).sum())) for name, sc in groups})
+    return keep
 
 
 if __name__ == "__main__":

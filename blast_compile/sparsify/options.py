@@ -46,6 +46,7 @@ class Options:
     mask_updates: int = 20                # mask updates on the ramp (each one recalibrates and refits)
     score: str = "activation"
     refit: bool = True
+    sequential: bool = False              # mask updates layer by layer, each calibrated on the layers pruned before
     calib_tokens: int = 4096
     distill: Optional[float] = None       # KL-to-the-dense-model weight (None: 1 sparse, 0 dense baseline)
     regrow: float = 0.0
@@ -70,7 +71,7 @@ class Options:
 
     # options that define a run: a checkpoint resumes only under the same ones
     RUN_KEYS = ("model", "sparsity", "dense_baseline", "tokens", "seq", "batch", "lr", "schedule", "warmup",
-                "min_lr", "weight_decay", "block", "freeze_last", "mask_updates", "score", "refit", "calib_tokens",
+                "min_lr", "weight_decay", "block", "freeze_last", "mask_updates", "score", "refit", "sequential", "calib_tokens",
                 "distill", "regrow", "skip_layers", "train", "seed", "val_fraction")
 
     @property
@@ -242,6 +243,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--score", default=d.score, help="block score: activation (W^2 E[x^2]), magnitude or movement")
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=d.refit,
                    help="least-squares refit of the surviving blocks at each mask update")
+    p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=d.sequential,
+                   help="each mask update prunes decoder layer by decoder layer, recalibrating before each, so a "
+                        "layer is scored and refit on the inputs of the layers pruned before it (one calibration "
+                        "pass per layer and update)")
     p.add_argument("--calib-tokens", type=_tokens, default=d.calib_tokens,
                    help="training tokens run through the model before each mask update (activation score, refit)")
     p.add_argument("--distill", type=_number(float), default=None,
