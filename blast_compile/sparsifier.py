@@ -179,6 +179,9 @@ class BlastSparsifier:
             raise ValueError(f"schedule must be cubic, linear or constant, not {schedule!r}")
         if score not in ("magnitude", "movement", "activation"):
             raise ValueError(f"score must be 'magnitude', 'movement' or 'activation', not {score!r}")
+        if sequential and (calibrate is None or not (score == "activation" or reconstruct)):
+            raise ValueError("sequential=True recalibrates before each decoder layer: it needs calibrate= and "
+                             "score='activation' or reconstruct=True")
         if end_step is None:
             if schedule != "constant":
                 raise ValueError("end_step (the last training step) is required for a ramp")

@@ -758,3 +758,12 @@ def test_sequential_updates_score_each_layer_on_the_pruned_layers_before_it(sequ
         name = f"layers.{i}.mlp.gate_proj"
         same = torch.allclose(sp.layers[name].stats.gram, fresh[name].gram)
         assert same == (sequential or i == 0), (i, sequential)
+
+
+def test_sequential_without_calibration_is_refused():
+    with pytest.raises(ValueError, match="sequential=True .* needs calibrate="):
+        BlastSparsifier(_Decoder(), target_sparsity=0.5, block_size=16, schedule="constant", score="activation",
+                        sequential=True)
+    with pytest.raises(ValueError, match="sequential=True"):
+        BlastSparsifier(_Decoder(), target_sparsity=0.5, block_size=16, schedule="constant", calibrate=lambda: None,
+                        sequential=True)

@@ -156,6 +156,8 @@ def no_mlp_model(tmp_path_factory):
     ("skip", {"--skip-layers": "7"}, "--skip-layers", "the model has 2 decoder layers"),
     ("val fraction", {"--val-fraction": "0.7"}, "--val-fraction", "0.7 is outside [0, 0.5)"),
     ("keep", {"--keep": "worst"}, "--keep", "'worst' is not best or last"),
+    ("sequential", {"--sequential": "", "--score": "magnitude", "--no-refit": ""}, "--sequential",
+     "nothing to recalibrate"),
     ("keep best, no validation", {"--val-fraction": "0"}, "--keep", "needs a validation split"),
     ("seq>positions", {"--seq": "256", "--tokens": "4096"}, "--seq", "longer than the model's 128 positions"),
     ("missing text", {"@": "missing"}, "TEXT", "cannot read"),
@@ -184,8 +186,8 @@ def test_bad_input_is_a_usage_error_before_training(files, no_mlp_model, tmp_pat
         else:
             model = str(tmp_path / "no_model")
     out = tmp_path / "out"
-    flag = extra.pop("--dense-baseline", None) is not None
-    argv = ["sparsify", model, *data, "--out", str(out), *_flags(**extra)] + ["--dense-baseline"] * flag
+    bare = [k for k, v in extra.items() if v == ""]  # (flags without a value)
+    argv = ["sparsify", model, *data, "--out", str(out), *_flags(**{k: v for k, v in extra.items() if v != ""}), *bare]
     with pytest.raises(SystemExit) as e:
         cli.main(argv)
     assert e.value.code == 2

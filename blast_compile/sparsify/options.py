@@ -127,6 +127,8 @@ def check(o: Options, files: bool = True) -> None:
         raise SparsifyError("--distill", f"{o.distill} must be >= 0")
     if o.blast_min_sparsity is not None and not 0 <= o.blast_min_sparsity < 1:
         raise SparsifyError("--blast-min-sparsity", f"{o.blast_min_sparsity} is outside [0, 1)")
+    if o.sequential and o.score != "activation" and not o.refit:
+        raise SparsifyError("--sequential", "has nothing to recalibrate: it needs --score activation or --refit")
     if o.block not in BLOCK_CHOICES:
         raise SparsifyError("--block", f"{o.block} is not one of {', '.join(map(str, BLOCK_CHOICES))} (the block "
                                        "sizes the blast backend fuses)")
