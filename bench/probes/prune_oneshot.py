@@ -37,8 +37,8 @@ def main():
     ap.add_argument("--allocate", default="", help="comma list of global, global-rel: whole-model runs (with the "
                     "refit) whose per-layer sparsity comes from one threshold over all layers")
     ap.add_argument("--no-uniform", action="store_true", help="skip the uniform whole-model runs")
-    ap.add_argument("--sequential", action="store_true", help="whole-model runs (refit) pruned layer by layer, "
-                    "each calibrated after the ones before it were pruned")
+    ap.add_argument("--sequential", action="store_true", help="whole-model runs (refit; --dense-layers runs too) "
+                    "pruned layer by layer, each calibrated after the ones before it were pruned")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=6144)
     ap.add_argument("--calib-tokens", type=int, default=4096)
@@ -85,25 +85,33 @@ def main():
     print("dense", round(res["dense"], 3), flush=True)
     all_layers = mlp_layers(model)
     sparsities = [float(v) for v in a.sparsity.split(",") if v]
-    for s in ([] if a.no_uniform else sparsities):
+    for s in ([] if a.no_uniform or a.sequential else sparsities):
         for refit in (False, True):
             t = time.time()
             p = prune(s, all_layers, refit)
             res["whole"][f"{s} {'refit' if refit else 'no refit'}"] = p
             print(f"whole model {s:.0%} {'refit' if refit else 'no refit'}: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
-    if a.sequential:
-        for s in sparsities:
-            t = time.time()
-            for i in range(len(model.model.layers)):
-                mine = [name for name in all_layers if name.startswith(f"model.layers.{i}.")]
-                sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
-                                     score="activation", reconstruct=True, calibrate=calibrate, layers=mine,
-                                     declare=False)  # (its constructor calibrates: on the model pruned so far)
-                sp._update_masks(s)
-                sp.finalize()
-            res["whole"][f"{s} refit, sequential"] = p = ppl()
-            model.load_state_dict(base)
-            print(f"whole model {s:.0%}, sequential: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
+
+    def sequential(s, skip=()):
+        """Perplexity with every layer but ``skip`` pruned to ``s`` one after the other, each calibrated on the
+        model pruned so far; the model is dense again afterwards."""
+        for i in range(len(model.model.layers)):
+            mine = [name for name in all_layers if name.startswith(f"model.layers.{i}.")]
+            if i in skip or not mine:
+                continue
+            sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
+                                 score="activation", reconstruct=True, calibrate=calibrate, layers=mine,
+                                 declare=False)  # (its constructor calibrates: on the model pruned so far)
+            sp._update_masks(s)
+            sp.finalize()
+        p = ppl()
+        model.load_state_dict(base)
+        return p
+
+    for s in ([] if a.no_uniform or not a.sequential else sparsities):
+        t = time.time()
+        res["whole"][f"{s} refit, sequential"] = p = sequential(s)
+        print(f"whole model {s:.0%}, sequential: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
     for how in (v for v in a.allocate.split(",") if v):
         for s in sparsities:
             res["whole"][f"{s} refit, {how} allocation"] = p = prune(s, all_layers, True, how)
@@ -115,8 +123,8 @@ def main():
         skip = [int(i) for i in spec.split(",")]
         for s in sparsities:
             rest = s * n_layers / (n_layers - len(skip))
-            p = prune(rest, mlp_layers(model, skip), True)
-            res["whole"][f"{s} refit, layers {spec} dense (the rest {rest:.3f})"] = p
+            p = sequential(rest, skip) if a.sequential else prune(rest, mlp_layers(model, skip), True)
+            res["whole"][f"{s} refit, {'sequential, ' * a.sequential}layers {spec} dense (the rest {rest:.3f})"] = p
             print(f"whole model {s:.0%}, layers {spec} dense, the rest {rest:.1%}: {p:,.2f}", flush=True)
     if a.per_layer:
         for i in range(n_layers):
