@@ -392,7 +392,7 @@ class BlastSparsifier:
         stages: Dict[str, List[List[str]]] = {}
         for g in self.groups:
             m = re.search(r"(^|\.)layers\.(\d+)\.", g[0])
-            stages.setdefault(m.group(0) if m else g[0], []).append(g)
+            stages.setdefault(g[0][:m.end()] if m else g[0], []).append(g)  # ("model.layers.3.": per stack)
         return list(stages.values())
 
     @torch.no_grad()
