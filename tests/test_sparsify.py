@@ -324,3 +324,11 @@ def test_a_run_killed_during_the_blast_compile_resumes_from_the_mask_freeze(file
     for pa, pb in zip(a["curve"], b["curve"]):
         assert pb["ppl"] == pytest.approx(pa["ppl"], rel=1e-5) and pb["val"] == pytest.approx(pa["val"], rel=1e-5)
     assert b["ppl_final"] == pytest.approx(a["ppl_final"], rel=1e-5)
+
+
+def test_sequential_mask_updates_end_to_end(files, tmp_path):
+    """--sequential: the run recalibrates per decoder layer at each mask update and ends like any other."""
+    rep = run(_opts(files, tmp_path / "a", sequential=True, mask_updates=2))
+    assert rep["status"] == "done" and rep["options"]["sequential"] is True
+    assert all(math.isfinite(v) for v in rep["ppl_final"].values())
+    assert 0.45 < rep["achieved_sparsity"] < 0.55
