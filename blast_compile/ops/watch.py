@@ -132,8 +132,7 @@ class Snapshot:
     def update(self, ts: Sequence[Optional[Tensor]]) -> None:
         # A storage seen at the same position last time keeps its weak ref: the ref held its StorageImpl, so an
         # equal _cdata is the same storage (and a training step re-takes every weight: refs are the costly part)
-        old = getattr(self, "_state", None)
-        old = old if old is not None and len(old) == len(ts) else None
+        old = self._state if self._state is not None and len(self._state) == len(ts) else None
         state, refs = [], []
         for i, t in enumerate(ts):
             if t is None:
