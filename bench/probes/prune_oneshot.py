@@ -93,17 +93,13 @@ def main():
             print(f"whole model {s:.0%} {'refit' if refit else 'no refit'}: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
 
     def sequential(s, skip=()):
-        """Perplexity with every layer but ``skip`` pruned to ``s`` one after the other, each calibrated on the
-        model pruned so far; the model is dense again afterwards."""
-        for i in range(len(model.model.layers)):
-            mine = [name for name in all_layers if name.startswith(f"model.layers.{i}.")]
-            if i in skip or not mine:
-                continue
-            sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
-                                 score="activation", reconstruct=True, calibrate=calibrate, layers=mine,
-                                 declare=False)  # (its constructor calibrates: on the model pruned so far)
-            sp._update_masks(s)
-            sp.finalize()
+        """``prune`` with the sparsifier's ``sequential=True``: every layer but ``skip`` pruned to ``s`` one after
+        the other, each calibrated on the model pruned so far."""
+        sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
+                             score="activation", reconstruct=True, calibrate=calibrate, layers=mlp_layers(model, skip),
+                             declare=False, sequential=True)
+        sp._update_masks(s)
+        sp.apply_masks()
         p = ppl()
         model.load_state_dict(base)
         return p
