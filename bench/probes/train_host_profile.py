@@ -1,18 +1,22 @@
 """Where a default-mode training step's host time goes: SmolLM2-135M's shape cut to a few layers, dense Inductor vs
-backend="blast" (90% blocks dead, declared masks, bf16 autocast, fused AdamW), profiled with CPU and CUDA activities.
+backend="blast" (90% blocks dead, declared masks, bf16 autocast, fused AdamW), profiled with CPU and CUDA activities
+and with cProfile (the launchers' Python, which the torch profiler does not see).
 
-The full 30-layer step measured 75.9 ms for blast against 48.0 ms for dense while its kernels took 26.0 ms against
-31.0 ms (bench/results/sparsify_speed_fused_h100/): host-bound. This says per step: wall time, GPU kernel time,
-host-to-device syncs (cudaStreamSynchronize, cudaMemcpy* D2H, cudaEventSynchronize) and the top host ops.
-Side ``blast_static``: the same with Inductor launching the user-defined (blast) kernels through its static CUDA
-launcher (``static_launch_user_defined_triton_kernels``; off by default in torch, and never for PDL launches),
-as Inductor launches its own -- a suspect for the host time, since Triton's launcher costs more per launch.
+One side per process (``--sides``), so that repeated, interleaved runs give the spread: a default-mode step's host
+time moves by 10+ ms between processes on one machine (30 layers: the same blast side 57.1 and 71.5 ms).
+``TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1`` in the environment makes Inductor launch the blast
+kernels through its static CUDA launcher, as it launches its own (off by default in torch; the choice is made in
+the compile workers, so setting ``torch._inductor.config`` in this process does not reach it). The JSON says which
+launcher the kernels got (cProfile's call counts).
 
-    python bench/probes/train_host_profile.py --layers 4 --out /tmp/out
+    python bench/probes/train_host_profile.py --layers 4 --sides blast --out /tmp/out --tag r1
 """
 import argparse
+import cProfile
+import io
 import json
 import os
+import pstats
 import sys
 import time
 
@@ -32,7 +36,7 @@ def build(layers: int):
     return transformers.LlamaForCausalLM(cfg).cuda().train()
 
 
-def side(blast: bool, args, static: bool = False):
+def side(blast: bool, args):
     from torch._dynamo.utils import counters
 
     from blast_compile.sparsifier import BlastSparsifier
@@ -41,7 +45,6 @@ def side(blast: bool, args, static: bool = False):
 
     torch._dynamo.reset()
     counters.clear()
-    torch._inductor.config.static_launch_user_defined_triton_kernels = static
     model = build(args.layers)
     model.config.use_cache = False
     if blast:
@@ -57,25 +60,46 @@ def side(blast: bool, args, static: bool = False):
         step()
     torch.cuda.synchronize()
     compile_s = time.time() - t
-    t = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    host_ms = (time.perf_counter() - t) / args.steps * 1e3  # (the host returns before the GPU finishes...)
-    torch.cuda.synchronize()
-    wall_ms = (time.perf_counter() - t) / args.steps * 1e3  # (... this waits for it)
+    windows = []  # (host ms, wall ms) per step, per window of args.steps steps
+    for _ in range(args.windows):
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        host = (time.perf_counter() - t) / args.steps * 1e3  # (the host returns before the GPU finishes...)
+        torch.cuda.synchronize()
+        windows.append((host, (time.perf_counter() - t) / args.steps * 1e3))  # (... this waits for it)
+    wall = sorted(w for _, w in windows)
+    host_ms, wall_ms = min(h for h, _ in windows), wall[len(wall) // 2]
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
     ev = prof.key_averages()
+    pr = cProfile.Profile()  # Python-level: the torch profiler does not see the launchers' Python
+    pr.enable()
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    pr.disable()
+    py = {}
+    for key in ("tottime", "cumulative"):
+        buf = io.StringIO()
+        pstats.Stats(pr, stream=buf).sort_stats(key).print_stats(35)
+        py[key] = buf.getvalue()
     syncs = {e.key: e.count // 2 for e in ev if any(s in e.key for s in (
         "Synchronize", "cudaMemcpy", "_local_scalar_dense", "aten::item", "nonzero"))}
     cpu = sorted(ev, key=lambda e: -e.self_cpu_time_total)[:30]
     gpu = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA) / 2e3
-    return {"compile_and_warmup_s": compile_s, "host_ms": host_ms, "wall_ms": wall_ms, "gpu_ms_profiled": gpu,
+    calls = pstats.Stats(pr).stats  # {(file, line, fn): (primitive calls, calls, ...)}
+    launches = {"static": sum(v[1] for k, v in calls.items() if k[0].endswith("static_triton_launcher.py")
+                              and k[2] == "run") // 2,
+                "triton": sum(v[1] for k, v in calls.items() if k[2] == "launch_metadata") // 2}
+    return {"compile_and_warmup_s": compile_s, "host_ms_min": host_ms, "wall_ms_median": wall_ms, "windows": windows,
+            "gpu_ms_profiled": gpu, "launches_per_step_by_launcher": launches,
+            "static_user_kernels": bool(torch._inductor.config.static_launch_user_defined_triton_kernels),
             "syncs_per_step": syncs, "counters": dict(counters["blast"]),
             "top_host": [{"name": e.key[:100], "self_cpu_ms": e.self_cpu_time_total / 2e3, "calls": e.count // 2}
-                         for e in cpu]}
+                         for e in cpu], "python_profile_2_steps": py}
 
 
 def main():
@@ -83,17 +107,21 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--sides", default="dense,blast,blast_static")
+    ap.add_argument("--steps", type=int, default=6, help="steps per timing window")
+    ap.add_argument("--windows", type=int, default=5)
+    ap.add_argument("--sides", default="dense,blast")
+    ap.add_argument("--tag", default="", help="appended to the JSON's name")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "layers": args.layers}
     for name in args.sides.split(","):
-        res[name] = r = side(name != "dense", args, static=name == "blast_static")
-        print(name, {k: r[k] for k in ("compile_and_warmup_s", "host_ms", "wall_ms", "gpu_ms_profiled")},
-              r["syncs_per_step"], flush=True)
+        res[name] = r = side(name != "dense", args)
+        keys = ("compile_and_warmup_s", "host_ms_min", "wall_ms_median", "gpu_ms_profiled", "static_user_kernels",
+                "launches_per_step_by_launcher")
+        print(name, args.tag, {k: r[k] for k in keys}, r["syncs_per_step"], flush=True)
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "train_host_profile.json"), "w") as f:  # (after each side: a cut run keeps it)
+        # (after each side: a cut run keeps it)
+        with open(os.path.join(args.out, f"train_host_profile{args.tag}.json"), "w") as f:
             json.dump(res, f, indent=1)
 
 
