@@ -46,7 +46,8 @@ class Options:
     mask_updates: int = 20                # mask updates on the ramp (each one recalibrates and refits)
     score: str = "activation"
     refit: bool = True
-    sequential: bool = False              # mask updates layer by layer, each calibrated on the layers pruned before
+    sequential: Optional[bool] = None     # mask updates layer by layer, each calibrated on the layers pruned before
+                                          # (None: wherever an update calibrates: --score activation or --refit)
     calib_tokens: int = 4096
     distill: Optional[float] = None       # KL-to-the-dense-model weight (None: 1 sparse, 0 dense baseline)
     regrow: float = 0.0
@@ -80,10 +81,20 @@ class Options:
             return float(self.distill)
         return 0.0 if self.dense_baseline else 1.0
 
+    @property
+    def recalibrates(self) -> bool:
+        """A mask update calibrates on the model's inputs (activation scores or the refit need them)."""
+        return self.score == "activation" or self.refit
+
+    @property
+    def sequential_updates(self) -> bool:
+        return self.recalibrates if self.sequential is None else bool(self.sequential)
+
     def run_dict(self) -> dict:
         d = {k: getattr(self, k) for k in self.RUN_KEYS}
         d["model"] = os.path.abspath(d["model"]) if d["model"] else d["model"]
         d["skip_layers"] = list(d["skip_layers"])
+        d["sequential"] = self.sequential_updates  # (what the run does: a default resolved, as an explicit flag)
         return d
 
 
@@ -127,7 +138,7 @@ def check(o: Options, files: bool = True) -> None:
         raise SparsifyError("--distill", f"{o.distill} must be >= 0")
     if o.blast_min_sparsity is not None and not 0 <= o.blast_min_sparsity < 1:
         raise SparsifyError("--blast-min-sparsity", f"{o.blast_min_sparsity} is outside [0, 1)")
-    if o.sequential and o.score != "activation" and not o.refit:
+    if o.sequential and not o.recalibrates:
         raise SparsifyError("--sequential", "has nothing to recalibrate: it needs --score activation or --refit")
     if o.block not in BLOCK_CHOICES:
         raise SparsifyError("--block", f"{o.block} is not one of {', '.join(map(str, BLOCK_CHOICES))} (the block "
@@ -248,7 +259,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=d.sequential,
                    help="each mask update prunes decoder layer by decoder layer, recalibrating before each, so a "
                         "layer is scored and refit on the inputs of the layers pruned before it (one calibration "
-                        "pass per layer and update)")
+                        "pass per layer and update; default: on where updates calibrate, i.e. --score activation "
+                        "or --refit)")
     p.add_argument("--calib-tokens", type=_tokens, default=d.calib_tokens,
                    help="training tokens run through the model before each mask update (activation score, refit)")
     p.add_argument("--distill", type=_number(float), default=None,

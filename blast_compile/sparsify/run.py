@@ -299,8 +299,8 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
         sp = BlastSparsifier(model, target_sparsity=o.sparsity, block_size=o.block, end_step=steps,
                              freeze_last=o.freeze_last, update_every=max(1, ramp // o.mask_updates), optimizer=opt,
                              score=o.score, regrow=o.regrow, layers=mlp_layers(model, o.skip_layers),
-                             reconstruct=o.refit, calibrate=calibrate if (o.score == "activation" or o.refit) else None,
-                             sequential=o.sequential)
+                             reconstruct=o.refit, calibrate=calibrate if o.recalibrates else None,
+                             sequential=o.sequential_updates)
     state = {"step": 0, "curve": [], "losses": [], "meter": {}, "train_s": 0.0, "ppl_pretrained": None,
              "best": None}
     path = os.path.join(o.out, CHECKPOINT) if o.out else None
