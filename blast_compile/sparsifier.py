@@ -397,8 +397,7 @@ class BlastSparsifier:
 
     @torch.no_grad()
     def _update_masks(self, sparsity: float):
-        needs_inputs = self.score == "activation" or self.reconstruct
-        if self.sequential and needs_inputs and sparsity > 0 and self.calibrate is not None:
+        if self.sequential and sparsity > 0 and self.calibrate is not None:  # (the constructor checked the score)
             for i, groups in enumerate(self._stages()):
                 if i:  # (the first stage's inputs were just recorded: nothing was pruned before it)
                     self._recalibrate([n for g in groups for n in g])

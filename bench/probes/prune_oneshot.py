@@ -6,9 +6,10 @@ shows where the pruning damage comes from before any fine-tuning is spent on it.
         --sparsity 0.5,0.7 --per-layer 0.5 --dense-layers "0;0,29" --out bench/results/prune_oneshot_cpu.json
 
 ``--sequential``: layer by layer, each calibrated on the inputs the layers pruned before it give it (as SparseGPT
-does), at the same uniform sparsity. ``--allocate global,global-rel``: the same overall sparsity of each projection kind (gate/up, down) spread over the
-layers by one threshold on the block scores of all layers (``global``: the activation scores as they are;
-``global-rel``: each layer's scores divided by their sum, so a layer whose score sits in few blocks keeps fewer).
+does), at the same uniform sparsity. ``--allocate global,global-rel``: the same overall sparsity of each projection
+kind (gate/up, down) spread over the layers by one threshold on the block scores of all layers (``global``: the
+activation scores as they are; ``global-rel``: each layer's scores divided by their sum, so a layer whose score sits
+in few blocks keeps fewer).
 """
 from __future__ import annotations
 
@@ -65,10 +66,12 @@ def main():
         for xb in calib.split(8):
             model(input_ids=xb, use_cache=False)
 
-    def prune(s, layers, refit, allocate=""):
-        """Perplexity with ``layers`` pruned to ``s``; the model is dense again afterwards."""
+    def prune(s, layers, refit, allocate="", sequential=False):
+        """Perplexity with ``layers`` pruned to ``s``; the model is dense again afterwards. ``sequential``: the
+        sparsifier's, one layer after the other, each calibrated on the model pruned so far."""
         sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
-                             score="activation", reconstruct=refit, calibrate=calibrate, layers=layers, declare=False)
+                             score="activation", reconstruct=refit, calibrate=calibrate, layers=layers, declare=False,
+                             sequential=sequential)
         if allocate:
             keep = global_keep(sp, s, allocate == "global-rel")
             sp._n_keep = lambda L, sparsity, rows=None: keep[L.name]
@@ -92,21 +95,9 @@ def main():
             res["whole"][f"{s} {'refit' if refit else 'no refit'}"] = p
             print(f"whole model {s:.0%} {'refit' if refit else 'no refit'}: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
 
-    def sequential(s, skip=()):
-        """``prune`` with the sparsifier's ``sequential=True``: every layer but ``skip`` pruned to ``s`` one after
-        the other, each calibrated on the model pruned so far."""
-        sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
-                             score="activation", reconstruct=True, calibrate=calibrate, layers=mlp_layers(model, skip),
-                             declare=False, sequential=True)
-        sp._update_masks(s)
-        sp.apply_masks()
-        p = ppl()
-        model.load_state_dict(base)
-        return p
-
     for s in ([] if a.no_uniform or not a.sequential else sparsities):
         t = time.time()
-        res["whole"][f"{s} refit, sequential"] = p = sequential(s)
+        res["whole"][f"{s} refit, sequential"] = p = prune(s, all_layers, True, sequential=True)
         print(f"whole model {s:.0%}, sequential: {p:,.2f} ({time.time() - t:.0f} s)", flush=True)
     for how in (v for v in a.allocate.split(",") if v):
         for s in sparsities:
@@ -119,7 +110,7 @@ def main():
         skip = [int(i) for i in spec.split(",")]
         for s in sparsities:
             rest = s * n_layers / (n_layers - len(skip))
-            p = sequential(rest, skip) if a.sequential else prune(rest, mlp_layers(model, skip), True)
+            p = prune(rest, mlp_layers(model, skip), True, sequential=a.sequential)
             res["whole"][f"{s} refit, {'sequential, ' * a.sequential}layers {spec} dense (the rest {rest:.3f})"] = p
             print(f"whole model {s:.0%}, layers {spec} dense, the rest {rest:.1%}: {p:,.2f}", flush=True)
     if a.per_layer:

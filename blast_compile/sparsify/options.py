@@ -72,8 +72,8 @@ class Options:
 
     # options that define a run: a checkpoint resumes only under the same ones
     RUN_KEYS = ("model", "sparsity", "dense_baseline", "tokens", "seq", "batch", "lr", "schedule", "warmup",
-                "min_lr", "weight_decay", "block", "freeze_last", "mask_updates", "score", "refit", "sequential", "calib_tokens",
-                "distill", "regrow", "skip_layers", "train", "seed", "val_fraction")
+                "min_lr", "weight_decay", "block", "freeze_last", "mask_updates", "score", "refit", "sequential",
+                "calib_tokens", "distill", "regrow", "skip_layers", "train", "seed", "val_fraction")
 
     @property
     def distill_weight(self) -> float:
