@@ -5,8 +5,9 @@ once. ``stream_live`` does only that -- every live 64x64 block of the three dens
 the fused kernels read them from, summed into one fp32 per program so nothing is dead code -- and its time
 under CUDA graphs, cold L2 (each replay cycles through >= 256 MB of weight copies, as in a model with many
 layers), is the floor. Per shape, sparsity and M, in one process: the floor, blast's decode
-(``triton_mlp.forward`` per path, graph-replayed: a lowered op launches the same kernels, the sliced ones unless
-``DECODE_PATH`` asks for split-K) and dense cuBLAS.
+(``triton_mlp.forward`` per path, graph-replayed: a lowered op launches the same kernels without PDL -- ``--no-pdl``
+times that -- on the sliced path, with or without W2 prefetched by kernel 1, unless ``DECODE_PATH`` asks for
+split-K) and dense cuBLAS.
 
     python bench/decode_floor.py --out bench/results      # 1B and 8B MLP shapes, 90 / 95 %, M = 1, 8, 16
 
@@ -88,13 +89,16 @@ def main():
     ap.add_argument("--sparsity", default="0.9,0.95")
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--per", default="1,2,4", help="blocks per program of the floor kernel (the best is kept)")
-    ap.add_argument("--paths", default=",sliced,splitk",
+    ap.add_argument("--paths", default=",sliced,splitk,sliced_pf",
                     help="decode paths timed (configs.DECODE_PATH; '' = the tuner's choice)")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="no programmatic dependent launch (configs.PDL = False), as Inductor's code launches")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     from bench._results import run_meta, write_json
 
-    res = run_meta(bench="decode_floor", rows=[])
+    configs.PDL = not args.no_pdl
+    res = run_meta(bench="decode_floor", rows=[], pdl=configs.PDL)
     dtype = torch.bfloat16
     for shape in args.shapes.split(","):
         d, h, act, gated = SHAPES[shape]

@@ -9,7 +9,9 @@ shape and M, in one process:
 * ``blast`` / ``blast_ro``: ``backend="blast"`` (fused MLPs lowered into Inductor's code) default / reduce-overhead;
 * ``blast_opaque``: ``backend="blast", options={"lower": False}`` (the opaque op with Python per call);
 * ``blast_splitk`` / ``blast_splitk_ro``: ``blast`` / ``blast_ro`` with the lowered decode on split-K
-  (``configs.DECODE_PATH = "splitk"``) instead of the sliced path;
+  (``configs.DECODE_PATH = "splitk"``); ``blast_sliced`` / ``blast_sliced_ro`` and ``blast_pf`` / ``blast_pf_ro``:
+  on the sliced path without / with kernel 1 prefetching W2 (``"sliced"`` / ``"sliced_pf"``; ``blast`` picks
+  between these two by timing);
 * ``inductor_cpp`` / ``blast_cpp``: ``inductor`` / ``blast`` with ``torch._inductor.config.cpp_wrapper = True``
   (Inductor's wrapper in C++: its launches, ours included, without Python per kernel);
 * ``blast_aoti`` / ``inductor_aoti``: AOTInductor packages (``blast_compile.export.aoti_package`` / plain
@@ -110,6 +112,11 @@ MODES = {
     # the lowered decode on split-K (configs.DECODE_PATH; its scratch zeroed per call) instead of sliced
     "blast_splitk": dict(backend="blast", decode_path="splitk"),
     "blast_splitk_ro": dict(backend="blast", mode="reduce-overhead", decode_path="splitk"),
+    # ... on the sliced path, without / with W2 prefetched into L2 by kernel 1
+    "blast_sliced": dict(backend="blast", decode_path="sliced"),
+    "blast_sliced_ro": dict(backend="blast", mode="reduce-overhead", decode_path="sliced"),
+    "blast_pf": dict(backend="blast", decode_path="sliced_pf"),
+    "blast_pf_ro": dict(backend="blast", mode="reduce-overhead", decode_path="sliced_pf"),
     # Inductor's wrapper code in C++ instead of Python (default mode's host cost is the launches)
     "inductor_cpp": dict(backend="inductor", cpp_wrapper=True),
     "blast_cpp": dict(backend="blast", cpp_wrapper=True),

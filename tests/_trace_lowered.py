@@ -87,12 +87,14 @@ def describe(gm):
     inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-    kernels, writes_input = [], []
+    kernels, writes_input, prefetch = [], [], []
     for n in gm.graph.nodes:
         if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
             k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
             name = getattr(getattr(k, "fn", k), "__name__", str(k))
             kernels.append([name, str(n.kwargs["grid"])])
+            if n.kwargs["kwargs"].get("PF"):
+                prefetch.append([name, n.kwargs["kwargs"]["PF"]])
             for arg in n.kwargs.get("tensors_to_clone", []):
                 if n.kwargs["kwargs"][arg] in inputs:
                     writes_input.append(f"{name}.{arg}")
@@ -104,7 +106,8 @@ def describe(gm):
     # tensors filled before a kernel can write them (each one more launch in Inductor's code)
     fills = sorted(str(n.target).split(".")[-2] for n in gm.graph.nodes if n.op == "call_function"
                    and any(k in str(n.target) for k in ("aten.zeros", "aten.full", "aten.fill", "aten.zero_")))
-    return {"kernels": kernels, "writes_input": writes_input, "copies": copies, "fills": fills, "inputs": len(inputs)}
+    return {"kernels": kernels, "writes_input": writes_input, "copies": copies, "fills": fills, "inputs": len(inputs),
+            "prefetch": prefetch}
 
 
 class MLP(torch.nn.Module):
@@ -191,6 +194,15 @@ def main(cases):
             run("decode_splitk", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
         finally:
             configs.DECODE_PATH = ""
+    if "decode_pf" in cases:  # sliced decode with kernel 1 prefetching W2 (GPU-only: forced here), TTIR for sm_90
+        from blast_compile.ops import decode
+
+        configs.DECODE_PATH, ok = "sliced_pf", decode._prefetch_ok
+        decode._prefetch_ok = lambda args: True
+        try:
+            run("decode_pf", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
+        finally:
+            configs.DECODE_PATH, decode._prefetch_ok = "", ok
     if "packed" in cases:  # a compressed MLP (blast::packed_mlp), inference; compiled, then exported
         from blast_compile import compress
         from blast_compile.testing import SwiGLU, sparsify_mlps_

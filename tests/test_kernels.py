@@ -1117,7 +1117,8 @@ def test_gpu_eight_warp_configs_128_blocks(dw, bwd, monkeypatch):
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,path", [(1, "sliced"), (16, "sliced"), (1, "splitk"), (16, "splitk"), (200, "")])
+@pytest.mark.parametrize("m,path", [(1, "sliced"), (16, "sliced"), (1, "splitk"), (16, "splitk"), (1, "sliced_pf"),
+                                    (16, "sliced_pf"), (200, "")])
 def test_gpu_cuda_graph_replay(m, path, monkeypatch):
     """No host syncs after the first call: the forward captures into a CUDA graph and replays fresh
     inputs (both decode paths; their kernel 2 is a programmatic dependent launch that prefetches W2
@@ -1163,7 +1164,7 @@ def test_gpu_decode_alternating_m():
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("path", ["splitk", "sliced"])
+@pytest.mark.parametrize("path", ["splitk", "sliced", "sliced_pf"])
 def test_gpu_decode_repeat_ragged_bias(dtype, path, monkeypatch):
     """Round 2's failing case (biases, (64, 32) blocks, 200 -> 520), called 60 times on one plan."""
     monkeypatch.setattr(configs, "DECODE_PATH", path)
@@ -1185,7 +1186,7 @@ def test_gpu_decode_splitk_configs(gemv, cfg, monkeypatch):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("seed", range(8))
-@pytest.mark.parametrize("path", ["splitk", "sliced"])
+@pytest.mark.parametrize("path", ["splitk", "sliced", "sliced_pf"])
 def test_gpu_forward_decode_seeds(seed, path, monkeypatch):
     """Decode with biases on ragged (64, 32) blocks over several random patterns (fresh weights each)."""
     monkeypatch.setattr(configs, "DECODE_PATH", path)

@@ -287,12 +287,14 @@ def test_cpp_wrapper_runs_the_lowered_kernels():
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-def test_lowered_split_k_decode_matches_eager(monkeypatch, mode):
-    """DECODE_PATH "splitk": split-K inside Inductor's code (its scratch a zeroed buffer per call), every decode M
-    (the GEMV at M = 1, the dots above), then prefill, against eager; under CUDA graphs too."""
+@pytest.mark.parametrize("path", ["splitk", "sliced_pf"])
+def test_lowered_decode_paths_match_eager(monkeypatch, mode, path):
+    """The decode paths a lowered op takes only when timed or asked (DECODE_PATH): split-K inside Inductor's code
+    (its scratch a zeroed buffer per call; the GEMV at M = 1, the dots above) and the sliced decode whose kernel 1
+    prefetches W2 into L2; every decode M, then prefill, against eager; under CUDA graphs too."""
     from blast_compile.ops import configs
 
-    monkeypatch.setattr(configs, "DECODE_PATH", "splitk")
+    monkeypatch.setattr(configs, "DECODE_PATH", path)
     m = sparse_stack(torch.bfloat16, bias=True)
     cm = compiled(m, mode=mode)
     with torch.no_grad():

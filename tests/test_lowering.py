@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def traces():
     cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast", "export",
-             "export_dynamic", "export_hf", "packed", "decode_splitk"]
+             "export_dynamic", "export_hf", "packed", "decode_splitk", "decode_pf"]
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
@@ -38,6 +38,16 @@ def test_split_k_decode_lowered_zeroes_its_scratch_with_one_fill(traces):
     (g,) = traces["decode_splitk"]["fw"]
     assert kernels(g) == ["mlp_decode_in", "mlp_decode_dn"] and g["fills"] == ["zeros"], g
     assert not g["writes_input"] and not g["copies"], g
+
+
+def test_decode_with_w2_prefetch_lowers_without_writes(traces):
+    """The sliced decode whose kernel 1 prefetches W2 into L2 (a lowered op's stand-in for PDL): the prefetch is
+    in the traced kernel, and AOTAutograd still sees it write only H (an impure inline asm would count as a
+    write to every input: weights cloned per call)."""
+    (g,) = traces["decode_pf"]["fw"]
+    assert kernels(g) == ["mlp_hidden", "bsmm"], g
+    assert [k for k, _ in g["prefetch"]] == ["mlp_hidden"], g
+    assert not g["writes_input"] and not g["copies"] and not g["fills"], g
 
 
 def test_export_of_a_transformers_model(traces):

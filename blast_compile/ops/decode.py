@@ -158,37 +158,59 @@ def _prefetch_lines(w, s_in, bi, pdl):
 
 
 def _decode(args):
-    """Decode (M <= ``codegen.DECODE_MAX_M``): the sliced path or split-K, whichever was faster for
-    this (signature, shape, live-block count, M bucket) when first timed (CUDA graphs; persisted like
-    the configs). ``DECODE_PATH`` forces one. Under ``torch.use_deterministic_algorithms(True)`` always the
-    sliced path: split-K adds fp32 partial sums with atomics, in any order. ``args``: ``_decode_sliced``'s."""
+    """Decode (M <= ``codegen.DECODE_MAX_M``): the sliced path, split-K or sliced with prefetch, whichever was
+    fastest for this (signature, shape, live-block count, M bucket) when first timed (CUDA graphs; persisted like
+    the configs). ``DECODE_PATH`` forces one. Under ``torch.use_deterministic_algorithms(True)`` never
+    split-K: it adds fp32 partial sums with atomics, in any order. ``args``: ``_decode_sliced``'s.
+
+    A lowered op weighs the sliced path against itself with kernel 1 prefetching kernel 2's weights
+    (``sliced_pf``): Inductor launches without PDL, so kernel 2 cannot prefetch them while kernel 1 runs."""
     mode = C.DECODE_PATH
     if lowered():
-        # split-K then zeroes its scratch per call (one fill launch more; on a GPU not yet weighed against the
-        # sliced path, so only when asked for)
-        return _decode_splitk(*args) if mode == "splitk" and not torch.are_deterministic_algorithms_enabled() \
-            else _decode_sliced(*args)
+        # split-K then zeroes its scratch per call (one fill launch more: it lost to the sliced path on an H100,
+        # BENCHMARKS.md), so only when asked for
+        if mode == "splitk" and not torch.are_deterministic_algorithms_enabled():
+            return _decode_splitk(*args)
+        if mode == "sliced_pf" or (mode != "sliced" and _prefetch_ok(args)):
+            return _pick(args, {"sliced": _decode_sliced, "sliced_pf": _decode_sliced_pf}, mode, "lowered")
+        return _decode_sliced(*args)
     if torch.are_deterministic_algorithms_enabled():
         if mode == "splitk":
             warn_once(("deterministic", mode), "blast: DECODE_PATH='splitk' ignored under "
                       "torch.use_deterministic_algorithms(True): its atomics are not deterministic; "
                       "using the sliced decode")
-        return _decode_sliced(*args)
-    paths = {"sliced": _decode_sliced, "splitk": _decode_splitk}
+        return _decode_sliced_pf(*args) if mode == "sliced_pf" else _decode_sliced(*args)
+    return _pick(args, {"sliced": _decode_sliced, "splitk": _decode_splitk, "sliced_pf": _decode_sliced_pf},
+                 mode, "")
+
+
+def _prefetch_ok(args) -> bool:
+    """Kernel 1 can prefetch W2: a GPU (the prefetch is inline PTX), W2's block rows contiguous, blocks live."""
+    x2d, plan, s2 = args[0], args[2], args[12]
+    return x2d.is_cuda and not _interpret() and s2[1] == 1 and plan.pattern.nnz_dn > 0
+
+
+def _pick(args, paths, mode, tag):
+    """``paths[mode]``, else the fastest of ``paths`` (``sliced_pf`` only where ``_prefetch_ok``), timed once
+    and persisted; ``tag`` keeps the lowered op's choice (no PDL) apart from the opaque op's."""
     if mode in paths:
         return paths[mode](*args)
+    if not _prefetch_ok(args):
+        paths = {k: f for k, f in paths.items() if k != "sliced_pf"}
     x2d, _, plan, m, d_in, d_hidden, d_out, sig = args[:8]
-    mk = tune._memo_key("dec_path", id(sig), codegen.m_bucket(m))
+    mk = tune._memo_key("dec_path", id(sig), codegen.m_bucket(m), tag)
     choice = plan.cache.get(mk)
-    if choice is not None:
+    if choice in paths:
         return paths[choice](*args)
     dev = tune._device_name(x2d.device.index) if x2d.is_cuda else "cpu"
     # which path wins depends on how much there is to stream (the signature does not say): key by
     # the shape and the live-block count in quarter-octaves
     p = plan.pattern
     nnz = round(4 * math.log2(max(1, p.nnz_in + p.nnz_dn)))
-    key = f"dec_path|{sig.digest()}|{d_in}x{d_hidden}x{d_out}|nnz{nnz}|m{codegen.m_bucket(m)}|{dev}"
+    key = f"dec_path{tag}|{sig.digest()}|{d_in}x{d_hidden}x{d_out}|nnz{nnz}|m{codegen.m_bucket(m)}|{dev}"
     choice = codegen.lookup_config(key)
+    if choice is not None and choice[0] not in paths:  # (persisted by a version with other paths)
+        choice = None
     if choice is None:
         if not tune._may_tune():
             return _decode_sliced(*args)
@@ -265,13 +287,31 @@ def _sliced_buffers(x2d, m, d_in, d_hidden, d_out):
             torch.empty(m, d_hidden, device=dev, dtype=x2d.dtype), torch.empty(m, d_out, device=dev, dtype=x2d.dtype))
 
 
+def _decode_sliced_pf(*args):
+    """``_decode_sliced`` with ``mlp_hidden`` prefetching W2's live blocks into L2 for ``bsmm``."""
+    return _decode_sliced(*args, prefetch=True)
+
+
+def _prefetch_args(w2, off2, s2, p, programs):
+    """``mlp_hidden``'s (pf_w, pf_off, pf_s, pf_n) and (PF, PF_LPR, PF_LINE): every 128-byte line of W2's live
+    blocks, spread over ``programs`` programs, at most 64 lines a program per step."""
+    line = 128 // w2.element_size()
+    lpr = cdiv(p.bh, line)
+    n = p.nnz_dn * p.bd * lpr
+    return (w2, off2, s2[0], n), dict(PF=min(64, triton.next_power_of_2(cdiv(n, programs))), PF_LPR=lpr,
+                                       PF_LINE=line)
+
+
 def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
-                   b3_, common, n_live):
+                   b3_, common, n_live, prefetch=False):
     """Decode: the prefill kernels with one M tile (BM = 16 or 32 rows) and each weight block's rows
     split over BH/BS (BD/BS) programs, so thousands of small programs keep weight bytes in flight
     without split-K: no atomics, no scratch to re-zero, no counters. ``mlp_hidden`` writes H (bf16,
-    as eager rounds it) and per-slice NaN/Inf row flags of x; ``bsmm`` reads them."""
+    as eager rounds it) and per-slice NaN/Inf row flags of x; ``bsmm`` reads them. ``prefetch``: ``mlp_hidden``
+    first sends W2's live blocks into L2 (``_prefetch_args``)."""
     p = plan.pattern
+    if prefetch and not _prefetch_ok((x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2)):
+        raise ValueError("blast: DECODE_PATH='sliced_pf' needs a GPU and W2 with contiguous rows")
     bm, n_sl, flag, h, y = _sliced_buffers(x2d, m, d_in, d_hidden, d_out)
     if not n_live:  # no hidden kernel to write the flags
         flag.zero_()
@@ -282,11 +322,13 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     def run_h(cfg):
         bs, ch, nw, ns = C.Slice.of(cfg)
         bs = min(bs, p.bh)
-        mod.mlp_hidden[(1, n_live * (p.bh // bs))](
+        programs = n_live * (p.bh // bs)
+        pf, pf_kw = _prefetch_args(w2, off["dn_csr"], s2, p, programs) if prefetch else ((None, None, 0, 0), {})
+        mod.mlp_hidden[(1, programs)](
             x2d, x2d.stride(0), h, h.stride(0), None, None, flag, m, d_in, d_hidden,
             w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
-            ix.in_rowptr, ix.in_cols, ix.order_h, None, None, None,
-            BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common)
+            ix.in_rowptr, ix.in_cols, ix.order_h, None, None, None, *pf,
+            BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common, **pf_kw)
 
     pf, line = _prefetch_lines(w2, s2[1], p.bh, pdl and bool(n_live))
 
@@ -303,8 +345,8 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             **kw)
 
     if n_live:  # (else: nothing to launch, nothing to tune)
-        run_h(tune._choose("dec_h", sig, m, C.DECODE_SLICE_CONFIGS, run_h, graph="cold", shape=(d_in, d_hidden, d_out),
-                      memo=plan.cache))
+        run_h(tune._choose("dec_hpf" if prefetch else "dec_h", sig, m, C.DECODE_SLICE_CONFIGS, run_h, graph="cold",
+                           shape=(d_in, d_hidden, d_out), memo=plan.cache))
     run_y(tune._choose("dec_y", sig, m, C.DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
                   memo=plan.cache))
     return y

@@ -75,7 +75,7 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
             mod.mlp_hidden[(cdiv(m, t.bm), n_live)](
                 x2d, x2d.stride(0), h, h.stride(0), pre_a, pre_u, flag, m, d_in, d_hidden,
                 w1, off["in1"], s1[0], s1[1], b1, w3_, off3_, s3[0], s3[1], b3,
-                ix.in_rowptr, ix.in_cols, ix.order_h, *descs,
+                ix.in_rowptr, ix.in_cols, ix.order_h, *descs, None, None, 0, 0,
                 BM=t.bm, BS=p.bh, num_warps=t.num_warps, num_stages=t.num_stages, STORE_PRE=n_saved > 1, SCAN=3,
                 WIDE=min(t.variant, 1) and gated,
                 TMA=(1 + packed) if tma else 0, GROUP=t.group, **common)

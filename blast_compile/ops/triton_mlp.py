@@ -34,11 +34,15 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
   sliced path; tuned per shape and M on split-K, where it sometimes costs (its waiting programs
   hold SM slots kernel 1 could use).
 
-  ``DECODE_PATH = "sliced" | "splitk"`` forces one. A lowered op (``lowered.py``) runs the sliced path unless
-  asked for split-K, whose scratch it then zeroes per call (one fill launch; split-K is the faster path at
-  M = 1 under CUDA graphs, the lowered variant is not yet timed). A one-launch decode (both sliced phases in a
-  persistent grid with a grid barrier) was built and measured 2.2-3x slower than both (BENCHMARKS.md), and
-  removed;
+  A third variant, sliced with prefetch (``sliced_pf``): ``mlp_hidden`` first sends W2's live blocks into L2,
+  spread over all its programs, so they stream in the same pass as W1/W3 and ``bsmm`` reads L2. It stands in
+  for the PDL prefetch where there is none: a lowered op's kernels are launched by Inductor, which has no PDL
+  for user kernels, so a lowered op weighs sliced against sliced_pf (timed and persisted like the rest).
+
+  ``DECODE_PATH = "sliced" | "splitk" | "sliced_pf"`` forces one. A lowered op runs split-K only when asked for,
+  zeroing its scratch per call (one fill launch: it lost to the sliced path on an H100). A one-launch decode
+  (both sliced phases in a persistent grid with a grid barrier) was built and measured 2.2-3x slower than both
+  (BENCHMARKS.md), and removed;
 * prefill: ``mlp_hidden`` (gate and up in one program, act and product in the
   epilogue) writes H, then ``bsmm`` computes ``Y = H W2^T`` CSR by output
   block-row; both grids visit long rows first. On Hopper+ with 16-bit tensors whose rows
