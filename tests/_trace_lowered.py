@@ -51,7 +51,8 @@ blast_compile.export._lowers = lambda flat: True
 # ... also for the training op (forward keeps H [and the pre-activations] for the backward), CUDA-only otherwise
 rewrite_pass._training_on_cuda = lambda m: torch.is_grad_enabled()
 _launch = launch.Kernel.launch
-launch.Kernel.launch = lambda self, grid, args, kw: _launch(self, grid, args, kw) if launch.traced() else None
+launch.Kernel.launch = lambda self, grid, args, kw: (_launch(self, grid, args, kw) if launch.traced()
+                                                     else launch.note_uses(args, kw))
 
 GRAPHS = {}
 

@@ -40,6 +40,15 @@ def test_split_k_decode_lowered_zeroes_its_scratch_with_one_fill(traces):
     assert not g["writes_input"] and not g["copies"], g
 
 
+@pytest.mark.parametrize("case,inputs", [("decode", 7), ("prefill", 4)])
+def test_inference_graph_takes_only_the_tables_its_kernels_read(traces, case, inputs):
+    """Each table is a graph input, checked and passed at every call (host time): an inference graph's lowered op
+    gets the 9 its two kernels read (CSR rows, columns and order of W1/W3 and of W2; W1, W3 and W2 block offsets),
+    not the backward's or other paths' of the same plan (25 before)."""
+    (g,) = traces[case]["fw"]
+    assert g["inputs"] == inputs + 9, g  # x and the weights (decode: and three biases), then the tables
+
+
 def test_decode_with_w2_prefetch_lowers_without_writes(traces):
     """The sliced decode whose kernel 1 prefetches W2 into L2 (a lowered op's stand-in for PDL): the prefetch is
     in the traced kernel, and AOTAutograd still sees it write only H (an impure inline asm would count as a

@@ -124,6 +124,18 @@ def lowering(mode="trace"):
     return _setting("mode", mode)
 
 
+def recording_uses(ids: set):
+    """Inside a lowered op's warm-up: every launch adds the ``id`` of each tensor it passes to ``ids``."""
+    return _setting("uses", ids)
+
+
+def note_uses(args, kw):
+    """``recording_uses``: add a launch's tensors."""
+    uses = getattr(_TRACE, "uses", None)
+    if uses is not None:
+        uses.update(id(a) for a in (*args, *kw.values()) if isinstance(a, torch.Tensor))
+
+
 def one_graph_for_all_rows():
     """``torch.export``: one graph serves every M of the exported range, and a choice made by comparing a
     symbolic M would be a guard the export cannot keep. Inside, M picks the decode kernels only where the whole
@@ -164,6 +176,7 @@ class Kernel:
 
     def launch(self, grid, args, kw):
         if lowered():  # a lowered op (or its warm-up, which must time what the trace will launch)
+            note_uses(args, kw)
             kw = {k: v for k, v in kw.items() if k not in _NOT_TRACEABLE}
             if traced():  # Inductor emits this launch in its own code
                 from torch.library import wrap_triton

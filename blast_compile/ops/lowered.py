@@ -12,7 +12,8 @@ A trace has no weight values and no time to tune, so everything that depends on 
 before it, at compile time (``passes/lower.py``): the pattern's plan is built from the real weights,
 the op body runs once on them (the *warm-up*: real launches, the same choices a trace makes -- see
 ``launch.lowering``), which tunes every kernel it launches and builds every device table it reads.
-Those tables (``plan.cache``'s tensors) become graph buffers passed to the op as ``tables``; inside the
+Those tables (the tensors of ``plan.cache`` that a second, recorded run of the warm-up reads: not the ones
+only building others or serving other paths) become graph buffers passed to the op as ``tables``; inside the
 trace, :meth:`Lowered.plan_for` swaps them into a copy of the plan, so the launchers read the trace's
 tensors where they read the plan's. Staleness is the backend's business (``guard.py``): these ops
 assume the pattern they were compiled for.
@@ -42,14 +43,17 @@ class Lowered:
     index: Dict[int, int]  # id(tensor) -> position in ``tensors``
 
     def plan_for(self, tables) -> object:
-        """The plan, or (``tables`` not its own tensors: a trace) a copy reading ``tables`` instead."""
+        """The plan, or (``tables`` not its own tensors: a trace) a copy reading ``tables`` instead. A tensor
+        of the plan that is not a table (its warm-up never read it) stays as it is: a trace that reads it
+        fails loudly (a real tensor among fake ones)."""
         if len(tables) == len(self.tensors) and all(a is b for a, b in zip(tables, self.tensors)):
             return self.plan
         if len(tables) != len(self.tensors):
             raise RuntimeError(f"blast: lowered op got {len(tables)} tables, its plan has {len(self.tensors)}")
 
         def swap(t):
-            return tables[self.index[id(t)]]
+            i = self.index.get(id(t))
+            return t if i is None else tables[i]
 
         plan = copy.copy(self.plan)
         plan.cache = _map(self.plan.cache, swap)
@@ -104,12 +108,15 @@ def _tensors(obj, path, out):
     return out
 
 
-def register(plan, pattern_key: str) -> Tuple[str, List[Tensor]]:
-    """Register a warmed-up plan; returns its name (an op argument) and its tensors (the op's ``tables``).
+def register(plan, pattern_key: str, used: Optional[set] = None) -> Tuple[str, List[Tensor]]:
+    """Register a warmed-up plan; returns its name (an op argument) and its tensors (the op's ``tables``):
+    those of ``plan.cache`` whose ``id`` is in ``used`` (what the warm-up read), else all. Each table is a graph
+    input, checked and passed at every call of the graph (host time), and the cache also holds tables for
+    paths this graph does not take (the backward's, in an inference graph).
 
     The name is the pattern key plus a digest of what the tables hold (paths, shapes, dtypes), so a graph
     cached by Inductor or AOTAutograd in another process can only be reused with tables laid out alike."""
-    found = _tensors(plan.cache, "cache", [])
+    found = [(p, t) for p, t in _tensors(plan.cache, "cache", []) if used is None or id(t) in used]
     h = hashlib.sha1(repr([(p, tuple(t.shape), str(t.dtype)) for p, t in found]).encode()).hexdigest()[:12]
     name = f"{pattern_key}.{h}"
     tensors = [t for _, t in found]

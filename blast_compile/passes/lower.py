@@ -7,9 +7,10 @@ For every such node, with the real weights in hand (only the backend has them):
 2. warm up: run the lowered op's body once on the real weights and a dummy input of the graph's M
    (its example value; a dynamic M's hint), and, if the graph will be differentiated, its backward --
    this tunes every kernel the trace will launch and builds every device table it will read;
-3. register the plan (``lowered.register``), add its tables to the graph as buffers (AOTAutograd lifts
-   them to inputs; in-place changes to them would be seen by the compiled code), and swap the node for
-   ``blast::mlp`` (``blast::mlp_train`` for ``sparse_mlp_train``) reading them.
+3. register the plan (``lowered.register``), add the tables the warm-up read to the graph as buffers
+   (AOTAutograd lifts them to inputs, each one checked and passed per call; in-place changes to them would be
+   seen by the compiled code), and swap the node for ``blast::mlp`` (``blast::mlp_train`` for
+   ``sparse_mlp_train``) reading them.
 
 What the compiled code assumes -- the pattern of the weights at compile time -- is checked before every
 call of the compiled graph by ``guard.GraphGuard`` (``Watch``, one per lowered MLP, made here).
@@ -23,9 +24,11 @@ import math
 from typing import TYPE_CHECKING, List, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch._dynamo.source import ConstantSource
 from torch._dynamo.utils import counters
 from torch.fx import GraphModule, Node
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import codegen
 from ..ops import launch, lowered, sparse_mlp  # (lowered: registers blast::mlp, mlp_train, mlp_backward)
@@ -132,8 +135,8 @@ def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
         needs = [bool(t is not None and t.requires_grad) for t in (xv, w1, b1, w3, b3, w2, b2)]
         train = torch.is_grad_enabled() and any(needs)
         plan.cache["dw_fix"] = plan.dw_fix  # (read by the backward: a trace must get them as tables)
-        _warm_up(plan, rows, xv, (w1, b1, w3, b3, w2, b2), act, cdt, save, needs if train else None)
-        name, tensors = lowered.register(plan, key)
+        used = _warm_up(plan, rows, xv, (w1, b1, w3, b3, w2, b2), act, cdt, save, needs if train else None)
+        name, tensors = lowered.register(plan, key, used)
         with gm.graph.inserting_before(node):
             tabs = tables.nodes(tensors)
             args = (x_n, w1_n, b1_n, w3_n, b3_n, w2_n, b2_n, tabs, name, act, cdt)
@@ -185,8 +188,8 @@ def _lower_packed(gm, node, ctx, tables) -> Optional["Watch"]:
     plan.cache = {"d_hidden": d_hidden, "d_out": d_out, "blocks": list(base.copies)}
     rows = _warm_rows(xv)
     x = torch.zeros(rows, _hint(xv.shape[-1]), device=bl1.device, dtype=xv.dtype)
-    _warm(bl1.device, lambda: lowered.run_packed(plan, x, bl1, b1, bl3, b3, bl2, b2, act, d_out))
-    name, tensors = lowered.register(plan, key)
+    used = _warm(bl1.device, lambda: lowered.run_packed(plan, x, bl1, b1, bl3, b3, bl2, b2, act, d_out))
+    name, tensors = lowered.register(plan, key, used)
     with gm.graph.inserting_before(node):
         args = (x_n, bl1_n, b1_n, bl3_n, b3_n, bl2_n, b2_n, tables.nodes(tensors), name, act, d_out)
         new = gm.graph.call_function(torch.ops.blast.mlp_packed.default, args)
@@ -211,19 +214,40 @@ def _warm_rows(xv) -> int:
     return rows
 
 
-def _warm(device, body):
+class _Uses(TorchDispatchMode):
+    """Adds the ``id`` of every tensor an aten op receives to ``ids``."""
+
+    def __init__(self, ids):
+        super().__init__()
+        self.ids = ids
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ids.update(id(a) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor))
+        return func(*args, **(kwargs or {}))
+
+
+def _warm(device, body) -> set:
     """Run a lowered op's body now (``launch.lowering("warm")``: real launches, the choices a trace makes):
-    it tunes and builds what the trace reads."""
+    it tunes and builds what the trace reads. Then once more, as the trace will (every choice made, every table
+    built), noting the ``id`` of every tensor it reads -- in a kernel launch or an aten op; those of the plan
+    become the op's tables (``lowered.register``)."""
     from torch._library.triton import set_wrap_triton_enabled
 
+    ids: set = set()
     with set_wrap_triton_enabled(False), launch.lowering("warm"), torch.no_grad():
         body()
+        seen = counters["blast"].copy()  # (the second run counts nothing: it repeats what the first did)
+        with launch.recording_uses(ids), _Uses(ids):
+            body()
+        counters["blast"].clear()
+        counters["blast"].update(seen)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    return ids
 
 
-def _warm_up(plan, rows, xv, weights, act, cdt, save, needs):
-    """Warm up ``blast::mlp`` (and its backward, ``needs``) on the real weights."""
+def _warm_up(plan, rows, xv, weights, act, cdt, save, needs) -> set:
+    """Warm up ``blast::mlp`` (and its backward, ``needs``) on the real weights; returns ``_warm``'s ids."""
     w1 = weights[0]
     x = torch.zeros(rows, _hint(xv.shape[-1]), device=w1.device, dtype=cdt or xv.dtype)
 
@@ -232,7 +256,7 @@ def _warm_up(plan, rows, xv, weights, act, cdt, save, needs):
         if needs is not None:
             lowered.run_backward(plan, torch.zeros_like(y), x, *weights, act, needs, cdt, s)
 
-    _warm(w1.device, body)
+    return _warm(w1.device, body)
 
 
 __all__ = ["lower"]
