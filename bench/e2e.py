@@ -129,6 +129,8 @@ def main():
     p.add_argument("--forward-compile", action="store_true",
                    help="also generate with model.forward = torch.compile(model.forward, ...)")
     p.add_argument("--skip-lean", action="store_true", help="skip the bare decode loop rows")
+    p.add_argument("--cpp-wrapper", action="store_true",
+                   help="torch._inductor.config.cpp_wrapper = True on every compiled side (launches without Python)")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
@@ -136,6 +138,7 @@ def main():
 
     import blast_compile  # noqa: F401  (not needed for backend="blast"; for the report)
 
+    torch._inductor.config.cpp_wrapper = args.cpp_wrapper
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model, cfg, n = build(args, device, dtype)
@@ -145,7 +148,8 @@ def main():
         torch=torch.__version__, triton=__import__("triton").__version__ if device == "cuda" else None,
         model={"llama-1b": "Llama-3.2-1B shape", "gpt2-xl": "GPT2-XL shape"}[args.arch] + (" (small)" * args.small),
         layers=args.layers, sparsity=args.sparsity,
-        block=args.block, mlp_weights_sparsified=n, mode=args.mode, decode={}, prefill={},
+        block=args.block, mlp_weights_sparsified=n, mode=args.mode, cpp_wrapper=args.cpp_wrapper, decode={},
+        prefill={},
     )
     mode = None if args.mode == "default" else args.mode
     variants = {
