@@ -180,7 +180,7 @@ class GraphGuard:
 
 def _retake(snap, ts) -> Snapshot:
     """``snap`` updated to ``ts`` (once per training step: an update reuses what did not move), or a new one."""
-    if snap is None or len(snap._layout) != len(ts):
+    if snap is None or len(snap) != len(ts):
         return Snapshot(ts, layout=False)
     snap.update(ts)
     return snap

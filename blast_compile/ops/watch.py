@@ -129,6 +129,10 @@ class Snapshot:
         self._state = None
         self.update(ts)
 
+    def __len__(self) -> int:
+        """How many tensors it covers."""
+        return len(self._layout)
+
     def update(self, ts: Sequence[Optional[Tensor]]) -> None:
         # A storage seen at the same position last time keeps its weak ref: the ref held its StorageImpl, so an
         # equal _cdata is the same storage (and a training step re-takes every weight: refs are the costly part)
