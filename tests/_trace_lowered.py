@@ -202,6 +202,8 @@ def main(cases):
         decode._prefetch_ok = lambda args: True
         try:
             run("decode_pf", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
+            configs.DECODE_PATH = "splitk"  # (lowered split-K: kernel 1 prefetches W2 wherever it can)
+            run("decode_splitk_pf", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
         finally:
             configs.DECODE_PATH, decode._prefetch_ok = "", ok
     if "packed" in cases:  # a compressed MLP (blast::packed_mlp), inference; compiled, then exported

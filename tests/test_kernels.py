@@ -621,6 +621,26 @@ def test_interp_decode_splitk(gemv, monkeypatch):
 
 
 @interp
+def test_interp_decode_split_k_scratch_by_address(monkeypatch):
+    """A lowered op's split-K (its compile-time warm-up runs it as the graph will) passes the kernels its plan's
+    scratch by address, an int64 they turn into a pointer: right every call, the scratch zero again after each."""
+    from memcheck import allow
+
+    from blast_compile.ops import decode, launch
+
+    monkeypatch.setattr(configs, "DECODE_PATH", "splitk")
+    init = decode._Scratch.__init__
+    monkeypatch.setattr(decode._Scratch, "__init__", lambda self, buf, offs: (allow(buf), init(self, buf, offs))[1])
+    seen = []
+    real = decode._decode_scratch
+    monkeypatch.setattr(decode, "_decode_scratch", lambda *a: (seen.append(type(real(*a)[0])), real(*a))[1])
+    with launch.lowering("warm"):
+        check_decode_repeat("cpu", torch.float32, 40, 80, (32, 16), (3, 1, 5, 3), 4, bitwise=False, sparsity=0.5)
+        check_forward(2, 48, 96, False, True, "relu", torch.float32, (16, 16), "cpu")
+    assert len(seen) == 5 and set(seen) == {int}, seen
+
+
+@interp
 def test_interp_decode_split_k_everywhere(monkeypatch):
     """Split-K decode forced: right every call (its one int32 scratch buffer, read as fp32 through bitcast
     pointers, zero again after each), ragged blocks, dead block rows, NaN rows, plain and gated, dense and packed

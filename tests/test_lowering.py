@@ -22,7 +22,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def traces():
     cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast", "export",
-             "export_dynamic", "export_hf", "packed", "decode_splitk", "decode_pf"]
+             "export_dynamic", "export_hf", "packed", "decode_splitk", "decode_pf", "decode_splitk_pf"]
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
@@ -31,12 +31,13 @@ def traces():
     return got
 
 
-def test_split_k_decode_lowered_zeroes_its_scratch_with_one_fill(traces):
-    """DECODE_PATH "splitk" in a lowered op: its scratch (fp32 partial sums, counters, flags) is one int32 buffer
-    zeroed per call -- one fill, the two kernels, and nothing of the weights or tables written or copied (the
-    kernels' pointer bitcasts keep AOTAutograd's analysis of what they store to exact)."""
+def test_split_k_decode_lowered_takes_its_scratch_by_address(traces):
+    """DECODE_PATH "splitk" in a lowered op: its scratch (fp32 partial sums, counters, flags; the kernels leave
+    it zero) is its plan's, passed by address -- no fill per call, no scratch input for Inductor to clone: the
+    two kernels, and nothing of the weights or tables written or copied (the kernels' pointer bitcasts keep
+    AOTAutograd's analysis of what they store to exact)."""
     (g,) = traces["decode_splitk"]["fw"]
-    assert kernels(g) == ["mlp_decode_in", "mlp_decode_dn"] and g["fills"] == ["zeros"], g
+    assert kernels(g) == ["mlp_decode_in", "mlp_decode_dn"] and g["fills"] == [], g
     assert not g["writes_input"] and not g["copies"], g
 
 
@@ -56,6 +57,10 @@ def test_decode_with_w2_prefetch_lowers_without_writes(traces):
     (g,) = traces["decode_pf"]["fw"]
     assert kernels(g) == ["mlp_hidden", "bsmm"], g
     assert [k for k, _ in g["prefetch"]] == ["mlp_hidden"], g
+    assert not g["writes_input"] and not g["copies"] and not g["fills"], g
+    (g,) = traces["decode_splitk_pf"]["fw"]  # split-K's kernel 1 likewise
+    assert kernels(g) == ["mlp_decode_in", "mlp_decode_dn"], g
+    assert [k for k, _ in g["prefetch"]] == ["mlp_decode_in"], g
     assert not g["writes_input"] and not g["copies"] and not g["fills"], g
 
 

@@ -173,9 +173,8 @@ GEMV_MAX_M = 1
 DECODE_GEMV_CONFIGS = _records(SplitK, [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1, 1, 0),
                                         (1, 1, 4, 2), (2, 1, 4, 2), (2, 1, 2, 1)])
 
-# decode path: "" (the fastest of sliced, split-K and sliced with W2 prefetched by kernel 1, timed once per shape; a
-# lowered op: of sliced and sliced_pf), "sliced", "splitk" or "sliced_pf" (tests, comparisons; a lowered op then
-# zeroes split-K's scratch per call)
+# decode path: "" (the fastest of sliced, split-K and sliced with W2 prefetched by kernel 1, timed once per shape;
+# an exported graph: of the sliced two), "sliced", "splitk" or "sliced_pf" (tests, comparisons)
 # PDL: programmatic dependent launch where the GPU has it (False: never)
 DECODE_PATH = ""
 PDL = True

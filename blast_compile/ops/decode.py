@@ -15,6 +15,7 @@ from ..formats import cdiv
 from . import configs as C
 from . import tune
 from .tune import _interpret
+from . import launch
 from .launch import lowered, rows_at_most  # (lowered ops: see launch.traced)
 from .plans import warn_once
 
@@ -86,22 +87,37 @@ def _flat_in(ix, off, off3, ch, ci, n_in):
     return t
 
 
+class _Scratch:
+    """A lowered op's split-K scratch, kept by its plan (not a table: the kernels get its address)."""
+
+    __slots__ = ("buf", "offs")
+
+    def __init__(self, buf, offs):
+        self.buf, self.offs = buf, offs
+
+    def __iter__(self):
+        return iter((self.buf, self.offs))
+
+
 def _decode_scratch(plan, device, gated, d_hidden, d_out, m):
     """Split-K's scratch ``(buf, offsets)``: fp32 G|U and Y, int32 completion counters (per hidden block column,
     per output block), the per-row NaN/Inf flag of x and the finisher count, all zero before a call, as parts of
-    one int32 buffer at word ``offsets`` (the kernels read the fp32 parts through a bitcast pointer). A lowered op
-    zeroes a fresh one per call with one fill: it has no state of its own, a graph buffer its kernels wrote
-    would be cloned around them, and views of one would be scattered back. The opaque op keeps one per plan, for
-    ``DECODE_MAX_M`` rows: the kernels leave it zero again."""
-    if lowered():
+    one int32 buffer at word ``offsets`` (the kernels read the fp32 parts through a bitcast pointer). The
+    kernels leave it zero again, so a plan keeps one, for ``DECODE_MAX_M`` rows.
+
+    A lowered op passes the kernels its address (an int: ``buf`` is then that int): a graph buffer its kernels
+    wrote would be cloned around them, and a fresh one per call would need a fill launch. Where the graph
+    outlives this process (``torch.export``: ``launch.one_graph``) it zeroes a fresh one per call instead."""
+    if lowered() and launch.one_graph():
         offs, n = _scratch_layout(plan, gated, d_hidden, d_out, m)
         return torch.zeros(n, device=device, dtype=torch.int32), offs
     key = ("dec_scratch", str(device), gated, d_hidden, d_out)
     t = plan.cache.get(key)
     if t is None:
         offs, n = _scratch_layout(plan, gated, d_hidden, d_out, codegen.DECODE_MAX_M)
-        t = plan.cache[key] = (torch.zeros(n, device=device, dtype=torch.int32), offs)
-    return t
+        t = plan.cache[key] = _Scratch(outside_graph_pool(
+            lambda: torch.zeros(n, device=device, dtype=torch.int32), device), offs)
+    return (t.buf.data_ptr() if lowered() else t.buf), t.offs
 
 
 def _scratch_layout(plan, gated, d_hidden, d_out, m):
@@ -163,17 +179,16 @@ def _decode(args):
     the configs). ``DECODE_PATH`` forces one. Under ``torch.use_deterministic_algorithms(True)`` never
     split-K: it adds fp32 partial sums with atomics, in any order. ``args``: ``_decode_sliced``'s.
 
-    A lowered op weighs the sliced path against itself with kernel 1 prefetching kernel 2's weights
-    (``sliced_pf``): Inductor launches without PDL, so kernel 2 cannot prefetch them while kernel 1 runs."""
+    A lowered op launches without PDL (Inductor has none for user kernels), so its kernel 2 cannot prefetch W2
+    while kernel 1 runs: kernel 1 may do it instead (``sliced_pf``; split-K always, where it can), and the three
+    are weighed as for the opaque op. Split-K's scratch is then passed by address (``_decode_scratch``); in an
+    exported graph it would need a fill per call, so there only when asked for."""
     mode = C.DECODE_PATH
     if lowered():
-        # split-K then zeroes its scratch per call (one fill launch more: it lost to the sliced path on an H100,
-        # BENCHMARKS.md), so only when asked for
-        if mode == "splitk" and not torch.are_deterministic_algorithms_enabled():
-            return _decode_splitk(*args)
-        if mode == "sliced_pf" or (mode != "sliced" and _prefetch_ok(args)):
-            return _pick(args, {"sliced": _decode_sliced, "sliced_pf": _decode_sliced_pf}, mode, "lowered")
-        return _decode_sliced(*args)
+        paths = {"sliced": _decode_sliced, "sliced_pf": _decode_sliced_pf}
+        if not torch.are_deterministic_algorithms_enabled() and (mode == "splitk" or not launch.one_graph()):
+            paths["splitk"] = _decode_splitk
+        return _pick(args, paths, mode, "lowered")
     if torch.are_deterministic_algorithms_enabled():
         if mode == "splitk":
             warn_once(("deterministic", mode), "blast: DECODE_PATH='splitk' ignored under "
@@ -238,9 +253,12 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     dot = m > C.GEMV_MAX_M
     bm = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
     bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
-    dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT)
+    by_addr = isinstance(scr, int)
+    dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT, SCR_ADDR=by_addr)
     b2_ = b2 if b2 is not None else x2d  # (not read without HAS_B)
     pdl = _pdl_ok(x2d.device)
+    # a lowered op (no PDL): kernel 1 prefetches W2 for kernel 2
+    prefetch = lowered() and _prefetch_ok((x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2))
 
     def run(cfg):
         ci, cd, nw, mode = C.SplitK.of(cfg)
@@ -251,12 +269,15 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         try:
             if first:
                 cols, o1, o3 = _flat_in(ix, off, off3, ch, ci, p.n_in)
-                mod.mlp_decode_in[(ch["n_in"] + ch["n_empty"],)](
+                grid = ch["n_in"] + ch["n_empty"]
+                pf, pf_kw = (_prefetch_args(w2, off["dn_csc"], s2, p, grid) if prefetch and ch["n_dn"]
+                             else ((None, None, 0, 0), {}))
+                mod.mlp_decode_in[(grid,)](
                     x2d, x2d.stride(0), scr, o_gu, s_gu, m, d_in, d_hidden,
                     w1, o1, s1[0], s1[1], w3_, o3, s3[0], s3[1],
                     cols, *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
-                    o_flag, 1 if ch["n_dn"] else 0,
-                    CH=ci, HAS_B=b2 is not None, PDL=early, num_warps=nw, **dec)
+                    o_flag, 1 if ch["n_dn"] else 0, *pf,
+                    CH=ci, HAS_B=b2 is not None, PDL=early, num_warps=nw, **dec, **pf_kw)
             if ch["n_dn"]:
                 mod.mlp_decode_dn[(ch["n_dn"],)](
                     scr, o_gu, s_gu, o_y32, s_y, y, y.stride(0), x2d, x2d.stride(0),
@@ -267,7 +288,10 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                     PDL=early, PF=pf, PF_LINE=line,
                     num_warps=nw, **dec, **(dict(launch_pdl=True) if early else {}))
         except Exception:  # e.g. a config that does not compile: leave the scratch zeroed
-            scr.zero_()
+            if not by_addr:
+                scr.zero_()
+            elif not launch.traced():
+                plan.cache[("dec_scratch", str(x2d.device), gated, d_hidden, d_out)].buf.zero_()
             raise
 
     kind, configs = ("decode2", C.DECODE_CONFIGS) if dot else ("decode2g", C.DECODE_GEMV_CONFIGS)

@@ -21,8 +21,8 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
     live down blocks of a hidden column: h_j from G_j/U_j in registers, atomics into an fp32
     output scratch). Completion counters (``sem="acq_rel"``) let the last chunk of each hidden
     column re-zero G_j/U_j and the last contributor to each output block cast it (+ b2, NaN
-    rows) and re-zero it. Scratch and counters live in ``plan.cache`` (a lowered op: a zeroed buffer per
-    call), so two streams must not run the same plan's opaque split-K decode at once. Not bitwise repeatable (atomics add in any
+    rows) and re-zero it. Scratch and counters live in ``plan.cache``, so two streams must not run the same
+    plan's split-K decode at once. Not bitwise repeatable (atomics add in any
     order; ``torch.use_deterministic_algorithms(True)`` keeps decode on the sliced path). Wins
     on large patterns at M = 1. At M = 1 (``GEMV_MAX_M``) both kernels are
     multiply-reduce GEMVs (``BM = 1``) instead of 16-row tensor-core tiles, and kernel 1
@@ -37,10 +37,12 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
   A third variant, sliced with prefetch (``sliced_pf``): ``mlp_hidden`` first sends W2's live blocks into L2,
   spread over all its programs, so they stream in the same pass as W1/W3 and ``bsmm`` reads L2. It stands in
   for the PDL prefetch where there is none: a lowered op's kernels are launched by Inductor, which has no PDL
-  for user kernels, so a lowered op weighs sliced against sliced_pf (timed and persisted like the rest).
+  for user kernels. A lowered op's split-K prefetches the same way in ``mlp_decode_in``, and gets its plan's
+  scratch by address (an int64: no buffer for Inductor to clone, no fill per call); it weighs the three paths
+  as the opaque op does. (An exported graph would carry the address out of the process: there split-K only
+  when asked for, with a zeroed scratch per call.)
 
-  ``DECODE_PATH = "sliced" | "splitk" | "sliced_pf"`` forces one. A lowered op runs split-K only when asked for,
-  zeroing its scratch per call (one fill launch: it lost to the sliced path on an H100). A one-launch decode
+  ``DECODE_PATH = "sliced" | "splitk" | "sliced_pf"`` forces one. A one-launch decode
   (both sliced phases in a persistent grid with a grid barrier) was built and measured 2.2-3x slower than both
   (BENCHMARKS.md), and removed;
 * prefill: ``mlp_hidden`` (gate and up in one program, act and product in the
