@@ -14,6 +14,7 @@ split-K) and dense cuBLAS.
 The floor kernel checks itself: its sum over one weight set must equal torch's sum of the live blocks.
 """
 import argparse
+import contextlib
 import os
 import sys
 
@@ -25,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.mlp import ROTATE_BYTES, SHAPES, _wargs, graph_time, make_weights  # noqa: E402
 from blast_compile.formats import cdiv  # noqa: E402
-from blast_compile.ops import configs, triton_mlp  # noqa: E402
+from blast_compile.ops import configs, launch, triton_mlp  # noqa: E402
 from blast_compile.ops.activations import dense_mlp  # noqa: E402
 from blast_compile.ops.sparse_mlp import weights_plan  # noqa: E402
 
@@ -93,12 +94,20 @@ def main():
                     help="decode paths timed (configs.DECODE_PATH; '' = the tuner's choice)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="no programmatic dependent launch (configs.PDL = False), as Inductor's code launches")
+    ap.add_argument("--lowered", action="store_true",
+                    help="launch as a lowered op's kernels (launch.lowering('warm'): no PDL, kernel 1 prefetching W2, "
+                         "split-K's scratch by address)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     from bench._results import run_meta, write_json
 
     configs.PDL = not args.no_pdl
-    res = run_meta(bench="decode_floor", rows=[], pdl=configs.PDL)
+    res = run_meta(bench="decode_floor", rows=[], pdl=configs.PDL, lowered=args.lowered)
+
+    def forward(x, s, p):
+        with launch.lowering("warm") if args.lowered else contextlib.nullcontext():
+            return triton_mlp.forward(x, *_wargs(s), p, act)
+
     dtype = torch.bfloat16
     for shape in args.shapes.split(","):
         d, h, act, gated = SHAPES[shape]
@@ -130,10 +139,10 @@ def main():
                     try:  # (fresh plans per path: a plan remembers the path it chose)
                         plans = [weights_plan(None, a, None, c, None, b, None, act, 64, 64, f"floor{path}", 1.0)
                                  for a, c, b in sets]
-                        y = triton_mlp.forward(xs[0], *_wargs(sets[0]), plans[0], act)
+                        y = forward(xs[0], sets[0], plans[0])
                         ref = dense_mlp(xs[0], *_wargs(sets[0]), act)
                         torch.testing.assert_close(y, ref, rtol=3e-2, atol=3e-2)
-                        paths[path or "auto"] = graph_time([lambda s=s, p=p, x=x: triton_mlp.forward(x, *_wargs(s), p, act)
+                        paths[path or "auto"] = graph_time([lambda s=s, p=p, x=x: forward(x, s, p)
                                                             for s, p, x in zip(sets, plans, xs)])
                     except Exception as e:  # report, don't hide
                         paths[path or "auto"] = f"{type(e).__name__}: {str(e)[:200]}"
