@@ -641,6 +641,39 @@ def test_interp_decode_split_k_scratch_by_address(monkeypatch):
 
 
 @interp
+@pytest.mark.parametrize("faster", ["sliced", "splitk"])
+def test_interp_decode_path_choice_keeps_split_k_scratch_only_if_chosen(faster, monkeypatch):
+    """The decode path is timed once per plan and M bucket (fake timings here; one launch config each, so only
+    the paths are timed): the faster one runs from then on, and split-K's scratch (megabytes a layer at real
+    sizes), made while timing it, stays only if split-K was chosen."""
+    from blast_compile import codegen
+    from blast_compile.ops import decode, tune
+
+    for name in ("DECODE_SLICE_CONFIGS", "DECODE_CONFIGS", "DECODE_GEMV_CONFIGS"):
+        monkeypatch.setattr(configs, name, getattr(configs, name)[:1])
+    monkeypatch.setattr(tune, "_may_tune", lambda: True)
+    monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
+    monkeypatch.setattr(codegen, "store_config", lambda key, cfg: None)
+    ran = []
+    monkeypatch.setattr(decode, "_decode_splitk", lambda *a, f=decode._decode_splitk: (ran.append("splitk"), f(*a))[1])
+    monkeypatch.setattr(decode, "_decode_sliced", lambda *a, f=decode._decode_sliced, **k: (ran.append("sliced"),
+                                                                                          f(*a, **k))[1])
+    timed = []
+
+    def fake_time(fn, **kw):
+        timed.append(len(ran))
+        fn()
+        return 1.0 if ran[-1] == faster else 2.0
+
+    monkeypatch.setattr(tune, "_graph_time", fake_time)
+    plan = check_decode_repeat("cpu", torch.float32, 40, 80, (32, 16), (1, 1), 2, bitwise=faster == "sliced",
+                               sparsity=0.5)
+    assert len(timed) == 2 and ran[2:] == [faster, faster], ran  # timed both once, then the faster one twice
+    kept = [k for k in plan.cache if isinstance(k, tuple) and k[:1] == ("dec_scratch",)]
+    assert bool(kept) == (faster == "splitk"), kept
+
+
+@interp
 def test_interp_decode_split_k_everywhere(monkeypatch):
     """Split-K decode forced: right every call (its one int32 scratch buffer, read as fp32 through bitcast
     pointers, zero again after each), ragged blocks, dead block rows, NaN rows, plain and gated, dense and packed

@@ -235,6 +235,9 @@ def _pick(args, paths, mode, tag):
         log.info("blast: decode path %s -> %s (%s)", key, choice[0],
                  ", ".join(f"{k} {v:.1f} us" for k, v in times.items()))
     plan.cache[mk] = choice[0]
+    if "splitk" not in [v for k, v in plan.cache.items() if isinstance(k, tuple) and k[:1] == ("dec_path",)]:
+        for k in [k for k in plan.cache if isinstance(k, tuple) and k[:1] == ("dec_scratch",)]:
+            del plan.cache[k]  # (timing split-K made its scratch: megabytes a layer, of no use to this plan now)
     return paths[choice[0]](*args)
 
 
