@@ -88,7 +88,7 @@ def _flat_in(ix, off, off3, ch, ci, n_in):
 
 
 class _Scratch:
-    """A lowered op's split-K scratch, kept by its plan (not a table: the kernels get its address)."""
+    """A plan's split-K scratch (not a table of a lowered op, whose kernels get its address)."""
 
     __slots__ = ("buf", "offs")
 
@@ -273,14 +273,14 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             if first:
                 cols, o1, o3 = _flat_in(ix, off, off3, ch, ci, p.n_in)
                 grid = ch["n_in"] + ch["n_empty"]
-                pf, pf_kw = (_prefetch_args(w2, off["dn_csc"], s2, p, grid) if prefetch and ch["n_dn"]
-                             else ((None, None, 0, 0), {}))
+                pf_in, pf_in_kw = (_prefetch_args(w2, off["dn_csc"], s2, p, grid) if prefetch and ch["n_dn"]
+                                   else ((None, None, 0, 0), {}))
                 mod.mlp_decode_in[(grid,)](
                     x2d, x2d.stride(0), scr, o_gu, s_gu, m, d_in, d_hidden,
                     w1, o1, s1[0], s1[1], w3_, o3, s3[0], s3[1],
                     cols, *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
-                    o_flag, 1 if ch["n_dn"] else 0, *pf,
-                    CH=ci, HAS_B=b2 is not None, PDL=early, num_warps=nw, **dec, **pf_kw)
+                    o_flag, 1 if ch["n_dn"] else 0, *pf_in,
+                    CH=ci, HAS_B=b2 is not None, PDL=early, num_warps=nw, **dec, **pf_in_kw)
             if ch["n_dn"]:
                 mod.mlp_decode_dn[(ch["n_dn"],)](
                     scr, o_gu, s_gu, o_y32, s_y, y, y.stride(0), x2d, x2d.stride(0),
@@ -350,12 +350,12 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         bs, ch, nw, ns = C.Slice.of(cfg)
         bs = min(bs, p.bh)
         programs = n_live * (p.bh // bs)
-        pf, pf_kw = _prefetch_args(w2, off["dn_csr"], s2, p, programs) if prefetch else ((None, None, 0, 0), {})
+        pf_in, pf_in_kw = _prefetch_args(w2, off["dn_csr"], s2, p, programs) if prefetch else ((None, None, 0, 0), {})
         mod.mlp_hidden[(1, programs)](
             x2d, x2d.stride(0), h, h.stride(0), None, None, flag, m, d_in, d_hidden,
             w1, off["in1"], s1[0], s1[1], b1_, w3_, off3, s3[0], s3[1], b3_,
-            ix.in_rowptr, ix.in_cols, ix.order_h, None, None, None, *pf,
-            BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common, **pf_kw)
+            ix.in_rowptr, ix.in_cols, ix.order_h, None, None, None, *pf_in,
+            BM=bm, BS=bs, CH=ch, PDL=pdl, num_warps=nw, num_stages=ns, STORE_PRE=False, SCAN=2, **common, **pf_in_kw)
 
     pf, line = _prefetch_lines(w2, s2[1], p.bh, pdl and bool(n_live))
 
