@@ -5,9 +5,8 @@ once. ``stream_live`` does only that -- every live 64x64 block of the three dens
 the fused kernels read them from, summed into one fp32 per program so nothing is dead code -- and its time
 under CUDA graphs, cold L2 (each replay cycles through >= 256 MB of weight copies, as in a model with many
 layers), is the floor. Per shape, sparsity and M, in one process: the floor, blast's decode
-(``triton_mlp.forward`` per path, graph-replayed: a lowered op launches the same kernels without PDL -- ``--no-pdl``
-times that -- on the sliced path, with or without W2 prefetched by kernel 1, unless ``DECODE_PATH`` asks for
-split-K) and dense cuBLAS.
+(``triton_mlp.forward`` per path, graph-replayed; ``--lowered``: as a lowered op launches them -- no PDL, kernel 1
+prefetching W2, split-K's scratch by address) and dense cuBLAS.
 
     python bench/decode_floor.py --out bench/results      # 1B and 8B MLP shapes, 90 / 95 %, M = 1, 8, 16
 

@@ -11,7 +11,7 @@ shape and M, in one process:
 * ``blast_splitk`` / ``blast_splitk_ro``: ``blast`` / ``blast_ro`` with the lowered decode on split-K
   (``configs.DECODE_PATH = "splitk"``); ``blast_sliced`` / ``blast_sliced_ro`` and ``blast_pf`` / ``blast_pf_ro``:
   on the sliced path without / with kernel 1 prefetching W2 (``"sliced"`` / ``"sliced_pf"``; ``blast`` picks
-  between these two by timing);
+  among these and split-K by timing);
 * ``inductor_cpp`` / ``blast_cpp``: ``inductor`` / ``blast`` with ``torch._inductor.config.cpp_wrapper = True``
   (Inductor's wrapper in C++: its launches, ours included, without Python per kernel);
 * ``blast_aoti`` / ``inductor_aoti``: AOTInductor packages (``blast_compile.export.aoti_package`` / plain
@@ -109,7 +109,7 @@ MODES = {
     "blast": dict(backend="blast"),
     "blast_ro": dict(backend="blast", mode="reduce-overhead"),
     "blast_opaque": dict(backend="blast", options={"lower": False}),
-    # the lowered decode on split-K (configs.DECODE_PATH; its scratch zeroed per call) instead of sliced
+    # the lowered decode on split-K (configs.DECODE_PATH; its scratch passed by address) instead of sliced
     "blast_splitk": dict(backend="blast", decode_path="splitk"),
     "blast_splitk_ro": dict(backend="blast", mode="reduce-overhead", decode_path="splitk"),
     # ... on the sliced path, without / with W2 prefetched into L2 by kernel 1

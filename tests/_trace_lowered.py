@@ -199,7 +199,7 @@ def main(cases):
         from blast_compile.ops import decode
 
         configs.DECODE_PATH, ok = "sliced_pf", decode._prefetch_ok
-        decode._prefetch_ok = lambda args: True
+        decode._prefetch_ok = lambda *a: True
         try:
             run("decode_pf", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
             configs.DECODE_PATH = "splitk"  # (lowered split-K: kernel 1 prefetches W2 wherever it can)

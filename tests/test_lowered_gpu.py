@@ -289,9 +289,9 @@ def test_cpp_wrapper_runs_the_lowered_kernels():
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
 @pytest.mark.parametrize("path", ["splitk", "sliced_pf"])
 def test_lowered_decode_paths_match_eager(monkeypatch, mode, path):
-    """The decode paths a lowered op takes only when timed or asked (DECODE_PATH): split-K inside Inductor's code
-    (its scratch a zeroed buffer per call; the GEMV at M = 1, the dots above) and the sliced decode whose kernel 1
-    prefetches W2 into L2; every decode M, then prefill, against eager; under CUDA graphs too."""
+    """Decode paths a lowered op takes when timed faster or asked (DECODE_PATH): split-K inside Inductor's code
+    (its plan's scratch passed by address; the GEMV at M = 1, the dots above) and the sliced decode whose kernel
+    1 prefetches W2 into L2; every decode M, then prefill, against eager; under CUDA graphs too."""
     from blast_compile.ops import configs
 
     monkeypatch.setattr(configs, "DECODE_PATH", path)

@@ -99,6 +99,10 @@ class _Scratch:
         return iter((self.buf, self.offs))
 
 
+def _scratch_key(device, gated, d_hidden, d_out):
+    return ("dec_scratch", str(device), gated, d_hidden, d_out)
+
+
 def _decode_scratch(plan, device, gated, d_hidden, d_out, m):
     """Split-K's scratch ``(buf, offsets)``: fp32 G|U and Y, int32 completion counters (per hidden block column,
     per output block), the per-row NaN/Inf flag of x and the finisher count, all zero before a call, as parts of
@@ -111,7 +115,7 @@ def _decode_scratch(plan, device, gated, d_hidden, d_out, m):
     if lowered() and launch.one_graph():
         offs, n = _scratch_layout(plan, gated, d_hidden, d_out, m)
         return torch.zeros(n, device=device, dtype=torch.int32), offs
-    key = ("dec_scratch", str(device), gated, d_hidden, d_out)
+    key = _scratch_key(device, gated, d_hidden, d_out)
     t = plan.cache.get(key)
     if t is None:
         offs, n = _scratch_layout(plan, gated, d_hidden, d_out, codegen.DECODE_MAX_M)
@@ -199,9 +203,9 @@ def _decode(args):
                  mode, "")
 
 
-def _prefetch_ok(args) -> bool:
-    """Kernel 1 can prefetch W2: a GPU (the prefetch is inline PTX), W2's block rows contiguous, blocks live."""
-    x2d, plan, s2 = args[0], args[2], args[12]
+def _prefetch_ok(x2d, plan, s2) -> bool:
+    """Kernel 1 can prefetch W2 (strides ``s2``): a GPU (the prefetch is inline PTX), W2's block rows contiguous,
+    blocks live."""
     return x2d.is_cuda and not _interpret() and s2[1] == 1 and plan.pattern.nnz_dn > 0
 
 
@@ -210,7 +214,7 @@ def _pick(args, paths, mode, tag):
     and persisted; ``tag`` keeps the lowered op's choice (no PDL) apart from the opaque op's."""
     if mode in paths:
         return paths[mode](*args)
-    if not _prefetch_ok(args):
+    if not _prefetch_ok(args[0], args[2], args[12]):
         paths = {k: f for k, f in paths.items() if k != "sliced_pf"}
     x2d, _, plan, m, d_in, d_hidden, d_out, sig = args[:8]
     mk = tune._memo_key("dec_path", id(sig), codegen.m_bucket(m), tag)
@@ -261,7 +265,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     b2_ = b2 if b2 is not None else x2d  # (not read without HAS_B)
     pdl = _pdl_ok(x2d.device)
     # a lowered op (no PDL): kernel 1 prefetches W2 for kernel 2
-    prefetch = lowered() and _prefetch_ok((x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2))
+    prefetch = lowered() and _prefetch_ok(x2d, plan, s2)
 
     def run(cfg):
         ci, cd, nw, mode = C.SplitK.of(cfg)
@@ -294,7 +298,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
             if not by_addr:
                 scr.zero_()
             elif not launch.traced():
-                plan.cache[("dec_scratch", str(x2d.device), gated, d_hidden, d_out)].buf.zero_()
+                plan.cache[_scratch_key(x2d.device, gated, d_hidden, d_out)].buf.zero_()
             raise
 
     kind, configs = ("decode2", C.DECODE_CONFIGS) if dot else ("decode2g", C.DECODE_GEMV_CONFIGS)
@@ -337,7 +341,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     as eager rounds it) and per-slice NaN/Inf row flags of x; ``bsmm`` reads them. ``prefetch``: ``mlp_hidden``
     first sends W2's live blocks into L2 (``_prefetch_args``)."""
     p = plan.pattern
-    if prefetch and not _prefetch_ok((x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2)):
+    if prefetch and not _prefetch_ok(x2d, plan, s2):
         raise ValueError("blast: DECODE_PATH='sliced_pf' needs a GPU and W2 with contiguous rows")
     bm, n_sl, flag, h, y = _sliced_buffers(x2d, m, d_in, d_hidden, d_out)
     if not n_live:  # no hidden kernel to write the flags
