@@ -88,7 +88,7 @@ def describe(gm):
     inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 
-    kernels, writes_input, prefetch = [], [], []
+    kernels, writes_input, prefetch, big_ints = [], [], [], []
     for n in gm.graph.nodes:
         if n.op == "call_function" and "triton_kernel_wrapper" in str(n.target):
             k = kernel_side_table.get_kernel(n.kwargs["kernel_idx"])
@@ -96,6 +96,10 @@ def describe(gm):
             kernels.append([name, str(n.kwargs["grid"])])
             if n.kwargs["kwargs"].get("PF"):
                 prefetch.append([name, n.kwargs["kwargs"]["PF"]])
+            consts = kernel_side_table.get_constant_args(n.kwargs["constant_args_idx"])
+            for arg, v in {**n.kwargs["kwargs"], **consts}.items():
+                if isinstance(v, int) and not isinstance(v, bool) and not -2**31 <= v < 2**31:
+                    big_ints.append(f"{name}.{arg}")
             for arg in n.kwargs.get("tensors_to_clone", []):
                 if n.kwargs["kwargs"][arg] in inputs:
                     writes_input.append(f"{name}.{arg}")
@@ -108,7 +112,7 @@ def describe(gm):
     fills = sorted(str(n.target).split(".")[-2] for n in gm.graph.nodes if n.op == "call_function"
                    and any(k in str(n.target) for k in ("aten.zeros", "aten.full", "aten.fill", "aten.zero_")))
     return {"kernels": kernels, "writes_input": writes_input, "copies": copies, "fills": fills, "inputs": len(inputs),
-            "prefetch": prefetch}
+            "prefetch": prefetch, "big_ints": big_ints}
 
 
 class MLP(torch.nn.Module):

@@ -41,6 +41,14 @@ def test_split_k_decode_lowered_takes_its_scratch_by_address(traces):
     assert not g["writes_input"] and not g["copies"], g
 
 
+def test_lowered_kernels_take_no_int_past_int32(traces):
+    """Inductor's user-kernel signature (torch 2.11) fails on a plain int argument past int32 (the split-K
+    scratch address once): the lowered compile then fell back to the opaque op. Every traced kernel's ints fit."""
+    for case, t in traces.items():
+        for g in t.get("fw", []) + t.get("joint", []):
+            assert not g.get("big_ints"), (case, g)
+
+
 @pytest.mark.parametrize("case,inputs", [("decode", 7), ("prefill", 4)])
 def test_inference_graph_takes_only_the_tables_its_kernels_read(traces, case, inputs):
     """Each table is a graph input, checked and passed at every call (host time): an inference graph's lowered op

@@ -261,6 +261,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     bm = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
     bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
     by_addr = isinstance(scr, int)
+    scr_args = (scr & 0x7FFFFFFF, scr >> 31) if by_addr else (scr, 0)  # (see mlp_decode_in: SCR_ADDR)
     dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT, SCR_ADDR=by_addr)
     b2_ = b2 if b2 is not None else x2d  # (not read without HAS_B)
     pdl = _pdl_ok(x2d.device)
@@ -280,14 +281,14 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
                 pf_in, pf_in_kw = (_prefetch_args(w2, off["dn_csc"], s2, p, grid) if prefetch and ch["n_dn"]
                                    else ((None, None, 0, 0), {}))
                 mod.mlp_decode_in[(grid,)](
-                    x2d, x2d.stride(0), scr, o_gu, s_gu, m, d_in, d_hidden,
+                    x2d, x2d.stride(0), *scr_args, o_gu, s_gu, m, d_in, d_hidden,
                     w1, o1, s1[0], s1[1], w3_, o3, s3[0], s3[1],
                     cols, *ch["in"], ch["n_in"], y, y.stride(0), b2_, ch["empty"], d_out,
                     o_flag, 1 if ch["n_dn"] else 0, *pf_in,
                     CH=ci, HAS_B=b2 is not None, PDL=early, num_warps=nw, **dec, **pf_in_kw)
             if ch["n_dn"]:
                 mod.mlp_decode_dn[(ch["n_dn"],)](
-                    scr, o_gu, s_gu, o_y32, s_y, y, y.stride(0), x2d, x2d.stride(0),
+                    *scr_args, o_gu, s_gu, o_y32, s_y, y, y.stride(0), x2d, x2d.stride(0),
                     m, d_in, d_hidden, d_out, b1_, b3_, b2_,
                     w2, off["dn_csc"], s2[0], s2[1], ix.dn_rows, ix.dn_rowptr,
                     *ch["dn"], ch["dn_tot"], o_col, o_out, o_flag, o_done, p.n_out - ch["n_empty"],
