@@ -34,6 +34,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# backend="blast" lets Inductor's static launcher take its lowered kernels (option static_launch) by setting this
+# for the compile workers, which read it when they start. Here the dense sides compile first and would start
+# them without it: set it now, as a process that compiles with blast first has it (Inductor's own kernels do
+# not read it). --triton-launcher times blast through Triton's Python launcher instead.
+if "--triton-launcher" not in sys.argv:
+    os.environ.setdefault("TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS", "1")
 
 SHAPES = {"1b": (2048, 8192), "8b": (4096, 14336), "tiny": (256, 1024)}
 
@@ -153,6 +159,8 @@ def main():
     p.add_argument("--windows", type=int, default=5)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
+    p.add_argument("--triton-launcher", action="store_true",
+                   help="lowered kernels through Triton's Python launcher (blast option static_launch=False)")
     args = p.parse_args()
 
     import blast_compile  # noqa: F401
@@ -188,6 +196,8 @@ def main():
                         kw = dict(kw)
                         configs.DECODE_PATH = kw.pop("decode_path", "")
                         torch._inductor.config.cpp_wrapper = kw.pop("cpp_wrapper", False)
+                        if args.triton_launcher and kw.get("backend") == "blast":
+                            kw["options"] = {**kw.get("options", {}), "static_launch": False}
                     if kw == "aoti":
                         fn = aoti(model, x, mode)
                     else:

@@ -68,6 +68,30 @@ def _inductor_patches(mode: Optional[str], extra: dict) -> dict:
     return patches
 
 
+STATIC_LAUNCH_ENV = "TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS"
+
+
+def _static_launch(opts: BlastOptions) -> dict:
+    """Inductor patches that let its static CUDA launcher take user-defined Triton kernels (the lowered MLPs').
+
+    Inductor launches its own kernels through a launcher in C, a user kernel through Triton's Python launcher
+    unless ``static_launch_user_defined_triton_kernels`` is set -- and its compile workers read that setting from
+    the environment when they start. So, unless the user set the variable (either way) or the option is off, it
+    is set here, before a first compile starts the workers (a pool started earlier in the process keeps Triton's
+    launcher), and patched for compiles in this process. It holds for every user kernel compiled from then on;
+    one the static launcher cannot take (launch hooks or attributes, a global scratch) keeps Triton's."""
+    import os
+
+    from torch._inductor import config as inductor_config
+
+    if not opts.static_launch:
+        return {}
+    key = "static_launch_user_defined_triton_kernels"
+    if not hasattr(inductor_config, key) or os.environ.setdefault(STATIC_LAUNCH_ENV, "1") != "1":
+        return {}  # (a torch without the setting: Triton's launcher, as before)
+    return {key: True}
+
+
 def _fused_nodes(gm):
     fused = (torch.ops.blast.sparse_mlp.default, torch.ops.blast.sparse_mlp_train.default)
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in fused]
@@ -208,10 +232,12 @@ def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = Non
     if opts.inductor:
         from torch._inductor.compile_fx import compile_fx
 
-        patches = _inductor_patches(mode, inductor_opts) or None
+        patches = _inductor_patches(mode, inductor_opts)
+        if watches:  # (lowered MLPs, on CUDA: their kernels are user kernels to Inductor)
+            patches = {**_static_launch(opts), **patches}
 
         def compile_(g):
-            return compile_fx(g, example_inputs, config_patches=patches)
+            return compile_fx(g, example_inputs, config_patches=patches or None)
     else:
         from torch._dynamo.backends.registry import lookup_backend
 

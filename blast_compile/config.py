@@ -35,6 +35,9 @@ class BlastOptions:
     # CUDA: fused MLPs become Triton kernels that Inductor launches from its own code (passes/lower.py);
     # False: the opaque op, which runs Python per call (the old path, for comparison)
     lower: bool = True
+    # lowered kernels launched through Inductor's static CUDA launcher, as its own kernels are, instead of
+    # Triton's Python launcher (a few us less host time per launch). Process-wide: backend.py, _static_launch
+    static_launch: bool = True
 
     @classmethod
     def from_options(cls, options: Optional[Mapping]) -> "BlastOptions":
@@ -118,6 +121,7 @@ _CHECKS = {
     "inductor": _flag("inductor"),
     "save_hidden": _save_hidden,
     "lower": _flag("lower"),
+    "static_launch": _flag("static_launch"),
 }
 
 

@@ -1,4 +1,5 @@
 """End-to-end: torch.compile(backend="blast") on CPU (few, since each compile costs seconds)."""
+import os
 import warnings
 
 import pytest
@@ -434,3 +435,23 @@ def test_gpu_reduce_overhead_new_decode_chunks(monkeypatch):
             x = torch.randn(b, 1, 64, device="cuda", dtype=torch.bfloat16)
             torch.testing.assert_close(cm(x).clone(), blk(x), **tol(torch.bfloat16))
     assert counters["blast"]["mlp_fused"] >= 1
+
+
+def test_static_launch_setting(monkeypatch):
+    """The lowered kernels' static launch: the variable Inductor's compile workers read is set unless the user
+    set it (then theirs holds, "0" included), and the in-process patch follows it; ``static_launch=False`` leaves
+    both alone."""
+    from blast_compile import backend
+    from blast_compile.config import BlastOptions
+
+    env = backend.STATIC_LAUNCH_ENV
+    monkeypatch.delenv(env, raising=False)
+    assert backend._static_launch(BlastOptions.from_options({"static_launch": False})) == {}
+    assert env not in os.environ
+    assert backend._static_launch(BlastOptions()) == {"static_launch_user_defined_triton_kernels": True}
+    assert os.environ[env] == "1"
+    monkeypatch.setenv(env, "0")
+    assert backend._static_launch(BlastOptions()) == {} and os.environ[env] == "0"
+    import torch._inductor.config as ic
+
+    assert hasattr(ic, "static_launch_user_defined_triton_kernels")  # (the key the patch names exists)
