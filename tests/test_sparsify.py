@@ -229,17 +229,29 @@ def test_a_model_loaded_from_gguf_is_saved_as_a_plain_model(files, tmp_path):
     assert data._unquantized(back) is back  # (an unmarked model is returned as it is)
 
 
-def test_keep_best_saves_the_best_validation_point(files, tmp_path):
-    """A run that overfits (a learning rate far too high for its text) saves the model of its lowest
-    validation perplexity, not its last one: the reported held-out perplexity is that point's, and the
-    validation tokens are the training text's tail, never trained on. ``--keep last`` saves the last."""
+def test_keep_best_saves_the_best_validation_point(files, tmp_path, monkeypatch):
+    """A run saves the model of its lowest validation perplexity, not its last one: the reported held-out
+    perplexity is that point's. ``--keep last`` saves the last. The validation scores are scripted (best at
+    the first point after training): which point a real run's chaos makes best moved with the thread count. The
+    weights still move a lot between points (lr 0.3), so restoring the wrong one changes the held-out ppl."""
+    from blast_compile.sparsify.run import Best
+
+    scripted = [5.0, 1.0, 3.0, 2.0, 4.0]  # (the first: before training)
+    calls = []
+
+    def ppl(self):
+        calls.append(1)
+        return scripted[(len(calls) - 1) % len(scripted)]
+
+    monkeypatch.setattr(Best, "ppl", ppl)
     o = dict(dense_baseline=True, sparsity=None, lr=0.3, warmup=0.0, schedule="constant", eval_points=4)
     rep = run(_opts(files, tmp_path / "best", **o))
     vals = [c["val"] for c in rep["curve"]]
+    assert vals == scripted
     k = rep["kept"]
-    assert k["which"] == "best" and k["val"] == min(vals)
-    at = next(c for c in rep["curve"] if c["tokens"] == k["tokens"])
-    assert k["tokens"] != rep["curve"][-1]["tokens"], vals  # (else this run does not test the restore)
+    assert k["which"] == "best" and k["val"] == 1.0 and k["tokens"] == rep["curve"][1]["tokens"]
+    at = rep["curve"][1]
+    assert at["ppl"] != rep["curve"][-1]["ppl"]  # (else this run does not test the restore)
     for name, v in rep["ppl_final_eager"].items():
         assert v == pytest.approx(at["ppl"][name], rel=1e-5)
     assert not (tmp_path / "best" / "best.safetensors").exists()
@@ -249,7 +261,6 @@ def test_keep_best_saves_the_best_validation_point(files, tmp_path):
     assert f"kept: {k['tokens']:,} tokens, best validation" in text and "last (not kept)" in text
     last = run(_opts(files, tmp_path / "last", keep="last", **o))
     assert last["kept"]["which"] == "last" and last["ppl_final_eager"] == last["curve"][-1]["ppl"]
-    assert [c["val"] for c in last["curve"]] == vals
 
 
 def test_keep_best_never_restores_weights_of_another_point(tmp_path):
