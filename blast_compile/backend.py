@@ -87,9 +87,24 @@ def _static_launch(opts: BlastOptions) -> dict:
     if not opts.static_launch:
         return {}
     key = "static_launch_user_defined_triton_kernels"
-    if not hasattr(inductor_config, key) or os.environ.setdefault(STATIC_LAUNCH_ENV, "1") != "1":
+    if not hasattr(inductor_config, key):
         return {}  # (a torch without the setting: Triton's launcher, as before)
-    return {key: True}
+    if STATIC_LAUNCH_ENV not in os.environ:
+        os.environ[STATIC_LAUNCH_ENV] = "1"
+        if _compile_workers_started():
+            log.info("blast: Inductor's compile workers started before blast's first compile in this process: the "
+                     "lowered kernels they compile keep Triton's launcher (set %s=1 before any compile for the "
+                     "static one)", STATIC_LAUNCH_ENV)
+    return {key: True} if os.environ[STATIC_LAUNCH_ENV] == "1" else {}
+
+
+def _compile_workers_started() -> bool:
+    try:
+        from torch._inductor.async_compile import AsyncCompile
+
+        return AsyncCompile.process_pool.cache_info().currsize > 0
+    except Exception:  # (another torch's layout: unknown, say nothing)
+        return False
 
 
 def _fused_nodes(gm):

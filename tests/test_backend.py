@@ -1,4 +1,5 @@
 """End-to-end: torch.compile(backend="blast") on CPU (few, since each compile costs seconds)."""
+import logging
 import os
 import warnings
 
@@ -437,7 +438,7 @@ def test_gpu_reduce_overhead_new_decode_chunks(monkeypatch):
     assert counters["blast"]["mlp_fused"] >= 1
 
 
-def test_static_launch_setting(monkeypatch):
+def test_static_launch_setting(monkeypatch, caplog):
     """The lowered kernels' static launch: the variable Inductor's compile workers read is set unless the user
     set it (then theirs holds, "0" included), and the in-process patch follows it; ``static_launch=False`` leaves
     both alone."""
@@ -452,6 +453,12 @@ def test_static_launch_setting(monkeypatch):
     assert os.environ[env] == "1"
     monkeypatch.setenv(env, "0")
     assert backend._static_launch(BlastOptions()) == {} and os.environ[env] == "0"
+    # workers started before blast set it keep Triton's launcher: said, not hidden
+    monkeypatch.delenv(env)
+    monkeypatch.setattr(backend, "_compile_workers_started", lambda: True)
+    with caplog.at_level(logging.INFO, logger="blast_compile.backend"):
+        assert backend._static_launch(BlastOptions()) == {"static_launch_user_defined_triton_kernels": True}
+    assert any("keep Triton's launcher" in r.getMessage() for r in caplog.records)
     import torch._inductor.config as ic
 
     assert hasattr(ic, "static_launch_user_defined_triton_kernels")  # (the key the patch names exists)

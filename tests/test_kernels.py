@@ -623,7 +623,8 @@ def test_interp_decode_splitk(gemv, monkeypatch):
 @interp
 def test_interp_decode_split_k_scratch_by_address(monkeypatch):
     """A lowered op's split-K (its compile-time warm-up runs it as the graph will) passes the kernels its plan's
-    scratch by address, an int64 they turn into a pointer: right every call, the scratch zero again after each."""
+    scratch by address, two 31-bit ints they turn into a pointer: right every call, the scratch zero again after
+    each."""
     from memcheck import allow
 
     from blast_compile.ops import decode, launch

@@ -38,7 +38,7 @@ Forward paths (same meaning, eager rounding, fp32 accumulation):
   spread over all its programs, so they stream in the same pass as W1/W3 and ``bsmm`` reads L2. It stands in
   for the PDL prefetch where there is none: a lowered op's kernels are launched by Inductor, which has no PDL
   for user kernels. A lowered op's split-K prefetches the same way in ``mlp_decode_in``, and gets its plan's
-  scratch by address (an int64: no buffer for Inductor to clone, no fill per call); it weighs the three paths
+  scratch by address (two 31-bit ints: no buffer for Inductor to clone, no fill per call); it weighs the three paths
   as the opaque op does. (An exported graph would carry the address out of the process: there split-K only
   when asked for, with a zeroed scratch per call.)
 
