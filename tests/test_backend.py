@@ -462,3 +462,38 @@ def test_static_launch_setting(monkeypatch, caplog):
     import torch._inductor.config as ic
 
     assert hasattr(ic, "static_launch_user_defined_triton_kernels")  # (the key the patch names exists)
+
+
+def test_lowered_graphs_compile_with_the_static_launch_patch(monkeypatch):
+    """Wiring: a graph with lowered MLPs is handed to Inductor with the static-launch patch, a graph without none
+    (lowering is CUDA-only: stood in for here by a ``_lower`` that reports one watch)."""
+    import torch._inductor.compile_fx as cfx
+
+    from blast_compile import backend
+
+    class FakeWatch:
+        name = "mlp0"
+
+        def params(self):
+            return []
+
+        def masks(self):
+            return []
+
+    seen = []
+    real = cfx.compile_fx
+    monkeypatch.setattr(cfx, "compile_fx", lambda g, ins, config_patches=None, **kw: (
+        seen.append(config_patches), real(g, ins, config_patches=config_patches, **kw))[1])
+    monkeypatch.delenv(backend.STATIC_LAUNCH_ENV, raising=False)
+    m, x = sparse_block(), torch.randn(4, 64)
+    patched = []
+    for watches in ([], [FakeWatch()]):
+        monkeypatch.setattr(backend, "_lower", lambda gm, ins, opts, w=watches: (gm, w))
+        torch._dynamo.reset()
+        seen.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(m, backend="blast")(x), m(x))
+        # (compile_fx given patches calls itself again without them: the first call is the backend's)
+        patched.append(bool(seen[0] and seen[0].get("static_launch_user_defined_triton_kernels")))
+    torch._dynamo.reset()
+    assert patched == [False, True]
