@@ -34,12 +34,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# backend="blast" lets Inductor's static launcher take its lowered kernels (option static_launch) by setting this
-# for the compile workers, which read it when they start. Here the dense sides compile first and would start
-# them without it: set it now, as a process that compiles with blast first has it (Inductor's own kernels do
-# not read it). --triton-launcher times blast through Triton's Python launcher instead.
+# The dense sides compile first and would start Inductor's compile workers before blast sets what lets them launch
+# its kernels statically (option static_launch): set it now, as in a process that compiles with blast first
+# (Inductor's own kernels do not read it). --triton-launcher times blast through Triton's Python launcher instead.
 if "--triton-launcher" not in sys.argv:
-    os.environ.setdefault("TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS", "1")
+    from blast_compile.backend import enable_static_launch
+
+    enable_static_launch()
 
 SHAPES = {"1b": (2048, 8192), "8b": (4096, 14336), "tiny": (256, 1024)}
 

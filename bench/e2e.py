@@ -19,6 +19,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# dense and blast sides in one process: blast's kernels launched as in a process that compiles with blast first
+from blast_compile.backend import enable_static_launch  # noqa: E402
+
+enable_static_launch()
 
 
 def build(args, device, dtype):

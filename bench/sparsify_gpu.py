@@ -39,6 +39,10 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# dense and blast sides in one process: blast's kernels launched as in a process that compiles with blast first
+from blast_compile.backend import enable_static_launch  # noqa: E402
+
+enable_static_launch()
 CARRY = os.path.join(ROOT, ".carry")
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_BYTES = 98_362_432

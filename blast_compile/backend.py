@@ -76,26 +76,31 @@ def _static_launch(opts: BlastOptions) -> dict:
 
     Inductor launches its own kernels through a launcher in C, a user kernel through Triton's Python launcher
     unless ``static_launch_user_defined_triton_kernels`` is set -- and its compile workers read that setting from
-    the environment when they start. So, unless the user set the variable (either way) or the option is off, it
-    is set here, before a first compile starts the workers (a pool started earlier in the process keeps Triton's
-    launcher), and patched for compiles in this process. It holds for every user kernel compiled from then on;
-    one the static launcher cannot take (launch hooks or attributes, a global scratch) keeps Triton's."""
-    import os
-
+    the environment when they start. So, unless the option is off, :func:`enable_static_launch` sets the variable
+    before the first compile that would start them, and the setting is patched for compiles in this process."""
     from torch._inductor import config as inductor_config
 
-    if not opts.static_launch:
-        return {}
     key = "static_launch_user_defined_triton_kernels"
-    if not hasattr(inductor_config, key):
+    if not opts.static_launch or not hasattr(inductor_config, key):
         return {}  # (a torch without the setting: Triton's launcher, as before)
+    return {key: True} if enable_static_launch() else {}
+
+
+def enable_static_launch() -> bool:
+    """Set ``TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1`` unless the user set it (either way);
+    True where it is on. For every user kernel compiled from then on (one the static launcher cannot take --
+    launch hooks or attributes, a global scratch -- keeps Triton's). blast's own programs that compile a dense
+    phase with Inductor first (``blast sparsify``, examples/pretrain.py) call it before that compile: it starts
+    the workers, which would otherwise never see the variable."""
+    import os
+
     if STATIC_LAUNCH_ENV not in os.environ:
         os.environ[STATIC_LAUNCH_ENV] = "1"
         if _compile_workers_started():
             log.info("blast: Inductor's compile workers started before blast's first compile in this process: the "
                      "lowered kernels they compile keep Triton's launcher (set %s=1 before any compile for the "
                      "static one)", STATIC_LAUNCH_ENV)
-    return {key: True} if os.environ[STATIC_LAUNCH_ENV] == "1" else {}
+    return os.environ[STATIC_LAUNCH_ENV] == "1"
 
 
 def _compile_workers_started() -> bool:

@@ -119,6 +119,9 @@ def compile_model(model, backend, args):
     if args.compile == "none":
         return model
     torch._dynamo.reset()  # a new backend for the same code: start clean
+    from blast_compile.backend import enable_static_launch
+
+    enable_static_launch()  # (the dense phase's compile starts Inductor's workers: blast's kernels need it set first)
     # "reduce-overhead": CUDA graphs on both sides (a small model's step is otherwise host-bound)
     graphs = args.compile == "reduce-overhead"
     if backend == "blast":  # (torch.compile takes a mode or options, not both: the mode's Inductor key)

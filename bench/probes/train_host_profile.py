@@ -4,10 +4,10 @@ and with cProfile (the launchers' Python, which the torch profiler does not see)
 
 One side per process (``--sides``), so that repeated, interleaved runs give the spread: a default-mode step's host
 time moves by 10+ ms between processes on one machine (30 layers: the same blast side 57.1 and 71.5 ms).
-``TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1`` in the environment makes Inductor launch the blast
-kernels through its static CUDA launcher, as it launches its own (off by default in torch; the choice is made in
-the compile workers, so setting ``torch._inductor.config`` in this process does not reach it). The JSON says which
-launcher the kernels got (cProfile's call counts).
+The blast kernels go through Inductor's static CUDA launcher, as its own do (``backend.enable_static_launch``, set
+when ``sparsify_gpu`` is imported); ``TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=0`` in the environment
+keeps Triton's Python launcher (the choice is made in the compile workers, which read the variable when they start).
+The JSON says which launcher the kernels got (cProfile's call counts).
 
     python bench/probes/train_host_profile.py --layers 4 --sides blast --out /tmp/out --tag r1
 """

@@ -85,6 +85,9 @@ def lr_at(step: int, steps: int, o: Options) -> float:
 def _compile(module: nn.Module, backend: str, mode: str, o: Options) -> nn.Module:
     if mode == "none":
         return module
+    from ..backend import enable_static_launch
+
+    enable_static_launch()  # (before the dense phase's compile starts Inductor's workers: see its docstring)
     graphs = mode == "reduce-overhead"
     if backend == "blast":  # (torch.compile takes a mode or options, not both: the mode's Inductor key)
         opts = {"triton.cudagraphs": True} if graphs else {}
