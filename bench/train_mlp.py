@@ -29,14 +29,14 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._results import run_meta, write_json  # noqa: E402
-# dense and blast sides in one process: blast's kernels launched as in a process that compiles with blast first
 from blast_compile.backend import enable_static_launch  # noqa: E402
-
-enable_static_launch()
 from blast_compile.formats import cdiv, expand_mask  # noqa: E402
 from blast_compile.masks import declare_mask  # noqa: E402
 from blast_compile.ops import triton_mlp, tune  # noqa: E402
 from blast_compile.testing import SwiGLU, random_block_mask  # noqa: E402
+
+# dense and blast sides in one process: blast's kernels launched as in a process that compiles with blast first
+enable_static_launch()
 
 SHAPES = {"34m": (512, 2816), "1b": (2048, 8192), "8b": (4096, 14336)}
 
