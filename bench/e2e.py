@@ -155,6 +155,15 @@ def main():
         block=args.block, mlp_weights_sparsified=n, mode=args.mode, cpp_wrapper=args.cpp_wrapper, decode={},
         prefill={},
     )
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"e2e_{res['date'].replace(':', '')}{args.tag}.json")
+
+    def save(final=False):  # after every row: a run cut by a time limit keeps what it measured
+        with open(path if final else path + ".partial", "w") as f:
+            json.dump(res, f, indent=1)
+        if final and os.path.exists(path + ".partial"):
+            os.remove(path + ".partial")
+
     mode = None if args.mode == "default" else args.mode
     variants = {
         "eager": None,
@@ -189,6 +198,7 @@ def main():
                 res["decode"][f"batch{b}"][f"{name}_blast_counters"] = dict(counters["blast"])
             res["decode"][f"batch{b}"][f"{name}_dynamo_stats"] = dict(counters["stats"])
             print(f"decode batch {b} {name}: {res['decode'][f'batch{b}'][name]}", flush=True)
+            save()
         if "blast" in outs and "inductor" in outs:
             # greedy tokens agree for most positions (bf16 ties can flip late tokens)
             same = (outs["blast"] == outs["inductor"]).float().mean().item()
@@ -210,6 +220,7 @@ def main():
                     res[key].setdefault(f"batch{b}", {})[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
                 print(f"lean decode batch {b} {name}{f' ({mode})' if mode else ''}: {res[key][f'batch{b}'][name]}",
                       flush=True)
+                save()
     ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), device=device)
     # default mode, then under CUDA graphs (--mode, both sides): without them a 2048-token prefill is
     # host-bound (H200, round 10: 6.6 ms of GPU work in a ~10-11 ms call, Inductor's launches and blast's op alike)
@@ -229,10 +240,8 @@ def main():
             if name == "blast":  # plans built over warm-up + reps calls: one per MLP if none is rebuilt
                 res[key]["blast_plans_built"] = counters["blast"]["plans_built"]
             print(f"prefill {args.prefill} {name}{f' ({mode})' if mode else ''}: {res[key][name]} ms", flush=True)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"e2e_{res['date'].replace(':', '')}{args.tag}.json")
-    with open(path, "w") as f:
-        json.dump(res, f, indent=1)
+            save()
+    save(final=True)
     print(json.dumps(res, indent=1))
 
 

@@ -300,7 +300,7 @@ def main():
     settings = list(itertools.product((float(v) for v in args.sparsity.split(",")), args.save.split(","),
                                       args.masks.split(",")))
     for mode in args.modes.split(","):
-        for s in args.shapes.split(","):
+        for s in (v for v in args.shapes.split(",") if v):  # (--shapes "" --step: the whole step only)
             d, h = SHAPES[s]
             for m in (int(v) for v in args.m.split(",")):
                 for sp, save, mk in settings:
