@@ -13,7 +13,8 @@
 # prefill        a 2048-token prefill, default mode and CUDA graphs
 # lean           the bare static-cache decode loop under CUDA graphs (issue 24)
 # train          the whole 34M pretraining step, default mode and reduce-overhead (issue 23)
-# Limits: T_<stage> seconds (dashes as underscores), e.g. T_tests_lowered=300.
+# Limits: T_<stage> seconds (dashes as underscores), e.g. T_tests_lowered=300; A_<stage>: more arguments for the
+# stage's command (they come last, so they override), e.g. A_default="--shapes 8b --ms 4096".
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 BLAST_CACHE_DIR=${BLAST_CACHE_DIR:-/tmp/blast_cache}
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 set -o pipefail
@@ -22,31 +23,32 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 LOWERED="tests/test_lowered_gpu.py tests/test_kernels.py"
 
 limit() { local v="T_${1//-/_}"; echo "${!v:-$2}"; }
+more() { local v="A_${1//-/_}"; echo "${!v:-}"; }
 
 for stage in "$@"; do
   echo "== $stage $(date -u +%T)"
   case $stage in
-    tests-lowered) timeout $(limit $stage 280) python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider $LOWERED \
+    tests-lowered) timeout $(limit $stage 280) python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider $LOWERED $(more $stage) \
                      2>&1 | grep -v Warning | tee $OUT/tests_lowered.log | tail -15 ;;
     tests-rest) timeout $(limit $stage 540) python3 -m pytest -q -m gpu -n 8 -p no:cacheprovider tests/ \
-                  $(for f in $LOWERED; do echo --ignore=$f; done) 2>&1 | grep -v Warning | tee $OUT/tests_rest.log \
+                  $(for f in $LOWERED; do echo --ignore=$f; done) $(more $stage) 2>&1 | grep -v Warning | tee $OUT/tests_rest.log \
                   | tail -15 ;;
     sanitize) for tool in memcheck racecheck; do
                 BLAST_TUNE=0 timeout $(limit $stage 100) compute-sanitizer --tool $tool --print-limit 5 \
                   python3 bench/_sanitize.py 2>&1 | tail -6 | tee $OUT/sanitize_$tool.log
               done ;;
-    mlp) timeout $(limit $stage 300) python3 bench/mlp.py --quick --out $OUT 2>&1 | grep -v Warning \
+    mlp) timeout $(limit $stage 300) python3 bench/mlp.py --quick --out $OUT $(more $stage) 2>&1 | grep -v Warning \
            | tee $OUT/mlp.log | tail -30 ;;
     default) timeout $(limit $stage 420) python3 bench/default_mode.py --modes eager,inductor,inductor_ro,blast,blast_ro \
-               --out $OUT 2>&1 | grep -v -i warn | tee $OUT/default_mode.log | tail -12 ;;
+               --out $OUT $(more $stage) 2>&1 | grep -v -i warn | tee $OUT/default_mode.log | tail -12 ;;
     generate) timeout $(limit $stage 480) python3 bench/e2e.py --mode default --forward-compile --skip-lean \
-                --batches 1,8 --out $OUT --tag _generate 2>&1 | grep -E "^(decode|prefill)" | tee $OUT/generate.log ;;
-    prefill) timeout $(limit $stage 240) python3 bench/e2e.py --lean-only --skip-lean --out $OUT --tag _prefill \
+                --batches 1,8 --out $OUT --tag _generate $(more $stage) 2>&1 | grep -E "^(decode|prefill)" | tee $OUT/generate.log ;;
+    prefill) timeout $(limit $stage 240) python3 bench/e2e.py --lean-only --skip-lean --out $OUT --tag _prefill $(more $stage) \
                2>&1 | grep -E "^prefill" | tee $OUT/prefill.log ;;
-    lean) timeout $(limit $stage 300) python3 bench/e2e.py --lean-only --reps 5 --out $OUT --tag _lean \
+    lean) timeout $(limit $stage 300) python3 bench/e2e.py --lean-only --reps 5 --out $OUT --tag _lean $(more $stage) \
             2>&1 | grep -E "^(lean|prefill)" | tee $OUT/lean.log ;;
     train) timeout $(limit $stage 200) python3 bench/train_mlp.py --shapes "" --step --sparsity 0.9 \
-             --modes default,reduce-overhead --out $OUT --tag step 2>&1 | grep -E "training step" | tee $OUT/train.log ;;
+             --modes default,reduce-overhead --out $OUT --tag step $(more $stage) 2>&1 | grep -E "training step" | tee $OUT/train.log ;;
     *) echo "unknown stage $stage" ;;
   esac
 done
