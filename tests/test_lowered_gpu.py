@@ -229,6 +229,71 @@ def test_swiglu_module_decode_sizes():
             torch.testing.assert_close(cm(x), m(x), **tol(torch.float16))
 
 
+_LAUNCHERS = r"""
+import gc, json, sys, torch
+from torch._inductor.runtime.hints import HeuristicType
+from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+from blast_compile.testing import SwiGLU, sparsify_mlps_
+
+train = sys.argv[1] == "train"
+torch.manual_seed(0)
+m = torch.nn.Sequential(SwiGLU(128, 384), SwiGLU(128, 384)).cuda()
+sparsify_mlps_(m, 0.8, block=32)
+if not train:
+    m = m.to(torch.bfloat16)
+cm = torch.compile(m, backend="blast", options={"strict": True})
+for rows in ((40, 300) if train else (1, 40, 300)):
+    x = torch.randn(rows, 128, device="cuda", dtype=torch.float32 if train else torch.bfloat16, requires_grad=train)
+    with torch.autocast("cuda", torch.bfloat16, enabled=train), torch.set_grad_enabled(train):
+        y = cm(x)
+    if train:
+        y.float().sum().backward()
+torch.cuda.synchronize()
+
+
+def static(o):
+    if hasattr(o, "is_statically_launchable"):
+        return o.is_statically_launchable()
+    return all(getattr(f, "_is_static", False) for f in o.launchers)
+
+
+def why(o):  # (what the static launcher says of the first compiled config)
+    try:
+        from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
+        StaticallyLaunchedCudaKernel(o.compile_results[0].kernel)
+        return "accepted when asked again"
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"[:200]
+
+
+tuners = [o for o in gc.get_objects() if isinstance(o, CachingAutotuner)]
+user = [o for o in tuners if o.heuristic_type == HeuristicType.USER_AUTOTUNE]
+print(json.dumps({"user": sorted({o.fn.__name__ for o in user}),
+                  "not_static": {o.fn.__name__: why(o) for o in tuners if not static(o)}}))
+"""
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_lowered_kernels_get_inductors_static_launcher(train):
+    """Option ``static_launch`` (the default): Inductor launches blast's kernels -- decode, prefill, training forward
+    and backward -- through its static launcher, as it launches its own (Triton's Python launcher costs more host
+    time per launch). In a fresh process without the variable, so the backend's own setting is what is tested."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from blast_compile.backend import STATIC_LAUNCH_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != STATIC_LAUNCH_ENV}
+    out = subprocess.run([sys.executable, "-c", _LAUNCHERS, "train" if train else "infer"], capture_output=True,
+                         text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"mlp_hidden", "bsmm"} | ({"mlp_hidden_bwd", "sddmm"} if train else set()) <= set(res["user"]), res
+    assert not res["not_static"], res
+
+
 _RUN_PACKAGE = """
 import sys, torch
 runner = torch._inductor.aoti_load_package(sys.argv[1])
