@@ -251,13 +251,15 @@ for rows in ((40, 300) if train else (1, 40, 300)):
 torch.cuda.synchronize()
 
 
-def static(o):
-    if hasattr(o, "is_statically_launchable"):
-        return o.is_statically_launchable()
-    return all(getattr(f, "_is_static", False) for f in o.launchers)
+def static(o):  # (a static launcher is marked; Triton's is not. Else: what the tuner's compile results say)
+    if o.launchers and all(getattr(f, "_is_static", False) for f in o.launchers):
+        return True
+    return hasattr(o, "is_statically_launchable") and o.is_statically_launchable()
 
 
 def why(o):  # (what the static launcher says of the first compiled config)
+    if not getattr(o, "compile_results", None):
+        return "no compile results left to ask"
     try:
         from torch._inductor.runtime.static_triton_launcher import StaticallyLaunchedCudaKernel
         StaticallyLaunchedCudaKernel(o.compile_results[0].kernel)
