@@ -3,12 +3,15 @@ under torch.compile, dense (default Inductor) vs backend="blast".
 
 Decode: HF ``generate`` with a static KV cache, the forward compiled through
 ``CompileConfig`` (CUDA graphs via mode="reduce-overhead"), batch 1 and 8.
-Prefill: one forward over 2048 tokens. Writes JSON to --out.
+Bare decode loop (``--lean-only``): the compiled forward in a greedy loop without HF's per-token work, under --mode
+and in default mode; ``--ceiling`` adds Inductor on the same model with its MLPs taken out, the most any MLP
+speed-up could give. Prefill: one forward over 2048 tokens. Writes JSON to --out (``.partial`` after every row).
 
     python bench/e2e.py --out bench/results            # on the GPU machine
     python bench/e2e.py --layers 2 --small --out /tmp  # quick CPU smoke
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -49,6 +52,27 @@ def build(args, device, dtype):
         model = cls(cfg).to(dtype).eval()
     n = sparsify_mlps_(model, args.sparsity, block=args.block)
     return model, cfg, n
+
+
+class _NoMLP(torch.nn.Module):
+    """Stands in for a decoder layer's MLP: adds nothing to the residual (the ceiling: what the rest of the model
+    costs, so the MLPs' share of a token is the difference)."""
+
+    def forward(self, x):
+        return x.new_zeros(())
+
+
+@contextlib.contextmanager
+def mlps_removed(model):
+    layers = [m for m in model.modules() if isinstance(getattr(m, "mlp", None), torch.nn.Module)]
+    saved = [m.mlp for m in layers]
+    for m in layers:
+        m.mlp = _NoMLP()
+    try:
+        yield len(layers)
+    finally:
+        for m, mlp in zip(layers, saved):
+            m.mlp = mlp
 
 
 def sync(device):
@@ -133,6 +157,8 @@ def main():
     p.add_argument("--forward-compile", action="store_true",
                    help="also generate with model.forward = torch.compile(model.forward, ...)")
     p.add_argument("--skip-lean", action="store_true", help="skip the bare decode loop rows")
+    p.add_argument("--ceiling", action="store_true",
+                   help="bare decode loop: also Inductor with every MLP taken out (the ceiling of an MLP speed-up)")
     p.add_argument("--cpp-wrapper", action="store_true",
                    help="torch._inductor.config.cpp_wrapper = True on every compiled side (launches without Python)")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
@@ -210,17 +236,26 @@ def main():
             continue
         res[key] = {}
         for b in [int(v) for v in args.batches.split(",")]:
-            for name in ("inductor", "blast"):
+            # "no_mlp": Inductor on the same model with every MLP taken out -- the ceiling of any MLP speed-up
+            for name in ("inductor", "blast") + (("no_mlp",) if args.ceiling else ()):
                 torch._dynamo.reset()
-                fn = torch.compile(model, backend=name, mode=None if mode == "default" else mode)
+                off = mlps_removed(model) if name == "no_mlp" else contextlib.nullcontext()
                 try:
-                    res[key].setdefault(f"batch{b}", {})[name] = lean_decode_tps(
-                        model, fn, cfg, b, args.prompt, args.new, device, args.reps)
+                    with off:
+                        fn = torch.compile(model, backend="inductor" if name == "no_mlp" else name,
+                                           mode=None if mode == "default" else mode)
+                        res[key].setdefault(f"batch{b}", {})[name] = lean_decode_tps(
+                            model, fn, cfg, b, args.prompt, args.new, device, args.reps)
                 except Exception as e:
                     res[key].setdefault(f"batch{b}", {})[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
                 print(f"lean decode batch {b} {name}{f' ({mode})' if mode else ''}: {res[key][f'batch{b}'][name]}",
                       flush=True)
                 save()
+            row = res[key][f"batch{b}"]
+            if all(isinstance(row.get(k), float) for k in ("inductor", "blast", "no_mlp")):
+                # blast's speed-up, and the most any MLP speed-up could give (MLPs at zero cost)
+                row["blast_vs_inductor"] = row["blast"] / row["inductor"]
+                row["ceiling_vs_inductor"] = row["no_mlp"] / row["inductor"]
     ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), device=device)
     # default mode, then under CUDA graphs (--mode, both sides): without them a 2048-token prefill is
     # host-bound (H200, round 10: 6.6 ms of GPU work in a ~10-11 ms call, Inductor's launches and blast's op alike)
