@@ -45,7 +45,7 @@ for stage in "$@"; do
                 --batches 1,8 --out $OUT --tag _generate $(more $stage) 2>&1 | grep -E "^(decode|prefill)" | tee $OUT/generate.log ;;
     prefill) timeout $(limit $stage 240) python3 bench/e2e.py --lean-only --skip-lean --out $OUT --tag _prefill $(more $stage) \
                2>&1 | grep -E "^prefill" | tee $OUT/prefill.log ;;
-    lean) timeout $(limit $stage 300) python3 bench/e2e.py --lean-only --ceiling --reps 5 --out $OUT --tag _lean $(more $stage) \
+    lean) timeout $(limit $stage 540) python3 bench/e2e.py --lean-only --ceiling --reps 5 --out $OUT --tag _lean $(more $stage) \
             2>&1 | grep -E "^(lean|prefill)" | tee $OUT/lean.log ;;
     train) timeout $(limit $stage 200) python3 bench/train_mlp.py --shapes "" --step --sparsity 0.9 \
              --modes default,reduce-overhead --out $OUT --tag step $(more $stage) 2>&1 | grep -E "training step" | tee $OUT/train.log ;;
