@@ -69,7 +69,7 @@ def mlps_removed(model):
     for m in layers:
         m.mlp = _NoMLP()
     try:
-        yield len(layers)
+        yield
     finally:
         for m, mlp in zip(layers, saved):
             m.mlp = mlp
@@ -157,6 +157,7 @@ def main():
     p.add_argument("--forward-compile", action="store_true",
                    help="also generate with model.forward = torch.compile(model.forward, ...)")
     p.add_argument("--skip-lean", action="store_true", help="skip the bare decode loop rows")
+    p.add_argument("--skip-prefill", action="store_true", help="skip the prefill rows")
     p.add_argument("--ceiling", action="store_true",
                    help="bare decode loop: also Inductor with every MLP taken out (the ceiling of an MLP speed-up)")
     p.add_argument("--cpp-wrapper", action="store_true",
@@ -262,7 +263,7 @@ def main():
     res["prefill_graphs"] = {}
     for key, names, mode in (("prefill", ("eager", "inductor", "blast"), None),
                              ("prefill_graphs", ("inductor", "blast"), args.mode)):
-        if key == "prefill_graphs" and args.mode in (None, "default"):
+        if args.skip_prefill or (key == "prefill_graphs" and args.mode in (None, "default")):
             continue
         for name in names:
             torch._dynamo.reset()

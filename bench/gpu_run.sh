@@ -9,7 +9,7 @@
 # sanitize       compute-sanitizer memcheck and racecheck over a tiny run of every kernel
 # mlp            kernel table: dense / torch BSR / blast (bench/mlp.py --quick)
 # default        default mode vs CUDA graphs, layer stacks, both shapes, every M (issue 23)
-# generate       HF generate in default mode, both ways of compiling, batch 1 and 8 (issue 23)
+# generate       HF generate in default mode, both ways of compiling, batch 1 and 8 (issue 23; no prefill rows)
 # prefill        a 2048-token prefill, default mode and CUDA graphs
 # lean           the bare static-cache decode loop under CUDA graphs and without, with its ceiling (MLPs out; issue 24)
 # train          the whole 34M pretraining step, default mode and reduce-overhead (issue 23)
@@ -42,11 +42,12 @@ for stage in "$@"; do
     default) timeout $(limit $stage 420) python3 bench/default_mode.py --modes eager,inductor,inductor_ro,blast,blast_ro \
                --out $OUT $(more $stage) 2>&1 | grep -v -i warn | tee $OUT/default_mode.log | tail -12 ;;
     generate) timeout $(limit $stage 480) python3 bench/e2e.py --mode default --forward-compile --skip-lean \
-                --batches 1,8 --out $OUT --tag _generate $(more $stage) 2>&1 | grep -E "^(decode|prefill)" | tee $OUT/generate.log ;;
+                --skip-prefill --batches 1,8 --out $OUT --tag _generate $(more $stage) 2>&1 | grep -E "^decode" \
+                | tee $OUT/generate.log ;;
     prefill) timeout $(limit $stage 240) python3 bench/e2e.py --lean-only --skip-lean --out $OUT --tag _prefill $(more $stage) \
                2>&1 | grep -E "^prefill" | tee $OUT/prefill.log ;;
-    lean) timeout $(limit $stage 540) python3 bench/e2e.py --lean-only --ceiling --reps 5 --out $OUT --tag _lean $(more $stage) \
-            2>&1 | grep -E "^(lean|prefill)" | tee $OUT/lean.log ;;
+    lean) timeout $(limit $stage 540) python3 bench/e2e.py --lean-only --skip-prefill --ceiling --reps 5 --out $OUT --tag _lean \
+            $(more $stage) 2>&1 | grep -E "^lean" | tee $OUT/lean.log ;;
     train) timeout $(limit $stage 200) python3 bench/train_mlp.py --shapes "" --step --sparsity 0.9 \
              --modes default,reduce-overhead --out $OUT --tag step $(more $stage) 2>&1 | grep -E "training step" | tee $OUT/train.log ;;
     *) echo "unknown stage $stage" ;;
