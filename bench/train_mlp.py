@@ -227,15 +227,27 @@ def host_table(fn, iters=50, top=20):
     return rows[:top]
 
 
-def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, save="auto", masks="random"):
+def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, save="auto", masks="random",
+              windows=9):
     """A whole training step of the examples' 34M Llama (fp32 params, bf16 autocast, fused AdamW,
-    grad clipping), dense vs blast at ``sparsity`` (random block masks, declared), same mode."""
+    grad clipping), dense vs blast at ``sparsity`` (random block masks, declared), same mode.
+
+    Both sides are compiled in one process, then timed in alternating windows of ``iters`` steps (dense,
+    blast, dense, ...): without CUDA graphs both are bound by host work, which drifts within a process and
+    moves by 10-20% between processes on one VM, so a ratio of two separately timed runs mostly measures the
+    drift. Per side: the median window (CUDA events), the host's share (how long issuing the window took:
+    ~equal to the window when host-bound), and the per-window-pair ratios' range."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
     from _model import Config, Llama
+    from torch._dynamo.utils import counters
 
     dev = torch.device("cuda")
     row = {"what": "train_step_34m", "mode": mode or "default", "sparsity": sparsity, "batch": batch, "seq": seq,
-           "save_hidden": save, "masks": masks}
+           "save_hidden": save, "masks": masks, "windows": windows, "iters": iters, "interleaved": True}
+    torch._dynamo.reset()
+    counters["blast"].clear()
+    idx = torch.randint(0, 4096, (batch, seq + 1), device=dev)
+    steps = {}
     for name in ("dense", "blast"):
         torch.manual_seed(0)
         model = Llama(Config.preset("34m", 4096)).to(dev)
@@ -243,11 +255,10 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
             for i, layer in enumerate(model.layers):
                 sparsify_(layer.mlp, sparsity, block, seed=i, kind=masks)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-        torch._dynamo.reset()
+        # (one Dynamo cache serves both: blast guards on its weights' identity, and each entry on its backend)
         run = blast_compiled(model, mode, save) if name == "blast" else torch.compile(model, mode=mode)
-        idx = torch.randint(0, 4096, (batch, seq + 1), device=dev)
 
-        def step():
+        def step(run=run, model=model, opt=opt):
             with torch.autocast("cuda", torch.bfloat16):
                 loss = run(idx[:, :-1], idx[:, 1:])
             loss.backward()
@@ -255,15 +266,34 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        row[f"{name}_step_ms"], row[f"{name}_step_sync_ms"] = timed(step, iters)
+        for _ in range(max(3, iters)):  # compile, tune, warm up
+            step()
+        torch.cuda.synchronize()
+        steps[name] = step
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    per = {"dense": [], "blast": []}
+    host = {"dense": [], "blast": []}
+    for _ in range(windows):
+        for name, step in steps.items():
+            e0.record()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                step()
+            host[name].append(1e3 * (time.perf_counter() - t0) / iters)
+            e1.record()
+            torch.cuda.synchronize()
+            per[name].append(e0.elapsed_time(e1) / iters)
+    for name in steps:
+        row[f"{name}_step_ms"] = statistics.median(per[name])
+        row[f"{name}_host_ms"] = statistics.median(host[name])
+        row[f"{name}_windows_ms"] = per[name]
         row[f"{name}_tok_s"] = batch * seq / row[f"{name}_step_ms"] * 1e3
-        if profile:  # both sides: where a step's GPU time goes
-            row["profile" if name == "blast" else "dense_profile"] = kernel_table(step)
-        if name == "blast":
-            from torch._dynamo.utils import counters
-
-            row["blast_counters"] = dict(counters["blast"])
+    pairs = sorted(d / b for d, b in zip(per["dense"], per["blast"]))
     row["speedup_step"] = row["dense_step_ms"] / row["blast_step_ms"]
+    row["speedup_step_pairs_min_max"] = [pairs[0], pairs[-1]]
+    row["blast_counters"] = dict(counters["blast"])
+    if profile:  # both sides: where a step's GPU time goes
+        row["dense_profile"], row["profile"] = kernel_table(steps["dense"]), kernel_table(steps["blast"])
     return row
 
 
@@ -292,6 +322,7 @@ def main():
     ap.add_argument("--save", default="auto", help="comma list of auto|all|h|none: BlastOptions.save_hidden")
     ap.add_argument("--masks", default="random", help="comma list of random|balanced|ragged (``block_mask``)")
     ap.add_argument("--step", action="store_true", help="also a whole 34M-model training step per mode")
+    ap.add_argument("--step-batch", default="32x256", help="the step's batch x sequence length (comma list)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
     args = ap.parse_args()
@@ -329,13 +360,16 @@ def main():
                               f"x{k['calls_per_iter']:.1f}  {k['fn']}")
     if args.step:
         for mode in (m for m in args.modes.split(",") if m != "graph"):  # a whole step is not captured
-            for sp, save, mk in settings:
-                row = step_case(None if mode == "default" else mode, sp, args.block, args.iters,
+            for (sp, save, mk), bs in itertools.product(settings, args.step_batch.split(",")):
+                b, sq = (int(v) for v in bs.split("x"))
+                row = step_case(None if mode == "default" else mode, sp, args.block, args.iters, batch=b, seq=sq,
                                 profile=args.profile and mode == "reduce-overhead", save=save, masks=mk)
                 res["rows"].append(row)
-                print(f"[{mode}] 34M training step {sp:.0%} save={save} masks={mk}: dense {row['dense_step_ms']:.2f} ms, blast "
-                      f"{row['blast_step_ms']:.2f} ms ({row['speedup_step']:.2f}x; {row['blast_tok_s'] / 1e6:.2f}M tok/s)",
-                      flush=True)
+                lo, hi = row["speedup_step_pairs_min_max"]
+                print(f"[{mode}] 34M training step {bs} {sp:.0%} save={save} masks={mk}: dense {row['dense_step_ms']:.2f} ms "
+                      f"(host {row['dense_host_ms']:.2f}), blast {row['blast_step_ms']:.2f} ms (host "
+                      f"{row['blast_host_ms']:.2f}): {row['speedup_step']:.2f}x (window pairs {lo:.2f}-{hi:.2f}x; "
+                      f"{row['blast_tok_s'] / 1e6:.2f}M tok/s)", flush=True)
                 for side in ("dense_profile", "profile"):
                     for k in row.get(side, []):
                         print(f"    {side[:5]} {k['us_per_iter']:8.1f} us  x{k['calls_per_iter']:.0f}  {k['name']}")

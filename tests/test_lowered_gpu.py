@@ -236,6 +236,9 @@ from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 from blast_compile.testing import SwiGLU, sparsify_mlps_
 
 train = sys.argv[1] == "train"
+if sys.argv[1] == "splitk":  # decode through split-K (its own kernels, the scratch passed by address)
+    from blast_compile.ops import configs
+    configs.DECODE_PATH = "splitk"
 torch.manual_seed(0)
 m = torch.nn.Sequential(SwiGLU(128, 384), SwiGLU(128, 384)).cuda()
 sparsify_mlps_(m, 0.8, block=32)
@@ -275,8 +278,8 @@ print(json.dumps({"user": sorted({o.fn.__name__ for o in user}),
 """
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_lowered_kernels_get_inductors_static_launcher(train):
+@pytest.mark.parametrize("case", ["infer", "train", "splitk"])
+def test_lowered_kernels_get_inductors_static_launcher(case):
     """Option ``static_launch`` (the default): Inductor launches blast's kernels -- decode, prefill, training forward
     and backward -- through its static launcher, as it launches its own (Triton's Python launcher costs more host
     time per launch). In a fresh process without the variable, so the backend's own setting is what is tested."""
@@ -288,11 +291,13 @@ def test_lowered_kernels_get_inductors_static_launcher(train):
     from blast_compile.backend import STATIC_LAUNCH_ENV
 
     env = {k: v for k, v in os.environ.items() if k != STATIC_LAUNCH_ENV}
-    out = subprocess.run([sys.executable, "-c", _LAUNCHERS, "train" if train else "infer"], capture_output=True,
-                         text=True, timeout=900, env=env)
+    out = subprocess.run([sys.executable, "-c", _LAUNCHERS, case], capture_output=True, text=True, timeout=900,
+                         env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {"mlp_hidden", "bsmm"} | ({"mlp_hidden_bwd", "sddmm"} if train else set()) <= set(res["user"]), res
+    expect = {"infer": {"mlp_hidden", "bsmm"}, "train": {"mlp_hidden", "bsmm", "mlp_hidden_bwd", "sddmm"},
+              "splitk": {"mlp_decode_in", "mlp_decode_dn"}}[case]
+    assert expect <= set(res["user"]), res
     assert not res["not_static"], res
 
 
