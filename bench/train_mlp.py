@@ -228,7 +228,7 @@ def host_table(fn, iters=50, top=20):
 
 
 def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, save="auto", masks="random",
-              windows=9):
+              windows=9, ceiling=False):
     """A whole training step of the examples' 34M Llama (fp32 params, bf16 autocast, fused AdamW,
     grad clipping), dense vs blast at ``sparsity`` (random block masks, declared), same mode.
 
@@ -236,7 +236,8 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
     blast, dense, ...): without CUDA graphs both are bound by host work, which drifts within a process and
     moves by 10-20% between processes on one VM, so a ratio of two separately timed runs mostly measures the
     drift. Per side: the median window (CUDA events), the host's share (how long issuing the window took:
-    ~equal to the window when host-bound), and the per-window-pair ratios' range."""
+    ~equal to the window when host-bound), and the per-window-pair ratios' range. ``ceiling``: a third side, dense
+    Inductor with every MLP taken out (``no_mlp``): the most any MLP speed-up can give this step in this mode."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
     from _model import Config, Llama
     from torch._dynamo.utils import counters
@@ -248,9 +249,12 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
     counters["blast"].clear()
     idx = torch.randint(0, 4096, (batch, seq + 1), device=dev)
     steps = {}
-    for name in ("dense", "blast"):
+    for name in ("dense", "blast", "no_mlp")[:3 if ceiling else 2]:
         torch.manual_seed(0)
         model = Llama(Config.preset("34m", 4096)).to(dev)
+        if name == "no_mlp":
+            for layer in model.layers:
+                layer.mlp = _NoMLP()
         if name == "blast":
             for i, layer in enumerate(model.layers):
                 sparsify_(layer.mlp, sparsity, block, seed=i, kind=masks)
@@ -271,8 +275,8 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
         torch.cuda.synchronize()
         steps[name] = step
     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    per = {"dense": [], "blast": []}
-    host = {"dense": [], "blast": []}
+    per = {name: [] for name in steps}
+    host = {name: [] for name in steps}
     for _ in range(windows):
         for name, step in steps.items():
             e0.record()
@@ -291,10 +295,19 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
     pairs = sorted(d / b for d, b in zip(per["dense"], per["blast"]))
     row["speedup_step"] = row["dense_step_ms"] / row["blast_step_ms"]
     row["speedup_step_pairs_min_max"] = [pairs[0], pairs[-1]]
+    if ceiling:
+        row["ceiling_step"] = row["dense_step_ms"] / row["no_mlp_step_ms"]
     row["blast_counters"] = dict(counters["blast"])
     if profile:  # both sides: where a step's GPU time goes
         row["dense_profile"], row["profile"] = kernel_table(steps["dense"]), kernel_table(steps["blast"])
     return row
+
+
+class _NoMLP(torch.nn.Module):
+    """A decoder layer's MLP taken out: adds nothing to the residual (``step_case(ceiling=True)``)."""
+
+    def forward(self, x):
+        return x.new_zeros(())
 
 
 # --save: what each fused MLP's forward keeps for its backward (BlastOptions.save_hidden)
@@ -323,6 +336,7 @@ def main():
     ap.add_argument("--masks", default="random", help="comma list of random|balanced|ragged (``block_mask``)")
     ap.add_argument("--step", action="store_true", help="also a whole 34M-model training step per mode")
     ap.add_argument("--step-batch", default="32x256", help="the step's batch x sequence length (comma list)")
+    ap.add_argument("--ceiling", action="store_true", help="the step also with every MLP taken out (dense Inductor)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
     args = ap.parse_args()
@@ -363,13 +377,16 @@ def main():
             for (sp, save, mk), bs in itertools.product(settings, args.step_batch.split(",")):
                 b, sq = (int(v) for v in bs.split("x"))
                 row = step_case(None if mode == "default" else mode, sp, args.block, args.iters, batch=b, seq=sq,
-                                profile=args.profile and mode == "reduce-overhead", save=save, masks=mk)
+                                profile=args.profile and mode == "reduce-overhead", save=save, masks=mk,
+                                ceiling=args.ceiling)
                 res["rows"].append(row)
                 lo, hi = row["speedup_step_pairs_min_max"]
                 print(f"[{mode}] 34M training step {bs} {sp:.0%} save={save} masks={mk}: dense {row['dense_step_ms']:.2f} ms "
                       f"(host {row['dense_host_ms']:.2f}), blast {row['blast_step_ms']:.2f} ms (host "
                       f"{row['blast_host_ms']:.2f}): {row['speedup_step']:.2f}x (window pairs {lo:.2f}-{hi:.2f}x; "
-                      f"{row['blast_tok_s'] / 1e6:.2f}M tok/s)", flush=True)
+                      f"{row['blast_tok_s'] / 1e6:.2f}M tok/s)" + (f"; MLPs out {row['no_mlp_step_ms']:.2f} ms (host "
+                      f"{row['no_mlp_host_ms']:.2f}): ceiling {row['ceiling_step']:.2f}x" if args.ceiling else ""),
+                      flush=True)
                 for side in ("dense_profile", "profile"):
                     for k in row.get(side, []):
                         print(f"    {side[:5]} {k['us_per_iter']:8.1f} us  x{k['calls_per_iter']:.0f}  {k['name']}")
