@@ -147,8 +147,11 @@ def sparse_mlp(dtype=torch.float16, declare=False, **kw):
 
 
 def run(name, m, xs, train=False, autocast=None, save_hidden=True):
+    from blast_compile.ops import lowered
+
     counters.clear()
     GRAPHS.clear()
+    lowered.LOWERED.clear()
     torch._dynamo.reset()
     cm = torch.compile(m, backend="blast", options={"inductor": False, "block_sizes": (16,), "strict": True,
                                                     "save_hidden": save_hidden})
@@ -159,7 +162,9 @@ def run(name, m, xs, train=False, autocast=None, save_hidden=True):
         except Captured:
             pass
     out = {"case": name, "counters": dict(counters["blast"]), "graphs": len(GRAPHS.get("fw", [])),
-           "fw": [describe(g) for g in GRAPHS.get("fw", [])], "joint": [describe(g) for g in GRAPHS.get("joint", [])]}
+           "fw": [describe(g) for g in GRAPHS.get("fw", [])], "joint": [describe(g) for g in GRAPHS.get("joint", [])],
+           # per lowered op: how many tables its plan reads, and in how many buffers the op gets them
+           "tables": [[len(e.where), len(e.tensors)] for e in lowered.LOWERED.values()]}
     print(json.dumps(out), flush=True)
 
 

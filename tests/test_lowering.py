@@ -51,11 +51,21 @@ def test_lowered_kernels_take_no_int_past_int32(traces):
 
 @pytest.mark.parametrize("case,inputs", [("decode", 7), ("prefill", 4)])
 def test_inference_graph_takes_only_the_tables_its_kernels_read(traces, case, inputs):
-    """Each table is a graph input, checked and passed at every call (host time): an inference graph's lowered op
-    gets the 9 its two kernels read (CSR rows, columns and order of W1/W3 and of W2; W1, W3 and W2 block offsets),
-    not the backward's or other paths' of the same plan (25 before)."""
+    """Each graph input is checked and passed at every call (host time): an inference graph's lowered op reads
+    the 9 tables its two kernels read (CSR rows, columns and order of W1/W3 and of W2; W1, W3 and W2 block
+    offsets), not the backward's or other paths' of the same plan (25 before), and gets them packed into one
+    buffer per dtype (int32 indices, int64 offsets): two graph inputs."""
     (g,) = traces[case]["fw"]
-    assert g["inputs"] == inputs + 9, g  # x and the weights (decode: and three biases), then the tables
+    assert traces[case]["tables"] == [[9, 2]], traces[case]
+    assert g["inputs"] == inputs + 2, g  # x and the weights (decode: and three biases), then the table buffers
+
+
+def test_training_graph_takes_its_tables_packed(traces):
+    """A training MLP's forward and backward read 25 tables (the backward's CSC lists, dW's live and dead blocks):
+    two buffers in the joint graph, not 25 inputs saved for the backward one by one."""
+    assert traces["train"]["tables"] == [[25, 2]], traces["train"]
+    (g,) = traces["train"]["joint"]
+    assert g["inputs"] == 5 + 2, g  # x, the three weights, the tangent; the two table buffers
 
 
 def test_decode_with_w2_prefetch_lowers_without_writes(traces):

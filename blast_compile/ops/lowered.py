@@ -13,9 +13,9 @@ before it, at compile time (``passes/lower.py``): the pattern's plan is built fr
 the op body runs once on them (the *warm-up*: real launches, the same choices a trace makes -- see
 ``launch.lowering``), which tunes every kernel it launches and builds every device table it reads.
 Those tables (the tensors of ``plan.cache`` that a second, recorded run of the warm-up reads: not the ones
-only building others or serving other paths) become graph buffers passed to the op as ``tables``; inside the
-trace, :meth:`Lowered.plan_for` swaps them into a copy of the plan, so the launchers read the trace's
-tensors where they read the plan's. Staleness is the backend's business (``guard.py``): these ops
+only building others or serving other paths) are packed into one buffer per dtype, which become graph buffers
+passed to the op as ``tables``; inside the trace, :meth:`Lowered.plan_for` swaps views of them into a copy of
+the plan, so the launchers read the trace's tensors where they read the plan's. Staleness is the backend's business (``guard.py``): these ops
 assume the pattern they were compiled for.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -36,11 +37,14 @@ from .plans import as_output
 
 @dataclasses.dataclass
 class Lowered:
-    """A plan and the device tensors in it, in the order the op receives them as ``tables``."""
+    """A plan and its device tables as the op receives them (``tables``): one flat buffer per dtype, each table
+    of the plan a view into one (``where``: id of the plan's view -> position in ``tensors``, element offset,
+    shape; offset -1: the whole tensor, one that could not be packed)."""
 
     plan: object
     tensors: List[Tensor]
-    index: Dict[int, int]  # id(tensor) -> position in ``tensors``
+    where: Dict[int, Tuple[int, int, Tuple[int, ...]]]
+    views: List[Tensor]  # (kept alive here: ``where``'s ids stay theirs)
 
     def plan_for(self, tables) -> object:
         """The plan, or (``tables`` not its own tensors: a trace) a copy reading ``tables`` instead. A tensor
@@ -50,10 +54,19 @@ class Lowered:
             return self.plan
         if len(tables) != len(self.tensors):
             raise RuntimeError(f"blast: lowered op got {len(tables)} tables, its plan has {len(self.tensors)}")
+        views: Dict[int, Tensor] = {}  # (one view per table per trace, however often the plan refers to it)
 
         def swap(t):
-            i = self.index.get(id(t))
-            return t if i is None else tables[i]
+            at = self.where.get(id(t))
+            if at is None:
+                return t
+            i, off, shape = at
+            if off < 0:
+                return tables[i]
+            v = views.get(id(t))
+            if v is None:
+                v = views[id(t)] = tables[i][off:off + math.prod(shape)].view(shape)
+            return v
 
         plan = copy.copy(self.plan)
         plan.cache = _map(self.plan.cache, swap)
@@ -109,19 +122,59 @@ def _tensors(obj, path, out):
 
 
 def register(plan, pattern_key: str, used: Optional[set] = None) -> Tuple[str, List[Tensor]]:
-    """Register a warmed-up plan; returns its name (an op argument) and its tensors (the op's ``tables``):
-    those of ``plan.cache`` whose ``id`` is in ``used`` (what the warm-up read), else all. Each table is a graph
-    input, checked and passed at every call of the graph (host time), and the cache also holds tables for
-    paths this graph does not take (the backward's, in an inference graph).
+    """Register a warmed-up plan; returns its name (an op argument) and its tensors (the op's ``tables``).
+
+    Its tables are the tensors of ``plan.cache`` whose ``id`` is in ``used`` (what the warm-up read), else all:
+    the cache also holds tables for paths this graph does not take (the backward's, in an inference graph).
+    They are copied into one flat buffer per dtype (``_pack``) and the plan reads views of those: every op input
+    is checked and passed at every call of the graph, and a training graph saves it for the backward -- host
+    time per tensor, 25 tables per training MLP before.
 
     The name is the pattern key plus a digest of what the tables hold (paths, shapes, dtypes), so a graph
     cached by Inductor or AOTAutograd in another process can only be reused with tables laid out alike."""
     found = [(p, t) for p, t in _tensors(plan.cache, "cache", []) if used is None or id(t) in used]
     h = hashlib.sha1(repr([(p, tuple(t.shape), str(t.dtype)) for p, t in found]).encode()).hexdigest()[:12]
     name = f"{pattern_key}.{h}"
-    tensors = [t for _, t in found]
-    LOWERED[name] = Lowered(plan, tensors, {id(t): i for i, t in enumerate(tensors)})
+    tensors, at = _pack([t for _, t in found])
+    views = {id(t): v for t, (v, _) in zip((t for _, t in found), at)}
+    plan.cache = _map(plan.cache, lambda t: views.get(id(t), t))
+    LOWERED[name] = Lowered(plan, tensors, {id(v): w for v, w in at}, [v for v, _ in at])
     return name, tensors
+
+
+# Triton (and Inductor, for a user kernel's arguments) specialize a pointer on 16-byte alignment: each table
+# starts at such an offset in its buffer, as it did in an allocation of its own
+_ALIGN = 16
+
+
+def _pack(ts: List[Tensor]):
+    """``(buffers, [(view, (position, offset, shape)) per tensor])``: the contiguous index tensors of ``ts``
+    copied into one buffer per (device, dtype), each replaced by a view of it; any other tensor passed whole (a
+    compressed MLP's re-packed blocks: weight-sized, and kept by its plan's record as well)."""
+    groups: Dict[tuple, List[int]] = {}
+    for i, t in enumerate(ts):
+        if t.is_contiguous() and not (t.is_floating_point() or t.is_complex()):
+            groups.setdefault((t.device, t.dtype), []).append(i)
+    buffers: List[Tensor] = []
+    at: List[Optional[tuple]] = [None] * len(ts)
+    for (device, dtype), idx in groups.items():
+        step = max(1, _ALIGN // ts[idx[0]].element_size())
+        offs, n = [], 0
+        for i in idx:
+            offs.append(n)
+            n += -(-ts[i].numel() // step) * step
+        flat = torch.zeros(max(n, 1), device=device, dtype=dtype)
+        for i, off in zip(idx, offs):
+            t = ts[i]
+            v = flat[off:off + t.numel()].view(t.shape)
+            v.copy_(t)
+            at[i] = (v, (len(buffers), off, tuple(t.shape)))
+        buffers.append(flat)
+    for i, t in enumerate(ts):
+        if at[i] is None:
+            at[i] = (t, (len(buffers), -1, tuple(t.shape)))
+            buffers.append(t)
+    return buffers, at
 
 
 def _entry(name):

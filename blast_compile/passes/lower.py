@@ -7,10 +7,10 @@ For every such node, with the real weights in hand (only the backend has them):
 2. warm up: run the lowered op's body once on the real weights and a dummy input of the graph's M
    (its example value; a dynamic M's hint), and, if the graph will be differentiated, its backward --
    this tunes every kernel the trace will launch and builds every device table it will read;
-3. register the plan (``lowered.register``), add the tables the warm-up read to the graph as buffers
-   (AOTAutograd lifts them to inputs, each one checked and passed per call; in-place changes to them would be
-   seen by the compiled code), and swap the node for ``blast::mlp`` (``blast::mlp_train`` for
-   ``sparse_mlp_train``) reading them.
+3. register the plan (``lowered.register``: the tables the warm-up read, packed into one buffer per dtype), add
+   those buffers to the graph (AOTAutograd lifts them to inputs, each one checked and passed per call; in-place
+   changes to them would be seen by the compiled code), and swap the node for ``blast::mlp``
+   (``blast::mlp_train`` for ``sparse_mlp_train``) reading them.
 
 What the compiled code assumes -- the pattern of the weights at compile time -- is checked before every
 call of the compiled graph by ``guard.GraphGuard`` (``Watch``, one per lowered MLP, made here).
@@ -151,7 +151,7 @@ def lower(gm: GraphModule, ctx, fake_mode=None) -> List["Watch"]:
         counters["blast"]["lowered_train"] += bool(save) or train
         watches.append(Watch(name, plan, [_chain(n, ctx) for n in (w1_n, w3_n, w2_n)], act,
                              [_chain(n, ctx) for n in (b1_n, b3_n, b2_n)]))
-        log.info("blast: lowered %s (%s): %d tables, warm-up at M=%d%s", node.name, name, len(tensors), rows,
+        log.info("blast: lowered %s (%s): %d table buffers, warm-up at M=%d%s", node.name, name, len(tensors), rows,
                  " with backward" if train else "")
     if watches:
         gm.graph.lint()
@@ -198,7 +198,7 @@ def _lower_packed(gm, node, ctx, tables) -> Optional["Watch"]:
     gm.graph.erase_node(node)
     counters["blast"]["lowered"] += 1
     counters["blast"]["lowered_packed"] += 1
-    log.info("blast: lowered compressed %s (%s): %d tables, warm-up at M=%d", node.name, name, len(tensors), rows)
+    log.info("blast: lowered compressed %s (%s): %d table buffers, warm-up at M=%d", node.name, name, len(tensors), rows)
     return PackedWatch(name, plan, [_chain(n, ctx) for n in (bl1_n, bl3_n, bl2_n, b1_n, b3_n, b2_n)],
                        [_chain(n, ctx) for n in (rp1_n, ci1_n, rp3_n, ci3_n, rp2_n, ci2_n)],
                        copied=[c is not None for c in base.copies])
