@@ -10,9 +10,10 @@
 # mlp            kernel table: dense / torch BSR / blast (bench/mlp.py --quick)
 # default        default mode vs CUDA graphs, layer stacks, both shapes, every M (issue 23)
 # generate       HF generate in default mode, both ways of compiling, batch 1 and 8 (issue 23; no prefill rows)
-# prefill        a 2048-token prefill, default mode and CUDA graphs
+# prefill        a 2048-token prefill, default mode and CUDA graphs, last-position logits (as generate) and all
 # lean           the bare static-cache decode loop under CUDA graphs and without, with its ceiling (MLPs out; issue 24)
-# train          the whole 34M pretraining step, default mode and reduce-overhead (issue 23)
+# train          the whole 34M pretraining step, default mode and reduce-overhead, dense / blast / MLPs out interleaved
+#                in one process (issue 23)
 # Limits: T_<stage> seconds (dashes as underscores), e.g. T_tests_lowered=300; A_<stage>: more arguments for the
 # stage's command (they come last, so they override), e.g. A_default="--shapes 8b --ms 4096".
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 BLAST_CACHE_DIR=${BLAST_CACHE_DIR:-/tmp/blast_cache}
@@ -44,11 +45,11 @@ for stage in "$@"; do
     generate) timeout $(limit $stage 480) python3 bench/e2e.py --mode default --forward-compile --skip-lean \
                 --skip-prefill --batches 1,8 --out $OUT --tag _generate $(more $stage) 2>&1 | grep -E "^decode" \
                 | tee $OUT/generate.log ;;
-    prefill) timeout $(limit $stage 240) python3 bench/e2e.py --lean-only --skip-lean --out $OUT --tag _prefill $(more $stage) \
+    prefill) timeout $(limit $stage 300) python3 bench/e2e.py --lean-only --skip-lean --out $OUT --tag _prefill $(more $stage) \
                2>&1 | grep -E "^prefill" | tee $OUT/prefill.log ;;
     lean) timeout $(limit $stage 540) python3 bench/e2e.py --lean-only --skip-prefill --ceiling --reps 5 --out $OUT --tag _lean \
             $(more $stage) 2>&1 | grep -E "^lean" | tee $OUT/lean.log ;;
-    train) timeout $(limit $stage 200) python3 bench/train_mlp.py --shapes "" --step --sparsity 0.9 \
+    train) timeout $(limit $stage 260) python3 bench/train_mlp.py --shapes "" --step --ceiling --sparsity 0.9 \
              --modes default,reduce-overhead --out $OUT --tag step $(more $stage) 2>&1 | grep -E "training step" | tee $OUT/train.log ;;
     *) echo "unknown stage $stage" ;;
   esac
