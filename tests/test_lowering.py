@@ -359,3 +359,45 @@ def test_export_on_cpu_keeps_the_dense_graph_and_the_model_signature():
         torch.testing.assert_close(ep.module()(x2), m(x2))
     with pytest.raises(ValueError, match="Inductor config"):
         export(m, (x,), options={"max_autotune": True})
+
+
+def test_register_packs_tables_into_aligned_views():
+    """``lowered.register``: the tables a warm-up read go into one buffer per dtype, each at a 16-byte aligned
+    offset (Triton specializes pointers on it), holding what the table held; the plan reads the views; tables it
+    did not read stay out; float tensors (a compressed MLP's re-packed blocks) go whole. A trace's tables
+    (stand-ins here) are sliced the same way."""
+    from blast_compile.ops import lowered
+
+    class Plan:
+        cache = None
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 99, (9,), dtype=torch.int32, generator=g)
+    b = torch.randint(0, 99, (3, 5), dtype=torch.int32, generator=g)
+    c = torch.randint(0, 99, (7,), dtype=torch.int64, generator=g)
+    fix = torch.rand(2, 3, generator=g) > 0.5
+    blocks = torch.randn(4, 8, 8, generator=g)
+    unread = torch.arange(5, dtype=torch.int32)
+    plan = Plan()
+    plan.cache = {"index": (a, b), "off": {"x": c, "again": a}, "fix": fix, "blocks": [blocks], "other": unread}
+    originals = {k: v.clone() for k, v in (("a", a), ("b", b), ("c", c), ("fix", fix))}
+    used = {id(t) for t in (a, b, c, fix, blocks)}
+    name, tensors = lowered.register(plan, "k", used)
+    assert [t.dtype for t in tensors] == [torch.int32, torch.int64, torch.bool, torch.float32]
+    assert tensors[3] is blocks and plan.cache["blocks"][0] is blocks and plan.cache["other"] is unread
+    va, vb = plan.cache["index"]
+    assert plan.cache["off"]["again"] is va  # (one view per table, wherever the plan refers to it)
+    for view, key, buf in ((va, "a", 0), (vb, "b", 0), (plan.cache["off"]["x"], "c", 1), (plan.cache["fix"], "fix", 2)):
+        assert view.untyped_storage().data_ptr() == tensors[buf].untyped_storage().data_ptr()
+        assert (view.storage_offset() * view.element_size()) % 16 == 0 and view.is_contiguous()
+        assert torch.equal(view, originals[key])
+    ent = lowered.LOWERED[name]
+    assert ent.plan_for(tensors) is plan
+    stand_ins = [t.clone() for t in tensors]
+    p2 = ent.plan_for(stand_ins)
+    assert p2 is not plan and p2.cache["index"][0].untyped_storage().data_ptr() == stand_ins[0].data_ptr()
+    assert torch.equal(p2.cache["index"][1], originals["b"]) and torch.equal(p2.cache["fix"], originals["fix"])
+    assert p2.cache["blocks"][0] is stand_ins[3] and p2.cache["other"] is unread
+    assert p2.cache["off"]["again"] is p2.cache["index"][0]
+    with pytest.raises(RuntimeError, match="tables"):
+        ent.plan_for(stand_ins[:2])
