@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench._results import run_meta, write_json  # noqa: E402
+from bench.e2e import _NoMLP  # noqa: E402  (the decode loop's ceiling takes the MLPs out the same way)
 from blast_compile.backend import enable_static_launch  # noqa: E402
 from blast_compile.formats import cdiv, expand_mask  # noqa: E402
 from blast_compile.masks import declare_mask  # noqa: E402
@@ -303,13 +304,6 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
     if profile:  # both sides: where a step's GPU time goes
         row["dense_profile"], row["profile"] = kernel_table(steps["dense"]), kernel_table(steps["blast"])
     return row
-
-
-class _NoMLP(torch.nn.Module):
-    """A decoder layer's MLP taken out: adds nothing to the residual (``step_case(ceiling=True)``)."""
-
-    def forward(self, x):
-        return x.new_zeros(())
 
 
 # --save: what each fused MLP's forward keeps for its backward (BlastOptions.save_hidden)

@@ -126,17 +126,18 @@ def register(plan, pattern_key: str, used: Optional[set] = None) -> Tuple[str, L
 
     Its tables are the tensors of ``plan.cache`` whose ``id`` is in ``used`` (what the warm-up read), else all:
     the cache also holds tables for paths this graph does not take (the backward's, in an inference graph).
-    They are copied into one flat buffer per dtype (``_pack``) and the plan reads views of those: every op input
-    is checked and passed at every call of the graph, and a training graph saves it for the backward -- host
-    time per tensor, 25 tables per training MLP before.
+    The index tables are copied into one flat buffer per dtype (``_pack``) and the plan reads views of those:
+    every op input is checked and passed at every call of the graph, and a training graph saves it for the
+    backward -- host time per tensor, 25 tables per training MLP before.
 
     The name is the pattern key plus a digest of what the tables hold (paths, shapes, dtypes), so a graph
     cached by Inductor or AOTAutograd in another process can only be reused with tables laid out alike."""
     found = [(p, t) for p, t in _tensors(plan.cache, "cache", []) if used is None or id(t) in used]
     h = hashlib.sha1(repr([(p, tuple(t.shape), str(t.dtype)) for p, t in found]).encode()).hexdigest()[:12]
     name = f"{pattern_key}.{h}"
-    tensors, at = _pack([t for _, t in found])
-    views = {id(t): v for t, (v, _) in zip((t for _, t in found), at)}
+    ts = [t for _, t in found]
+    tensors, at = _pack(ts)
+    views = {id(t): v for t, (v, _) in zip(ts, at)}
     plan.cache = _map(plan.cache, lambda t: views.get(id(t), t))
     LOWERED[name] = Lowered(plan, tensors, {id(v): w for v, w in at}, [v for v, _ in at])
     return name, tensors
