@@ -271,7 +271,7 @@ def why(o):  # (what the static launcher says of the first compiled config)
         return f"{type(e).__name__}: {e}"[:200]
 
 
-tuners = [o for o in gc.get_objects() if isinstance(o, CachingAutotuner)]
+tuners = [o for o in gc.get_objects() if issubclass(type(o), CachingAutotuner)]  # (type: a dead weakproxy raises)
 user = [o for o in tuners if o.heuristic_type == HeuristicType.USER_AUTOTUNE]
 print(json.dumps({"user": sorted({o.fn.__name__ for o in user}),
                   "not_static": {o.fn.__name__: why(o) for o in tuners if not static(o)}}))

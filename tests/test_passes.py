@@ -155,7 +155,8 @@ def test_gated_either_order_and_bias(mul, swap, bias):
 class MatmulMLP(nn.Module):
     """Linears written as matmuls (Falcon's ``FalconLinear``: ``x @ self.weight.T`` then ``+ self.bias``)."""
 
-    SPELL = {"T": lambda x, w: x @ w.T, "t()": lambda x, w: x @ w.t(), "torch.t": lambda x, w: torch.matmul(x, torch.t(w)),
+    SPELL = {"T": lambda x, w: x @ w.T, "mT": lambda x, w: x @ w.mT, "t()": lambda x, w: x @ w.t(),
+             "torch.t": lambda x, w: torch.matmul(x, torch.t(w)),
              "transpose": lambda x, w: x @ w.transpose(0, 1), "stored_in_out": lambda x, w: x @ w}
 
     def __init__(self, spell, bias, d=32, h=64):

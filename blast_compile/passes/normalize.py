@@ -94,12 +94,17 @@ MATMUL_FUNCTIONS = {operator.matmul, torch.matmul}
 ADD_FUNCTIONS = {operator.add, torch.add}
 
 
+#: ``w.T`` / ``w.mT`` as Dynamo records them from torch 2.14 on (before: ``getattr(w, "T")``)
+_TRANSPOSE_OPS = {getattr(torch.ops.aten, n) for n in ("numpy_T", "mT") if hasattr(torch.ops.aten, n)}
+
+
 def _transpose_of(node) -> Optional[Node]:
     """``w`` when ``node`` is ``w.T`` / ``w.t()`` / ``torch.t(w)`` / ``w.transpose(0, 1)`` of a 2-D ``w``."""
     if not isinstance(node, Node) or not node.args or not isinstance(node.args[0], Node):
         return None
     w, rest = node.args[0], tuple(node.args[1:])
     ok = ((node.op == "call_function" and node.target is getattr and rest in (("T",), ("mT",)))
+          or (node.op == "call_function" and node.target in _TRANSPOSE_OPS and not rest)
           or (node.op == "call_method" and node.target == "t" and not rest)
           or (node.op == "call_function" and node.target is torch.t and not rest)
           or (node.op in ("call_method", "call_function") and node.target in ("transpose", torch.transpose)
