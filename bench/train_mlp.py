@@ -261,7 +261,11 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
                 sparsify_(layer.mlp, sparsity, block, seed=i, kind=masks)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         # (one Dynamo cache serves both: blast guards on its weights' identity, and each entry on its backend)
-        run = blast_compiled(model, mode, save) if name == "blast" else torch.compile(model, mode=mode)
+        if mode == "cpp-wrapper":  # default mode with Inductor's C++ wrapper on every side (no Python per launch)
+            run = (torch.compile(model, backend="blast", options={"save_hidden": SAVE[save], "cpp_wrapper": True})
+                   if name == "blast" else torch.compile(model, options={"cpp_wrapper": True}))
+        else:
+            run = blast_compiled(model, mode, save) if name == "blast" else torch.compile(model, mode=mode)
 
         def step(run=run, model=model, opt=opt):
             if mode == "reduce-overhead":  # (three compiled models take turns: tell the graph trees a step begins)
@@ -324,7 +328,8 @@ def main():
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--modes", default="default,reduce-overhead",
-                    help="torch.compile modes (both sides); 'graph': default mode captured whole (no input copies)")
+                    help="torch.compile modes (both sides); 'graph': default mode captured whole (no input copies); "
+                    "'cpp-wrapper' (--step only): default mode with Inductor's C++ wrapper on every side")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--ncu", action="store_true", help="wrap one blast fwd+bwd (first shape) in cudaProfilerStart/"
                     "Stop, for ncu --profile-from-start off")
@@ -341,7 +346,7 @@ def main():
     settings = list(itertools.product((float(v) for v in args.sparsity.split(",")), args.save.split(","),
                                       args.masks.split(",")))
     for mode in args.modes.split(","):
-        for s in (v for v in args.shapes.split(",") if v):  # (--shapes "" --step: the whole step only)
+        for s in (v for v in args.shapes.split(",") if v and mode != "cpp-wrapper"):  # (--shapes "" --step: the step only)
             d, h = SHAPES[s]
             for m in (int(v) for v in args.m.split(",")):
                 for sp, save, mk in settings:
