@@ -20,7 +20,7 @@ from blast_compile.config import BlastOptions
 from blast_compile.ops import packed_mlp as P
 from blast_compile.passes import run_passes
 from blast_compile.testing import sparsify_mlps_
-from conftest import tol
+from conftest import skip_if_old_interpreter, tol
 
 transformers = pytest.importorskip("transformers")
 
@@ -289,6 +289,7 @@ def test_interp_lowered_packed_matches_the_chain(arch):
 def test_triton_path_interpreted(tmp_path):
     if INTERP:
         pytest.skip("already in the interpreter child")
+    skip_if_old_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1", BLAST_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "interp_",
                         os.path.abspath(__file__)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

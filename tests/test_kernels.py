@@ -23,7 +23,7 @@ from blast_compile.ops import backward as backward_ops, configs, decode as decod
 from blast_compile.ops.activations import dense_mlp
 from blast_compile.ops.sparse_mlp import _packed, weights_plan
 from blast_compile.testing import SwiGLU, random_block_mask
-from conftest import force_splitk, tol
+from conftest import force_splitk, skip_if_old_interpreter, tol
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -844,6 +844,7 @@ def test_interp_kernels_stay_in_bounds(monkeypatch):
 def test_interpreter_suite(tmp_path):
     if INTERP:
         pytest.skip("already in the interpreter child")
+    skip_if_old_interpreter()
     env = dict(os.environ, TRITON_INTERPRET="1", BLAST_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "interp_",
                         os.path.join(ROOT, "tests", "test_kernels.py")],
