@@ -261,11 +261,10 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
                 sparsify_(layer.mlp, sparsity, block, seed=i, kind=masks)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         # (one Dynamo cache serves both: blast guards on its weights' identity, and each entry on its backend)
-        if mode == "cpp-wrapper":  # default mode with Inductor's C++ wrapper on every side (no Python per launch)
-            run = (torch.compile(model, backend="blast", options={"save_hidden": SAVE[save], "cpp_wrapper": True})
-                   if name == "blast" else torch.compile(model, options={"cpp_wrapper": True}))
-        else:
-            run = blast_compiled(model, mode, save) if name == "blast" else torch.compile(model, mode=mode)
+        # "cpp-wrapper": default mode with Inductor's C++ wrapper on every side (no Python per launch)
+        cmode, extra = (None, {"cpp_wrapper": True}) if mode == "cpp-wrapper" else (mode, {})
+        run = (blast_compiled(model, cmode, save, **extra) if name == "blast"
+               else torch.compile(model, mode=cmode, options=extra or None))
 
         def step(run=run, model=model, opt=opt):
             if mode == "reduce-overhead":  # (three compiled models take turns: tell the graph trees a step begins)
@@ -314,9 +313,9 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
 SAVE = {"auto": True, "all": "all", "h": "h", "none": False}
 
 
-def blast_compiled(mlp, mode, save):
+def blast_compiled(mlp, mode, save, **options):
     """``torch.compile`` takes a mode or options, not both: the mode goes in as its Inductor options."""
-    opts = {"save_hidden": SAVE[save], **(torch._inductor.list_mode_options(mode) if mode else {})}
+    opts = {"save_hidden": SAVE[save], **(torch._inductor.list_mode_options(mode) if mode else {}), **options}
     return torch.compile(mlp, backend="blast", options=opts)
 
 
