@@ -229,7 +229,7 @@ def host_table(fn, iters=50, top=20):
 
 
 def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, save="auto", masks="random",
-              windows=9, ceiling=False):
+              windows=9, ceiling=False, host_profile=False):
     """A whole training step of the examples' 34M Llama (fp32 params, bf16 autocast, fused AdamW,
     grad clipping), dense vs blast at ``sparsity`` (random block masks, declared), same mode.
 
@@ -238,7 +238,9 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
     moves by 10-20% between processes on one VM, so a ratio of two separately timed runs mostly measures the
     drift. Per side: the median window (CUDA events), the host's share (how long issuing the window took:
     ~equal to the window when host-bound), and the per-window-pair ratios' range. ``ceiling``: a third side, dense
-    Inductor with every MLP taken out (``no_mlp``): the most any MLP speed-up can give this step in this mode."""
+    Inductor with every MLP taken out (``no_mlp``): the most any MLP speed-up can give this step in this mode.
+    ``host_profile``: per side, cProfile's own time per step by function and, blast minus dense, where the
+    host time differs (what the default-mode step is bound by)."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
     from _model import Config, Llama
     from torch._dynamo.utils import counters
@@ -304,9 +306,24 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
     if ceiling:
         row["ceiling_step"] = row["dense_step_ms"] / row["no_mlp_step_ms"]
     row["blast_counters"] = dict(counters["blast"])
+    if host_profile:
+        for name, step in steps.items():
+            row[f"{name}_host_profile"] = host_table(step, iters=8, top=400)
+        row["host_diff"] = host_diff(row["dense_host_profile"], row["blast_host_profile"])
     if profile:  # both sides: where a step's GPU time goes
         row["dense_profile"], row["profile"] = kernel_table(steps["dense"]), kernel_table(steps["blast"])
     return row
+
+
+def host_diff(dense, blast, top=25):
+    """Functions whose own host time per step differs most, blast minus dense (``host_table`` rows)."""
+    d, b = ({r["fn"]: r for r in rows} for rows in (dense, blast))
+    zero = {"own_us_per_iter": 0.0, "calls_per_iter": 0.0}
+    rows = [{"fn": fn, "us_blast_minus_dense": b.get(fn, zero)["own_us_per_iter"] - d.get(fn, zero)["own_us_per_iter"],
+             "calls_dense": d.get(fn, zero)["calls_per_iter"], "calls_blast": b.get(fn, zero)["calls_per_iter"]}
+            for fn in set(d) | set(b)]
+    rows.sort(key=lambda r: -abs(r["us_blast_minus_dense"]))
+    return rows[:top]
 
 
 # --save: what each fused MLP's forward keeps for its backward (BlastOptions.save_hidden)
@@ -337,6 +354,7 @@ def main():
     ap.add_argument("--step", action="store_true", help="also a whole 34M-model training step per mode")
     ap.add_argument("--step-batch", default="32x256", help="the step's batch x sequence length (comma list)")
     ap.add_argument("--ceiling", action="store_true", help="the step also with every MLP taken out (dense Inductor)")
+    ap.add_argument("--host-profile", action="store_true", help="the step's host time by function (cProfile), each side")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--tag", default="h200")
     args = ap.parse_args()
@@ -378,7 +396,7 @@ def main():
                 b, sq = (int(v) for v in bs.split("x"))
                 row = step_case(None if mode == "default" else mode, sp, args.block, args.iters, batch=b, seq=sq,
                                 profile=args.profile and mode == "reduce-overhead", save=save, masks=mk,
-                                ceiling=args.ceiling)
+                                ceiling=args.ceiling, host_profile=args.host_profile and mode != "reduce-overhead")
                 res["rows"].append(row)
                 lo, hi = row["speedup_step_pairs_min_max"]
                 print(f"[{mode}] 34M training step {bs} {sp:.0%} save={save} masks={mk}: dense {row['dense_step_ms']:.2f} ms "
@@ -387,6 +405,9 @@ def main():
                       f"{row['blast_tok_s'] / 1e6:.2f}M tok/s)" + (f"; MLPs out {row['no_mlp_step_ms']:.2f} ms (host "
                       f"{row['no_mlp_host_ms']:.2f}): ceiling {row['ceiling_step']:.2f}x" if args.ceiling else ""),
                       flush=True)
+                for k in row.get("host_diff", []):
+                    print(f"    host blast-dense {k['us_blast_minus_dense']:+8.1f} us/step  calls "
+                          f"{k['calls_dense']:.0f} -> {k['calls_blast']:.0f}  {k['fn']}")
                 for side in ("dense_profile", "profile"):
                     for k in row.get(side, []):
                         print(f"    {side[:5]} {k['us_per_iter']:8.1f} us  x{k['calls_per_iter']:.0f}  {k['name']}")

@@ -244,6 +244,11 @@ m = torch.nn.Sequential(SwiGLU(128, 384), SwiGLU(128, 384)).cuda()
 sparsify_mlps_(m, 0.8, block=32)
 if not train:
     m = m.to(torch.bfloat16)
+else:  # (declared masks, as the sparsifier trains: dW then runs blast's sddmm, not a dense mm)
+    from blast_compile.masks import declare_mask
+    for p in m.parameters():
+        if p.dim() == 2:
+            declare_mask(p, (p.detach().view(p.shape[0] // 32, 32, -1, 32) != 0).any(3).any(1), (32, 32))
 cm = torch.compile(m, backend="blast", options={"strict": True})
 for rows in ((40, 300) if train else (1, 40, 300)):
     x = torch.randn(rows, 128, device="cuda", dtype=torch.float32 if train else torch.bfloat16, requires_grad=train)
