@@ -500,22 +500,24 @@ def test_interp_launch_state_kept_with_plan(tmp_path, monkeypatch):
 
 
 @interp
-@pytest.mark.parametrize("m,declare,d,h", [(40, True, 48, 80), (37, False, 48, 80), (3, False, 48, 80),
-                                           (33, True, 37, 75)])
+@pytest.mark.parametrize("m,declare,d,h,gated", [(40, True, 48, 80, True), (37, False, 48, 80, True),
+                                                 (3, False, 48, 80, True), (33, True, 37, 75, True),
+                                                 (40, True, 48, 80, False), (33, False, 37, 75, False)])
 @pytest.mark.parametrize("tma", [False, True])
-def test_interp_fp32_master_weights_half_compute(m, declare, d, h, tma, monkeypatch):
+def test_interp_fp32_master_weights_half_compute(m, declare, d, h, gated, tma, monkeypatch):
     """Autocast training: fp32 weights, fp16 activations. The kernels get packed fp16 copies of the
-    live blocks (``pack_blocks``; ragged edge blocks zero padded); dW comes out fp32, equal to the
-    fp16 computation's. ``tma``: the packed copies read through TMA (d = 37: rows not 16-byte
+    live blocks (one ``pack_blocks`` launch for the weights; ragged edge blocks zero padded); dW comes out fp32,
+    equal to the fp16 computation's. ``tma``: the packed copies read through TMA (d = 37: rows not 16-byte
     aligned, the pointer kernels run)."""
     if tma:
         force_tma(monkeypatch)
 
-    p = make(d, h, gated=True, bias=False, dtype=torch.float32, block=(16, 16), device="cpu")
+    p = make(d, h, gated=gated, bias=False, dtype=torch.float32, block=(16, 16), device="cpu")
     ph = {k: None if v is None else v.half() for k, v in p.items()}
+    weights = ("w1", "w3", "w2") if gated else ("w1", "w2")
     if declare:
         for q in (p, ph):
-            for name in ("w1", "w3", "w2"):
+            for name in weights:
                 bo, bi = (16, 16)
                 masks.declare_mask(q[name], _block_mask(p[name], bo, bi), (bo, bi))
     x = torch.randn(m, d, dtype=torch.float16)
@@ -528,11 +530,11 @@ def test_interp_fp32_master_weights_half_compute(m, declare, d, h, tma, monkeypa
     if m > codegen.DECODE_MAX_M:
         g = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7)
         gh = triton_mlp.backward(dy, x, *args(ph), plan_h, "silu", [True] * 7)
-        for k in ("x", "w1", "w3", "w2"):
+        for k in ("x", *weights):
             assert g[k].dtype == (torch.float16 if k == "x" else torch.float32), k
             torch.testing.assert_close(g[k].float(), gh[k].float(), rtol=1e-2, atol=1e-2, msg=k)
     for q in (p, ph):
-        for name in ("w1", "w3", "w2"):
+        for name in weights:
             masks.clear_mask(q[name])
 
 

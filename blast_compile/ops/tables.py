@@ -248,24 +248,26 @@ def saved_count(keep, gated) -> int:
 
 
 def _live_copies(plan, mod, dtype, w1, w3, w2):
-    """Packed ``dtype`` copies of the live blocks (``forward_packed``'s layout), one launch per
-    weight: fp32 master weights under autocast are cast once per call, not per M tile on load."""
+    """Packed ``dtype`` copies of the live blocks (``forward_packed``'s layout), one launch for the three
+    weights: fp32 master weights under autocast are cast once per call, not per M tile on load (and each
+    launch is host time in a default-mode training step)."""
     p = plan.pattern
     ix = _index_tables(plan, w1.device)
     off = _weight_tables(plan, w1, w3, w2, False)
-    out = []
-    for w, o, rows, cols, bo, bi in ((w1, off["in1"], ix.in_rows, ix.in_cols, p.bh, p.bd),
-                                     (w3, off.get("in3"), ix.in_rows, ix.in_cols, p.bh, p.bd),
-                                     (w2, off["dn_csr"], ix.dn_rows_r, ix.dn_cols, p.bd, p.bh)):
-        if w is None:
-            out.append(None)
-            continue
-        pk = torch.empty(rows.numel(), bo, bi, device=w.device, dtype=dtype)
-        if rows.numel():
-            mod.pack_blocks[(rows.numel(),)](w, o, w.stride(0), w.stride(1), rows, cols, w.shape[0], w.shape[1], pk,
-                                             BO=bo, BI=bi, num_warps=4)
-        out.append(pk)
-    return out
+    n_in, n_dn = ix.in_rows.numel(), ix.dn_rows_r.numel()
+    p1 = torch.empty(n_in, p.bh, p.bd, device=w1.device, dtype=dtype)
+    p3 = torch.empty(n_in, p.bh, p.bd, device=w1.device, dtype=dtype) if w3 is not None else None
+    p2 = torch.empty(n_dn, p.bd, p.bh, device=w1.device, dtype=dtype)
+    gated = w3 is not None
+    grid = n_in * (2 if gated else 1) + n_dn
+    if grid:
+        # (not gated: W1 stands in for W3 and its copy, read and written by no program)
+        w3_, off3, p3_ = (w3, off["in3"], p3) if gated else (w1, off["in1"], w1)
+        mod.pack_blocks[(grid,)](w1, off["in1"], w1.stride(0), w1.stride(1), w3_, off3, w3_.stride(0), w3_.stride(1),
+                                 ix.in_rows, ix.in_cols, n_in, w1.shape[0], w1.shape[1], p1, p3_,
+                                 w2, off["dn_csr"], w2.stride(0), w2.stride(1), ix.dn_rows_r, ix.dn_cols, w2.shape[0],
+                                 p2, BH=p.bh, BD=p.bd, GATED=gated, num_warps=4)
+    return [p1, p3, p2]
 
 
 def _n_sm(device) -> int:
