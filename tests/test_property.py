@@ -278,3 +278,11 @@ def test_zero_rows_everywhere(lead):
     assert x.grad.shape == x.shape and not w1.grad.any()
     lin = C.BlockSparseLinear.from_dense(w1.detach(), None, (16, 16))
     assert lin(x).shape == (*lead, 40)
+
+
+def test_inf_row_through_gelu_as_eager():
+    """Hypothesis found it: PyTorch's CPU GELU gives inf for a one-element tensor holding inf and NaN inside a longer
+    one, so a bad row recomputed alone (one hidden unit, one row) came out -inf where eager's whole-batch MLP gives NaN."""
+    p = dict(w1=torch.tensor([[1.541]]), w3=None, w2=torch.tensor([[-0.2934]]), b1=None, b3=None, b2=None)
+    x = torch.tensor([[INF], [0.3], [-1.2]])
+    _close(_op(x, p, "gelu", (16, 16), _key(p, "gelu", (16, 16))), _ref(x, p, "gelu"), torch.float32)

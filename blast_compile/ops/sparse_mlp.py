@@ -244,8 +244,9 @@ def _forward(x, w1, b1, w3, b3, w2, b2, activation, block_h, block_d, pattern_ke
         w1, w3, w2 = in_dtype(compute_dtype, w1, w3, w2)
         y = gather.forward(x2d, plan.dev_pattern, _packed(plan, w1, w3, w2, orig_w), b1, b3, b2, activation, d_out)
         bad = _nonfinite_rows(x2d)
-        if bool(bad.any()):
-            y[bad] = dense_mlp(x2d[bad], w1, b1, w3, b3, w2, b2, activation)
+        if bool(bad.any()):  # (over every row, as eager: PyTorch's CPU GELU of inf is inf for one element, NaN in
+            # a longer tensor, so the bad rows alone could differ from eager's answer)
+            y[bad] = dense_mlp(x2d, w1, b1, w3, b3, w2, b2, activation)[bad]
     return as_output(y.contiguous(), (*lead, d_out)), h
 
 
