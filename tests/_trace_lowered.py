@@ -258,6 +258,9 @@ def main(cases):
                   flush=True)
     if "autocast" in cases:
         run("autocast", sparse_mlp(torch.float32), [torch.randn(40, 64)], autocast=torch.bfloat16)
+    if "train_plain_autocast" in cases:  # one pack_blocks launch for W1 and W2 (W1 stands in for the absent W3)
+        run("train_plain_autocast", sparse_mlp(torch.float32, declare=True, gated=False), [torch.randn(2, 40, 64)],
+            train=True, autocast=torch.bfloat16)
 
 
 if __name__ == "__main__":

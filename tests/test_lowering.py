@@ -22,7 +22,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(scope="module")
 def traces():
     cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast", "export",
-             "export_dynamic", "export_hf", "packed", "decode_splitk", "decode_pf", "decode_splitk_pf"]
+             "export_dynamic", "export_hf", "packed", "decode_splitk", "decode_pf", "decode_splitk_pf",
+             "train_plain_autocast"]
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
@@ -206,6 +207,12 @@ def test_training_backward_is_lowered(traces):
 
 def test_autocast_packs_master_weights_in_the_graph(traces):
     assert kernels(traces["autocast"]["fw"][0]).count("pack_blocks") == 1  # (one launch packs the three weights)
+    # a plain MLP: W1 stands in for W3 in that launch; nothing may read as written (a copy of W1 in the graph)
+    t = traces["train_plain_autocast"]
+    (fw,), (joint,) = t["fw"], t["joint"]
+    assert kernels(fw).count("pack_blocks") == 1 and kernels(joint).count("pack_blocks") == 2, t
+    assert not fw["writes_input"] and not joint["writes_input"], t
+    assert "clone" not in fw["copies"] + joint["copies"], t
 
 
 # --- the guard ---------------------------------------------------------------------------------------
