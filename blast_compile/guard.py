@@ -8,7 +8,8 @@ weight or declared mask may have changed (version counters, storage identity, fu
 ``declare_mask``) -- a few hundred ns per tensor, no device work. Only when something moved does it look
 at the weights (:meth:`Watch.valid`, a host sync): a pattern that only lost blocks keeps the compiled
 graph (the kernels read zeros), declared masks that did not change keep it without reading the weights
-(the MLP means ``W * mask``); anything else switches the graph to ``fallback`` -- the same graph with the
+(the MLP means ``W * mask``; where every weight of an MLP declares one, only the masks and the weights'
+addresses are watched, so a training step costs no re-check); anything else switches the graph to ``fallback`` -- the same graph with the
 opaque ``blast::sparse_mlp`` nodes, run eagerly, which re-derives patterns at every call -- until the
 weights fit the compiled pattern again. Recompiling (``torch.compiler.reset()``) lowers the new pattern.
 """
@@ -138,18 +139,27 @@ class GraphGuard:
 
     def _take(self, same_masks=()):
         """Snapshot what the graph reads now. ``same_masks``: ids of the watches whose declared masks were just found
-        unchanged -- their mask snapshot stands (a training step moves the weights only)."""
+        unchanged -- their mask snapshot stands (a training step moves the weights only).
+
+        An MLP whose every weight declares a mask means ``W * mask`` whatever its values hold (``_same_declared_masks``):
+        its weights' versions and optimizer steps are not watched, only their masks and addresses (a weight rebound
+        at a misaligned address must not reach the kernels) -- no re-validation per training step."""
         self.epoch = _masks.EPOCH[0]
-        self.tensors = []
+        self.tensors, self.addresses = [], []
         for w in self.watches:
             if id(w) not in same_masks:
                 w.taken_masks = w.masks()
                 w.mask_snap = _retake(getattr(w, "mask_snap", None), w.taken_masks)
-            self.tensors += [*w.params(), *w.taken_masks]
+            if _same_declared_masks(w):
+                self.addresses += [(t, t.data_ptr()) for t in w.params()]
+                self.tensors += w.taken_masks
+            else:
+                self.tensors += [*w.params(), *w.taken_masks]
         self.snap = _retake(getattr(self, "snap", None), self.tensors)  # (Dynamo guards the weights' layout itself)
 
     def __call__(self, *args):
-        if self.epoch != _masks.EPOCH[0] or self.snap.changed(self.tensors):
+        if (self.epoch != _masks.EPOCH[0] or self.snap.changed(self.tensors)
+                or any(t.data_ptr() != a for t, a in self.addresses)):
             self._revalidate()
         if self.ok:
             return self.compiled(*args)
@@ -160,7 +170,7 @@ class GraphGuard:
         counters["blast"]["graph_revalidated"] += 1
         ok, same = True, []
         for w in self.watches:
-            if _same_declared_masks(w):
+            if _same_declared_masks(w) and not _misaligned(w.current() + w.current(w.biases)):
                 counters["blast"]["masked_weight_update"] += 1  # (as the opaque op counts its declared-mask path)
                 same.append(w)
             elif not w.valid():

@@ -472,7 +472,7 @@ def test_lowered_graphs_compile_with_the_static_launch_patch(monkeypatch):
     from blast_compile import backend
 
     class FakeWatch:
-        name = "mlp0"
+        name, plan = "mlp0", None
 
         def params(self):
             return []

@@ -348,6 +348,40 @@ def test_guard_declared_masks_values_do_not_matter_masks_do():
         clear_mask(w)
 
 
+def test_guard_declared_masks_training_steps_cost_no_revalidation():
+    """Every weight declares its mask: optimizer steps (fused: no version moves; in place: versions move) leave the
+    compiled graph without a look at the weights -- per step the guard compares masks and addresses only."""
+    guard, compiled, fallback, (w1, w3, w2) = make_guard(declare=True)
+    opt = torch.optim.AdamW([w1, w3, w2], lr=1e-2, fused=True)
+    for w in (w1, w3, w2):
+        w.grad = torch.randn_like(w)
+    counters.clear()
+    for _ in range(3):
+        opt.step()
+        with torch.no_grad():
+            w2.add_(0.5)
+        guard(1)
+    assert (compiled.n, fallback.n) == (3, 0)
+    assert counters["blast"]["graph_revalidated"] == 0
+    for w in (w1, w3, w2):
+        clear_mask(w)
+
+
+def test_guard_declared_masks_misaligned_rebinding_runs_the_fallback():
+    """... but a weight rebound at an address the kernels were not compiled for is seen (its mask is unchanged)."""
+    guard, compiled, fallback, (w1, w3, w2) = make_guard(declare=True)
+    guard(1)
+    buf = torch.zeros(w2.numel() + 1)
+    buf[1:] = w2.detach().flatten()
+    w2.data = buf[1:].view_as(w2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        guard(1)
+    assert (compiled.n, fallback.n) == (1, 1)
+    for w in (w1, w3, w2):
+        clear_mask(w)
+
+
 def test_export_on_cpu_keeps_the_dense_graph_and_the_model_signature():
     """On CPU there is nothing AOTInductor could call for a fused MLP (its CPU op is Python): the exported program
     is the dense model's, with the model's own arguments, and computes what the model does."""
