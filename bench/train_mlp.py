@@ -308,11 +308,23 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
     row["blast_counters"] = dict(counters["blast"])
     if host_profile:
         for name, step in steps.items():
-            row[f"{name}_host_profile"] = host_table(step, iters=8, top=400)
+            rows = row[f"{name}_host_profile"] = host_table(step, iters=8, top=400)
+            row[f"{name}_launches_per_step"] = launches(rows)
         row["host_diff"] = host_diff(row["dense_host_profile"], row["blast_host_profile"])
     if profile:  # both sides: where a step's GPU time goes
         row["dense_profile"], row["profile"] = kernel_table(steps["dense"]), kernel_table(steps["blast"])
     return row
+
+
+def launches(rows) -> dict:
+    """Kernel launches per step by route, from ``host_table`` rows: Inductor's static launcher, Triton's Python
+    launcher, ATen matmuls (cuBLAS)."""
+    def calls(pred):
+        return sum(r["calls_per_iter"] for r in rows if pred(r["fn"]))
+    return {"triton_static": calls(lambda f: f.startswith("static_triton_launcher.py") and f.endswith(":run")),
+            "triton_python": calls(lambda f: f.endswith(":launch_metadata")),
+            "aten_matmul": calls(lambda f: any(f.endswith(f"method torch.{k}>") for k in ("mm", "addmm", "bmm",
+                                                                                        "baddbmm", "matmul")))}
 
 
 def host_diff(dense, blast, top=25):
@@ -405,6 +417,9 @@ def main():
                       f"{row['blast_tok_s'] / 1e6:.2f}M tok/s)" + (f"; MLPs out {row['no_mlp_step_ms']:.2f} ms (host "
                       f"{row['no_mlp_host_ms']:.2f}): ceiling {row['ceiling_step']:.2f}x" if args.ceiling else ""),
                       flush=True)
+                if args.host_profile and mode != "reduce-overhead":
+                    print("    launches per step: " + ", ".join(f"{n} {row[f'{n}_launches_per_step']}" for n in
+                                                              ("dense", "blast", "no_mlp") if f"{n}_launches_per_step" in row))
                 for k in row.get("host_diff", []):
                     print(f"    host blast-dense {k['us_blast_minus_dense']:+8.1f} us/step  calls "
                           f"{k['calls_dense']:.0f} -> {k['calls_blast']:.0f}  {k['fn']}")
