@@ -487,7 +487,7 @@ def test_interp_launch_state_kept_with_plan(tmp_path, monkeypatch):
     ((key, st),) = cached(plan, "static").items()
     shape = (72, 88, 72)
     codegen.store_config(tune.tuning_key("hidden", st.sig, 40, shape), [32, 4, 2, 1])
-    torch.testing.assert_close(triton_mlp.forward(x, *args(p), plan, "silu"), y)
+    torch.testing.assert_close(triton_mlp.forward(x, *args(p), plan, "silu"), y, **tol(torch.float16))  # (another config)
     assert cached(plan, "static") == {key: st}
     assert list(cached(plan, "chosen").values()) == [(32, 4, 2, 1)]  # from the table, remembered
     pk = gather.PackedMLP(plan.dev_pattern, p["w1"], p["w3"], p["w2"])
@@ -495,7 +495,7 @@ def test_interp_launch_state_kept_with_plan(tmp_path, monkeypatch):
     assert cached(plan, "static") == {key: st}
     codegen.set_kernel_dir(tmp_path / "b")
     codegen.store_config(tune.tuning_key("hidden", st.sig, 40, shape), [64, 4, 3, 0])
-    torch.testing.assert_close(triton_mlp.forward(x, *args(p), plan, "silu"), y)
+    torch.testing.assert_close(triton_mlp.forward(x, *args(p), plan, "silu"), y, **tol(torch.float16))
     assert sorted(cached(plan, "chosen", "hidden").values()) == [(32, 4, 2, 1), (64, 4, 3, 0)]
 
 
