@@ -536,8 +536,9 @@ def test_conv1d_masks_are_seen_through_the_transpose(device):
     assert counters["blast"]["mlp_fused"] == 1
     if device == "cpu":  # the opaque op's declared-mask path
         assert counters["blast"]["masked_weight_update"] >= 1
-    else:  # lowered: the graph guard watches masks and addresses, not the stepped weights
-        assert counters["blast"]["lowered_train"] >= 1 and counters["blast"]["graph_fallback_calls"] == 0
+    else:  # lowered, the graph guard watching masks and addresses (not the stepped weights), or the opaque op's path
+        assert counters["blast"]["graph_fallback_calls"] == 0
+        assert counters["blast"]["lowered_train"] >= 1 or counters["blast"]["masked_weight_update"] >= 1
 
 
 def _calib_inputs(n=512, d=64, seed=0, loud=30.0):
