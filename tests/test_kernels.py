@@ -533,6 +533,13 @@ def test_interp_fp32_master_weights_half_compute(m, declare, d, h, gated, tma, m
         for k in ("x", *weights):
             assert g[k].dtype == (torch.float16 if k == "x" else torch.float32), k
             torch.testing.assert_close(g[k].float(), gh[k].float(), rtol=1e-2, atol=1e-2, msg=k)
+        # the training forward hands its packed copies to the backward (blast::mlp_train): the same gradients
+        copies = []
+        _, s = triton_mlp.forward(x, *args(p), plan, "silu", keep=1, copies=copies)
+        assert len(copies) == 3 and (copies[1] is None) != gated
+        g2 = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7, list(s.unbind(0)), copies)
+        for k in ("x", *weights):
+            torch.testing.assert_close(g2[k], g[k], rtol=0, atol=0, msg=k)
     for q in (p, ph):
         for name in weights:
             masks.clear_mask(q[name])

@@ -207,10 +207,12 @@ def test_training_backward_is_lowered(traces):
 
 def test_autocast_packs_master_weights_in_the_graph(traces):
     assert kernels(traces["autocast"]["fw"][0]).count("pack_blocks") == 1  # (one launch packs the three weights)
-    # a plain MLP: W1 stands in for W3 in that launch; nothing may read as written (a copy of W1 in the graph)
+    # a plain MLP: W1 stands in for W3 in that launch; nothing may read as written (a copy of W1 in the graph);
+    # training: the backward reads the forward's copies (blast::mlp_train's c1, c3, c2): one pack per step
     t = traces["train_plain_autocast"]
     (fw,), (joint,) = t["fw"], t["joint"]
-    assert kernels(fw).count("pack_blocks") == 1 and kernels(joint).count("pack_blocks") == 2, t
+    assert kernels(fw).count("pack_blocks") == 1 and kernels(joint).count("pack_blocks") == 1, t
+    assert t["counters"]["packed_copies_reused"] >= 1, t
     assert not fw["writes_input"] and not joint["writes_input"], t
     assert "clone" not in fw["copies"] + joint["copies"], t
 

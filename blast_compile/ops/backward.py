@@ -180,7 +180,17 @@ def _tied(plan, m1, m3) -> bool:
     return t
 
 
-def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=None):
+def _copies_fit(copies, plan, ix, dtype, gated) -> bool:
+    """``copies`` have ``_live_copies``' layout for this plan and ``dtype`` (its index tables ``ix``)."""
+    if not copies or len(copies) != 3 or copies[0] is None or copies[2] is None or (copies[1] is None) == gated:
+        return False
+    p, n_in, n_dn = plan.pattern, ix.in_rows.numel(), ix.dn_rows_r.numel()
+    shapes = ((n_in, p.bh, p.bd), (n_in, p.bh, p.bd), (n_dn, p.bd, p.bh))
+    return all(c is None or (tuple(c.shape) == s and c.dtype == dtype and c.is_contiguous())
+               for c, s in zip(copies, shapes))
+
+
+def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=None, copies=None):
     """Gradients like ``gather.backward``: dict with keys x, w1, b1, w3, b3, w2, b2 (None if not needed).
 
     Three launches on live blocks: ``mlp_hidden_bwd`` (recompute a/u, dh through W2, dA/dU/h),
@@ -189,6 +199,8 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
     ``saved``: what ``forward(keep=...)`` kept (one [n, M, H] tensor, or a list of [M, H] ones): with H,
     kernel 1 does not write H again; with the pre-activations too, it reads them instead of recomputing
     (``LOAD_PRE``). Anything else than what the forward's kernels write is ignored (recomputed).
+    ``copies``: the forward's packed copies of fp32 master weights (``forward(copies=...)``), read instead of
+    packing them again when they are what this call would pack.
     """
     p = plan.pattern
     x2d = x2d.contiguous()
@@ -201,7 +213,13 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
     # the kernels' weights: fp32 masters under autocast as packed x.dtype copies of the live blocks
     # (w1, w3, w2 themselves still give the dW shapes and dtypes)
     packed = any(w is not None and w.dtype != x2d.dtype for w in (w1, w3, w2))
-    k1, k3, k2 = _live_copies(plan, mod, x2d.dtype, w1, w3, w2) if packed else (w1, w3, w2)
+    if not packed:
+        k1, k3, k2 = w1, w3, w2
+    elif _copies_fit(copies, plan, ix, x2d.dtype, gated):
+        k1, k3, k2 = copies
+        counters["blast"]["packed_copies_reused"] += 1
+    else:
+        k1, k3, k2 = _live_copies(plan, mod, x2d.dtype, w1, w3, w2)
     off = _weight_tables(plan, k1, k3, k2, packed)
     s1, s2 = _strides(k1, packed), _strides(k2, packed)
     s3 = _strides(k3, packed) if gated else (0, 0)

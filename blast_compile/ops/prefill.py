@@ -108,12 +108,16 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     return (y, saved[:n_saved] if isinstance(saved, list) else saved) if keep else y
 
 
-def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep=0):
+def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep=0, copies=None):
     """``[M, d_out]`` in x2d.dtype; weights are the dense ``[out, in]`` tensors (any strides).
-    ``keep`` 1 / 2: ``(y, S)``, what the backward reads instead of recomputing (see ``_forward``)."""
+    ``keep`` 1 / 2: ``(y, S)``, what the backward reads instead of recomputing (see ``_forward``).
+    ``copies``: a list that gets the packed x.dtype copies of fp32 master weights, for the backward to read
+    instead of packing again (``backward(copies=...)``); left empty when the weights are used as they are."""
     if any(w is not None and w.dtype != x2d.dtype for w in (w1, w3, w2)):  # fp32 masters under autocast
         _, mod = _module(plan, activation, w3 is not None, b1 is not None, b3 is not None, x2d.dtype)
         p1, p3, p2 = _live_copies(plan, mod, x2d.dtype, w1, w3, w2)
+        if copies is not None:
+            copies.extend((p1, p3, p2))
         return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, w2.shape[0], w1.shape[0], keep)
     return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0], keep)
 
