@@ -533,16 +533,38 @@ def test_interp_fp32_master_weights_half_compute(m, declare, d, h, gated, tma, m
         for k in ("x", *weights):
             assert g[k].dtype == (torch.float16 if k == "x" else torch.float32), k
             torch.testing.assert_close(g[k].float(), gh[k].float(), rtol=1e-2, atol=1e-2, msg=k)
-        # the training forward hands its packed copies to the backward (blast::mlp_train): the same gradients
-        copies = []
-        _, s = triton_mlp.forward(x, *args(p), plan, "silu", keep=1, copies=copies)
-        assert len(copies) == 3 and (copies[1] is None) != gated
-        g2 = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7, list(s.unbind(0)), copies)
+        # the training forward hands its packed copies and x's row flags to the backward (blast::mlp_train): the
+        # same gradients, bit for bit
+        copies, flags = [], []
+        _, s = triton_mlp.forward(x, *args(p), plan, "silu", keep=1, copies=copies, flags=flags)
+        assert len(copies) == 3 and (copies[1] is None) != gated and flags[0].shape == (cdiv(d, 256), m)
+        g2 = triton_mlp.backward(dy, x, *args(p), plan, "silu", [True] * 7, list(s.unbind(0)), copies, flags[0])
         for k in ("x", *weights):
             torch.testing.assert_close(g2[k], g[k], rtol=0, atol=0, msg=k)
     for q in (p, ph):
         for name in weights:
             masks.clear_mask(q[name])
+
+
+@interp
+@pytest.mark.parametrize("gated,bias,act", [(True, True, "silu"), (False, True, "relu"), (False, False, "gelu")])
+def test_interp_backward_reads_the_forwards_row_flags(gated, bias, act):
+    """Rows of x holding NaN/Inf: the backward reading the forward's flags (``flags``: [slices, M], d_in = 600 over
+    three 256-column slices, a bad value in the last) gives what its own scan gives, NaN where eager's does."""
+    p = make(600, 80, gated=gated, bias=bias, dtype=torch.float16, block=(16, 16), device="cpu")
+    x = torch.randn(37, 600, dtype=torch.float16)
+    x[3, 590], x[20, 7] = float("inf"), float("nan")
+    dy = torch.randn(37, 600, dtype=torch.float16)
+    plan = plan_for(x, p, act, (16, 16))
+    flags = []
+    _, s = triton_mlp.forward(x, *args(p), plan, act, keep=1, flags=flags)
+    assert flags[0].shape == (3, 37) and flags[0][:, 3].any() and flags[0][:, 20].any() and not flags[0][:, 4].any()
+    want = triton_mlp.backward(dy, x, *args(p), plan, act, [True] * 7, list(s.unbind(0)))
+    got = triton_mlp.backward(dy, x, *args(p), plan, act, [True] * 7, list(s.unbind(0)), None, flags[0])
+    for k, v in want.items():
+        if v is not None:
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0, equal_nan=True, msg=k)
+    assert got["x"][3].isnan().any() or act == "relu"
 
 
 @interp

@@ -25,9 +25,10 @@ from .tables import outside_graph_pool, _index_tables, _weight_tables, _strides,
 # --- backward ---------------------------------------------------------------------------------------
 
 def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_blocks, bo, bi, n_in, n_out,
-          out_dtype, packed, memo=None, flag=None):
+          out_dtype, packed, memo=None, flag=None, flag_layout=1):
     """out = X W^T (+ X2 W2^T) through live blocks (backward: dX), config tuned per signature, shape and M
-    (``memo``: the plan's cache, see ``_choose``); rows with ``flag`` set come out NaN."""
+    (``memo``: the plan's cache, see ``_choose``); rows with ``flag`` set come out NaN (``flag_layout`` 1: one
+    flag per row; 3: the forward's [slices, M])."""
     m = x.shape[0]
     out = torch.empty(m, n_out, device=x.device, dtype=out_dtype)
     x2 = x if x2 is None else x2
@@ -43,11 +44,13 @@ def _bsmm(mod, sig, x, x2, w, off, sw, wb, offb, swb, rowptr, idx, order, n_out_
         if not dual:  # (the second operand's pointers are not read: None, see _forward)
             descs = (descs[0], None, descs[2], None)
         mod.bsmm[(cdiv(m, t.bm), n_out_blocks)](
-            x, x.stride(0), x2 if dual else None, out, out.stride(0), None, flag, 0, m, n_in, n_out,
+            x, x.stride(0), x2 if dual else None, out, out.stride(0), None, flag,
+            flag.shape[0] if flag is not None and flag_layout == 3 else 0, m, n_in, n_out,
             w, off, sw[0], sw[1], wb if dual else None, offb if dual else None, swb[0], swb[1], rowptr, idx, order,
             *descs,
             DTYPE=_tl_dtype(mod, out_dtype), BO=bo, BI=bi, BS=bo, ALIGNED=sig.aligned, HAS_B=False,
-            DUAL=dual, NANROW=int(flag is not None), BM=t.bm, num_warps=t.num_warps, num_stages=t.num_stages,
+            DUAL=dual, NANROW=flag_layout if flag is not None else 0, BM=t.bm, num_warps=t.num_warps,
+            num_stages=t.num_stages,
             WIDE=min(t.variant, 1), TMA=(3 + packed) if tma else 0, GROUP=t.group, TWO_LOOPS=t.variant == C.TWO_LOOPS,
             TR=sig.tnsp_fix)
 
@@ -190,7 +193,7 @@ def _copies_fit(copies, plan, ix, dtype, gated) -> bool:
                for c, s in zip(copies, shapes))
 
 
-def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=None, copies=None):
+def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=None, copies=None, flags=None):
     """Gradients like ``gather.backward``: dict with keys x, w1, b1, w3, b3, w2, b2 (None if not needed).
 
     Three launches on live blocks: ``mlp_hidden_bwd`` (recompute a/u, dh through W2, dA/dU/h),
@@ -200,7 +203,8 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
     kernel 1 does not write H again; with the pre-activations too, it reads them instead of recomputing
     (``LOAD_PRE``). Anything else than what the forward's kernels write is ignored (recomputed).
     ``copies``: the forward's packed copies of fp32 master weights (``forward(copies=...)``), read instead of
-    packing them again when they are what this call would pack.
+    packing them again when they are what this call would pack. ``flags``: the forward's NaN/Inf row flags of
+    x (``forward(flags=...)``: [slices, M] int32), read instead of scanning x again.
     """
     p = plan.pattern
     x2d = x2d.contiguous()
@@ -254,7 +258,11 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
     # comes from a product with a dead block's zeros (dX's columns, the bias gradients of hidden units the
     # pattern drops): those are set here. Plain ReLU passes dH through at NaN (threshold_backward): its dA stays
     # finite, and so do dX and db1.
-    flag = (~torch.isfinite(x2d).all(1)).to(torch.int32)
+    if flags is not None and flags.dim() == 2 and flags.shape[1] == m and flags.dtype == torch.int32:
+        flag, layout = flags, 3  # (the forward's kernel wrote them for this x: no scan launched here)
+        counters["blast"]["forward_flags_reused"] += 1
+    else:
+        flag, layout = (~torch.isfinite(x2d).all(1)).to(torch.int32), 1
     da_nan = gated or activation != "relu"
     if n_live:
         k3_ = k3 if gated else k1
@@ -270,11 +278,11 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
                 m, d_in, H, d_out, k1, off["in1"], s1[0], s1[1], b1, k3, off["in3"] if gated else None, s3[0], s3[1],
                 b3,
                 k2, off["dn_csc"], s2[1], s2[0],
-                ix.in_rowptr, ix.in_cols, ix.dn_colptr, ix.dn_rows, ix.order_h, *descs, flag,
+                ix.in_rowptr, ix.in_cols, ix.dn_colptr, ix.dn_rows, ix.order_h, *descs, flag, flag.shape[0],
                 DTYPE=_tl_dtype(mod, x2d.dtype), BM=t.bm, BH=p.bh, BD=p.bd, NNZ=sig.nnz_in, ALIGNED=sig.aligned,
                 GATED=gated, HAS_B1=b1 is not None, HAS_B3=b3 is not None, STORE_H=store_h,
                 num_warps=t.num_warps, num_stages=t.num_stages, WIDE=min(t.variant, 2), TMA=(1 + packed) if tma else 0,
-                GROUP=t.group, LOAD_PRE=(1 + bool(t.early)) if load_pre else 0,
+                GROUP=t.group, LOAD_PRE=(1 + bool(t.early)) if load_pre else 0, FLAG=layout,
                 **({"maxnreg": t.maxnreg} if t.maxnreg else {}))
 
         def configs():  # (only when neither the plan's memo nor the table has the answer: not per call)
@@ -290,7 +298,7 @@ def backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, plan, activation, needs, saved=N
         grads["x"] = _bsmm(mod, sig, da, du if gated else None, k1, off["in_csc1"], (s1[1], s1[0]),
                            k3 if gated else k1, off["in_csc3"] if gated else off["in_csc1"], (s3[1], s3[0]) if gated else (s1[1], s1[0]),
                            ix.in_colptr, ix.in_csc_rows, ix.all_in, p.n_in, p.bd, p.bh, H, d_in, x2d.dtype,
-                           packed, memo=plan.cache, flag=flag if da_nan else None)
+                           packed, memo=plan.cache, flag=flag if da_nan else None, flag_layout=layout)
     dense_dw = any(needs[i] and dw_masks[k] is None for i, k in ((1, 0), (3, 1), (5, 2)) if (i != 3 or gated))
     if dense_dw:
         # a weight without a declared mask has a dense gradient (also on its zero blocks),

@@ -193,20 +193,22 @@ def _mode():
     return "trace" if is_wrap_triton_enabled() else "warm"
 
 
-def forward(x, w1, b1, w3, b3, w2, b2, tables, plan, activation, compute_dtype=None, keep=0, copies=None):
+def forward(x, w1, b1, w3, b3, w2, b2, tables, plan, activation, compute_dtype=None, keep=0, copies=None,
+            flags=None):
     """``(y, S)``: the op's output and (``keep``) what the backward reads, S as ``triton_mlp.forward`` keeps it;
-    ``copies``: see ``run_forward``."""
+    ``copies``, ``flags``: see ``run_forward``."""
     from . import launch
 
     ent = _entry(plan)
     with launch.lowering(_mode()):
-        return run_forward(ent.plan_for(tables), x, w1, b1, w3, b3, w2, b2, activation, compute_dtype, keep, copies)
+        return run_forward(ent.plan_for(tables), x, w1, b1, w3, b3, w2, b2, activation, compute_dtype, keep, copies,
+                           flags)
 
 
-def run_forward(p, x, w1, b1, w3, b3, w2, b2, activation, compute_dtype=None, keep=0, copies=None):
+def run_forward(p, x, w1, b1, w3, b3, w2, b2, activation, compute_dtype=None, keep=0, copies=None, flags=None):
     """``forward`` on a plan (the compile-time warm-up calls it directly, under ``launch.lowering("warm")``).
-    ``copies``: a list that gets the packed copies of fp32 master weights (``triton_mlp.forward``), for the
-    backward."""
+    ``copies`` / ``flags``: lists that get the packed copies of fp32 master weights and x's NaN/Inf row flags
+    (``triton_mlp.forward``), for the backward."""
     from . import launch, triton_mlp
 
     x, b1, b3, b2 = in_dtype(compute_dtype, x, b1, b3, b2)
@@ -214,24 +216,25 @@ def run_forward(p, x, w1, b1, w3, b3, w2, b2, activation, compute_dtype=None, ke
     x2d = x.reshape(-1, x.shape[-1])
     if p.dense or x2d.shape[0] == 0:
         return dense_mlp(x, *in_dtype(compute_dtype, w1, b1, w3, b3, w2, b2), activation), None
-    out = triton_mlp.forward(x2d, w1, b1, w3, b3, w2, b2, p, activation, keep, copies)
+    out = triton_mlp.forward(x2d, w1, b1, w3, b3, w2, b2, p, activation, keep, copies, flags)
     y, s = out if keep else (out, None)
     shape = (*lead, d_out)
     return (y.view(shape) if launch.traced() else as_output(y.contiguous(), shape)), s
 
 
 def backward(dy, x, w1, b1, w3, b3, w2, b2, tables, plan, activation, needs, compute_dtype=None, saved=None,
-             copies=None):
+             copies=None, flags=None):
     """Gradients ``[dx, dw1, db1, dw3, db3, dw2, db2]`` (``sparse_mlp.sparse_mlp_backward``'s meaning)."""
     from . import launch
 
     ent = _entry(plan)
     with launch.lowering(_mode()):
         return run_backward(ent.plan_for(tables), dy, x, w1, b1, w3, b3, w2, b2, activation, needs, compute_dtype,
-                            saved, copies)
+                            saved, copies, flags)
 
 
-def run_backward(p, dy, x, w1, b1, w3, b3, w2, b2, activation, needs, compute_dtype=None, saved=None, copies=None):
+def run_backward(p, dy, x, w1, b1, w3, b3, w2, b2, activation, needs, compute_dtype=None, saved=None, copies=None,
+                 flags=None):
     from . import triton_mlp
 
     orig = (x, w1, b1, w3, b3, w2, b2)
@@ -243,7 +246,7 @@ def run_backward(p, dy, x, w1, b1, w3, b3, w2, b2, activation, needs, compute_dt
                                   p.dw_masks, p.pattern.bh, p.pattern.bd)
     else:
         s2d = [t.reshape(-1, t.shape[-1]) for t in saved] if saved else None
-        g = triton_mlp.backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, p, activation, needs, s2d, copies)
+        g = triton_mlp.backward(dy2d, x2d, w1, b1, w3, b3, w2, b2, p, activation, needs, s2d, copies, flags)
     for k, fix in zip(("w1", "w3", "w2"), p.cache.get("dw_fix", p.dw_fix)):
         if fix is not None and g.get(k) is not None:  # a fused block holds declared-dead parts: dW is zero there
             g[k] = torch.where(fix, g[k], 0)
@@ -267,39 +270,43 @@ def mlp(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: O
 def mlp_train(x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor], w2: Tensor,
               b2: Optional[Tensor], tables: List[Tensor], plan: str, activation: str,
               compute_dtype: Optional[torch.dtype] = None,
-              save: int = 2) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+              save: int = 2) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``blast::mlp`` that also returns what its backward reads instead of recomputing (``save``: 1 H,
-    2 H and the pre-activations a [and u]; see ``sparse_mlp._train``): ``(y, h, a, u, c1, c3, c2)``, h/a/u each
+    2 H and the pre-activations a [and u]; see ``sparse_mlp._train``): ``(y, h, a, u, c1, c3, c2, f)``, h/a/u each
     ``[*rows, hidden]``, c1/c3/c2 the packed copies of fp32 master weights under autocast (the backward reads
-    them instead of packing again), an empty tensor where nothing is kept. Separate tensors, not one stacked:
-    kernels writing views of one buffer would make Inductor copy it around them."""
-    copies = []
-    y, s = forward(x, w1, b1, w3, b3, w2, b2, tables, plan, activation, compute_dtype, keep=save, copies=copies)
+    them instead of packing again), f x's NaN/Inf row flags (instead of a scan), an empty tensor where nothing is
+    kept. Separate tensors, not one stacked: kernels writing views of one buffer would make Inductor copy it
+    around them."""
+    copies, flags = [], []
+    y, s = forward(x, w1, b1, w3, b3, w2, b2, tables, plan, activation, compute_dtype, keep=save, copies=copies,
+                   flags=flags)
     shape = (*x.shape[:-1], w1.shape[0])
     parts = [t.view(shape) for t in (s or ())]
-    copies = [y.new_empty(0) if c is None else c for c in (copies or [None] * 3)]
-    return (y, *parts, *[y.new_empty(0) for _ in range(3 - len(parts))], *copies)
+    extras = [y.new_empty(0) if c is None else c for c in (copies or [None] * 3) + (flags or [None])]
+    return (y, *parts, *[y.new_empty(0) for _ in range(3 - len(parts))], *extras)
 
 
 @triton_op("blast::mlp_backward", mutates_args=())
 def mlp_backward(dy: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Optional[Tensor], b3: Optional[Tensor],
-                 w2: Tensor, b2: Optional[Tensor], tables: List[Tensor], saved: List[Tensor], copies: List[Tensor],
+                 w2: Tensor, b2: Optional[Tensor], tables: List[Tensor], saved: List[Tensor], extras: List[Tensor],
                  plan: str, activation: str, needs: List[bool],
                  compute_dtype: Optional[torch.dtype] = None) -> List[Tensor]:
-    """``saved``: ``mlp_train``'s h [, a [, u]] (what its forward kept; empty: recompute); ``copies``: its c1, c3,
-    c2 (empty tensors where it packed nothing)."""
-    # (a copy is [blocks, rows, cols], possibly of no blocks; an absent one a 1-D empty tensor)
-    copies = [c if c.dim() == 3 else None for c in copies] if copies and any(c.dim() == 3 for c in copies) else None
+    """``saved``: ``mlp_train``'s h [, a [, u]] (what its forward kept; empty: recompute); ``extras``: its c1,
+    c3, c2, f (empty tensors where it has none)."""
+    # (a copy is [blocks, rows, cols], possibly of no blocks; the flags [slices, rows]; an absent one 1-D empty)
+    copies = list(extras[:3])
+    copies = [c if c.dim() == 3 else None for c in copies] if any(c.dim() == 3 for c in copies) else None
+    flags = extras[3] if len(extras) > 3 and extras[3].dim() == 2 else None
     return backward(dy, x, w1, b1, w3, b3, w2, b2, tables, plan, activation, needs, compute_dtype, saved or None,
-                    copies)
+                    copies, flags)
 
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w3, b3, w2, b2, tables, plan, activation, *rest = inputs
     kept = [t for t in output[1:4] if t.numel()] if isinstance(output, tuple) else []
-    copies = list(output[4:7]) if isinstance(output, tuple) else []
-    ctx.n_kept, ctx.n_copies = len(kept), len(copies)
-    ctx.save_for_backward(x, w1, b1, w3, b3, w2, b2, *kept, *copies, *tables)
+    extras = list(output[4:8]) if isinstance(output, tuple) else []
+    ctx.n_kept, ctx.n_extras = len(kept), len(extras)
+    ctx.save_for_backward(x, w1, b1, w3, b3, w2, b2, *kept, *extras, *tables)
     ctx.args = (plan, activation)
     ctx.compute_dtype = rest[0] if rest else None
 
@@ -307,9 +314,9 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, *ds):  # (ds: nothing but this backward reads the kept tensors)
     x, w1, b1, w3, b3, w2, b2, *rest = ctx.saved_tensors
     kept, rest = rest[:ctx.n_kept], rest[ctx.n_kept:]
-    copies, tables = rest[:ctx.n_copies], rest[ctx.n_copies:]
+    extras, tables = rest[:ctx.n_extras], rest[ctx.n_extras:]
     needs = [bool(n) for n in ctx.needs_input_grad[:7]]
-    grads = torch.ops.blast.mlp_backward(dy, x, w1, b1, w3, b3, w2, b2, tables, kept, copies, *ctx.args, needs,
+    grads = torch.ops.blast.mlp_backward(dy, x, w1, b1, w3, b3, w2, b2, tables, kept, extras, *ctx.args, needs,
                                          ctx.compute_dtype)
     ins = (x, w1, b1, w3, b3, w2, b2)
     res = [g if (needs[i] and ins[i] is not None) else None for i, g in enumerate(grads)]

@@ -23,7 +23,7 @@ from .decode import _count_eager_decode, _decode
 from .tables import _tma_ok, _descs, _module, _static, saved_count, _live_copies
 
 
-def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden, keep=0):
+def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hidden, keep=0, flags=None):
     """fp32 master weights under autocast reach here as packed x.dtype copies of their live blocks
     (``forward``). Packed weights in another dtype than x (``forward_packed`` called directly) are
     cast on load by the prefill kernels and copied for decode. ``keep`` (training): the prefill kernels
@@ -55,6 +55,8 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
         flag = torch.empty(n_fl, m, device=x2d.device, dtype=torch.int32)
     else:  # no hidden kernel to flag them
         n_fl, flag = 1, (~torch.isfinite(x2d).all(1)).to(torch.int32)
+    if flags is not None:  # (the backward reads them instead of scanning x again: ``backward(flags=...)``)
+        flags.append(flag)
     n_saved = saved_count(keep, gated)
     if lowered():  # one tensor each: a kernel writing views of one buffer would be copied around (functionalized)
         saved = [torch.empty(m, d_hidden, device=x2d.device, dtype=x2d.dtype) for _ in range(max(n_saved, 1))]
@@ -108,18 +110,19 @@ def _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, packed, d_out, d_hid
     return (y, saved[:n_saved] if isinstance(saved, list) else saved) if keep else y
 
 
-def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep=0, copies=None):
+def forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, keep=0, copies=None, flags=None):
     """``[M, d_out]`` in x2d.dtype; weights are the dense ``[out, in]`` tensors (any strides).
     ``keep`` 1 / 2: ``(y, S)``, what the backward reads instead of recomputing (see ``_forward``).
-    ``copies``: a list that gets the packed x.dtype copies of fp32 master weights, for the backward to read
-    instead of packing again (``backward(copies=...)``); left empty when the weights are used as they are."""
+    For the backward to read instead of redoing (``backward(copies=..., flags=...)``): ``copies``, a list that
+    gets the packed x.dtype copies of fp32 master weights (left empty when the weights are used as they are);
+    ``flags``, a list that gets x's NaN/Inf row flags ([slices, M] int32; left empty at decode sizes)."""
     if any(w is not None and w.dtype != x2d.dtype for w in (w1, w3, w2)):  # fp32 masters under autocast
         _, mod = _module(plan, activation, w3 is not None, b1 is not None, b3 is not None, x2d.dtype)
         p1, p3, p2 = _live_copies(plan, mod, x2d.dtype, w1, w3, w2)
         if copies is not None:
             copies.extend((p1, p3, p2))
-        return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, w2.shape[0], w1.shape[0], keep)
-    return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0], keep)
+        return _forward(x2d, p1, b1, p3, b3, p2, b2, plan, activation, True, w2.shape[0], w1.shape[0], keep, flags)
+    return _forward(x2d, w1, b1, w3, b3, w2, b2, plan, activation, False, w2.shape[0], w1.shape[0], keep, flags)
 
 
 def forward_packed(x2d, p1, b1, p3, b3, p2, b2, plan, activation, d_out=None):

@@ -252,10 +252,13 @@ def _warm_up(plan, rows, xv, weights, act, cdt, save, needs) -> set:
     x = torch.zeros(rows, _hint(xv.shape[-1]), device=w1.device, dtype=cdt or xv.dtype)
 
     def body():
-        copies = []  # (as blast::mlp_train hands its backward the packed copies of fp32 master weights)
-        y, s = lowered.run_forward(plan, x, *weights, act, cdt, keep=save, copies=copies if save else None)
+        # (as blast::mlp_train hands its backward the packed copies of fp32 master weights and x's row flags)
+        copies, flags = [], []
+        y, s = lowered.run_forward(plan, x, *weights, act, cdt, keep=save, copies=copies if save else None,
+                                   flags=flags if save else None)
         if needs is not None:
-            lowered.run_backward(plan, torch.zeros_like(y), x, *weights, act, needs, cdt, s, copies or None)
+            lowered.run_backward(plan, torch.zeros_like(y), x, *weights, act, needs, cdt, s, copies or None,
+                                 flags[0] if flags and flags[0].dim() == 2 else None)
 
     return _warm(w1.device, body)
 
