@@ -417,7 +417,7 @@ def main():
                       f"{row['blast_tok_s'] / 1e6:.2f}M tok/s)" + (f"; MLPs out {row['no_mlp_step_ms']:.2f} ms (host "
                       f"{row['no_mlp_host_ms']:.2f}): ceiling {row['ceiling_step']:.2f}x" if args.ceiling else ""),
                       flush=True)
-                if args.host_profile and mode != "reduce-overhead":
+                if "host_diff" in row:
                     print("    launches per step: " + ", ".join(f"{n} {row[f'{n}_launches_per_step']}" for n in
                                                               ("dense", "blast", "no_mlp") if f"{n}_launches_per_step" in row))
                 for k in row.get("host_diff", []):

@@ -293,10 +293,10 @@ def mlp_backward(dy: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w3: Op
                  compute_dtype: Optional[torch.dtype] = None) -> List[Tensor]:
     """``saved``: ``mlp_train``'s h [, a [, u]] (what its forward kept; empty: recompute); ``extras``: its c1,
     c3, c2, f (empty tensors where it has none)."""
-    # (a copy is [blocks, rows, cols], possibly of no blocks; the flags [slices, rows]; an absent one 1-D empty)
-    copies = list(extras[:3])
-    copies = [c if c.dim() == 3 else None for c in copies] if any(c.dim() == 3 for c in copies) else None
-    flags = extras[3] if len(extras) > 3 and extras[3].dim() == 2 else None
+    # (a copy is [blocks, rows, cols], possibly of no blocks; an absent one a 1-D empty tensor. ``backward`` checks
+    # that what it gets fits, and makes anything that does not)
+    copies = [c if c.dim() == 3 else None for c in extras[:3]]
+    flags = extras[3] if len(extras) > 3 else None
     return backward(dy, x, w1, b1, w3, b3, w2, b2, tables, plan, activation, needs, compute_dtype, saved or None,
                     copies, flags)
 

@@ -255,10 +255,10 @@ def _live_copies(plan, mod, dtype, w1, w3, w2):
     ix = _index_tables(plan, w1.device)
     off = _weight_tables(plan, w1, w3, w2, False)
     n_in, n_dn = ix.in_rows.numel(), ix.dn_rows_r.numel()
-    p1 = torch.empty(n_in, p.bh, p.bd, device=w1.device, dtype=dtype)
-    p3 = torch.empty(n_in, p.bh, p.bd, device=w1.device, dtype=dtype) if w3 is not None else None
-    p2 = torch.empty(n_dn, p.bd, p.bh, device=w1.device, dtype=dtype)
     gated = w3 is not None
+    p1 = torch.empty(n_in, p.bh, p.bd, device=w1.device, dtype=dtype)
+    p3 = torch.empty(n_in, p.bh, p.bd, device=w1.device, dtype=dtype) if gated else None
+    p2 = torch.empty(n_dn, p.bd, p.bh, device=w1.device, dtype=dtype)
     grid = n_in * (2 if gated else 1) + n_dn
     if grid:
         # (not gated: W1 stands in for W3 and its copy, read and written by no program)

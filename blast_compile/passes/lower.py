@@ -258,7 +258,7 @@ def _warm_up(plan, rows, xv, weights, act, cdt, save, needs) -> set:
                                    flags=flags if save else None)
         if needs is not None:
             lowered.run_backward(plan, torch.zeros_like(y), x, *weights, act, needs, cdt, s, copies or None,
-                                 flags[0] if flags and flags[0].dim() == 2 else None)
+                                 flags[0] if flags else None)
 
     return _warm(w1.device, body)
 
