@@ -83,36 +83,6 @@ def floor_fns(sets, offs, shape, per):
     return [one(*s) for s in sets], outs
 
 
-def split_k_variant(path):
-    """For path ``splitk_one`` / ``splitk_two``: DECODE_PATH "splitk" with only the one-launch configs
-    (``configs.ONE_LAUNCH``) or only the two-launch ones, tuned among themselves (persisted choices of the other
-    kind ignored, none stored). Returns the function that undoes it."""
-    from blast_compile import codegen
-
-    if path not in ("splitk_one", "splitk_two"):
-        return lambda: None
-    one = path == "splitk_one"
-    saved = configs.DECODE_CONFIGS, configs.DECODE_GEMV_CONFIGS, codegen.lookup_config, codegen.store_config
-    keep = [c for c in saved[0] if (c.early == configs.ONE_LAUNCH) == one]
-    keep_g = [c for c in saved[1] if (c.early == configs.ONE_LAUNCH) == one]
-    lookup = saved[2]
-
-    def lookup_config(key):
-        cfg = lookup(key)
-        if key.startswith("decode2") and cfg is not None and (configs.SplitK.of(cfg).early == configs.ONE_LAUNCH) != one:
-            return None
-        return cfg
-
-    configs.DECODE_CONFIGS, configs.DECODE_GEMV_CONFIGS = keep, keep_g
-    codegen.lookup_config, codegen.store_config = lookup_config, lambda key, cfg: None
-    configs.DECODE_PATH = "splitk"
-
-    def undo():
-        configs.DECODE_CONFIGS, configs.DECODE_GEMV_CONFIGS, codegen.lookup_config, codegen.store_config = saved
-
-    return undo
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama3.2-1b,llama3.1-8b")
@@ -120,8 +90,7 @@ def main():
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--per", default="1,2,4", help="blocks per program of the floor kernel (the best is kept)")
     ap.add_argument("--paths", default=",sliced,splitk,sliced_pf",
-                    help="decode paths timed (configs.DECODE_PATH; '' = the tuner's choice; splitk_one / "
-                         "splitk_two: split-K in one launch or in two)")
+                    help="decode paths timed (configs.DECODE_PATH; '' = the tuner's choice)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="no programmatic dependent launch (configs.PDL = False), as Inductor's code launches")
     ap.add_argument("--lowered", action="store_true",
@@ -166,7 +135,6 @@ def main():
                 paths = {}
                 for path in args.paths.split(","):
                     configs.DECODE_PATH = path
-                    restrict = split_k_variant(path)  # (splitk_one / splitk_two: split-K in one launch, or two)
                     try:  # (fresh plans per path: a plan remembers the path it chose)
                         plans = [weights_plan(None, a, None, c, None, b, None, act, 64, 64, f"floor{path}", 1.0)
                                  for a, c, b in sets]
@@ -179,7 +147,6 @@ def main():
                         paths[path or "auto"] = f"{type(e).__name__}: {str(e)[:200]}"
                     finally:
                         configs.DECODE_PATH = ""
-                        restrict()
                 times = [v for v in paths.values() if isinstance(v, float)]
                 blast = min(times) if times else float("nan")
                 row = dict(shape=shape, sparsity=sp, m=m, live_mb=live_bytes / 1e6, floor_us=best, blast_us=blast,

@@ -204,14 +204,6 @@ def main(cases):
             run("decode_splitk", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
         finally:
             configs.DECODE_PATH = ""
-    if "decode_one" in cases:  # split-K decode in one launch (mlp_decode_one), lowered, TTIR for sm_90
-        one = [c for c in configs.DECODE_CONFIGS if c.early == configs.ONE_LAUNCH][:1]
-        configs.DECODE_PATH, saved = "splitk", (configs.DECODE_CONFIGS, configs.DECODE_GEMV_CONFIGS)
-        configs.DECODE_CONFIGS = configs.DECODE_GEMV_CONFIGS = one
-        try:
-            run("decode_one", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
-        finally:
-            configs.DECODE_PATH, (configs.DECODE_CONFIGS, configs.DECODE_GEMV_CONFIGS) = "", saved
     if "decode_pf" in cases:  # sliced decode with kernel 1 prefetching W2 (GPU-only: forced here), TTIR for sm_90
         from blast_compile.ops import decode
 

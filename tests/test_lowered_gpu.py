@@ -236,11 +236,9 @@ from torch._inductor.runtime.triton_heuristics import CachingAutotuner
 from blast_compile.testing import SwiGLU, sparsify_mlps_
 
 train = sys.argv[1] == "train"
-if sys.argv[1].startswith("splitk"):  # decode through split-K (its own kernels, the scratch passed by address)
+if sys.argv[1] == "splitk":  # decode through split-K (its own kernels, the scratch passed by address)
     from blast_compile.ops import configs
     configs.DECODE_PATH = "splitk"
-    one = [c for c in configs.DECODE_CONFIGS if (c.early == configs.ONE_LAUNCH) == (sys.argv[1] == "splitk_one")]
-    configs.DECODE_CONFIGS = configs.DECODE_GEMV_CONFIGS = one[:1]
 torch.manual_seed(0)
 m = torch.nn.Sequential(SwiGLU(128, 384), SwiGLU(128, 384)).cuda()
 sparsify_mlps_(m, 0.8, block=32)
@@ -285,7 +283,7 @@ print(json.dumps({"user": sorted({o.fn.__name__ for o in user}),
 """
 
 
-@pytest.mark.parametrize("case", ["infer", "train", "splitk", "splitk_one"])
+@pytest.mark.parametrize("case", ["infer", "train", "splitk"])
 def test_lowered_kernels_get_inductors_static_launcher(case):
     """Option ``static_launch`` (the default): Inductor launches blast's kernels -- decode, prefill, training forward
     and backward -- through its static launcher, as it launches its own (Triton's Python launcher costs more host
@@ -303,7 +301,7 @@ def test_lowered_kernels_get_inductors_static_launcher(case):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     expect = {"infer": {"mlp_hidden", "bsmm"}, "train": {"mlp_hidden", "bsmm", "mlp_hidden_bwd", "sddmm"},
-              "splitk": {"mlp_decode_in", "mlp_decode_dn"}, "splitk_one": {"mlp_decode_one"}}[case]
+              "splitk": {"mlp_decode_in", "mlp_decode_dn"}}[case]
     assert expect <= set(res["user"]), res
     assert not res["not_static"], res
 
@@ -366,18 +364,13 @@ def test_cpp_wrapper_runs_the_lowered_kernels():
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-@pytest.mark.parametrize("path", ["splitk", "splitk_one", "sliced_pf"])
+@pytest.mark.parametrize("path", ["splitk", "sliced_pf"])
 def test_lowered_decode_paths_match_eager(monkeypatch, mode, path):
     """Decode paths a lowered op takes when timed faster or asked (DECODE_PATH): split-K inside Inductor's code
-    (its plan's scratch passed by address; the GEMV at M = 1, the dots above), in two launches or one, and the
-    sliced decode whose kernel 1 prefetches W2 into L2; every decode M, then prefill, against eager; under CUDA
-    graphs too."""
+    (its plan's scratch passed by address; the GEMV at M = 1, the dots above) and the sliced decode whose kernel
+    1 prefetches W2 into L2; every decode M, then prefill, against eager; under CUDA graphs too."""
     from blast_compile.ops import configs
 
-    if path == "splitk_one":
-        path, one = "splitk", [c for c in configs.DECODE_CONFIGS if c.early == configs.ONE_LAUNCH][:1]
-        monkeypatch.setattr(configs, "DECODE_CONFIGS", one)
-        monkeypatch.setattr(configs, "DECODE_GEMV_CONFIGS", one)
     monkeypatch.setattr(configs, "DECODE_PATH", path)
     m = sparse_stack(torch.bfloat16, bias=True)
     cm = compiled(m, mode=mode)

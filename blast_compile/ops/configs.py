@@ -22,8 +22,7 @@ class SplitK(NamedTuple):
     in_blocks: int  # live in-blocks per kernel-1 program
     dn_blocks: int  # live down blocks per kernel-2 program
     num_warps: int
-    early: int  # kernel 2: 0 launched after kernel 1, 1 launched early (PDL), 2 early and prefetching W2 into L2,
-    # ONE_LAUNCH: both in one grid (``mlp_decode_one``; dn_blocks must be 1)
+    early: int  # kernel 2: 0 launched after kernel 1, 1 launched early (PDL), 2 early and prefetching W2 into L2
     of = classmethod(_of)
 
 
@@ -67,12 +66,8 @@ def _records(cls, configs):
 # (small chunks on few warps win: more programs = more blocks in flight and shorter serial tails; whether
 # PDL and the prefetch pay depends on the shape and M, so they are tuned too; 4-block chunks spill registers.
 # Measurements: NOTES_KERNELS.md, docs/history.md)
-# (ONE_LAUNCH: both kernels in one grid, kernel 2's W2 loads overlapping kernel 1 without PDL -- what a lowered op
-# cannot have otherwise)
-ONE_LAUNCH = 3
 DECODE_CONFIGS = _records(SplitK, [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1, 1, 1), (1, 1, 1, 0),
-                                   (2, 1, 2, 1), (2, 2, 2, 1), (1, 1, 2, ONE_LAUNCH), (1, 1, 4, ONE_LAUNCH),
-                                   (2, 1, 4, ONE_LAUNCH)])
+                                   (2, 1, 2, 1), (2, 2, 2, 1)])
 # sliced decode (``Slice``), tuned separately for both kernels
 # (2 stages, not 1: Triton's pipeliner then issues the next step's loads early; the list is the winners of a
 # sweep over many signatures, where 16-row slices won almost everywhere)
@@ -176,8 +171,7 @@ TMA = True
 GEMV_MAX_M = 1
 # ... and its configs (as DECODE_CONFIGS; one block per program on 2 warps won the sweep)
 DECODE_GEMV_CONFIGS = _records(SplitK, [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1, 1, 1, 2), (1, 1, 1, 0),
-                                        (1, 1, 4, 2), (2, 1, 4, 2), (2, 1, 2, 1), (1, 1, 2, ONE_LAUNCH),
-                                        (1, 1, 1, ONE_LAUNCH), (2, 1, 2, ONE_LAUNCH)])
+                                        (1, 1, 4, 2), (2, 1, 4, 2), (2, 1, 2, 1)])
 
 # decode path: "" (the fastest of sliced, split-K and sliced with W2 prefetched by kernel 1, timed once per shape;
 # an exported graph: of the sliced two), "sliced", "splitk" or "sliced_pf" (tests, comparisons)

@@ -39,8 +39,7 @@ def _chunks(plan, ch_in, ch_dn, device):
     """Decode work lists (built on the host from the CPU pattern, once per chunk size).
 
     ``in``/``dn``: (item, start, n) per chunk; ``dn_tot``: how many chunks its hidden column
-    has (the column's completion count); ``dn_need``: how many ``in`` chunks its hidden column has;
-    ``empty``: output blocks no live down block touches.
+    has (the column's completion count); ``empty``: output blocks no live down block touches.
     """
     key = ("chunks", ch_in, ch_dn)
     t = plan.cache.get(key)
@@ -52,18 +51,14 @@ def _chunks(plan, ch_in, ch_dn, device):
 def _build_chunks(plan, ch_in, ch_dn, device):
     p = plan.pattern
     t = {}
-    per_row = None
     for name, ptr, items, ch in (("in", p.in_rowptr, p.hidden_live.long(), ch_in),
                                  ("dn", p.dn_colptr, torch.arange(p.n_h), ch_dn)):
         item, start, n = _split(ptr, items, ch)
         t[name] = (item.to(device, torch.int32), start.to(device, torch.int32), n.to(device, torch.int32))
         t["n_" + name] = int(item.numel())
-        if name == "in":
-            per_row = torch.bincount(item, minlength=p.n_h)
-        else:
+        if name == "dn":
             per_col = torch.bincount(item, minlength=p.n_h)
             t["dn_tot"] = per_col[item].to(device, torch.int32)
-            t["dn_need"] = per_row[item].to(device, torch.int32)  # (the one-launch kernel waits for that many)
     empty = ((p.dn_rowptr[1:] - p.dn_rowptr[:-1]) == 0).nonzero().flatten()
     t["empty"] = empty.to(device, torch.int32) if empty.numel() else torch.zeros(1, device=device, dtype=torch.int32)
     t["n_empty"] = int(empty.numel())
@@ -130,10 +125,9 @@ def _decode_scratch(plan, device, gated, d_hidden, d_out, m):
 
 
 def _scratch_layout(plan, gated, d_hidden, d_out, m):
-    """Word offsets of (gu [m, (1|2) H], y32 [m, d_out], colcnt, outcnt, flag [m], done, and the one-launch
-    kernel's ready [n_h], ticket, done1) and the total."""
+    """Word offsets of (gu [m, (1|2) H], y32 [m, d_out], colcnt, outcnt, flag [m], done) and the total."""
     p = plan.pattern
-    sizes = (m * (2 if gated else 1) * d_hidden, m * d_out, max(1, p.n_h), max(1, p.n_out), m, 1, max(1, p.n_h), 1, 1)
+    sizes = (m * (2 if gated else 1) * d_hidden, m * d_out, max(1, p.n_h), max(1, p.n_out), m, 1)
     offs, at = [], 0
     for n in sizes:
         offs.append(at)
@@ -260,8 +254,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     DT = common["DTYPE"]
     w3_, off3 = (w3_, off3) if gated else (w1, off["in1"])
     b1_, b3_ = (x2d if b is None else b for b in (b1_, b3_))
-    scr, (o_gu, o_y32, o_col, o_out, o_flag, o_done, o_ready, o_ticket, o_done1) = _decode_scratch(
-        plan, x2d.device, gated, d_hidden, d_out, m)
+    scr, (o_gu, o_y32, o_col, o_out, o_flag, o_done) = _decode_scratch(plan, x2d.device, gated, d_hidden, d_out, m)
     s_gu, s_y = (2 if gated else 1) * d_hidden, d_out  # (row strides of gu and y32, in words)
     y = torch.empty(m, d_out, device=x2d.device, dtype=x2d.dtype)
     dot = m > C.GEMV_MAX_M
@@ -282,20 +275,6 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         early = pdl and mode > 0 and first and bool(ch["n_dn"])  # kernel 2 launched early
         pf, line = _prefetch_lines(w2, s2[1], p.bh, early and mode > 1)  # ... and prefetching W2
         try:
-            if mode == C.ONE_LAUNCH:
-                if cd != 1:
-                    raise ValueError(f"blast: a one-launch split-K config takes one down block a program, not {cd}")
-                cols, o1, o3 = _flat_in(ix, off, off3, ch, ci, p.n_in)
-                n_first = ch["n_in"] + ch["n_empty"]
-                mod.mlp_decode_one[(n_first + ch["n_dn"],)](
-                    x2d, x2d.stride(0), *scr_args, o_gu, s_gu, o_y32, s_y, m, d_in, d_hidden, d_out,
-                    w1, o1, s1[0], s1[1], w3_, o3, s3[0], s3[1], cols, ch["in"][0], ch["n_in"],
-                    y, y.stride(0), b1_, b3_, b2_, ch["empty"], n_first,
-                    w2, off["dn_csc"], s2[0], s2[1], ix.dn_rows, ix.dn_rowptr, *ch["dn"], ch["dn_tot"], ch["dn_need"],
-                    o_col, o_out, o_flag, o_done, p.n_out - ch["n_empty"], o_ready, o_ticket, o_done1,
-                    n_first + ch["n_dn"], CH=ci, HAS_B1=common["HAS_B1"], HAS_B3=common["HAS_B3"],
-                    HAS_B=b2 is not None, num_warps=nw, **dec)
-                return
             if first:
                 cols, o1, o3 = _flat_in(ix, off, off3, ch, ci, p.n_in)
                 grid = ch["n_in"] + ch["n_empty"]
@@ -325,8 +304,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
 
     kind, configs = ("decode2", C.DECODE_CONFIGS) if dot else ("decode2g", C.DECODE_GEMV_CONFIGS)
     if not pdl:  # (no PDL here: the early modes are the same launch)
-        configs = list(dict.fromkeys(C.SplitK.of(c)._replace(early=0) if C.SplitK.of(c).early < C.ONE_LAUNCH
-                                     else C.SplitK.of(c) for c in configs))
+        configs = list(dict.fromkeys(C.SplitK.of(c)._replace(early=0) for c in configs))
     run(tune._choose(kind, sig, m, configs, run, graph="cold", shape=(d_in, d_hidden, d_out), memo=plan.cache))
     return y
 
