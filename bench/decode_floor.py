@@ -83,6 +83,28 @@ def floor_fns(sets, offs, shape, per):
     return [one(*s) for s in sets], outs
 
 
+def split_y_only():
+    """Path ``sliced_split``: the sliced decode with ``bsmm`` tuned among its split configs only
+    (``configs.DECODE_SPLIT_CONFIGS``; persisted unsplit choices ignored, nothing stored). Returns the undo."""
+    from blast_compile import codegen
+
+    saved = configs.decode_y_configs, codegen.lookup_config, codegen.store_config
+    lookup = saved[1]
+
+    def lookup_config(key):
+        cfg = lookup(key)
+        return None if key.startswith("dec_y|") and cfg is not None and configs.Slice.of(cfg).split == 1 else cfg
+
+    configs.decode_y_configs = lambda: configs.DECODE_SPLIT_CONFIGS
+    codegen.lookup_config, codegen.store_config = lookup_config, lambda key, cfg: None
+    configs.DECODE_PATH = "sliced"
+
+    def undo():
+        configs.decode_y_configs, codegen.lookup_config, codegen.store_config = saved
+
+    return undo
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="llama3.2-1b,llama3.1-8b")
@@ -90,7 +112,8 @@ def main():
     ap.add_argument("--ms", default="1,8,16")
     ap.add_argument("--per", default="1,2,4", help="blocks per program of the floor kernel (the best is kept)")
     ap.add_argument("--paths", default=",sliced,splitk,sliced_pf",
-                    help="decode paths timed (configs.DECODE_PATH; '' = the tuner's choice)")
+                    help="decode paths timed (configs.DECODE_PATH; '' = the tuner's choice; sliced_split: the sliced "
+                         "decode with bsmm's reduction split over programs, configs.DECODE_SPLIT_CONFIGS)")
     ap.add_argument("--no-pdl", action="store_true",
                     help="no programmatic dependent launch (configs.PDL = False), as Inductor's code launches")
     ap.add_argument("--lowered", action="store_true",
@@ -135,6 +158,7 @@ def main():
                 paths = {}
                 for path in args.paths.split(","):
                     configs.DECODE_PATH = path
+                    undo = split_y_only() if path == "sliced_split" else (lambda: None)
                     try:  # (fresh plans per path: a plan remembers the path it chose)
                         plans = [weights_plan(None, a, None, c, None, b, None, act, 64, 64, f"floor{path}", 1.0)
                                  for a, c, b in sets]
@@ -147,6 +171,7 @@ def main():
                         paths[path or "auto"] = f"{type(e).__name__}: {str(e)[:200]}"
                     finally:
                         configs.DECODE_PATH = ""
+                        undo()
                 times = [v for v in paths.values() if isinstance(v, float)]
                 blast = min(times) if times else float("nan")
                 row = dict(shape=shape, sparsity=sp, m=m, live_mb=live_bytes / 1e6, floor_us=best, blast_us=blast,

@@ -204,6 +204,13 @@ def main(cases):
             run("decode_splitk", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
         finally:
             configs.DECODE_PATH = ""
+    if "decode_split_y" in cases:  # sliced decode, bsmm's reduction split over programs (scratch by address)
+        saved = configs.DECODE_SLICE_CONFIGS
+        configs.DECODE_PATH, configs.DECODE_SLICE_CONFIGS = "sliced", [configs.DECODE_SPLIT_CONFIGS[0]]
+        try:
+            run("decode_split_y", sparse_mlp(bias=True), [torch.randn(3, 64, dtype=h)])
+        finally:
+            configs.DECODE_PATH, configs.DECODE_SLICE_CONFIGS = "", saved
     if "decode_pf" in cases:  # sliced decode with kernel 1 prefetching W2 (GPU-only: forced here), TTIR for sm_90
         from blast_compile.ops import decode
 

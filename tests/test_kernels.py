@@ -23,7 +23,7 @@ from blast_compile.ops import backward as backward_ops, configs, decode as decod
 from blast_compile.ops.activations import dense_mlp
 from blast_compile.ops.sparse_mlp import _packed, weights_plan
 from blast_compile.testing import SwiGLU, random_block_mask
-from conftest import force_splitk, skip_if_old_interpreter, tol
+from conftest import force_split_y, force_splitk, skip_if_old_interpreter, tol
 
 INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -658,6 +658,23 @@ def test_interp_decode_splitk(gemv, monkeypatch):
 
 
 @interp
+@pytest.mark.parametrize("cfg", [(16, 1, 4, 2, 4), (16, 2, 4, 2, 3)])
+def test_interp_decode_split_y(cfg, monkeypatch):
+    """The sliced decode's ``bsmm`` with each row slice's reduction split over programs (fp32 partial sums in a
+    scratch slot each, the last program of a slice adding them in slot order): eager's answer, bitwise repeatable
+    (no atomics on values), its counters zero after every call, NaN rows, the M = 16/17 tile border, plain MLPs."""
+    force_split_y(monkeypatch, cfg)
+    plan = check_decode_repeat("cpu", torch.float32, 96, 160, (16, 16), (1, 3, 17, 1, 3), 6, sparsity=0.5)
+    ((buf, offs),) = [v for k, v in plan.cache.items() if isinstance(k, tuple) and k[0] == "dec_scratch_y"]
+    assert not buf[offs[1]:].any() and buf[:offs[1]].any()  # counters zero again; partial sums were written
+    p = plan.pattern
+    assert int((p.dn_rowptr[1:] - p.dn_rowptr[:-1]).max()) > cfg[1] * cfg[4]  # rows long enough for every part
+    check_nonfinite(1, "cpu", torch.float32, (16, 16), d=96, h=160, sparsity=0.5)
+    check_nonfinite(20, "cpu", torch.float32, (16, 16), d=96, h=160, sparsity=0.5)
+    check_forward(5, 48, 96, False, True, "relu", torch.float32, (16, 16), "cpu")
+
+
+@interp
 def test_interp_decode_split_k_scratch_by_address(monkeypatch):
     """A lowered op's split-K (its compile-time warm-up runs it as the graph will) passes the kernels its plan's
     scratch by address, two 31-bit ints they turn into a pointer: right every call, the scratch zero again after
@@ -1273,6 +1290,38 @@ def test_gpu_decode_splitk_configs(gemv, cfg, monkeypatch):
     chunk tables: right, and called again right (its scratch was re-zeroed)."""
     force_splitk(monkeypatch, GEMV_MAX_M=gemv, **{"DECODE_GEMV_CONFIGS" if gemv else "DECODE_CONFIGS": [cfg]})
     check_decode_repeat("cuda", torch.bfloat16, 200, 520, (64, 32), (1, 1, 1), 3, bitwise=False, sparsity=0.7)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", [(16, 4, 4, 2, 2), (16, 2, 4, 2, 4), (16, 1, 4, 3, 4), (32, 2, 4, 2, 8)])
+def test_gpu_decode_split_y(cfg, monkeypatch):
+    """The sliced decode with ``bsmm``'s reduction split over programs: eager's answer at every decode M, bitwise
+    repeatable over 60 calls on one plan (biases, ragged (64, 32) blocks, dead rows), NaN rows, and on an
+    8B-sized MLP (a grid of many waves) under CUDA-graph replay with fresh inputs, the same bits as eager calls."""
+    force_split_y(monkeypatch, cfg)
+    check_decode_repeat("cuda", torch.bfloat16, 200, 520, (64, 32), (1, 16, 3, 32, 7), 60, sparsity=0.7)
+    check_nonfinite(16, "cuda", torch.bfloat16, (64, 64), sparsity=0.7)
+    p = make(4096, 14336, gated=True, bias=False, dtype=torch.bfloat16, block=(64, 64), device="cuda",
+             sparsity=0.9, tied=True)
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    plan = plan_for(x, p, "silu", (64, 64))
+    y = triton_mlp.forward(x, *args(p), plan, "silu")
+    torch.testing.assert_close(y, dense_mlp(x, *args(p), "silu"), **tol(torch.bfloat16))
+    assert [k for k in plan.cache if isinstance(k, tuple) and k[0] == "dec_scratch_y"]
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        triton_mlp.forward(x, *args(p), plan, "silu")
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = triton_mlp.forward(x, *args(p), plan, "silu")
+    for _ in range(20):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        assert torch.equal(out, triton_mlp.forward(x, *args(p), plan, "silu"))
+        torch.testing.assert_close(out, dense_mlp(x, *args(p), "silu"), **tol(torch.bfloat16))
 
 
 @gpu

@@ -364,13 +364,19 @@ def test_cpp_wrapper_runs_the_lowered_kernels():
 
 
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"])
-@pytest.mark.parametrize("path", ["splitk", "sliced_pf"])
+@pytest.mark.parametrize("path", ["splitk", "sliced_pf", "sliced_split"])
 def test_lowered_decode_paths_match_eager(monkeypatch, mode, path):
     """Decode paths a lowered op takes when timed faster or asked (DECODE_PATH): split-K inside Inductor's code
-    (its plan's scratch passed by address; the GEMV at M = 1, the dots above) and the sliced decode whose kernel
-    1 prefetches W2 into L2; every decode M, then prefill, against eager; under CUDA graphs too."""
+    (its plan's scratch passed by address; the GEMV at M = 1, the dots above), the sliced decode whose kernel
+    1 prefetches W2 into L2, and the sliced decode whose ``bsmm`` splits its reduction (its scratch by address too);
+    every decode M, then prefill, against eager; under CUDA graphs too."""
     from blast_compile.ops import configs
 
+    if path == "sliced_split":
+        from conftest import force_split_y
+
+        force_split_y(monkeypatch, configs.DECODE_SPLIT_CONFIGS[1])
+        path = "sliced"
     monkeypatch.setattr(configs, "DECODE_PATH", path)
     m = sparse_stack(torch.bfloat16, bias=True)
     cm = compiled(m, mode=mode)

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def traces():
     cases = ["prefill", "decode", "dynamic", "train", "train_plain", "train_pre", "autocast", "export",
              "export_dynamic", "export_hf", "packed", "decode_splitk", "decode_pf", "decode_splitk_pf",
-             "train_plain_autocast"]
+             "train_plain_autocast", "decode_split_y"]
     out = subprocess.run([sys.executable, os.path.join(HERE, "_trace_lowered.py"), *cases], capture_output=True,
                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": os.path.dirname(HERE)})
     lines = [json.loads(s) for s in out.stdout.splitlines() if s.startswith("{")]
@@ -39,6 +39,15 @@ def test_split_k_decode_lowered_takes_its_scratch_by_address(traces):
     AOTAutograd's analysis of what they store to exact)."""
     (g,) = traces["decode_splitk"]["fw"]
     assert kernels(g) == ["mlp_decode_in", "mlp_decode_dn"] and g["fills"] == [], g
+    assert not g["writes_input"] and not g["copies"], g
+
+
+def test_split_y_decode_lowered_takes_its_scratch_by_address(traces):
+    """The sliced decode whose ``bsmm`` splits each row slice's reduction over programs: its scratch (partial sums,
+    counters the kernel leaves zero) is the plan's, passed by address like split-K's -- the two kernels, no fill,
+    nothing written or copied that Inductor sees."""
+    (g,) = traces["decode_split_y"]["fw"]
+    assert kernels(g) == ["mlp_hidden", "bsmm"] and g["fills"] == [], g
     assert not g["writes_input"] and not g["copies"], g
 
 

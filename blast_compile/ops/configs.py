@@ -32,6 +32,7 @@ class Slice(NamedTuple):
     blocks: int  # blocks per unrolled step (CH)
     num_warps: int
     num_stages: int
+    split: int = 1  # bsmm only: programs sharing a row slice's reduction (SPLIT)
     of = classmethod(_of)
 
 
@@ -73,6 +74,18 @@ DECODE_CONFIGS = _records(SplitK, [(1, 1, 2, 2), (1, 1, 2, 1), (1, 1, 2, 0), (1,
 # sweep over many signatures, where 16-row slices won almost everywhere)
 DECODE_SLICE_CONFIGS = _records(Slice, [(16, 4, 4, 2), (16, 1, 4, 3), (16, 2, 4, 2), (16, 4, 8, 2), (32, 4, 4, 2),
                                         (16, 8, 4, 2), (32, 1, 4, 3), (16, 4, 4, 3)])
+# ... the sliced bsmm with each row slice's reduction split over programs (``Slice.split``): a short output dimension
+# (64 block rows at 8B) otherwise gives kernel 2 a fraction of a wave (BENCHMARKS.md, "Decode against its byte
+# floor"). Weighed by the tuner only with DECODE_SPLIT_Y, until timed on a GPU
+DECODE_SPLIT_CONFIGS = _records(Slice, [(16, 4, 4, 2, 2), (16, 2, 4, 2, 4), (16, 4, 4, 2, 4), (16, 1, 4, 3, 4),
+                                        (16, 2, 4, 2, 8)])
+DECODE_SPLIT_Y = False
+
+
+def decode_y_configs():
+    """The sliced decode's ``bsmm`` configs the tuner weighs."""
+    return DECODE_SLICE_CONFIGS + (DECODE_SPLIT_CONFIGS if DECODE_SPLIT_Y else [])
+
 # prefill (``Tile``); variant 1, wide: one 128-wide gate|up dot per step, and two live
 # blocks (or dA|dU) per down/dX step -- K = 128 (template: _in_proj_wide, _bsmm_step_wide)
 # (1-2 stages: at small d most hidden blocks have one live in-block, so a program is one step and

@@ -112,16 +112,35 @@ def _decode_scratch(plan, device, gated, d_hidden, d_out, m):
     A lowered op passes the kernels its address (an int: ``buf`` is then that int): a graph buffer its kernels
     wrote would be cloned around them, and a fresh one per call would need a fill launch. Where the graph
     outlives this process (``torch.export``: ``launch.one_graph``) it zeroes a fresh one per call instead."""
+    return _plan_scratch(plan, _scratch_key(device, gated, d_hidden, d_out), device,
+                         lambda rows: _scratch_layout(plan, gated, d_hidden, d_out, rows), m)
+
+
+def _plan_scratch(plan, key, device, layout, m):
+    """A scratch the kernels leave zero ``(buf or its address, offsets)``, kept in ``plan.cache[key]`` (``layout(rows)``:
+    its word offsets and size for that many rows; kept for ``DECODE_MAX_M``); see ``_decode_scratch``."""
     if lowered() and launch.one_graph():
-        offs, n = _scratch_layout(plan, gated, d_hidden, d_out, m)
+        offs, n = layout(m)
         return torch.zeros(n, device=device, dtype=torch.int32), offs
-    key = _scratch_key(device, gated, d_hidden, d_out)
     t = plan.cache.get(key)
     if t is None:
-        offs, n = _scratch_layout(plan, gated, d_hidden, d_out, codegen.DECODE_MAX_M)
+        offs, n = layout(codegen.DECODE_MAX_M)
         t = plan.cache[key] = _Scratch(outside_graph_pool(
             lambda: torch.zeros(n, device=device, dtype=torch.int32), device), offs)
     return (t.buf.data_ptr() if lowered() else t.buf), t.offs
+
+
+def _split_key(device, n_slices, split, bs):
+    return ("dec_scratch_y", str(device), n_slices, split, bs)
+
+
+def _split_scratch(plan, device, n_slices, split, bs, m):
+    """The split ``bsmm``'s scratch: fp32 partial sums, a [BM, bs] slot per program (BM: the decode tile's rows), and
+    one int32 counter per output row slice, zero at rest (``bsmm`` SPLIT)."""
+    def layout(rows):
+        bm = 16 if rows <= 16 else 32
+        return (0, n_slices * split * bm * bs), n_slices * split * bm * bs + n_slices
+    return _plan_scratch(plan, _split_key(device, n_slices, split, bs), device, layout, m)
 
 
 def _scratch_layout(plan, gated, d_hidden, d_out, m):
@@ -352,7 +371,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     pdl = _pdl_ok(x2d.device)
 
     def run_h(cfg):
-        bs, ch, nw, ns = C.Slice.of(cfg)
+        bs, ch, nw, ns, _ = C.Slice.of(cfg)
         bs = min(bs, p.bh)
         programs = n_live * (p.bh // bs)
         pf_in, pf_in_kw = _prefetch_args(w2, off["dn_csr"], s2, p, programs) if prefetch else ((None, None, 0, 0), {})
@@ -365,10 +384,16 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     pf, line = _prefetch_lines(w2, s2[1], p.bh, pdl and bool(n_live))
 
     def run_y(cfg):
-        bs, ch, nw, ns = C.Slice.of(cfg)
+        bs, ch, nw, ns, split = C.Slice.of(cfg)
         bs = min(bs, p.bd)
         kw = dict(launch_pdl=True) if (pdl and n_live) else {}
-        mod.bsmm[(1, p.n_out * (p.bd // bs))](
+        n_slices = p.n_out * (p.bd // bs)
+        if split > 1:  # (each slice's reduction over `split` programs: partial sums in a scratch, counted)
+            scr, (o_part, o_cnt) = _split_scratch(plan, x2d.device, n_slices, split, bs, m)
+            by_addr = isinstance(scr, int)
+            kw.update(scr_ptr=scr & 0x7FFFFFFF if by_addr else scr, scr_hi=scr >> 31 if by_addr else 0,
+                      part_off=o_part, cnt_off=o_cnt, SPLIT=split, SCR_ADDR=by_addr)
+        mod.bsmm[(1, n_slices * split)](
             h, h.stride(0), None, y, y.stride(0), b2, flag, n_sl, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], None, None, s2[0], s2[1],
             ix.dn_rowptr, ix.dn_cols, ix.order_o, None, None, None, None,
@@ -379,6 +404,10 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     if n_live:  # (else: nothing to launch, nothing to tune)
         run_h(tune._choose("dec_hpf" if prefetch else "dec_h", sig, m, C.DECODE_SLICE_CONFIGS, run_h, graph="cold",
                            shape=(d_in, d_hidden, d_out), memo=plan.cache))
-    run_y(tune._choose("dec_y", sig, m, C.DECODE_SLICE_CONFIGS, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
-                  memo=plan.cache))
+    cfg = tune._choose("dec_y", sig, m, C.decode_y_configs, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
+                       memo=plan.cache)
+    run_y(cfg)
+    if C.Slice.of(cfg).split == 1:  # (timing the split configs made their scratch; of no use to this plan now)
+        for k in [k for k in plan.cache if isinstance(k, tuple) and k[:1] == ("dec_scratch_y",)]:
+            del plan.cache[k]
     return y
