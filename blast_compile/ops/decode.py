@@ -135,12 +135,10 @@ def _split_key(device, n_slices, split, bs):
 
 
 def _split_scratch(plan, device, n_slices, split, bs, m):
-    """The split ``bsmm``'s scratch: fp32 partial sums, a [BM, bs] slot per program (BM: the decode tile's rows), and
-    one int32 counter per output row slice, zero at rest (``bsmm`` SPLIT)."""
-    def layout(rows):
-        bm = 16 if rows <= 16 else 32
-        return (0, n_slices * split * bm * bs), n_slices * split * bm * bs + n_slices
-    return _plan_scratch(plan, _split_key(device, n_slices, split, bs), device, layout, m)
+    """The split ``bsmm``'s scratch: fp32 partial sums, a [BM, bs] slot per program, and one int32 counter per output
+    row slice, zero at rest (``bsmm`` SPLIT)."""
+    n = n_slices * split * 32 * bs  # (slots for the larger decode tile, BM = 32: no guard on a symbolic M)
+    return _plan_scratch(plan, _split_key(device, n_slices, split, bs), device, lambda rows: ((0, n), n + n_slices), m)
 
 
 def _scratch_layout(plan, gated, d_hidden, d_out, m):
