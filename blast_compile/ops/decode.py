@@ -130,15 +130,17 @@ def _plan_scratch(plan, key, device, layout, m):
     return (t.buf.data_ptr() if lowered() else t.buf), t.offs
 
 
-def _split_key(device, n_slices, split, bs):
-    return ("dec_scratch_y", str(device), n_slices, split, bs)
-
-
-def _split_scratch(plan, device, n_slices, split, bs, m):
+def _split_scratch(plan, device, split, m):
     """The split ``bsmm``'s scratch: fp32 partial sums, a [BM, bs] slot per program, and one int32 counter per output
-    row slice, zero at rest (``bsmm`` SPLIT)."""
-    n = n_slices * split * 32 * bs  # (slots for the larger decode tile, BM = 32: no guard on a symbolic M)
-    return _plan_scratch(plan, _split_key(device, n_slices, split, bs), device, lambda rows: ((0, n), n + n_slices), m)
+    row slice, zero at rest (``bsmm`` SPLIT). Slots for BM = 32 (no guard on a symbolic M) and any slice width
+    (n_out * bd * split * 32 words whatever bs is; n_out * bd counters at most), for up to 8 parts: one scratch serves
+    every split config a plan times (kernels of one plan run one after another), and it is never freed while the
+    plan lives (a lowered graph keeps its address)."""
+    p = plan.pattern
+    top = max(8, split)
+    n = p.n_out * p.bd * top * 32
+    return _plan_scratch(plan, ("dec_scratch_y", str(device), top), device,
+                         lambda rows: ((0, n), n + p.n_out * p.bd), m)
 
 
 def _scratch_layout(plan, gated, d_hidden, d_out, m):
@@ -387,7 +389,7 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         kw = dict(launch_pdl=True) if (pdl and n_live) else {}
         n_slices = p.n_out * (p.bd // bs)
         if split > 1:  # (each slice's reduction over `split` programs: partial sums in a scratch, counted)
-            scr, (o_part, o_cnt) = _split_scratch(plan, x2d.device, n_slices, split, bs, m)
+            scr, (o_part, o_cnt) = _split_scratch(plan, x2d.device, split, m)
             by_addr = isinstance(scr, int)
             kw.update(scr_ptr=scr & 0x7FFFFFFF if by_addr else scr, scr_hi=scr >> 31 if by_addr else 0,
                       part_off=o_part, cnt_off=o_cnt, SPLIT=split, SCR_ADDR=by_addr)
@@ -402,10 +404,6 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     if n_live:  # (else: nothing to launch, nothing to tune)
         run_h(tune._choose("dec_hpf" if prefetch else "dec_h", sig, m, C.DECODE_SLICE_CONFIGS, run_h, graph="cold",
                            shape=(d_in, d_hidden, d_out), memo=plan.cache))
-    cfg = tune._choose("dec_y", sig, m, C.decode_y_configs, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
-                       memo=plan.cache)
-    run_y(cfg)
-    if C.Slice.of(cfg).split == 1:  # (timing the split configs made their scratch; of no use to this plan now)
-        for k in [k for k in plan.cache if isinstance(k, tuple) and k[:1] == ("dec_scratch_y",)]:
-            del plan.cache[k]
+    run_y(tune._choose("dec_y", sig, m, C.decode_y_configs, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
+                       memo=plan.cache))
     return y
