@@ -11,6 +11,11 @@ for mode in ("sliced", "splitk"):  # both decode paths
 for cfg in ((2, 1, 2, 2), (1, 1, 2, 0)):  # split-K's M=1 GEMV: flat tables with padding; early or not
     configs.DECODE_GEMV_CONFIGS = [cfg]
     check_forward(1, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7)
+configs.DECODE_PATH, saved = "sliced", configs.DECODE_SLICE_CONFIGS  # the sliced bsmm's split reduction
+configs.DECODE_SLICE_CONFIGS = [configs.Slice(16, 2, 4, 2, 4)]
+for m in (3, 20):  # both decode tiles (BM 16 / 32)
+    check_forward(m, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7)
+configs.DECODE_SLICE_CONFIGS = saved
 configs.DECODE_PATH = ""
 check_forward(70, 200, 520, True, True, "silu", torch.bfloat16, (64, 32), "cuda", sparsity=0.7)
 check_backward(70, 192, 448, True, True, "silu", torch.bfloat16, (64, 32), "cuda", declare=True, sparsity=0.7)
