@@ -76,26 +76,27 @@ def skip_if_old_interpreter():
         pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run range(tl.program_id(...), ...)")
 
 
-def force_split_y(monkeypatch, cfg):
-    """The sliced decode with ``bsmm`` splitting each row slice's reduction (``cfg``: a ``Slice`` tuple with
-    split > 1): no tuning, no persisted choice."""
+def force_decode(monkeypatch, path, **configs):
+    """Decode path ``path`` with exactly the given ``ops.configs`` values (e.g. ``DECODE_GEMV_CONFIGS=[cfg]``,
+    ``GEMV_MAX_M=0``): no tuning, no persisted choice, so the first config of each list is the one launched."""
     from blast_compile import codegen
     from blast_compile.ops import configs as C
 
-    monkeypatch.setattr(C, "DECODE_PATH", "sliced")
-    monkeypatch.setenv("BLAST_TUNE", "0")
-    monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
-    monkeypatch.setattr(C, "DECODE_SLICE_CONFIGS", [C.Slice(*cfg)])
-
-
-def force_splitk(monkeypatch, **configs):
-    """Split-K decode with exactly the given launch config lists (e.g. ``DECODE_GEMV_CONFIGS=[cfg]``,
-    ``GEMV_MAX_M=0``): no tuning, no persisted choice, so the first config is the one launched."""
-    from blast_compile import codegen
-    from blast_compile.ops import configs as C
-
-    monkeypatch.setattr(C, "DECODE_PATH", "splitk")
+    monkeypatch.setattr(C, "DECODE_PATH", path)
     monkeypatch.setenv("BLAST_TUNE", "0")
     monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
     for name, value in configs.items():
         monkeypatch.setattr(C, name, value)
+
+
+def force_split_y(monkeypatch, cfg):
+    """The sliced decode with ``bsmm`` splitting each row slice's reduction (``cfg``: a ``Slice`` tuple with
+    split > 1)."""
+    from blast_compile.ops import configs as C
+
+    force_decode(monkeypatch, "sliced", DECODE_SLICE_CONFIGS=[C.Slice(*cfg)])
+
+
+def force_splitk(monkeypatch, **configs):
+    """Split-K decode with exactly the given launch config lists (``force_decode``)."""
+    force_decode(monkeypatch, "splitk", **configs)
