@@ -28,6 +28,7 @@ import threading
 
 import torch
 import triton
+from triton.runtime.interpreter import InterpretedFunction
 
 log = logging.getLogger("blast_compile.ops")
 
@@ -220,6 +221,11 @@ class Kernel:
         self.compiled[key] = entry
 
 
+# (interpreted kernels too: a ``compile_only`` launch must not run them -- the tuner's threads would run candidates
+# at once on one scratch)
+_KERNEL_TYPES = (triton.runtime.jit.JITFunction, InterpretedFunction)
+
+
 class Module:
     """A generated kernel module whose ``@triton.jit`` functions launch through ``Kernel``."""
 
@@ -231,5 +237,5 @@ class Module:
         k = self._kernels.get(name)
         if k is None:
             fn = getattr(self._mod, name)
-            k = self._kernels[name] = Kernel(fn) if isinstance(fn, triton.runtime.jit.JITFunction) else fn
+            k = self._kernels[name] = Kernel(fn) if isinstance(fn, _KERNEL_TYPES) else fn
         return k
