@@ -706,6 +706,7 @@ def test_interp_decode_path_choice_keeps_split_k_scratch_only_if_chosen(faster, 
 
     for name in ("DECODE_SLICE_CONFIGS", "DECODE_CONFIGS", "DECODE_GEMV_CONFIGS"):
         monkeypatch.setattr(configs, name, getattr(configs, name)[:1])
+    monkeypatch.setattr(configs, "DECODE_SPLIT_Y", False)
     monkeypatch.setattr(tune, "_may_tune", lambda: True)
     monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
     monkeypatch.setattr(codegen, "store_config", lambda key, cfg: None)
@@ -726,6 +727,85 @@ def test_interp_decode_path_choice_keeps_split_k_scratch_only_if_chosen(faster, 
     assert len(timed) == 2 and ran[2:] == [faster, faster], ran  # timed both once, then the faster one twice
     kept = [k for k in plan.cache if isinstance(k, tuple) and k[:1] == ("dec_scratch",)]
     assert bool(kept) == (faster == "splitk"), kept
+
+
+@interp
+def test_interp_compile_only_launches_run_nothing():
+    """Under the interpreter too a ``compile_only`` launch (the tuner's compile threads) runs nothing: run, two
+    candidates on two threads would share one scratch at once (a split ``bsmm``'s counters then go wrong)."""
+    import types
+
+    import triton
+    import triton.language as tl
+
+    from blast_compile.ops import launch
+
+    @triton.jit
+    def one(out_ptr):
+        tl.store(out_ptr + tl.arange(0, 4), tl.full((4,), 1.0, tl.float32))
+
+    mod = launch.Module(types.SimpleNamespace(one=one))
+    out = torch.zeros(4)
+    with launch.compile_only():
+        mod.one[(1,)](out)
+    assert not out.any()
+    mod.one[(1,)](out)
+    assert out.eq(1).all()
+
+
+def _tuning_on(monkeypatch, times):
+    """Tuning on with fake timings (``times``, in the order things are timed); nothing persisted."""
+    from blast_compile import codegen
+    from blast_compile.ops import tune
+
+    monkeypatch.setattr(tune, "_may_tune", lambda: True)
+    monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
+    monkeypatch.setattr(codegen, "store_config", lambda key, cfg: None)
+    it = iter(times)
+    monkeypatch.setattr(tune, "_graph_time", lambda fn, **kw: (fn(), next(it))[1])
+
+
+@interp
+@pytest.mark.parametrize("split_wins", [False, True])
+def test_interp_split_y_scratch_stays_only_if_a_split_config_is_chosen(split_wins, monkeypatch):
+    """The sliced decode's ``bsmm`` tuned between an unsplit and a split config: the split one's scratch, made
+    while timing it, stays only if it was chosen; the answer is eager's either way."""
+    monkeypatch.setattr(configs, "DECODE_PATH", "sliced")
+    monkeypatch.setattr(configs, "DECODE_SLICE_CONFIGS", configs.DECODE_SLICE_CONFIGS[:1])
+    monkeypatch.setattr(configs, "DECODE_SPLIT_CONFIGS", configs.DECODE_SPLIT_CONFIGS[1:2])
+    _tuning_on(monkeypatch, [2.0, 1.0] if split_wins else [1.0, 2.0])  # (unsplit, split)
+    plan = check_decode_repeat("cpu", torch.float32, 40, 80, (32, 16), (1, 1), 2, sparsity=0.5)
+    kept = [k for k in plan.cache if isinstance(k, tuple) and k[:1] == ("dec_scratch_y",)]
+    assert bool(kept) == split_wins, kept
+
+
+@interp
+def test_interp_scratch_a_graph_used_is_never_freed(monkeypatch):
+    """Split-K run for real (DECODE_PATH forced, as a compiled graph that holds its scratch's address would have
+    run it), then the path timed on the same plan with the sliced decode faster: split-K's scratch stays, the same
+    buffer."""
+    from blast_compile.ops import decode
+
+    monkeypatch.setattr(configs, "DECODE_PATH", "splitk")
+    for name in ("DECODE_SLICE_CONFIGS", "DECODE_CONFIGS", "DECODE_GEMV_CONFIGS"):
+        monkeypatch.setattr(configs, name, getattr(configs, name)[:1])
+    monkeypatch.setattr(configs, "DECODE_SPLIT_Y", False)
+    p = make(40, 80, gated=True, bias=True, dtype=torch.float32, block=(32, 16), sparsity=0.5, dead_rows=True)
+    plan = plan_for(torch.zeros(1, 40), p, "silu", (32, 16))
+
+    def check():
+        x = torch.randn(1, 40)
+        torch.testing.assert_close(triton_mlp.forward(x, *args(p), plan, "silu"), dense_mlp(x, *args(p), "silu"),
+                                   **tol(torch.float32))
+
+    check()
+    (buf,) = [v.buf for k, v in plan.cache.items() if isinstance(k, tuple) and k[0] == "dec_scratch"]
+    monkeypatch.setattr(configs, "DECODE_PATH", "")
+    _tuning_on(monkeypatch, [1.0, 2.0])  # (sliced, splitk)
+    check()
+    assert [v for k, v in plan.cache.items() if isinstance(k, tuple) and k[0] == "dec_path"] == ["sliced"]
+    (kept,) = [v.buf for k, v in plan.cache.items() if isinstance(k, tuple) and k[0] == "dec_scratch"]
+    assert kept is buf
 
 
 @interp

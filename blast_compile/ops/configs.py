@@ -76,10 +76,11 @@ DECODE_SLICE_CONFIGS = _records(Slice, [(16, 4, 4, 2), (16, 1, 4, 3), (16, 2, 4,
                                         (16, 8, 4, 2), (32, 1, 4, 3), (16, 4, 4, 3)])
 # ... the sliced bsmm with each row slice's reduction split over programs (``Slice.split``): a short output dimension
 # (64 block rows at 8B) otherwise gives kernel 2 a fraction of a wave (BENCHMARKS.md, "Decode against its byte
-# floor"). Weighed by the tuner only with DECODE_SPLIT_Y, until timed on a GPU
+# floor": it wins at M = 8-16 where the output dimension is short). Weighed with the others unless DECODE_SPLIT_Y
+# is off
 DECODE_SPLIT_CONFIGS = _records(Slice, [(16, 4, 4, 2, 2), (16, 2, 4, 2, 4), (16, 4, 4, 2, 4), (16, 1, 4, 3, 4),
                                         (16, 2, 4, 2, 8)])
-DECODE_SPLIT_Y = False
+DECODE_SPLIT_Y = True
 
 
 def decode_y_configs():

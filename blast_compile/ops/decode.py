@@ -252,16 +252,40 @@ def _pick(args, paths, mode, tag):
     if choice is None:
         if not tune._may_tune():
             return _decode_sliced(*args)
-        times = {name: tune._graph_time(lambda f=f: f(*args)) for name, f in paths.items()}
+        times = _time_paths(args, paths, plan)
         choice = [min(times, key=times.get)]
         codegen.store_config(key, choice)
         log.info("blast: decode path %s -> %s (%s)", key, choice[0],
                  ", ".join(f"{k} {v:.1f} us" for k, v in times.items()))
     plan.cache[mk] = choice[0]
-    if "splitk" not in [v for k, v in plan.cache.items() if isinstance(k, tuple) and k[:1] == ("dec_path",)]:
-        for k in [k for k in plan.cache if isinstance(k, tuple) and k[:1] == ("dec_scratch",)]:
-            del plan.cache[k]  # (timing split-K made its scratch: megabytes a layer, of no use to this plan now)
     return paths[choice[0]](*args)
+
+
+def _time_paths(args, paths, plan):
+    """Each path's time (CUDA graphs); what their runs use is not marked as used (``_ran``)."""
+    plan.cache["dec_timing"] = True
+    try:
+        return {name: tune._graph_time(lambda f=f: f(*args)) for name, f in paths.items()}
+    finally:
+        del plan.cache["dec_timing"]
+
+
+def _ran(plan, scratch):
+    """A call ran (not timed: ``_time_paths``) kernels that use the plan's ``scratch``: it stays while the plan
+    lives, since a lowered graph holds its address."""
+    if not plan.cache.get("dec_timing"):
+        plan.cache[("ran", scratch)] = True
+
+
+def _drop_idle_scratch(plan):
+    """Free the scratch (megabytes a layer) that only timing used -- split-K's when another path won, the split
+    ``bsmm``'s when an unsplit config did."""
+    if plan.cache.get("dec_timing"):
+        return
+    for name in ("dec_scratch", "dec_scratch_y"):
+        if not plan.cache.get(("ran", name)):
+            for k in [k for k in plan.cache if isinstance(k, tuple) and k[:1] == (name,)]:
+                del plan.cache[k]
 
 
 def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s1, s2, s3, w1, w2, w3_, off3, b1_,
@@ -325,6 +349,8 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     if not pdl:  # (no PDL here: the early modes are the same launch)
         configs = list(dict.fromkeys(C.SplitK.of(c)._replace(early=0) for c in configs))
     run(tune._choose(kind, sig, m, configs, run, graph="cold", shape=(d_in, d_hidden, d_out), memo=plan.cache))
+    _ran(plan, "dec_scratch")
+    _drop_idle_scratch(plan)
     return y
 
 
@@ -404,6 +430,10 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     if n_live:  # (else: nothing to launch, nothing to tune)
         run_h(tune._choose("dec_hpf" if prefetch else "dec_h", sig, m, C.DECODE_SLICE_CONFIGS, run_h, graph="cold",
                            shape=(d_in, d_hidden, d_out), memo=plan.cache))
-    run_y(tune._choose("dec_y", sig, m, C.decode_y_configs, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
-                       memo=plan.cache))
+    cfg = tune._choose("dec_y", sig, m, C.decode_y_configs, run_y, graph="cold", shape=(d_in, d_hidden, d_out),
+                       memo=plan.cache)
+    run_y(cfg)
+    if C.Slice.of(cfg).split > 1:
+        _ran(plan, "dec_scratch_y")
+    _drop_idle_scratch(plan)
     return y
