@@ -23,12 +23,7 @@ On CPU a package holds the dense graph: the fused CPU op is Python, which AOTInd
 """
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import subprocess
-import sys
-import tempfile
 from typing import Mapping, Optional, Tuple
 
 import torch
@@ -97,79 +92,9 @@ def aoti_package(model, args: Tuple, package_path: str, kwargs: Optional[Mapping
     """Export ``model`` (``export``) and compile it with AOTInductor into ``package_path`` (a ``.pt2``);
     returns the path. Load it with ``torch._inductor.aoti_load_package``."""
     ep = export(model, args, kwargs, dynamic_shapes=dynamic_shapes, options=options)
-    link_dir = _libstdcxx_link_dir(_compiler(inductor_configs))
-    with launch.one_graph_for_all_rows(), _library_path(link_dir):  # (Inductor traces into blast::mlp again)
+    with launch.one_graph_for_all_rows():  # (Inductor traces into blast::mlp again)
         return torch._inductor.aoti_compile_and_package(ep, package_path=package_path,
                                                         inductor_configs=inductor_configs)
-
-
-def _compiler(inductor_configs) -> Optional[str]:
-    """The C++ compiler AOTInductor will run (``cpp.cxx`` of ``inductor_configs``, else Inductor's choice)."""
-    cxx = (inductor_configs or {}).get("cpp.cxx")
-    if cxx:
-        return cxx[0] if isinstance(cxx, (tuple, list)) else cxx
-    try:
-        from torch._inductor.cpp_builder import get_cpp_compiler
-
-        return get_cpp_compiler()
-    except Exception:  # (no compiler: AOTInductor will say so itself)
-        return None
-
-
-def _libstdcxx_link_dir(cxx) -> Optional[str]:
-    """Where ``cxx`` finds no ``libstdc++.so`` (a GCC without its development link), a new directory holding one
-    that points at the libstdc++ this process runs on; else None.
-
-    Such a GCC links ``libstdc++.a`` into the package instead: the package then carries its own copy of libstdc++'s
-    locale code, which does not match the process's, and loading it has crashed (``std::regex`` in the package's
-    constructor; BENCHMARKS.md, "AOTInductor"). With the directory on ``LIBRARY_PATH`` the link takes the shared
-    library, as it does on a complete toolchain."""
-    if cxx is None or not sys.platform.startswith("linux"):
-        return None
-    try:
-        found = subprocess.run([cxx, "-print-file-name=libstdc++.so"], capture_output=True, text=True,
-                               timeout=60).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if not found or (os.path.isabs(found) and os.path.exists(found)):
-        return None
-    runtime = _runtime_libstdcxx()
-    if runtime is None:
-        return None
-    d = tempfile.mkdtemp(prefix="blast_libstdcxx_")
-    os.symlink(runtime, os.path.join(d, "libstdc++.so"))
-    log.warning("blast: %s finds no libstdc++.so (only the static library, which AOTInductor packages crash on "
-                "loading with); linking the package against %s, the libstdc++ this process runs on. Installing the "
-                "libstdc++ development files of %s fixes it for good", cxx, runtime, cxx)
-    counters["blast"]["aoti_libstdcxx_linked"] += 1
-    return d
-
-
-def _runtime_libstdcxx() -> Optional[str]:
-    """The ``libstdc++.so.6`` mapped into this process (torch loads it), else None."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split()[-1] for line in f if "/libstdc++.so" in line}
-    except OSError:
-        return None
-    return min(paths) if paths else None
-
-
-@contextlib.contextmanager
-def _library_path(d):
-    """``d`` first on ``LIBRARY_PATH`` (where GCC looks for libraries to link) inside."""
-    if d is None:
-        yield
-        return
-    old = os.environ.get("LIBRARY_PATH")
-    os.environ["LIBRARY_PATH"] = d + (os.pathsep + old if old else "")
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("LIBRARY_PATH", None)
-        else:
-            os.environ["LIBRARY_PATH"] = old
 
 
 __all__ = ["fuse", "export", "aoti_package"]
