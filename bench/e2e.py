@@ -158,6 +158,8 @@ def main():
                    help="also generate with model.forward = torch.compile(model.forward, ...)")
     p.add_argument("--skip-lean", action="store_true", help="skip the bare decode loop rows")
     p.add_argument("--skip-prefill", action="store_true", help="skip the prefill rows")
+    p.add_argument("--skip-lean-default", action="store_true",
+                   help="bare decode loop under --mode only, not also in default mode")
     p.add_argument("--prefill-logits", default="last,all",
                    help="prefill rows: 'last' (logits of the last position only, as HF generate's prefill asks with "
                         "logits_to_keep=1) and/or 'all' (every position's logits)")
@@ -236,7 +238,8 @@ def main():
     # the bare loop under --mode and, as a second table, in default mode (no CUDA graphs: host-bound,
     # H200 round 11: blast 0.42-0.48x Inductor -- each fused MLP call spends ~0.2-0.3 ms in Python)
     for key, mode in (("lean_decode", args.mode), ("lean_decode_default", None)):
-        if args.skip_lean or (key == "lean_decode_default" and args.mode in (None, "default")):
+        if args.skip_lean or (key == "lean_decode_default"
+                              and (args.mode in (None, "default") or args.skip_lean_default)):
             continue
         res[key] = {}
         for b in [int(v) for v in args.batches.split(",")]:
