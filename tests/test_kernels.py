@@ -701,15 +701,12 @@ def test_interp_decode_path_choice_keeps_split_k_scratch_only_if_chosen(faster, 
     """The decode path is timed once per plan and M bucket (fake timings here; one launch config each, so only
     the paths are timed): the faster one runs from then on, and split-K's scratch (megabytes a layer at real
     sizes), made while timing it, stays only if split-K was chosen."""
-    from blast_compile import codegen
     from blast_compile.ops import decode, tune
 
     for name in ("DECODE_SLICE_CONFIGS", "DECODE_CONFIGS", "DECODE_GEMV_CONFIGS"):
         monkeypatch.setattr(configs, name, getattr(configs, name)[:1])
     monkeypatch.setattr(configs, "DECODE_SPLIT_Y", False)
-    monkeypatch.setattr(tune, "_may_tune", lambda: True)
-    monkeypatch.setattr(codegen, "lookup_config", lambda key: None)
-    monkeypatch.setattr(codegen, "store_config", lambda key, cfg: None)
+    _tuning_on(monkeypatch, ())  # (timings: fake_time below)
     ran = []
     monkeypatch.setattr(decode, "_decode_splitk", lambda *a, f=decode._decode_splitk: (ran.append("splitk"), f(*a))[1])
     monkeypatch.setattr(decode, "_decode_sliced", lambda *a, f=decode._decode_sliced, **k: (ran.append("sliced"),

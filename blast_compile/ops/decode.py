@@ -127,15 +127,24 @@ def _plan_scratch(plan, key, device, layout, m):
         offs, n = layout(codegen.DECODE_MAX_M)
         t = plan.cache[key] = _Scratch(outside_graph_pool(
             lambda: torch.zeros(n, device=device, dtype=torch.int32), device), offs)
+        plan.cache["dec_scratch_new"] = True  # (for _drop_idle_scratch)
     return (t.buf.data_ptr() if lowered() else t.buf), t.offs
+
+
+def _scratch_args(scr):
+    """A scratch as the kernels take it: ``((ptr, 0), False)`` for a tensor, ``((low 31 bits, the rest), True)`` for
+    an address (a lowered op's: SCR_ADDR; an int argument must fit int32)."""
+    if isinstance(scr, int):
+        return (scr & 0x7FFFFFFF, scr >> 31), True
+    return (scr, 0), False
 
 
 def _split_scratch(plan, device, split, m):
     """The split ``bsmm``'s scratch: fp32 partial sums, a [BM, bs] slot per program, and one int32 counter per output
     row slice, zero at rest (``bsmm`` SPLIT). Slots for BM = 32 (no guard on a symbolic M) and any slice width
     (n_out * bd * split * 32 words whatever bs is; n_out * bd counters at most), for up to 8 parts: one scratch serves
-    every split config a plan times (kernels of one plan run one after another), and it is never freed while the
-    plan lives (a lowered graph keeps its address)."""
+    every split config a plan times (kernels of one plan run one after another); kept while the plan lives once a
+    chosen config used it (a lowered graph keeps its address: ``_ran``)."""
     p = plan.pattern
     top = max(8, split)
     n = p.n_out * p.bd * top * 32
@@ -279,8 +288,8 @@ def _ran(plan, scratch):
 
 def _drop_idle_scratch(plan):
     """Free the scratch (megabytes a layer) that only timing used -- split-K's when another path won, the split
-    ``bsmm``'s when an unsplit config did."""
-    if plan.cache.get("dec_timing"):
+    ``bsmm``'s when an unsplit config did. Looks only after a scratch was made: no scan of the cache per call."""
+    if plan.cache.get("dec_timing") or not plan.cache.pop("dec_scratch_new", False):
         return
     for name in ("dec_scratch", "dec_scratch_y"):
         if not plan.cache.get(("ran", name)):
@@ -303,8 +312,7 @@ def _decode_splitk(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
     dot = m > C.GEMV_MAX_M
     bm = max(16, triton.next_power_of_2(m)) if dot else triton.next_power_of_2(m)
     bx = max(64, min(triton.next_power_of_2(d_in), 8192 // bm))  # NaN scan: [BM, BX] x tiles
-    by_addr = isinstance(scr, int)
-    scr_args = (scr & 0x7FFFFFFF, scr >> 31) if by_addr else (scr, 0)  # (see mlp_decode_in: SCR_ADDR)
+    scr_args, by_addr = _scratch_args(scr)
     dec = dict(BM=bm, BH=p.bh, BD=p.bd, BX=bx, ALIGNED=sig.aligned, GATED=gated, DOT=dot, DTYPE=DT, SCR_ADDR=by_addr)
     b2_ = b2 if b2 is not None else x2d  # (not read without HAS_B)
     pdl = _pdl_ok(x2d.device)
@@ -416,9 +424,8 @@ def _decode_sliced(x2d, b2, plan, m, d_in, d_hidden, d_out, sig, mod, ix, off, s
         n_slices = p.n_out * (p.bd // bs)
         if split > 1:  # (each slice's reduction over `split` programs: partial sums in a scratch, counted)
             scr, (o_part, o_cnt) = _split_scratch(plan, x2d.device, split, m)
-            by_addr = isinstance(scr, int)
-            kw.update(scr_ptr=scr & 0x7FFFFFFF if by_addr else scr, scr_hi=scr >> 31 if by_addr else 0,
-                      part_off=o_part, cnt_off=o_cnt, SPLIT=split, SCR_ADDR=by_addr)
+            (scr_ptr, scr_hi), by_addr = _scratch_args(scr)
+            kw.update(scr_ptr=scr_ptr, scr_hi=scr_hi, part_off=o_part, cnt_off=o_cnt, SPLIT=split, SCR_ADDR=by_addr)
         mod.bsmm[(1, n_slices * split)](
             h, h.stride(0), None, y, y.stride(0), b2, flag, n_sl, m, d_hidden, d_out,
             w2, off["dn_csr"], s2[0], s2[1], None, None, s2[0], s2[1],
