@@ -113,27 +113,64 @@ def gen_tps(model, ids, new, compile_cfg, device, reps, forward=None):
     return ids.shape[0] * new / t, out[-1]
 
 
-def lean_decode_tps(model, fn, cfg, b, prompt, new, device, reps):
+def lean_decode_tps(model, fn, cfg, b, prompt, new, device, reps, trace=None):
     """Tokens/s of a bare greedy loop over ``fn`` (the compiled forward) with a static KV cache:
-    what the forward costs without HF generate's per-token Python work."""
+    what the forward costs without HF generate's per-token Python work. With ``trace`` (a path), one more
+    loop runs under the profiler and returns ``(tokens/s, where the time went)`` (:func:`kernel_time`)."""
     from transformers import StaticCache
 
-    def run():
+    def run(prof=contextlib.nullcontext()):
         cache = StaticCache(config=cfg, max_cache_len=prompt + new)
         ids = torch.randint(0, cfg.vocab_size, (b, prompt), device=device)
         pos = torch.arange(prompt, device=device)
         tok = model(ids, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
         sync(device)
-        t = time.perf_counter()
-        for i in range(new):
-            pos = torch.tensor([prompt + i], device=device)
-            tok = fn(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
-        sync(device)
-        return b * new / (time.perf_counter() - t)
+        with prof:
+            t = time.perf_counter()
+            for i in range(new):
+                pos = torch.tensor([prompt + i], device=device)
+                tok = fn(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1:].argmax(-1)
+            sync(device)
+            t = time.perf_counter() - t
+        return b * new / t
 
     with torch.no_grad():
         run()  # compile + CUDA graph capture
-        return sorted(run() for _ in range(reps))[reps // 2]
+        tps = sorted(run() for _ in range(reps))[reps // 2]
+        if trace is None:
+            return tps
+        from torch.profiler import ProfilerActivity, profile
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        run(prof)
+        prof.export_chrome_trace(trace)
+        return tps, kernel_time(trace, new)
+
+
+def kernel_time(trace, tokens):
+    """Per token, from a profiler trace of the loop: the summed kernel time, the time the GPU was busy (kernels
+    merged where they overlap), the wall time between the first kernel's start and the last one's end, and the
+    kernels that took most of it -- so a gap to the ceiling splits into GPU work (whose) and idle GPU (host)."""
+    with open(trace) as f:
+        ev = [e for e in json.load(f)["traceEvents"] if e.get("cat") == "kernel" and "dur" in e]
+    if not ev:
+        return {"error": "no kernel events in the trace"}
+    ev.sort(key=lambda e: e["ts"])
+    busy, end = 0.0, -1e30
+    for e in ev:  # union of [ts, ts + dur)
+        s, t = e["ts"], e["ts"] + e["dur"]
+        if t > end:
+            busy += t - max(s, end)
+            end = t
+    span = max(e["ts"] + e["dur"] for e in ev) - ev[0]["ts"]
+    by = {}
+    for e in ev:
+        n = e["name"]
+        by[n] = by.get(n, 0.0) + e["dur"]
+    top = sorted(by.items(), key=lambda kv: -kv[1])[:12]
+    mlp = sum(v for n, v in by.items() if n.startswith("mlp_"))  # blast's kernels (codegen's mlp_* functions)
+    return dict(kernels_per_token=len(ev) / tokens, kernel_us_per_token=sum(by.values()) / tokens,
+                busy_us_per_token=busy / tokens, span_us_per_token=span / tokens, blast_kernel_us_per_token=mlp / tokens,
+                top_us_per_token={n[:90]: v / tokens for n, v in top})
 
 
 def prefill_ms(fn, ids, device, reps):
@@ -167,6 +204,8 @@ def main():
                    help="bare decode loop: also Inductor with every MLP taken out (the ceiling of an MLP speed-up)")
     p.add_argument("--cpp-wrapper", action="store_true",
                    help="torch._inductor.config.cpp_wrapper = True on every compiled side (launches without Python)")
+    p.add_argument("--profile", action="store_true",
+                   help="bare decode loop: one more loop under the profiler per row; where each token's time went")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
     p.add_argument("--out", default="bench/results")
     args = p.parse_args()
@@ -251,8 +290,13 @@ def main():
                     with off:
                         fn = torch.compile(model, backend="inductor" if name == "no_mlp" else name,
                                            mode=None if mode == "default" else mode)
-                        res[key].setdefault(f"batch{b}", {})[name] = lean_decode_tps(
-                            model, fn, cfg, b, args.prompt, args.new, device, args.reps)
+                        trace = (os.path.join(args.out, f"trace_{key}_b{b}_{name}{args.tag}.json")
+                                 if args.profile else None)
+                        got = lean_decode_tps(model, fn, cfg, b, args.prompt, args.new, device, args.reps, trace)
+                        if trace:
+                            got, res[key].setdefault(f"batch{b}", {})[f"{name}_profile"] = got
+                            os.remove(trace)  # (big; the summary is kept)
+                        res[key].setdefault(f"batch{b}", {})[name] = got
                 except Exception as e:
                     res[key].setdefault(f"batch{b}", {})[name] = f"error: {type(e).__name__}: {str(e)[:300]}"
                 print(f"lean decode batch {b} {name}{f' ({mode})' if mode else ''}: {res[key][f'batch{b}'][name]}",
