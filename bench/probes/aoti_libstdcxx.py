@@ -7,7 +7,7 @@ ways -- Inductor's link as it is, with ``-static-libstdc++``, and with ``-L`` at
 ``libstdc++.so`` link to the runtime library -- and for each prints the package's ``NEEDED`` libraries, how many
 libstdc++ locale symbols it defines itself, and whether it loads in a fresh process (``rc=-11``: the crash)::
 
-    python bench/probes/aoti_libstdcxx.py
+    python bench/probes/aoti_libstdcxx.py [N]   # N: the first N variants only; the first also prints g++'s commands
 
 2026-12-07, this repository's CPU machine (torch 2.13, Debian GCC 12, whose ``libstdc++.so`` link exists): the
 plain and ``-L`` links need ``libstdc++.so.6``, define 4 locale symbols of their own (inline templates) and load;
@@ -28,11 +28,14 @@ def sh(cmd):
 
 
 def linker_wrapper(d, name, link_flags):
-    """A compiler Inductor can be pointed at (``cpp.cxx``) that adds ``link_flags`` to its shared-object links."""
+    """A compiler Inductor can be pointed at (``cpp.cxx``) that adds ``link_flags`` to its shared-object links and
+    logs every command it runs to ``d/<name>.cmds``."""
     real = sh("which g++")
     path = os.path.join(d, f"{name}-g++")
+    log = os.path.join(d, f"{name}.cmds")
     with open(path, "w") as f:
-        f.write(f'#!/bin/sh\ncase " $* " in *" -shared "*) exec "{real}" "$@" {link_flags};; *) exec "{real}" "$@";; esac\n')
+        f.write(f'#!/bin/sh\necho "$@" >> "{log}"\n'
+                f'case " $* " in *" -shared "*) exec "{real}" "$@" {link_flags};; *) exec "{real}" "$@";; esac\n')
     os.chmod(path, 0o755)
     return path
 
@@ -45,12 +48,14 @@ def main():
     print("runtime libstdc++:", runtime)
     os.makedirs(os.path.join(d, "lib"))
     os.symlink(runtime, os.path.join(d, "lib", "libstdc++.so"))
-    variants = {"inductor's link": {},
+    # (the first: Inductor's own link, traced: ld's -t names every archive member it pulls in)
+    variants = {"inductor's link": {"cpp.cxx": (linker_wrapper(d, "plain", f'-Wl,--trace >>"{d}/trace.log"'),)},
                 "-static-libstdc++": {"cpp.cxx": (linker_wrapper(d, "static", "-static-libstdc++ -static-libgcc"),)},
                 "-L to libstdc++.so": {"cpp.cxx": (linker_wrapper(d, "dyn", f"-L{d}/lib"),)}}
     m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
     ep = torch.export.export(m, (torch.randn(4, 64),))
-    for i, (name, cfg) in enumerate(variants.items()):
+    only = sys.argv[1:] and int(sys.argv[1])  # (a number: the first that many variants only)
+    for i, (name, cfg) in enumerate(list(variants.items())[:only or None]):
         path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, f"p{i}.pt2"),
                                                         inductor_configs=cfg)
         x = os.path.join(d, f"x{i}")
@@ -62,6 +67,16 @@ def main():
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         print(f"{name:20s} NEEDED {needed} | own locale symbols {own} | load rc={r.returncode}"
               + ("" if r.returncode in (0, -11) else f" ({r.stderr.strip().splitlines()[-1][-160:]})"), flush=True)
+        if i == 0:  # what Inductor ran: a static libstdc++ or a foreign object would show here
+            for c in open(os.path.join(d, "plain.cmds")).read().splitlines():
+                print("  cmd:", c if " -shared " in f" {c} " else c[:160] + " ...")
+            links = [c for c in open(os.path.join(d, "plain.cmds")).read().splitlines() if " -shared " in f" {c} "]
+            for a in links[-1].split() if links else []:
+                if a.startswith("-L"):
+                    print(f"  {a}: holds", sh(f"ls {a[2:]} | grep -E 'libstdc|libgcc' | tr '\\n' ' '") or "no libstdc++/libgcc")
+            print("  ld pulled in:", sh(f"grep -E 'stdc' {d}/trace.log | sort | uniq | head -8 | tr '\\n' ' '"))
+            print("  own codecvt/locale definitions:", sh(f"nm -D --defined-only {so} | grep -E 'codecvt|locale' | head -5"))
+            print("  env:", {k: v for k, v in os.environ.items() if "FLAGS" in k or k in ("CXX", "CC", "LIBRARY_PATH")})
 
 
 if __name__ == "__main__":
