@@ -146,6 +146,11 @@ def lean_decode_tps(model, fn, cfg, b, prompt, new, device, reps, trace=None):
         return tps, kernel_time(trace, new)
 
 
+# the kernels of codegen's template (mlp_kernels.py.tmpl), as the profiler names them
+BLAST_KERNELS = {"mlp_decode_in", "mlp_decode_dn", "mlp_hidden", "bsmm", "mlp_hidden_bwd", "sddmm", "sddmm_reduce",
+                 "pack_blocks"}
+
+
 def kernel_time(trace, tokens):
     """Per token, from a profiler trace of the loop: the summed kernel time, the time the GPU was busy (kernels
     merged where they overlap), the wall time between the first kernel's start and the last one's end, and the
@@ -167,7 +172,7 @@ def kernel_time(trace, tokens):
         n = e["name"]
         by[n] = by.get(n, 0.0) + e["dur"]
     top = sorted(by.items(), key=lambda kv: -kv[1])[:12]
-    mlp = sum(v for n, v in by.items() if n.startswith("mlp_"))  # blast's kernels (codegen's mlp_* functions)
+    mlp = sum(v for n, v in by.items() if n in BLAST_KERNELS)
     return dict(kernels_per_token=len(ev) / tokens, kernel_us_per_token=sum(by.values()) / tokens,
                 busy_us_per_token=busy / tokens, span_us_per_token=span / tokens, blast_kernel_us_per_token=mlp / tokens,
                 top_us_per_token={n[:90]: v / tokens for n, v in top})
