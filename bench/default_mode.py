@@ -144,7 +144,10 @@ def aoti(model, x, mode):
     else:
         with torch.no_grad():
             ep = torch.export.export(model, (x,))
-        torch._inductor.aoti_compile_and_package(ep, package_path=path)
+        # (the compiler aoti_package would pick: a libstdc++ linked in statically crashes a package on load)
+        from blast_compile.export import _shared_libstdcxx
+
+        torch._inductor.aoti_compile_and_package(ep, package_path=path, inductor_configs=_shared_libstdcxx(None))
     return torch._inductor.aoti_load_package(path)
 
 

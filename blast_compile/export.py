@@ -14,6 +14,13 @@ constants and checks nothing per call -- there is no Python left to check with. 
 weight; swapping weights in through AOTInductor's constant-update API is only safe for weights whose
 zero blocks stay where they were.
 
+The C++ compiler must link libstdc++ as a shared library: a package with libstdc++ linked in statically carries
+its own copy of libstdc++'s locale code, which does not match the process's, and crashes while it loads
+(``std::regex`` in its constructor). A GCC without its ``libstdc++.so`` development link does that -- on our
+device image ``CXX`` named one. ``aoti_package`` links a probe with Inductor's compiler first and, where it came
+out static, builds the package with a system compiler that links the shared library (a warning), or says what
+to set.
+
 On CPU a package holds the dense graph: the fused CPU op is Python, which AOTInductor cannot call, so
 ``export`` leaves CPU MLPs unfused there (counter ``export_cpu_dense``).
 
@@ -23,7 +30,12 @@ On CPU a package holds the dense graph: the fused CPU op is Python, which AOTInd
 """
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import shutil
+import subprocess
+import tempfile
 from typing import Mapping, Optional, Tuple
 
 import torch
@@ -91,10 +103,68 @@ def aoti_package(model, args: Tuple, package_path: str, kwargs: Optional[Mapping
                  dynamic_shapes=None, options=None, inductor_configs: Optional[dict] = None) -> str:
     """Export ``model`` (``export``) and compile it with AOTInductor into ``package_path`` (a ``.pt2``);
     returns the path. Load it with ``torch._inductor.aoti_load_package``."""
+    inductor_configs = _shared_libstdcxx(inductor_configs)
     ep = export(model, args, kwargs, dynamic_shapes=dynamic_shapes, options=options)
     with launch.one_graph_for_all_rows():  # (Inductor traces into blast::mlp again)
         return torch._inductor.aoti_compile_and_package(ep, package_path=package_path,
                                                         inductor_configs=inductor_configs)
+
+
+def _shared_libstdcxx(inductor_configs: Optional[dict]) -> Optional[dict]:
+    """``inductor_configs``, with ``cpp.cxx`` set to a compiler that links libstdc++ as a shared library where
+    Inductor's own choice (``$CXX``, else ``g++``) would link it statically (see the module docstring)."""
+    given = (inductor_configs or {}).get("cpp.cxx")
+    cxx = _compiler(given)
+    if cxx is None or _links_libstdcxx_shared(cxx) is not False:  # (None: it could not link at all -- Inductor
+        return inductor_configs  # will report that itself)
+    where = "inductor_configs['cpp.cxx']" if given else "CXX" if os.environ.get("CXX") else "Inductor's cpp.cxx"
+    if not given:
+        # (PATH may lead to the same compiler again: the system's own paths too)
+        names = ("g++", "c++", "clang++", "/usr/bin/g++", "/usr/bin/c++", "/usr/bin/clang++")
+        for alt in dict.fromkeys(shutil.which(c) for c in names):
+            if alt and os.path.realpath(alt) != os.path.realpath(cxx) and _links_libstdcxx_shared(alt):
+                log.warning("blast: %s (%s) links libstdc++ statically, and AOTInductor packages built so crash "
+                            "when loaded; building the package with %s instead. Set CXX to a compiler that links "
+                            "libstdc++.so (or install %s's libstdc++ development files)", cxx, where, alt, cxx)
+                counters["blast"]["aoti_compiler_switched"] += 1
+                return {**(inductor_configs or {}), "cpp.cxx": (alt,)}
+    raise RuntimeError(f"blast: the C++ compiler {cxx} ({where}) links libstdc++ statically, and an AOTInductor "
+                       f"package built so crashes when it is loaded; set {where} to a compiler that links "
+                       f"libstdc++.so (e.g. the system g++), or install {cxx}'s libstdc++ development files")
+
+
+def _compiler(given) -> Optional[str]:
+    """The C++ compiler AOTInductor will run: ``given`` (a ``cpp.cxx`` value), else Inductor's choice."""
+    if given:
+        return given[0] if isinstance(given, (tuple, list)) else given
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        return get_cpp_compiler()
+    except Exception:  # (no compiler: AOTInductor will say so itself)
+        return None
+
+
+_PROBE = "#include <locale>\n#include <string>\nstd::string blast_probe() { return std::locale().name(); }\n"
+
+
+@functools.lru_cache(maxsize=None)
+def _links_libstdcxx_shared(cxx: str) -> Optional[bool]:
+    """Whether a shared object that ``cxx`` links (as AOTInductor links its packages: ``-shared -fPIC``) needs
+    ``libstdc++.so.6``; None where ``cxx`` could not build it. Linked rather than asked (``-print-file-name``):
+    a compiler wrapper may add ``-static-libstdc++`` whatever GCC itself would find."""
+    with tempfile.TemporaryDirectory(prefix="blast_cxx_") as d:
+        src, out = os.path.join(d, "probe.cpp"), os.path.join(d, "probe.so")
+        with open(src, "w") as f:
+            f.write(_PROBE)
+        try:
+            r = subprocess.run([cxx, "-shared", "-fPIC", src, "-o", out], capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if r.returncode != 0 or not os.path.exists(out):
+            return None
+        with open(out, "rb") as f:
+            return b"libstdc++.so.6" in f.read()  # (its DT_NEEDED name; absent from a static link)
 
 
 __all__ = ["fuse", "export", "aoti_package"]
