@@ -35,6 +35,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Mapping, Optional, Tuple
 
@@ -113,6 +114,8 @@ def aoti_package(model, args: Tuple, package_path: str, kwargs: Optional[Mapping
 def _shared_libstdcxx(inductor_configs: Optional[dict]) -> Optional[dict]:
     """``inductor_configs``, with ``cpp.cxx`` set to a compiler that links libstdc++ as a shared library where
     Inductor's own choice (``$CXX``, else ``g++``) would link it statically (see the module docstring)."""
+    if not sys.platform.startswith("linux"):  # (elsewhere the C++ runtime is not libstdc++.so.6)
+        return inductor_configs
     given = (inductor_configs or {}).get("cpp.cxx")
     cxx = _compiler(given)
     if cxx is None or _links_libstdcxx_shared(cxx) is not False:  # (None: it could not link at all -- Inductor
