@@ -4,14 +4,18 @@ On the device image (torch 2.11+cu130, GCC 13.3) every ``aoti_load_package`` seg
 ``Linear`` too, in ``std::regex`` code inside the package's own ``.so`` that belongs to libstdc++ itself
 (``codecvt<char16_t>::do_unshift``): libstdc++ linked in statically. This builds a CPU package of a tiny model three
 ways -- Inductor's link as it is, with ``-static-libstdc++``, and with ``-L`` at a directory holding a
-``libstdc++.so`` link to the runtime library -- and for each prints the package's ``NEEDED`` libraries, how many
+``libstdc++.so`` link to the runtime library; the first runs Inductor's own compiler (``$CXX``), the others ``g++``
+on PATH -- and for each prints the package's ``NEEDED`` libraries, how many
 libstdc++ locale symbols it defines itself, and whether it loads in a fresh process (``rc=-11``: the crash)::
 
     python bench/probes/aoti_libstdcxx.py [N]   # N: the first N variants only; the first also prints g++'s commands
 
 2026-12-07, this repository's CPU machine (torch 2.13, Debian GCC 12, whose ``libstdc++.so`` link exists): the
 plain and ``-L`` links need ``libstdc++.so.6``, define 4 locale symbols of their own (inline templates) and load;
-the static link defines 558 and fails to load (an error from the runner's constructor).
+the static link defines 558 and fails to load (an error from the runner's constructor). 2026-12-07, the device
+image (H100): the first variant then ran ``g++`` on PATH rather than ``$CXX``, linked ``libstdc++.so`` and loaded,
+and the environment it printed held ``CXX=/opt/gcc/bin/g++`` -- a GCC with only ``libstdc++.a``: the crash's cause
+(``export.aoti_package`` now builds with a compiler that links the shared library).
 """
 import glob
 import os
@@ -27,10 +31,10 @@ def sh(cmd):
     return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
 
 
-def linker_wrapper(d, name, link_flags):
-    """A compiler Inductor can be pointed at (``cpp.cxx``) that adds ``link_flags`` to its shared-object links and
-    logs every command it runs to ``d/<name>.cmds``."""
-    real = sh("which g++")
+def linker_wrapper(d, name, link_flags, real=None):
+    """A compiler Inductor can be pointed at (``cpp.cxx``) that runs ``real`` (default: ``g++`` on PATH), adds
+    ``link_flags`` to its shared-object links and logs every command it runs to ``d/<name>.cmds``."""
+    real = real or sh("which g++")
     path = os.path.join(d, f"{name}-g++")
     log = os.path.join(d, f"{name}.cmds")
     with open(path, "w") as f:
@@ -46,10 +50,14 @@ def main():
     print("g++ -print-file-name=libstdc++.so:", sh("g++ -print-file-name=libstdc++.so"), "(a bare name: not found)")
     runtime = sh("ldconfig -p | grep 'libstdc++.so.6 (libc6,x86-64)' | head -1 | sed 's/.*=> //'")
     print("runtime libstdc++:", runtime)
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    cxx = get_cpp_compiler()  # (what Inductor runs: $CXX if set, else g++)
+    print("Inductor's compiler:", cxx, "|", sh(f"{cxx} -print-file-name=libstdc++.so"))
     os.makedirs(os.path.join(d, "lib"))
     os.symlink(runtime, os.path.join(d, "lib", "libstdc++.so"))
-    # (the first: Inductor's own link, traced: ld's -t names every archive member it pulls in)
-    variants = {"inductor's link": {"cpp.cxx": (linker_wrapper(d, "plain", f'-Wl,--trace >>"{d}/trace.log"'),)},
+    # (the first: Inductor's own compiler and link, traced: ld's -t names every archive member it pulls in)
+    variants = {"inductor's link": {"cpp.cxx": (linker_wrapper(d, "plain", f'-Wl,--trace >>"{d}/trace.log"', cxx),)},
                 "-static-libstdc++": {"cpp.cxx": (linker_wrapper(d, "static", "-static-libstdc++ -static-libgcc"),)},
                 "-L to libstdc++.so": {"cpp.cxx": (linker_wrapper(d, "dyn", f"-L{d}/lib"),)}}
     m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU())
