@@ -137,13 +137,14 @@ def _shared_libstdcxx(inductor_configs: Optional[dict]) -> Optional[dict]:
 
 
 def _compiler(given) -> Optional[str]:
-    """The C++ compiler AOTInductor will run: ``given`` (a ``cpp.cxx`` value), else Inductor's choice."""
-    if given:
-        return given[0] if isinstance(given, (tuple, list)) else given
+    """The C++ compiler AOTInductor will run: Inductor's search over ``given`` (a ``cpp.cxx`` value: one name or
+    a tuple of candidates), else over its own ``cpp.cxx`` (``$CXX``, else ``g++``)."""
     try:
+        from torch._inductor import config
         from torch._inductor.cpp_builder import get_cpp_compiler
 
-        return get_cpp_compiler()
+        with config.patch({"cpp.cxx": given} if given else {}):
+            return get_cpp_compiler()
     except Exception:  # (no compiler: AOTInductor will say so itself)
         return None
 

@@ -35,10 +35,12 @@ def test_the_link_probe_tells_static_from_shared(static_cxx):
     assert export._links_libstdcxx_shared("/nonexistent/g++") is None
 
 
-def test_a_compiler_named_in_inductor_configs_is_an_error_not_a_switch(static_cxx):
+@pytest.mark.parametrize("form", ["tuple", "inductor's search tuple", "string"])
+def test_a_compiler_named_in_inductor_configs_is_an_error_not_a_switch(static_cxx, form):
+    cxx = {"tuple": (static_cxx,), "inductor's search tuple": (None, static_cxx), "string": static_cxx}[form]
     with pytest.raises(RuntimeError, match=r"inductor_configs\['cpp.cxx'\]"):
         export.aoti_package(torch.nn.Linear(4, 4), (torch.randn(2, 4),), "unused.pt2",
-                            inductor_configs={"cpp.cxx": (static_cxx,)})
+                            inductor_configs={"cpp.cxx": cxx})
 
 
 def test_no_other_compiler_is_an_error_that_names_cxx(static_cxx, monkeypatch):
