@@ -754,3 +754,55 @@ def test_issue_27_ptxas_version_is_read_from_triton():
 
     v = toolchain.ptxas_version()
     assert v is None or (len(v) == 2 and v >= (11, 0))
+
+
+# --- in-place writes between an MLP's projections (session 32's adversarial hunt) --------------------------
+
+class _WritesBetween(nn.Module):
+    """``where``: a write in place between the in-projection(s) and the down projection ("input", "weight"), an
+    unrelated one before the MLP ("before": fuses), or the MLP's own in-place activation ("own": fuses)."""
+
+    def __init__(self, gated, where):
+        super().__init__()
+        self.gated, self.where = gated, where
+        self.g = nn.Linear(64, 128)
+        self.u = nn.Linear(64, 128) if gated else None
+        self.d = nn.Linear(128, 64)
+        with torch.no_grad():
+            for lin in (self.g, self.u):
+                if lin is not None:
+                    lin.weight[64:] = 0
+            self.d.weight[:, 64:] = 0
+
+    def forward(self, x):
+        if self.where == "before":
+            x.mul_(2.0)
+        h = F.relu(self.g(x), inplace=self.where == "own")
+        if self.where == "input":
+            x.add_(1.0)  # eager's up projection (gated) reads the new x, its gate the old one
+        elif self.where == "weight":
+            self.d.weight.mul_(0.5)  # eager's down projection reads the new W2
+        if self.gated:
+            h = h * self.u(x)
+        return self.d(h) + x
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("where", ["input", "weight", "before", "own"])
+def test_a_write_in_place_between_the_projections_keeps_the_mlp_dense(gated, where):
+    """The fused node reads the input and weights where the down projection was; eager's in-projections read them
+    earlier. A write in between used to be seen by the fused op and not by eager (wrong values, no warning)."""
+    torch.manual_seed(0)
+    m, x = _WritesBetween(gated, where), torch.randn(8, 64)
+    with torch.no_grad():
+        ref = m(x.clone())
+        torch.manual_seed(0)
+        m2 = _WritesBetween(gated, where)  # (the same weights again: the first run wrote W2 where="weight")
+        torch._dynamo.reset()
+        counters.clear()
+        out = torch.compile(m2, backend="blast")(x.clone())
+    torch.testing.assert_close(out, ref)
+    if where in ("input", "weight"):
+        assert counters["blast"]["dense_inplace_write"] == 1 and counters["blast"]["mlp_fused"] == 0
+    else:
+        assert counters["blast"]["mlp_fused"] == 1

@@ -18,7 +18,7 @@ triple, the checks add one block shape per MLP, and the MLP becomes one
 ``run_passes`` returns one :class:`~blast_compile.config.Candidate` per MLP it
 looked at and counts in ``torch._dynamo.utils.counters["blast"]``:
 ``mlp_candidates``, ``mlp_fused`` (``mlp_fused_packed`` of them compressed), ``mlp_dense``
-and ``dense_<tag>`` per refusal (tags: autocast, activation, shared_intermediate,
+and ``dense_<tag>`` per refusal (tags: autocast, activation, shared_intermediate, inplace_write,
 packed_mixed, weight_not_param, input, shape, block_shape, dtype, device, no_values,
 requires_grad, no_zeros, low_sparsity). A graph without a fused MLP
 is left exactly as it was.

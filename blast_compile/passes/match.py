@@ -17,6 +17,8 @@ keeps eager's meaning is decided by :data:`CHECKS`, functions that each return
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import operator
 import re
 from typing import List, Optional
 
@@ -313,6 +315,47 @@ def check_private(m, ctx):
                 return "shared_intermediate", f"intermediate {n.name} is also used by {u.name}"
 
 
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                      operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.setitem}
+
+
+def writes_in_place(n: Node) -> bool:
+    """Whether ``n`` writes a tensor in place (Dynamo's graphs keep ``x.mul_``, ``x += y``, ``x[i] = v``,
+    ``F.relu(x, inplace=True)``; AOTAutograd removes them only later)."""
+    if n.op == "call_method":
+        return n.target.endswith("_") and not n.target.startswith("_")
+    if n.op != "call_function":
+        return False
+    t = n.target
+    if t in _INPLACE_OPERATORS or "out" in n.kwargs:
+        return True
+    schema = getattr(t, "_schema", None)
+    if schema is not None:
+        return schema.is_mutable
+    name = getattr(t, "__name__", "")
+    if name.endswith("_") and not name.startswith("_"):
+        return True
+    try:
+        return inspect.signature(t).bind(*n.args, **n.kwargs).arguments.get("inplace") is True
+    except (TypeError, ValueError):  # (no Python signature, or not these arguments)
+        return n.kwargs.get("inplace") is True
+
+
+def check_no_writes(m, ctx):
+    """The fused node reads the input and the weights at the down projection: eager's in-projections read them
+    earlier. A write in place between the two (to anything: aliasing is not worth proving here) keeps it dense.
+    The MLP's own nodes may write their intermediates (``F.relu(h, inplace=True)``)."""
+    order = {n: i for i, n in enumerate(ctx.gm.graph.nodes)}
+    own = set(m.nodes) | {lin.node for lin in m.linears}
+    first = min(order[n] for n in own if n in order)
+    end = order[m.down.node]
+    for n in ctx.gm.graph.nodes:
+        if first < order[n] < end and n not in own and writes_in_place(n):
+            return "inplace_write", (f"{n.name} writes a tensor in place between the MLP's in-projection and its "
+                                     "down projection (the fused node would read it after the write)")
+
+
 def check_packed(m, ctx):
     kinds = {lin.packed for lin in m.linears}
     if len(kinds) > 1:
@@ -436,7 +479,7 @@ def check_packed_grad(m, ctx):
                                  "(run under torch.no_grad() to fuse it)")
 
 
-CHECKS = [check_autocast, check_activation, check_private, check_packed, check_params, check_input, check_shapes,
+CHECKS = [check_autocast, check_activation, check_private, check_no_writes, check_packed, check_params, check_input, check_shapes,
           check_dtype_device, check_real_values, check_packed_grad]
 
 
