@@ -152,7 +152,7 @@ BLAST_KERNELS = {"mlp_decode_in", "mlp_decode_dn", "mlp_hidden", "bsmm", "mlp_hi
 
 
 def kernel_time(trace, tokens):
-    """Per token, from a profiler trace of the loop: the summed kernel time, the time the GPU was busy (kernels
+    """Per decode step (``*_per_token``: one token per sequence), from a profiler trace of the loop: the summed kernel time, the time the GPU was busy (kernels
     merged where they overlap), the wall time between the first kernel's start and the last one's end, and the
     kernels that took most of it -- so a gap to the ceiling splits into GPU work (whose) and idle GPU (host)."""
     with open(trace) as f:

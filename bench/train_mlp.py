@@ -279,7 +279,7 @@ def step_case(mode, sparsity, block, iters, batch=32, seq=256, profile=False, sa
                 if mode == "reduce-overhead":  # (three compiled models take turns: tell the graph trees a step begins)
                     torch.compiler.cudagraph_mark_step_begin()
                 with torch.autocast("cuda", torch.bfloat16):
-                    if outside:  # (the loss in eager, after the compiled model: see below)
+                    if outside:  # (the loss in eager, after the compiled model: see above)
                         loss = torch.nn.functional.cross_entropy(run(idx[:, :-1]).float().flatten(0, 1),
                                                                  idx[:, 1:].flatten())
                     else:

@@ -479,8 +479,8 @@ def check_packed_grad(m, ctx):
                                  "(run under torch.no_grad() to fuse it)")
 
 
-CHECKS = [check_autocast, check_activation, check_private, check_no_writes, check_packed, check_params, check_input, check_shapes,
-          check_dtype_device, check_real_values, check_packed_grad]
+CHECKS = [check_autocast, check_activation, check_private, check_no_writes, check_packed, check_params, check_input,
+          check_shapes, check_dtype_device, check_real_values, check_packed_grad]
 
 
 def refusal(m: MLPMatch, ctx: Context):
