@@ -165,6 +165,10 @@ def no_mlp_model(tmp_path_factory):
     ("token ids", {"@": "bigids"}, "TEXT", "vocabulary 320"),
     ("no MLP", {"@": "mixtral"}, "MODEL", "no MLP the sparsifier knows"),
     ("no model", {"@": "nomodel"}, "MODEL", "no such file or directory"),
+    ("block > weights", {"--block": "128"}, "--block", "128 is larger than model.layers.0.mlp"),
+    ("weight decay inf", {"--weight-decay": "inf"}, "--weight-decay", "must be a finite number >= 0"),
+    ("weight decay nan", {"--weight-decay": "nan"}, "--weight-decay", "must be a finite number >= 0"),
+    ("lr inf", {"--lr": "inf"}, "--lr", "must be a finite number > 0"),
 ])
 def test_bad_input_is_a_usage_error_before_training(files, no_mlp_model, tmp_path, capsys, case, extra, arg, msg):
     from safetensors.torch import save_file
@@ -194,6 +198,18 @@ def test_bad_input_is_a_usage_error_before_training(files, no_mlp_model, tmp_pat
     err = " ".join(capsys.readouterr().err.split())
     assert arg in err and msg in err and "Traceback" not in err, err
     assert not (out / "report.json").exists() and not (out / "checkpoint.safetensors").exists()
+
+
+def test_a_run_with_nothing_to_compress_saves_the_dense_weights(files, tmp_path):
+    """A sparsity under compress_'s threshold (or a fused gate|up model) leaves no MLP compressed: the run used to
+    train its whole budget and then fail in save_pretrained, writing neither model nor report."""
+    rep = run(_opts(files, tmp_path / "s05", sparsity=0.05, tokens=256, eval_points=1))
+    assert rep["saved_format"] == "dense" and rep["achieved_sparsity"] < 0.1
+    m = transformers.AutoModelForCausalLM.from_pretrained(rep["saved"])
+    assert (tmp_path / "s05" / "report.json").exists() and (tmp_path / "s05" / "masks.safetensors").exists()
+    blocks = [w.detach().unflatten(0, (-1, 16)).unflatten(2, (-1, 16)) for n, w in m.named_parameters()
+              if ".mlp." in n and w.dim() == 2]
+    assert sum(int((b == 0).all(3).all(1).sum()) for b in blocks) > 0  # (the zero blocks are in the dense weights)
 
 
 def test_learning_rate_schedule_by_fraction_of_the_budget():

@@ -87,6 +87,14 @@ def check_model(model: nn.Module, o: Options) -> None:
         raise SparsifyError("--skip-layers", f"{bad}: the model has {n_layers} decoder layers")
     if not o.dense_baseline and not mlp_layers(model, o.skip_layers):
         raise SparsifyError("--skip-layers", "every MLP is skipped: nothing left to sparsify")
+    if not o.dense_baseline:
+        for mlp in mlps:
+            for role, mod in mlp.modules.items():
+                w = getattr(mod, "weight", None)
+                if isinstance(w, torch.Tensor) and w.dim() == 2 and min(w.shape) < o.block:
+                    raise SparsifyError("--block", f"{o.block} is larger than {mlp.quals[role]}'s weight "
+                                                   f"({w.shape[0]} x {w.shape[1]}): a block must fit the MLP's "
+                                                   "weights for there to be blocks to prune")
     max_pos = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_pos and o.seq > max_pos:
         raise SparsifyError("--seq", f"{o.seq} is longer than the model's {max_pos} positions")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 from typing import Optional, Sequence, Tuple
 
@@ -117,8 +118,8 @@ def check(o: Options, files: bool = True) -> None:
                     ("--checkpoint-every", o.checkpoint_every), ("--stop-at", o.stop_at)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise SparsifyError(name, f"{v!r} must be an integer >= 0")
-    if not (isinstance(o.lr, (int, float)) and o.lr > 0):
-        raise SparsifyError("--lr", f"{o.lr!r} must be > 0")
+    if not (isinstance(o.lr, (int, float)) and math.isfinite(o.lr) and o.lr > 0):
+        raise SparsifyError("--lr", f"{o.lr!r} must be a finite number > 0")
     for name, v, lo, hi in (("--warmup", o.warmup, 0, 1), ("--min-lr", o.min_lr, 0, 1),
                             ("--freeze-last", o.freeze_last, 0, 1), ("--regrow", o.regrow, 0, 1),
                             ("--eval-fraction", o.eval_fraction, 0, 0.5)):
@@ -132,10 +133,10 @@ def check(o: Options, files: bool = True) -> None:
     if o.keep == "best" and o.val_fraction == 0:
         raise SparsifyError("--keep", "best needs a validation split to choose by: --val-fraction > 0 "
                                       "(or --keep last)")
-    if o.weight_decay < 0:
-        raise SparsifyError("--weight-decay", f"{o.weight_decay} must be >= 0")
-    if o.distill is not None and not o.distill >= 0:
-        raise SparsifyError("--distill", f"{o.distill} must be >= 0")
+    if not (math.isfinite(o.weight_decay) and o.weight_decay >= 0):
+        raise SparsifyError("--weight-decay", f"{o.weight_decay} must be a finite number >= 0")
+    if o.distill is not None and not (math.isfinite(o.distill) and o.distill >= 0):
+        raise SparsifyError("--distill", f"{o.distill} must be a finite number >= 0")
     if o.blast_min_sparsity is not None and not 0 <= o.blast_min_sparsity < 1:
         raise SparsifyError("--blast-min-sparsity", f"{o.blast_min_sparsity} is outside [0, 1)")
     if o.sequential and not o.recalibrates:

@@ -478,7 +478,16 @@ def _finish(o, model, tokenizer, sp, evals, state, meter, info) -> dict:
             from .. import compress
 
             compress.compress_(model, min_sparsity=0.1)
-            compress.save_pretrained(model, out)
+            if any(isinstance(m, compress.BlockSparseLinear) for m in model.modules()):
+                compress.save_pretrained(model, out)
+                rep["saved_format"] = "compressed"
+            else:  # (no MLP compressible: a fused gate|up layout, or sparsity under compress_'s 0.1) -- the
+                # dense weights hold the zero blocks, and backend="blast" finds them there
+                log.warning("no MLP of %s could be compressed (a fused gate|up projection, or under 10%% of "
+                            "blocks pruned): saving it with dense weights that hold the zero blocks; load it with "
+                            "transformers' from_pretrained", type(model).__name__)
+                model.save_pretrained(out)
+                rep["saved_format"] = "dense"
             sp.save_masks(os.path.join(o.out, "masks.safetensors"))
             rep["masks"] = os.path.join(o.out, "masks.safetensors")
             # what was saved is what is measured: a reload gives these numbers
