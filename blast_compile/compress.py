@@ -123,6 +123,34 @@ def _block_linear_backward(ctx, dy):
 block_linear.register_autograd(_block_linear_backward, setup_context=_block_linear_setup)
 
 
+def _register_autocast(lib: torch.library.Library) -> torch.library.Library:
+    """``F.linear``'s autocast rule for ``block_linear``: inside ``torch.autocast`` its floating inputs are cast to
+    the autocast dtype and it runs (and returns) in that dtype. Without a rule the op ran in fp32 in eager while a
+    compiled graph -- autocast applied while tracing -- could differ, and neither matched the dense layer.
+    (``torch.library.register_autocast`` takes one fixed dtype; this reads the autocast dtype per call.)"""
+    op = torch.ops.blast.block_linear.default
+    for device_type in ("cpu", "cuda"):
+        key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+        dispatch_key = getattr(torch._C.DispatchKey, key)
+
+        def impl(*args, _device=device_type, _key=dispatch_key):
+            x, blocks, row_ptr, col_idx, bias, out_features = args
+            dt = torch.get_autocast_dtype(_device)
+
+            def cast(t):
+                return t.to(dt) if t is not None and t.is_floating_point() and t.device.type == _device else t
+
+            with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
+                return op(cast(x), cast(blocks), row_ptr, col_idx, cast(bias), out_features)
+
+        op.py_impl(dispatch_key)(impl)  # (what tracing runs)
+        lib.impl("block_linear", lambda _keyset, *args, _impl=impl: _impl(*args), key, with_keyset=True)
+    return lib
+
+
+_AUTOCAST = _register_autocast(torch.library.Library("blast", "FRAGMENT"))
+
+
 # ---------------------------------------------------------------------------------------------
 # The module
 

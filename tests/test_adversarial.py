@@ -806,3 +806,48 @@ def test_a_write_in_place_between_the_projections_keeps_the_mlp_dense(gated, whe
         assert counters["blast"]["dense_inplace_write"] == 1 and counters["blast"]["mlp_fused"] == 0
     else:
         assert counters["blast"]["mlp_fused"] == 1
+
+
+# --- compressed layers under autocast (session 32's adversarial hunt) ------------------------------------------
+
+def test_block_linear_casts_under_autocast_as_linear_does():
+    """``block_linear`` had no autocast rule: inside ``torch.autocast`` it ran in fp32 in eager (the dense layer runs
+    in bf16), and a compiled graph computed something else again."""
+    from blast_compile.testing import SwiGLU, sparsify_mlps_
+
+    torch.manual_seed(0)
+    dense = SwiGLU(64, 128).eval()
+    sparsify_mlps_(dense, 0.75, block=16)
+    packed = __import__("copy").deepcopy(dense)
+    C.compress_(packed)
+    x = torch.randn(4, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, got = dense.gate_proj(x), packed.gate_proj(x)
+    assert got.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref)
+    g_ref, = torch.autograd.grad(ref.float().sum(), x)
+    g_got, = torch.autograd.grad(got.float().sum(), x)
+    torch.testing.assert_close(g_got, g_ref)
+
+
+@pytest.mark.parametrize("backend", ["blast", "inductor"])
+def test_compressed_mlp_under_autocast_compiled_matches_eager(backend):
+    from blast_compile.testing import SwiGLU, sparsify_mlps_
+
+    torch.manual_seed(0)
+    dense = SwiGLU(64, 128).eval()
+    sparsify_mlps_(dense, 0.75, block=16)
+    packed = __import__("copy").deepcopy(dense)
+    C.compress_(packed)
+    x = torch.randn(4, 64)
+    torch._dynamo.reset()
+    counters.clear()
+    # (caches off: an AOTAutograd cache entry made before block_linear had its autocast rule would be reused)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), \
+            torch._inductor.config.patch(force_disable_caches=True):
+        ref, eager_dense = packed(x), dense(x)
+        got = torch.compile(packed, backend=backend)(x)
+    assert got.dtype == ref.dtype == eager_dense.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, **tol(torch.bfloat16))  # (Inductor keeps silu * up in fp32: eager rounds)
+    if backend == "blast":  # (the packed op has no autocast rule: the chain runs, casting as F.linear does)
+        assert counters["blast"]["dense_autocast"] == 1

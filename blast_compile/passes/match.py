@@ -360,6 +360,9 @@ def check_packed(m, ctx):
     kinds = {lin.packed for lin in m.linears}
     if len(kinds) > 1:
         return "packed_mixed", "the MLP mixes compressed (block_linear) and dense layers"
+    if m.packed and autocast_dtype(m) is not None:  # (blast::packed_mlp has no autocast rule; block_linear has)
+        return "autocast", ("a compressed MLP under torch.autocast runs its block_linear chain, which casts as "
+                            "F.linear does")
 
 
 def check_params(m, ctx):
