@@ -24,6 +24,14 @@ def fraction(lo_open: bool = True):
     return parse
 
 
+def width(text: str) -> int:
+    """The demo model's width: 8 attention heads of an even width (rotary embeddings pair the features)."""
+    v = positive_int(text)
+    if v % 16:
+        raise argparse.ArgumentTypeError(f"{v} is not a multiple of 16 (8 attention heads of an even width)")
+    return v
+
+
 def positive_int(text: str) -> int:
     try:
         v = int(text)
@@ -173,7 +181,7 @@ def _parser() -> argparse.ArgumentParser:
                     "with backend='blast', check the logits against eager and time it against eager and Inductor.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d.add_argument("--layers", type=positive_int, default=4, help="decoder layers")
-    d.add_argument("--hidden", type=positive_int, default=512, help="model width (MLP input/output features)")
+    d.add_argument("--hidden", type=width, default=512, help="model width (MLP input/output features)")
     d.add_argument("--intermediate", type=positive_int, default=2048, help="MLP hidden features")
     d.add_argument("--sparsity", type=fraction(), default=0.9, help="fraction of MLP weight blocks set to zero, in (0, 1)")
     d.add_argument("--block", type=positive_int, default=64, help="block size (square) of the zeroed blocks")

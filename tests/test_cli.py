@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["demo", "--sparsity", "0"], "0 is outside (0, 1)"),
     (["demo", "--sparsity", "x"], "'x' is not a number"),
     (["demo", "--block", "0"], "0 must be at least 1"),
+    (["demo", "--hidden", "60"], "60 is not a multiple of 16"),
     (["memory-plan", "--sparsity", "1.5"], "1.5 is outside [0, 1)"),
     (["memory-plan", "--sparsity", "-0.1"], "-0.1 is outside [0, 1)"),
 ])
@@ -23,7 +24,7 @@ def test_bad_arguments_are_usage_errors(argv, msg, capsys):
         cli.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert "--sparsity" in err or "--block" in err
+    assert argv[1] in err
     assert msg in err and "Traceback" not in err
 
 
