@@ -851,3 +851,23 @@ def test_compressed_mlp_under_autocast_compiled_matches_eager(backend):
     torch.testing.assert_close(got, ref, **tol(torch.bfloat16))  # (Inductor keeps silu * up in fp32: eager rounds)
     if backend == "blast":  # (the packed op has no autocast rule: the chain runs, casting as F.linear does)
         assert counters["blast"]["dense_autocast"] == 1
+
+
+def test_compressed_mlp_already_in_the_autocast_dtype_stays_fused():
+    """Under autocast with x and blocks already bf16 the casts are no-ops: the packed op computes what the chain
+    does, so it stays fused."""
+    from blast_compile.testing import SwiGLU, sparsify_mlps_
+
+    torch.manual_seed(0)
+    packed = SwiGLU(64, 128).eval()
+    sparsify_mlps_(packed, 0.75, block=16)
+    C.compress_(packed)
+    packed = packed.to(torch.bfloat16)
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = packed(x)
+        got = torch.compile(packed, backend="blast")(x)
+    assert counters["blast"]["mlp_fused_packed"] == 1 and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, **tol(torch.bfloat16))

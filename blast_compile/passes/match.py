@@ -360,9 +360,12 @@ def check_packed(m, ctx):
     kinds = {lin.packed for lin in m.linears}
     if len(kinds) > 1:
         return "packed_mixed", "the MLP mixes compressed (block_linear) and dense layers"
-    if m.packed and autocast_dtype(m) is not None:  # (blast::packed_mlp has no autocast rule; block_linear has)
-        return "autocast", ("a compressed MLP under torch.autocast runs its block_linear chain, which casts as "
-                            "F.linear does")
+    cdt = autocast_dtype(m) if m.packed else None
+    if cdt is not None:  # (blast::packed_mlp has no autocast rule; block_linear has: a no-op where all are cdt)
+        vals = [example_value(m.x)] + [ctx.value(n) for _, n in _weights(m)]
+        if any(isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != cdt for v in vals):
+            return "autocast", ("a compressed MLP under torch.autocast with inputs or blocks not in its dtype runs "
+                                "its block_linear chain, which casts as F.linear does")
 
 
 def check_params(m, ctx):
