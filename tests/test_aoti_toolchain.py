@@ -44,21 +44,22 @@ def test_a_compiler_named_in_inductor_configs_is_an_error_not_a_switch(static_cx
 
 
 def test_no_other_compiler_is_an_error_that_names_cxx(static_cxx, monkeypatch):
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, static_cxx))
+    # (Inductor's compiler as $CXX gives it, read when its config is imported: patched there, not by monkeypatch,
+    # whose undo on the config proxy left no cpp.cxx behind with some pytest versions)
     monkeypatch.setenv("CXX", static_cxx)
     monkeypatch.setattr(export.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match=r"links libstdc\+\+ statically.*set CXX"):
-        export.aoti_package(torch.nn.Linear(4, 4), (torch.randn(2, 4),), "unused.pt2")
+    with torch._inductor.config.patch({"cpp.cxx": (None, static_cxx)}):
+        with pytest.raises(RuntimeError, match=r"links libstdc\+\+ statically.*set CXX"):
+            export.aoti_package(torch.nn.Linear(4, 4), (torch.randn(2, 4),), "unused.pt2")
 
 
-def test_package_is_built_with_a_compiler_that_links_libstdcxx_shared_and_loads(static_cxx, tmp_path, monkeypatch):
-    # Inductor's compiler as $CXX gives it (read when Inductor's config is imported, so set there)
-    monkeypatch.setattr(torch._inductor.config.cpp, "cxx", (None, static_cxx))
+def test_package_is_built_with_a_compiler_that_links_libstdcxx_shared_and_loads(static_cxx, tmp_path):
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 32)).eval()
     x = torch.randn(4, 32)
     counters["blast"].clear()
-    path = export.aoti_package(m, (x,), str(tmp_path / "m.pt2"))
+    with torch._inductor.config.patch({"cpp.cxx": (None, static_cxx)}):  # (Inductor's compiler, as $CXX sets it)
+        path = export.aoti_package(m, (x,), str(tmp_path / "m.pt2"))
     assert counters["blast"]["aoti_compiler_switched"] == 1
     with torch.no_grad():
         ref = m(x)
