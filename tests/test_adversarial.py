@@ -1,5 +1,6 @@
 """Issue 27: the wrong answers and crashes adversarial testing found, one regression test each (CPU path;
 the GPU versions are in test_adversarial_gpu.py). Each compares against eager PyTorch."""
+import copy
 import json
 import math
 import os
@@ -17,7 +18,7 @@ from blast_compile import config
 from blast_compile.config import BlastOptions
 from blast_compile.formats import cdiv, choose_block, expand_mask, pattern_from_weights
 from blast_compile.ops.activations import dense_mlp
-from blast_compile.testing import random_block_mask
+from blast_compile.testing import SwiGLU, random_block_mask, sparsify_mlps_
 from conftest import tol
 
 FUSED_OPTS = [
@@ -260,8 +261,6 @@ def _edit_header(path, out, edit):
 
 def _small_llama():
     transformers = pytest.importorskip("transformers")
-    from blast_compile.testing import sparsify_mlps_
-
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=97, max_position_embeddings=64)
     torch.manual_seed(0)
@@ -810,16 +809,20 @@ def test_a_write_in_place_between_the_projections_keeps_the_mlp_dense(gated, whe
 
 # --- compressed layers under autocast (session 32's adversarial hunt) ------------------------------------------
 
-def test_block_linear_casts_under_autocast_as_linear_does():
-    """``block_linear`` had no autocast rule: inside ``torch.autocast`` it ran in fp32 in eager (the dense layer runs
-    in bf16), and a compiled graph computed something else again."""
-    from blast_compile.testing import SwiGLU, sparsify_mlps_
-
+def _swiglu_and_compressed():
+    """A SwiGLU MLP with 75% of its 16x16 blocks dead, and a compressed copy of it."""
     torch.manual_seed(0)
     dense = SwiGLU(64, 128).eval()
     sparsify_mlps_(dense, 0.75, block=16)
-    packed = __import__("copy").deepcopy(dense)
+    packed = copy.deepcopy(dense)
     C.compress_(packed)
+    return dense, packed
+
+
+def test_block_linear_casts_under_autocast_as_linear_does():
+    """``block_linear`` had no autocast rule: inside ``torch.autocast`` it ran in fp32 in eager (the dense layer runs
+    in bf16), and a compiled graph computed something else again."""
+    dense, packed = _swiglu_and_compressed()
     x = torch.randn(4, 64, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         ref, got = dense.gate_proj(x), packed.gate_proj(x)
@@ -832,13 +835,7 @@ def test_block_linear_casts_under_autocast_as_linear_does():
 
 @pytest.mark.parametrize("backend", ["blast", "inductor"])
 def test_compressed_mlp_under_autocast_compiled_matches_eager(backend):
-    from blast_compile.testing import SwiGLU, sparsify_mlps_
-
-    torch.manual_seed(0)
-    dense = SwiGLU(64, 128).eval()
-    sparsify_mlps_(dense, 0.75, block=16)
-    packed = __import__("copy").deepcopy(dense)
-    C.compress_(packed)
+    dense, packed = _swiglu_and_compressed()
     x = torch.randn(4, 64)
     torch._dynamo.reset()
     counters.clear()
@@ -856,13 +853,7 @@ def test_compressed_mlp_under_autocast_compiled_matches_eager(backend):
 def test_compressed_mlp_already_in_the_autocast_dtype_stays_fused():
     """Under autocast with x and blocks already bf16 the casts are no-ops: the packed op computes what the chain
     does, so it stays fused."""
-    from blast_compile.testing import SwiGLU, sparsify_mlps_
-
-    torch.manual_seed(0)
-    packed = SwiGLU(64, 128).eval()
-    sparsify_mlps_(packed, 0.75, block=16)
-    C.compress_(packed)
-    packed = packed.to(torch.bfloat16)
+    packed = _swiglu_and_compressed()[1].to(torch.bfloat16)
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     torch._dynamo.reset()
     counters.clear()

@@ -477,8 +477,7 @@ def _finish(o, model, tokenizer, sp, evals, state, meter, info) -> dict:
         if sp is not None:
             from .. import compress
 
-            compress.compress_(model, min_sparsity=0.1)
-            if any(isinstance(m, compress.BlockSparseLinear) for m in model.modules()):
+            if compress.compress_(model, min_sparsity=0.1).compressed:
                 compress.save_pretrained(model, out)
                 rep["saved_format"] = "compressed"
             else:  # (no MLP compressible: a fused gate|up layout, or sparsity under compress_'s 0.1) -- the
