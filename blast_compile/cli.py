@@ -172,6 +172,15 @@ def sparsify(args, parser) -> int:
     return 0
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" where the help does not say its own default and the default is a value (a
+    ``None`` stands for "decided later", which the help explains, or for a required option)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        return h if "default:" in h or action.default is None else super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blast", description="blast-compile: block-sparse MLPs as a torch.compile backend.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{demo,sparsify,memory-plan}")
@@ -179,7 +188,7 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="compile a block-sparse Llama-style model with backend='blast'",
         description="Build a small random Llama-style model, zero a fraction of its MLP weight blocks, compile it "
                     "with backend='blast', check the logits against eager and time it against eager and Inductor.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Defaults)
     d.add_argument("--layers", type=positive_int, default=4, help="decoder layers")
     d.add_argument("--hidden", type=width, default=512, help="model width (MLP input/output features)")
     d.add_argument("--intermediate", type=positive_int, default=2048, help="MLP hidden features")
@@ -195,7 +204,7 @@ def _parser() -> argparse.ArgumentParser:
                     "MLP weight blocks (calibrated scores, refit, distillation from the dense model, a cubic ramp "
                     "by tokens), then save the block-sparse model (blast_compile.compress) and masks and report "
                     "held-out perplexity dense vs sparse, live blocks per layer and the fused MLP's speed.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Defaults)
     add_arguments(s)
     sub.add_parser("memory-plan", help="weight memory and GPU count, dense vs block-sparse "
                                        "(blast memory-plan --help for its options)", add_help=False)
