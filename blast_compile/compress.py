@@ -72,6 +72,7 @@ def _pad_last(t: Tensor, n: int) -> Tensor:
 def block_linear(x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Tensor, bias: Optional[Tensor],
                  out_features: int) -> Tensor:
     """``F.linear(x, W, bias)`` where ``W [out_features, x.shape[-1]]`` is given by its live blocks."""
+    _same_dtype(x, blocks)
     nnz, bo, bi = blocks.shape
     lead, k = x.shape[:-1], x.shape[-1]
     x2d = _pad_last(x.reshape(-1, k), cdiv(k, bi) * bi)
@@ -84,7 +85,15 @@ def block_linear(x: Tensor, blocks: Tensor, row_ptr: Tensor, col_idx: Tensor, bi
 
 @block_linear.register_fake
 def _(x, blocks, row_ptr, col_idx, bias, out_features):
+    _same_dtype(x, blocks)
     return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _same_dtype(x: Tensor, blocks: Tensor) -> None:
+    """``F.linear``'s rule: input and weight of one dtype (under autocast its rule has cast both already)."""
+    if x.dtype != blocks.dtype:
+        raise RuntimeError(f"block_linear: expected the input and the blocks to have the same dtype, but got "
+                           f"{x.dtype} != {blocks.dtype}")
 
 
 def _block_linear_setup(ctx, inputs, output):
@@ -178,6 +187,7 @@ class BlockSparseLinear(nn.Module):
         self.blast_role = role
         self.blast_block = tuple(mlp_block) if mlp_block else None
         self.orig = orig
+        self.register_load_state_dict_post_hook(_validate_loaded)
 
     @classmethod
     @torch.no_grad()
@@ -247,12 +257,22 @@ class BlockSparseLinear(nn.Module):
             raise ValueError(f"invalid block-sparse layer ({self.out_features}x{self.in_features}): {errs[0]}")
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != self.in_features:  # (the blocks alone would take any width up to the padded one)
+            raise RuntimeError(f"BlockSparseLinear ({self.blast_role or 'linear'}): the input has {x.shape[-1]} "
+                               f"features, the layer takes {self.in_features}")
         return torch.ops.blast.block_linear(x, self.blocks, self.row_ptr, self.col_idx, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         nr, nc = self.grid
         return (f"in_features={self.in_features}, out_features={self.out_features}, block={self.block}, "
                 f"live={self.nnz}/{nr * nc}, bias={self.bias is not None}, role={self.blast_role!r}")
+
+
+def _validate_loaded(module: BlockSparseLinear, incompatible) -> None:
+    """After ``load_state_dict``: an index from a corrupted or foreign state dict raises here (a negative
+    ``col_idx`` would otherwise wrap around in eager). Meta tensors (a skeleton being loaded) are not checked."""
+    if module.col_idx.device.type != "meta" and module.row_ptr.device.type != "meta":
+        module.validate()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +364,12 @@ def compress_(model: nn.Module, *, min_sparsity: float = 0.5, block_sizes: Seque
     masks (what the fused kernels want), False keeps separate masks, None decides
     per MLP (share when it costs <= 5% more blocks).
     """
+    _check_compress_args(model, min_sparsity, block_sizes, shared_gate_up)
     report = CompressReport([])
+    # tied weights and shared modules stay tied: a dense module met again becomes the same compressed module,
+    # a Parameter met again in another module gives it the same packed blocks (same block shape and mask)
+    done_mods: Dict[int, Tuple[nn.Module, BlockSparseLinear]] = {}
+    done_weights: Dict[int, Tuple[Tensor, BlockSparseLinear]] = {}
     for mlp_name, quals in named_mlps(model):
         rec = MLPRecord(mlp_name, dict(quals))
         report.mlps.append(rec)
@@ -385,10 +410,20 @@ def compress_(model: nn.Module, *, min_sparsity: float = 0.5, block_sizes: Seque
         for role, mod in mods.items():
             w = _dense_weight(mod)
             blk = (bd, bh) if role in ("down", "fc2") else (bh, bd)
-            new = BlockSparseLinear.from_dense(w, mod.bias, blk, masks[role], role=role, mlp_block=(bh, bd),
-                                               orig=_dense_kind(mod), requires_grad=mod.weight.requires_grad)
-            rec.dense_bytes += _weight_bytes(mod.weight)
-            rec.compressed_bytes += sum(_weight_bytes(t) for t in (new.blocks, new.row_ptr, new.col_idx))
+            new = _shared(done_mods.get(id(mod)), mod, blk, masks[role])
+            if new is None:
+                new = BlockSparseLinear.from_dense(w, mod.bias, blk, masks[role], role=role, mlp_block=(bh, bd),
+                                                   orig=_dense_kind(mod), requires_grad=mod.weight.requires_grad)
+                if mod.bias is not None:  # (each parameter keeps its own flag: BitFit trains biases only)
+                    new.bias.requires_grad_(mod.bias.requires_grad)
+                tied = _shared(done_weights.get(id(mod.weight)), mod.weight, blk, masks[role])
+                if tied is not None:  # (another module's weight: its packed blocks and index, this module's bias)
+                    new.blocks, new.row_ptr, new.col_idx = tied.blocks, tied.row_ptr, tied.col_idx
+                else:
+                    rec.dense_bytes += _weight_bytes(mod.weight)
+                    rec.compressed_bytes += sum(_weight_bytes(t) for t in (new.blocks, new.row_ptr, new.col_idx))
+                done_mods[id(mod)] = (mod, new)
+                done_weights.setdefault(id(mod.weight), (mod.weight, new))
             _set(model, quals[role], new)
         del w, w1, w2, w3, mods, mod  # the dense weights die here (nothing else holds them)
         rec.compressed = True
@@ -398,6 +433,32 @@ def compress_(model: nn.Module, *, min_sparsity: float = 0.5, block_sizes: Seque
         log.info("blast compress: %s block %dx%d, %.0f%% sparse, %.1f -> %.1f MiB", mlp_name, bh, bd,
                  100 * rec.sparsity, rec.dense_bytes / 2**20, rec.compressed_bytes / 2**20)
     return report
+
+
+def _shared(seen, obj, block, mask) -> Optional[BlockSparseLinear]:
+    """The compressed module made earlier from ``obj`` (a module, or a weight tied into another module), when it
+    has this block shape and mask; another mask cannot share its packed blocks (a warning: the tie is lost)."""
+    if seen is None or seen[0] is not obj:  # (the id of a dead object can be reused: compare the object)
+        return None
+    new = seen[1]
+    if new.block == tuple(block) and torch.equal(new.block_mask(), mask.to(new.col_idx.device)):
+        return new
+    log.warning("blast compress: a shared %s is packed with another block shape or mask here: it is no longer "
+                "shared after compress_", "module" if isinstance(obj, nn.Module) else "weight")
+    return None
+
+
+def _check_compress_args(model, min_sparsity, block_sizes, shared_gate_up) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"compress_: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(min_sparsity, bool) or not isinstance(min_sparsity, (int, float)) or not 0 <= min_sparsity <= 1:
+        raise ValueError(f"compress_: min_sparsity must be a number in [0, 1], got {min_sparsity!r}")
+    bad = [b for b in block_sizes if isinstance(b, bool) or not isinstance(b, int) or b not in BLOCK_CHOICES]
+    if isinstance(block_sizes, (str, bytes)) or not len(block_sizes) or bad:
+        raise ValueError(f"compress_: block_sizes must be a non-empty sequence of {BLOCK_CHOICES}, got "
+                         f"{block_sizes!r}")
+    if shared_gate_up is not None and not isinstance(shared_gate_up, bool):
+        raise ValueError(f"compress_: shared_gate_up must be True, False or None, got {shared_gate_up!r}")
 
 
 @torch.no_grad()
@@ -747,6 +808,9 @@ def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", mo
     go there: ``balance``, ``attention``)."""
     import transformers
 
+    if torch.device(device).type == "meta":
+        raise ValueError("from_pretrained: device='meta' holds no values to load (and nothing to check them "
+                         "against); build the model on the meta device with its class instead")
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"{directory}: no such directory (a compressed model saved by save_pretrained)")
     path = os.path.join(directory, "blast.json")

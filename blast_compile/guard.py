@@ -93,8 +93,8 @@ def _misaligned(ts) -> bool:
 class PackedWatch:
     """One lowered compressed MLP (``blast::mlp_packed``). Its pattern is its index tensors (``row_ptr``,
     ``col_idx``): compared with copies taken at compile time whenever anything moved. Its blocks and biases are
-    read at every call, so new values are seen; NaN/Inf in them switch to the opaque op, which then runs the
-    unfused chain (``packed_mlp``). ``copied``: per weight, whether the kernels read a re-packed copy of its
+    read at every call, so new values are seen; NaN/Inf in them, or non-zero padding past ``d_hidden``, switch to
+    the opaque op, which then runs the unfused chain (``packed_mlp``). ``copied``: per weight, whether the kernels read a re-packed copy of its
     blocks taken at compile time -- any change to those blocks then leaves the compiled graph for good."""
 
     def __init__(self, name, plan, values: Sequence, index: Sequence, copied: Sequence[bool] = (False,) * 3):
@@ -115,6 +115,7 @@ class PackedWatch:
         return []
 
     def valid(self) -> bool:
+        from .ops.packed_mlp import pad_zero
         from .ops.sparse_mlp import _all_finite
 
         for a, b in zip(self.compiled, _current(self.index)):
@@ -123,7 +124,7 @@ class PackedWatch:
         if self.copied_snap.changed([c[0] for c in self.copied]):
             return False
         vals = _current(self.values)
-        return not _misaligned(vals) and _all_finite(vals)
+        return not _misaligned(vals) and _all_finite(vals) and pad_zero(self.plan, *vals[:3])
 
 
 class GraphGuard:

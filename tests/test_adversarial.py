@@ -445,6 +445,8 @@ ACT_VARIANTS = {
 ACT_IMPOSTORS = {
     "relu_plus_bump_at_200": lambda a: torch.relu(a) + 1000 * torch.exp(-(((a - 200) / 10) ** 2)),
     "relu_scaled": lambda a: torch.relu(a) * 1.0001,
+    "relu_scaled_9e-7": lambda a: torch.relu(a * 1.0000009),  # (within the old 1e-6 tolerance: fused as relu)
+    "gelu_tanh_7_digits": lambda a: 0.5 * a * (1 + torch.tanh(0.7978846 * a * (1 + 0.044715 * a * a))),
     "gelu_tanh_wrong_constant": lambda a: 0.5 * a * (1 + torch.tanh(0.79 * (a + 0.044715 * a ** 3))),
     "gelu_plus_tiny_cubic": lambda a: F.gelu(a) + 1e-3 * a ** 3,
     "quick_gelu": lambda a: a * torch.sigmoid(1.702 * a),
@@ -862,3 +864,116 @@ def test_compressed_mlp_already_in_the_autocast_dtype_stays_fused():
         got = torch.compile(packed, backend="blast")(x)
     assert counters["blast"]["mlp_fused_packed"] == 1 and got.dtype == torch.bfloat16
     torch.testing.assert_close(got, ref, **tol(torch.bfloat16))
+
+
+# --- 8. compressed models (adversarial pass 3) ---------------------------------------------------------
+
+def _ragged_compressed(seed=0):
+    """SwiGLU(96, 200) compressed at 32x32: the last hidden block (200 = 6 * 32 + 8) is ragged and live."""
+    torch.compiler.reset()
+    torch.manual_seed(seed)
+    m = nn.Sequential(SwiGLU(96, 200)).eval()
+    with torch.no_grad():
+        for p in (m[0].gate_proj, m[0].up_proj):
+            p.weight[:160] = 0
+        m[0].down_proj.weight[:, :160] = 0
+    assert C.compress_(m, block_sizes=[32]).compressed
+    return m
+
+
+def test_compressed_padding_past_hidden_is_not_read():
+    """Blocks re-initialised after compress_ hold non-zero padding past d_hidden: eager's block_linear chain
+    never computes those hidden units, the fused op ran them through W2's padding columns (off by ~700)."""
+    m = _ragged_compressed()
+    x = torch.randn(4, 96)
+    cm = torch.compile(m, backend="blast")
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))  # (zero padding: fused)
+        for p in m.parameters():
+            p.normal_()
+        torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+    assert counters["blast"]["mlp_fused"] >= 1
+
+
+def test_compressed_layer_checks_width_and_dtype_as_linear():
+    m = _ragged_compressed()
+    cm = torch.compile(m, backend="blast")
+    for width in (80, 97, 128):
+        for f in (m, cm):
+            with pytest.raises(RuntimeError, match=f"input has {width} features, the layer takes 96"):
+                f(torch.randn(3, width))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        m(torch.randn(3, 96, dtype=torch.bfloat16))
+    with torch.autocast("cpu", torch.bfloat16):  # (autocast casts both: runs)
+        assert m(torch.randn(3, 96)).dtype == torch.bfloat16
+
+
+def test_compressed_mlp_stays_fused_after_the_input_rank_changes():
+    """A rank change makes Dynamo recompile with dynamic sizes; the layer's width check pins the feature size."""
+    m = _ragged_compressed()
+    cm = torch.compile(m, backend="blast")
+    with torch.no_grad():
+        for shape in ((1, 96), (5, 96), (2, 3, 96), (4, 5, 96)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(cm(x), m(x), **tol(torch.float32))
+    assert counters["blast"]["dense_shape"] == 0 and counters["blast"]["mlp_fused"] >= 3
+
+
+def test_compressed_state_dict_with_a_bad_index_raises_on_load():
+    m = _ragged_compressed()
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["0.down_proj.col_idx"][0] = -1  # (would wrap around in eager)
+    with pytest.raises(ValueError, match="col_idx out of range"):
+        m.load_state_dict(sd)
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["0.gate_proj.row_ptr"][1] = 10**6
+    with pytest.raises(ValueError, match="row_ptr is not a CSR pointer"):
+        m.load_state_dict(sd)
+
+
+class _GeLUMLP(nn.Module):
+    def __init__(self, d=64, h=128, fc2=None, fc1_weight=None):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, h), fc2 if fc2 is not None else nn.Linear(h, d)
+        if fc1_weight is not None:
+            self.fc1.weight = fc1_weight
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_compress_keeps_requires_grad_per_parameter_and_ties():
+    torch.manual_seed(0)
+    a = _GeLUMLP()
+    b = _GeLUMLP(fc2=a.fc2, fc1_weight=a.fc1.weight)  # a shared module, a weight tied into another module
+    m = nn.Sequential(a, b).eval()
+    sparsify_mlps_(m, 0.75, block=32)
+    for lin in (a.fc1, a.fc2):
+        lin.weight.requires_grad_(False)  # (BitFit: weights frozen, biases trained)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        ref = m(x)
+    assert len(C.compress_(m, block_sizes=[32]).compressed) == 2
+    assert a.fc2 is b.fc2 and b.fc1.blocks is a.fc1.blocks and b.fc1.bias is not a.fc1.bias
+    assert all(p.requires_grad for n, p in m.named_parameters() if n.endswith("bias"))
+    assert not any(p.requires_grad for n, p in m.named_parameters() if n.endswith("blocks"))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, **tol(torch.float32))
+        a.fc1.blocks.mul_(2)  # (still one tensor: b sees it)
+        torch.testing.assert_close(b.fc1.blocks, a.fc1.blocks)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"min_sparsity": "0.5"}, "min_sparsity"), ({"min_sparsity": 1.5}, "min_sparsity"),
+    ({"shared_gate_up": "no"}, "shared_gate_up"), ({"block_sizes": [16.0]}, "block_sizes"),
+    ({"block_sizes": [16, 24]}, "block_sizes"), ({"block_sizes": []}, "block_sizes")])
+def test_compress_rejects_bad_arguments_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        C.compress_(nn.Sequential(SwiGLU(64, 128)), **kw)
+    with pytest.raises(TypeError, match="nn.Module"):
+        C.compress_("model")
+
+
+def test_from_pretrained_refuses_the_meta_device(tmp_path):
+    with pytest.raises(ValueError, match="meta"):
+        C.from_pretrained(str(tmp_path), device="meta")

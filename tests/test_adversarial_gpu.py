@@ -311,3 +311,20 @@ def test_gpu_hidden_bwd_case_of_issue_27():
     r = subprocess.run([sys.executable, "-c", _OOR_CASE], cwd=root, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and "OK" in r.stdout, (r.stdout + r.stderr)[-3000:]
+
+
+@pytest.mark.parametrize("rows", [1, 40])
+def test_gpu_compressed_padding_past_hidden_is_not_read(rows):
+    """The lowered blast::mlp_packed (decode and prefill kernels) with non-zero padding past d_hidden written
+    after compile: the guard sees the new blocks and the chain's answer is given, as eager."""
+    from test_adversarial import _ragged_compressed
+
+    m = _ragged_compressed().to(CUDA, F16)
+    x = torch.randn(rows, 96, device=CUDA, dtype=F16)
+    cm = torch.compile(m, backend="blast")
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x), **tol(F16))
+        assert counters["blast"]["lowered_packed"] >= 1, dict(counters["blast"])
+        for p in m.parameters():
+            p.normal_(0, 0.05)
+        torch.testing.assert_close(cm(x), m(x), **tol(F16))

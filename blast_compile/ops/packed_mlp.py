@@ -16,7 +16,8 @@ from the index tensors, once per (pattern key, tensor identities) and while a
 optimizer steps): an index or block tensor changed in place is noticed by an O(1)
 check per call and the plan is rebuilt, so the op is never stale. Blocks or biases
 holding NaN/Inf run as the unfused ``block_linear`` chain (a hidden block the
-pattern drops would drop them, where the chain multiplies them by zero).
+pattern drops would drop them, where the chain multiplies them by zero), and so
+do blocks with non-zero padding past ``d_hidden`` (:func:`pad_zero`).
 ``pattern_key`` (a hash of the index tensors, :func:`pattern_key`) is an op
 argument, so Inductor/AOTAutograd caches never reuse a graph across patterns.
 
@@ -74,7 +75,7 @@ class _PackedPlan:
     cached plan never keeps a deleted model's weights alive).
     """
 
-    __slots__ = ("index_snap", "block_snap", "finite", "pattern", "dev_pattern", "cache", "sel", "copies",
+    __slots__ = ("index_snap", "block_snap", "finite", "pad_zero", "pattern", "dev_pattern", "cache", "sel", "copies",
                  "in_rows", "dn_rows_r", "key", "refs")
 
 
@@ -131,6 +132,7 @@ def packed_plan(blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3
             counters["blast"]["packed_blocks_refreshed"] += 1
         _select_blocks(plan, blocks1, blocks3, blocks2)
         plan.finite = _all_finite(values)
+        plan.pad_zero = pad_zero(plan, blocks1, blocks3, blocks2)
         plan.block_snap = Snapshot(values)
         return plan
 
@@ -179,6 +181,25 @@ def _select_blocks(plan: _PackedPlan, blocks1, blocks3, blocks2) -> None:
                    gather.select_blocks(pos2, dn_rows, p.dn_cols, blocks2))
 
 
+def pad_zero(plan: _PackedPlan, blocks1, blocks3, blocks2) -> bool:
+    """Where ``d_hidden`` is not a multiple of the block, is the padding of the last hidden block zero (W1/W3 rows
+    and W2 columns past ``d_hidden``)? Eager's ``block_linear`` chain never computes those hidden units; the fused
+    kernels compute whole blocks, so non-zero padding (a re-initialised or foreign ``blocks`` tensor) would reach
+    the output: such blocks run the unfused chain. One host sync, only when the blocks changed."""
+    bh, d_hidden = plan.pattern.bh, plan.cache["d_hidden"]
+    rem = d_hidden % bh
+    if not rem:
+        return True
+    pos1, pos3, pos2 = plan.sel[:3]
+    last = cdiv(d_hidden, bh) - 1
+    flags = []
+    for blk, idx, pad in ((blocks1, pos1[last], lambda b: b[:, rem:, :]), (blocks3, None if pos3 is None else pos3[last],
+                          lambda b: b[:, rem:, :]), (blocks2, pos2[:, last], lambda b: b[:, :, rem:])):
+        if blk is not None and idx is not None and bool((idx >= 0).any()):
+            flags.append((pad(blk[idx[idx >= 0].to(blk.device)]) == 0).all())
+    return bool(torch.stack(flags).all()) if flags else True
+
+
 def _triton_forward(x2d, plan: _PackedPlan, blk: _Blocks, b1, b3, b2, activation, d_out):
     """The generated Triton kernels over the packed blocks (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
     from . import triton_mlp
@@ -208,7 +229,7 @@ def packed_mlp(
                    activation, block_h, block_d, d_in, d_hidden, d_out, pattern_key)
     if x2d.shape[0] == 0:
         return x.new_empty((*lead, d_out))
-    if not plan.finite:
+    if not (plan.finite and plan.pad_zero):
         y = _unfused(x2d, blocks1, row_ptr1, col_idx1, b1, blocks3, row_ptr3, col_idx3, b3, blocks2, row_ptr2,
                      col_idx2, b2, activation, d_hidden, d_out)
     else:
@@ -252,4 +273,4 @@ def _backward(ctx, dy):
 packed_mlp.register_autograd(_backward, setup_context=_setup_context)
 
 
-__all__ = ["packed_mlp", "pattern_key", "packed_plan", "blocks_in_order"]
+__all__ = ["packed_mlp", "pattern_key", "packed_plan", "blocks_in_order", "pad_zero"]

@@ -180,6 +180,8 @@ def _lower_packed(gm, node, ctx, tables) -> Optional["Watch"]:
                                       _hint(xv.shape[-1]), d_hidden, d_out, key)
         if not base.finite:
             why = "nonfinite"
+        elif not base.pad_zero:
+            why = "padding"
     if why is not None:
         counters["blast"][f"lower_skipped_{why}"] += 1
         log.info("blast: %s not lowered (%s): the opaque op runs it", node.name, why)

@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 
 from ..ops.activations import ACTIVATIONS
 from .normalize import (Activation, Linear, as_half, as_linear, classify_activation, example_value, is_mul, same,
-                        same_shape, strip_views)
+                        same_shape, static_size, strip_views)
 
 
 @dataclasses.dataclass
@@ -392,8 +392,8 @@ def _check_packed_shapes(m, ctx):
     h = m.gate.out_features
     xv, hv = example_value(m.gate.x), example_value(m.down.x)
     ok = (m.up is None or m.up.out_features == h) and isinstance(hv, torch.Tensor) and same(hv.shape[-1], h)
-    if xv.dim() < 1 or not isinstance(xv.shape[-1], int):
-        return "shape", "the input's feature size is symbolic (block_linear does not pin it; mark it static)"
+    if xv.dim() < 1 or static_size(xv.shape[-1]) is None:
+        return "shape", "the input's feature size is symbolic (nothing in the model pins it; mark it static)"
     for lin, (bo, bi) in ((m.gate, (bh, bd)), (m.up, (bh, bd)), (m.down, (bd, bh))):
         if lin is None:
             continue
