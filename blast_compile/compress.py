@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import weakref
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -368,8 +369,10 @@ def compress_(model: nn.Module, *, min_sparsity: float = 0.5, block_sizes: Seque
     report = CompressReport([])
     # tied weights and shared modules stay tied: a dense module met again becomes the same compressed module,
     # a Parameter met again in another module gives it the same packed blocks (same block shape and mask)
-    done_mods: Dict[int, Tuple[nn.Module, BlockSparseLinear]] = {}
-    done_weights: Dict[int, Tuple[Tensor, BlockSparseLinear]] = {}
+    # (weak references: a dense weight must die as soon as its MLP is packed, or peak memory holds the whole model
+    # twice; a tied one lives on in the module that shares it)
+    done_mods: Dict[int, Tuple[weakref.ref, BlockSparseLinear]] = {}
+    done_weights: Dict[int, Tuple[weakref.ref, BlockSparseLinear]] = {}
     for mlp_name, quals in named_mlps(model):
         rec = MLPRecord(mlp_name, dict(quals))
         report.mlps.append(rec)
@@ -422,8 +425,8 @@ def compress_(model: nn.Module, *, min_sparsity: float = 0.5, block_sizes: Seque
                 else:
                     rec.dense_bytes += _weight_bytes(mod.weight)
                     rec.compressed_bytes += sum(_weight_bytes(t) for t in (new.blocks, new.row_ptr, new.col_idx))
-                done_mods[id(mod)] = (mod, new)
-                done_weights.setdefault(id(mod.weight), (mod.weight, new))
+                done_mods[id(mod)] = (weakref.ref(mod), new)
+                done_weights[id(mod.weight)] = (weakref.ref(mod.weight), new)
             _set(model, quals[role], new)
         del w, w1, w2, w3, mods, mod  # the dense weights die here (nothing else holds them)
         rec.compressed = True
@@ -438,7 +441,7 @@ def compress_(model: nn.Module, *, min_sparsity: float = 0.5, block_sizes: Seque
 def _shared(seen, obj, block, mask) -> Optional[BlockSparseLinear]:
     """The compressed module made earlier from ``obj`` (a module, or a weight tied into another module), when it
     has this block shape and mask; another mask cannot share its packed blocks (a warning: the tie is lost)."""
-    if seen is None or seen[0] is not obj:  # (the id of a dead object can be reused: compare the object)
+    if seen is None or seen[0]() is not obj:  # (the id of a dead object can be reused: compare the object)
         return None
     new = seen[1]
     if new.block == tuple(block) and torch.equal(new.block_mask(), mask.to(new.col_idx.device)):

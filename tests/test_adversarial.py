@@ -977,3 +977,21 @@ def test_compress_rejects_bad_arguments_by_name(kw, match):
 def test_from_pretrained_refuses_the_meta_device(tmp_path):
     with pytest.raises(ValueError, match="meta"):
         C.from_pretrained(str(tmp_path), device="meta")
+
+
+def test_compress_frees_each_mlps_dense_weights_as_it_goes(monkeypatch):
+    """The memo that keeps ties must not keep the dense weights: peak memory would hold the model twice."""
+    import weakref
+
+    m = nn.Sequential(*[SwiGLU(64, 128) for _ in range(3)]).eval()
+    sparsify_mlps_(m, 0.75, block=32)
+    refs = [weakref.ref(mlp.gate_proj.weight) for mlp in m]
+    alive, pack = [], C.BlockSparseLinear.from_dense.__func__
+
+    def spy(cls, *a, **kw):
+        alive.append(sum(r() is not None for r in refs))
+        return pack(cls, *a, **kw)
+
+    monkeypatch.setattr(C.BlockSparseLinear, "from_dense", classmethod(spy))
+    C.compress_(m, block_sizes=[32])
+    assert alive == [3, 3, 3, 2, 2, 2, 1, 1, 1] and not any(r() is not None for r in refs)
