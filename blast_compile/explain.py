@@ -108,6 +108,9 @@ def explain(model, *example_inputs, options=None, mode=None, **kwargs) -> Explai
     candidate, whatever was compiled before. ``options`` / ``mode`` as for ``torch.compile``."""
     from . import backend as _backend
 
+    # a compiled module (torch.compile(model)) runs its own cached graphs, and across a graph break the trace
+    # below would see none of its code: explain the module it wraps
+    model = getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
     opts = dict(options or {})
     opts.setdefault("inductor", False)  # the report is the point: skip Inductor's codegen
     reports = []

@@ -22,6 +22,16 @@ def _storage_key(t: torch.Tensor) -> int:
 
 def declare_mask(param: torch.Tensor, mask: torch.Tensor, block: Tuple[int, int]) -> None:
     """Declare ``param`` to mean ``param * expand(mask, block)``. ``mask`` is bool ``[O/bo, I/bi]``."""
+    if not (isinstance(block, (tuple, list)) and len(block) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+        raise ValueError(f"declare_mask: block must be (bo, bi), two positive ints, not {block!r}")
+    if not isinstance(param, torch.Tensor) or param.dim() != 2:
+        raise ValueError("declare_mask: param must be a 2-D weight")
+    grid = tuple(-(-n // b) for n, b in zip(param.shape, block))
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != grid:
+        raise ValueError(f"declare_mask: mask must have the block grid's shape {grid} (weight "
+                         f"{tuple(param.shape)} in {tuple(block)} blocks), not "
+                         f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
     param._blast_mask = (mask, tuple(block))
     param._blast_mask_views = {}
     _DECLARED[_storage_key(param)] = weakref.ref(param)
@@ -82,6 +92,12 @@ def declared_mask(t: Optional[torch.Tensor]):
         return None
     p = ref() if ref is not None else None
     if p is None or getattr(p, "_blast_mask", None) is None:
+        return None
+    if _storage_key(p) != _storage_key(t):
+        # p moved to another storage (.to(), .double(), p.data = t) and left its old address behind, which a
+        # tensor of another model may have now: the entry follows p to its new address
+        del _DECLARED[_storage_key(t)]
+        _DECLARED[_storage_key(p)] = ref
         return None
     if p.shape != t.shape or p.stride() != t.stride() or p.storage_offset() != t.storage_offset():
         return _row_slice(p, t) or _transposed(p, t)

@@ -24,7 +24,7 @@ The recipe (what is known to work; BLaST's own text was not available):
   (default) a gated MLP's gate and up projections share one mask, and so do the
   two halves of a fused ``gate_up_proj`` (Phi-3, GLM): the fused op reads the
   union of both, so separate masks would cost live blocks.
-* **prune-and-grow** (RigL): with ``regrow=f``, an update drops ``f`` of the kept
+* **prune-and-grow** (RigL): with ``regrow=f`` (``True``: 0.3, RigL's), an update drops ``f`` of the kept
   blocks more and re-activates as many dead blocks with the largest accumulated
   gradient norm. Grown blocks start at zero. Regrowth needs *dense* gradients:
   a fused ``blast::sparse_mlp`` computes dW only on live blocks, so run the
@@ -64,6 +64,7 @@ from . import masks as _masks
 from .formats import BLOCK_CHOICES, cdiv, expand_mask
 
 log = logging.getLogger("blast_compile.sparsifier")
+REGROW_DEFAULT = 0.3  # regrow=True: the fraction of kept blocks RigL drops and regrows per update
 
 # Module names of MLP projections (the families of blast_compile.layouts), wherever they appear.
 _MLP_LEAF = re.compile(r"(^|\.)(" + "|".join(sorted(layouts.leaf_names())) + r")$")
@@ -173,8 +174,17 @@ class BlastSparsifier:
         calibrate: Optional[Callable[[], object]] = None,
         sequential: bool = False,
     ):
-        if not 0.0 <= target_sparsity < 1.0:
-            raise ValueError("target_sparsity must be in [0, 1)")
+        def fraction(name, v, lo=0.0, hi=1.0):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v < hi:
+                raise ValueError(f"{name} must be a number in [{lo:g}, {hi:g}), not {v!r}")
+
+        fraction("target_sparsity", target_sparsity)
+        fraction("initial_sparsity", initial_sparsity, hi=float(target_sparsity) + 1e-12)
+        if not isinstance(regrow, bool):
+            fraction("regrow", regrow)
+        if update_every is not None and (isinstance(update_every, bool) or not isinstance(update_every, int)
+                                         or update_every < 1):
+            raise ValueError(f"update_every must be a positive int (steps between mask updates), not {update_every!r}")
         if schedule not in ("cubic", "linear", "constant"):
             raise ValueError(f"schedule must be cubic, linear or constant, not {schedule!r}")
         if score not in ("magnitude", "movement", "activation"):
@@ -188,6 +198,10 @@ class BlastSparsifier:
             end_step = start_step
         if not 0.0 <= freeze_last < 1.0:
             raise ValueError("freeze_last is a fraction in [0, 1)")
+        if schedule != "constant" and start_step + int(round((1.0 - freeze_last) * (end_step - start_step))) <= start_step:
+            raise ValueError(f"the ramp is empty: it runs from start_step={start_step} to start_step + (1 - freeze_last) "
+                             f"* (end_step - start_step) with end_step={end_step}, freeze_last={freeze_last}; "
+                             "end_step must lie after start_step (or schedule='constant': one prune at the start)")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_CHOICES:
             # The fused op computes dW on whole blocks of the size the backend picks from BLOCK_CHOICES:
             # masks in other units (24) would leave declared-dead parts inside live fused blocks.
@@ -207,7 +221,7 @@ class BlastSparsifier:
         self.reconstruct = bool(reconstruct)
         self.calibrate = calibrate
         self.sequential = bool(sequential)
-        self.regrow = float(regrow) if regrow else 0.0
+        self.regrow = (REGROW_DEFAULT if regrow else 0.0) if isinstance(regrow, bool) else float(regrow)
         self.balanced = bool(balanced)
         self.optimizer = optimizer
         self.declare = declare
@@ -251,6 +265,9 @@ class BlastSparsifier:
             if isinstance(item, str):
                 if item not in by_name:
                     raise KeyError(f"no module named {item!r}")
+                if not _is_2d_weight_module(by_name[item]):
+                    raise ValueError(f"layers: {item!r} is a {type(by_name[item]).__name__}, not a projection with a "
+                                     "2-D weight (nn.Linear or transformers' Conv1D)")
                 out.append((item, by_name[item]))
             else:
                 n = next((n for n, m in named if m is item), None)
@@ -486,6 +503,10 @@ class BlastSparsifier:
             raise RuntimeError("hand_off() needs declared masks (declare=True): the fused op computes dW from them")
         if check_every < 1:
             raise ValueError("check_every must be >= 1")
+        if self.optimizer is None and self.step_count > 0:
+            raise ValueError("hand_off() after training steps needs the optimizer (BlastSparsifier(..., optimizer=opt)): "
+                             "the sparsifier never cleared the optimizer state of the blocks it pruned, and without "
+                             "the per-step upkeep that state would revive them")
         self._remask_all()
         self._set_hooks(False)
         self.check_every = int(check_every)
@@ -602,7 +623,8 @@ class BlastSparsifier:
         for c in ("layer", "shape", "live/blocks", "block sparsity", "zero weights"):
             t.add_column(c, justify="left" if c == "layer" else "right")
         rows = list(self.layer_sparsity().items())
-        shown = rows if len(rows) <= max_rows else rows[: max_rows // 2] + [None] + rows[-max_rows // 2:]
+        half = max(1, max_rows) // 2
+        shown = rows if len(rows) <= max(1, max_rows) else rows[:half] + [None] + (rows[-half:] if half else [])
         for r in shown:
             if r is None:
                 t.add_row("...", "", "", "", "")
@@ -644,6 +666,12 @@ class BlastSparsifier:
             L.grad_acc = sd.get("grad_acc", {}).get(n)
         self.finalized = sd.get("finalized", False)
         self.upkeep_restored = sd.get("upkeep_restored", 0)
+        if self.finalized:  # (as finalize() left it: plain weights, no declared masks, no hooks)
+            self._set_hooks(False)
+            for L in self.layers.values():
+                _masks.clear_mask(L.param)
+            self.check_every = 0
+            return
         if sd.get("check_every", 0) and self.frozen and not self.finalized and self.declare:
             self.hand_off(sd["check_every"])  # (re-masks: the loaded masks hold from here on)
         elif self.check_every:  # loaded into a handed-off sparsifier: the saved run kept the upkeep

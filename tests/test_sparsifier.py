@@ -772,3 +772,111 @@ def test_sequential_without_calibration_is_refused():
     with pytest.raises(ValueError, match="sequential=True"):
         BlastSparsifier(_Decoder(), target_sparsity=0.5, block_size=16, schedule="constant", calibrate=lambda: None,
                         sequential=True)
+
+
+# --- adversarial pass 4: the training API ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, match", [
+    ({"regrow": 1.0}, "regrow"), ({"regrow": -0.3}, "regrow"), ({"target_sparsity": "0.9"}, "target_sparsity"),
+    ({"initial_sparsity": 1.5}, "initial_sparsity"), ({"initial_sparsity": -0.5}, "initial_sparsity"),
+    ({"update_every": -3}, "update_every"), ({"start_step": 10, "end_step": 5}, "end_step"),
+    ({"end_step": 0}, "end_step"), ({"end_step": 2, "freeze_last": 0.75}, "freeze_last"),
+    ({"layers": ["0.mlp"]}, "not a projection")])
+def test_bad_constructor_arguments_raise_by_name(kw, match):
+    model = nn.Sequential(Block())
+    args = dict(target_sparsity=0.75, block_size=B, end_step=20)
+    with pytest.raises(ValueError, match=match):
+        BlastSparsifier(model, **{**args, **kw})
+
+
+def test_regrow_true_regrows_a_fraction_not_everything():
+    """regrow=True used to mean a fraction of 1.0: every kept block dropped and regrown at zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(Block())
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    sp = BlastSparsifier(model, target_sparsity=0.5, block_size=B, end_step=20, update_every=2, regrow=True,
+                         optimizer=opt)
+    assert sp.regrow == 0.3
+    for _ in range(4):
+        model(torch.randn(8, DIM)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+    w = model[0].mlp.gate_proj.weight
+    assert int((w != 0).sum()) > 0.3 * w.numel()
+
+
+def test_hand_off_after_training_needs_the_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(Block())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = BlastSparsifier(model, target_sparsity=0.75, block_size=B, end_step=4, update_every=1, freeze_last=0.5)
+    while not sp.frozen:
+        model(torch.randn(8, DIM)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+    with pytest.raises(ValueError, match="optimizer="):
+        sp.hand_off()
+    BlastSparsifier(nn.Sequential(Block()), target_sparsity=0.9, block_size=B, schedule="constant").hand_off()
+
+
+def test_loading_a_finalized_state_leaves_no_masks_declared():
+    torch.manual_seed(0)
+    model = nn.Sequential(Block())
+    sp = BlastSparsifier(model, target_sparsity=0.75, block_size=B, schedule="constant")
+    sp.finalize()
+    sd = sp.state_dict()
+    model2 = nn.Sequential(Block())
+    sp2 = BlastSparsifier(model2, target_sparsity=0.75, block_size=B, schedule="constant")
+    sp2.load_state_dict(sd)
+    assert sp2.finalized and all(bmasks.declared_mask(L.param) is None for L in sp2.layers.values())
+    assert all(L.hook is None for L in sp2.layers.values())
+
+
+def test_a_moved_parameter_leaves_no_mask_at_its_old_address():
+    """A declared weight moved to another storage (``.double()`` rebinds ``.data``) left its entry under the
+    old address, where another model's weight could land and get its mask (and masked gradients)."""
+    torch.manual_seed(0)
+    a = nn.Sequential(Block())
+    BlastSparsifier(a, target_sparsity=0.75, block_size=B, schedule="constant")
+    w = a[0].mlp.gate_proj.weight
+    old = bmasks._storage_key(w)
+    alias = w.detach()  # (what AOTAutograd hands the op: another tensor on the same storage)
+    assert bmasks.declared_mask(alias) is not None
+    a.double()
+    stranger = torch.empty(0).set_(alias.untyped_storage())  # (a tensor now at the old address)
+    stranger = stranger.view(torch.float32)[:w.numel()].view(w.shape)
+    assert bmasks._storage_key(stranger) == old and bmasks.declared_mask(stranger) is None
+    assert bmasks.declared_mask(a[0].mlp.gate_proj.weight.detach()) is not None  # (the entry followed the weight)
+
+
+def test_declare_mask_checks_its_arguments():
+    w = torch.zeros(128, 64)
+    for mask, block in ((torch.ones(3, 3, dtype=torch.bool), (16, 16)), (torch.ones(4, 8, dtype=torch.bool), (16, 16)),
+                        (torch.ones(8, 4, dtype=torch.bool), (0, 0)), (torch.ones(8, 4, dtype=torch.bool), 16)):
+        with pytest.raises(ValueError, match="declare_mask"):
+            bmasks.declare_mask(w, mask, block)
+
+
+def test_explain_a_compiled_module_with_a_graph_break():
+    import blast_compile
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m1, self.m2 = GatedMLP(), GatedMLP()
+
+        def forward(self, x):
+            x = self.m1(x)
+            torch._dynamo.graph_break()
+            return self.m2(x)
+
+    torch.manual_seed(0)
+    m = Two().eval()
+    BlastSparsifier(m, target_sparsity=0.75, block_size=B, schedule="constant").finalize()
+    cm = torch.compile(m, backend="blast")
+    with torch.no_grad():
+        cm(torch.randn(4, DIM))
+    rep = blast_compile.explain(cm, torch.randn(4, DIM))
+    assert [(c.module, c.decision) for c in rep.candidates] == [("m1", "fused"), ("m2", "fused")], rep

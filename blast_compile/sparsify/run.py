@@ -299,6 +299,9 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
                     model(input_ids=xb, use_cache=False)
 
         ramp = round((1 - o.freeze_last) * steps)
+        if ramp < 1:
+            raise SparsifyError("--tokens", f"{steps} training step(s) of {tps:,} tokens leave no pruning ramp before "
+                                f"the last --freeze-last {o.freeze_last:g} of the budget: raise --tokens")
         sp = BlastSparsifier(model, target_sparsity=o.sparsity, block_size=o.block, end_step=steps,
                              freeze_last=o.freeze_last, update_every=max(1, ramp // o.mask_updates), optimizer=opt,
                              score=o.score, regrow=o.regrow, layers=mlp_layers(model, o.skip_layers),
