@@ -180,9 +180,9 @@ class GraphGuard:
         if self.ok and not ok:
             counters["blast"]["graph_pattern_changed"] += 1  # (the opaque op then counts its own pattern_changed)
             msg = ("blast: weights of a compiled MLP no longer fit what its kernels were compiled for (new live "
-                   "blocks, new masks, NaN/Inf, or rebound to a misaligned view); its graph now runs through the "
-                   "fused op's host path, which follows the weights at every call (correct, slower). Recompile to "
-                   "fuse the new weights: torch.compiler.reset()")
+                   "blocks, new masks, NaN/Inf, non-zero padding in compressed blocks, or rebound to a misaligned "
+                   "view); its graph now runs through the fused op's host path, which follows the weights at every "
+                   "call (correct, slower). Recompile to fuse the new weights: torch.compiler.reset()")
             log.warning(msg)
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
         self.ok = ok
