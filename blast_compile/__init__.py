@@ -8,7 +8,7 @@ Folders read in pipeline order: passes/ (detect + rewrite), codegen/ (Triton
 source per sparsity pattern), ops/ (the fused op: kernels + autograd).
 
 Importing the package registers the ``blast::`` ops and the backend; everything
-else (``blast_compile.compress``, ``.distributed``, ``.sparsifier``, the backend
+else (``.distributed``, ``.sparsifier``, the backend
 function, ...) is imported on first use, so ``import blast_compile`` costs little more than
 the ops do.
 """
@@ -16,6 +16,7 @@ import importlib
 import logging
 
 from . import ops as _ops  # noqa: F401  (registers the blast:: ops)
+from . import compress as _compress  # noqa: F401  (registers blast::block_linear: a saved program may call it)
 from .config import BlastOptions, Candidate
 from .explain import ExplainReport, explain  # (eager: the submodule's name is the function's)
 from .masks import declare_mask

@@ -144,7 +144,8 @@ def split_options(options: Optional[Mapping]) -> Tuple[BlastOptions, dict]:
     rest = {k: v for k, v in options.items() if k not in names}
     from torch._inductor import config as inductor_config
 
-    bad = [k for k in rest if not hasattr(inductor_config, k.split(".")[0])]
+    keys = getattr(inductor_config, "_config", None)  # (full dotted names: "cpp.cxx", "triton.cudagraphs")
+    bad = [k for k in rest if not (k in keys if keys is not None else hasattr(inductor_config, k.split(".")[0]))]
     if bad:
         raise ValueError(
             f"unknown option(s) {bad}: blast options are {sorted(names)}, anything else must be an Inductor config key"

@@ -25,7 +25,7 @@ import dataclasses
 import math
 from typing import Dict, Optional, Sequence, Union
 
-from .formats import cdiv
+from .formats import BLOCK_CHOICES, cdiv
 
 # Public architecture hyper-parameters (Meta's config.json files).
 CONFIGS: Dict[str, dict] = {
@@ -232,6 +232,22 @@ def table(plans: Sequence[Plan]):
     return t
 
 
+def _number(lo: float, lo_closed: bool, hi: Optional[float] = None, kind=float):
+    """argparse type: a finite number above ``lo`` (or at it, ``lo_closed``), at most ``hi``."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or v < lo or (v == lo and not lo_closed) or (hi is not None and v > hi):
+            rng = f"{'[' if lo_closed else '('}{lo:g}, {'inf)' if hi is None else f'{hi:g}]'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {rng}")
+        return v
+
+    return parse
+
+
 def main(argv=None) -> int:
     from .cli import fraction, positive_int
 
@@ -241,16 +257,20 @@ def main(argv=None) -> int:
                     help="built-in config (repeatable; default: all)")
     ap.add_argument("--sparsity", type=fraction(lo_open=False), action="append",
                     help="MLP block sparsity in [0, 1), e.g. 0.9 (repeatable; default: 0.5, 0.9, 0.95)")
-    ap.add_argument("--block", type=positive_int, default=64, help="block size (square)")
+    ap.add_argument("--block", type=int, choices=BLOCK_CHOICES, default=64, help="block size (square)")
     ap.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per weight (2: bf16)")
-    ap.add_argument("--gpu-gb", type=float, default=80, help="GiB per GPU")
-    ap.add_argument("--usable", type=float, default=1.0, help="fraction of GPU memory for weights + KV")
-    ap.add_argument("--kv-tokens", type=int, default=0, help="KV cache tokens (batch x context)")
-    ap.add_argument("--overhead-gb", type=float, default=0.0, help="activation/workspace overhead, GiB")
+    ap.add_argument("--gpu-gb", type=_number(0, False), default=80, help="GiB per GPU")
+    ap.add_argument("--usable", type=_number(0, False, 1), default=1.0, help="fraction of GPU memory for weights + KV")
+    ap.add_argument("--kv-tokens", type=_number(0, True, kind=int), default=0, help="KV cache tokens (batch x context)")
+    ap.add_argument("--overhead-gb", type=_number(0, True), default=0.0, help="activation/workspace overhead, GiB")
     ap.add_argument("--tp", type=positive_int, default=None,
                     help="TP size of the weights/rank column (default: the smallest that fits)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     a = ap.parse_args(argv)
+    for m in (a.model or list(CONFIGS)):
+        if a.tp is not None and a.tp not in tp_sizes(CONFIGS[m], a.block, limit=max(64, a.tp)):
+            ap.error(f"argument --tp: {m} cannot run at TP {a.tp} (tensor parallel splits the KV heads and the MLP's "
+                     f"hidden blocks evenly: TP sizes {tp_sizes(CONFIGS[m], a.block)})")
     plans = [plan(m, s, a.block, a.dtype_bytes, a.gpu_gb, usable=a.usable, kv_tokens=a.kv_tokens,
                   overhead_gb=a.overhead_gb, tp=a.tp)
              for m in (a.model or list(CONFIGS)) for s in (a.sparsity or [0.5, 0.9, 0.95])]

@@ -9,7 +9,7 @@ import torch.nn as nn
 from torch._dynamo.utils import counters
 
 import blast_compile
-from blast_compile.config import BlastOptions
+from blast_compile.config import BlastOptions, split_options
 from blast_compile.testing import SwiGLU, sparsify_mlps_
 from conftest import force_splitk, tol
 
@@ -302,6 +302,10 @@ def test_bad_options_are_rejected():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="unknown option"):
         torch.compile(sparse_block(), backend="blast", options={"min_sparsty": 0.2})(torch.randn(2, 64))
+    for key in ("cpp.bogus_key", "__doc__", "cpp"):  # (an Inductor key is checked whole, not by its first part)
+        with pytest.raises(ValueError, match="unknown option"):
+            split_options({key: 1})
+    assert split_options({"cpp.cxx": "g++", "triton.cudagraphs": True})[1] == {"cpp.cxx": "g++", "triton.cudagraphs": True}
     torch._dynamo.reset()
     with pytest.raises(Exception, match="save_hidden must be"):
         torch.compile(sparse_block(), backend="blast", options={"save_hidden": "pre"})(torch.randn(2, 64))

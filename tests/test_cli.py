@@ -45,14 +45,15 @@ def test_demo_timings_interleave_sides_and_keep_every_round():
 
 
 def test_import_is_light_and_submodules_resolve():
-    """`import blast_compile` registers the ops and the backend but leaves compress, distributed,
-    sparsifier, transformers, rich and matplotlib unimported until used."""
+    """`import blast_compile` registers the ops (compress's block_linear too: a saved program may call it) and the
+    backend but leaves distributed, sparsifier, transformers, rich and matplotlib unimported until used."""
     code = (
         "import sys, blast_compile, torch\n"
-        "heavy = [m for m in ('blast_compile.compress', 'blast_compile.distributed', 'blast_compile.sparsifier',\n"
+        "heavy = [m for m in ('blast_compile.distributed', 'blast_compile.sparsifier',\n"
         "         'transformers', 'rich', 'matplotlib') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
         "assert torch.ops.blast.sparse_mlp.default and torch.ops.blast.packed_mlp.default\n"
+        "assert torch.ops.blast.block_linear.default\n"
         "assert callable(blast_compile.compress.compress_) and callable(blast_compile.compress.from_pretrained)\n"
         "assert callable(blast_compile.distributed.parallelize_blast_mlp)\n"
         "assert callable(blast_compile.explain) and callable(blast_compile.blast)\n"

@@ -275,6 +275,36 @@ def test_memory_plan_cli(capsys):
     assert 0.7 < row["reduction"] < 0.75
 
 
+@pytest.mark.parametrize("argv", [["--gpu-gb", "-80"], ["--gpu-gb", "nan"], ["--usable", "0"], ["--usable", "7"],
+                                  ["--kv-tokens", "-5"], ["--overhead-gb", "-1"], ["--tp", "3"], ["--block", "7"]])
+def test_memory_plan_cli_rejects_what_cannot_run(argv, capsys):
+    with pytest.raises(SystemExit):
+        memory_plan.main(["--model", "llama-3.1-405b", *argv])
+    assert f"argument {argv[0]}" in capsys.readouterr().err
+
+
+def test_compressed_export_loads_after_import_blast_compile(tmp_path):
+    """A compressed model's program calls blast::block_linear: ``import blast_compile`` must register it."""
+    import subprocess
+    import sys
+
+    from blast_compile.export import export
+    from blast_compile.testing import SwiGLU
+
+    m = torch.nn.Sequential(SwiGLU(64, 128)).eval()
+    sparsify_mlps_(m, 0.75, block=16)
+    C.compress_(m)
+    x = torch.randn(4, 64)
+    torch.export.save(export(m, (x,)), tmp_path / "ep.pt2")
+    torch.save((x, m(x)), tmp_path / "io.pt")
+    code = ("import sys, torch, blast_compile\n"
+            "ep = torch.export.load(sys.argv[1]); x, ref = torch.load(sys.argv[2])\n"
+            "torch.testing.assert_close(ep.module()(x), ref)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path / "ep.pt2"), str(tmp_path / "io.pt")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compress_cuda_bf16_frees_memory():

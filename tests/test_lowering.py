@@ -115,11 +115,14 @@ def test_compressed_mlp_is_lowered(traces):
 
 def _packed_watch(copied):
     from blast_compile.guard import PackedWatch
+    from blast_compile.ops import packed_mlp
 
     torch.manual_seed(0)
     blocks = [torch.randn(3, 16, 16), torch.randn(2, 16, 16)]
     index = [torch.tensor([0, 2, 3]), torch.tensor([0, 1, 0]), torch.tensor([0, 1, 2]), torch.tensor([1, 0])]
-    w = PackedWatch("p", None, [(blocks[0], []), None, (blocks[1], []), None, None, None],
+    plan = packed_mlp.packed_plan(blocks[0], index[0], index[1], None, None, None, None, None, blocks[1], index[2],
+                                  index[3], None, "relu", 16, 16, 32, 32, 32, "test")
+    w = PackedWatch("p", plan, [(blocks[0], []), None, (blocks[1], []), None, None, None],
                     [(index[0], []), (index[1], []), None, None, (index[2], []), (index[3], [])],
                     copied=[copied, False, False])
     return w, blocks, index
