@@ -19,6 +19,11 @@ The working tree travels with at most 64 MiB a call, so the GGUF needs two calls
     (optional) call 3, the same command again: runs cut at the deadline resume from their checkpoints and finished
         ones are kept, so --tokens 20M takes call 2 + call 3; --stages speed there measures with the trained masks.
 
+Budget: four runs of 5M tokens at once took 310 s on an H200 (session 25), most of it not steady training
+(compiles, the layer-by-layer mask updates, evaluations); the per-run tokens/s in the reports are steady
+stretches only. 20M tokens for dense + three sparsities needs ~1,100 s of one warm machine: two to three calls
+with the same command, plus the carry call.
+
 The GGUF is joined and dequantized once into .carry/smollm2_hf/ (kept between warm calls). Runs write into
 .carry/sps_runs/<name>/ and resume from their checkpoints (``--resume``), so a call cut short continues in the
 next one with the same command; at ``--minutes`` the driver interrupts the runs (each saves a checkpoint) and
