@@ -110,7 +110,8 @@ def explain(model, *example_inputs, options=None, mode=None, **kwargs) -> Explai
 
     # a compiled module (torch.compile(model)) runs its own cached graphs, and across a graph break the trace
     # below would see none of its code: explain the module it wraps
-    model = getattr(model, "_orig_mod", model) if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) else model
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod
     opts = dict(options or {})
     opts.setdefault("inductor", False)  # the report is the point: skip Inductor's codegen
     reports = []

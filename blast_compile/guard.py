@@ -94,8 +94,9 @@ class PackedWatch:
     """One lowered compressed MLP (``blast::mlp_packed``). Its pattern is its index tensors (``row_ptr``,
     ``col_idx``): compared with copies taken at compile time whenever anything moved. Its blocks and biases are
     read at every call, so new values are seen; NaN/Inf in them, or non-zero padding past ``d_hidden``, switch to
-    the opaque op, which then runs the unfused chain (``packed_mlp``). ``copied``: per weight, whether the kernels read a re-packed copy of its
-    blocks taken at compile time -- any change to those blocks then leaves the compiled graph for good."""
+    the opaque op, which then runs the unfused chain (``packed_mlp``). ``copied``: per weight, whether the kernels
+    read a re-packed copy of its blocks taken at compile time -- any change to those blocks then leaves the
+    compiled graph for good."""
 
     def __init__(self, name, plan, values: Sequence, index: Sequence, copied: Sequence[bool] = (False,) * 3):
         self.name, self.plan = name, plan

@@ -198,9 +198,10 @@ class BlastSparsifier:
             end_step = start_step
         if not 0.0 <= freeze_last < 1.0:
             raise ValueError("freeze_last is a fraction in [0, 1)")
-        if schedule != "constant" and start_step + int(round((1.0 - freeze_last) * (end_step - start_step))) <= start_step:
-            raise ValueError(f"the ramp is empty: it runs from start_step={start_step} to start_step + (1 - freeze_last) "
-                             f"* (end_step - start_step) with end_step={end_step}, freeze_last={freeze_last}; "
+        if schedule != "constant" and int(round((1.0 - freeze_last) * (end_step - start_step))) <= 0:
+            raise ValueError(f"the ramp is empty: it runs from start_step={start_step} to start_step + "
+                             f"(1 - freeze_last) * (end_step - start_step) with end_step={end_step}, "
+                             f"freeze_last={freeze_last}; "
                              "end_step must lie after start_step (or schedule='constant': one prune at the start)")
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size not in BLOCK_CHOICES:
             # The fused op computes dW on whole blocks of the size the backend picks from BLOCK_CHOICES:
@@ -504,9 +505,9 @@ class BlastSparsifier:
         if check_every < 1:
             raise ValueError("check_every must be >= 1")
         if self.optimizer is None and self.step_count > 0:
-            raise ValueError("hand_off() after training steps needs the optimizer (BlastSparsifier(..., optimizer=opt)): "
-                             "the sparsifier never cleared the optimizer state of the blocks it pruned, and without "
-                             "the per-step upkeep that state would revive them")
+            raise ValueError("hand_off() after training steps needs the optimizer (BlastSparsifier(..., "
+                             "optimizer=opt)): the sparsifier never cleared the optimizer state of the blocks it "
+                             "pruned, and without the per-step upkeep that state would revive them")
         self._remask_all()
         self._set_hooks(False)
         self.check_every = int(check_every)

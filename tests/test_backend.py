@@ -305,7 +305,8 @@ def test_bad_options_are_rejected():
     for key in ("cpp.bogus_key", "__doc__", "cpp"):  # (an Inductor key is checked whole, not by its first part)
         with pytest.raises(ValueError, match="unknown option"):
             split_options({key: 1})
-    assert split_options({"cpp.cxx": "g++", "triton.cudagraphs": True})[1] == {"cpp.cxx": "g++", "triton.cudagraphs": True}
+    keys = {"cpp.cxx": "g++", "triton.cudagraphs": True}
+    assert split_options(keys)[1] == keys
     torch._dynamo.reset()
     with pytest.raises(Exception, match="save_hidden must be"):
         torch.compile(sparse_block(), backend="blast", options={"save_hidden": "pre"})(torch.randn(2, 64))

@@ -193,8 +193,9 @@ def pad_zero(plan: _PackedPlan, blocks1, blocks3, blocks2) -> bool:
     pos1, pos3, pos2 = plan.sel[:3]
     last = cdiv(d_hidden, bh) - 1
     flags = []
-    for blk, idx, pad in ((blocks1, pos1[last], lambda b: b[:, rem:, :]), (blocks3, None if pos3 is None else pos3[last],
-                          lambda b: b[:, rem:, :]), (blocks2, pos2[:, last], lambda b: b[:, :, rem:])):
+    rows, cols = (lambda b: b[:, rem:, :]), (lambda b: b[:, :, rem:])  # (W1/W3 blocks' rows, W2 blocks' columns)
+    for blk, idx, pad in ((blocks1, pos1[last], rows), (blocks3, None if pos3 is None else pos3[last], rows),
+                          (blocks2, pos2[:, last], cols)):
         if blk is not None and idx is not None and bool((idx >= 0).any()):
             flags.append((pad(blk[idx[idx >= 0].to(blk.device)]) == 0).all())
     return bool(torch.stack(flags).all()) if flags else True
