@@ -246,7 +246,8 @@ def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = Non
     except Exception as e:
         if opts.strict:
             raise
-        _warn_fallback("rewriting", e, "compiling this graph with plain Inductor")
+        _warn_fallback("rewriting", e, "compiling this graph " + ("with plain Inductor" if opts.inductor
+                                                                   else "unchanged (inductor=False)"))
         _record(GraphReport([], gm.code, error=repr(e)))
         new_gm = gm
     if opts.inductor:
