@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shutil
 import statistics
 import sys
 import time
+from typing import Optional
 
 
 def fraction(lo_open: bool = True):
@@ -19,6 +21,22 @@ def fraction(lo_open: bool = True):
         if not ((0.0 < v) if lo_open else (0.0 <= v)) or not v < 1.0:
             rng = "(0, 1)" if lo_open else "[0, 1)"
             raise argparse.ArgumentTypeError(f"{v:g} is outside {rng}: the fraction of blocks that are zero, e.g. 0.9")
+        return v
+
+    return parse
+
+
+def number(lo: float, lo_closed: bool, hi: Optional[float] = None, kind=float):
+    """argparse type: a finite number above ``lo`` (or at it, ``lo_closed``), at most ``hi``."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(v) or v < lo or (v == lo and not lo_closed) or (hi is not None and v > hi):
+            rng = f"{'[' if lo_closed else '('}{lo:g}, {'inf)' if hi is None else f'{hi:g}]'}"
+            raise argparse.ArgumentTypeError(f"{text} is outside {rng}")
         return v
 
     return parse

@@ -87,16 +87,17 @@ def declared_mask(t: Optional[torch.Tensor]):
     if hasattr(t, "_blast_mask"):
         return t._blast_mask
     try:
-        ref = _DECLARED.get(_storage_key(t))
+        key = _storage_key(t)
     except (RuntimeError, NotImplementedError):  # fake / meta tensors
         return None
+    ref = _DECLARED.get(key)
     p = ref() if ref is not None else None
     if p is None or getattr(p, "_blast_mask", None) is None:
         return None
-    if _storage_key(p) != _storage_key(t):
+    if _storage_key(p) != key:
         # p moved to another storage (.to(), .double(), p.data = t) and left its old address behind, which a
         # tensor of another model may have now: the entry follows p to its new address
-        del _DECLARED[_storage_key(t)]
+        del _DECLARED[key]
         _DECLARED[_storage_key(p)] = ref
         return None
     if p.shape != t.shape or p.stride() != t.stride() or p.storage_offset() != t.storage_offset():

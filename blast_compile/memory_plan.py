@@ -232,24 +232,8 @@ def table(plans: Sequence[Plan]):
     return t
 
 
-def _number(lo: float, lo_closed: bool, hi: Optional[float] = None, kind=float):
-    """argparse type: a finite number above ``lo`` (or at it, ``lo_closed``), at most ``hi``."""
-
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(v) or v < lo or (v == lo and not lo_closed) or (hi is not None and v > hi):
-            rng = f"{'[' if lo_closed else '('}{lo:g}, {'inf)' if hi is None else f'{hi:g}]'}"
-            raise argparse.ArgumentTypeError(f"{text} is outside {rng}")
-        return v
-
-    return parse
-
-
 def main(argv=None) -> int:
-    from .cli import fraction, positive_int
+    from .cli import fraction, number, positive_int
 
     ap = argparse.ArgumentParser(prog="blast memory-plan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -259,10 +243,10 @@ def main(argv=None) -> int:
                     help="MLP block sparsity in [0, 1), e.g. 0.9 (repeatable; default: 0.5, 0.9, 0.95)")
     ap.add_argument("--block", type=int, choices=BLOCK_CHOICES, default=64, help="block size (square)")
     ap.add_argument("--dtype-bytes", type=positive_int, default=2, help="bytes per weight (2: bf16)")
-    ap.add_argument("--gpu-gb", type=_number(0, False), default=80, help="GiB per GPU")
-    ap.add_argument("--usable", type=_number(0, False, 1), default=1.0, help="fraction of GPU memory for weights + KV")
-    ap.add_argument("--kv-tokens", type=_number(0, True, kind=int), default=0, help="KV cache tokens (batch x context)")
-    ap.add_argument("--overhead-gb", type=_number(0, True), default=0.0, help="activation/workspace overhead, GiB")
+    ap.add_argument("--gpu-gb", type=number(0, False), default=80, help="GiB per GPU")
+    ap.add_argument("--usable", type=number(0, False, 1), default=1.0, help="fraction of GPU memory for weights + KV")
+    ap.add_argument("--kv-tokens", type=number(0, True, kind=int), default=0, help="KV cache tokens (batch x context)")
+    ap.add_argument("--overhead-gb", type=number(0, True), default=0.0, help="activation/workspace overhead, GiB")
     ap.add_argument("--tp", type=positive_int, default=None,
                     help="TP size of the weights/rank column (default: the smallest that fits)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -198,7 +198,8 @@ class BlastSparsifier:
             end_step = start_step
         if not 0.0 <= freeze_last < 1.0:
             raise ValueError("freeze_last is a fraction in [0, 1)")
-        if schedule != "constant" and int(round((1.0 - freeze_last) * (end_step - start_step))) <= 0:
+        ramp = int(round((1.0 - freeze_last) * (end_step - start_step)))  # steps from start_step to the freeze
+        if schedule != "constant" and ramp <= 0:
             raise ValueError(f"the ramp is empty: it runs from start_step={start_step} to start_step + "
                              f"(1 - freeze_last) * (end_step - start_step) with end_step={end_step}, "
                              f"freeze_last={freeze_last}; "
@@ -216,7 +217,7 @@ class BlastSparsifier:
         self.start_step = int(start_step)
         self.end_step = int(end_step)
         self.freeze_last = float(freeze_last)
-        self.ramp_end = self.start_step + int(round((1.0 - freeze_last) * (self.end_step - self.start_step)))
+        self.ramp_end = self.start_step + ramp
         self.update_every = int(update_every or max(1, (self.ramp_end - self.start_step) // 100))
         self.score = score
         self.reconstruct = bool(reconstruct)
