@@ -219,6 +219,9 @@ def _lower(new_gm, example_inputs, opts):
 def blast(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None, options: Optional[dict] = None):
     """torch.compile backend: fuse block-sparse MLPs, lower them into Inductor's code, compile with Inductor."""
     opts, inductor_opts = split_options(options)
+    if inductor_opts and not opts.inductor:  # (aot_eager reads no Inductor config: they would do nothing)
+        raise ValueError(f"options {sorted(inductor_opts)} are Inductor config keys, but the blast option "
+                         "inductor=False compiles without Inductor (aot_eager): drop them, or inductor=False")
     counters["blast"]["graphs"] += 1
     fallback, watches = None, []
     try:

@@ -834,6 +834,8 @@ def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", mo
         model_cls = getattr(transformers, arch, None) if arch else None
         if model_cls is None:
             raise ValueError(f"{directory}: cannot tell the model class (architectures={cfg.architectures})")
+    else:
+        _check_model_cls(model_cls, cfg, directory)
     if tp is not None:  # each rank reads its own blocks only
         from .tp_checkpoint import load_sharded
 
@@ -844,6 +846,24 @@ def from_pretrained(directory: str, device: Union[str, torch.device] = "cpu", mo
     model = load_compressed(lambda: model_cls(cfg), os.path.join(directory, "model.safetensors"), device)
     check_layers(path, info, {n: module_spec(m) for n, m in model.named_modules() if isinstance(m, BlockSparseLinear)})
     return model.eval()
+
+
+def _check_model_cls(model_cls, cfg, directory: str) -> None:
+    """``model_cls`` builds what ``save_pretrained`` recorded: the class in ``config.architectures`` or a subclass of
+    it, taking the saved config. Else the load failed later, on a layer or key that does not say why (a base model
+    for a head model: "no Linear at model.layers.0..."; another family's class: an attribute its config lacks)."""
+    import transformers
+
+    arch = (cfg.architectures or [None])[0]
+    held = f"{directory} holds a {arch or 'model'} (model_type={cfg.model_type!r})"
+    if not (isinstance(model_cls, type) and issubclass(model_cls, nn.Module)):
+        raise TypeError(f"from_pretrained: model_cls must be an nn.Module class, not {model_cls!r}; {held}")
+    saved = getattr(transformers, arch, None) if arch else None  # (a class of the user's own: not checked)
+    takes = getattr(model_cls, "config_class", None)
+    if (isinstance(saved, type) and not issubclass(model_cls, saved)) or (
+            isinstance(takes, type) and not isinstance(cfg, takes)):
+        raise ValueError(f"from_pretrained: model_cls={model_cls.__name__} does not match the checkpoint: {held}; "
+                         f"pass that class (or a subclass of it), or leave model_cls out")
 
 
 def layers_info(specs: Dict[str, dict]) -> Dict[str, dict]:

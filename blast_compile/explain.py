@@ -113,7 +113,12 @@ def explain(model, *example_inputs, options=None, mode=None, **kwargs) -> Explai
     if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
         model = model._orig_mod
     opts = dict(options or {})
-    opts.setdefault("inductor", False)  # the report is the point: skip Inductor's codegen
+    if "inductor" not in opts:  # the report is the point: skip Inductor's codegen, and so its config keys
+        from .config import split_options
+
+        inductor_keys = split_options(opts)[1]  # (bad options raise here, from explain)
+        opts = {k: v for k, v in opts.items() if k not in inductor_keys}
+        opts["inductor"] = False
     reports = []
 
     def explain_backend(gm, inputs):  # a new function per call: no cached entry matches it

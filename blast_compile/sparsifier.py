@@ -681,14 +681,33 @@ class BlastSparsifier:
             self._set_hooks(True)
 
     def _load_masks(self, masks: Dict[str, torch.Tensor]):
-        missing = set(self.layers) - set(masks)
-        if missing:
-            raise KeyError(f"masks missing for {sorted(missing)}")
+        """Strict, as ``load_state_dict``: a mask for every layer and for no other, each 0/1 of the layer's block
+        shape, tied layers alike (the fused op reads their union: unlike masks cost live blocks). All are checked
+        before any is set."""
+        missing, unexpected = sorted(set(self.layers) - set(masks)), sorted(set(masks) - set(self.layers))
+        if missing or unexpected:
+            raise KeyError("; ".join([f"masks missing for {missing}"] * bool(missing) + [
+                f"masks for layers this sparsifier does not manage: {unexpected}"] * bool(unexpected)))
+        new = {}
         for n, L in self.layers.items():
-            m = masks[n].bool()
+            m = masks[n]
+            if not isinstance(m, torch.Tensor) or m.dtype.is_floating_point or m.dtype.is_complex:
+                raise TypeError(f"{n}: a mask is a bool or integer tensor (1 live, 0 dead), not "
+                                f"{getattr(m, 'dtype', type(m).__name__)}")
             if tuple(m.shape) != tuple(L.mask.shape):
                 raise ValueError(f"{n}: mask shape {tuple(m.shape)} != {tuple(L.mask.shape)}")
-            self._set_mask(L, m, grown=None)
+            if m.dtype != torch.bool and bool(((m != 0) & (m != 1)).any()):
+                raise ValueError(f"{n}: mask holds values other than 0 and 1")
+            new[n] = m.bool()
+            if self._halves(L) and not torch.equal(*new[n].chunk(2)):
+                raise ValueError(f"{n}: the two halves of a fused gate|up weight need one mask (tie_gate_up=True)")
+        for g in self.groups:
+            unlike = [n for n in g[1:] if not torch.equal(new[n], new[g[0]])]
+            if unlike:
+                raise ValueError(f"masks of {g[0]} and {unlike} differ: tied gate and up projections share one mask "
+                                 "(tie_gate_up=False loads them apart)")
+        for n, L in self.layers.items():
+            self._set_mask(L, new[n], grown=None)
 
     def save_masks(self, path: str):
         """Block masks (uint8, one per layer) in a safetensors file; block size in the metadata."""

@@ -645,6 +645,20 @@ def test_bad_option_raises_from_torch_compile_instead_of_falling_back():
     assert counters["blast"]["fallback"] == 0
 
 
+@pytest.mark.parametrize("key", ["max_autotune", "triton.cudagraphs"])
+def test_inductor_keys_with_inductor_off_are_rejected(key):
+    """inductor=False compiles with aot_eager, which reads no Inductor config: the keys would do nothing."""
+    import blast_compile
+
+    m, x = half_dead_mlp(), torch.randn(2, 64)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=rf"\['{key}'\].*inductor=False"):
+        torch.compile(m, backend="blast", options={"inductor": False, key: True})(x)
+    assert counters["blast"]["graphs"] == 0
+    rep = blast_compile.explain(m, x, options={key: True})  # (explain's own inductor=False: they are dropped)
+    assert [c.decision for c in rep.candidates] == ["fused"]
+
+
 def test_a_mask_re_declared_unchanged_is_looked_at_once():
     """Re-declaring the same masks (new tensors, same blocks) refreshes the plan in place, once: not a look
     at the weights (and a host sync) at every later call."""

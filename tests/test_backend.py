@@ -330,6 +330,24 @@ def test_explain_reports_fused_and_dense_with_reasons():
     assert "sparse_mlp" in rep.graph_code()
 
 
+def test_an_mlp_the_op_would_run_dense_is_reported_dense():
+    """min_sparsity=0 on a 90%-live MLP: explain said "fused", then the op computed it densely from its first call
+    (density > max_runtime_density) with a warning. The decision now applies the op's own threshold."""
+    torch._dynamo.reset()
+    m, x = sparse_block(0.1).eval(), torch.randn(3, 64)
+    (c,) = blast_compile.explain(m, x, options={"min_sparsity": 0}).candidates
+    assert c.decision == "dense" and "max_runtime_density 75%" in c.reason, c.reason
+    counters.clear()
+    with warnings.catch_warnings(record=True) as w, torch.no_grad():
+        warnings.simplefilter("always")
+        y = torch.compile(m, backend="blast", options={"min_sparsity": 0, "inductor": False})(x)
+        torch.testing.assert_close(y, m(x), **tol(torch.float32))
+    assert not [i for i in w if "densely" in str(i.message)]
+    assert counters["blast"]["dense_too_dense"] == 1 and counters["blast"]["mlp_fused"] == 0
+    (c,) = blast_compile.explain(m, x, options={"min_sparsity": 0, "max_runtime_density": 1}).candidates
+    assert c.decision == "fused"  # (the option says how dense a fused MLP may be)
+
+
 def test_explain_after_compile_and_twice_reports_every_mlp():
     """Dynamo reuses a compiled graph: explain must still see the MLPs after the user's own
     compile, and on a second call, and leave the user's compiled model working."""

@@ -229,6 +229,28 @@ def test_save_pretrained_dir(tmp_path):
         assert not any(k.endswith("mlp.gate_proj.weight") for k in f.keys())
 
 
+def test_from_pretrained_names_a_model_cls_that_does_not_match(tmp_path):
+    """A model_cls other than the saved class failed on a layer or attribute that did not say why (LlamaModel: "no
+    Linear/Conv1D at 'model.layers.0.mlp.gate_proj'"; GPT2LMHeadModel: "'LlamaConfig' object has no attribute
+    'embd_pdrop'"). A subclass of the saved class still loads."""
+    _, model = _shared_mask_llama()
+    C.compress_(model)
+    d = str(tmp_path / "ckpt")
+    C.save_pretrained(model, d)
+    for cls in (transformers.LlamaModel, transformers.GPT2LMHeadModel, transformers.MistralForCausalLM):
+        with pytest.raises(ValueError, match=f"model_cls={cls.__name__} does not match.*holds a LlamaForCausalLM "
+                                             r"\(model_type='llama'\)"):
+            C.from_pretrained(d, model_cls=cls)
+    with pytest.raises(TypeError, match="model_cls must be an nn.Module class, not 'LlamaForCausalLM'"):
+        C.from_pretrained(d, model_cls="LlamaForCausalLM")
+
+    class Mine(transformers.LlamaForCausalLM):
+        pass
+
+    ids = torch.randint(0, 97, (2, 6))
+    torch.testing.assert_close(_out(C.from_pretrained(d, model_cls=Mine), ids), _out(model, ids), rtol=0, atol=0)
+
+
 def test_save_pretrained_refuses_an_uncompressed_model(tmp_path):
     """A dense model would be written as it is, with "layers": {}: say so instead, write nothing."""
     _, model = _llama()

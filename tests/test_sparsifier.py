@@ -173,6 +173,41 @@ def test_save_load_masks_round_trip(tmp_path):
         sp4.load_masks(path)
 
 
+def test_load_masks_is_strict(tmp_path):
+    """A mask file is the sparsifier's layers, no more, 0/1 masks, tied layers alike (as load_state_dict(strict=True)):
+    a mask for a layer it does not manage, or gate and up given different masks, were accepted silently. A bad file
+    changes no mask."""
+    from safetensors.torch import save_file
+
+    _, _, sp = make(target_sparsity=0.5, schedule="constant")
+    good = {n: L.mask.to(torch.uint8) for n, L in sp.layers.items()}
+    before = {n: L.mask.clone() for n, L in sp.layers.items()}
+    other = good["0.mlp.down_proj"].clone()
+    other[0] = 1 - other[0]
+    path = str(tmp_path / "masks.safetensors")
+    for masks, err, match in [
+        ({**good, "0.q_proj": torch.ones(4, 4, dtype=torch.uint8)}, KeyError, r"does not manage: \['0.q_proj'\]"),
+        ({**good, "0.mlp.up_proj": 1 - good["0.mlp.up_proj"]}, ValueError, r"0.mlp.gate_proj and \['0.mlp.up_proj'\]"),
+        ({**good, "0.mlp.down_proj": 2 * good["0.mlp.down_proj"]}, ValueError, "0.mlp.down_proj: .*0 and 1"),
+        ({**good, "0.mlp.down_proj": good["0.mlp.down_proj"].float()}, TypeError, "0.mlp.down_proj: .*float32"),
+        ({**good, "1.mlp.down_proj": other}, None, None),  # (an untied layer's own mask: fine)
+    ]:
+        save_file({k: v.clone().contiguous() for k, v in masks.items()}, path, metadata={"block_size": str(B)})
+        if err is None:
+            sp.load_masks(path)
+            assert torch.equal(sp.layers["1.mlp.down_proj"].mask, other.bool())
+            continue
+        with pytest.raises(err, match=match):
+            sp.load_masks(path)
+        assert all(torch.equal(L.mask, before[n]) for n, L in sp.layers.items())
+    torch.manual_seed(0)
+    fused = BlastSparsifier(FusedGateUpMLP(), target_sparsity=0.5, block_size=B, schedule="constant")
+    m = fused.layers["gate_up_proj"].mask.clone()
+    m[0] = ~m[0]  # (only the gate half)
+    with pytest.raises(ValueError, match="gate_up_proj: the two halves"):
+        fused._load_masks({"gate_up_proj": m, "down_proj": fused.layers["down_proj"].mask})
+
+
 @pytest.mark.parametrize("balanced,target,regrow", [(False, 0.75, 0.3), (True, 0.5, 0.5)])
 def test_regrowth_keeps_sparsity_and_grown_blocks_start_at_zero(balanced, target, regrow):
     model, opt, sp = make(target_sparsity=target, schedule="constant", end_step=40, update_every=2, freeze_last=0.0,

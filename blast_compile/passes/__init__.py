@@ -20,7 +20,7 @@ looked at and counts in ``torch._dynamo.utils.counters["blast"]``:
 ``mlp_candidates``, ``mlp_fused`` (``mlp_fused_packed`` of them compressed), ``mlp_dense``
 and ``dense_<tag>`` per refusal (tags: autocast, activation, shared_intermediate, inplace_write,
 packed_mixed, weight_not_param, input, shape, block_shape, dtype, device, no_values,
-requires_grad, no_zeros, low_sparsity). A graph without a fused MLP
+requires_grad, no_zeros, low_sparsity, too_dense). A graph without a fused MLP
 is left exactly as it was.
 """
 from __future__ import annotations

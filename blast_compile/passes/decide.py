@@ -3,7 +3,9 @@
 The weights' values are visible only here, in the backend, because with
 ``inline_inbuilt_nn_modules`` a parameter's example input *is* the Parameter.
 ``formats.choose_block`` finds the block shape that captures the zeros; an MLP
-is fused when at least ``opts.min_sparsity`` of its blocks are dead.
+is fused when at least ``opts.min_sparsity`` of its blocks are dead and at most
+``opts.max_runtime_density`` of the blocks its kernels read are live: above that the fused op runs
+dense (with the default options only a lowered ``min_sparsity`` gets there).
 A compressed MLP (packed ``block_linear`` layers) needs no detection: its
 index tensors *are* the pattern (:func:`decide_packed`).
 """
@@ -90,6 +92,11 @@ def decide(m: MLPMatch, ctx: Context, opts: BlastOptions, c: Candidate) -> Tuple
         return "low_sparsity", None
     pat = pattern_from_weights(w1, w3, w2, choice.bh, choice.bd, activation=m.act.name or "unknown",
                                has_b1=b1 is not None, has_b3=b3 is not None)
+    if pat.density > opts.max_runtime_density:
+        # the op would compute it densely from its first call (ops/sparse_mlp.py): leave that to Inductor
+        c.reason = (f"{pat.density:.0%} of blocks live > max_runtime_density {opts.max_runtime_density:.0%} "
+                    "(the fused op would run it dense)")
+        return "too_dense", None
     c.pattern_key = pat.key
     c.decision = "fused"
     c.reason = f"{choice.sparsity:.0%} of blocks dead ({pat.summary()})"
