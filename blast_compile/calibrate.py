@@ -19,16 +19,24 @@ again before every mask update, so the statistics follow the pruned, trained mod
   diagonal of the quiet channels when a few massive ones set that mean -- on SmolLM2 a refit that kept
   every block moved the weights, and one-shot 50% pruning came out worse (RESULTS.md).
 
+* ``score="obs"`` (with the refit) picks the blocks by that same objective: greedy Optimal Brain Surgeon
+  over column blocks (:func:`obs_keep`), each removal costed after the survivors' refit, and a gate/up
+  row's cost weighted by what its hidden unit carries to the MLP's output (:func:`hidden_weights`).
+
 What each is worth on SmolLM2: RESULTS.md. The cost: an ``[in, in]`` fp64 Gram matrix per sparsified
-layer and one solve of up to ``in`` unknowns per block row at each mask update.
+layer and one solve of up to ``in`` unknowns per block row at each mask update; ``obs`` adds, per block
+row, an ``[in, in]`` fp64 inverse downdated once per removed block (rows side by side, up to
+``OBS_CHUNK_BYTES`` of them).
 """
 from __future__ import annotations
 
 import contextlib
+import heapq
 
 import torch
 
 DAMP = 0.01  # ridge: this fraction of the mean diagonal of G (SparseGPT's default)
+OBS_CHUNK_BYTES = 1 << 30  # obs_keep: block rows searched side by side, up to this much of their H^-1
 
 
 class InputStats:
@@ -123,3 +131,127 @@ def refit_(ws, mask: torch.Tensor, stats: InputStats, block: int, in_dim: int, d
         new[:, R, K] = torch.linalg.solve(A[K][:, K], rhs.T).T.reshape(len(Ws), -1, K.numel())
     for W, n in zip(Ws, new):
         W.copy_(n.to(W.dtype))
+
+
+@torch.no_grad()
+def obs_keep(parts, block: int, in_dim: int, k: int, balanced: bool = False, halves: bool = False,
+             damp: float = DAMP, row_weights=None) -> torch.Tensor:
+    """The ``k`` blocks (``k`` per block row when ``balanced``) whose loss the refit repairs best: greedy
+    Optimal Brain Surgeon over block columns, one block at a time, as SparseGPT does for single weights.
+
+    Removing the column block ``S`` from a block row whose live inputs are ``K`` costs, after the refit of
+    the rest, ``tr(W_S [Hinv_K]_SS^-1 W_S^T)`` with ``Hinv_K = (H_KK)^-1`` and ``H = G + damp I`` -- the
+    refit's own objective, so the cost counts what the survivors can take over, which ``W^2 E[x^2]``
+    cannot see when inputs are correlated. The greedy removes the cheapest block anywhere in the layer,
+    then updates that row's weights and ``Hinv`` (a rank-``block`` downdate). Block rows are independent
+    problems, so the rows' greedy sequences are computed side by side (as many ``Hinv`` at a time as
+    ``OBS_CHUNK_BYTES`` holds) and the layer's greedy is their merge by next cost. ``parts``:
+    ``[(weights, stats)]`` sharing one mask (tied gate and up: usually one entry, both weights on one Gram
+    matrix); ``halves``: each weight is a fused gate|up whose two halves share the mask rows;
+    ``row_weights``: per part, one ``[out]`` tensor per weight scaling each output row's cost
+    (:func:`hidden_weights`). Dead blocks (zero weights) cost nothing and go first. Returns the bool mask
+    in the weights' layout."""
+    prep = []  # per part: its weights and row weights as [out, in] fp64, and H^-1 padded to whole blocks
+    for p, (ws, stats) in enumerate(parts):
+        Ws = [as_out_in(w, in_dim).to(torch.float64) for w in ws]
+        alphas = [torch.ones(W.shape[0], dtype=torch.float64, device=W.device) if row_weights is None
+                  else row_weights[p][i].to(W.device, torch.float64) for i, W in enumerate(Ws)]
+        if halves:
+            Ws = [h for W in Ws for h in W.chunk(2)]
+            alphas = [h for a in alphas for h in a.chunk(2)]
+        out, d = Ws[0].shape
+        dev = Ws[0].device
+        nr, nc = -(-out // block), -(-d // block)
+        pad = nc * block - d  # (a ragged last column block: padded inputs that cost and cover nothing)
+        G = stats.gram.to(dev, torch.float64)
+        H = G + damp * torch.diagonal(G).mean() * torch.eye(d, dtype=G.dtype, device=dev)
+        Hinv = torch.nn.functional.pad(torch.linalg.inv(H), (0, pad, 0, pad))
+        Hinv[d:, d:] = torch.eye(pad, dtype=Hinv.dtype, device=dev)
+        prep.append((Ws, alphas, Hinv, pad))
+    todo = nc - k if balanced else min(nc, nr * nc - k)  # (removals a row can need)
+    per_row = sum(H.numel() for *_, H, _ in prep) * 8
+    chunk = max(1, min(nr, OBS_CHUNK_BYTES // per_row))
+
+    def row_sequences(rs):
+        """Rows ``rs``' greedy, side by side: the blocks in removal order and what each removal cost."""
+        c, at = len(rs), torch.arange(len(rs), device=dev)
+
+        def rows(ts, r):  # block row r of each of ts, zero-padded to whole blocks (zero rows cost nothing)
+            ts = [t[r * block:(r + 1) * block] for t in ts]
+            return torch.cat([torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, block - len(t))) for t in ts])
+
+        state = [(torch.nn.functional.pad(torch.stack([rows(Ws, r) for r in rs]), (0, pad)),
+                  torch.stack([rows(alphas, r) for r in rs]), Hinv.expand(c, -1, -1).clone())
+                 for Ws, alphas, Hinv, pad in prep]
+        live = torch.ones(c, nc, dtype=torch.bool, device=dev)
+        order, paid = [], []
+        eye = torch.eye(block, dtype=torch.float64, device=dev)
+        for _ in range(max(0, todo)):
+            cost = 0
+            for R, a, Hi in state:
+                sub = Hi.view(c, nc, block, nc, block).diagonal(dim1=1, dim2=3).permute(0, 3, 1, 2)  # [c, nc, b, b]
+                Wr = R.view(c, -1, nc, block).permute(0, 2, 3, 1)  # [c, nc, b, rows]
+                cost = cost + (Wr * torch.linalg.solve(sub, Wr) * a[:, None, None, :]).sum(dim=(2, 3))
+            cost = torch.where(live, cost, float("inf"))
+            j = cost.argmin(1)
+            order.append(j)
+            paid.append(cost[at, j])
+            S = j[:, None] * block + torch.arange(block, device=dev)  # [c, b]: each row's removed columns
+            for R, _, Hi in state:
+                Hs = Hi[at[:, None], S]  # [c, b, D]
+                inv_ss = torch.linalg.inv(Hs.gather(2, S[:, None, :].expand(-1, block, -1)))
+                Rs = R.gather(2, S[:, None, :].expand(-1, R.shape[1], -1))
+                R -= Rs @ inv_ss @ Hs
+                Hi -= Hs.transpose(1, 2) @ inv_ss @ Hs
+                R.scatter_(2, S[:, None, :].expand(-1, R.shape[1], -1), 0.0)
+                Hi[at[:, None], S] = 0
+                Hi[at[:, None], :, S] = 0
+                Hi[at[:, None, None], S[:, :, None], S[:, None, :]] = eye  # (keeps the dead block's solve defined)
+            live[at, j] = False
+        if not order:
+            return [([], [])] * c
+        order, paid = torch.stack(order, 1).tolist(), torch.stack(paid, 1).tolist()
+        return list(zip(order, paid))
+
+    seqs = [q for r0 in range(0, nr, chunk) for q in row_sequences(range(r0, min(nr, r0 + chunk)))]
+    live = torch.ones(nr, nc, dtype=torch.bool)
+    if balanced:
+        for r, (order, _) in enumerate(seqs):
+            live[r, order] = False
+    else:
+        heap = [(paid[0], r) for r, (_, paid) in enumerate(seqs) if paid]
+        heapq.heapify(heap)
+        at = [0] * nr
+        for _ in range(max(0, nr * nc - k)):
+            _, r = heapq.heappop(heap)
+            live[r, seqs[r][0][at[r]]] = False
+            at[r] += 1
+            if at[r] < len(seqs[r][1]):
+                heapq.heappush(heap, (seqs[r][1][at[r]], r))
+    return as_out_in(live.to(dev), in_dim)
+
+
+@torch.no_grad()
+def hidden_weights(ws, stats: InputStats, w_out: torch.Tensor, out_stats: InputStats, in_dim: int,
+                   out_in_dim: int) -> list:
+    """Per in-projection weight (gate, up, fc1), a weight per hidden unit ``j`` for :func:`obs_keep`: what an
+    error in its pre-activation costs at the MLP's output, ``||W_out[:, j]||^2 E[h_j^2] / E[a_j^2]`` -- the
+    hidden unit's share of the output (``W_out`` and its inputs ``h``) per unit of the relative error of its
+    pre-activation ``a`` (exact for up, where ``h = act(gate) * up``; to first order elsewhere). Unweighted,
+    the refit's loss counts every hidden unit alike, and a unit the output barely reads keeps blocks that
+    a loud one needs."""
+    wo = as_out_in(w_out, out_in_dim).to(torch.float64)
+    share = wo.square().sum(0) * out_stats.second_moment().to(wo.device, torch.float64)  # [hidden]
+    G = stats.gram.to(wo.device, torch.float64) / max(stats.n, 1)
+    out = []
+    for w in ws:
+        W = as_out_in(w, in_dim).to(torch.float64)
+        pre = ((W @ G) * W).sum(1)  # E[a_j^2]
+        if W.shape[0] == 2 * share.shape[0]:  # (a fused gate|up: both halves feed hidden unit j)
+            s2 = share.repeat(2)
+        elif W.shape[0] == share.shape[0]:
+            s2 = share
+        else:
+            return None
+        out.append(s2 / pre.clamp_min(1e-30 + 1e-12 * float(pre.max())))
+    return out

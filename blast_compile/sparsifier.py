@@ -15,7 +15,9 @@ The recipe (what is known to work; BLaST's own text was not available):
   accumulated since the last update (``movement``), or ``W^2 E[x^2]`` from
   calibration inputs (``activation``; with ``reconstruct=True`` each update also
   refits the surviving blocks by least squares: :mod:`blast_compile.calibrate`,
-  for models whose few massive input channels make magnitude a poor guide). Each layer keeps the same
+  for models whose few massive input channels make magnitude a poor guide), or the blocks the
+  refit repairs best (``obs``, with ``reconstruct=True``: greedy Optimal Brain Surgeon on the
+  refit's own loss, gate/up rows weighted by what their hidden units carry to the output). Each layer keeps the same
   fraction of blocks; ``balanced=True`` keeps the same count in every block-row,
   which lets the fused kernels use constexpr trip counts. Measured: no faster than
   as many blocks placed freely, and worse perplexity (RESULTS.md, "Variants"); the
@@ -187,8 +189,10 @@ class BlastSparsifier:
             raise ValueError(f"update_every must be a positive int (steps between mask updates), not {update_every!r}")
         if schedule not in ("cubic", "linear", "constant"):
             raise ValueError(f"schedule must be cubic, linear or constant, not {schedule!r}")
-        if score not in ("magnitude", "movement", "activation"):
-            raise ValueError(f"score must be 'magnitude', 'movement' or 'activation', not {score!r}")
+        if score not in ("magnitude", "movement", "activation", "obs"):
+            raise ValueError(f"score must be 'magnitude', 'movement', 'activation' or 'obs', not {score!r}")
+        if score == "obs" and not reconstruct:
+            raise ValueError("score='obs' picks the blocks whose loss the refit repairs best: it needs reconstruct=True")
         if sequential and (calibrate is None or not (score == "activation" or reconstruct)):
             raise ValueError("sequential=True recalibrates before each decoder layer: it needs calibrate= and "
                              "score='activation' or reconstruct=True")
@@ -223,6 +227,7 @@ class BlastSparsifier:
         self.reconstruct = bool(reconstruct)
         self.calibrate = calibrate
         self.sequential = bool(sequential)
+        self._outs = None  # in-projection name -> its down projection's (score="obs" weights hidden units by it)
         self.regrow = (REGROW_DEFAULT if regrow else 0.0) if isinstance(regrow, bool) else float(regrow)
         self.balanced = bool(balanced)
         self.optimizer = optimizer
@@ -367,7 +372,7 @@ class BlastSparsifier:
         """Squared block score (sums over a tied group)."""
         if self.score == "movement" and L.score_acc is not None:
             return L.score_acc
-        if self.score == "activation":
+        if self.score in ("activation", "obs"):  # (obs selects by itself; this is its per-block view)
             return _block_sum(_cal.activation_score(L.param, self._stats(L), L.in_dim), self.block_size)
         return _block_sum(L.param.detach().float().square(), self.block_size)
 
@@ -400,6 +405,17 @@ class BlastSparsifier:
         per = c if self.balanced else (rows or r) * c
         return max(1, int(round((1.0 - sparsity) * per)))
 
+    def _out_layer(self, name: str) -> Optional[_Layer]:
+        """The sparsified down projection of the MLP whose in-projection is ``name`` (None if it has none)."""
+        if self._outs is None:
+            self._outs = {}
+            for mlp in layouts.mlp_modules(self.model):
+                outs = [q for r, q in mlp.quals.items() if r in layouts.OUT_ROLES and q in self.layers]
+                for r, q in mlp.quals.items():
+                    if r in layouts.IN_ROLES and len(outs) == 1:
+                        self._outs[q] = outs[0]
+        return self.layers.get(self._outs.get(name, ""))
+
     def _halves(self, L: _Layer) -> bool:
         """A fused gate|up weight (``gate_up_proj``: Phi-3, GLM) whose halves split on a block row: its
         two halves get one mask (the fused op reads their union, as for tied gate and up layers)."""
@@ -407,7 +423,9 @@ class BlastSparsifier:
                 and L.shape[0] % (2 * self.block_size) == 0)
 
     def _stages(self) -> List[List[List[str]]]:
-        """The groups by decoder layer (``layers.<i>.`` in their names; any other group alone), in model order."""
+        """The groups by decoder layer (``layers.<i>.`` in their names; any other group alone), in model order.
+        A layer's down projection is scored and refit on the hidden units of its unpruned gate and up: on those
+        of the pruned ones (a second calibration pass per layer) one-shot pruning came out worse (RESULTS.md)."""
         stages: Dict[str, List[List[str]]] = {}
         for g in self.groups:
             m = re.search(r"(^|\.)layers\.(\d+)\.", g[0])
@@ -437,13 +455,25 @@ class BlastSparsifier:
             def unfold(m):
                 return torch.cat([m, m]) if halves else m
 
-            # (sparsity 0 keeps every block: no score, so none is needed before calibration)
-            score = fold(sum(self._score(L) for L in Ls) if sparsity > 0
-                         else torch.ones(L0.mask.shape, device=L0.mask.device))
             gacc = [fold(L.grad_acc) for L in Ls if L.grad_acc is not None]
-            k = self._n_keep(L0, sparsity, rows=score.shape[0])
+            k = self._n_keep(L0, sparsity, rows=fold(L0.mask).shape[0])
             n_grow = int(self.regrow * k) if (self.regrow and gacc and sparsity > 0) else 0
-            mask = _topk_mask(score, k - n_grow, self.balanced)
+            if self.score == "obs" and sparsity > 0:
+                parts = {}  # (one entry when gate and up share their inputs' Gram matrix)
+                for L in Ls:
+                    parts.setdefault(id(self._stats(L)), (self._stats(L), []))[1].append(L)
+                down = self._out_layer(L0.name)
+                alphas = None
+                if down is not None and down.stats is not None and down.stats.gram is not None:
+                    alphas = [_cal.hidden_weights([L.param for L in g], st, down.param, down.stats, L0.in_dim,
+                                                  down.in_dim) for st, g in parts.values()]
+                    alphas = None if any(a is None for a in alphas) else alphas
+                mask = _cal.obs_keep([([L.param for L in g], st) for st, g in parts.values()], self.block_size,
+                                     L0.in_dim, k - n_grow, self.balanced, halves, row_weights=alphas)
+            else:  # (sparsity 0 keeps every block: no score, so none is needed before calibration)
+                score = fold(sum(self._score(L) for L in Ls) if sparsity > 0
+                             else torch.ones(L0.mask.shape, device=L0.mask.device))
+                mask = _topk_mask(score, k - n_grow, self.balanced)
             grown = None
             if n_grow:
                 # grow among the blocks not kept, by accumulated gradient norm (needs dense grads)

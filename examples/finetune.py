@@ -134,7 +134,8 @@ def main():
     # (50%: ppl ~3e6), so a short run needs as many steps at the final mask as on the ramp.
     ap.add_argument("--freeze-last", type=float, default=0.5)
     ap.add_argument("--update-every", type=int, default=None)
-    ap.add_argument("--score", default="magnitude", choices=["magnitude", "movement", "activation"])
+    ap.add_argument("--score", default="magnitude", choices=["magnitude", "movement", "activation", "obs"],
+                    help="obs needs --reconstruct")
     ap.add_argument("--reconstruct", action="store_true", help="least-squares refit of the surviving blocks at each "
                     "mask update (blast_compile.calibrate; needs calibration inputs: --calib-tokens)")
     ap.add_argument("--calib-tokens", type=int, default=4096, help="training tokens run through the model before "

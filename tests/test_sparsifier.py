@@ -663,6 +663,97 @@ def test_refit_ridge_pulls_towards_the_weights_not_zero():
     assert err(fit) < err(w * em)
 
 
+def _refit_loss(w, mask, st, x, b=16):
+    from blast_compile import calibrate as cal
+
+    fit = w.clone()
+    cal.refit_(fit, mask, st, b, in_dim=1)
+    lam = cal.DAMP * float(torch.diagonal(st.gram).mean())
+    d = fit - w
+    return float((x @ d.T).square().sum()) + lam * float(d.square().sum())
+
+
+def test_obs_removes_the_block_the_refit_repairs_best():
+    """score="obs": each greedy step removes the block whose removal costs least after the refit -- checked
+    against the refit's actual loss for every single removal -- and where inputs duplicate each other it
+    prunes a copy, which W^2 E[x^2] cannot see (it prunes the quiet, independent block instead)."""
+    from blast_compile import calibrate as cal
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 48, dtype=torch.float64)
+    x[:, 16:32] = x[:, :16] + 1e-3 * torch.randn(512, 16, dtype=torch.float64)  # block 1 ~ block 0
+    x[:, 32:] *= 0.5
+    w = torch.randn(40, 48, dtype=torch.float64)  # 3 block rows (a ragged last one) x 3 block columns
+    st = cal.InputStats()
+    st.add(x.T @ x, x.shape[0])
+    full = torch.ones(3, 3, dtype=torch.bool)
+    one = cal.obs_keep([([w], st)], 16, 1, k=8)
+    assert int(one.sum()) == 8
+    losses = {}
+    for r in range(3):
+        for j in range(3):
+            m = full.clone()
+            m[r, j] = False
+            losses[(r, j)] = _refit_loss(w, m, st, x)
+    assert losses[tuple(int(v) for v in (~one).nonzero()[0])] == pytest.approx(min(losses.values()), rel=1e-9)
+    # keep 6 of 9: obs drops one copy per row (nearly free), activation drops the quiet block 2 of each row
+    obs = cal.obs_keep([([w], st)], 16, 1, k=6)
+    wx = torch.nn.functional.pad(w.square() * torch.diagonal(st.gram)[None], (0, 0, 0, 8))  # (rows to 48)
+    score = wx.reshape(3, 16, 3, 16).sum((1, 3))  # W^2 E[x^2] per block, as score="activation"
+    act = torch.zeros(9, dtype=torch.bool)
+    act[score.flatten().topk(6).indices] = True
+    act = act.view(3, 3)
+    assert not bool(act[:, 2].any()) and bool(obs[:, 2].all())
+    assert _refit_loss(w, obs, st, x) < 0.1 * _refit_loss(w, act, st, x)  # (what is left: the ridge's share)
+    # balanced: k per block row; Conv1D layout: the same mask, transposed; dead (zero) blocks go first
+    with pytest.MonkeyPatch.context() as mp:  # one block row at a time: the same greedy
+        mp.setattr(cal, "OBS_CHUNK_BYTES", 1)
+        assert torch.equal(cal.obs_keep([([w], st)], 16, 1, k=6), obs)
+    bal = cal.obs_keep([([w], st)], 16, 1, k=2, balanced=True)
+    assert bal.sum(1).tolist() == [2, 2, 2]
+    assert torch.equal(cal.obs_keep([([w.t().clone()], st)], 16, 0, k=6).t(), obs)
+    wz = w.clone()
+    wz[:16, 32:] = 0
+    assert not bool(cal.obs_keep([([wz], st)], 16, 1, k=8)[0, 2])
+
+
+def test_obs_score_needs_the_refit_and_ties_gate_and_up():
+    from blast_compile.testing import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(32, 64)
+    x = torch.randn(4, 5, 32)
+    with pytest.raises(ValueError, match="reconstruct=True"):
+        BlastSparsifier(mlp, target_sparsity=0.5, block_size=16, schedule="constant", score="obs",
+                        layers=lambda n, m: isinstance(m, nn.Linear), calibrate=lambda: mlp(x))
+    ref = mlp(x)
+    sp = BlastSparsifier(mlp, target_sparsity=0.5, block_size=16, schedule="constant", score="obs",
+                         reconstruct=True, layers=lambda n, m: isinstance(m, nn.Linear), calibrate=lambda: mlp(x))
+    m = {n.rpartition(".")[2]: L.mask for n, L in sp.layers.items()}
+    assert torch.equal(m["gate_proj"], m["up_proj"])
+    assert all(int(v.sum()) == v.numel() // 2 for v in m.values())
+    assert (mlp(x) - ref).norm() < ref.norm()
+
+
+def test_obs_spends_gate_and_up_blocks_on_hidden_units_the_output_reads():
+    """score="obs" weights each hidden unit's pre-activation error by what it carries to the MLP's output
+    (``calibrate.hidden_weights``): hidden units whose down-projection columns are zero lose their gate/up
+    blocks first, whatever their pre-activations. Unweighted, the loud gate/up rows of those units won."""
+    from blast_compile.testing import SwiGLU
+
+    torch.manual_seed(0)
+    mlp = SwiGLU(32, 64)
+    with torch.no_grad():
+        mlp.down_proj.weight[:, :32] = 0  # hidden units 0-31 (block rows 0, 1) reach nothing
+        mlp.gate_proj.weight[:32] *= 4
+        mlp.up_proj.weight[:32] *= 4  # ... and are the loudest
+    x = torch.randn(8, 5, 32)
+    sp = BlastSparsifier(mlp, target_sparsity=0.5, block_size=16, schedule="constant", score="obs",
+                         reconstruct=True, layers=lambda n, m: isinstance(m, nn.Linear), calibrate=lambda: mlp(x))
+    m = sp.layers["gate_proj"].mask
+    assert not bool(m[:2].any()) and bool(m[2:].all()), m
+
+
 def test_gate_and_up_share_one_gram_matrix():
     """Gate and up see the same input tensor: one x^T x per call, one InputStats kept for both (the
     down projection's own), equal to what each would have recorded alone."""

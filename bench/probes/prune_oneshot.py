@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=6144)
     ap.add_argument("--calib-tokens", type=int, default=4096)
     ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--score", default="activation", choices=("activation", "obs"),
+                    help="block selection: W^2 E[x^2] (activation), or greedy OBS over the refit's objective (obs)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from safetensors.torch import load_file
@@ -64,13 +66,14 @@ def main():
     @torch.no_grad()
     def calibrate():
         for xb in calib.split(8):
-            model(input_ids=xb, use_cache=False)
+            model.model(input_ids=xb, use_cache=False)  # (the body: the sparsified layers, no logits)
 
     def prune(s, layers, refit, allocate="", sequential=False):
         """Perplexity with ``layers`` pruned to ``s``; the model is dense again afterwards. ``sequential``: the
         sparsifier's, one layer after the other, each calibrated on the model pruned so far."""
         sp = BlastSparsifier(model, target_sparsity=s, block_size=a.block, end_step=2, update_every=1,
-                             score="activation", reconstruct=refit, calibrate=calibrate, layers=layers, declare=False,
+                             score=a.score if refit else "activation", reconstruct=refit, calibrate=calibrate,
+                             layers=layers, declare=False,
                              sequential=sequential)
         if allocate:
             keep = global_keep(sp, s, allocate == "global-rel")
@@ -84,7 +87,7 @@ def main():
         return p
 
     res = {"model": a.model, "seq": a.seq, "eval_tokens": ev.numel(), "calib_tokens": calib.numel(),
-           "block": a.block, "torch": torch.__version__, "dense": ppl(), "whole": {}, "per_layer": {}}
+           "block": a.block, "score": a.score, "torch": torch.__version__, "dense": ppl(), "whole": {}, "per_layer": {}}
     print("dense", round(res["dense"], 3), flush=True)
     all_layers = mlp_layers(model)
     sparsities = [float(v) for v in a.sparsity.split(",") if v]

@@ -1,9 +1,9 @@
 """Every knob of ``blast sparsify``, its default, and the checks made before anything is loaded.
 
-Defaults are the recipe that worked best on SmolLM2-135M (RESULTS.md): activation-calibrated block scores,
-a least-squares refit at every mask update, distillation from the dense model, a cubic ramp over the first
-half of the token budget. Budgets and intervals are counted in tokens, so a run means the same whatever
-batch shape it is given.
+Defaults are the recipe that worked best on SmolLM2-135M (RESULTS.md): blocks chosen on calibration inputs
+(greedy OBS on the refit's loss), a least-squares refit at every mask update, distillation from the dense
+model, a cubic ramp over the first half of the token budget. Budgets and intervals are counted in tokens,
+so a run means the same whatever batch shape it is given.
 """
 from __future__ import annotations
 
@@ -45,10 +45,10 @@ class Options:
     block: int = 64
     freeze_last: float = 0.5              # masks frozen for this last fraction of the budget
     mask_updates: int = 20                # mask updates on the ramp (each one recalibrates and refits)
-    score: str = "activation"
+    score: Optional[str] = None           # block selection (None: obs with --refit, else activation)
     refit: bool = True
     sequential: Optional[bool] = None     # mask updates layer by layer, each calibrated on the layers pruned before
-                                          # (None: wherever an update calibrates: --score activation or --refit)
+                                          # (None: wherever an update calibrates: --score activation/obs or --refit)
     calib_tokens: int = 4096
     distill: Optional[float] = None       # KL-to-the-dense-model weight (None: 1 sparse, 0 dense baseline)
     regrow: float = 0.0
@@ -85,7 +85,11 @@ class Options:
     @property
     def recalibrates(self) -> bool:
         """A mask update calibrates on the model's inputs (activation scores or the refit need them)."""
-        return self.score == "activation" or self.refit
+        return self.block_score in ("activation", "obs") or self.refit
+
+    @property
+    def block_score(self) -> str:
+        return self.score or ("obs" if self.refit else "activation")
 
     @property
     def sequential_updates(self) -> bool:
@@ -96,6 +100,7 @@ class Options:
         d["model"] = os.path.abspath(d["model"]) if d["model"] else d["model"]
         d["skip_layers"] = list(d["skip_layers"])
         d["sequential"] = self.sequential_updates  # (what the run does: a default resolved, as an explicit flag)
+        d["score"] = self.block_score
         return d
 
 
@@ -140,11 +145,14 @@ def check(o: Options, files: bool = True) -> None:
     if o.blast_min_sparsity is not None and not 0 <= o.blast_min_sparsity < 1:
         raise SparsifyError("--blast-min-sparsity", f"{o.blast_min_sparsity} is outside [0, 1)")
     if o.sequential and not o.recalibrates:
-        raise SparsifyError("--sequential", "has nothing to recalibrate: it needs --score activation or --refit")
+        raise SparsifyError("--sequential", "has nothing to recalibrate: it needs --score activation, --score obs "
+                                            "or --refit")
     if o.block not in BLOCK_CHOICES:
         raise SparsifyError("--block", f"{o.block} is not one of {', '.join(map(str, BLOCK_CHOICES))} (the block "
                                        "sizes the blast backend fuses)")
-    for name, v, ok in (("--score", o.score, ("activation", "magnitude", "movement")),
+    if o.block_score == "obs" and not o.refit:
+        raise SparsifyError("--score", "obs picks the blocks whose loss the refit repairs best: it needs --refit")
+    for name, v, ok in (("--score", o.block_score, ("activation", "obs", "magnitude", "movement")),
                         ("--schedule", o.schedule, ("cosine", "constant")), ("--train", o.train, ("all", "mlp")),
                         ("--compile", o.compile, ("auto", "none", "default", "reduce-overhead")),
                         ("--device", o.device.split(":")[0], ("auto", "cpu", "cuda"))):
@@ -254,16 +262,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of the budget trained with the final masks")
     p.add_argument("--mask-updates", type=_number(int), default=d.mask_updates,
                    help="mask updates on the ramp (each recalibrates, and refits with --refit)")
-    p.add_argument("--score", default=d.score, help="block score: activation (W^2 E[x^2]), magnitude or movement")
+    p.add_argument("--score", default=d.score,
+                   help="block selection: obs (greedy Optimal Brain Surgeon on the refit's loss, hidden units "
+                        "weighted by what the MLP's output reads of them; needs --refit), activation (W^2 E[x^2]), "
+                        "magnitude or movement (default: obs, or activation with --no-refit)")
     p.add_argument("--refit", action=argparse.BooleanOptionalAction, default=d.refit,
                    help="least-squares refit of the surviving blocks at each mask update")
     p.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=d.sequential,
                    help="each mask update prunes decoder layer by decoder layer, recalibrating before each, so a "
                         "layer is scored and refit on the inputs of the layers pruned before it (one calibration "
                         "pass per layer and update; default: on where updates calibrate, i.e. --score activation "
-                        "or --refit)")
+                        "or obs, or --refit)")
     p.add_argument("--calib-tokens", type=_tokens, default=d.calib_tokens,
-                   help="training tokens run through the model before each mask update (activation score, refit)")
+                   help="training tokens run through the model before each mask update (activation/obs score, refit)")
     p.add_argument("--distill", type=_number(float), default=None,
                    help="weight of KL(dense model || student) in the loss (default: 1 sparse, 0 --dense-baseline)")
     p.add_argument("--regrow", type=_number(float), default=d.regrow, help="RigL regrowth fraction per update")

@@ -2,8 +2,8 @@
 
 The loop: AdamW on the whole model (bf16 autocast on CUDA, fp32 master weights), the loss the next-token
 cross entropy plus ``distill`` x KL to the frozen pretrained model, while :class:`BlastSparsifier` ramps the
-MLP block sparsity (cubic, over the first ``1 - freeze_last`` of the budget; activation scores and a refit
-at each mask update). While masks move, training runs through Inductor; once they are frozen it runs
+MLP block sparsity (cubic, over the first ``1 - freeze_last`` of the budget; blocks chosen on calibration inputs and a
+refit at each mask update). While masks move, training runs through Inductor; once they are frozen it runs
 through ``torch.compile(backend="blast")`` (the fused op computes forward and backward on live blocks only)
 and the sparsifier hands its upkeep off. Everything that defines the run is counted in tokens.
 """
@@ -304,7 +304,7 @@ def run(o: Options, *, model: Optional[nn.Module] = None, tokenizer=None, train_
                                 f"the last --freeze-last {o.freeze_last:g} of the budget: raise --tokens")
         sp = BlastSparsifier(model, target_sparsity=o.sparsity, block_size=o.block, end_step=steps,
                              freeze_last=o.freeze_last, update_every=max(1, ramp // o.mask_updates), optimizer=opt,
-                             score=o.score, regrow=o.regrow, layers=mlp_layers(model, o.skip_layers),
+                             score=o.block_score, regrow=o.regrow, layers=mlp_layers(model, o.skip_layers),
                              reconstruct=o.refit, calibrate=calibrate if o.recalibrates else None,
                              sequential=o.sequential_updates)
     state = {"step": 0, "curve": [], "losses": [], "meter": {}, "train_s": 0.0, "ppl_pretrained": None,
