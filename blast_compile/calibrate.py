@@ -106,6 +106,12 @@ def activation_score(w: torch.Tensor, stats: InputStats, in_dim: int) -> torch.T
     return w2 * (sq[None, :] if in_dim == 1 else sq[:, None])
 
 
+def _damped(G: torch.Tensor, damp: float):
+    """``(G + lam I, lam)``, ``lam`` the ridge: ``damp`` x the mean diagonal of ``G``."""
+    lam = damp * torch.diagonal(G).mean()
+    return G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device), lam
+
+
 @torch.no_grad()
 def refit_(ws, mask: torch.Tensor, stats: InputStats, block: int, in_dim: int, damp: float = DAMP):
     """Least-squares refit of the blocks live in ``mask`` (bool, per ``block``) of a weight -- or of
@@ -117,8 +123,7 @@ def refit_(ws, mask: torch.Tensor, stats: InputStats, block: int, in_dim: int, d
     dev = Ws[0].device
     G = stats.gram.to(dev, torch.float64)
     d = G.shape[0]
-    lam = damp * torch.diagonal(G).mean()
-    A = G + lam * torch.eye(d, dtype=G.dtype, device=dev)
+    A, lam = _damped(G, damp)
     W0 = torch.stack([W.to(torch.float64) for W in Ws])  # [n, out, in]
     new = torch.zeros_like(W0)
     cols = torch.arange(d, device=dev)
@@ -164,7 +169,7 @@ def obs_keep(parts, block: int, in_dim: int, k: int, balanced: bool = False, hal
         nr, nc = -(-out // block), -(-d // block)
         pad = nc * block - d  # (a ragged last column block: padded inputs that cost and cover nothing)
         G = stats.gram.to(dev, torch.float64)
-        H = G + damp * torch.diagonal(G).mean() * torch.eye(d, dtype=G.dtype, device=dev)
+        H = _damped(G, damp)[0]  # (the refit's own system: obs costs what refit_ then solves)
         Hinv = torch.nn.functional.pad(torch.linalg.inv(H), (0, pad, 0, pad))
         Hinv[d:, d:] = torch.eye(pad, dtype=Hinv.dtype, device=dev)
         prep.append((Ws, alphas, Hinv, pad))

@@ -17,9 +17,9 @@ The recipe (what is known to work; BLaST's own text was not available):
   refits the surviving blocks by least squares: :mod:`blast_compile.calibrate`,
   for models whose few massive input channels make magnitude a poor guide), or the blocks the
   refit repairs best (``obs``, with ``reconstruct=True``: greedy Optimal Brain Surgeon on the
-  refit's own loss, gate/up rows weighted by what their hidden units carry to the output). Each layer keeps the same
-  fraction of blocks; ``balanced=True`` keeps the same count in every block-row,
-  which lets the fused kernels use constexpr trip counts. Measured: no faster than
+  refit's own loss, gate/up rows weighted by what their hidden units carry to the output).
+  Each layer keeps the same fraction of blocks; ``balanced=True`` keeps the same count in
+  every block-row, which lets the fused kernels use constexpr trip counts. Measured: no faster than
   as many blocks placed freely, and worse perplexity (RESULTS.md, "Variants"); the
   per-row count also rounds coarsely on narrow weights (1 of 8 blocks is 87.5 %).
   Kept as an option, not a recommendation. With ``tie_gate_up``
@@ -192,7 +192,8 @@ class BlastSparsifier:
         if score not in ("magnitude", "movement", "activation", "obs"):
             raise ValueError(f"score must be 'magnitude', 'movement', 'activation' or 'obs', not {score!r}")
         if score == "obs" and not reconstruct:
-            raise ValueError("score='obs' picks the blocks whose loss the refit repairs best: it needs reconstruct=True")
+            raise ValueError("score='obs' picks the blocks whose loss the refit repairs best: it needs "
+                             "reconstruct=True")
         if sequential and (calibrate is None or not (score == "activation" or reconstruct)):
             raise ValueError("sequential=True recalibrates before each decoder layer: it needs calibrate= and "
                              "score='activation' or reconstruct=True")
@@ -405,16 +406,34 @@ class BlastSparsifier:
         per = c if self.balanced else (rows or r) * c
         return max(1, int(round((1.0 - sparsity) * per)))
 
+    def _mlp_sides(self):
+        """Per MLP (found by :mod:`layouts`): it, and its sparsified in-projections' and out-projections' layers."""
+        for mlp in layouts.mlp_modules(self.model):
+            def side(roles):
+                return [self.layers[q] for r, q in mlp.quals.items() if r in roles and q in self.layers]
+
+            yield mlp, side(layouts.IN_ROLES), side(layouts.OUT_ROLES)
+
     def _out_layer(self, name: str) -> Optional[_Layer]:
         """The sparsified down projection of the MLP whose in-projection is ``name`` (None if it has none)."""
         if self._outs is None:
-            self._outs = {}
-            for mlp in layouts.mlp_modules(self.model):
-                outs = [q for r, q in mlp.quals.items() if r in layouts.OUT_ROLES and q in self.layers]
-                for r, q in mlp.quals.items():
-                    if r in layouts.IN_ROLES and len(outs) == 1:
-                        self._outs[q] = outs[0]
-        return self.layers.get(self._outs.get(name, ""))
+            self._outs = {L.name: lo[0] for _, li, lo in self._mlp_sides() if len(lo) == 1 for L in li}
+        return self._outs.get(name)
+
+    def _obs_mask(self, Ls: List[_Layer], k: int, halves: bool) -> torch.Tensor:
+        """score="obs": the ``k`` blocks of a tied group by :func:`calibrate.obs_keep`, its rows weighted by the
+        MLP's down projection where that is sparsified and calibrated too."""
+        parts = {}  # (one entry when gate and up share their inputs' Gram matrix)
+        for L in Ls:
+            st = self._stats(L)
+            parts.setdefault(id(st), (st, []))[1].append(L.param)
+        down, alphas = self._out_layer(Ls[0].name), None
+        if down is not None and down.stats is not None and down.stats.gram is not None:
+            alphas = [_cal.hidden_weights(ws, st, down.param, down.stats, Ls[0].in_dim, down.in_dim)
+                      for st, ws in parts.values()]
+            alphas = None if any(a is None for a in alphas) else alphas
+        return _cal.obs_keep([(ws, st) for st, ws in parts.values()], self.block_size, Ls[0].in_dim, k,
+                             self.balanced, halves, row_weights=alphas)
 
     def _halves(self, L: _Layer) -> bool:
         """A fused gate|up weight (``gate_up_proj``: Phi-3, GLM) whose halves split on a block row: its
@@ -459,17 +478,7 @@ class BlastSparsifier:
             k = self._n_keep(L0, sparsity, rows=fold(L0.mask).shape[0])
             n_grow = int(self.regrow * k) if (self.regrow and gacc and sparsity > 0) else 0
             if self.score == "obs" and sparsity > 0:
-                parts = {}  # (one entry when gate and up share their inputs' Gram matrix)
-                for L in Ls:
-                    parts.setdefault(id(self._stats(L)), (self._stats(L), []))[1].append(L)
-                down = self._out_layer(L0.name)
-                alphas = None
-                if down is not None and down.stats is not None and down.stats.gram is not None:
-                    alphas = [_cal.hidden_weights([L.param for L in g], st, down.param, down.stats, L0.in_dim,
-                                                  down.in_dim) for st, g in parts.values()]
-                    alphas = None if any(a is None for a in alphas) else alphas
-                mask = _cal.obs_keep([([L.param for L in g], st) for st, g in parts.values()], self.block_size,
-                                     L0.in_dim, k - n_grow, self.balanced, halves, row_weights=alphas)
+                mask = self._obs_mask(Ls, k - n_grow, halves)
             else:  # (sparsity 0 keeps every block: no score, so none is needed before calibration)
                 score = fold(sum(self._score(L) for L in Ls) if sparsity > 0
                              else torch.ones(L0.mask.shape, device=L0.mask.device))
@@ -621,13 +630,8 @@ class BlastSparsifier:
         """Per MLP (found by :mod:`layouts`): hidden blocks live in the in-projections (gate/up), in the
         down projection, and in both; ``orphan_frac`` is the fraction of live blocks whose hidden
         block the other side does not use -- work the fused op drops, i.e. capacity lost."""
-        by_parent = {}
-        for mlp in layouts.mlp_modules(self.model):
-            if mlp.layout.fused_gate_up:  # (its halves share one weight: not split here)
-                continue
-            li = [self.layers[q] for r, q in mlp.quals.items() if r in layouts.IN_ROLES and q in self.layers]
-            lo = [self.layers[q] for r, q in mlp.quals.items() if r in layouts.OUT_ROLES and q in self.layers]
-            by_parent[mlp.name] = (li, lo)
+        by_parent = {mlp.name: (li, lo) for mlp, li, lo in self._mlp_sides()
+                     if not mlp.layout.fused_gate_up}  # (its halves share one weight: not split here)
 
         def oi(L):  # the mask as [out blocks, in blocks] (Conv1D weights are [in, out])
             return L.mask if L.in_dim == 1 else L.mask.t()

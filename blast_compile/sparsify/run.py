@@ -2,10 +2,10 @@
 
 The loop: AdamW on the whole model (bf16 autocast on CUDA, fp32 master weights), the loss the next-token
 cross entropy plus ``distill`` x KL to the frozen pretrained model, while :class:`BlastSparsifier` ramps the
-MLP block sparsity (cubic, over the first ``1 - freeze_last`` of the budget; blocks chosen on calibration inputs and a
-refit at each mask update). While masks move, training runs through Inductor; once they are frozen it runs
-through ``torch.compile(backend="blast")`` (the fused op computes forward and backward on live blocks only)
-and the sparsifier hands its upkeep off. Everything that defines the run is counted in tokens.
+MLP block sparsity (cubic, over the first ``1 - freeze_last`` of the budget; blocks chosen on calibration
+inputs and a refit at each mask update). While masks move, training runs through Inductor; once they are
+frozen it runs through ``torch.compile(backend="blast")`` (the fused op computes forward and backward on live
+blocks only) and the sparsifier hands its upkeep off. Everything that defines the run is counted in tokens.
 """
 from __future__ import annotations
 
