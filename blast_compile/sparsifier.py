@@ -67,6 +67,7 @@ from .formats import BLOCK_CHOICES, cdiv, expand_mask
 
 log = logging.getLogger("blast_compile.sparsifier")
 REGROW_DEFAULT = 0.3  # regrow=True: the fraction of kept blocks RigL drops and regrows per update
+MASKS_FORMAT = "blast-block-masks-v1"  # save_masks metadata; load_masks refuses other formats
 
 # Module names of MLP projections (the families of blast_compile.layouts), wherever they appear.
 _MLP_LEAF = re.compile(r"(^|\.)(" + "|".join(sorted(layouts.leaf_names())) + r")$")
@@ -749,14 +750,20 @@ class BlastSparsifier:
 
         save_file({n: L.mask.cpu().to(torch.uint8).contiguous() for n, L in self.layers.items()}, path,
                   metadata={"block_size": str(self.block_size), "step": str(self.step_count),
-                            "format": "blast-block-masks-v1"})
+                            "format": MASKS_FORMAT})
 
     def load_masks(self, path: str):
         from safetensors import safe_open
 
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-            bs = int(meta.get("block_size", self.block_size))
+            fmt = meta.get("format", MASKS_FORMAT)  # (a file without it: any 0/1 tensors, checked below)
+            if fmt != MASKS_FORMAT:
+                raise ValueError(f"{path}: format {fmt!r} is not {MASKS_FORMAT!r} (a file save_masks writes)")
+            try:
+                bs = int(meta.get("block_size", self.block_size))
+            except ValueError:
+                raise ValueError(f"{path}: block_size {meta['block_size']!r} in its metadata is not an integer") from None
             if bs != self.block_size:
                 raise ValueError(f"{path}: block size {bs} != {self.block_size}")
             self._load_masks({k: f.get_tensor(k) for k in f.keys()})

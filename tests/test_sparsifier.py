@@ -208,6 +208,27 @@ def test_load_masks_is_strict(tmp_path):
         fused._load_masks({"gate_up_proj": m, "down_proj": fused.layers["down_proj"].mask})
 
 
+def test_load_masks_checks_the_metadata(tmp_path):
+    """A safetensors file of another format (a compressed checkpoint's, another tool's) or with a block size that
+    is no integer is refused by name, before any mask is set; a file without metadata loads (its tensors checked)."""
+    from safetensors.torch import save_file
+
+    _, _, sp = make(target_sparsity=0.5, schedule="constant")
+    good = {n: L.mask.to(torch.uint8).contiguous() for n, L in sp.layers.items()}
+    before = {n: L.mask.clone() for n, L in sp.layers.items()}
+    path = str(tmp_path / "masks.safetensors")
+    for meta, match in [({"format": "blast-compressed-v1", "block_size": str(B)}, "format 'blast-compressed-v1'"),
+                        ({"block_size": "sixteen"}, "block_size 'sixteen'")]:
+        save_file(good, path, metadata=meta)
+        with pytest.raises(ValueError, match=match):
+            sp.load_masks(path)
+        assert all(torch.equal(L.mask, before[n]) for n, L in sp.layers.items())
+    save_file(good, path)
+    sp.load_masks(path)
+    sp.save_masks(path)
+    sp.load_masks(path)
+
+
 @pytest.mark.parametrize("balanced,target,regrow", [(False, 0.75, 0.3), (True, 0.5, 0.5)])
 def test_regrowth_keeps_sparsity_and_grown_blocks_start_at_zero(balanced, target, regrow):
     model, opt, sp = make(target_sparsity=target, schedule="constant", end_step=40, update_every=2, freeze_last=0.0,
