@@ -19,10 +19,10 @@ The working tree travels with at most 64 MiB a call, so the GGUF needs two calls
     (optional) call 3, the same command again: runs cut at the deadline resume from their checkpoints and finished
         ones are kept, so --tokens 20M takes call 2 + call 3; --stages speed there measures with the trained masks.
 
-Budget: four runs of 5M tokens at once took 310 s on an H200 (session 25), most of it not steady training
-(compiles, the layer-by-layer mask updates, evaluations); the per-run tokens/s in the reports are steady
-stretches only. 20M tokens for dense + three sparsities needs ~1,100 s of one warm machine: two to three calls
-with the same command, plus the carry call.
+Budget (one H100, session 35, --batch 32, three runs at a time, dense first): the dense run takes ~240 s for 20M
+tokens; a sparse run's first half (its pruning ramp: 20 layer-by-layer obs updates) ~600 s, its second half ~250 s
+(~46k tokens/s each). 20M tokens for dense + three sparsities: ~1,100 s of runs on one warm machine (the fourth run
+starts when dense ends), i.e. two full calls and a third, plus the carry call.
 
 The GGUF is joined and dequantized once into .carry/smollm2_hf/ (kept between warm calls). Runs write into
 .carry/sps_runs/<name>/ and resume from their checkpoints (``--resume``), so a call cut short continues in the
@@ -424,13 +424,34 @@ def reload(args, res):
         log(f"reload {name}: {json.dumps(res['reload'][name])[:1500]}")
 
 
+def cut_run_report(path: str) -> dict:
+    """What ``curve`` draws of a run cut before its report (``<runs dir>/<name>.log``, appended by each call)."""
+    from blast_compile.sparsify.report import curve_from_log
+
+    with open(path, errors="replace") as f:
+        text = f.read()
+    pts = curve_from_log(text)
+    name = os.path.basename(path)[:-4]
+    s = 0.0 if name == "dense" else int(name[1:]) / 100
+    label = "dense fine-tune" if s == 0 else f"{s:.0%} sparse"
+    if pts and "\nsaved: " not in text:
+        label += f" (cut; evaluated up to {pts[-1]['tokens'] / 1e6:.1f}M tokens)"
+    return {"target_sparsity": s or None, "dense_baseline": s == 0, "label": label, "curve": pts}
+
+
 def curve(args, res):
+    """Finished runs from their reports; runs cut before their end (no report yet) from their logs."""
     from blast_compile.sparsify import plot_curves
 
     reps = []
-    for p in sorted(glob.glob(os.path.join(args.runs_dir, "*", "report.json"))):
-        with open(p) as f:
-            reps.append(json.load(f))
+    for log_path in sorted(glob.glob(os.path.join(args.runs_dir, "*.log"))):
+        p = log_path[:-4] + "/report.json"
+        if os.path.exists(p):
+            with open(p) as f:
+                reps.append(json.load(f))
+        else:
+            reps.append(cut_run_report(log_path))
+    reps = [r for r in reps if r["curve"]]
     if reps:
         res["curve"] = plot_curves(reps, os.path.join(args.out, "curve.png"), os.path.join(args.out, "curve.json"))
 

@@ -86,6 +86,12 @@ def test_command_end_to_end_and_reload_in_a_fresh_process(files, tmp_path):
         assert math.isfinite(v) and v == pytest.approx(rep["ppl_final_eager"][k], rel=1e-4)
     b = rep["mlp_bench"]
     assert b["device"] == "cpu" and b["fused"] and b["rows"]["64"]["blast_us"] > 0
+    from blast_compile.sparsify.report import curve_from_log
+
+    logged = curve_from_log(p.stdout + p.stderr)  # (what a run cut before its report is drawn from)
+    assert [c["tokens"] for c in logged] == [c["tokens"] for c in rep["curve"]]
+    for a, b in zip(logged, rep["curve"]):
+        assert a["ppl"] == pytest.approx(b["ppl"], abs=5e-4)
     curve = json.loads((out / "curve.json").read_text())
     assert [r["label"] for r in curve["runs"]] == ["dense fine-tune", "50% sparse"]
     assert (out / "curve.png").stat().st_size > 1000 and (out / "masks.safetensors").exists()

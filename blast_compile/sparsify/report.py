@@ -132,6 +132,27 @@ def render(report: dict, max_layers: int = 12) -> str:
     return cap.get()
 
 
+_LOG_POINT = re.compile(r"^([\d,]+) tokens: held-out ppl ([^;(]*)")
+_LOG_START = re.compile(r"^held-out perplexity before training \(.*\): (.*)$")
+
+
+def curve_from_log(text: str) -> list:
+    """A run's curve as its log printed it (``run`` logs each held-out evaluation): for runs cut before their
+    report, e.g. by a time limit. Points ``{"tokens", "ppl"}`` by token count; the last print of a count wins
+    (a resumed run appends to the same log)."""
+    def sets(s):  # "eval 18.018, eval_kjv 30.778"
+        return {k: float(v) for k, v in (kv.split() for kv in s.strip().split(", "))}
+
+    pts = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if m := _LOG_START.match(line):
+            pts[0] = sets(m.group(1))
+        elif m := _LOG_POINT.match(line):
+            pts[int(m.group(1).replace(",", ""))] = sets(m.group(2))
+    return [{"tokens": t, "ppl": pts[t]} for t in sorted(pts)]
+
+
 def plot_curves(reports: Sequence[dict], png: str, js: Optional[str] = None) -> dict:
     """Held-out perplexity against training tokens, one line per run and held-out set (the pretrained model
     at 0 tokens); JSON of the same points to ``js``. Returns that JSON."""
@@ -144,7 +165,7 @@ def plot_curves(reports: Sequence[dict], png: str, js: Optional[str] = None) -> 
     sets = sorted({k for r in reports for pt in r["curve"] for k in pt["ppl"]})
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.2), squeeze=False)
     for r in sorted(reports, key=lambda r: r["target_sparsity"] or 0.0):
-        label = "dense fine-tune" if r["dense_baseline"] else f"{r['target_sparsity']:.0%} sparse"
+        label = r.get("label") or ("dense fine-tune" if r["dense_baseline"] else f"{r['target_sparsity']:.0%} sparse")
         data["runs"].append({"label": label, "sparsity": r["target_sparsity"],
                              "tokens": [p["tokens"] for p in r["curve"]],
                              "ppl": {s: [p["ppl"].get(s) for p in r["curve"]] for s in sets}})
@@ -167,4 +188,4 @@ def plot_curves(reports: Sequence[dict], png: str, js: Optional[str] = None) -> 
     return data
 
 
-__all__ = ["perplexity", "live_by_layer", "bench_mlp", "render", "plot_curves"]
+__all__ = ["perplexity", "live_by_layer", "bench_mlp", "render", "plot_curves", "curve_from_log"]
