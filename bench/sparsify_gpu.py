@@ -444,13 +444,15 @@ def curve(args, res):
     from blast_compile.sparsify import plot_curves
 
     reps = []
-    for log_path in sorted(glob.glob(os.path.join(args.runs_dir, "*.log"))):
-        p = log_path[:-4] + "/report.json"
+    names = {os.path.basename(os.path.dirname(p)) for p in glob.glob(os.path.join(args.runs_dir, "*", "report.json"))}
+    names |= {os.path.basename(p)[:-4] for p in glob.glob(os.path.join(args.runs_dir, "*.log"))}
+    for name in sorted(names):
+        p = os.path.join(args.runs_dir, name, "report.json")
         if os.path.exists(p):
             with open(p) as f:
                 reps.append(json.load(f))
         else:
-            reps.append(cut_run_report(log_path))
+            reps.append(cut_run_report(os.path.join(args.runs_dir, name + ".log")))
     reps = [r for r in reps if r["curve"]]
     if reps:
         res["curve"] = plot_curves(reps, os.path.join(args.out, "curve.png"), os.path.join(args.out, "curve.json"))

@@ -763,7 +763,8 @@ class BlastSparsifier:
             try:
                 bs = int(meta.get("block_size", self.block_size))
             except ValueError:
-                raise ValueError(f"{path}: block_size {meta['block_size']!r} in its metadata is not an integer") from None
+                raise ValueError(f"{path}: block_size {meta['block_size']!r} in its metadata is not an "
+                                 "integer") from None
             if bs != self.block_size:
                 raise ValueError(f"{path}: block size {bs} != {self.block_size}")
             self._load_masks({k: f.get_tensor(k) for k in f.keys()})
