@@ -433,10 +433,8 @@ def cut_run_report(path: str) -> dict:
     pts = curve_from_log(text)
     name = os.path.basename(path)[:-4]
     s = 0.0 if name == "dense" else int(name[1:]) / 100
-    label = "dense fine-tune" if s == 0 else f"{s:.0%} sparse"
-    if pts and "\nsaved: " not in text:
-        label += f" (cut; evaluated up to {pts[-1]['tokens'] / 1e6:.1f}M tokens)"
-    return {"target_sparsity": s or None, "dense_baseline": s == 0, "label": label, "curve": pts}
+    note = f"cut; evaluated up to {pts[-1]['tokens'] / 1e6:.1f}M tokens" if pts and "\nsaved: " not in text else ""
+    return {"target_sparsity": s or None, "dense_baseline": s == 0, "note": note, "curve": pts}
 
 
 def curve(args, res):

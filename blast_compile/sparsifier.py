@@ -374,7 +374,7 @@ class BlastSparsifier:
         """Squared block score (sums over a tied group)."""
         if self.score == "movement" and L.score_acc is not None:
             return L.score_acc
-        if self.score in ("activation", "obs"):  # (obs selects by itself; this is its per-block view)
+        if self.score == "activation":
             return _block_sum(_cal.activation_score(L.param, self._stats(L), L.in_dim), self.block_size)
         return _block_sum(L.param.detach().float().square(), self.block_size)
 

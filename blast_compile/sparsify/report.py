@@ -165,7 +165,8 @@ def plot_curves(reports: Sequence[dict], png: str, js: Optional[str] = None) -> 
     sets = sorted({k for r in reports for pt in r["curve"] for k in pt["ppl"]})
     fig, axes = plt.subplots(1, len(sets), figsize=(6 * len(sets), 4.2), squeeze=False)
     for r in sorted(reports, key=lambda r: r["target_sparsity"] or 0.0):
-        label = r.get("label") or ("dense fine-tune" if r["dense_baseline"] else f"{r['target_sparsity']:.0%} sparse")
+        label = "dense fine-tune" if r["dense_baseline"] else f"{r['target_sparsity']:.0%} sparse"
+        label += f" ({r['note']})" if r.get("note") else ""  # (e.g. a run cut before its end)
         data["runs"].append({"label": label, "sparsity": r["target_sparsity"],
                              "tokens": [p["tokens"] for p in r["curve"]],
                              "ppl": {s: [p["ppl"].get(s) for p in r["curve"]] for s in sets}})
